@@ -1,0 +1,500 @@
+//! The job state machine and the job aggregate.
+//!
+//! The table (from the seed analysis): Pending -> Assigned|Scheduled|Failed|Cancelled|Timeout;
+//! Assigned -> Running|Failed|Timeout|Cancelled; Scheduled -> Running|Failed|Timeout|Cancelled;
+//! Running -> Succeeded|Failed|Cancelled|Timeout; terminal states have no exit; staying in the
+//! same state is not a transition. Two named extensions lead back to Pending and start a new
+//! attempt: `requeue` (an assignment that never ran) and `retry` (a failed attempt).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::{DomainError, Result};
+use crate::events::{
+    Actor, DomainEvent, JobAssigned, JobCompleted, JobCreated, JobExecutionError, JobQueued,
+    JobRequeued, JobRetrying, JobStatusChanged,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum JobState {
+    Pending,
+    Assigned,
+    Scheduled,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    Timeout,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 8] = [
+        JobState::Pending,
+        JobState::Assigned,
+        JobState::Scheduled,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+        JobState::Timeout,
+    ];
+
+    /// The one transition table of the job machine.
+    pub fn can_transition_to(self, to: JobState) -> bool {
+        use JobState::*;
+        matches!(
+            (self, to),
+            (Pending, Assigned | Scheduled | Failed | Cancelled | Timeout)
+                | (Assigned, Running | Failed | Timeout | Cancelled)
+                | (Scheduled, Running | Failed | Timeout | Cancelled)
+                | (Running, Succeeded | Failed | Cancelled | Timeout)
+        )
+    }
+
+    /// Named extension: an assignment that never started goes back to Pending.
+    pub fn can_requeue(self) -> bool {
+        matches!(self, JobState::Assigned | JobState::Scheduled)
+    }
+
+    /// Named extension: a failed attempt (before or while running) goes back to Pending.
+    pub fn can_retry(self) -> bool {
+        matches!(self, JobState::Assigned | JobState::Scheduled | JobState::Running)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled | JobState::Timeout
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "Pending",
+            JobState::Assigned => "Assigned",
+            JobState::Scheduled => "Scheduled",
+            JobState::Running => "Running",
+            JobState::Succeeded => "Succeeded",
+            JobState::Failed => "Failed",
+            JobState::Cancelled => "Cancelled",
+            JobState::Timeout => "Timeout",
+        }
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        JobState::ALL
+            .into_iter()
+            .find(|state| state.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| format!("unknown job state '{s}'"))
+    }
+}
+
+/// What to run. Limits keep one job from filling the database or a NATS message.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub command: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub working_dir: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl JobSpec {
+    pub const MAX_ARGS: usize = 1024;
+    pub const MAX_TOTAL_BYTES: usize = 256 * 1024;
+
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |why: String| Err(DomainError::InvalidJobSpec(why));
+        if self.command.trim().is_empty() {
+            return invalid("command must not be empty".into());
+        }
+        if self.args.len() > Self::MAX_ARGS {
+            return invalid(format!("at most {} arguments are allowed", Self::MAX_ARGS));
+        }
+        let strings = std::iter::once(&self.command)
+            .chain(&self.args)
+            .chain(self.env.iter().flat_map(|(k, v)| [k, v]))
+            .chain(&self.working_dir)
+            .chain(self.labels.iter().flat_map(|(k, v)| [k, v]));
+        let mut total = 0;
+        for s in strings {
+            if s.contains('\0') {
+                return invalid("command, arguments, environment and working directory must not contain NUL bytes".into());
+            }
+            total += s.len();
+        }
+        if total > Self::MAX_TOTAL_BYTES {
+            return invalid(format!("the spec is {total} bytes; at most {} are allowed", Self::MAX_TOTAL_BYTES));
+        }
+        if let Some(key) = self.env.keys().find(|k| k.is_empty() || k.contains('=')) {
+            return invalid(format!("environment name '{key}' is empty or contains '='"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub id: Uuid,
+    pub state: JobState,
+    pub spec: JobSpec,
+    /// 1 for the first attempt; each requeue or retry starts the next.
+    pub attempt: u32,
+    pub worker_id: Option<Uuid>,
+    pub exit_code: Option<i32>,
+    pub error: Option<String>,
+    pub correlation_id: String,
+    pub idempotency_key: Option<String>,
+    /// Optimistic concurrency: the version the row had when it was loaded.
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Job {
+    /// A new job, Pending, with its JobCreated and JobQueued events.
+    pub fn submit(
+        id: Uuid,
+        spec: JobSpec,
+        correlation_id: String,
+        idempotency_key: Option<String>,
+        actor: &Actor,
+    ) -> Result<(Job, Vec<DomainEvent>)> {
+        spec.validate()?;
+        let now = Utc::now();
+        let job = Job {
+            id,
+            state: JobState::Pending,
+            attempt: 1,
+            worker_id: None,
+            exit_code: None,
+            error: None,
+            correlation_id,
+            idempotency_key,
+            version: 0,
+            created_at: now,
+            updated_at: now,
+            spec,
+        };
+        let created = JobCreated {
+            job_id: id,
+            command: job.spec.command.clone(),
+            args: job.spec.args.clone(),
+            env_keys: job.spec.env.keys().cloned().collect(),
+            working_dir: job.spec.working_dir.clone(),
+            idempotency_key: job.idempotency_key.clone(),
+            labels: job.spec.labels.clone(),
+        };
+        let events = vec![job.event(actor, &created), job.queued_event(actor)];
+        Ok((job, events))
+    }
+
+    fn event<P: crate::EventPayload>(&self, actor: &Actor, payload: &P) -> DomainEvent {
+        DomainEvent::new(self.id, &self.correlation_id, actor, payload)
+    }
+
+    fn queued_event(&self, actor: &Actor) -> DomainEvent {
+        self.event(actor, &JobQueued { job_id: self.id, attempt: self.attempt })
+    }
+
+    /// The only place a table transition is applied.
+    fn transition(&mut self, to: JobState) -> Result<JobState> {
+        let from = self.state;
+        if !from.can_transition_to(to) {
+            return Err(DomainError::InvalidJobTransition { job_id: self.id, from, to });
+        }
+        self.state = to;
+        self.updated_at = Utc::now();
+        Ok(from)
+    }
+
+    fn ensure_held_by(&self, worker_id: Uuid) -> Result<()> {
+        if self.worker_id != Some(worker_id) {
+            return Err(DomainError::JobNotHeldByWorker { job_id: self.id, worker_id });
+        }
+        Ok(())
+    }
+
+    /// Pending -> Assigned to a worker that is ready now.
+    pub fn assign(&mut self, worker_id: Uuid, actor: &Actor) -> Result<DomainEvent> {
+        self.place(worker_id, JobState::Assigned, actor)
+    }
+
+    /// Pending -> Scheduled on a worker being provisioned for this job.
+    pub fn schedule(&mut self, worker_id: Uuid, actor: &Actor) -> Result<DomainEvent> {
+        self.place(worker_id, JobState::Scheduled, actor)
+    }
+
+    fn place(&mut self, worker_id: Uuid, to: JobState, actor: &Actor) -> Result<DomainEvent> {
+        let from = self.transition(to)?;
+        self.worker_id = Some(worker_id);
+        Ok(self.event(
+            actor,
+            &JobAssigned { job_id: self.id, worker_id, from, to, attempt: self.attempt },
+        ))
+    }
+
+    /// The holding worker reports that the process started.
+    pub fn start(&mut self, worker_id: Uuid, actor: &Actor) -> Result<DomainEvent> {
+        self.ensure_held_by(worker_id)?;
+        let from = self.transition(JobState::Running)?;
+        Ok(self.event(
+            actor,
+            &JobStatusChanged {
+                job_id: self.id,
+                from,
+                to: JobState::Running,
+                worker_id: Some(worker_id),
+                reason: None,
+            },
+        ))
+    }
+
+    /// The holding worker reports the exit code: 0 -> Succeeded, anything else -> Failed.
+    pub fn complete(&mut self, worker_id: Uuid, exit_code: i32, actor: &Actor) -> Result<DomainEvent> {
+        self.ensure_held_by(worker_id)?;
+        let to = if exit_code == 0 { JobState::Succeeded } else { JobState::Failed };
+        let from = self.transition(to)?;
+        self.exit_code = Some(exit_code);
+        Ok(self.event(
+            actor,
+            &JobCompleted { job_id: self.id, worker_id, from, to, exit_code, attempt: self.attempt },
+        ))
+    }
+
+    /// The attempt failed without an exit code (the command could not start, ...).
+    /// A worker reporting it must hold the job; the control plane passes `None`.
+    pub fn fail(&mut self, worker_id: Option<Uuid>, error: String, actor: &Actor) -> Result<DomainEvent> {
+        if let Some(worker_id) = worker_id {
+            self.ensure_held_by(worker_id)?;
+        }
+        let from = self.transition(JobState::Failed)?;
+        self.error = Some(error.clone());
+        Ok(self.event(
+            actor,
+            &JobExecutionError { job_id: self.id, worker_id: self.worker_id, from, error, attempt: self.attempt },
+        ))
+    }
+
+    pub fn cancel(&mut self, reason: String, actor: &Actor) -> Result<DomainEvent> {
+        self.end_with(JobState::Cancelled, reason, actor)
+    }
+
+    pub fn time_out(&mut self, reason: String, actor: &Actor) -> Result<DomainEvent> {
+        self.end_with(JobState::Timeout, reason, actor)
+    }
+
+    fn end_with(&mut self, to: JobState, reason: String, actor: &Actor) -> Result<DomainEvent> {
+        let from = self.transition(to)?;
+        self.error = Some(reason.clone());
+        Ok(self.event(
+            actor,
+            &JobStatusChanged { job_id: self.id, from, to, worker_id: self.worker_id, reason: Some(reason) },
+        ))
+    }
+
+    /// Named transition: an assignment that never ran goes back to Pending, next attempt.
+    pub fn requeue(&mut self, reason: String, actor: &Actor) -> Result<Vec<DomainEvent>> {
+        if !self.state.can_requeue() {
+            return Err(DomainError::InvalidJobAction { job_id: self.id, from: self.state, action: "requeued" });
+        }
+        let from = self.back_to_pending();
+        let requeued = JobRequeued { job_id: self.id, from, attempt: self.attempt, reason };
+        Ok(vec![self.event(actor, &requeued), self.queued_event(actor)])
+    }
+
+    /// Named transition: a failed attempt with attempts left goes back to Pending.
+    pub fn retry(&mut self, reason: String, actor: &Actor) -> Result<Vec<DomainEvent>> {
+        if !self.state.can_retry() {
+            return Err(DomainError::InvalidJobAction { job_id: self.id, from: self.state, action: "retried" });
+        }
+        let from = self.back_to_pending();
+        let retrying = JobRetrying { job_id: self.id, from, attempt: self.attempt, reason };
+        Ok(vec![self.event(actor, &retrying), self.queued_event(actor)])
+    }
+
+    fn back_to_pending(&mut self) -> JobState {
+        let from = self.state;
+        self.state = JobState::Pending;
+        self.attempt += 1;
+        self.worker_id = None;
+        self.updated_at = Utc::now();
+        from
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use JobState::*;
+
+    /// The expected answer for every (from, to) pair, written out as the seed analysis gives it.
+    fn expected(from: JobState, to: JobState) -> bool {
+        let allowed: &[JobState] = match from {
+            Pending => &[Assigned, Scheduled, Failed, Cancelled, Timeout],
+            Assigned => &[Running, Failed, Timeout, Cancelled],
+            Scheduled => &[Running, Failed, Timeout, Cancelled],
+            Running => &[Succeeded, Failed, Cancelled, Timeout],
+            Succeeded | Failed | Cancelled | Timeout => &[],
+        };
+        allowed.contains(&to)
+    }
+
+    #[test]
+    fn every_pair_of_job_states_has_the_answer_of_the_table() {
+        let mut checked = 0;
+        for from in JobState::ALL {
+            for to in JobState::ALL {
+                assert_eq!(from.can_transition_to(to), expected(from, to), "{from} -> {to}");
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 64);
+    }
+
+    #[test]
+    fn same_state_is_never_a_transition_and_terminal_states_have_no_exit() {
+        for state in JobState::ALL {
+            assert!(!state.can_transition_to(state));
+            if state.is_terminal() {
+                assert!(JobState::ALL.iter().all(|to| !state.can_transition_to(*to)));
+                assert!(!state.can_requeue() && !state.can_retry());
+            }
+        }
+    }
+
+    #[test]
+    fn only_placed_jobs_requeue_and_only_live_attempts_retry() {
+        for state in JobState::ALL {
+            assert_eq!(state.can_requeue(), matches!(state, Assigned | Scheduled), "{state}");
+            assert_eq!(state.can_retry(), matches!(state, Assigned | Scheduled | Running), "{state}");
+        }
+    }
+
+    #[test]
+    fn job_states_round_trip_through_their_names() {
+        for state in JobState::ALL {
+            assert_eq!(state.as_str().parse::<JobState>().unwrap(), state);
+        }
+        assert!("Exploded".parse::<JobState>().is_err());
+    }
+
+    fn job_in(state: JobState) -> Job {
+        let actor = Actor::service("test");
+        let spec = JobSpec { command: "true".into(), ..Default::default() };
+        let (mut job, _) = Job::submit(Uuid::now_v7(), spec, "corr".into(), None, &actor).unwrap();
+        job.state = state;
+        job.worker_id = Some(Uuid::nil());
+        job
+    }
+
+    #[test]
+    fn every_aggregate_method_obeys_the_table_from_every_state() {
+        let actor = Actor::service("test");
+        let w = Uuid::nil();
+        type Method = fn(&mut Job, Uuid, &Actor) -> Result<DomainEvent>;
+        let methods: [(JobState, Method); 6] = [
+            (Assigned, |j, w, a| j.assign(w, a)),
+            (Scheduled, |j, w, a| j.schedule(w, a)),
+            (Running, |j, w, a| j.start(w, a)),
+            (Succeeded, |j, w, a| j.complete(w, 0, a)),
+            (Cancelled, |j, _, a| j.cancel("asked".into(), a)),
+            (Timeout, |j, _, a| j.time_out("late".into(), a)),
+        ];
+        for from in JobState::ALL {
+            for (to, method) in methods {
+                let mut job = job_in(from);
+                let before = job.clone();
+                let outcome = method(&mut job, w, &actor);
+                if from.can_transition_to(to) {
+                    let event = outcome.unwrap();
+                    assert_eq!(job.state, to);
+                    assert_eq!(event.correlation_id, "corr");
+                } else {
+                    assert!(outcome.is_err(), "{from} -> {to} must be refused");
+                    assert_eq!(job, before, "a refused change leaves the job as it was");
+                }
+            }
+            let mut job = job_in(from);
+            let failed = job.complete(w, 3, &actor);
+            assert_eq!(failed.is_ok(), from.can_transition_to(Failed));
+            let mut job = job_in(from);
+            assert_eq!(job.fail(None, "boom".into(), &actor).is_ok(), from.can_transition_to(Failed));
+        }
+    }
+
+    #[test]
+    fn a_worker_that_does_not_hold_the_job_is_refused_and_changes_nothing() {
+        let actor = Actor::service("test");
+        let mut job = job_in(Assigned);
+        let before = job.clone();
+        let stranger = Uuid::now_v7();
+        assert_eq!(
+            job.start(stranger, &actor),
+            Err(DomainError::JobNotHeldByWorker { job_id: job.id, worker_id: stranger })
+        );
+        assert_eq!(job, before);
+    }
+
+    #[test]
+    fn a_result_for_a_finished_job_is_refused() {
+        let actor = Actor::service("test");
+        let mut job = job_in(Running);
+        job.complete(Uuid::nil(), 0, &actor).unwrap();
+        let err = job.complete(Uuid::nil(), 1, &actor).unwrap_err();
+        assert_eq!(err.code(), "INVALID_JOB_TRANSITION");
+        assert_eq!(job.state, Succeeded);
+        assert_eq!(job.exit_code, Some(0));
+    }
+
+    #[test]
+    fn requeue_and_retry_start_a_new_attempt_with_their_own_events() {
+        let actor = Actor::service("test");
+        let mut job = job_in(Scheduled);
+        let events = job.requeue("never acknowledged".into(), &actor).unwrap();
+        assert_eq!(job.state, Pending);
+        assert_eq!(job.attempt, 2);
+        assert_eq!(job.worker_id, None);
+        let types: Vec<_> = events.iter().map(|e| e.event_type.as_str()).collect();
+        assert_eq!(types, ["JobRequeued", "JobQueued"]);
+
+        let mut job = job_in(Running);
+        let events = job.retry("exit 1".into(), &actor).unwrap();
+        assert_eq!((job.state, job.attempt), (Pending, 2));
+        assert_eq!(events[0].event_type, "JobRetrying");
+        assert!(job_in(Running).requeue("x".into(), &actor).is_err());
+        assert!(job_in(Pending).retry("x".into(), &actor).is_err());
+    }
+
+    #[test]
+    fn a_bad_spec_is_refused_with_its_reason() {
+        let actor = Actor::service("test");
+        for spec in [
+            JobSpec { command: " ".into(), ..Default::default() },
+            JobSpec { command: "a\0b".into(), ..Default::default() },
+            JobSpec { command: "x".into(), env: [("A=B".into(), "1".into())].into(), ..Default::default() },
+            JobSpec { command: "x".into(), args: vec!["y".repeat(JobSpec::MAX_TOTAL_BYTES)], ..Default::default() },
+        ] {
+            let err = Job::submit(Uuid::now_v7(), spec, "c".into(), None, &actor).unwrap_err();
+            assert_eq!(err.code(), "INVALID_JOB_SPEC");
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! The worker state machine and the worker aggregate.
+//!
+//! Creating -> Connecting|Terminating; Connecting -> Ready|Terminating;
+//! Ready -> Busy|Draining|Terminating; Busy -> Ready|Draining|Terminating;
+//! Draining -> Terminating; Terminating -> Terminated; Terminated has no exit.
+//! Every method of [`Worker`] goes through [`WorkerState::can_transition_to`] (the seed
+//! analysis' Gap 1: no method validates on its own).
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::{DomainError, Result};
+use crate::events::{
+    Actor, DomainEvent, EventPayload, WorkerProvisioned, WorkerProvisioningFailed,
+    WorkerProvisioningRequested, WorkerReady, WorkerReadyForJob, WorkerRegistered,
+    WorkerStatusChanged, WorkerTerminated, WorkerTerminating,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum WorkerState {
+    Creating,
+    Connecting,
+    Ready,
+    Busy,
+    Draining,
+    Terminating,
+    Terminated,
+}
+
+impl WorkerState {
+    pub const ALL: [WorkerState; 7] = [
+        WorkerState::Creating,
+        WorkerState::Connecting,
+        WorkerState::Ready,
+        WorkerState::Busy,
+        WorkerState::Draining,
+        WorkerState::Terminating,
+        WorkerState::Terminated,
+    ];
+
+    /// The one transition table of the worker machine.
+    pub fn can_transition_to(self, to: WorkerState) -> bool {
+        use WorkerState::*;
+        matches!(
+            (self, to),
+            (Creating, Connecting | Terminating)
+                | (Connecting, Ready | Terminating)
+                | (Ready, Busy | Draining | Terminating)
+                | (Busy, Ready | Draining | Terminating)
+                | (Draining, Terminating)
+                | (Terminating, Terminated)
+        )
+    }
+
+    pub fn is_terminal(self) -> bool {
+        self == WorkerState::Terminated
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Creating => "Creating",
+            WorkerState::Connecting => "Connecting",
+            WorkerState::Ready => "Ready",
+            WorkerState::Busy => "Busy",
+            WorkerState::Draining => "Draining",
+            WorkerState::Terminating => "Terminating",
+            WorkerState::Terminated => "Terminated",
+        }
+    }
+}
+
+impl fmt::Display for WorkerState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for WorkerState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        WorkerState::ALL
+            .into_iter()
+            .find(|state| state.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| format!("unknown worker state '{s}'"))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Worker {
+    pub id: Uuid,
+    pub state: WorkerState,
+    pub provider: String,
+    /// The job this worker was provisioned for (ephemeral workers).
+    pub reserved_job_id: Option<Uuid>,
+    pub current_job_id: Option<Uuid>,
+    /// SHA-256 of the one-time bootstrap token; `None` once spent.
+    pub token_hash: Option<String>,
+    pub correlation_id: String,
+    pub last_heartbeat_at: Option<DateTime<Utc>>,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Worker {
+    /// A worker asked of a provider, in Creating, optionally reserved for one job.
+    pub fn request(
+        id: Uuid,
+        provider: &str,
+        for_job: Option<Uuid>,
+        correlation_id: String,
+        actor: &Actor,
+    ) -> (Worker, DomainEvent) {
+        let now = Utc::now();
+        let worker = Worker {
+            id,
+            state: WorkerState::Creating,
+            provider: provider.to_owned(),
+            reserved_job_id: for_job,
+            current_job_id: None,
+            token_hash: None,
+            correlation_id,
+            last_heartbeat_at: None,
+            version: 0,
+            created_at: now,
+            updated_at: now,
+        };
+        let event = worker.event(
+            actor,
+            &WorkerProvisioningRequested { worker_id: id, provider: provider.to_owned(), for_job },
+        );
+        (worker, event)
+    }
+
+    fn event<P: EventPayload>(&self, actor: &Actor, payload: &P) -> DomainEvent {
+        DomainEvent::new(self.id, &self.correlation_id, actor, payload)
+    }
+
+    /// The only place the state changes.
+    fn transition(&mut self, to: WorkerState) -> Result<WorkerState> {
+        let from = self.state;
+        if !from.can_transition_to(to) {
+            return Err(DomainError::InvalidWorkerTransition { worker_id: self.id, from, to });
+        }
+        self.state = to;
+        self.updated_at = Utc::now();
+        Ok(from)
+    }
+
+    /// The provider created the resource; the agent holds a bootstrap token whose hash is kept.
+    pub fn provisioned(&mut self, token_hash: String, actor: &Actor) -> Result<DomainEvent> {
+        self.transition(WorkerState::Connecting)?;
+        self.token_hash = Some(token_hash);
+        let provider = self.provider.clone();
+        Ok(self.event(actor, &WorkerProvisioned { worker_id: self.id, provider }))
+    }
+
+    /// The provider could not create the resource (or start the agent): the worker goes to
+    /// Terminating; the caller ends it with [`Worker::terminated`] once nothing is left of it.
+    pub fn provisioning_failed(&mut self, error: String, actor: &Actor) -> Result<DomainEvent> {
+        self.transition(WorkerState::Terminating)?;
+        let provider = self.provider.clone();
+        Ok(self.event(actor, &WorkerProvisioningFailed { worker_id: self.id, provider, error }))
+    }
+
+    /// The agent registers with its bootstrap token, which is spent: Connecting -> Ready.
+    pub fn register(
+        &mut self,
+        presented_token_hash: &str,
+        pid: Option<u32>,
+        hostname: Option<String>,
+        actor: &Actor,
+    ) -> Result<Vec<DomainEvent>> {
+        let token_ok = self
+            .token_hash
+            .as_deref()
+            .is_some_and(|kept| constant_time_eq(kept.as_bytes(), presented_token_hash.as_bytes()));
+        if !token_ok {
+            return Err(DomainError::InvalidBootstrapToken { worker_id: self.id });
+        }
+        let from = self.transition(WorkerState::Ready)?;
+        self.token_hash = None;
+        self.last_heartbeat_at = Some(Utc::now());
+        Ok(vec![
+            self.event(actor, &WorkerRegistered { worker_id: self.id, pid, hostname }),
+            self.event(actor, &WorkerReady { worker_id: self.id, from }),
+            self.event(actor, &WorkerReadyForJob { worker_id: self.id, reserved_for: self.reserved_job_id }),
+        ])
+    }
+
+    /// Ready -> Busy with a job.
+    pub fn assign(&mut self, job_id: Uuid, actor: &Actor) -> Result<DomainEvent> {
+        let from = self.transition(WorkerState::Busy)?;
+        self.current_job_id = Some(job_id);
+        Ok(self.event(
+            actor,
+            &WorkerStatusChanged { worker_id: self.id, from, to: WorkerState::Busy, job_id: Some(job_id) },
+        ))
+    }
+
+    /// Busy -> Ready: the job is done and the worker takes another (warm pools).
+    pub fn release(&mut self, actor: &Actor) -> Result<Vec<DomainEvent>> {
+        let from = self.transition(WorkerState::Ready)?;
+        self.current_job_id = None;
+        self.reserved_job_id = None;
+        Ok(vec![
+            self.event(actor, &WorkerReady { worker_id: self.id, from }),
+            self.event(actor, &WorkerReadyForJob { worker_id: self.id, reserved_for: None }),
+        ])
+    }
+
+    /// Stop taking jobs; the current one (if any) finishes.
+    pub fn drain(&mut self, actor: &Actor) -> Result<DomainEvent> {
+        let from = self.transition(WorkerState::Draining)?;
+        Ok(self.event(
+            actor,
+            &WorkerStatusChanged { worker_id: self.id, from, to: WorkerState::Draining, job_id: self.current_job_id },
+        ))
+    }
+
+    /// Tear the worker down (its job finished, it was lost, or it is being drained away).
+    pub fn terminate(&mut self, reason: String, actor: &Actor) -> Result<DomainEvent> {
+        let from = self.transition(WorkerState::Terminating)?;
+        Ok(self.event(actor, &WorkerTerminating { worker_id: self.id, from, reason }))
+    }
+
+    /// The provider destroyed the resource.
+    pub fn terminated(&mut self, actor: &Actor) -> Result<DomainEvent> {
+        let from = self.transition(WorkerState::Terminated)?;
+        self.token_hash = None;
+        Ok(self.event(actor, &WorkerTerminated { worker_id: self.id, from }))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use WorkerState::*;
+
+    fn expected(from: WorkerState, to: WorkerState) -> bool {
+        let allowed: &[WorkerState] = match from {
+            Creating => &[Connecting, Terminating],
+            Connecting => &[Ready, Terminating],
+            Ready => &[Busy, Draining, Terminating],
+            Busy => &[Ready, Draining, Terminating],
+            Draining => &[Terminating],
+            Terminating => &[Terminated],
+            Terminated => &[],
+        };
+        allowed.contains(&to)
+    }
+
+    #[test]
+    fn every_pair_of_worker_states_has_the_answer_of_the_table() {
+        let mut checked = 0;
+        for from in WorkerState::ALL {
+            for to in WorkerState::ALL {
+                assert_eq!(from.can_transition_to(to), expected(from, to), "{from} -> {to}");
+                checked += 1;
+            }
+            assert!(!from.can_transition_to(from), "same state is not a transition");
+        }
+        assert_eq!(checked, 49);
+        assert!(WorkerState::ALL.iter().all(|to| !Terminated.can_transition_to(*to)));
+    }
+
+    #[test]
+    fn worker_states_round_trip_through_their_names() {
+        for state in WorkerState::ALL {
+            assert_eq!(state.as_str().parse::<WorkerState>().unwrap(), state);
+        }
+    }
+
+    fn worker_in(state: WorkerState) -> Worker {
+        let (mut worker, _) = Worker::request(Uuid::now_v7(), "process", None, "c".into(), &Actor::service("t"));
+        worker.state = state;
+        worker.token_hash = Some("hash".into());
+        worker
+    }
+
+    /// Every method, from every state, succeeds exactly when the central table allows its target.
+    #[test]
+    fn every_worker_method_is_validated_by_the_central_table() {
+        let a = Actor::service("t");
+        type Method = fn(&mut Worker, &Actor) -> bool;
+        let methods: [(WorkerState, Method); 7] = [
+            (Connecting, |w, a| w.provisioned("hash".into(), a).is_ok()),
+            (Ready, |w, a| w.register("hash", None, None, a).is_ok()),
+            (Busy, |w, a| w.assign(Uuid::nil(), a).is_ok()),
+            (Ready, |w, a| w.release(a).is_ok()),
+            (Draining, |w, a| w.drain(a).is_ok()),
+            (Terminating, |w, a| w.terminate("done".into(), a).is_ok()),
+            (Terminated, |w, a| w.terminated(a).is_ok()),
+        ];
+        let methods: Vec<(WorkerState, Method)> = methods
+            .into_iter()
+            .chain([(Terminating, (|w: &mut Worker, a: &Actor| w.provisioning_failed("x".into(), a).is_ok()) as Method)])
+            .collect();
+        for from in WorkerState::ALL {
+            for &(to, method) in &methods {
+                let mut worker = worker_in(from);
+                let before = worker.clone();
+                let ok = method(&mut worker, &a);
+                assert_eq!(ok, from.can_transition_to(to), "{from} -> {to}");
+                if ok {
+                    assert_eq!(worker.state, to);
+                } else {
+                    assert_eq!(worker, before, "a refused change leaves the worker as it was");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_bootstrap_token_is_checked_then_spent() {
+        let a = Actor::service("t");
+        let mut worker = worker_in(Connecting);
+        assert_eq!(
+            worker.register("wrong", None, None, &a),
+            Err(DomainError::InvalidBootstrapToken { worker_id: worker.id })
+        );
+        assert_eq!(worker.state, Connecting);
+        let events = worker.register("hash", Some(7), None, &a).unwrap();
+        let types: Vec<_> = events.iter().map(|e| e.event_type.as_str()).collect();
+        assert_eq!(types, ["WorkerRegistered", "WorkerReady", "WorkerReadyForJob"]);
+        assert_eq!(worker.token_hash, None);
+        worker.state = Connecting;
+        assert!(worker.register("hash", None, None, &a).is_err(), "a spent token is refused");
+    }
+
+    #[test]
+    fn a_failed_provisioning_goes_through_terminating_to_terminated() {
+        let a = Actor::service("t");
+        for from in [Creating, Connecting] {
+            let mut worker = worker_in(from);
+            let failed = worker.provisioning_failed("no such binary".into(), &a).unwrap();
+            assert_eq!(failed.event_type, "WorkerProvisioningFailed");
+            assert_eq!(worker.terminated(&a).unwrap().event_type, "WorkerTerminated");
+            assert_eq!(worker.state, Terminated);
+        }
+        assert!(worker_in(Terminated).provisioning_failed("x".into(), &a).is_err());
+    }
+}

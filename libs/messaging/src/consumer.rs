@@ -1,0 +1,215 @@
+//! The one consumer loop: next message or shutdown, decode, handle inside a span, then
+//! ack / nak with delay / term from the handler's [`Outcome`]. A message the handler rejects
+//! is copied to HODEI_DLQ with its reason before it is terminated.
+//!
+//! The loop survives a lost consumer or server: it recreates its durable consumer with
+//! exponential backoff and jitter (backon) and resumes where the consumer's ack floor is.
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull, AckKind};
+use backon::BackoffBuilder;
+use bytes::Bytes;
+use futures::StreamExt;
+use hodei_protocol::ApiError;
+use hodei_runtime::Shutdown;
+use serde::de::DeserializeOwned;
+use tracing::Instrument;
+
+use crate::{header, JetStream};
+
+/// What the loop does with a message once its handler returns.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Handled (or refused for good with an answer): acknowledge.
+    Done,
+    /// Could not be handled now (database down, conflict): redeliver after the delay.
+    Retry { after: Duration, reason: String },
+    /// Can never be handled (malformed, unknown): dead-letter it and terminate.
+    Reject { reason: String },
+}
+
+impl Outcome {
+    pub fn retry(reason: impl std::fmt::Display) -> Outcome {
+        Outcome::Retry { after: Duration::from_millis(500), reason: reason.to_string() }
+    }
+    pub fn reject(reason: impl std::fmt::Display) -> Outcome {
+        Outcome::Reject { reason: reason.to_string() }
+    }
+}
+
+/// One message as handlers see it.
+pub struct Delivery {
+    pub subject: String,
+    pub headers: Option<async_nats::HeaderMap>,
+    pub payload: Bytes,
+    /// 1 on first delivery.
+    pub delivered: i64,
+}
+
+impl Delivery {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        header(self.headers.as_ref(), name)
+    }
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+        crate::decode(&self.payload)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    pub stream: &'static str,
+    pub durable: String,
+    /// One subject filter (what NATS 2.9 supports); `None` takes the whole stream.
+    pub filter_subject: Option<String>,
+    pub ack_wait: Duration,
+    pub max_deliver: i64,
+}
+
+impl ConsumerConfig {
+    pub fn new(stream: &'static str, durable: impl Into<String>, filter_subject: Option<String>) -> Self {
+        ConsumerConfig {
+            stream,
+            durable: durable.into(),
+            filter_subject,
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 20,
+        }
+    }
+}
+
+/// Run `handler` on every message of the consumer until shutdown. In-flight handling finishes
+/// before this returns; unacknowledged messages stay in the stream for the next run.
+pub async fn run<H, F>(js: JetStream, config: ConsumerConfig, shutdown: Shutdown, mut handler: H)
+where
+    H: FnMut(Delivery) -> F,
+    F: Future<Output = Outcome>,
+{
+    let mut backoff = new_backoff();
+    while !shutdown.is_triggered() {
+        let mut messages = match open(&js, &config).await {
+            Ok(messages) => {
+                backoff = new_backoff();
+                tracing::info!(consumer = %config.durable, stream = config.stream, "consuming");
+                messages
+            }
+            Err(error) => {
+                let delay = backoff.next().unwrap_or(Duration::from_secs(10));
+                tracing::warn!(consumer = %config.durable, %error, ?delay, "cannot open consumer; retrying");
+                shutdown.guard(tokio::time::sleep(delay)).await;
+                continue;
+            }
+        };
+        loop {
+            let Some(next) = shutdown.guard(messages.next()).await else { return };
+            let message = match next {
+                Some(Ok(message)) => message,
+                Some(Err(error)) => {
+                    tracing::warn!(consumer = %config.durable, %error, "consumer stream failed; reopening");
+                    break;
+                }
+                None => {
+                    tracing::warn!(consumer = %config.durable, "consumer stream ended; reopening");
+                    break;
+                }
+            };
+            handle(&js, &config, message, &mut handler).await;
+        }
+    }
+}
+
+fn new_backoff() -> impl Iterator<Item = Duration> {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+async fn open(js: &JetStream, config: &ConsumerConfig) -> Result<pull::Stream, async_nats::Error> {
+    let stream = js.get_stream(config.stream).await?;
+    let consumer: jetstream::consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            &config.durable,
+            pull::Config {
+                durable_name: Some(config.durable.clone()),
+                filter_subject: config.filter_subject.clone().unwrap_or_default(),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: config.ack_wait,
+                max_deliver: config.max_deliver,
+                max_ack_pending: 1000,
+                ..Default::default()
+            },
+        )
+        .await?;
+    Ok(consumer.messages().await?)
+}
+
+async fn handle<H, F>(js: &JetStream, config: &ConsumerConfig, message: jetstream::Message, handler: &mut H)
+where
+    H: FnMut(Delivery) -> F,
+    F: Future<Output = Outcome>,
+{
+    let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
+    let delivery = Delivery {
+        subject: message.subject.to_string(),
+        headers: message.headers.clone(),
+        payload: message.payload.clone(),
+        delivered,
+    };
+    let span = tracing::info_span!(
+        "handle",
+        consumer = %config.durable,
+        subject = %delivery.subject,
+        delivered,
+        correlation_id = delivery.header(hodei_protocol::headers::CORRELATION_ID).unwrap_or(""),
+    );
+    let outcome = handler(delivery).instrument(span.clone()).await;
+    let _entered = span.enter();
+    let acked = match outcome {
+        Outcome::Done => message.ack().await,
+        Outcome::Retry { after, reason } => {
+            tracing::warn!(%reason, ?after, "handling failed; the message will be redelivered");
+            message.ack_with(AckKind::Nak(Some(after))).await
+        }
+        Outcome::Reject { reason } => {
+            tracing::error!(%reason, "message rejected; moving it to the dead-letter stream");
+            if let Err(error) = dead_letter(js, config, &message, &reason).await {
+                tracing::error!(%error, "cannot dead-letter the message; it will be redelivered");
+                message.ack_with(AckKind::Nak(Some(Duration::from_secs(5)))).await
+            } else {
+                message.ack_with(AckKind::Term).await
+            }
+        }
+    };
+    if let Err(error) = acked {
+        tracing::warn!(%error, "acknowledgement failed; the message may be redelivered");
+    }
+}
+
+/// Copy a message to `hodei.dlq.<consumer>` with where it came from and why it failed.
+async fn dead_letter(js: &JetStream, config: &ConsumerConfig, message: &jetstream::Message, reason: &str) -> crate::Result<()> {
+    let mut headers = message.headers.clone().unwrap_or_default();
+    let stream_seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+    // The original message id would make the DLQ stream drop the copy as a duplicate.
+    headers.insert(hodei_protocol::headers::MSG_ID, format!("dlq-{}-{}-{stream_seq}", config.stream, config.durable).as_str());
+    headers.insert("Hodei-Dlq-Reason", truncate(reason, 1024));
+    headers.insert("Hodei-Dlq-Subject", message.subject.as_str());
+    headers.insert("Hodei-Dlq-Stream", config.stream);
+    headers.insert("Hodei-Dlq-Consumer", config.durable.as_str());
+    let subject = format!("hodei.dlq.{}.{}", config.stream, config.durable);
+    crate::publish_durable(js, subject, headers, message.payload.clone()).await
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}

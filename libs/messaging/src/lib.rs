@@ -1,0 +1,159 @@
+//! Everything Hodei says over NATS goes through here: connecting, the streams of `nats/`
+//! (created idempotently at start-up), message headers, strict decoding, the one consumer loop
+//! every service uses ([`consumer::run`]), and request/reply endpoints ([`api::serve`]).
+
+pub mod api;
+pub mod consumer;
+
+use async_nats::jetstream;
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use hodei_protocol::{headers, ApiError, ErrorCode, MAX_PAYLOAD_BYTES, SCHEMA_VERSION};
+use serde::de::DeserializeOwned;
+
+pub use async_nats::{Client, HeaderMap as Headers};
+pub use jetstream::Context as JetStream;
+
+pub type Result<T, E = MessagingError> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MessagingError {
+    #[error("{context}: {source}")]
+    Nats { context: String, source: async_nats::Error },
+    #[error("stream definition {name} is invalid: {source}")]
+    StreamDefinition { name: &'static str, source: serde_json::Error },
+    #[error("{0}")]
+    Api(#[from] ApiError),
+}
+
+/// `map_err(nats("what we were doing"))`
+pub fn nats<E: Into<async_nats::Error>>(context: impl Into<String>) -> impl FnOnce(E) -> MessagingError {
+    let context = context.into();
+    move |source| MessagingError::Nats { context, source: source.into() }
+}
+
+/// The stream definitions in `nats/`, in NATS' own JSON format (`nats stream add --config`).
+pub const STREAMS: &[(&str, &str)] = &[
+    ("HODEI_SUBMISSIONS", include_str!("../../../nats/HODEI_SUBMISSIONS.json")),
+    ("HODEI_EVENTS", include_str!("../../../nats/HODEI_EVENTS.json")),
+    ("HODEI_WORKER_CMDS", include_str!("../../../nats/HODEI_WORKER_CMDS.json")),
+    ("HODEI_AGENT", include_str!("../../../nats/HODEI_AGENT.json")),
+    ("HODEI_LOGS", include_str!("../../../nats/HODEI_LOGS.json")),
+    ("HODEI_DLQ", include_str!("../../../nats/HODEI_DLQ.json")),
+];
+
+pub mod streams {
+    pub const SUBMISSIONS: &str = "HODEI_SUBMISSIONS";
+    pub const EVENTS: &str = "HODEI_EVENTS";
+    pub const WORKER_CMDS: &str = "HODEI_WORKER_CMDS";
+    pub const AGENT: &str = "HODEI_AGENT";
+    pub const LOGS: &str = "HODEI_LOGS";
+    pub const DLQ: &str = "HODEI_DLQ";
+}
+
+/// Connect to NATS; waits for the server if it is not up yet, and reconnects for ever.
+pub async fn connect(url: &str, name: &str) -> Result<Client> {
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .connection_timeout(std::time::Duration::from_secs(5))
+        .connect(url)
+        .await
+        .map_err(nats(format!("connecting to NATS at {url}")))
+}
+
+/// Create every stream of `nats/`, or bring an existing one to its definition.
+pub async fn ensure_streams(js: &JetStream) -> Result<()> {
+    for (name, definition) in STREAMS {
+        let config: jetstream::stream::Config = serde_json::from_str(definition)
+            .map_err(|source| MessagingError::StreamDefinition { name, source })?;
+        js.create_or_update_stream(config)
+            .await
+            .map_err(nats(format!("creating stream {name}")))?;
+    }
+    Ok(())
+}
+
+/// Headers for a message with a deduplication id and, when known, its correlation id.
+pub fn message_headers(msg_id: &str, correlation_id: Option<&str>) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    map.insert(headers::MSG_ID, msg_id);
+    if let Some(correlation_id) = correlation_id {
+        map.insert(headers::CORRELATION_ID, correlation_id);
+    }
+    map
+}
+
+pub fn header<'a>(map: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
+    map?.get(name).map(|value| value.as_str())
+}
+
+/// Publish to a stream and wait until the stream has stored it.
+pub async fn publish_durable(js: &JetStream, subject: String, headers: HeaderMap, payload: Bytes) -> Result<()> {
+    js.publish_with_headers(subject.clone(), headers, payload)
+        .await
+        .map_err(nats(format!("publishing to {subject}")))?
+        .await
+        .map_err(nats(format!("waiting for the stream to store {subject}")))?;
+    Ok(())
+}
+
+/// Strict decoding of a request, report or event: size limit, known schema version, no
+/// unknown fields (where the type says so). Errors are the client-facing ones.
+pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ApiError> {
+    if payload.len() > MAX_PAYLOAD_BYTES {
+        return Err(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("the payload is {} bytes; at most {MAX_PAYLOAD_BYTES} are accepted", payload.len()),
+        ));
+    }
+    #[derive(serde::Deserialize)]
+    struct Version {
+        #[serde(default)]
+        schema_version: Option<serde_json::Value>,
+    }
+    let version: Version = serde_json::from_slice(payload)
+        .map_err(|e| ApiError::bad_request(format!("the payload is not a JSON object: {e}")))?;
+    match version.schema_version {
+        None => {}
+        Some(serde_json::Value::Number(n)) if n.as_u64() == Some(u64::from(SCHEMA_VERSION)) => {}
+        Some(other) => {
+            return Err(ApiError::new(
+                ErrorCode::UnsupportedSchemaVersion,
+                format!("schema_version {other} is not supported; this server speaks {SCHEMA_VERSION}"),
+            ))
+        }
+    }
+    serde_json::from_slice(payload).map_err(|e| ApiError::bad_request(format!("invalid payload: {e}")))
+}
+
+pub fn encode<T: serde::Serialize>(value: &T) -> Bytes {
+    Bytes::from(serde_json::to_vec(value).expect("protocol types always serialize"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hodei_protocol::api::SubmitJob;
+
+    #[test]
+    fn every_stream_definition_parses() {
+        for (name, definition) in STREAMS {
+            let config: jetstream::stream::Config = serde_json::from_str(definition).unwrap();
+            assert_eq!(&config.name, name);
+        }
+    }
+
+    #[test]
+    fn decoding_refuses_bad_input_with_a_code() {
+        assert_eq!(decode::<SubmitJob>(b"{not json").unwrap_err().code, ErrorCode::BadRequest);
+        assert_eq!(decode::<SubmitJob>(br#"{"command":"x","bogus":1}"#).unwrap_err().code, ErrorCode::BadRequest);
+        assert_eq!(
+            decode::<SubmitJob>(br#"{"schema_version":9,"command":"x"}"#).unwrap_err().code,
+            ErrorCode::UnsupportedSchemaVersion
+        );
+        let big = vec![b' '; MAX_PAYLOAD_BYTES + 1];
+        assert_eq!(decode::<SubmitJob>(&big).unwrap_err().code, ErrorCode::PayloadTooLarge);
+        assert_eq!(decode::<SubmitJob>(br#"{"schema_version":1,"command":"x"}"#).unwrap().command, "x");
+    }
+}

@@ -1,0 +1,96 @@
+//! What the worker agent and the control plane say to each other.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::schema_version;
+
+/// Request on `hodei.agent.<worker_id>.register`; the reply is `Reply<Registered>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterWorker {
+    #[serde(default = "schema_version")]
+    pub schema_version: u32,
+    pub worker_id: Uuid,
+    pub token: String,
+    #[serde(default)]
+    pub pid: Option<u32>,
+    #[serde(default)]
+    pub hostname: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Registered {
+    pub worker_id: Uuid,
+    pub heartbeat_interval_ms: u64,
+}
+
+/// Core NATS publish on `hodei.agent.<worker_id>.heartbeat`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    #[serde(default = "schema_version")]
+    pub schema_version: u32,
+    pub worker_id: Uuid,
+    #[serde(default)]
+    pub job_id: Option<Uuid>,
+}
+
+/// Published to the stream on `hodei.agent.<worker_id>.started` / `.finished`. If the
+/// `Hodei-Reply-To` header is set, the scheduler answers there with `Reply<ReportAccepted>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobStarted {
+    #[serde(default = "schema_version")]
+    pub schema_version: u32,
+    pub worker_id: Uuid,
+    pub job_id: Uuid,
+    pub attempt: u32,
+    #[serde(default)]
+    pub pid: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobFinished {
+    #[serde(default = "schema_version")]
+    pub schema_version: u32,
+    pub worker_id: Uuid,
+    pub job_id: Uuid,
+    pub attempt: u32,
+    /// The process' exit code; absent when it never ran or died by a signal.
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportAccepted {
+    pub job_id: Uuid,
+    pub state: hodei_domain::JobState,
+}
+
+/// Commands on `hodei.worker.<worker_id>.cmd`, written to the outbox with the change that
+/// causes them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "command")]
+pub enum WorkerCommand {
+    RunJob(RunJob),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunJob {
+    #[serde(default = "schema_version")]
+    pub schema_version: u32,
+    pub command_id: Uuid,
+    pub job_id: Uuid,
+    pub attempt: u32,
+    pub correlation_id: String,
+    pub command: String,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub working_dir: Option<String>,
+}

@@ -1,0 +1,80 @@
+//! The public contract of Hodei in Rust types: subjects, headers, API requests and replies,
+//! agent reports, worker commands, log batches and error codes.
+//!
+//! `docs/asyncapi.yaml` documents the same contract for clients in any language; change both
+//! together. Every payload carries `schema_version` ([`SCHEMA_VERSION`]).
+
+pub mod agent;
+pub mod api;
+pub mod logs;
+
+pub use api::{ApiError, ErrorCode, Reply};
+
+use uuid::Uuid;
+
+/// Version of every payload schema of this contract.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Largest request or report a service accepts (bytes); larger ones get `PAYLOAD_TOO_LARGE`.
+pub const MAX_PAYLOAD_BYTES: usize = 512 * 1024;
+
+pub fn schema_version() -> u32 {
+    SCHEMA_VERSION
+}
+
+/// Every subject of the contract.
+pub mod subjects {
+    use super::Uuid;
+
+    pub const API_JOBS_SUBMIT: &str = "hodei.api.jobs.submit";
+    pub const API_JOBS_GET: &str = "hodei.api.jobs.get";
+    pub const API_JOBS_LIST: &str = "hodei.api.jobs.list";
+    pub const API_WORKERS_LIST: &str = "hodei.api.workers.list";
+    pub const API_AUDIT_QUERY: &str = "hodei.api.audit.query";
+    /// Durable fire-and-forget submissions (stream HODEI_SUBMISSIONS).
+    pub const JOBS_SUBMIT: &str = "hodei.jobs.submit";
+    pub const EVENTS_ALL: &str = "hodei.events.>";
+
+    pub fn worker_cmd(worker_id: Uuid) -> String {
+        format!("hodei.worker.{worker_id}.cmd")
+    }
+    pub fn agent_register(worker_id: Uuid) -> String {
+        format!("hodei.agent.{worker_id}.register")
+    }
+    pub fn agent_heartbeat(worker_id: Uuid) -> String {
+        format!("hodei.agent.{worker_id}.heartbeat")
+    }
+    pub fn agent_started(worker_id: Uuid) -> String {
+        format!("hodei.agent.{worker_id}.started")
+    }
+    pub fn agent_finished(worker_id: Uuid) -> String {
+        format!("hodei.agent.{worker_id}.finished")
+    }
+    pub fn logs(job_id: Uuid) -> String {
+        format!("hodei.logs.{job_id}")
+    }
+    /// Every event of one job.
+    pub fn job_events(job_id: Uuid) -> String {
+        format!("hodei.events.job.{job_id}.>")
+    }
+    /// Events of one type, of any aggregate id: `hodei.events.<aggregate>.*.<EventType>`.
+    pub fn events_of_type(aggregate: &str, event_type: &str) -> String {
+        format!("hodei.events.{aggregate}.*.{event_type}")
+    }
+    /// The worker id in `hodei.agent.<id>.<report>` or `hodei.worker.<id>.cmd`.
+    pub fn worker_id_of(subject: &str) -> Option<Uuid> {
+        subject.split('.').nth(2)?.parse().ok()
+    }
+}
+
+/// Message headers of the contract.
+pub mod headers {
+    /// JetStream's deduplication id: the event id, or the client's idempotency key.
+    pub const MSG_ID: &str = "Nats-Msg-Id";
+    pub const CORRELATION_ID: &str = "Hodei-Correlation-Id";
+    pub const EVENT_TYPE: &str = "Hodei-Event-Type";
+    /// Where a service answers a report that travelled through a stream.
+    pub const REPLY_TO: &str = "Hodei-Reply-To";
+    /// Set on every error reply, equal to `error.code` in its body.
+    pub const ERROR_CODE: &str = "Hodei-Error-Code";
+}

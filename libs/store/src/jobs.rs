@@ -1,0 +1,167 @@
+//! The `jobs` table.
+
+use chrono::{DateTime, Utc};
+use hodei_domain::{Job, JobSpec, JobState};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::{corrupt, decode_cursor, encode_cursor, Result, StoreError};
+
+#[derive(sqlx::FromRow)]
+struct JobRow {
+    id: Uuid,
+    state: String,
+    spec: sqlx::types::Json<JobSpec>,
+    attempt: i32,
+    worker_id: Option<Uuid>,
+    exit_code: Option<i32>,
+    error: Option<String>,
+    correlation_id: String,
+    idempotency_key: Option<String>,
+    version: i64,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl TryFrom<JobRow> for Job {
+    type Error = StoreError;
+    fn try_from(row: JobRow) -> Result<Job> {
+        Ok(Job {
+            id: row.id,
+            state: row.state.parse().map_err(corrupt("job state"))?,
+            spec: row.spec.0,
+            attempt: u32::try_from(row.attempt).map_err(|e| corrupt("job attempt")(e.to_string()))?,
+            worker_id: row.worker_id,
+            exit_code: row.exit_code,
+            error: row.error,
+            correlation_id: row.correlation_id,
+            idempotency_key: row.idempotency_key,
+            version: row.version,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        })
+    }
+}
+
+const COLUMNS: &str = "id, state, spec, attempt, worker_id, exit_code, error, correlation_id, \
+                       idempotency_key, version, created_at, updated_at";
+
+/// Insert a new job. Returns false (and writes nothing) when its idempotency key is taken.
+pub async fn insert(conn: &mut PgConnection, job: &Job) -> Result<bool> {
+    let result = sqlx::query(
+        "INSERT INTO jobs (id, state, spec, attempt, worker_id, exit_code, error, correlation_id, \
+                           idempotency_key, version, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+         ON CONFLICT (idempotency_key) DO NOTHING",
+    )
+    .bind(job.id)
+    .bind(job.state.as_str())
+    .bind(sqlx::types::Json(&job.spec))
+    .bind(job.attempt as i32)
+    .bind(job.worker_id)
+    .bind(job.exit_code)
+    .bind(&job.error)
+    .bind(&job.correlation_id)
+    .bind(&job.idempotency_key)
+    .bind(job.version)
+    .bind(job.created_at)
+    .bind(job.updated_at)
+    .execute(conn)
+    .await?;
+    Ok(result.rows_affected() == 1)
+}
+
+/// Write a changed job if nobody changed it since it was loaded; bumps `job.version`.
+pub async fn update(conn: &mut PgConnection, job: &mut Job) -> Result<()> {
+    let result = sqlx::query(
+        "UPDATE jobs SET state = $2, attempt = $3, worker_id = $4, exit_code = $5, error = $6, \
+                         updated_at = $7, version = version + 1 \
+         WHERE id = $1 AND version = $8",
+    )
+    .bind(job.id)
+    .bind(job.state.as_str())
+    .bind(job.attempt as i32)
+    .bind(job.worker_id)
+    .bind(job.exit_code)
+    .bind(&job.error)
+    .bind(job.updated_at)
+    .bind(job.version)
+    .execute(conn)
+    .await?;
+    if result.rows_affected() != 1 {
+        return Err(StoreError::VersionConflict { aggregate: "job", id: job.id, expected: job.version });
+    }
+    job.version += 1;
+    Ok(())
+}
+
+/// Load a job and lock its row until the transaction ends.
+pub async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Job>> {
+    let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = $1 FOR UPDATE");
+    let row: Option<JobRow> = sqlx::query_as(&sql).bind(id).fetch_optional(conn).await?;
+    row.map(Job::try_from).transpose()
+}
+
+pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<Job>> {
+    let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = $1");
+    let row: Option<JobRow> = sqlx::query_as(&sql).bind(id).fetch_optional(pool).await?;
+    row.map(Job::try_from).transpose()
+}
+
+pub async fn find_by_idempotency_key(conn: &mut PgConnection, key: &str) -> Result<Option<Job>> {
+    let sql = format!("SELECT {COLUMNS} FROM jobs WHERE idempotency_key = $1");
+    let row: Option<JobRow> = sqlx::query_as(&sql).bind(key).fetch_optional(conn).await?;
+    row.map(Job::try_from).transpose()
+}
+
+/// The job a worker was provisioned for, if it still waits for that worker.
+pub async fn lock_scheduled_on(conn: &mut PgConnection, worker_id: Uuid) -> Result<Option<Job>> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM jobs WHERE worker_id = $1 AND state = 'Scheduled' FOR UPDATE"
+    );
+    let row: Option<JobRow> = sqlx::query_as(&sql).bind(worker_id).fetch_optional(conn).await?;
+    row.map(Job::try_from).transpose()
+}
+
+/// The oldest Pending job nobody else is placing right now.
+pub async fn lock_oldest_pending(conn: &mut PgConnection) -> Result<Option<Job>> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM jobs WHERE state = 'Pending' ORDER BY created_at, id \
+         LIMIT 1 FOR UPDATE SKIP LOCKED"
+    );
+    let row: Option<JobRow> = sqlx::query_as(&sql).fetch_optional(conn).await?;
+    row.map(Job::try_from).transpose()
+}
+
+/// Newest first, optionally of one state; `cursor` is the previous page's `next_cursor`.
+pub async fn list(
+    pool: &PgPool,
+    state: Option<JobState>,
+    limit: u32,
+    cursor: Option<&str>,
+) -> Result<(Vec<Job>, Option<String>)> {
+    let (at, id) = match cursor.and_then(decode_cursor) {
+        Some((at, id)) => (Some(at), Some(id)),
+        None => (None, None),
+    };
+    let sql = format!(
+        "SELECT {COLUMNS} FROM jobs \
+         WHERE ($1::text IS NULL OR state = $1) \
+           AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3)) \
+         ORDER BY created_at DESC, id DESC LIMIT $4"
+    );
+    let rows: Vec<JobRow> = sqlx::query_as(&sql)
+        .bind(state.map(JobState::as_str))
+        .bind(at)
+        .bind(id)
+        .bind(i64::from(limit) + 1)
+        .fetch_all(pool)
+        .await?;
+    let mut jobs = rows.into_iter().map(Job::try_from).collect::<Result<Vec<_>>>()?;
+    let next = (jobs.len() > limit as usize).then(|| {
+        jobs.truncate(limit as usize);
+        let last = jobs.last().expect("limit is at least 1");
+        encode_cursor(last.created_at, last.id)
+    });
+    Ok((jobs, next))
+}

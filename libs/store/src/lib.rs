@@ -1,0 +1,93 @@
+//! Persistence of Hodei in PostgreSQL: one module per table, every SQL string in it.
+//!
+//! Functions take `&mut PgConnection` so that the caller owns the transaction: a state change
+//! loads its aggregate(s) `FOR UPDATE`, applies a domain method, writes the new state with a
+//! version check ([`jobs::update`], [`workers::update`]) and appends the resulting events and
+//! commands to the outbox ([`outbox`]) before it commits. The relay ([`outbox::relay_batch`])
+//! and the audit log ([`audit`]) read what those transactions wrote.
+
+pub mod audit;
+pub mod jobs;
+pub mod outbox;
+pub mod resources;
+pub mod workers;
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+pub use sqlx::{PgConnection, Postgres, Transaction};
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    /// Someone else changed the row since it was loaded; the whole change must be retried.
+    #[error("{aggregate} {id} was changed concurrently (expected version {expected})")]
+    VersionConflict { aggregate: &'static str, id: Uuid, expected: i64 },
+    #[error("stored {what} is unreadable: {why}")]
+    Corrupt { what: &'static str, why: String },
+}
+
+impl StoreError {
+    /// Whether trying again later may succeed (connection trouble, conflicts, deadlocks).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::VersionConflict { .. } => true,
+            StoreError::Database(sqlx::Error::Database(db)) => {
+                // serialization_failure, deadlock_detected, and connection exceptions
+                matches!(db.code().as_deref(), Some("40001" | "40P01" | "57P01" | "57P02" | "57P03"))
+                    || db.code().is_some_and(|c| c.starts_with("08"))
+            }
+            StoreError::Database(sqlx::Error::RowNotFound) => false,
+            StoreError::Database(_) => true,
+            StoreError::Migration(_) | StoreError::Corrupt { .. } => false,
+        }
+    }
+}
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+/// Connect a pool to `url`. Connecting is retried by the pool on each acquire.
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
+    let options: PgConnectOptions = url.parse()?;
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await?;
+    Ok(pool)
+}
+
+/// Apply every migration not yet applied. Safe to call from several processes at once:
+/// sqlx serializes migrators with an advisory lock.
+pub async fn migrate(pool: &PgPool) -> Result<()> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+fn corrupt(what: &'static str) -> impl Fn(String) -> StoreError {
+    move |why| StoreError::Corrupt { what, why }
+}
+
+/// Opaque page cursor `<rfc3339 time>|<uuid>` for lists ordered by (created_at DESC, id DESC).
+pub fn encode_cursor(at: chrono::DateTime<chrono::Utc>, id: Uuid) -> String {
+    format!("{}|{}", at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true), id)
+}
+
+pub fn decode_cursor(cursor: &str) -> Option<(chrono::DateTime<chrono::Utc>, Uuid)> {
+    let (at, id) = cursor.split_once('|')?;
+    Some((chrono::DateTime::parse_from_rfc3339(at).ok()?.to_utc(), id.parse().ok()?))
+}
+
+/// SHA-256 of a bootstrap token, hex; only the hash is stored.
+pub fn hash_token(token: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,131 @@
+//! The `outbox_events` table: events and worker commands written in the transaction of the
+//! change that causes them, then published by the relay in commit order.
+
+use hodei_domain::DomainEvent;
+use serde::Serialize;
+use sqlx::{PgConnection, QueryBuilder};
+use uuid::Uuid;
+
+use crate::Result;
+
+/// The Postgres channel an insert into the outbox notifies (once per transaction).
+pub const NOTIFY_CHANNEL: &str = "hodei_outbox";
+
+/// A command to one worker, e.g. RunJob on `hodei.worker.<id>.cmd`.
+pub struct OutboxCommand<'a, P: Serialize> {
+    pub command_id: Uuid,
+    pub subject: String,
+    pub worker_id: Uuid,
+    pub command_type: &'static str,
+    pub correlation_id: &'a str,
+    pub payload: &'a P,
+}
+
+/// Append domain events (in the order given) to the outbox.
+pub async fn append_events(conn: &mut PgConnection, events: &[DomainEvent]) -> Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut insert = QueryBuilder::new(
+        "INSERT INTO outbox_events (event_id, kind, subject, aggregate_type, aggregate_id, \
+                                    event_type, payload, metadata) ",
+    );
+    insert.push_values(events, |mut row, event| {
+        row.push_bind(event.event_id)
+            .push_bind("event")
+            .push_bind(event.subject())
+            .push_bind(event.aggregate_type.as_str())
+            .push_bind(event.aggregate_id)
+            .push_bind(&event.event_type)
+            .push_bind(sqlx::types::Json(event))
+            .push_bind(metadata(&event.correlation_id));
+    });
+    insert.build().execute(conn).await?;
+    Ok(())
+}
+
+pub async fn append_command<P: Serialize>(conn: &mut PgConnection, command: OutboxCommand<'_, P>) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO outbox_events (event_id, kind, subject, aggregate_type, aggregate_id, \
+                                    event_type, payload, metadata) \
+         VALUES ($1, 'command', $2, 'worker', $3, $4, $5, $6)",
+    )
+    .bind(command.command_id)
+    .bind(&command.subject)
+    .bind(command.worker_id)
+    .bind(command.command_type)
+    .bind(sqlx::types::Json(command.payload))
+    .bind(metadata(command.correlation_id))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+fn metadata(correlation_id: &str) -> sqlx::types::Json<serde_json::Value> {
+    sqlx::types::Json(serde_json::json!({ "correlation_id": correlation_id }))
+}
+
+/// A committed row waiting to be published.
+#[derive(Debug, sqlx::FromRow)]
+pub struct PendingRow {
+    pub id: i64,
+    pub event_id: Uuid,
+    pub subject: String,
+    pub event_type: String,
+    pub payload: String,
+    pub correlation_id: Option<String>,
+    pub attempts: i32,
+}
+
+/// Committed, unpublished rows in insertion order, locked so that no other relay takes them.
+pub async fn lock_pending(conn: &mut PgConnection, limit: i64) -> Result<Vec<PendingRow>> {
+    let rows = sqlx::query_as(
+        "SELECT id, event_id, subject, event_type, payload::text AS payload, \
+                metadata->>'correlation_id' AS correlation_id, attempts \
+         FROM outbox_events \
+         WHERE status = 'pending' AND (next_attempt_at IS NULL OR next_attempt_at <= now()) \
+         ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows)
+}
+
+pub async fn mark_published(conn: &mut PgConnection, ids: &[i64]) -> Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE outbox_events SET status = 'published', published_at = now(), \
+                attempts = attempts + 1, last_error = NULL \
+         WHERE id = ANY($1)",
+    )
+    .bind(ids)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Record a failed publish; the row is tried again after `retry_in`.
+pub async fn mark_failed(conn: &mut PgConnection, id: i64, error: &str, retry_in: std::time::Duration) -> Result<()> {
+    sqlx::query(
+        "UPDATE outbox_events SET attempts = attempts + 1, last_error = $2, \
+                next_attempt_at = now() + $3 * interval '1 millisecond' \
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(error)
+    .bind(retry_in.as_millis() as f64)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// How many rows wait to be published (for logs and tests).
+pub async fn pending_count(conn: &mut PgConnection) -> Result<i64> {
+    let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM outbox_events WHERE status = 'pending'")
+        .fetch_one(conn)
+        .await?;
+    Ok(count)
+}

@@ -1,0 +1,151 @@
+//! The `workers` table.
+
+use chrono::{DateTime, Utc};
+use hodei_domain::{Worker, WorkerState};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::{corrupt, decode_cursor, encode_cursor, Result, StoreError};
+
+#[derive(sqlx::FromRow)]
+struct WorkerRow {
+    id: Uuid,
+    state: String,
+    provider: String,
+    reserved_job_id: Option<Uuid>,
+    current_job_id: Option<Uuid>,
+    token_hash: Option<String>,
+    correlation_id: String,
+    last_heartbeat_at: Option<DateTime<Utc>>,
+    version: i64,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl TryFrom<WorkerRow> for Worker {
+    type Error = StoreError;
+    fn try_from(row: WorkerRow) -> Result<Worker> {
+        Ok(Worker {
+            id: row.id,
+            state: row.state.parse().map_err(corrupt("worker state"))?,
+            provider: row.provider,
+            reserved_job_id: row.reserved_job_id,
+            current_job_id: row.current_job_id,
+            token_hash: row.token_hash,
+            correlation_id: row.correlation_id,
+            last_heartbeat_at: row.last_heartbeat_at,
+            version: row.version,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        })
+    }
+}
+
+const COLUMNS: &str = "id, state, provider, reserved_job_id, current_job_id, token_hash, \
+                       correlation_id, last_heartbeat_at, version, created_at, updated_at";
+
+pub async fn insert(conn: &mut PgConnection, worker: &Worker) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO workers (id, state, provider, reserved_job_id, current_job_id, token_hash, \
+                              correlation_id, last_heartbeat_at, version, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(worker.id)
+    .bind(worker.state.as_str())
+    .bind(&worker.provider)
+    .bind(worker.reserved_job_id)
+    .bind(worker.current_job_id)
+    .bind(&worker.token_hash)
+    .bind(&worker.correlation_id)
+    .bind(worker.last_heartbeat_at)
+    .bind(worker.version)
+    .bind(worker.created_at)
+    .bind(worker.updated_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Write a changed worker if nobody changed it since it was loaded; bumps `worker.version`.
+pub async fn update(conn: &mut PgConnection, worker: &mut Worker) -> Result<()> {
+    let result = sqlx::query(
+        "UPDATE workers SET state = $2, reserved_job_id = $3, current_job_id = $4, token_hash = $5, \
+                            last_heartbeat_at = $6, updated_at = $7, version = version + 1 \
+         WHERE id = $1 AND version = $8",
+    )
+    .bind(worker.id)
+    .bind(worker.state.as_str())
+    .bind(worker.reserved_job_id)
+    .bind(worker.current_job_id)
+    .bind(&worker.token_hash)
+    .bind(worker.last_heartbeat_at)
+    .bind(worker.updated_at)
+    .bind(worker.version)
+    .execute(conn)
+    .await?;
+    if result.rows_affected() != 1 {
+        return Err(StoreError::VersionConflict { aggregate: "worker", id: worker.id, expected: worker.version });
+    }
+    worker.version += 1;
+    Ok(())
+}
+
+pub async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Worker>> {
+    let sql = format!("SELECT {COLUMNS} FROM workers WHERE id = $1 FOR UPDATE");
+    let row: Option<WorkerRow> = sqlx::query_as(&sql).bind(id).fetch_optional(conn).await?;
+    row.map(Worker::try_from).transpose()
+}
+
+/// A Ready worker that was not provisioned for a particular job, skipping ones being placed.
+pub async fn lock_free_ready(conn: &mut PgConnection) -> Result<Option<Worker>> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM workers WHERE state = 'Ready' AND reserved_job_id IS NULL \
+         ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED"
+    );
+    let row: Option<WorkerRow> = sqlx::query_as(&sql).fetch_optional(conn).await?;
+    row.map(Worker::try_from).transpose()
+}
+
+/// Liveness is recorded on the row; it is not a state change and emits no event.
+pub async fn record_heartbeat(pool: &PgPool, id: Uuid, at: DateTime<Utc>) -> Result<bool> {
+    let result = sqlx::query(
+        "UPDATE workers SET last_heartbeat_at = $2 WHERE id = $1 AND state <> 'Terminated'",
+    )
+    .bind(id)
+    .bind(at)
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected() == 1)
+}
+
+pub async fn list(
+    pool: &PgPool,
+    state: Option<WorkerState>,
+    limit: u32,
+    cursor: Option<&str>,
+) -> Result<(Vec<Worker>, Option<String>)> {
+    let (at, id) = match cursor.and_then(decode_cursor) {
+        Some((at, id)) => (Some(at), Some(id)),
+        None => (None, None),
+    };
+    let sql = format!(
+        "SELECT {COLUMNS} FROM workers \
+         WHERE ($1::text IS NULL OR state = $1) \
+           AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3)) \
+         ORDER BY created_at DESC, id DESC LIMIT $4"
+    );
+    let rows: Vec<WorkerRow> = sqlx::query_as(&sql)
+        .bind(state.map(WorkerState::as_str))
+        .bind(at)
+        .bind(id)
+        .bind(i64::from(limit) + 1)
+        .fetch_all(pool)
+        .await?;
+    let mut workers = rows.into_iter().map(Worker::try_from).collect::<Result<Vec<_>>>()?;
+    let next = (workers.len() > limit as usize).then(|| {
+        workers.truncate(limit as usize);
+        let last = workers.last().expect("limit is at least 1");
+        encode_cursor(last.created_at, last.id)
+    });
+    Ok((workers, next))
+}
