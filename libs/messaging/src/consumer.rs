@@ -37,6 +37,24 @@ impl Outcome {
     pub fn reject(reason: impl std::fmt::Display) -> Outcome {
         Outcome::Reject { reason: reason.to_string() }
     }
+
+    /// The usual mapping of a handler's result: malformed input is rejected (dead letter),
+    /// transient trouble is retried, and a refusal (forbidden transition, unknown id) is
+    /// logged and acknowledged, since handling it again would be refused again.
+    pub fn from_result<T>(result: Result<T, ApiError>) -> Outcome {
+        use hodei_protocol::ErrorCode::*;
+        match result {
+            Ok(_) => Outcome::Done,
+            Err(error) => match error.code {
+                BadRequest | PayloadTooLarge | UnsupportedSchemaVersion => Outcome::reject(error),
+                code if code.is_transient() => Outcome::retry(error),
+                _ => {
+                    crate::api::log_refusal(&error);
+                    Outcome::Done
+                }
+            },
+        }
+    }
 }
 
 /// One message as handlers see it.
@@ -46,6 +64,8 @@ pub struct Delivery {
     pub payload: Bytes,
     /// 1 on first delivery.
     pub delivered: i64,
+    /// The message's sequence number in its stream.
+    pub stream_sequence: u64,
 }
 
 impl Delivery {
@@ -152,8 +172,10 @@ where
     H: FnMut(Delivery) -> F,
     F: Future<Output = Outcome>,
 {
-    let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
+    let (delivered, stream_sequence) =
+        message.info().map(|info| (info.delivered, info.stream_sequence)).unwrap_or((1, 0));
     let delivery = Delivery {
+        stream_sequence,
         subject: message.subject.to_string(),
         headers: message.headers.clone(),
         payload: message.payload.clone(),

@@ -157,3 +157,11 @@ mod tests {
         assert_eq!(decode::<SubmitJob>(br#"{"schema_version":1,"command":"x"}"#).unwrap().command, "x");
     }
 }
+
+/// Connect and make sure every stream exists; what every service does at start-up.
+pub async fn connect_and_ensure_streams(url: &str, name: &str) -> Result<(Client, JetStream)> {
+    let client = connect(url, name).await?;
+    let js = jetstream::new(client.clone());
+    ensure_streams(&js).await?;
+    Ok((client, js))
+}

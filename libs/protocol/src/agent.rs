@@ -76,7 +76,7 @@ pub struct ReportAccepted {
 /// Commands on `hodei.worker.<worker_id>.cmd`, written to the outbox with the change that
 /// causes them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "command")]
+#[serde(tag = "type")]
 pub enum WorkerCommand {
     RunJob(RunJob),
 }

@@ -78,3 +78,39 @@ pub mod headers {
     /// Set on every error reply, equal to `error.code` in its body.
     pub const ERROR_CODE: &str = "Hodei-Error-Code";
 }
+
+/// The W3C trace id of a `traceparent` header (`00-<32 hex>-<16 hex>-<2 hex>`), if valid.
+pub fn trace_id_of(traceparent: &str) -> Option<&str> {
+    let mut parts = traceparent.trim().split('-');
+    let (_version, trace_id, span_id) = (parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let valid = hex(trace_id, 32) && hex(span_id, 16) && trace_id.bytes().any(|b| b != b'0');
+    valid.then_some(trace_id)
+}
+
+/// A fresh correlation id, shaped like a W3C trace id (32 lowercase hex digits).
+pub fn new_correlation_id() -> String {
+    Uuid::new_v4().simple().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_ids_are_taken_only_from_valid_traceparents() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(trace_id_of(tp), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        assert_eq!(trace_id_of("00-00000000000000000000000000000000-00f067aa0ba902b7-01"), None);
+        assert_eq!(trace_id_of("garbage"), None);
+        assert_eq!(new_correlation_id().len(), 32);
+    }
+
+    #[test]
+    fn worker_ids_are_read_from_agent_and_command_subjects() {
+        let id = Uuid::now_v7();
+        assert_eq!(subjects::worker_id_of(&subjects::agent_finished(id)), Some(id));
+        assert_eq!(subjects::worker_id_of(&subjects::worker_cmd(id)), Some(id));
+        assert_eq!(subjects::worker_id_of("hodei.agent.nope.started"), None);
+    }
+}

@@ -91,3 +91,21 @@ pub fn hash_token(token: &str) -> String {
     use sha2::{Digest, Sha256};
     Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// Connect and bring the schema up to date; what every service does at start-up.
+pub async fn connect_and_migrate(url: &str, max_connections: u32) -> Result<PgPool> {
+    let pool = connect(url, max_connections).await?;
+    migrate(&pool).await?;
+    Ok(pool)
+}
+
+impl From<StoreError> for hodei_protocol::ApiError {
+    fn from(error: StoreError) -> Self {
+        use hodei_protocol::{ApiError, ErrorCode};
+        match &error {
+            StoreError::VersionConflict { .. } => ApiError::new(ErrorCode::Conflict, error.to_string()),
+            e if e.is_transient() => ApiError::new(ErrorCode::Unavailable, format!("storage unavailable: {error}")),
+            _ => ApiError::internal(error.to_string()),
+        }
+    }
+}

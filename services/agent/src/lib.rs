@@ -1,0 +1,130 @@
+//! `hodei-agent`: the worker agent. It registers with its one-time bootstrap token, waits for
+//! RunJob on its own command subject, runs the command, streams stdout and stderr to
+//! `hodei.logs.<job_id>`, reports started and finished, and exits: one agent, one job.
+
+mod job;
+mod reports;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use async_nats::jetstream::{self, consumer::pull, AckKind};
+use futures::StreamExt;
+use hodei_messaging::{api, decode, encode, nats, streams};
+use hodei_protocol::agent::{Heartbeat, RegisterWorker, Registered, WorkerCommand};
+use hodei_protocol::subjects;
+use hodei_runtime::{LogFormat, Shutdown};
+use uuid::Uuid;
+
+pub const SERVICE: &str = "agent";
+
+/// hodei-agent: runs one job for Hodei. Started by a provider, which sets its environment.
+#[derive(Clone, clap::Parser)]
+#[command(name = "hodei-agent", version, about, long_about = None)]
+pub struct Config {
+    /// This worker's id, given by the provider.
+    #[arg(long, env = "HODEI_WORKER_ID")]
+    pub worker_id: Uuid,
+
+    /// One-time bootstrap token, given by the provider; spent at registration.
+    #[arg(long, env = "HODEI_BOOTSTRAP_TOKEN", hide_env_values = true)]
+    pub token: String,
+
+    /// NATS server URL.
+    #[arg(long, env = "HODEI_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+
+    /// Seconds to wait for a job after registering before giving up and exiting.
+    #[arg(long, env = "HODEI_AGENT_IDLE_TIMEOUT_SECS", default_value_t = 300)]
+    pub idle_timeout_secs: u64,
+
+    /// Log format: `human` or `json`.
+    #[arg(long, env = "HODEI_LOG_FORMAT", default_value = "human")]
+    pub log_format: LogFormat,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config").field("worker_id", &self.worker_id).field("nats_url", &self.nats_url).finish()
+    }
+}
+
+pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    let worker_id = config.worker_id;
+    let client = hodei_messaging::connect(&config.nats_url, &format!("hodei-agent-{worker_id}")).await?;
+    let js = jetstream::new(client.clone());
+
+    // Subscribe to our commands before registering, so that no command can come too early.
+    let commands: jetstream::consumer::PullConsumer = js
+        .get_stream(streams::WORKER_CMDS)
+        .await
+        .map_err(nats("opening the command stream"))?
+        .create_consumer(pull::Config {
+            filter_subject: subjects::worker_cmd(worker_id),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(60),
+            inactive_threshold: Duration::from_secs(60),
+            ..Default::default()
+        })
+        .await
+        .map_err(nats("creating the command consumer"))?;
+    let mut messages = commands.messages().await.map_err(nats("reading commands"))?;
+
+    let registration = RegisterWorker {
+        schema_version: hodei_protocol::SCHEMA_VERSION,
+        worker_id,
+        token: config.token.clone(),
+        pid: Some(std::process::id()),
+        hostname: std::env::var("HOSTNAME").ok(),
+    };
+    let registered: Registered = api::request(
+        &client,
+        &subjects::agent_register(worker_id),
+        None,
+        &registration,
+        Duration::from_secs(30),
+    )
+    .await
+    .context("registering")?;
+    tracing::info!(%worker_id, "registered");
+    let heartbeats = tokio::spawn(heartbeat(client.clone(), worker_id, Duration::from_millis(registered.heartbeat_interval_ms)));
+
+    let idle = Duration::from_secs(config.idle_timeout_secs);
+    let next = shutdown.guard(tokio::time::timeout(idle, messages.next())).await;
+    let message = match next {
+        None => {
+            tracing::info!("stopped before any job arrived");
+            return Ok(());
+        }
+        Some(Err(_)) => anyhow::bail!("no job arrived within {idle:?}"),
+        Some(Ok(None)) => anyhow::bail!("the command stream ended"),
+        Some(Ok(Some(Err(error)))) => anyhow::bail!("reading commands: {error}"),
+        Some(Ok(Some(Ok(message)))) => message,
+    };
+    let command: WorkerCommand = match decode(&message.payload) {
+        Ok(command) => command,
+        Err(error) => {
+            let _ = message.ack_with(AckKind::Term).await;
+            anyhow::bail!("unreadable command: {error}");
+        }
+    };
+    let WorkerCommand::RunJob(run) = command;
+    let result = job::run(&client, &js, worker_id, run, &message, shutdown).await;
+    heartbeats.abort();
+    if let Ok(stream) = js.get_stream(streams::WORKER_CMDS).await {
+        let _ = stream.delete_consumer(&commands.cached_info().name).await;
+    }
+    client.flush().await.ok();
+    result
+}
+
+async fn heartbeat(client: async_nats::Client, worker_id: Uuid, every: Duration) {
+    let mut ticker = tokio::time::interval(every.max(Duration::from_millis(100)));
+    loop {
+        ticker.tick().await;
+        let beat = Heartbeat { schema_version: hodei_protocol::SCHEMA_VERSION, worker_id, job_id: None };
+        if let Err(error) = client.publish(subjects::agent_heartbeat(worker_id), encode(&beat)).await {
+            tracing::warn!(%error, "heartbeat not sent");
+        }
+    }
+}

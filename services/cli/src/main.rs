@@ -1,1 +1,271 @@
-fn main() {}
+//! `hodei`: the command line of Hodei. It speaks only the public NATS contract
+//! (docs/asyncapi.yaml): request/reply APIs, and the job's logs and events from JetStream.
+
+mod follow;
+mod output;
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use chrono::{DateTime, Utc};
+use clap::{Args, Parser, Subcommand};
+use hodei_domain::{JobState, WorkerState};
+use hodei_messaging::api::request;
+use hodei_protocol::api::{
+    AuditEntry, AuditQuery, GetJob, JobView, ListJobs, ListWorkers, Page, SubmitAccepted, SubmitJob, WorkerView,
+};
+use hodei_protocol::subjects;
+use uuid::Uuid;
+
+/// Run and inspect jobs on Hodei.
+///
+/// Exit status of `hodei run`: the job's own exit code when it ran; 1 when it failed without
+/// one (it could not start, or was killed); 124 on Timeout; 130 when Cancelled. Any command
+/// exits 3 when Hodei refuses the request or cannot be reached.
+#[derive(Parser)]
+#[command(name = "hodei", version, about, long_about)]
+struct Cli {
+    /// NATS server URL.
+    #[arg(long, global = true, env = "HODEI_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+
+    /// Print JSON (one document per command) instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+
+    /// Seconds to wait for an answer from a service.
+    #[arg(long, global = true, env = "HODEI_TIMEOUT_SECS", default_value_t = 10)]
+    timeout_secs: u64,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Submit a job, stream its output, and exit with its exit code.
+    Run(JobArgs),
+    /// Submit a job and print its id.
+    Submit(JobArgs),
+    /// Show one job.
+    Get { job_id: Uuid },
+    /// List jobs, newest first.
+    List {
+        /// Only jobs in this state (Pending, Assigned, Scheduled, Running, Succeeded, Failed, Cancelled, Timeout).
+        #[arg(long)]
+        state: Option<JobState>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// The next_cursor printed by the previous page.
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// Print a job's output; with -f, wait for the rest until the job ends.
+    Logs {
+        job_id: Uuid,
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// List workers, newest first.
+    Workers {
+        /// Only workers in this state (Creating, Connecting, Ready, Busy, Draining, Terminating, Terminated).
+        #[arg(long)]
+        state: Option<WorkerState>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// Query the audit log; every criterion given must match.
+    Audit(AuditArgs),
+}
+
+#[derive(Args)]
+struct JobArgs {
+    /// Environment variable for the job, NAME=VALUE (repeatable).
+    #[arg(short, long = "env", value_parser = key_value)]
+    env: Vec<(String, String)>,
+    /// Working directory of the job.
+    #[arg(short = 'C', long)]
+    workdir: Option<String>,
+    /// Label NAME=VALUE (repeatable).
+    #[arg(short, long = "label", value_parser = key_value)]
+    label: Vec<(String, String)>,
+    /// Idempotency key: submitting the same key again returns the first job.
+    #[arg(short, long)]
+    key: Option<String>,
+    /// The command and its arguments, after `--`.
+    #[arg(required = true, last = true)]
+    command: Vec<String>,
+}
+
+#[derive(Args)]
+struct AuditArgs {
+    /// Events of one correlation id (a job's, as `hodei get` shows).
+    #[arg(long)]
+    correlation_id: Option<String>,
+    /// Events of one type, e.g. JobCompleted.
+    #[arg(long)]
+    event_type: Option<String>,
+    /// Events of one job or worker.
+    #[arg(long)]
+    aggregate_id: Option<Uuid>,
+    /// Events caused by one actor, e.g. `scheduler` or `worker:<id>`.
+    #[arg(long)]
+    actor: Option<String>,
+    /// Events that occurred at or after this time (RFC 3339).
+    #[arg(long)]
+    from: Option<DateTime<Utc>>,
+    /// Events that occurred before this time (RFC 3339).
+    #[arg(long)]
+    to: Option<DateTime<Utc>>,
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+    /// The next_cursor printed by the previous page.
+    #[arg(long)]
+    cursor: Option<String>,
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected NAME=VALUE, got '{s}'"))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("hodei: {error:#}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let client = async_nats::ConnectOptions::new()
+        .name("hodei-cli")
+        .connection_timeout(Duration::from_secs(5))
+        .connect(&cli.nats_url)
+        .await
+        .with_context(|| format!("cannot reach NATS at {}", cli.nats_url))?;
+    let timeout = Duration::from_secs(cli.timeout_secs);
+    let call = |subject: &'static str| (client.clone(), subject, timeout);
+    match cli.command {
+        Command::Run(args) => {
+            let accepted = submit(call(subjects::API_JOBS_SUBMIT), args).await?;
+            let js = async_nats::jetstream::new(client.clone());
+            let job = follow::run_to_end(&client, &js, accepted.job_id, timeout).await?;
+            if cli.json {
+                output::json(&job);
+            } else {
+                eprintln!("{}", output::job_summary(&job));
+            }
+            Ok(ExitCode::from(exit_status(&job)))
+        }
+        Command::Submit(args) => {
+            let accepted = submit(call(subjects::API_JOBS_SUBMIT), args).await?;
+            if cli.json {
+                output::json(&accepted);
+            } else {
+                println!("{}", accepted.job_id);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Get { job_id } => {
+            let job: JobView = ask(call(subjects::API_JOBS_GET), &GetJob { schema_version: 1, job_id }).await?;
+            if cli.json {
+                output::json(&job);
+            } else {
+                output::job_details(&job);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::List { state, limit, cursor } => {
+            let page: Page<JobView> =
+                ask(call(subjects::API_JOBS_LIST), &ListJobs { schema_version: 1, state, limit: Some(limit), cursor }).await?;
+            if cli.json {
+                output::json(&page);
+            } else {
+                output::jobs_table(&page);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Logs { job_id, follow } => {
+            let js = async_nats::jetstream::new(client.clone());
+            follow::logs(&js, job_id, follow, cli.json).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Workers { state, limit, cursor } => {
+            let page: Page<WorkerView> = ask(
+                call(subjects::API_WORKERS_LIST),
+                &ListWorkers { schema_version: 1, state, limit: Some(limit), cursor },
+            )
+            .await?;
+            if cli.json {
+                output::json(&page);
+            } else {
+                output::workers_table(&page);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit(a) => {
+            let query = AuditQuery {
+                schema_version: 1,
+                correlation_id: a.correlation_id,
+                event_type: a.event_type,
+                aggregate_id: a.aggregate_id,
+                actor: a.actor,
+                from: a.from,
+                to: a.to,
+                limit: Some(a.limit),
+                cursor: a.cursor,
+            };
+            let page: Page<AuditEntry> = ask(call(subjects::API_AUDIT_QUERY), &query).await?;
+            if cli.json {
+                output::json(&page);
+            } else {
+                output::audit_table(&page);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn ask<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
+    (client, subject, timeout): (async_nats::Client, &'static str, Duration),
+    body: &Req,
+) -> anyhow::Result<Resp> {
+    request(&client, subject, None, body, timeout)
+        .await
+        .map_err(|e| anyhow::anyhow!("{} ({})", e.message, e.code.as_str()))
+}
+
+async fn submit(call: (async_nats::Client, &'static str, Duration), args: JobArgs) -> anyhow::Result<SubmitAccepted> {
+    let mut command = args.command.into_iter();
+    let Some(program) = command.next() else { bail!("no command given after --") };
+    let request = SubmitJob {
+        schema_version: 1,
+        command: program,
+        args: command.collect(),
+        env: args.env.into_iter().collect::<BTreeMap<_, _>>(),
+        working_dir: args.workdir,
+        labels: args.label.into_iter().collect(),
+        idempotency_key: args.key,
+    };
+    ask(call, &request).await
+}
+
+fn exit_status(job: &JobView) -> u8 {
+    match (job.state, job.exit_code) {
+        (JobState::Succeeded, _) => 0,
+        (JobState::Failed, Some(code)) => u8::try_from(code).unwrap_or(1).max(1),
+        (JobState::Timeout, _) => 124,
+        (JobState::Cancelled, _) => 130,
+        _ => 1,
+    }
+}

@@ -1,0 +1,72 @@
+//! The dispatcher places jobs on workers. On JobQueued it assigns the job to a free ready
+//! worker, or, when none is free, schedules it on a new worker it asks a provider for. On
+//! WorkerReadyForJob it sends the worker the job it was provisioned for (or the oldest pending
+//! one). The job, the worker and the RunJob command change in one transaction.
+
+mod handlers;
+
+use hodei_domain::Actor;
+use hodei_messaging::consumer::{self, ConsumerConfig};
+use hodei_messaging::streams;
+use hodei_protocol::subjects;
+use hodei_runtime::{CommonArgs, Shutdown};
+use sqlx::PgPool;
+
+pub const SERVICE: &str = "dispatcher";
+
+/// hodei-dispatcher: assigns queued jobs to workers and asks for workers when none is free.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "hodei-dispatcher", version, about, long_about = None)]
+pub struct Config {
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// Provider asked for new workers (`process` starts `hodei-agent` as a local process).
+    #[arg(long, env = "HODEI_PROVIDER", default_value = "process")]
+    pub provider: String,
+
+    /// Largest number of database connections.
+    #[arg(long, env = "HODEI_DB_POOL_SIZE", default_value_t = 10)]
+    pub db_pool_size: u32,
+}
+
+#[derive(Clone)]
+pub(crate) struct State {
+    pub pool: PgPool,
+    pub actor: Actor,
+    pub provider: String,
+}
+
+pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let pool = hodei_store::connect_and_migrate(&config.common.database_url, config.db_pool_size)
+        .await
+        .context("connecting to PostgreSQL")?;
+    let (_client, js) = hodei_messaging::connect_and_ensure_streams(&config.common.nats_url, SERVICE)
+        .await
+        .context("connecting to NATS")?;
+    let state = State { pool, actor: Actor::service(SERVICE), provider: config.provider };
+    let queued = consumer::run(
+        js.clone(),
+        ConsumerConfig::new(
+            streams::EVENTS,
+            "dispatcher-job-queued",
+            Some(subjects::events_of_type("job", "JobQueued")),
+        ),
+        shutdown.clone(),
+        |delivery| handlers::job_queued::handle(state.clone(), delivery),
+    );
+    let ready = consumer::run(
+        js.clone(),
+        ConsumerConfig::new(
+            streams::EVENTS,
+            "dispatcher-worker-ready",
+            Some(subjects::events_of_type("worker", "WorkerReadyForJob")),
+        ),
+        shutdown.clone(),
+        |delivery| handlers::worker_ready::handle(state.clone(), delivery),
+    );
+    tokio::join!(queued, ready);
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,94 @@
+//! The provider-manager turns worker requests into real resources through a [`Provider`]
+//! (here the process provider, which starts `hodei-agent` as a child process), hands each
+//! worker its one-time bootstrap token, and destroys the resource on WorkerTerminating.
+
+mod handlers;
+pub mod providers;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use hodei_domain::Actor;
+use hodei_messaging::consumer::{self, ConsumerConfig};
+use hodei_messaging::streams;
+use hodei_protocol::subjects;
+use hodei_runtime::{CommonArgs, Shutdown};
+use sqlx::PgPool;
+
+pub use providers::{process::ProcessProvider, Provider};
+
+pub const SERVICE: &str = "provider-manager";
+
+/// hodei-provider-manager: creates and destroys workers through providers.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "hodei-provider-manager", version, about, long_about = None)]
+pub struct Config {
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// The agent binary the process provider starts; by default `hodei-agent` beside this one.
+    #[arg(long, env = "HODEI_AGENT_BIN")]
+    pub agent_bin: Option<PathBuf>,
+
+    /// NATS URL given to agents; by default the one this service uses.
+    #[arg(long, env = "HODEI_AGENT_NATS_URL")]
+    pub agent_nats_url: Option<String>,
+
+    /// Seconds an agent gets to stop after SIGTERM before it (and its job) is killed.
+    #[arg(long, env = "HODEI_AGENT_STOP_GRACE_SECS", default_value_t = 5)]
+    pub stop_grace_secs: u64,
+
+    /// Largest number of database connections.
+    #[arg(long, env = "HODEI_DB_POOL_SIZE", default_value_t = 10)]
+    pub db_pool_size: u32,
+}
+
+pub(crate) struct State<P> {
+    pub pool: PgPool,
+    pub actor: Actor,
+    pub provider: P,
+}
+
+pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let agent_bin = match config.agent_bin {
+        Some(path) => path,
+        None => std::env::current_exe().context("locating this binary")?.with_file_name("hodei-agent"),
+    };
+    anyhow::ensure!(agent_bin.is_file(), "the agent binary {} does not exist (set HODEI_AGENT_BIN)", agent_bin.display());
+    let pool = hodei_store::connect_and_migrate(&config.common.database_url, config.db_pool_size)
+        .await
+        .context("connecting to PostgreSQL")?;
+    let (_client, js) = hodei_messaging::connect_and_ensure_streams(&config.common.nats_url, SERVICE)
+        .await
+        .context("connecting to NATS")?;
+    let provider = ProcessProvider::new(
+        agent_bin,
+        config.agent_nats_url.unwrap_or(config.common.nats_url),
+        std::time::Duration::from_secs(config.stop_grace_secs),
+    );
+    let state = Arc::new(State { pool, actor: Actor::service(SERVICE), provider });
+    let requests = consumer::run(
+        js.clone(),
+        ConsumerConfig::new(
+            streams::EVENTS,
+            "provider-manager-provisioning",
+            Some(subjects::events_of_type("worker", "WorkerProvisioningRequested")),
+        ),
+        shutdown.clone(),
+        |delivery| handlers::provision::handle(state.clone(), delivery),
+    );
+    let terminations = consumer::run(
+        js.clone(),
+        ConsumerConfig::new(
+            streams::EVENTS,
+            "provider-manager-termination",
+            Some(subjects::events_of_type("worker", "WorkerTerminating")),
+        ),
+        shutdown.clone(),
+        |delivery| handlers::destroy::handle(state.clone(), delivery),
+    );
+    tokio::join!(requests, terminations);
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,74 @@
+//! The registry owns the worker lifecycle after provisioning: agents register with their
+//! one-time bootstrap token (checked, then spent), send heartbeats, and are torn down once
+//! the job they ran has ended (ephemeral workers). It also answers `hodei workers`.
+
+mod handlers;
+
+use hodei_domain::Actor;
+use hodei_messaging::consumer::{self, ConsumerConfig};
+use hodei_messaging::{api, streams};
+use hodei_protocol::subjects;
+use hodei_runtime::{CommonArgs, Shutdown};
+use sqlx::PgPool;
+
+pub const SERVICE: &str = "registry";
+
+/// hodei-registry: registers agents, records heartbeats, tears down ephemeral workers.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "hodei-registry", version, about, long_about = None)]
+pub struct Config {
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// How often agents are told to send a heartbeat, in milliseconds.
+    #[arg(long, env = "HODEI_HEARTBEAT_INTERVAL_MS", default_value_t = 5000)]
+    pub heartbeat_interval_ms: u64,
+
+    /// Largest number of database connections.
+    #[arg(long, env = "HODEI_DB_POOL_SIZE", default_value_t = 10)]
+    pub db_pool_size: u32,
+}
+
+#[derive(Clone)]
+pub(crate) struct State {
+    pub pool: PgPool,
+    pub actor: Actor,
+    pub heartbeat_interval_ms: u64,
+}
+
+pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let pool = hodei_store::connect_and_migrate(&config.common.database_url, config.db_pool_size)
+        .await
+        .context("connecting to PostgreSQL")?;
+    let (client, js) = hodei_messaging::connect_and_ensure_streams(&config.common.nats_url, SERVICE)
+        .await
+        .context("connecting to NATS")?;
+    let state = State { pool, actor: Actor::service(SERVICE), heartbeat_interval_ms: config.heartbeat_interval_ms };
+    let queue = "hodei-registry";
+    let register = {
+        let state = state.clone();
+        api::serve(client.clone(), "hodei.agent.*.register", queue, shutdown.clone(), move |req, ctx| {
+            handlers::register::handle(state.clone(), req, ctx)
+        })
+    };
+    let workers = {
+        let state = state.clone();
+        api::serve(client.clone(), subjects::API_WORKERS_LIST, queue, shutdown.clone(), move |req, _| {
+            handlers::list::handle(state.clone(), req)
+        })
+    };
+    let heartbeats = handlers::heartbeat::run(state.clone(), client.clone(), shutdown.clone());
+    let teardown = consumer::run(
+        js.clone(),
+        ConsumerConfig::new(streams::EVENTS, "registry-job-events", Some("hodei.events.job.>".into())),
+        shutdown.clone(),
+        |delivery| handlers::job_ended::handle(state.clone(), delivery),
+    );
+    let (register, workers, heartbeats, ()) = tokio::join!(register, workers, heartbeats, teardown);
+    register?;
+    workers?;
+    heartbeats?;
+    tracing::info!("stopped");
+    Ok(())
+}

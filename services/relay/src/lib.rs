@@ -1,0 +1,141 @@
+//! The outbox relay moves committed `outbox_events` rows into JetStream in commit order:
+//! woken by Postgres NOTIFY (with a slow fallback sweep), it publishes a batch with
+//! `Nats-Msg-Id` = event id (so a re-publish after a crash is dropped by the stream's
+//! duplicate window), waits for the stream's acks, and marks the rows published.
+//!
+//! One relay is active at a time: it holds a Postgres advisory lock; others wait for it.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use hodei_messaging::{message_headers, JetStream};
+use hodei_protocol::headers;
+use hodei_runtime::{CommonArgs, Shutdown};
+use hodei_store::outbox::{self, PendingRow};
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+
+pub const SERVICE: &str = "relay";
+
+/// Key of the advisory lock that elects the active relay.
+const RELAY_LOCK: i64 = 0x6864_6569_7265_6c; // "hdeirel"
+
+/// hodei-relay: publishes the transactional outbox to JetStream.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "hodei-relay", version, about, long_about = None)]
+pub struct Config {
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// Rows published per batch.
+    #[arg(long, env = "HODEI_RELAY_BATCH", default_value_t = 500)]
+    pub batch: i64,
+
+    /// Seconds between sweeps when no notification arrives (a safety net, not the trigger).
+    #[arg(long, env = "HODEI_RELAY_SWEEP_SECS", default_value_t = 5)]
+    pub sweep_secs: u64,
+}
+
+pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    let pool = hodei_store::connect_and_migrate(&config.common.database_url, 4)
+        .await
+        .context("connecting to PostgreSQL")?;
+    let (_client, js) = hodei_messaging::connect_and_ensure_streams(&config.common.nats_url, SERVICE)
+        .await
+        .context("connecting to NATS")?;
+    let mut leader = pool.acquire().await.context("acquiring the leader connection")?.detach();
+    tracing::info!("waiting to become the active relay");
+    let locked = shutdown
+        .guard(sqlx::query("SELECT pg_advisory_lock($1)").bind(RELAY_LOCK).execute(&mut leader))
+        .await;
+    match locked {
+        None => return Ok(()),
+        Some(result) => {
+            result.context("taking the relay lock")?;
+        }
+    }
+    tracing::info!("active relay");
+    let mut listener = PgListener::connect_with(&pool).await.context("listening for outbox notifications")?;
+    listener.listen(outbox::NOTIFY_CHANNEL).await.context("listening for outbox notifications")?;
+    let sweep = Duration::from_secs(config.sweep_secs);
+    loop {
+        loop {
+            match relay_batch(&pool, &js, config.batch).await {
+                Ok(0) => break,
+                Ok(n) => tracing::debug!(published = n, "batch published"),
+                Err(error) => {
+                    tracing::error!(error = format!("{error:#}"), "relaying failed; retrying after a pause");
+                    if shutdown.guard(tokio::time::sleep(Duration::from_secs(1))).await.is_none() {
+                        return Ok(());
+                    }
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.wait() => break,
+            notified = listener.recv() => {
+                if let Err(error) = notified {
+                    tracing::warn!(%error, "notification listener failed; it reconnects");
+                }
+            }
+            _ = tokio::time::sleep(sweep) => {}
+        }
+    }
+    drop(leader);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Publish one batch of pending rows; returns how many were published.
+pub async fn relay_batch(pool: &PgPool, js: &JetStream, batch: i64) -> anyhow::Result<usize> {
+    let mut tx = pool.begin().await?;
+    let rows = outbox::lock_pending(&mut tx, batch).await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    // Send the whole batch, then collect the acks: one round trip per batch, order kept.
+    let mut acks = Vec::with_capacity(rows.len());
+    for row in &rows {
+        acks.push(publish(js, row).await);
+    }
+    let mut published = Vec::with_capacity(rows.len());
+    let mut failure = None;
+    for (row, ack) in rows.iter().zip(acks) {
+        let result = match ack {
+            Ok(future) => future.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(error) => Err(error),
+        };
+        match result {
+            Ok(()) => published.push(row.id),
+            Err(error) => {
+                // Later rows wait, so that one aggregate's events never overtake each other.
+                failure = Some((row, error));
+                break;
+            }
+        }
+    }
+    outbox::mark_published(&mut tx, &published).await?;
+    if let Some((row, error)) = &failure {
+        let retry_in = Duration::from_millis(100u64 << row.attempts.clamp(0, 10));
+        tracing::error!(event_id = %row.event_id, subject = %row.subject, attempts = row.attempts + 1, %error, ?retry_in, "cannot publish outbox row");
+        outbox::mark_failed(&mut tx, row.id, error, retry_in).await?;
+    }
+    tx.commit().await?;
+    if failure.is_some() && published.is_empty() {
+        anyhow::bail!("no row of the batch could be published");
+    }
+    Ok(published.len())
+}
+
+async fn publish(
+    js: &JetStream,
+    row: &PendingRow,
+) -> Result<async_nats::jetstream::context::PublishAckFuture, String> {
+    let mut map = message_headers(&row.event_id.to_string(), row.correlation_id.as_deref());
+    map.insert(headers::EVENT_TYPE, row.event_type.as_str());
+    js.publish_with_headers(row.subject.clone(), map, Bytes::from(row.payload.clone()))
+        .await
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,86 @@
+//! The scheduler owns job submission and the job state machine: it accepts jobs (request/reply
+//! and the durable submission stream, idempotent on the client's key), answers get and list,
+//! and applies the agents' started/finished reports to their jobs.
+
+mod handlers;
+
+use async_nats::Client;
+use hodei_domain::Actor;
+use hodei_messaging::consumer::{self, ConsumerConfig};
+use hodei_messaging::{api, streams, JetStream};
+use hodei_protocol::subjects;
+use hodei_runtime::{CommonArgs, Shutdown};
+use sqlx::PgPool;
+
+pub const SERVICE: &str = "scheduler";
+
+/// hodei-scheduler: accepts jobs and applies workers' reports to them.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "hodei-scheduler", version, about, long_about = None)]
+pub struct Config {
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// Largest number of database connections.
+    #[arg(long, env = "HODEI_DB_POOL_SIZE", default_value_t = 10)]
+    pub db_pool_size: u32,
+}
+
+#[derive(Clone)]
+pub(crate) struct State {
+    pub pool: PgPool,
+    pub client: Client,
+    pub actor: Actor,
+}
+
+pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let pool = hodei_store::connect_and_migrate(&config.common.database_url, config.db_pool_size)
+        .await
+        .context("connecting to PostgreSQL")?;
+    let (client, js) = hodei_messaging::connect_and_ensure_streams(&config.common.nats_url, SERVICE)
+        .await
+        .context("connecting to NATS")?;
+    let state = State { pool, client: client.clone(), actor: Actor::service(SERVICE) };
+    serve(state, js, shutdown).await
+}
+
+async fn serve(state: State, js: JetStream, shutdown: Shutdown) -> anyhow::Result<()> {
+    let queue = "hodei-scheduler";
+    let submit = {
+        let state = state.clone();
+        api::serve(state.client.clone(), subjects::API_JOBS_SUBMIT, queue, shutdown.clone(), move |req, ctx| {
+            handlers::submit::from_api(state.clone(), req, ctx)
+        })
+    };
+    let get = {
+        let state = state.clone();
+        api::serve(state.client.clone(), subjects::API_JOBS_GET, queue, shutdown.clone(), move |req, _| {
+            handlers::query::get(state.clone(), req)
+        })
+    };
+    let list = {
+        let state = state.clone();
+        api::serve(state.client.clone(), subjects::API_JOBS_LIST, queue, shutdown.clone(), move |req, _| {
+            handlers::query::list(state.clone(), req)
+        })
+    };
+    let submissions = consumer::run(
+        js.clone(),
+        ConsumerConfig::new(streams::SUBMISSIONS, "scheduler-submissions", None),
+        shutdown.clone(),
+        |delivery| handlers::submit::from_stream(state.clone(), delivery),
+    );
+    let reports = consumer::run(
+        js.clone(),
+        ConsumerConfig::new(streams::AGENT, "scheduler-reports", None),
+        shutdown.clone(),
+        |delivery| handlers::reports::handle(state.clone(), delivery),
+    );
+    let (submit, get, list, (), ()) = tokio::join!(submit, get, list, submissions, reports);
+    submit?;
+    get?;
+    list?;
+    tracing::info!("stopped");
+    Ok(())
+}

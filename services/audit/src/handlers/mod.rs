@@ -1,0 +1,4 @@
+//! One file per message the audit service understands.
+
+pub mod query;
+pub mod record;

@@ -1,0 +1,71 @@
+//! WorkerProvisioningRequested: mint the bootstrap token, record the worker as provisioned
+//! (Creating -> Connecting, token hash kept) and start its agent. If the agent cannot be
+//! started, the worker ends and the job it was requested for fails, in one transaction.
+
+use std::sync::Arc;
+
+use hodei_domain::events::WorkerProvisioningRequested;
+use hodei_domain::{DomainEvent, JobState, WorkerState};
+use hodei_messaging::consumer::{Delivery, Outcome};
+use hodei_protocol::ApiError;
+use hodei_store::{hash_token, jobs, outbox, resources, workers, StoreError};
+use uuid::Uuid;
+
+use crate::providers::{Provider, WorkerSpec};
+use crate::State;
+
+pub async fn handle<P: Provider>(state: Arc<State<P>>, delivery: Delivery) -> Outcome {
+    Outcome::from_result(provision(&state, &delivery).await)
+}
+
+async fn provision<P: Provider>(state: &State<P>, delivery: &Delivery) -> Result<(), ApiError> {
+    let event: DomainEvent = delivery.decode()?;
+    let request: WorkerProvisioningRequested = match event.decode() {
+        Some(Ok(request)) => request,
+        _ => return Err(ApiError::bad_request(format!("not a WorkerProvisioningRequested event: {}", event.event_type))),
+    };
+    let token = format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
+    let mut tx = state.pool.begin().await.map_err(StoreError::from)?;
+    let Some(mut worker) = workers::lock(&mut tx, request.worker_id).await? else {
+        return Err(ApiError::not_found(format!("there is no worker {}", request.worker_id)));
+    };
+    if worker.state != WorkerState::Creating {
+        tracing::debug!(worker_id = %worker.id, state = %worker.state, "already provisioned; nothing to do");
+        return Ok(());
+    }
+    let provisioned = worker.provisioned(hash_token(&token), &state.actor)?;
+    workers::update(&mut tx, &mut worker).await?;
+    outbox::append_events(&mut tx, &[provisioned]).await?;
+    tx.commit().await.map_err(StoreError::from)?;
+
+    let spec = WorkerSpec { worker_id: worker.id, token, correlation_id: worker.correlation_id.clone() };
+    match state.provider.create(spec).await {
+        Ok(resource_id) => {
+            let mut conn = state.pool.acquire().await.map_err(StoreError::from)?;
+            resources::record(&mut conn, worker.id, state.provider.name(), &resource_id).await?;
+            Ok(())
+        }
+        Err(error) => {
+            tracing::error!(worker_id = %worker.id, %error, "provisioning failed");
+            give_up(state, worker.id, error.to_string()).await
+        }
+    }
+}
+
+/// The worker could not be created: it ends, and so does the job that waits for it.
+async fn give_up<P: Provider>(state: &State<P>, worker_id: Uuid, error: String) -> Result<(), ApiError> {
+    let mut tx = state.pool.begin().await.map_err(StoreError::from)?;
+    let Some(mut worker) = workers::lock(&mut tx, worker_id).await? else { return Ok(()) };
+    let mut events = vec![worker.provisioning_failed(error.clone(), &state.actor)?];
+    events.push(worker.terminated(&state.actor)?);
+    workers::update(&mut tx, &mut worker).await?;
+    if let Some(mut job) = jobs::lock_scheduled_on(&mut tx, worker_id).await? {
+        if job.state == JobState::Scheduled {
+            events.push(job.fail(None, format!("no worker could be provisioned: {error}"), &state.actor)?);
+            jobs::update(&mut tx, &mut job).await?;
+        }
+    }
+    outbox::append_events(&mut tx, &events).await?;
+    tx.commit().await.map_err(StoreError::from)?;
+    Ok(())
+}

@@ -1,0 +1,31 @@
+//! Providers create and destroy the resource a worker runs in.
+
+pub mod process;
+
+use std::future::Future;
+
+use uuid::Uuid;
+
+/// What a provider needs to start one worker's agent.
+#[derive(Debug, Clone)]
+pub struct WorkerSpec {
+    pub worker_id: Uuid,
+    /// The one-time bootstrap token; only its hash is stored.
+    pub token: String,
+    pub correlation_id: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ProviderError(pub String);
+
+pub trait Provider: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+
+    /// Start the worker's agent; returns the provider's id of the resource.
+    fn create(&self, spec: WorkerSpec) -> impl Future<Output = Result<String, ProviderError>> + Send;
+
+    /// Stop and remove the worker's resource; done when nothing of it is left.
+    /// `resource_id` is what `create` returned, for resources this instance did not create.
+    fn destroy(&self, worker_id: Uuid, resource_id: Option<&str>) -> impl Future<Output = Result<(), ProviderError>> + Send;
+}

@@ -1,0 +1,51 @@
+//! Job events: when a job reaches a terminal state, its ephemeral worker is torn down.
+
+use hodei_domain::{DomainEvent, JobState, WorkerState};
+use hodei_messaging::consumer::{Delivery, Outcome};
+use hodei_protocol::ApiError;
+use hodei_store::{outbox, workers, StoreError};
+use uuid::Uuid;
+
+use crate::State;
+
+pub async fn handle(state: State, delivery: Delivery) -> Outcome {
+    Outcome::from_result(tear_down(&state, &delivery).await)
+}
+
+/// The job and worker of an event that ends a job, if it is one.
+fn ended(event: &DomainEvent) -> Option<(Uuid, Uuid, JobState)> {
+    #[derive(serde::Deserialize)]
+    struct Ending {
+        job_id: Uuid,
+        worker_id: Option<Uuid>,
+        #[serde(default)]
+        to: Option<JobState>,
+    }
+    let ends = ["JobCompleted", "JobExecutionError", "JobStatusChanged"];
+    if !ends.contains(&event.event_type.as_str()) {
+        return None;
+    }
+    let ending: Ending = serde_json::from_value(event.payload.clone()).ok()?;
+    let to = ending.to.unwrap_or(JobState::Failed);
+    to.is_terminal().then_some((ending.job_id, ending.worker_id?, to))
+}
+
+async fn tear_down(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
+    let event: DomainEvent = delivery.decode()?;
+    let Some((job_id, worker_id, job_state)) = ended(&event) else { return Ok(()) };
+    let mut tx = state.pool.begin().await.map_err(StoreError::from)?;
+    let Some(mut worker) = workers::lock(&mut tx, worker_id).await? else {
+        return Err(ApiError::not_found(format!("job {job_id} ended on unknown worker {worker_id}")));
+    };
+    let holds_job = worker.current_job_id == Some(job_id) || worker.reserved_job_id == Some(job_id);
+    if !holds_job || matches!(worker.state, WorkerState::Terminating | WorkerState::Terminated) {
+        return Ok(());
+    }
+    let reason = format!("job {job_id} ended {job_state}");
+    let terminating = worker.terminate(reason, &state.actor)?;
+    workers::update(&mut tx, &mut worker).await?;
+    outbox::append_events(&mut tx, &[terminating]).await?;
+    tx.commit().await.map_err(StoreError::from)?;
+    tracing::info!(%worker_id, %job_id, "job ended; ephemeral worker torn down");
+    Ok(())
+}

@@ -1,0 +1,5 @@
+//! One file per message the scheduler understands.
+
+pub mod query;
+pub mod reports;
+pub mod submit;

@@ -1,0 +1,75 @@
+//! `hodei.agent.<worker_id>.started` and `.finished`: a worker's reports about its job.
+//!
+//! A report is applied only if the worker named in the subject is the one in the body and
+//! holds the job, and the job's state machine allows the change. Anything else is refused
+//! with a typed error (answered on `Hodei-Reply-To`, logged) and changes nothing.
+
+use hodei_domain::{Actor, Job};
+use hodei_messaging::api::respond;
+use hodei_messaging::consumer::{Delivery, Outcome};
+use hodei_protocol::agent::{JobFinished, JobStarted, ReportAccepted};
+use hodei_protocol::{headers, subjects, ApiError, ErrorCode};
+use hodei_store::{jobs, outbox, StoreError};
+use uuid::Uuid;
+
+use crate::State;
+
+enum Report {
+    Started(JobStarted),
+    Finished(JobFinished),
+}
+
+pub async fn handle(state: State, delivery: Delivery) -> Outcome {
+    let result = apply(&state, &delivery).await;
+    if let Some(reply_to) = delivery.header(headers::REPLY_TO) {
+        if let Err(error) = respond(&state.client, reply_to, result.clone()).await {
+            tracing::warn!(%error, "cannot answer the report");
+        }
+    }
+    if let Ok(accepted) = &result {
+        tracing::info!(job_id = %accepted.job_id, state = %accepted.state, "report applied");
+    }
+    Outcome::from_result(result)
+}
+
+async fn apply(state: &State, delivery: &Delivery) -> Result<ReportAccepted, ApiError> {
+    let worker_id = subjects::worker_id_of(&delivery.subject)
+        .ok_or_else(|| ApiError::bad_request(format!("{} names no worker", delivery.subject)))?;
+    let report = match delivery.subject.rsplit('.').next() {
+        Some("started") => Report::Started(delivery.decode()?),
+        Some("finished") => Report::Finished(delivery.decode()?),
+        _ => return Err(ApiError::bad_request(format!("{} is not a report subject", delivery.subject))),
+    };
+    let (job_id, claimed) = match &report {
+        Report::Started(r) => (r.job_id, r.worker_id),
+        Report::Finished(r) => (r.job_id, r.worker_id),
+    };
+    if claimed != worker_id {
+        return Err(ApiError::new(
+            ErrorCode::WorkerMismatch,
+            format!("worker {worker_id} published a report in the name of worker {claimed}"),
+        ));
+    }
+    let actor = Actor::worker(worker_id);
+    let mut tx = state.pool.begin().await.map_err(StoreError::from)?;
+    let mut job = jobs::lock(&mut tx, job_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("there is no job {job_id}")))?;
+    let event = apply_to(&mut job, worker_id, report, &actor)?;
+    jobs::update(&mut tx, &mut job).await?;
+    outbox::append_events(&mut tx, &[event]).await?;
+    tx.commit().await.map_err(StoreError::from)?;
+    Ok(ReportAccepted { job_id, state: job.state })
+}
+
+fn apply_to(job: &mut Job, worker_id: Uuid, report: Report, actor: &Actor) -> Result<hodei_domain::DomainEvent, ApiError> {
+    let event = match report {
+        Report::Started(_) => job.start(worker_id, actor)?,
+        Report::Finished(JobFinished { exit_code: Some(code), .. }) => job.complete(worker_id, code, actor)?,
+        Report::Finished(JobFinished { exit_code: None, error, .. }) => {
+            let error = error.unwrap_or_else(|| "the job ended without an exit code".to_owned());
+            job.fail(Some(worker_id), error, actor)?
+        }
+    };
+    Ok(event)
+}
