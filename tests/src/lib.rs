@@ -1,0 +1,400 @@
+//! The harness of the system tests: each test gets its own nats-server (free port, temporary
+//! store), its own PostgreSQL database on the shared server, and the real service binaries as
+//! OS processes, so tests run in parallel and leave nothing behind.
+//!
+//! The binaries are the workspace's `target/<profile>/hodei-*`; build them first
+//! (`cargo build --workspace --bins`, which `scripts/test.sh` does).
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hodei_messaging::api::request;
+use hodei_protocol::api::{AuditEntry, AuditQuery, GetJob, JobView, Page, SubmitAccepted, SubmitJob};
+use hodei_protocol::{subjects, ApiError};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+pub const SERVICES: [&str; 6] = ["relay", "scheduler", "dispatcher", "registry", "provider-manager", "audit"];
+
+/// Where the service binaries are: `HODEI_BIN_DIR`, else beside this test's `deps/` folder.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("HODEI_BIN_DIR") {
+        return dir.into();
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf()
+}
+
+pub fn binary(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(path.is_file(), "{} is missing: run `cargo build --workspace --bins` first", path.display());
+    path
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind a free port").local_addr().unwrap().port()
+}
+
+fn temp_dir(prefix: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("create a temporary directory");
+    dir
+}
+
+/// A nats-server of the test's own, with JetStream, on a free loopback port.
+pub struct NatsServer {
+    child: Child,
+    pub url: String,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl NatsServer {
+    pub fn start() -> NatsServer {
+        let bin = std::env::var("HODEI_TEST_NATS_SERVER").unwrap_or_else(|_| {
+            ["/usr/sbin/nats-server", "/usr/local/bin/nats-server", "/usr/bin/nats-server"]
+                .into_iter()
+                .find(|p| Path::new(p).is_file())
+                .unwrap_or("nats-server")
+                .to_owned()
+        });
+        let dir = temp_dir("hodei-nats");
+        let port = free_port();
+        let log = File::create(dir.join("nats.log")).unwrap();
+        let child = Command::new(&bin)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir.join("store"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        NatsServer { child, url: format!("nats://127.0.0.1:{port}"), port, dir }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A database of the test's own on the shared PostgreSQL, dropped at the end.
+pub struct Database {
+    pub url: String,
+    name: String,
+    admin_url: String,
+}
+
+pub fn admin_url() -> String {
+    std::env::var("HODEI_TEST_ADMIN_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+impl Database {
+    pub async fn create() -> Database {
+        let admin_url = admin_url();
+        let name = format!("hodei_test_{}", Uuid::new_v4().simple());
+        let admin = PgPool::connect(&admin_url).await.unwrap_or_else(|e| panic!("cannot reach {admin_url}: {e}"));
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await.expect("create the test database");
+        admin.close().await;
+        let base = admin_url.rsplit_once('/').map(|(base, _)| base).unwrap_or(&admin_url);
+        Database { url: format!("{base}/{name}"), name, admin_url }
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        // Drop runs inside the test's runtime; use a runtime of our own on another thread.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                if let Ok(admin) = PgPool::connect(&admin_url).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&admin).await;
+                    admin.close().await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
+/// A running service process; SIGTERM then SIGKILL on drop.
+pub struct Service {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Service {
+    pub fn spawn(name: &str, env: &[(&str, &str)], log_dir: &Path) -> Service {
+        let log = log_dir.join(format!("{name}.log"));
+        let child = Command::new(binary(&format!("hodei-{name}")))
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "info")
+            .env_remove("RUST_BACKTRACE")
+            .stdin(Stdio::null())
+            .stdout(File::create(&log).unwrap())
+            .stderr(File::create(log.with_extension("err")).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start hodei-{name}: {e}"));
+        Service { name: name.to_owned(), child, log: log.with_extension("err") }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, and wait up to `grace` for it to exit by itself; returns whether it did.
+    pub fn stop(&mut self, grace: Duration) -> bool {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return true;
+        }
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        false
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(5));
+    }
+}
+
+/// The whole control plane: the five services and the relay, against the test's own
+/// nats-server and database.
+pub struct System {
+    pub services: Vec<Service>,
+    pub client: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    pub pool: PgPool,
+    pub log_dir: PathBuf,
+    pub db: Database,
+    pub nats: NatsServer,
+}
+
+impl System {
+    pub async fn start() -> System {
+        let nats = NatsServer::start();
+        let db = Database::create().await;
+        let log_dir = temp_dir("hodei-logs");
+        let env = [("HODEI_NATS_URL", nats.url.as_str()), ("HODEI_DATABASE_URL", db.url.as_str())];
+        let services = SERVICES.iter().map(|name| Service::spawn(name, &env, &log_dir)).collect();
+        let client = async_nats::connect(&nats.url).await.expect("connect to the test's nats-server");
+        let js = async_nats::jetstream::new(client.clone());
+        let system = System {
+            services,
+            js,
+            client,
+            pool: PgPool::connect(&db.url).await.expect("connect to the test database"),
+            log_dir,
+            db,
+            nats,
+        };
+        system.wait_ready().await;
+        system
+    }
+
+    /// Every API answers and every durable consumer exists.
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let consumers = [
+            ("HODEI_EVENTS", "dispatcher-job-queued"),
+            ("HODEI_EVENTS", "dispatcher-worker-ready"),
+            ("HODEI_EVENTS", "registry-job-events"),
+            ("HODEI_EVENTS", "provider-manager-provisioning"),
+            ("HODEI_EVENTS", "provider-manager-termination"),
+            ("HODEI_EVENTS", "audit"),
+            ("HODEI_AGENT", "scheduler-reports"),
+            ("HODEI_SUBMISSIONS", "scheduler-submissions"),
+        ];
+        loop {
+            let apis = self.api_ready().await;
+            let mut consumers_ready = true;
+            for (stream, consumer) in consumers {
+                let found = match self.js.get_stream(stream).await {
+                    Ok(stream) => stream.consumer_info(consumer).await.is_ok(),
+                    Err(_) => false,
+                };
+                consumers_ready &= found;
+            }
+            if apis && consumers_ready {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("the system did not become ready; logs in {}", self.log_dir.display());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn api_ready(&self) -> bool {
+        let t = Duration::from_secs(2);
+        let empty = serde_json::json!({});
+        let jobs = request::<_, serde_json::Value>(&self.client, subjects::API_JOBS_LIST, None, &empty, t).await;
+        let workers = request::<_, serde_json::Value>(&self.client, subjects::API_WORKERS_LIST, None, &empty, t).await;
+        let audit = request::<_, serde_json::Value>(&self.client, subjects::API_AUDIT_QUERY, None, &empty, t).await;
+        jobs.is_ok() && workers.is_ok() && audit.is_ok()
+    }
+
+    pub fn service(&mut self, name: &str) -> &mut Service {
+        self.services.iter_mut().find(|s| s.name == name).expect("a known service")
+    }
+
+    pub fn log_of(&self, name: &str) -> String {
+        std::fs::read_to_string(self.log_dir.join(format!("{name}.err"))).unwrap_or_default()
+    }
+
+    pub async fn submit(&self, request_body: &SubmitJob) -> Result<SubmitAccepted, ApiError> {
+        request(&self.client, subjects::API_JOBS_SUBMIT, None, request_body, Duration::from_secs(10)).await
+    }
+
+    pub async fn get(&self, job_id: Uuid) -> Result<JobView, ApiError> {
+        request(&self.client, subjects::API_JOBS_GET, None, &GetJob { schema_version: 1, job_id }, Duration::from_secs(10)).await
+    }
+
+    /// Every audit entry matching `query`, across all pages.
+    pub async fn audit(&self, mut query: AuditQuery) -> Vec<AuditEntry> {
+        let mut all = Vec::new();
+        loop {
+            let page: Page<AuditEntry> =
+                request(&self.client, subjects::API_AUDIT_QUERY, None, &query, Duration::from_secs(10)).await.expect("audit query");
+            all.extend(page.items);
+            match page.next_cursor {
+                Some(cursor) => query.cursor = Some(cursor),
+                None => return all,
+            }
+        }
+    }
+
+    /// Wait (checking the database) until `done` says so, or fail after `limit`.
+    pub async fn wait_for<F, Fut>(&self, what: &str, limit: Duration, mut done: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + limit;
+        while !done().await {
+            if Instant::now() > deadline {
+                panic!("timed out waiting for {what}; logs in {}", self.log_dir.display());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Wait until each job is in a terminal state and its worker is Terminated.
+    pub async fn wait_until_settled(&self, jobs: &[Uuid], limit: Duration) {
+        let pool = self.pool.clone();
+        let ids = jobs.to_vec();
+        self.wait_for("jobs and workers to settle", limit, || {
+            let (pool, ids) = (pool.clone(), ids.clone());
+            async move {
+                let (open,): (i64,) = sqlx::query_as(
+                    "SELECT count(*) FROM jobs j LEFT JOIN workers w ON w.id = j.worker_id \
+                     WHERE j.id = ANY($1) AND (j.state NOT IN ('Succeeded','Failed','Cancelled','Timeout') \
+                                               OR w.state IS DISTINCT FROM 'Terminated')",
+                )
+                .bind(&ids)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                open == 0
+            }
+        })
+        .await;
+    }
+
+    /// Agent processes started for this system that are still alive.
+    pub fn live_agents(&self) -> Vec<u32> {
+        let needle = format!("HODEI_NATS_URL={}", self.nats.url);
+        let mut pids = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let Ok(environ) = std::fs::read(entry.path().join("environ")) else { continue };
+            let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
+            let ours = vars.iter().any(|v| *v == needle.as_bytes());
+            let agent = vars.iter().any(|v| v.starts_with(b"HODEI_WORKER_ID="));
+            let zombie = std::fs::read_to_string(entry.path().join("stat"))
+                .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+                .unwrap_or(true);
+            if ours && agent && !zombie {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+}
+
+impl Drop for System {
+    fn drop(&mut self) {
+        for service in &mut self.services {
+            service.stop(Duration::from_secs(5));
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.log_dir);
+        } else {
+            eprintln!("service logs kept in {}", self.log_dir.display());
+        }
+    }
+}
+
+pub fn job(command: &str, args: &[&str]) -> SubmitJob {
+    SubmitJob {
+        schema_version: 1,
+        command: command.to_owned(),
+        args: args.iter().map(|a| a.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+impl System {
+    /// Every log batch of a job, in stream order, up to and including the `eof` batch.
+    pub async fn logs_of(&self, job_id: Uuid) -> Vec<hodei_protocol::logs::LogBatch> {
+        use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
+        use futures::StreamExt;
+        let stream = self.js.get_stream("HODEI_LOGS").await.expect("logs stream");
+        let consumer = stream
+            .create_consumer(OrderedConfig {
+                filter_subject: subjects::logs(job_id),
+                deliver_policy: DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .expect("ordered consumer");
+        let mut messages = consumer.messages().await.expect("log messages");
+        let mut batches = Vec::new();
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(10), messages.next()).await;
+            let message = match next {
+                Ok(Some(Ok(message))) => message,
+                other => panic!("logs of job {job_id} ended without eof: {:?}", other.map(|m| m.map(|r| r.is_ok()))),
+            };
+            let batch: hodei_protocol::logs::LogBatch = serde_json::from_slice(&message.payload).expect("log batch");
+            let eof = batch.eof;
+            batches.push(batch);
+            if eof {
+                return batches;
+            }
+        }
+    }
+}

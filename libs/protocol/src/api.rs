@@ -119,7 +119,7 @@ impl From<hodei_domain::DomainError> for ApiError {
 }
 
 /// `hodei.api.jobs.submit` and `hodei.jobs.submit`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitJob {
     #[serde(default = "schema_version")]
@@ -167,7 +167,7 @@ pub struct GetJob {
     pub job_id: Uuid,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListJobs {
     #[serde(default = "schema_version")]
@@ -228,7 +228,7 @@ pub struct Page<T> {
     pub next_cursor: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListWorkers {
     #[serde(default = "schema_version")]
@@ -269,7 +269,7 @@ impl From<&hodei_domain::Worker> for WorkerView {
 }
 
 /// `hodei.api.audit.query`: every given criterion must match; results in recording order.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     #[serde(default = "schema_version")]
@@ -307,4 +307,22 @@ pub struct AuditEntry {
     pub correlation_id: String,
     pub actor: String,
     pub payload: serde_json::Value,
+}
+
+/// Request types default to the current schema version and no other field set.
+macro_rules! current_version_default {
+    ($($name:ident { $($field:ident),* }),+) => {$(
+        impl Default for $name {
+            fn default() -> Self {
+                $name { schema_version: crate::SCHEMA_VERSION, $($field: Default::default()),* }
+            }
+        }
+    )+};
+}
+
+current_version_default! {
+    SubmitJob { command, args, env, working_dir, labels, idempotency_key },
+    ListJobs { state, limit, cursor },
+    ListWorkers { state, limit, cursor },
+    AuditQuery { correlation_id, event_type, aggregate_id, actor, from, to, limit, cursor }
 }
