@@ -155,23 +155,24 @@ impl Service {
         self.child.id()
     }
 
-    /// SIGTERM, and wait up to `grace` for it to exit by itself; returns whether it did.
-    pub fn stop(&mut self, grace: Duration) -> bool {
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return true;
+    /// SIGTERM, and wait up to `grace` for it to exit by itself; returns its exit status if
+    /// it did (it is killed otherwise).
+    pub fn stop(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Some(status);
         }
         // SAFETY: plain kill(2) of our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return true;
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        false
+        None
     }
 }
 

@@ -183,3 +183,14 @@ async fn bad_requests_get_typed_errors_and_change_nothing() {
     let ok = system.submit(&SubmitJob { command: "true".into(), ..Default::default() }).await.unwrap();
     system.wait_until_settled(&[ok.job_id], Duration::from_secs(60)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_service_stops_cleanly_on_sigterm() {
+    let mut system = System::start().await;
+    for service in &mut system.services {
+        let status = service.stop(Duration::from_secs(10));
+        assert!(status.is_some_and(|s| s.success()), "{} exits 0 on SIGTERM, got {status:?}", service.name);
+        let log = std::fs::read_to_string(&service.log).unwrap();
+        assert!(log.contains("stopped"), "{} logs that it stopped:\n{log}", service.name);
+    }
+}
