@@ -53,6 +53,7 @@ pub struct NatsServer {
 }
 
 impl NatsServer {
+    /// Start on a free port; a port taken between choosing and binding is retried.
     pub fn start() -> NatsServer {
         let bin = std::env::var("HODEI_TEST_NATS_SERVER").unwrap_or_else(|_| {
             ["/usr/sbin/nats-server", "/usr/local/bin/nats-server", "/usr/bin/nats-server"]
@@ -62,21 +63,32 @@ impl NatsServer {
                 .to_owned()
         });
         let dir = temp_dir("hodei-nats");
-        let port = free_port();
-        let log = File::create(dir.join("nats.log")).unwrap();
-        let child = Command::new(&bin)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(dir.join("store"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(20));
+        for _ in 0..5 {
+            let port = free_port();
+            let log_path = dir.join("nats.log");
+            let mut child = Command::new(&bin)
+                .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+                .arg(dir.join("store"))
+                .arg("-l")
+                .arg(&log_path)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // most likely the port was taken meanwhile: try another
+                }
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                if log.contains("Server is ready") {
+                    return NatsServer { child, url: format!("nats://127.0.0.1:{port}"), port, dir };
+                }
+                assert!(Instant::now() < deadline, "nats-server did not start on {port}:\n{log}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
-        NatsServer { child, url: format!("nats://127.0.0.1:{port}"), port, dir }
+        panic!("nats-server would not start; see {}", dir.display());
     }
 }
 

@@ -159,9 +159,28 @@ mod tests {
 }
 
 /// Connect and make sure every stream exists; what every service does at start-up.
+/// A server that is up but not answering JetStream yet is retried with backoff for a minute.
 pub async fn connect_and_ensure_streams(url: &str, name: &str) -> Result<(Client, JetStream)> {
+    use backon::BackoffBuilder;
     let client = connect(url, name).await?;
     let js = jetstream::new(client.clone());
-    ensure_streams(&js).await?;
-    Ok((client, js))
+    let mut delays = backon::ExponentialBuilder::default()
+        .with_min_delay(std::time::Duration::from_millis(100))
+        .with_max_delay(std::time::Duration::from_secs(5))
+        .with_jitter()
+        .with_total_delay(Some(std::time::Duration::from_secs(60)))
+        .without_max_times()
+        .build();
+    loop {
+        match ensure_streams(&js).await {
+            Ok(()) => return Ok((client, js)),
+            Err(error) => match delays.next() {
+                Some(delay) => {
+                    tracing::warn!(%error, ?delay, "cannot create the streams yet; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                None => return Err(error),
+            },
+        }
+    }
 }
