@@ -101,9 +101,9 @@ class Nats:
                     "headers": parse_headers(data[:header_len]), "payload": data[header_len:]}
         return None  # +OK, INFO (cluster updates): nothing to do
 
-    def next_message(self, deadline):
-        """The next message (backlog first), or None when the deadline passes."""
-        if self.backlog:
+    def next_message(self, deadline, backlog=True):
+        """The next message (backlog first, if asked), or None when the deadline passes."""
+        if backlog and self.backlog:
             return self.backlog.pop(0)
         try:
             while True:
@@ -141,7 +141,7 @@ def call(nc, inbox, subject, body, deadline):
     nc.publish(subject, body, reply_subject)
     wait_until = min(deadline, time.monotonic() + REQUEST_TIMEOUT)
     while True:
-        msg = nc.next_message(wait_until)
+        msg = nc.next_message(wait_until, backlog=False)
         if msg is None:
             raise ClientError(f"no answer on {subject} (is Hodei running?)")
         if msg["subject"] != reply_subject:

@@ -224,7 +224,7 @@ impl From<&hodei_domain::Job> for JobView {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Page<T> {
     pub items: Vec<T>,
-    /// Pass as `cursor` (jobs, workers) or `after` (audit) to get the next page; absent on the last.
+    /// Pass as `cursor` to get the next page; absent on the last.
     pub next_cursor: Option<String>,
 }
 
