@@ -53,9 +53,13 @@ where
         let (client, handler) = (client.clone(), handler.clone());
         let span = tracing::info_span!(
             "request",
+            otel.name = %subject_pattern(&message.subject),
+            otel.kind = "server",
             subject = %message.subject,
             correlation_id = header(message.headers.as_ref(), headers::CORRELATION_ID).unwrap_or(""),
+            trace_id = tracing::field::Empty,
         );
+        hodei_runtime::telemetry::context::adopt(&span, crate::trace::parent_of(message.headers.as_ref()));
         tasks.spawn(
             async move {
                 let context = RequestContext { subject: message.subject.to_string(), headers: message.headers.clone() };
@@ -81,6 +85,11 @@ where
     let _ = requests.unsubscribe().await;
     while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+/// The endpoint a request went to, without the ids in it (`hodei.agent.*.register`).
+fn subject_pattern(subject: &str) -> String {
+    subject.split('.').map(|token| if token.parse::<uuid::Uuid>().is_ok() { "*" } else { token }).collect::<Vec<_>>().join(".")
 }
 
 pub fn log_refusal(error: &ApiError) {
@@ -115,7 +124,9 @@ pub async fn request<Req: Serialize, Resp: DeserializeOwned>(
     body: &Req,
     timeout: Duration,
 ) -> Result<Resp, ApiError> {
-    let call = client.request_with_headers(subject.to_owned(), headers.unwrap_or_default(), encode(body));
+    let mut headers = headers.unwrap_or_default();
+    crate::trace::inject_current(&mut headers);
+    let call = client.request_with_headers(subject.to_owned(), headers, encode(body));
     let message = match tokio::time::timeout(timeout, call).await {
         Ok(Ok(message)) => message,
         Ok(Err(error)) => {

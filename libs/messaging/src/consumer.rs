@@ -183,11 +183,15 @@ where
     };
     let span = tracing::info_span!(
         "handle",
+        otel.name = format!("{} {}", config.durable, delivery.subject.rsplit('.').next().unwrap_or_default()),
+        otel.kind = "consumer",
         consumer = %config.durable,
         subject = %delivery.subject,
         delivered,
         correlation_id = delivery.header(hodei_protocol::headers::CORRELATION_ID).unwrap_or(""),
+        trace_id = tracing::field::Empty,
     );
+    hodei_runtime::telemetry::context::adopt(&span, crate::trace::parent_of(delivery.headers.as_ref()));
     let outcome = handler(delivery).instrument(span.clone()).await;
     let _entered = span.enter();
     let acked = match outcome {

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod consumer;
+pub mod trace;
 
 use async_nats::jetstream;
 use async_nats::HeaderMap;
@@ -89,7 +90,8 @@ pub fn header<'a>(map: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
 }
 
 /// Publish to a stream and wait until the stream has stored it.
-pub async fn publish_durable(js: &JetStream, subject: String, headers: HeaderMap, payload: Bytes) -> Result<()> {
+pub async fn publish_durable(js: &JetStream, subject: String, mut headers: HeaderMap, payload: Bytes) -> Result<()> {
+    trace::inject_current(&mut headers);
     js.publish_with_headers(subject.clone(), headers, payload)
         .await
         .map_err(nats(format!("publishing to {subject}")))?

@@ -1,10 +1,14 @@
 //! What every Hodei process does the same way: its common settings, logging, and graceful
 //! shutdown on SIGTERM or SIGINT.
 
+pub mod http;
+pub mod metrics;
+
 use std::future::Future;
 
 use tokio::sync::watch;
-use tracing_subscriber::{fmt, EnvFilter};
+
+pub mod telemetry;
 
 /// Settings every service shares. Each can be given as a flag or through its environment
 /// variable; flags win.
@@ -29,17 +33,22 @@ pub enum LogFormat {
     Json,
 }
 
-/// Structured logs to stderr, filtered by RUST_LOG (default `info`).
-pub fn init_tracing(service: &'static str, format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let result = match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
-        LogFormat::Human => builder.with_target(false).try_init(),
-    };
-    if result.is_ok() {
-        tracing::info!(service, version = env!("CARGO_PKG_VERSION"), "starting");
+/// Run a process: logs and traces for `service`, a multi-threaded runtime, `body` until it
+/// ends (it gets the shutdown triggered by SIGTERM or SIGINT), then spans flushed within 5 s.
+pub fn main<F, Fut>(service: &'static str, format: LogFormat, body: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Shutdown) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let telemetry = telemetry::init(service, format);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let result = runtime.block_on(async move { body(Shutdown::on_signals()).await });
+    if let Err(error) = &result {
+        tracing::error!(error = format!("{error:#}"), "stopped with an error");
     }
+    drop(runtime);
+    telemetry.shutdown(std::time::Duration::from_secs(5));
+    result
 }
 
 /// A URL with its password replaced, for logs.

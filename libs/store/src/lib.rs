@@ -92,6 +92,13 @@ pub fn hash_token(token: &str) -> String {
     Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Commit a state change (its own span, so traces show the time spent persisting).
+#[tracing::instrument(name = "persist", skip_all)]
+pub async fn commit(tx: Transaction<'_, Postgres>) -> Result<()> {
+    tx.commit().await?;
+    Ok(())
+}
+
 /// Connect and bring the schema up to date; what every service does at start-up.
 pub async fn connect_and_migrate(url: &str, max_connections: u32) -> Result<PgPool> {
     let pool = connect(url, max_connections).await?;

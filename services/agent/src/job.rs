@@ -13,6 +13,7 @@ use hodei_runtime::Shutdown;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc;
+use hodei_runtime::telemetry::context;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -31,7 +32,14 @@ pub async fn run(
     command_message: &jetstream::Message,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let span = tracing::info_span!("job", job_id = %job.job_id, correlation_id = %job.correlation_id);
+    let span = tracing::info_span!(
+        "run",
+        otel.name = "run job",
+        job_id = %job.job_id,
+        correlation_id = %job.correlation_id,
+        trace_id = tracing::field::Empty,
+    );
+    context::adopt(&span, hodei_messaging::trace::parent_of(command_message.headers.as_ref()));
     execute(client, js, worker_id, job, command_message, shutdown).instrument(span).await
 }
 
@@ -50,6 +58,10 @@ async fn execute(
         .env("HODEI_JOB_ID", job.job_id.to_string())
         .env("HODEI_CORRELATION_ID", &job.correlation_id)
         .env_remove("HODEI_BOOTSTRAP_TOKEN")
+        .env_remove("TRACEPARENT")
+        .env_remove("TRACESTATE")
+        // A traced program continues the job's trace from here.
+        .envs(context::current().into_iter().map(|(name, value)| (name.to_ascii_uppercase(), value)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -14,6 +14,8 @@ use hodei_messaging::{api, decode, encode, nats, streams};
 use hodei_protocol::agent::{Heartbeat, RegisterWorker, Registered, WorkerCommand};
 use hodei_protocol::subjects;
 use hodei_runtime::{LogFormat, Shutdown};
+use hodei_runtime::telemetry::context;
+use tracing::Instrument;
 use uuid::Uuid;
 
 pub const SERVICE: &str = "agent";
@@ -77,6 +79,13 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         pid: Some(std::process::id()),
         hostname: std::env::var("HOSTNAME").ok(),
     };
+    // The provider hands over the trace of the provisioning: registering continues it.
+    let span = tracing::info_span!("agent register", otel.kind = "client", %worker_id, trace_id = tracing::field::Empty);
+    let inherited: Vec<(String, String)> = ["traceparent", "tracestate"]
+        .into_iter()
+        .filter_map(|name| Some((name.to_owned(), std::env::var(name.to_ascii_uppercase()).ok()?)))
+        .collect();
+    context::adopt(&span, context::from_fields(&inherited));
     let registered: Registered = api::request(
         &client,
         &subjects::agent_register(worker_id),
@@ -84,6 +93,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         &registration,
         Duration::from_secs(30),
     )
+    .instrument(span)
     .await
     .context("registering")?;
     tracing::info!(%worker_id, "registered");

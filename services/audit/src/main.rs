@@ -1,8 +1,6 @@
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let config = hodei_audit::Config::parse();
-    hodei_runtime::init_tracing(hodei_audit::SERVICE, config.common.log_format);
-    hodei_audit::run(config, hodei_runtime::Shutdown::on_signals()).await
+    hodei_runtime::main("hodei-audit", config.common.log_format, |shutdown| hodei_audit::run(config, shutdown))
 }

@@ -1,8 +1,6 @@
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let config = hodei_dispatcher::Config::parse();
-    hodei_runtime::init_tracing(hodei_dispatcher::SERVICE, config.common.log_format);
-    hodei_dispatcher::run(config, hodei_runtime::Shutdown::on_signals()).await
+    hodei_runtime::main("hodei-dispatcher", config.common.log_format, |shutdown| hodei_dispatcher::run(config, shutdown))
 }

@@ -1,8 +1,6 @@
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let config = hodei_provider_manager::Config::parse();
-    hodei_runtime::init_tracing(hodei_provider_manager::SERVICE, config.common.log_format);
-    hodei_provider_manager::run(config, hodei_runtime::Shutdown::on_signals()).await
+    hodei_runtime::main("hodei-provider-manager", config.common.log_format, |shutdown| hodei_provider_manager::run(config, shutdown))
 }

@@ -15,6 +15,7 @@ use hodei_runtime::{CommonArgs, Shutdown};
 use hodei_store::outbox::{self, PendingRow};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
+use tracing::Instrument;
 
 pub const SERVICE: &str = "relay";
 
@@ -129,13 +130,32 @@ pub async fn relay_batch(pool: &PgPool, js: &JetStream, batch: i64) -> anyhow::R
     Ok(published.len())
 }
 
+/// Publish one row in a span of its own, child of the transaction that wrote the row, and
+/// hand that span's context on in the message's headers.
 async fn publish(
     js: &JetStream,
     row: &PendingRow,
 ) -> Result<async_nats::jetstream::context::PublishAckFuture, String> {
+    use hodei_runtime::telemetry::context;
+    let span = tracing::info_span!(
+        "relay publish",
+        otel.name = format!("relay publish {}", row.event_type),
+        otel.kind = "producer",
+        event_type = %row.event_type,
+        event_id = %row.event_id,
+        correlation_id = row.correlation_id.as_deref().unwrap_or(""),
+        trace_id = tracing::field::Empty,
+    );
+    let stored: Vec<(String, String)> = [("traceparent", &row.traceparent), ("tracestate", &row.tracestate)]
+        .into_iter()
+        .filter_map(|(name, value)| Some((name.to_owned(), value.clone()?)))
+        .collect();
+    context::adopt(&span, context::from_fields(&stored));
     let mut map = message_headers(&row.event_id.to_string(), row.correlation_id.as_deref());
     map.insert(headers::EVENT_TYPE, row.event_type.as_str());
+    hodei_messaging::trace::inject(&mut map, context::of_span(&span));
     js.publish_with_headers(row.subject.clone(), map, Bytes::from(row.payload.clone()))
+        .instrument(span)
         .await
         .map_err(|e| e.to_string())
 }

@@ -1,8 +1,6 @@
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let config = hodei_scheduler::Config::parse();
-    hodei_runtime::init_tracing(hodei_scheduler::SERVICE, config.common.log_format);
-    hodei_scheduler::run(config, hodei_runtime::Shutdown::on_signals()).await
+    hodei_runtime::main("hodei-scheduler", config.common.log_format, |shutdown| hodei_scheduler::run(config, shutdown))
 }

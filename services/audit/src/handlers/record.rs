@@ -10,6 +10,7 @@ pub async fn handle(state: State, delivery: Delivery) -> Outcome {
     Outcome::from_result(record(&state, &delivery).await)
 }
 
+#[tracing::instrument(name = "audit write", skip_all)]
 async fn record(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
     let event: DomainEvent = delivery.decode()?;
     let new = hodei_store::audit::record(&state.pool, std::slice::from_ref(&event)).await?;

@@ -14,6 +14,7 @@ pub async fn handle(state: State, delivery: Delivery) -> Outcome {
     Outcome::from_result(place(&state, &delivery).await)
 }
 
+#[tracing::instrument(name = "dispatch decision", skip_all)]
 async fn place(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
     let queued: JobQueued = payload_of(delivery)?;
     let mut tx = state.pool.begin().await.map_err(StoreError::from)?;
@@ -35,6 +36,6 @@ async fn place(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
         outbox::append_events(&mut tx, &[scheduled, requested]).await?;
         tracing::info!(job_id = %job.id, worker_id = %worker.id, provider = %state.provider, "no free worker; one requested");
     }
-    tx.commit().await.map_err(StoreError::from)?;
+    hodei_store::commit(tx).await?;
     Ok(())
 }

@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 /// Give `job` to `worker`: the worker goes Busy, the job goes Assigned unless it was already
 /// Scheduled on this worker, and the RunJob command joins the events in the outbox.
+#[tracing::instrument(name = "assign", skip_all, fields(job_id = %job.id, worker_id = %worker.id))]
 pub(crate) async fn send_job(conn: &mut PgConnection, job: &mut Job, worker: &mut Worker, actor: &Actor) -> Result<(), ApiError> {
     let mut events: Vec<DomainEvent> = Vec::with_capacity(2);
     if job.state == hodei_domain::JobState::Pending {

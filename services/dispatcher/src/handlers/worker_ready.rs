@@ -14,6 +14,7 @@ pub async fn handle(state: State, delivery: Delivery) -> Outcome {
     Outcome::from_result(dispatch(&state, &delivery).await)
 }
 
+#[tracing::instrument(name = "dispatch decision", skip_all)]
 async fn dispatch(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
     let ready: WorkerReadyForJob = payload_of(delivery)?;
     let mut tx = state.pool.begin().await.map_err(StoreError::from)?;
@@ -34,6 +35,6 @@ async fn dispatch(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
     } else if let Some(mut job) = jobs::lock_oldest_pending(&mut tx).await? {
         send_job(&mut tx, &mut job, &mut worker, &state.actor).await?;
     }
-    tx.commit().await.map_err(StoreError::from)?;
+    hodei_store::commit(tx).await?;
     Ok(())
 }

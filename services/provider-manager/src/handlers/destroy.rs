@@ -15,6 +15,7 @@ pub async fn handle<P: Provider>(state: Arc<State<P>>, delivery: Delivery) -> Ou
     Outcome::from_result(destroy(&state, &delivery).await)
 }
 
+#[tracing::instrument(name = "destroy", skip_all)]
 async fn destroy<P: Provider>(state: &State<P>, delivery: &Delivery) -> Result<(), ApiError> {
     let event: DomainEvent = delivery.decode()?;
     let terminating: WorkerTerminating = match event.decode() {
@@ -42,7 +43,7 @@ async fn destroy<P: Provider>(state: &State<P>, delivery: &Delivery) -> Result<(
     workers::update(&mut tx, &mut worker).await?;
     outbox::append_events(&mut tx, &[terminated]).await?;
     resources::forget(&mut tx, worker_id).await?;
-    tx.commit().await.map_err(StoreError::from)?;
+    hodei_store::commit(tx).await?;
     tracing::info!(%worker_id, "worker destroyed");
     Ok(())
 }

@@ -18,6 +18,7 @@ pub async fn handle<P: Provider>(state: Arc<State<P>>, delivery: Delivery) -> Ou
     Outcome::from_result(provision(&state, &delivery).await)
 }
 
+#[tracing::instrument(name = "provision", skip_all)]
 async fn provision<P: Provider>(state: &State<P>, delivery: &Delivery) -> Result<(), ApiError> {
     let event: DomainEvent = delivery.decode()?;
     let request: WorkerProvisioningRequested = match event.decode() {
@@ -36,9 +37,14 @@ async fn provision<P: Provider>(state: &State<P>, delivery: &Delivery) -> Result
     let provisioned = worker.provisioned(hash_token(&token), &state.actor)?;
     workers::update(&mut tx, &mut worker).await?;
     outbox::append_events(&mut tx, &[provisioned]).await?;
-    tx.commit().await.map_err(StoreError::from)?;
+    hodei_store::commit(tx).await?;
 
-    let spec = WorkerSpec { worker_id: worker.id, token, correlation_id: worker.correlation_id.clone() };
+    let spec = WorkerSpec {
+        worker_id: worker.id,
+        token,
+        correlation_id: worker.correlation_id.clone(),
+        trace_context: hodei_runtime::telemetry::context::current(),
+    };
     match state.provider.create(spec).await {
         Ok(resource_id) => {
             let mut conn = state.pool.acquire().await.map_err(StoreError::from)?;
@@ -66,6 +72,6 @@ async fn give_up<P: Provider>(state: &State<P>, worker_id: Uuid, error: String) 
         }
     }
     outbox::append_events(&mut tx, &events).await?;
-    tx.commit().await.map_err(StoreError::from)?;
+    hodei_store::commit(tx).await?;
     Ok(())
 }

@@ -13,6 +13,8 @@ pub struct WorkerSpec {
     /// The one-time bootstrap token; only its hash is stored.
     pub token: String,
     pub correlation_id: String,
+    /// W3C trace context (`traceparent`, `tracestate`) the agent continues.
+    pub trace_context: std::collections::HashMap<String, String>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -49,6 +49,7 @@ impl Provider for ProcessProvider {
             .env("HODEI_BOOTSTRAP_TOKEN", &spec.token)
             .env("HODEI_NATS_URL", &self.nats_url)
             .env("HODEI_CORRELATION_ID", &spec.correlation_id)
+            .envs(spec.trace_context.iter().map(|(name, value)| (name.to_ascii_uppercase(), value)))
             .stdin(Stdio::null())
             .process_group(0)
             .spawn()

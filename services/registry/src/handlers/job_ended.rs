@@ -30,6 +30,7 @@ fn ended(event: &DomainEvent) -> Option<(Uuid, Uuid, JobState)> {
     to.is_terminal().then_some((ending.job_id, ending.worker_id?, to))
 }
 
+#[tracing::instrument(name = "teardown", skip_all)]
 async fn tear_down(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
     let event: DomainEvent = delivery.decode()?;
     let Some((job_id, worker_id, job_state)) = ended(&event) else { return Ok(()) };
@@ -45,7 +46,7 @@ async fn tear_down(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
     let terminating = worker.terminate(reason, &state.actor)?;
     workers::update(&mut tx, &mut worker).await?;
     outbox::append_events(&mut tx, &[terminating]).await?;
-    tx.commit().await.map_err(StoreError::from)?;
+    hodei_store::commit(tx).await?;
     tracing::info!(%worker_id, %job_id, "job ended; ephemeral worker torn down");
     Ok(())
 }

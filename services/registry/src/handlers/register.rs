@@ -9,6 +9,7 @@ use hodei_store::{hash_token, outbox, workers, StoreError};
 
 use crate::State;
 
+#[tracing::instrument(name = "register", skip_all, fields(worker_id = %request.worker_id))]
 pub async fn handle(state: State, request: RegisterWorker, ctx: RequestContext) -> Result<Registered, ApiError> {
     let subject_worker = subjects::worker_id_of(&ctx.subject);
     if subject_worker != Some(request.worker_id) {
@@ -24,7 +25,7 @@ pub async fn handle(state: State, request: RegisterWorker, ctx: RequestContext) 
     let events = worker.register(&hash_token(&request.token), request.pid, request.hostname, &Actor::worker(worker.id))?;
     workers::update(&mut tx, &mut worker).await?;
     outbox::append_events(&mut tx, &events).await?;
-    tx.commit().await.map_err(StoreError::from)?;
+    hodei_store::commit(tx).await?;
     tracing::info!(worker_id = %worker.id, pid = ?request.pid, "worker registered and ready");
     Ok(Registered { worker_id: worker.id, heartbeat_interval_ms: state.heartbeat_interval_ms })
 }

@@ -32,6 +32,7 @@ pub async fn handle(state: State, delivery: Delivery) -> Outcome {
     Outcome::from_result(result)
 }
 
+#[tracing::instrument(name = "report", skip_all)]
 async fn apply(state: &State, delivery: &Delivery) -> Result<ReportAccepted, ApiError> {
     let worker_id = subjects::worker_id_of(&delivery.subject)
         .ok_or_else(|| ApiError::bad_request(format!("{} names no worker", delivery.subject)))?;
@@ -58,7 +59,7 @@ async fn apply(state: &State, delivery: &Delivery) -> Result<ReportAccepted, Api
     let event = apply_to(&mut job, worker_id, report, &actor)?;
     jobs::update(&mut tx, &mut job).await?;
     outbox::append_events(&mut tx, &[event]).await?;
-    tx.commit().await.map_err(StoreError::from)?;
+    hodei_store::commit(tx).await?;
     Ok(ReportAccepted { job_id, state: job.state })
 }
 

@@ -46,15 +46,16 @@ pub async fn from_stream(state: State, delivery: Delivery) -> Outcome {
     Outcome::from_result(result)
 }
 
-/// The client's trace id when it sent a `traceparent`, else its correlation id, else a new one.
+/// The trace id of the span accepting the submission (the client's trace when it sent a
+/// `traceparent`); without tracing, the client's trace id or correlation id, else a new one.
 fn correlation_of(traceparent: Option<&str>, correlation_id: Option<&str>) -> String {
-    traceparent
-        .and_then(trace_id_of)
-        .map(str::to_owned)
+    hodei_runtime::telemetry::context::trace_id(&tracing::Span::current())
+        .or_else(|| traceparent.and_then(trace_id_of).map(str::to_owned))
         .or_else(|| correlation_id.filter(|c| !c.is_empty() && c.len() <= 128).map(str::to_owned))
         .unwrap_or_else(new_correlation_id)
 }
 
+#[tracing::instrument(name = "submit", skip_all, fields(job_id = tracing::field::Empty, correlation_id = %correlation_id))]
 async fn submit(
     state: &State,
     request: SubmitJob,
@@ -71,6 +72,7 @@ async fn submit(
         }
     }
     let (job, events) = Job::submit(Uuid::now_v7(), request.spec(), correlation_id, idempotency_key, &state.actor)?;
+    tracing::Span::current().record("job_id", tracing::field::display(job.id));
     let mut tx = state.pool.begin().await.map_err(hodei_store::StoreError::from)?;
     if !jobs::insert(&mut tx, &job).await? {
         // Another submission with the same key won the race: answer with its job.
@@ -83,7 +85,7 @@ async fn submit(
         return Ok(accepted(&existing, false));
     }
     outbox::append_events(&mut tx, &events).await?;
-    tx.commit().await.map_err(hodei_store::StoreError::from)?;
+    hodei_store::commit(tx).await?;
     tracing::info!(job_id = %job.id, correlation_id = %job.correlation_id, command = %job.spec.command, "job accepted");
     Ok(accepted(&job, true))
 }
