@@ -5,6 +5,8 @@
 //! The binaries are the workspace's `target/<profile>/hodei-*`; build them first
 //! (`cargo build --workspace --bins`, which `scripts/test.sh` does).
 
+pub mod otlp;
+
 use std::fs::File;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -208,10 +210,16 @@ pub struct System {
 
 impl System {
     pub async fn start() -> System {
+        System::start_with(&[]).await
+    }
+
+    /// Start with extra environment for every service (and so for the agents they start).
+    pub async fn start_with(extra_env: &[(&str, &str)]) -> System {
         let nats = NatsServer::start();
         let db = Database::create().await;
         let log_dir = temp_dir("hodei-logs");
-        let env = [("HODEI_NATS_URL", nats.url.as_str()), ("HODEI_DATABASE_URL", db.url.as_str())];
+        let mut env = vec![("HODEI_NATS_URL", nats.url.as_str()), ("HODEI_DATABASE_URL", db.url.as_str())];
+        env.extend_from_slice(extra_env);
         let services = SERVICES.iter().map(|name| Service::spawn(name, &env, &log_dir)).collect();
         let client = async_nats::connect(&nats.url).await.expect("connect to the test's nats-server");
         let js = async_nats::jetstream::new(client.clone());
