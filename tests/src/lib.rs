@@ -218,7 +218,11 @@ impl System {
         let nats = NatsServer::start();
         let db = Database::create().await;
         let log_dir = temp_dir("hodei-logs");
-        let mut env = vec![("HODEI_NATS_URL", nats.url.as_str()), ("HODEI_DATABASE_URL", db.url.as_str())];
+        let mut env = vec![
+            ("HODEI_NATS_URL", nats.url.as_str()),
+            ("HODEI_DATABASE_URL", db.url.as_str()),
+            ("HODEI_METRICS_ADDR", "127.0.0.1:0"),
+        ];
         env.extend_from_slice(extra_env);
         let services = SERVICES.iter().map(|name| Service::spawn(name, &env, &log_dir)).collect();
         let client = async_nats::connect(&nats.url).await.expect("connect to the test's nats-server");
@@ -280,6 +284,14 @@ impl System {
 
     pub fn service(&mut self, name: &str) -> &mut Service {
         self.services.iter_mut().find(|s| s.name == name).expect("a known service")
+    }
+
+    /// `http://host:port` of a service's /metrics and /healthz, read from its log.
+    pub fn metrics_base(&self, name: &str) -> String {
+        let log = self.log_of(name);
+        let start = log.find("metrics on http://").unwrap_or_else(|| panic!("{name} logged no metrics address")) + "metrics on ".len();
+        let end = start + log[start..].find("/metrics").unwrap();
+        log[start..end].to_owned()
     }
 
     pub fn log_of(&self, name: &str) -> String {
@@ -418,4 +430,40 @@ impl System {
             }
         }
     }
+}
+
+/// A plain HTTP/1.1 GET: (status code, body).
+pub async fn http_get(base: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to the metrics endpoint");
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// The value of one sample in Prometheus text (`name{labels}` exactly as rendered), 0 if absent.
+/// Panics if the text is not valid exposition format.
+pub fn prometheus_value(text: &str, series: &str) -> f64 {
+    let mut found = 0.0;
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            assert!(line.is_empty() || line.starts_with("# HELP ") || line.starts_with("# TYPE "), "bad comment line: {line}");
+            continue;
+        }
+        let (name, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad sample line: {line}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in: {line}"));
+        let metric = name.split('{').next().unwrap();
+        assert!(
+            metric.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name in: {line}"
+        );
+        if name == series {
+            found = value;
+        }
+    }
+    found
 }

@@ -93,6 +93,8 @@ fn subject_pattern(subject: &str) -> String {
 }
 
 pub fn log_refusal(error: &ApiError) {
+    hodei_runtime::metrics::counter("hodei_refusals_total", "Requests and messages refused, by error code", &[("code", error.code.as_str())])
+        .inc();
     if error.code.is_transient() {
         tracing::error!(code = error.code.as_str(), message = %error.message, "request failed");
     } else {

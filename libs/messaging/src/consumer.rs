@@ -192,7 +192,17 @@ where
         trace_id = tracing::field::Empty,
     );
     hodei_runtime::telemetry::context::adopt(&span, crate::trace::parent_of(delivery.headers.as_ref()));
+    if delivered > 1 {
+        hodei_runtime::metrics::counter("hodei_consumer_redeliveries_total", "Messages delivered again", &[("consumer", &config.durable)]).inc();
+    }
     let outcome = handler(delivery).instrument(span.clone()).await;
+    let kind = match &outcome {
+        Outcome::Done => "done",
+        Outcome::Retry { .. } => "retry",
+        Outcome::Reject { .. } => "rejected",
+    };
+    hodei_runtime::metrics::counter("hodei_consumer_messages_total", "Messages handled, by consumer and outcome", &[("consumer", &config.durable), ("outcome", kind)])
+        .inc();
     let _entered = span.enter();
     let acked = match outcome {
         Outcome::Done => message.ack().await,
@@ -206,6 +216,7 @@ where
                 tracing::error!(%error, "cannot dead-letter the message; it will be redelivered");
                 message.ack_with(AckKind::Nak(Some(Duration::from_secs(5)))).await
             } else {
+                hodei_runtime::metrics::counter("hodei_dead_letters_total", "Messages moved to HODEI_DLQ", &[("consumer", &config.durable)]).inc();
                 message.ack_with(AckKind::Term).await
             }
         }

@@ -160,6 +160,20 @@ mod tests {
     }
 }
 
+/// Health check: the NATS connection is up.
+pub fn health(client: &Client) -> hodei_runtime::http::HealthCheck {
+    let client = client.clone();
+    std::sync::Arc::new(move || {
+        let state = client.connection_state();
+        Box::pin(async move {
+            match state {
+                async_nats::connection::State::Connected => Ok(()),
+                other => Err(format!("NATS: {other:?}")),
+            }
+        })
+    })
+}
+
 /// Connect and make sure every stream exists; what every service does at start-up.
 /// A server that is up but not answering JetStream yet is retried with backoff for a minute.
 pub async fn connect_and_ensure_streams(url: &str, name: &str) -> Result<(Client, JetStream)> {

@@ -356,3 +356,25 @@ mod tests {
         assert!(TcpStream::connect(server.addr).await.is_err(), "the listener is closed");
     }
 }
+
+/// One health check of a dependency: `Err` says why the process cannot work.
+pub type HealthCheck = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
+
+/// Bind `addr` and serve `/metrics` and `/healthz` (healthy when every check passes) in the
+/// background until shutdown. Returns the bound address.
+pub async fn start(addr: SocketAddr, checks: Vec<HealthCheck>, shutdown: Shutdown) -> io::Result<SocketAddr> {
+    let server = bind(addr).await?;
+    let local = server.local_addr();
+    let checks = Arc::new(checks);
+    let health = move || -> BoxFuture<'static, Result<(), String>> {
+        let checks = checks.clone();
+        Box::pin(async move {
+            for check in checks.iter() {
+                check().await?;
+            }
+            Ok(())
+        })
+    };
+    tokio::spawn(server.run(health, shutdown));
+    Ok(local)
+}

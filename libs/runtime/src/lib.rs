@@ -25,6 +25,26 @@ pub struct CommonArgs {
     /// Log format: `human` or `json`. Levels come from RUST_LOG (default `info`).
     #[arg(long, env = "HODEI_LOG_FORMAT", default_value = "human")]
     pub log_format: LogFormat,
+
+    /// Address of /metrics (Prometheus) and /healthz; each service has its own default port
+    /// on 127.0.0.1 (relay 9610, scheduler 9611, dispatcher 9612, registry 9613,
+    /// provider-manager 9614, audit 9615). Port 0 picks a free one (the log says which).
+    #[arg(long, env = "HODEI_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+impl CommonArgs {
+    /// Serve /metrics and /healthz (on `metrics_addr`, or 127.0.0.1:`default_port`).
+    pub async fn serve_metrics(
+        &self,
+        default_port: u16,
+        checks: Vec<http::HealthCheck>,
+        shutdown: Shutdown,
+    ) -> anyhow::Result<std::net::SocketAddr> {
+        use anyhow::Context;
+        let addr = self.metrics_addr.unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], default_port)));
+        http::start(addr, checks, shutdown).await.with_context(|| format!("serving metrics on {addr}"))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -92,6 +92,17 @@ pub fn hash_token(token: &str) -> String {
     Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Health check: the database answers.
+pub fn health(pool: &PgPool) -> hodei_runtime::http::HealthCheck {
+    let pool = pool.clone();
+    std::sync::Arc::new(move || {
+        let pool = pool.clone();
+        Box::pin(async move {
+            sqlx::query("SELECT 1").execute(&pool).await.map(|_| ()).map_err(|e| format!("PostgreSQL: {e}"))
+        })
+    })
+}
+
 /// Commit a state change (its own span, so traces show the time spent persisting).
 #[tracing::instrument(name = "persist", skip_all)]
 pub async fn commit(tx: Transaction<'_, Postgres>) -> Result<()> {

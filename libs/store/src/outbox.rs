@@ -44,6 +44,12 @@ pub async fn append_events(conn: &mut PgConnection, events: &[DomainEvent]) -> R
     for event in events {
         // A span event on the current span: each state change shows in the job's trace.
         tracing::info!(event_type = %event.event_type, aggregate_id = %event.aggregate_id, "event recorded");
+        hodei_runtime::metrics::counter(
+            "hodei_events_total",
+            "Domain events (state transitions) written to the outbox, by type",
+            &[("event_type", &event.event_type)],
+        )
+        .inc();
     }
     Ok(())
 }

@@ -37,6 +37,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let (client, js) = hodei_messaging::connect_and_ensure_streams(&config.common.nats_url, SERVICE)
         .await
         .context("connecting to NATS")?;
+    config.common.serve_metrics(9615, vec![hodei_store::health(&pool), hodei_messaging::health(&client)], shutdown.clone()).await?;
     let state = State { pool };
     let query = {
         let state = state.clone();

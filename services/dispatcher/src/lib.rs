@@ -42,9 +42,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let pool = hodei_store::connect_and_migrate(&config.common.database_url, config.db_pool_size)
         .await
         .context("connecting to PostgreSQL")?;
-    let (_client, js) = hodei_messaging::connect_and_ensure_streams(&config.common.nats_url, SERVICE)
+    let (client, js) = hodei_messaging::connect_and_ensure_streams(&config.common.nats_url, SERVICE)
         .await
         .context("connecting to NATS")?;
+    config.common.serve_metrics(9612, vec![hodei_store::health(&pool), hodei_messaging::health(&client)], shutdown.clone()).await?;
     let state = State { pool, actor: Actor::service(SERVICE), provider: config.provider };
     let queued = consumer::run(
         js.clone(),

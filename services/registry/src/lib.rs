@@ -36,6 +36,27 @@ pub(crate) struct State {
     pub heartbeat_interval_ms: u64,
 }
 
+/// `hodei_workers{state}`, counted when scraped.
+fn register_worker_gauges(pool: &PgPool) {
+    let pool = pool.clone();
+    hodei_runtime::metrics::register_collector("workers by state", move || {
+        let pool = pool.clone();
+        Box::pin(async move {
+            let counts: Vec<(String, i64)> = sqlx::query_as("SELECT state, count(*) FROM workers GROUP BY state")
+                .fetch_all(&pool)
+                .await
+                .unwrap_or_default();
+            hodei_domain::WorkerState::ALL
+                .iter()
+                .map(|state| {
+                    let n = counts.iter().find(|(s, _)| s == state.as_str()).map_or(0, |(_, n)| *n);
+                    hodei_runtime::metrics::Sample::gauge("hodei_workers", "Workers by state", &[("state", state.as_str())], n as f64)
+                })
+                .collect()
+        })
+    });
+}
+
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     use anyhow::Context;
     let pool = hodei_store::connect_and_migrate(&config.common.database_url, config.db_pool_size)
@@ -44,6 +65,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let (client, js) = hodei_messaging::connect_and_ensure_streams(&config.common.nats_url, SERVICE)
         .await
         .context("connecting to NATS")?;
+    config.common.serve_metrics(9613, vec![hodei_store::health(&pool), hodei_messaging::health(&client)], shutdown.clone()).await?;
+    register_worker_gauges(&pool);
     let state = State { pool, actor: Actor::service(SERVICE), heartbeat_interval_ms: config.heartbeat_interval_ms };
     let queue = "hodei-registry";
     let register = {

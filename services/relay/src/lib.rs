@@ -42,9 +42,11 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let pool = hodei_store::connect_and_migrate(&config.common.database_url, 4)
         .await
         .context("connecting to PostgreSQL")?;
-    let (_client, js) = hodei_messaging::connect_and_ensure_streams(&config.common.nats_url, SERVICE)
+    let (client, js) = hodei_messaging::connect_and_ensure_streams(&config.common.nats_url, SERVICE)
         .await
         .context("connecting to NATS")?;
+    config.common.serve_metrics(9610, vec![hodei_store::health(&pool), hodei_messaging::health(&client)], shutdown.clone()).await?;
+    register_outbox_gauges(&pool);
     let mut leader = pool.acquire().await.context("acquiring the leader connection")?.detach();
     tracing::info!("waiting to become the active relay");
     let locked = shutdown
@@ -89,6 +91,30 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `hodei_outbox_depth` and `hodei_outbox_lag_seconds` (age of the oldest unpublished row).
+fn register_outbox_gauges(pool: &PgPool) {
+    use hodei_runtime::metrics::Sample;
+    let pool = pool.clone();
+    hodei_runtime::metrics::register_collector("outbox", move || {
+        let pool = pool.clone();
+        Box::pin(async move {
+            let row: Option<(i64, Option<f64>)> = sqlx::query_as(
+                "SELECT count(*), EXTRACT(EPOCH FROM now() - min(created_at))::float8 \
+                 FROM outbox_events WHERE status = 'pending'",
+            )
+            .fetch_optional(&pool)
+            .await
+            .ok()
+            .flatten();
+            let (depth, lag) = row.map(|(d, l)| (d as f64, l.unwrap_or(0.0))).unwrap_or((f64::NAN, f64::NAN));
+            vec![
+                Sample::gauge("hodei_outbox_depth", "Outbox rows waiting to be published", &[], depth),
+                Sample::gauge("hodei_outbox_lag_seconds", "Age of the oldest unpublished outbox row", &[], lag),
+            ]
+        })
+    });
+}
+
 /// Publish one batch of pending rows; returns how many were published.
 pub async fn relay_batch(pool: &PgPool, js: &JetStream, batch: i64) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
@@ -118,9 +144,12 @@ pub async fn relay_batch(pool: &PgPool, js: &JetStream, batch: i64) -> anyhow::R
         }
     }
     outbox::mark_published(&mut tx, &published).await?;
+    hodei_runtime::metrics::counter("hodei_outbox_published_total", "Outbox rows published to JetStream", &[])
+        .add(published.len() as u64);
     if let Some((row, error)) = &failure {
         let retry_in = Duration::from_millis(100u64 << row.attempts.clamp(0, 10));
         tracing::error!(event_id = %row.event_id, subject = %row.subject, attempts = row.attempts + 1, %error, ?retry_in, "cannot publish outbox row");
+        hodei_runtime::metrics::counter("hodei_outbox_publish_failures_total", "Failed attempts to publish an outbox row", &[]).inc();
         outbox::mark_failed(&mut tx, row.id, error, retry_in).await?;
     }
     tx.commit().await?;

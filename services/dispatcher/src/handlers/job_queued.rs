@@ -17,6 +17,7 @@ pub async fn handle(state: State, delivery: Delivery) -> Outcome {
 #[tracing::instrument(name = "dispatch decision", skip_all)]
 async fn place(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
     let queued: JobQueued = payload_of(delivery)?;
+    let queued_at = delivery.decode::<hodei_domain::DomainEvent>()?.occurred_at;
     let mut tx = state.pool.begin().await.map_err(StoreError::from)?;
     let Some(mut job) = jobs::lock(&mut tx, queued.job_id).await? else {
         return Err(ApiError::not_found(format!("JobQueued names unknown job {}", queued.job_id)));
@@ -37,5 +38,13 @@ async fn place(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
         tracing::info!(job_id = %job.id, worker_id = %worker.id, provider = %state.provider, "no free worker; one requested");
     }
     hodei_store::commit(tx).await?;
+    let latency = (chrono::Utc::now() - queued_at).to_std().unwrap_or_default();
+    hodei_runtime::metrics::histogram(
+        "hodei_dispatch_latency_seconds",
+        "From JobQueued to the job placed on a worker",
+        &[],
+        hodei_runtime::metrics::DEFAULT_LATENCY_BUCKETS,
+    )
+    .observe_duration(latency);
     Ok(())
 }
