@@ -165,6 +165,10 @@ impl Service {
         Service { name: name.to_owned(), child, log: log.with_extension("err") }
     }
 
+    pub fn is_stopped(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -200,6 +204,7 @@ impl Drop for Service {
 /// nats-server and database.
 pub struct System {
     pub services: Vec<Service>,
+    env: Vec<(String, String)>,
     pub client: async_nats::Client,
     pub js: async_nats::jetstream::Context,
     pub pool: PgPool,
@@ -225,10 +230,12 @@ impl System {
         ];
         env.extend_from_slice(extra_env);
         let services = SERVICES.iter().map(|name| Service::spawn(name, &env, &log_dir)).collect();
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let client = async_nats::connect(&nats.url).await.expect("connect to the test's nats-server");
         let js = async_nats::jetstream::new(client.clone());
         let system = System {
             services,
+            env,
             js,
             client,
             pool: PgPool::connect(&db.url).await.expect("connect to the test database"),
@@ -280,6 +287,14 @@ impl System {
         let workers = request::<_, serde_json::Value>(&self.client, subjects::API_WORKERS_LIST, None, &empty, t).await;
         let audit = request::<_, serde_json::Value>(&self.client, subjects::API_AUDIT_QUERY, None, &empty, t).await;
         jobs.is_ok() && workers.is_ok() && audit.is_ok()
+    }
+
+    /// Start a stopped service again (its new log replaces the old one).
+    pub fn restart(&mut self, name: &str) {
+        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.services.retain_mut(|s| s.name != name || !s.is_stopped());
+        let service = Service::spawn(name, &env, &self.log_dir);
+        self.services.push(service);
     }
 
     pub fn service(&mut self, name: &str) -> &mut Service {
@@ -401,6 +416,14 @@ pub fn job(command: &str, args: &[&str]) -> SubmitJob {
 }
 
 impl System {
+    /// The first output line of a job, if it has printed one yet.
+    pub async fn logs_first_line(&self, job_id: Uuid) -> Option<String> {
+        let stream = self.js.get_stream("HODEI_LOGS").await.ok()?;
+        let message = stream.get_first_raw_message_by_subject(subjects::logs(job_id), 1).await.ok()?;
+        let batch: hodei_protocol::logs::LogBatch = serde_json::from_slice(&message.payload).ok()?;
+        batch.lines.first().map(|l| l.line.clone())
+    }
+
     /// Every log batch of a job, in stream order, up to and including the `eof` batch.
     pub async fn logs_of(&self, job_id: Uuid) -> Vec<hodei_protocol::logs::LogBatch> {
         use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};

@@ -14,7 +14,7 @@ async fn migrated() -> (Database, sqlx::PgPool) {
 
 fn new_job(key: Option<&str>) -> (Job, Vec<hodei_domain::DomainEvent>) {
     let spec = JobSpec { command: "true".into(), ..Default::default() };
-    Job::submit(Uuid::now_v7(), spec, "corr".into(), key.map(str::to_owned), &Actor::service("test")).unwrap()
+    Job::submit(Uuid::now_v7(), spec, Default::default(), "corr".into(), key.map(str::to_owned), &Actor::service("test")).unwrap()
 }
 
 #[tokio::test]

@@ -28,12 +28,16 @@ async fn traced_system(receiver: &Receiver) -> System {
     .await
 }
 
-/// Wait until spans of every service have arrived for `trace_id`.
-async fn wait_for_trace(system: &System, receiver: &Receiver, trace_id: &str) {
+/// Wait until spans of every service have arrived for `trace_id`, and the parent of every
+/// span has too (spans are exported when they end, parents after their children).
+async fn wait_for_trace(system: &System, receiver: &Receiver, trace_id: &str, root_parent: &str) {
     system
-        .wait_for("spans of every service", Duration::from_secs(30), || async {
-            let services: HashSet<String> = receiver.spans_of_trace(trace_id).into_iter().map(|s| s.service).collect();
+        .wait_for("a complete trace with spans of every service", Duration::from_secs(30), || async {
+            let spans = receiver.spans_of_trace(trace_id);
+            let services: HashSet<&str> = spans.iter().map(|s| s.service.as_str()).collect();
+            let ids: HashSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
             SERVICES.iter().all(|s| services.contains(*s))
+                && spans.iter().all(|s| s.parent_span_id == root_parent || ids.contains(s.parent_span_id.as_str()))
         })
         .await;
 }
@@ -57,7 +61,7 @@ async fn a_job_submitted_with_a_traceparent_is_one_trace_across_every_service_an
     .unwrap();
     assert_eq!(accepted.correlation_id, trace_id, "the correlation id is the client's trace id");
     system.wait_until_settled(&[accepted.job_id], Duration::from_secs(60)).await;
-    wait_for_trace(&system, &receiver, trace_id).await;
+    wait_for_trace(&system, &receiver, trace_id, client_span).await;
 
     // The job's own process saw the trace.
     let lines: Vec<String> =
@@ -102,7 +106,7 @@ async fn a_job_without_trace_context_gets_a_generated_correlation_id_everywhere(
     system.wait_until_settled(&[accepted.job_id], Duration::from_secs(60)).await;
 
     // In its trace...
-    wait_for_trace(&system, &receiver, &correlation).await;
+    wait_for_trace(&system, &receiver, &correlation, "").await;
     // ...on the job...
     assert_eq!(system.get(accepted.job_id).await.unwrap().correlation_id, correlation);
     // ...in every event and audit row...

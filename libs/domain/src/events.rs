@@ -141,6 +141,7 @@ pub struct JobCreated {
     pub working_dir: Option<String>,
     pub idempotency_key: Option<String>,
     pub labels: BTreeMap<String, String>,
+    pub policy: crate::policy::JobPolicy,
 }
 
 /// A job is waiting for a worker (first attempt or a later one).
@@ -195,6 +196,7 @@ pub struct JobExecutionError {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRequeued {
     pub job_id: Uuid,
+    pub worker_id: Option<Uuid>,
     pub from: JobState,
     pub attempt: u32,
     pub reason: String,
@@ -204,9 +206,13 @@ pub struct JobRequeued {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRetrying {
     pub job_id: Uuid,
+    pub worker_id: Option<Uuid>,
     pub from: JobState,
+    /// The attempt that starts now.
     pub attempt: u32,
     pub reason: String,
+    /// When the job is queued again (after its backoff).
+    pub retry_at: DateTime<Utc>,
 }
 
 // ----- worker events -----

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::error::{DomainError, Result};
+use crate::policy::{JobPolicy, RetryOn, ACK_TIMEOUT};
 use crate::events::{
     Actor, DomainEvent, JobAssigned, JobCompleted, JobCreated, JobExecutionError, JobQueued,
     JobRequeued, JobRetrying, JobStatusChanged,
@@ -163,6 +164,13 @@ pub struct Job {
     pub error: Option<String>,
     pub correlation_id: String,
     pub idempotency_key: Option<String>,
+    pub policy: JobPolicy,
+    /// The latest start of this attempt; past it, a job not yet running times out.
+    pub start_by: DateTime<Utc>,
+    /// When the state-timeout monitor acts on the job's current state (none when terminal).
+    pub deadline_at: Option<DateTime<Utc>>,
+    /// A retried job waits in Pending until then before it is queued again.
+    pub not_before: Option<DateTime<Utc>>,
     /// Optimistic concurrency: the version the row had when it was loaded.
     pub version: i64,
     pub created_at: DateTime<Utc>,
@@ -174,13 +182,20 @@ impl Job {
     pub fn submit(
         id: Uuid,
         spec: JobSpec,
+        policy: JobPolicy,
         correlation_id: String,
         idempotency_key: Option<String>,
         actor: &Actor,
     ) -> Result<(Job, Vec<DomainEvent>)> {
         spec.validate()?;
+        policy.validate()?;
         let now = Utc::now();
+        let start_by = now + policy.schedule_to_start();
         let job = Job {
+            policy,
+            start_by,
+            deadline_at: Some(start_by),
+            not_before: None,
             id,
             state: JobState::Pending,
             attempt: 1,
@@ -202,6 +217,7 @@ impl Job {
             working_dir: job.spec.working_dir.clone(),
             idempotency_key: job.idempotency_key.clone(),
             labels: job.spec.labels.clone(),
+            policy: job.policy.clone(),
         };
         let events = vec![job.event(actor, &created), job.queued_event(actor)];
         Ok((job, events))
@@ -246,6 +262,7 @@ impl Job {
     fn place(&mut self, worker_id: Uuid, to: JobState, actor: &Actor) -> Result<DomainEvent> {
         let from = self.transition(to)?;
         self.worker_id = Some(worker_id);
+        self.deadline_at = Some((self.updated_at + ACK_TIMEOUT).min(self.start_by));
         Ok(self.event(
             actor,
             &JobAssigned { job_id: self.id, worker_id, from, to, attempt: self.attempt },
@@ -256,6 +273,7 @@ impl Job {
     pub fn start(&mut self, worker_id: Uuid, actor: &Actor) -> Result<DomainEvent> {
         self.ensure_held_by(worker_id)?;
         let from = self.transition(JobState::Running)?;
+        self.deadline_at = Some(self.updated_at + self.policy.execution());
         Ok(self.event(
             actor,
             &JobStatusChanged {
@@ -274,6 +292,7 @@ impl Job {
         let to = if exit_code == 0 { JobState::Succeeded } else { JobState::Failed };
         let from = self.transition(to)?;
         self.exit_code = Some(exit_code);
+        self.ended();
         Ok(self.event(
             actor,
             &JobCompleted { job_id: self.id, worker_id, from, to, exit_code, attempt: self.attempt },
@@ -288,6 +307,7 @@ impl Job {
         }
         let from = self.transition(JobState::Failed)?;
         self.error = Some(error.clone());
+        self.ended();
         Ok(self.event(
             actor,
             &JobExecutionError { job_id: self.id, worker_id: self.worker_id, from, error, attempt: self.attempt },
@@ -305,39 +325,135 @@ impl Job {
     fn end_with(&mut self, to: JobState, reason: String, actor: &Actor) -> Result<DomainEvent> {
         let from = self.transition(to)?;
         self.error = Some(reason.clone());
+        self.ended();
         Ok(self.event(
             actor,
             &JobStatusChanged { job_id: self.id, from, to, worker_id: self.worker_id, reason: Some(reason) },
         ))
     }
 
-    /// Named transition: an assignment that never ran goes back to Pending, next attempt.
+    /// The holding worker reports how the attempt ended. A failure with attempts left (by
+    /// the retry policy) starts the next attempt after its backoff; otherwise the job ends.
+    /// `jitter` is a random number in [0, 1).
+    pub fn finish(
+        &mut self,
+        worker_id: Uuid,
+        exit_code: Option<i32>,
+        error: Option<String>,
+        jitter: f64,
+        actor: &Actor,
+    ) -> Result<Vec<DomainEvent>> {
+        self.ensure_held_by(worker_id)?;
+        let failed = exit_code != Some(0);
+        if failed && self.state == JobState::Running && self.policy.retry.retries(self.attempt, RetryOn::Failed) {
+            let reason = match (exit_code, &error) {
+                (Some(code), _) => format!("attempt {} exited with {code}", self.attempt),
+                (None, Some(error)) => format!("attempt {} failed: {error}", self.attempt),
+                (None, None) => format!("attempt {} failed", self.attempt),
+            };
+            let backoff = self.policy.retry.backoff(self.attempt, jitter);
+            return self.retry(reason, backoff, actor);
+        }
+        Ok(vec![match exit_code {
+            Some(code) => self.complete(worker_id, code, actor)?,
+            None => self.fail(Some(worker_id), error.unwrap_or_else(|| "the job ended without an exit code".into()), actor)?,
+        }])
+    }
+
+    /// What the state-timeout monitor does with a job at `now`: queue a retry whose backoff
+    /// is over, requeue an assignment never acknowledged, retry or time out an attempt past
+    /// its deadline. Nothing (no events) if the job is not due.
+    pub fn expire(&mut self, now: DateTime<Utc>, jitter: f64, actor: &Actor) -> Result<Vec<DomainEvent>> {
+        if self.state == JobState::Pending && self.not_before.is_some_and(|at| at <= now) {
+            return Ok(vec![self.release(actor)?]);
+        }
+        if self.deadline_at.is_none_or(|at| at > now) {
+            return Ok(Vec::new());
+        }
+        let late = |what: &str, limit: std::time::Duration| format!("{what} within {} ms", limit.as_millis());
+        match self.state {
+            JobState::Pending => Ok(vec![self.time_out(late("not started", self.policy.schedule_to_start()), actor)?]),
+            JobState::Assigned | JobState::Scheduled if now >= self.start_by => {
+                Ok(vec![self.time_out(late("not started", self.policy.schedule_to_start()), actor)?])
+            }
+            JobState::Assigned | JobState::Scheduled => {
+                self.requeue(format!("the worker did not acknowledge within {} s", ACK_TIMEOUT.as_secs()), actor)
+            }
+            JobState::Running if self.policy.retry.retries(self.attempt, RetryOn::Timeout) => {
+                let reason = late("attempt did not finish", self.policy.execution());
+                let backoff = self.policy.retry.backoff(self.attempt, jitter);
+                self.retry(reason, backoff, actor)
+            }
+            JobState::Running => Ok(vec![self.time_out(late("did not finish", self.policy.execution()), actor)?]),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// The job's worker stopped answering: retry if the policy says so, else fail.
+    pub fn worker_lost(&mut self, worker_id: Uuid, jitter: f64, actor: &Actor) -> Result<Vec<DomainEvent>> {
+        self.ensure_held_by(worker_id)?;
+        let reason = format!("worker {worker_id} was lost");
+        if self.state.can_retry() && self.policy.retry.retries(self.attempt, RetryOn::Lost) {
+            let backoff = self.policy.retry.backoff(self.attempt, jitter);
+            return self.retry(reason, backoff, actor);
+        }
+        Ok(vec![self.fail(None, reason, actor)?])
+    }
+
+    fn ended(&mut self) {
+        self.deadline_at = None;
+        self.not_before = None;
+    }
+
+    /// Named transition: an assignment that never ran goes back to Pending, next attempt,
+    /// still bound by the attempt's schedule-to-start deadline.
     pub fn requeue(&mut self, reason: String, actor: &Actor) -> Result<Vec<DomainEvent>> {
         if !self.state.can_requeue() {
             return Err(DomainError::InvalidJobAction { job_id: self.id, from: self.state, action: "requeued" });
         }
-        let from = self.back_to_pending();
-        let requeued = JobRequeued { job_id: self.id, from, attempt: self.attempt, reason };
+        let (from, worker_id) = self.back_to_pending();
+        self.deadline_at = Some(self.start_by);
+        let requeued = JobRequeued { job_id: self.id, worker_id, from, attempt: self.attempt, reason };
         Ok(vec![self.event(actor, &requeued), self.queued_event(actor)])
     }
 
-    /// Named transition: a failed attempt with attempts left goes back to Pending.
-    pub fn retry(&mut self, reason: String, actor: &Actor) -> Result<Vec<DomainEvent>> {
+    /// Named transition: a failed attempt with attempts left goes back to Pending. It is
+    /// queued again after `backoff` (by [`Job::release`], or at once when `backoff` is zero)
+    /// and has the policy's schedule-to-start time from then.
+    pub fn retry(&mut self, reason: String, backoff: std::time::Duration, actor: &Actor) -> Result<Vec<DomainEvent>> {
         if !self.state.can_retry() {
             return Err(DomainError::InvalidJobAction { job_id: self.id, from: self.state, action: "retried" });
         }
-        let from = self.back_to_pending();
-        let retrying = JobRetrying { job_id: self.id, from, attempt: self.attempt, reason };
-        Ok(vec![self.event(actor, &retrying), self.queued_event(actor)])
+        let (from, worker_id) = self.back_to_pending();
+        let retry_at = self.updated_at + backoff;
+        self.start_by = retry_at + self.policy.schedule_to_start();
+        self.deadline_at = Some(self.start_by);
+        self.not_before = (!backoff.is_zero()).then_some(retry_at);
+        let retrying = JobRetrying { job_id: self.id, worker_id, from, attempt: self.attempt, reason, retry_at };
+        let mut events = vec![self.event(actor, &retrying)];
+        if self.not_before.is_none() {
+            events.push(self.queued_event(actor));
+        }
+        Ok(events)
     }
 
-    fn back_to_pending(&mut self) -> JobState {
+    /// A retried job whose backoff is over is queued again (JobQueued, no state change).
+    pub fn release(&mut self, actor: &Actor) -> Result<DomainEvent> {
+        if self.state != JobState::Pending || self.not_before.is_none() {
+            return Err(DomainError::InvalidJobAction { job_id: self.id, from: self.state, action: "released" });
+        }
+        self.not_before = None;
+        self.updated_at = Utc::now();
+        Ok(self.queued_event(actor))
+    }
+
+    fn back_to_pending(&mut self) -> (JobState, Option<Uuid>) {
         let from = self.state;
+        let worker_id = self.worker_id.take();
         self.state = JobState::Pending;
         self.attempt += 1;
-        self.worker_id = None;
         self.updated_at = Utc::now();
-        from
+        (from, worker_id)
     }
 }
 
@@ -400,7 +516,7 @@ mod tests {
     fn job_in(state: JobState) -> Job {
         let actor = Actor::service("test");
         let spec = JobSpec { command: "true".into(), ..Default::default() };
-        let (mut job, _) = Job::submit(Uuid::now_v7(), spec, "corr".into(), None, &actor).unwrap();
+        let (mut job, _) = Job::submit(Uuid::now_v7(), spec, JobPolicy::default(), "corr".into(), None, &actor).unwrap();
         job.state = state;
         job.worker_id = Some(Uuid::nil());
         job
@@ -477,11 +593,108 @@ mod tests {
         assert_eq!(types, ["JobRequeued", "JobQueued"]);
 
         let mut job = job_in(Running);
-        let events = job.retry("exit 1".into(), &actor).unwrap();
+        let events = job.retry("exit 1".into(), std::time::Duration::ZERO, &actor).unwrap();
         assert_eq!((job.state, job.attempt), (Pending, 2));
-        assert_eq!(events[0].event_type, "JobRetrying");
+        let types: Vec<_> = events.iter().map(|e| e.event_type.as_str()).collect();
+        assert_eq!(types, ["JobRetrying", "JobQueued"], "no backoff: queued at once");
         assert!(job_in(Running).requeue("x".into(), &actor).is_err());
-        assert!(job_in(Pending).retry("x".into(), &actor).is_err());
+        assert!(job_in(Pending).retry("x".into(), std::time::Duration::ZERO, &actor).is_err());
+    }
+
+    #[test]
+    fn a_retry_with_backoff_waits_in_pending_until_released() {
+        let actor = Actor::service("test");
+        let mut job = job_in(Running);
+        let backoff = std::time::Duration::from_secs(2);
+        let events = job.retry("exit 1".into(), backoff, &actor).unwrap();
+        assert_eq!(events.len(), 1, "not queued before its backoff");
+        let retry_at = job.not_before.expect("waits");
+        assert_eq!(retry_at, job.updated_at + backoff);
+        assert_eq!(job.start_by, retry_at + job.policy.schedule_to_start());
+        assert_eq!(job.release(&actor).unwrap().event_type, "JobQueued");
+        assert!(job.not_before.is_none());
+        assert!(job.release(&actor).is_err(), "released once");
+    }
+
+    #[test]
+    fn a_failed_attempt_is_retried_while_the_policy_allows_then_the_job_fails() {
+        let actor = Actor::service("test");
+        let mut job = job_in(Running);
+        job.policy.retry.max_attempts = 2;
+        let w = Uuid::nil();
+        let events = job.finish(w, Some(3), None, 0.5, &actor).unwrap();
+        assert_eq!(events[0].event_type, "JobRetrying");
+        assert_eq!((job.state, job.attempt), (Pending, 2));
+        job.not_before = None;
+        job.assign(w, &actor).unwrap();
+        job.start(w, &actor).unwrap();
+        let events = job.finish(w, Some(3), None, 0.5, &actor).unwrap();
+        assert_eq!(events[0].event_type, "JobCompleted");
+        assert_eq!((job.state, job.exit_code), (Failed, Some(3)));
+        let mut ok = job_in(Running);
+        ok.policy.retry.max_attempts = 5;
+        ok.finish(w, Some(0), None, 0.5, &actor).unwrap();
+        assert_eq!(ok.state, Succeeded, "success is never retried");
+    }
+
+    #[test]
+    fn the_monitor_times_out_requeues_retries_and_releases_by_state() {
+        let actor = Actor::service("test");
+        let later = |job: &Job| job.deadline_at.unwrap() + chrono::Duration::milliseconds(1);
+        let mut pending = job_in(Pending);
+        assert!(pending.expire(Utc::now(), 0.5, &actor).unwrap().is_empty(), "not due yet");
+        let at = later(&pending);
+        pending.expire(at, 0.5, &actor).unwrap();
+        assert_eq!(pending.state, Timeout);
+
+        let mut assigned = job_in(Pending);
+        assigned.assign(Uuid::nil(), &actor).unwrap();
+        let at = later(&assigned);
+        let events = assigned.expire(at, 0.5, &actor).unwrap();
+        assert_eq!(events[0].event_type, "JobRequeued");
+        assert_eq!((assigned.state, assigned.attempt), (Pending, 2));
+
+        let mut running = job_in(Pending);
+        running.assign(Uuid::nil(), &actor).unwrap();
+        running.start(Uuid::nil(), &actor).unwrap();
+        let at = later(&running);
+        running.expire(at, 0.5, &actor).unwrap();
+        assert_eq!(running.state, Timeout);
+
+        let mut retried = job_in(Pending);
+        retried.policy.retry = crate::RetryPolicy { max_attempts: 2, retry_on: vec![RetryOn::Timeout], ..Default::default() };
+        retried.assign(Uuid::nil(), &actor).unwrap();
+        retried.start(Uuid::nil(), &actor).unwrap();
+        let at = later(&retried);
+        assert_eq!(retried.expire(at, 0.5, &actor).unwrap()[0].event_type, "JobRetrying");
+        let release_at = retried.not_before.unwrap();
+        assert_eq!(retried.expire(release_at, 0.5, &actor).unwrap()[0].event_type, "JobQueued");
+    }
+
+    #[test]
+    fn a_lost_worker_retries_or_fails_the_job_by_policy() {
+        let actor = Actor::service("test");
+        let mut job = job_in(Running);
+        job.worker_lost(Uuid::nil(), 0.5, &actor).unwrap();
+        assert_eq!(job.state, Failed, "by default there is one attempt");
+        let mut job = job_in(Running);
+        job.policy.retry.max_attempts = 2;
+        assert_eq!(job.worker_lost(Uuid::nil(), 0.5, &actor).unwrap()[0].event_type, "JobRetrying");
+        assert_eq!((job.state, job.attempt), (Pending, 2));
+        assert!(job_in(Running).worker_lost(Uuid::now_v7(), 0.5, &actor).is_err(), "only for the job's own worker");
+    }
+
+    #[test]
+    fn deadlines_follow_the_state() {
+        let actor = Actor::service("test");
+        let mut job = job_in(Pending);
+        assert_eq!(job.deadline_at, Some(job.start_by));
+        job.assign(Uuid::nil(), &actor).unwrap();
+        assert!(job.deadline_at.unwrap() <= job.updated_at + ACK_TIMEOUT);
+        job.start(Uuid::nil(), &actor).unwrap();
+        assert_eq!(job.deadline_at, Some(job.updated_at + job.policy.execution()));
+        job.complete(Uuid::nil(), 0, &actor).unwrap();
+        assert_eq!(job.deadline_at, None);
     }
 
     #[test]
@@ -493,7 +706,7 @@ mod tests {
             JobSpec { command: "x".into(), env: [("A=B".into(), "1".into())].into(), ..Default::default() },
             JobSpec { command: "x".into(), args: vec!["y".repeat(JobSpec::MAX_TOTAL_BYTES)], ..Default::default() },
         ] {
-            let err = Job::submit(Uuid::now_v7(), spec, "c".into(), None, &actor).unwrap_err();
+            let err = Job::submit(Uuid::now_v7(), spec, JobPolicy::default(), "c".into(), None, &actor).unwrap_err();
             assert_eq!(err.code(), "INVALID_JOB_SPEC");
         }
     }

@@ -9,9 +9,11 @@
 pub mod error;
 pub mod events;
 pub mod job;
+pub mod policy;
 pub mod worker;
 
 pub use error::{DomainError, Result};
 pub use events::{Actor, AggregateType, DomainEvent, EventPayload};
 pub use job::{Job, JobSpec, JobState};
+pub use policy::{JobPolicy, RetryOn, RetryPolicy};
 pub use worker::{Worker, WorkerState};

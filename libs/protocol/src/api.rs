@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use hodei_domain::{JobSpec, JobState, WorkerState};
+use hodei_domain::{JobPolicy, JobSpec, JobState, WorkerState};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -136,6 +136,9 @@ pub struct SubmitJob {
     /// The same key twice makes one job. On the stream, `Nats-Msg-Id` serves when this is absent.
     #[serde(default)]
     pub idempotency_key: Option<String>,
+    /// Timeouts, retries and priority; every field has a default.
+    #[serde(default)]
+    pub policy: JobPolicy,
 }
 
 impl SubmitJob {
@@ -157,6 +160,17 @@ pub struct SubmitAccepted {
     pub state: JobState,
     /// false when the idempotency key named a job that already existed.
     pub created: bool,
+}
+
+/// `hodei.api.jobs.cancel`: any job not yet ended; a running job's process is killed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelJob {
+    #[serde(default = "schema_version")]
+    pub schema_version: u32,
+    pub job_id: Uuid,
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -196,6 +210,9 @@ pub struct JobView {
     pub error: Option<String>,
     pub correlation_id: String,
     pub idempotency_key: Option<String>,
+    pub policy: JobPolicy,
+    /// A retried job waits until then before it is queued again.
+    pub retry_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -215,6 +232,8 @@ impl From<&hodei_domain::Job> for JobView {
             error: job.error.clone(),
             correlation_id: job.correlation_id.clone(),
             idempotency_key: job.idempotency_key.clone(),
+            policy: job.policy.clone(),
+            retry_at: job.not_before,
             created_at: job.created_at,
             updated_at: job.updated_at,
         }
@@ -321,7 +340,7 @@ macro_rules! current_version_default {
 }
 
 current_version_default! {
-    SubmitJob { command, args, env, working_dir, labels, idempotency_key },
+    SubmitJob { command, args, env, working_dir, labels, idempotency_key, policy },
     ListJobs { state, limit, cursor },
     ListWorkers { state, limit, cursor },
     AuditQuery { correlation_id, event_type, aggregate_id, actor, from, to, limit, cursor }

@@ -29,6 +29,7 @@ pub mod subjects {
     pub const API_JOBS_SUBMIT: &str = "hodei.api.jobs.submit";
     pub const API_JOBS_GET: &str = "hodei.api.jobs.get";
     pub const API_JOBS_LIST: &str = "hodei.api.jobs.list";
+    pub const API_JOBS_CANCEL: &str = "hodei.api.jobs.cancel";
     pub const API_WORKERS_LIST: &str = "hodei.api.workers.list";
     pub const API_AUDIT_QUERY: &str = "hodei.api.audit.query";
     /// Durable fire-and-forget submissions (stream HODEI_SUBMISSIONS).

@@ -163,3 +163,16 @@ mod tests {
         assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
     }
 }
+
+/// A random number in [0, 1), for backoff jitter.
+pub fn jitter() -> f64 {
+    (uuid_like_random() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn uuid_like_random() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS per instance: good enough for jitter, no extra crate.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    hasher.finish()
+}

@@ -1,7 +1,7 @@
 //! The `jobs` table.
 
 use chrono::{DateTime, Utc};
-use hodei_domain::{Job, JobSpec, JobState};
+use hodei_domain::{Job, JobPolicy, JobSpec, JobState};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -18,6 +18,10 @@ struct JobRow {
     error: Option<String>,
     correlation_id: String,
     idempotency_key: Option<String>,
+    policy: sqlx::types::Json<JobPolicy>,
+    start_by: DateTime<Utc>,
+    deadline_at: Option<DateTime<Utc>>,
+    not_before: Option<DateTime<Utc>>,
     version: i64,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
@@ -36,6 +40,10 @@ impl TryFrom<JobRow> for Job {
             error: row.error,
             correlation_id: row.correlation_id,
             idempotency_key: row.idempotency_key,
+            policy: row.policy.0,
+            start_by: row.start_by,
+            deadline_at: row.deadline_at,
+            not_before: row.not_before,
             version: row.version,
             created_at: row.created_at,
             updated_at: row.updated_at,
@@ -44,14 +52,15 @@ impl TryFrom<JobRow> for Job {
 }
 
 const COLUMNS: &str = "id, state, spec, attempt, worker_id, exit_code, error, correlation_id, \
-                       idempotency_key, version, created_at, updated_at";
+                       idempotency_key, policy, start_by, deadline_at, not_before, version, created_at, updated_at";
 
 /// Insert a new job. Returns false (and writes nothing) when its idempotency key is taken.
 pub async fn insert(conn: &mut PgConnection, job: &Job) -> Result<bool> {
     let result = sqlx::query(
         "INSERT INTO jobs (id, state, spec, attempt, worker_id, exit_code, error, correlation_id, \
-                           idempotency_key, version, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+                           idempotency_key, version, created_at, updated_at, policy, priority, start_by, \
+                           deadline_at, not_before) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
          ON CONFLICT (idempotency_key) DO NOTHING",
     )
     .bind(job.id)
@@ -66,6 +75,11 @@ pub async fn insert(conn: &mut PgConnection, job: &Job) -> Result<bool> {
     .bind(job.version)
     .bind(job.created_at)
     .bind(job.updated_at)
+    .bind(sqlx::types::Json(&job.policy))
+    .bind(job.policy.priority)
+    .bind(job.start_by)
+    .bind(job.deadline_at)
+    .bind(job.not_before)
     .execute(conn)
     .await?;
     Ok(result.rows_affected() == 1)
@@ -75,7 +89,8 @@ pub async fn insert(conn: &mut PgConnection, job: &Job) -> Result<bool> {
 pub async fn update(conn: &mut PgConnection, job: &mut Job) -> Result<()> {
     let result = sqlx::query(
         "UPDATE jobs SET state = $2, attempt = $3, worker_id = $4, exit_code = $5, error = $6, \
-                         updated_at = $7, version = version + 1 \
+                         updated_at = $7, version = version + 1, start_by = $9, deadline_at = $10, \
+                         not_before = $11 \
          WHERE id = $1 AND version = $8",
     )
     .bind(job.id)
@@ -86,6 +101,9 @@ pub async fn update(conn: &mut PgConnection, job: &mut Job) -> Result<()> {
     .bind(&job.error)
     .bind(job.updated_at)
     .bind(job.version)
+    .bind(job.start_by)
+    .bind(job.deadline_at)
+    .bind(job.not_before)
     .execute(conn)
     .await?;
     if result.rows_affected() != 1 {
@@ -123,11 +141,12 @@ pub async fn lock_scheduled_on(conn: &mut PgConnection, worker_id: Uuid) -> Resu
     row.map(Job::try_from).transpose()
 }
 
-/// The oldest Pending job nobody else is placing right now.
-pub async fn lock_oldest_pending(conn: &mut PgConnection) -> Result<Option<Job>> {
+/// The next Pending job (highest priority, then oldest) that is not waiting out a retry's
+/// backoff and that nobody else is placing right now.
+pub async fn lock_next_pending(conn: &mut PgConnection) -> Result<Option<Job>> {
     let sql = format!(
-        "SELECT {COLUMNS} FROM jobs WHERE state = 'Pending' ORDER BY created_at, id \
-         LIMIT 1 FOR UPDATE SKIP LOCKED"
+        "SELECT {COLUMNS} FROM jobs WHERE state = 'Pending' AND not_before IS NULL \
+         ORDER BY priority DESC, created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED"
     );
     let row: Option<JobRow> = sqlx::query_as(&sql).fetch_optional(conn).await?;
     row.map(Job::try_from).transpose()
@@ -164,4 +183,30 @@ pub async fn list(
         encode_cursor(last.created_at, last.id)
     });
     Ok((jobs, next))
+}
+
+/// Jobs whose state deadline or retry backoff is over, most overdue first.
+pub async fn due(pool: &PgPool, limit: i64) -> Result<Vec<Uuid>> {
+    let rows: Vec<(Uuid,)> = sqlx::query_as(
+        "(SELECT id, deadline_at AS due FROM jobs WHERE deadline_at <= now() ORDER BY deadline_at LIMIT $1) \
+         UNION ALL \
+         (SELECT id, not_before AS due FROM jobs WHERE not_before <= now() ORDER BY not_before LIMIT $1) \
+         ORDER BY due LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+    .map(|rows: Vec<(Uuid, DateTime<Utc>)>| rows.into_iter().map(|(id, _)| (id,)).collect())?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
+}
+
+/// The earliest deadline or backoff end of any job, to sleep until.
+pub async fn next_due(pool: &PgPool) -> Result<Option<DateTime<Utc>>> {
+    let (at,): (Option<DateTime<Utc>>,) = sqlx::query_as(
+        "SELECT least((SELECT min(deadline_at) FROM jobs WHERE deadline_at IS NOT NULL), \
+                      (SELECT min(not_before) FROM jobs WHERE not_before IS NOT NULL))",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(at)
 }

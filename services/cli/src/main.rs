@@ -80,6 +80,9 @@ enum Command {
     },
     /// Query the audit log; every criterion given must match.
     Audit(AuditArgs),
+    /// Show a job's timeline from the audit log: each event, when it occurred, how long after
+    /// the job was created (+ms) and after the step before (Δms), who caused it, and to what.
+    Trace { job_id: Uuid },
 }
 
 #[derive(Args)]
@@ -233,6 +236,40 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Trace { job_id } => {
+            let job: JobView = ask(call(subjects::API_JOBS_GET), &GetJob { schema_version: 1, job_id }).await?;
+            let entries = audit_trail(call(subjects::API_AUDIT_QUERY), &job.correlation_id).await?;
+            let steps = output::timeline(&job, entries);
+            if cli.json {
+                output::json(&steps);
+            } else {
+                output::trace_table(&job, &steps);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Every audit entry of one correlation id, page after page.
+async fn audit_trail(
+    call: (async_nats::Client, &'static str, Duration),
+    correlation_id: &str,
+) -> anyhow::Result<Vec<AuditEntry>> {
+    let mut entries = Vec::new();
+    let mut cursor = None;
+    loop {
+        let query = AuditQuery {
+            correlation_id: Some(correlation_id.to_owned()),
+            limit: Some(1000),
+            cursor: cursor.take(),
+            ..AuditQuery::default()
+        };
+        let page: Page<AuditEntry> = ask(call.clone(), &query).await?;
+        entries.extend(page.items);
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => return Ok(entries),
+        }
     }
 }
 
@@ -256,6 +293,7 @@ async fn submit(call: (async_nats::Client, &'static str, Duration), args: JobArg
         working_dir: args.workdir,
         labels: args.label.into_iter().collect(),
         idempotency_key: args.key,
+        ..SubmitJob::default()
     };
     ask(call, &request).await
 }

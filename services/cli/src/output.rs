@@ -1,6 +1,8 @@
 //! Human-readable tables and the `--json` output.
 
+use chrono::{DateTime, Utc};
 use hodei_protocol::api::{AuditEntry, JobView, Page, WorkerView};
+use uuid::Uuid;
 
 pub fn json<T: serde::Serialize>(value: &T) {
     println!("{}", serde_json::to_string_pretty(value).expect("serializable"));
@@ -119,4 +121,84 @@ pub fn audit_table(page: &Page<AuditEntry>) {
         .collect();
     table(&["OCCURRED", "EVENT", "AGGREGATE", "ACTOR", "CORRELATION"], rows);
     next_page(&page.next_cursor);
+}
+
+/// One step of a job's timeline (`hodei trace`).
+#[derive(serde::Serialize)]
+pub struct TraceStep {
+    pub occurred_at: DateTime<Utc>,
+    /// Milliseconds since the job was created.
+    pub since_start_ms: f64,
+    /// Milliseconds since the step before (since the job was created, for the first).
+    pub since_previous_ms: f64,
+    pub event_type: String,
+    pub actor: String,
+    pub aggregate_type: String,
+    pub aggregate_id: Uuid,
+}
+
+/// The job's audit entries as steps in the order they occurred (ties in recording order).
+pub fn timeline(job: &JobView, mut entries: Vec<AuditEntry>) -> Vec<TraceStep> {
+    entries.sort_by_key(|e| (e.occurred_at, e.seq));
+    let ms = |later: DateTime<Utc>, earlier: DateTime<Utc>| {
+        (later - earlier).num_microseconds().unwrap_or(i64::MAX) as f64 / 1000.0
+    };
+    let mut previous = job.created_at;
+    entries
+        .into_iter()
+        .map(|e| {
+            let step = TraceStep {
+                occurred_at: e.occurred_at,
+                since_start_ms: ms(e.occurred_at, job.created_at),
+                since_previous_ms: ms(e.occurred_at, previous),
+                event_type: e.event_type,
+                actor: e.actor,
+                aggregate_type: e.aggregate_type,
+                aggregate_id: e.aggregate_id,
+            };
+            previous = step.occurred_at;
+            step
+        })
+        .collect()
+}
+
+/// `worker:<uuid>` as `worker:<short id>`; other names as they are.
+fn short_actor(actor: &str) -> String {
+    match actor.strip_prefix("worker:").and_then(|id| id.parse::<Uuid>().ok()) {
+        Some(id) => format!("worker:{}", short_id(&id)),
+        None => actor.to_owned(),
+    }
+}
+
+/// The last 8 hex digits: ids are UUIDv7, which begin with their creation time, so a job and
+/// the worker made for it in the same millisecond share their first digits, not their last.
+fn short_id(id: &Uuid) -> String {
+    id.simple().to_string()[24..].to_owned()
+}
+
+pub fn trace_table(job: &JobView, steps: &[TraceStep]) {
+    let exit = job.exit_code.map(|c| format!(", exit code {c}")).unwrap_or_default();
+    println!("job {} {}{exit}, created {}, correlation {}", job.job_id, job.state, time(&job.created_at), job.correlation_id);
+    if steps.is_empty() {
+        println!("no audit entries yet for this job");
+        return;
+    }
+    let rows = steps
+        .iter()
+        .map(|s| {
+            let aggregate = match s.aggregate_type.as_str() {
+                "job" => "job".to_owned(),
+                other => format!("{other}:{}", short_id(&s.aggregate_id)),
+            };
+            vec![
+                time(&s.occurred_at),
+                format!("+{:.1}", s.since_start_ms),
+                format!("{:.1}", s.since_previous_ms),
+                s.event_type.clone(),
+                short_actor(&s.actor),
+                aggregate,
+            ]
+        })
+        .collect();
+    table(&["OCCURRED", "+MS", "ΔMS", "EVENT", "ACTOR", "AGGREGATE"], rows);
 }

@@ -3,6 +3,7 @@
 //! and applies the agents' started/finished reports to their jobs.
 
 mod handlers;
+mod monitor;
 
 use async_nats::Client;
 use hodei_domain::Actor;
@@ -24,6 +25,11 @@ pub struct Config {
     /// Largest number of database connections.
     #[arg(long, env = "HODEI_DB_POOL_SIZE", default_value_t = 10)]
     pub db_pool_size: u32,
+
+    /// Longest pause of the state-timeout monitor between looks at the deadlines (ms); it
+    /// also wakes for the next deadline it knows of.
+    #[arg(long, env = "HODEI_MONITOR_INTERVAL_MS", default_value_t = 1000)]
+    pub monitor_interval_ms: u64,
 }
 
 #[derive(Clone)]
@@ -44,7 +50,14 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     config.common.serve_metrics(9611, vec![hodei_store::health(&pool), hodei_messaging::health(&client)], shutdown.clone()).await?;
     register_job_gauges(&pool);
     let state = State { pool, client: client.clone(), actor: Actor::service(SERVICE) };
-    serve(state, js, shutdown).await
+    let monitor = tokio::spawn(monitor::run(
+        state.pool.clone(),
+        std::time::Duration::from_millis(config.monitor_interval_ms),
+        shutdown.clone(),
+    ));
+    let served = serve(state, js, shutdown).await;
+    let _ = monitor.await;
+    served
 }
 
 /// `hodei_jobs{state}`, counted when scraped.
@@ -88,6 +101,12 @@ async fn serve(state: State, js: JetStream, shutdown: Shutdown) -> anyhow::Resul
             handlers::query::list(state.clone(), req)
         })
     };
+    let cancel = {
+        let state = state.clone();
+        api::serve(state.client.clone(), subjects::API_JOBS_CANCEL, queue, shutdown.clone(), move |req, _| {
+            handlers::cancel::handle(state.clone(), req)
+        })
+    };
     let submissions = consumer::run(
         js.clone(),
         ConsumerConfig::new(streams::SUBMISSIONS, "scheduler-submissions", None),
@@ -100,8 +119,9 @@ async fn serve(state: State, js: JetStream, shutdown: Shutdown) -> anyhow::Resul
         shutdown.clone(),
         |delivery| handlers::reports::handle(state.clone(), delivery),
     );
-    let (submit, get, list, (), ()) = tokio::join!(submit, get, list, submissions, reports);
+    let (submit, get, list, cancel, (), ()) = tokio::join!(submit, get, list, cancel, submissions, reports);
     submit?;
+    cancel?;
     get?;
     list?;
     tracing::info!("stopped");

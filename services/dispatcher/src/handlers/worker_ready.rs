@@ -32,7 +32,7 @@ async fn dispatch(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
         workers::update(&mut tx, &mut worker).await?;
         outbox::append_events(&mut tx, &[event]).await?;
         tracing::info!(worker_id = %worker.id, "reserved job gone; worker torn down");
-    } else if let Some(mut job) = jobs::lock_oldest_pending(&mut tx).await? {
+    } else if let Some(mut job) = jobs::lock_next_pending(&mut tx).await? {
         send_job(&mut tx, &mut job, &mut worker, &state.actor).await?;
     }
     hodei_store::commit(tx).await?;

@@ -1,4 +1,5 @@
-//! Job events: when a job reaches a terminal state, its ephemeral worker is torn down.
+//! Job events: when a job leaves its worker (it ended, or its attempt is retried or
+//! requeued), the ephemeral worker is torn down.
 
 use hodei_domain::{DomainEvent, JobState, WorkerState};
 use hodei_messaging::consumer::{Delivery, Outcome};
@@ -12,8 +13,8 @@ pub async fn handle(state: State, delivery: Delivery) -> Outcome {
     Outcome::from_result(tear_down(&state, &delivery).await)
 }
 
-/// The job and worker of an event that ends a job, if it is one.
-fn ended(event: &DomainEvent) -> Option<(Uuid, Uuid, JobState)> {
+/// The job and worker of an event by which a job leaves its worker, and why.
+fn ended(event: &DomainEvent) -> Option<(Uuid, Uuid, String)> {
     #[derive(serde::Deserialize)]
     struct Ending {
         job_id: Uuid,
@@ -21,19 +22,25 @@ fn ended(event: &DomainEvent) -> Option<(Uuid, Uuid, JobState)> {
         #[serde(default)]
         to: Option<JobState>,
     }
-    let ends = ["JobCompleted", "JobExecutionError", "JobStatusChanged"];
-    if !ends.contains(&event.event_type.as_str()) {
+    let leaves = ["JobCompleted", "JobExecutionError", "JobStatusChanged", "JobRetrying", "JobRequeued"];
+    if !leaves.contains(&event.event_type.as_str()) {
         return None;
     }
     let ending: Ending = serde_json::from_value(event.payload.clone()).ok()?;
-    let to = ending.to.unwrap_or(JobState::Failed);
-    to.is_terminal().then_some((ending.job_id, ending.worker_id?, to))
+    let why = match (event.event_type.as_str(), ending.to) {
+        ("JobRetrying", _) => "is being retried".to_owned(),
+        ("JobRequeued", _) => "was requeued".to_owned(),
+        ("JobExecutionError", _) => format!("ended {}", JobState::Failed),
+        (_, Some(to)) if to.is_terminal() => format!("ended {to}"),
+        _ => return None,
+    };
+    Some((ending.job_id, ending.worker_id?, why))
 }
 
 #[tracing::instrument(name = "teardown", skip_all)]
 async fn tear_down(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
     let event: DomainEvent = delivery.decode()?;
-    let Some((job_id, worker_id, job_state)) = ended(&event) else { return Ok(()) };
+    let Some((job_id, worker_id, why)) = ended(&event) else { return Ok(()) };
     let mut tx = state.pool.begin().await.map_err(StoreError::from)?;
     let Some(mut worker) = workers::lock(&mut tx, worker_id).await? else {
         return Err(ApiError::not_found(format!("job {job_id} ended on unknown worker {worker_id}")));
@@ -42,7 +49,7 @@ async fn tear_down(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
     if !holds_job || matches!(worker.state, WorkerState::Terminating | WorkerState::Terminated) {
         return Ok(());
     }
-    let reason = format!("job {job_id} ended {job_state}");
+    let reason = format!("job {job_id} {why}");
     let terminating = worker.terminate(reason, &state.actor)?;
     workers::update(&mut tx, &mut worker).await?;
     outbox::append_events(&mut tx, &[terminating]).await?;

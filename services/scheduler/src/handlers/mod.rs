@@ -1,5 +1,6 @@
 //! One file per message the scheduler understands.
 
+pub mod cancel;
 pub mod query;
 pub mod reports;
 pub mod submit;

@@ -56,21 +56,19 @@ async fn apply(state: &State, delivery: &Delivery) -> Result<ReportAccepted, Api
     let mut job = jobs::lock(&mut tx, job_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("there is no job {job_id}")))?;
-    let event = apply_to(&mut job, worker_id, report, &actor)?;
+    let events = apply_to(&mut job, worker_id, report, &actor)?;
     jobs::update(&mut tx, &mut job).await?;
-    outbox::append_events(&mut tx, &[event]).await?;
+    outbox::append_events(&mut tx, &events).await?;
     hodei_store::commit(tx).await?;
     Ok(ReportAccepted { job_id, state: job.state })
 }
 
-fn apply_to(job: &mut Job, worker_id: Uuid, report: Report, actor: &Actor) -> Result<hodei_domain::DomainEvent, ApiError> {
-    let event = match report {
-        Report::Started(_) => job.start(worker_id, actor)?,
-        Report::Finished(JobFinished { exit_code: Some(code), .. }) => job.complete(worker_id, code, actor)?,
-        Report::Finished(JobFinished { exit_code: None, error, .. }) => {
-            let error = error.unwrap_or_else(|| "the job ended without an exit code".to_owned());
-            job.fail(Some(worker_id), error, actor)?
+fn apply_to(job: &mut Job, worker_id: Uuid, report: Report, actor: &Actor) -> Result<Vec<hodei_domain::DomainEvent>, ApiError> {
+    let events = match report {
+        Report::Started(_) => vec![job.start(worker_id, actor)?],
+        Report::Finished(JobFinished { exit_code, error, .. }) => {
+            job.finish(worker_id, exit_code, error, hodei_runtime::jitter(), actor)?
         }
     };
-    Ok(event)
+    Ok(events)
 }

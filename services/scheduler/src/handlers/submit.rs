@@ -71,7 +71,8 @@ async fn submit(
             return Ok(accepted(&existing, false));
         }
     }
-    let (job, events) = Job::submit(Uuid::now_v7(), request.spec(), correlation_id, idempotency_key, &state.actor)?;
+    let (job, events) =
+        Job::submit(Uuid::now_v7(), request.spec(), request.policy.clone(), correlation_id, idempotency_key, &state.actor)?;
     tracing::Span::current().record("job_id", tracing::field::display(job.id));
     let mut tx = state.pool.begin().await.map_err(hodei_store::StoreError::from)?;
     if !jobs::insert(&mut tx, &job).await? {

@@ -1,0 +1,58 @@
+//! The state-timeout monitor of jobs: every non-terminal job has a deadline (`deadline_at`,
+//! indexed); one cheap query finds the overdue ones and each gets its named transition
+//! (time out, requeue, retry, or queue again after a backoff) through the normal rule: one
+//! transaction with its events. It sleeps until the next deadline, at most `max_sleep`.
+
+use std::time::Duration;
+
+use hodei_domain::Actor;
+use hodei_runtime::Shutdown;
+use hodei_store::{jobs, outbox, StoreError};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+const BATCH: i64 = 200;
+
+pub async fn run(pool: PgPool, max_sleep: Duration, shutdown: Shutdown) {
+    let actor = Actor::service("scheduler-monitor");
+    while !shutdown.is_triggered() {
+        match jobs::due(&pool, BATCH).await {
+            Ok(due) => {
+                for job_id in &due {
+                    if let Err(error) = expire(&pool, *job_id, &actor).await {
+                        tracing::warn!(%job_id, %error, "cannot apply the job's timeout; trying again");
+                    }
+                }
+                if due.len() as i64 == BATCH {
+                    continue;
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot look for overdue jobs"),
+        }
+        let sleep = match jobs::next_due(&pool).await {
+            Ok(Some(at)) => (at - chrono::Utc::now()).to_std().unwrap_or_default().min(max_sleep),
+            _ => max_sleep,
+        };
+        shutdown.guard(tokio::time::sleep(sleep.max(Duration::from_millis(5)))).await;
+    }
+}
+
+#[tracing::instrument(name = "state timeout", skip(pool, actor))]
+async fn expire(pool: &PgPool, job_id: Uuid, actor: &Actor) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    let Some(mut job) = jobs::lock(&mut tx, job_id).await? else { return Ok(()) };
+    let from = job.state;
+    let events = match job.expire(chrono::Utc::now(), hodei_runtime::jitter(), actor) {
+        Ok(events) if !events.is_empty() => events,
+        Ok(_) => return Ok(()),
+        Err(error) => {
+            tracing::warn!(%error, "timeout refused by the state machine");
+            return Ok(());
+        }
+    };
+    jobs::update(&mut tx, &mut job).await?;
+    outbox::append_events(&mut tx, &events).await?;
+    hodei_store::commit(tx).await?;
+    tracing::info!(%job_id, %from, to = %job.state, event = %events[0].event_type, "state timeout applied");
+    Ok(())
+}
