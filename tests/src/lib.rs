@@ -372,7 +372,20 @@ impl System {
         .await;
     }
 
-    /// Agent processes started for this system that are still alive.
+    /// Agent processes (`hodei-agent`) of this system that are alive.
+    pub fn agent_pids(&self) -> Vec<u32> {
+        self.live_agents()
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| c.split(|b| *b == 0).next().is_some_and(|argv0| argv0.ends_with(b"hodei-agent")))
+                    .unwrap_or(false)
+            })
+            .collect()
+    }
+
+    /// Processes started for this system's workers that are still alive: agents, and the
+    /// jobs' processes (which inherit the agent's environment).
     pub fn live_agents(&self) -> Vec<u32> {
         let needle = format!("HODEI_NATS_URL={}", self.nats.url);
         let mut pids = Vec::new();

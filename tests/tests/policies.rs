@@ -145,3 +145,44 @@ async fn a_job_that_cannot_start_in_time_times_out_and_cancellation_works_in_eac
         .await;
     system.wait_for("no agent left", Duration::from_secs(10), || async { system.live_agents().is_empty() }).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_mid_job_is_declared_lost_and_its_job_retried_on_a_new_worker() {
+    let system = System::start_with(&[("HODEI_HEARTBEAT_INTERVAL_MS", "200"), ("HODEI_WORKER_LOST_AFTER_MS", "1500")]).await;
+    let marker = std::env::temp_dir().join(format!("hodei-attempt-{}", Uuid::new_v4().simple()));
+    let script = format!(
+        "if [ -e {m} ]; then echo second; exit 0; fi; touch {m}; echo $$; exec sleep 60",
+        m = marker.display()
+    );
+    let retry = RetryPolicy { max_attempts: 2, initial_backoff_ms: 100, retry_on: vec![RetryOn::Lost], ..Default::default() };
+    let accepted =
+        system.submit(&with_policy(job("sh", &["-c", &script]), JobPolicy { retry, ..Default::default() })).await.unwrap();
+    let first_pid = printed_pid(&system, accepted.job_id).await;
+    wait_for_state(&system, accepted.job_id, JobState::Running).await;
+    let agents = system.agent_pids();
+    assert_eq!(agents.len(), 1);
+    // SAFETY: kill(2) of the agent process this test's system started.
+    unsafe { libc_kill(agents[0]) };
+
+    system
+        .wait_for("the job to succeed on its second attempt", Duration::from_secs(60), || async {
+            system.get(accepted.job_id).await.is_ok_and(|j| j.state == JobState::Succeeded)
+        })
+        .await;
+    let job = system.get(accepted.job_id).await.unwrap();
+    assert_eq!(job.attempt, 2);
+    system.wait_until_settled(&[accepted.job_id], Duration::from_secs(30)).await;
+    system.wait_for("the orphaned first attempt to be killed", Duration::from_secs(10), || async { !alive(first_pid) }).await;
+    let trail = system.audit(AuditQuery { correlation_id: Some(job.correlation_id.clone()), ..Default::default() }).await;
+    let terminating: Vec<_> = trail.iter().filter(|e| e.event_type == "WorkerTerminating").collect();
+    assert!(terminating.iter().any(|e| e.payload["reason"].as_str().unwrap_or("").contains("lost")), "a worker was declared lost");
+    assert_eq!(trail.iter().filter(|e| e.event_type == "JobRetrying").count(), 1);
+    let _ = std::fs::remove_file(marker);
+}
+
+unsafe fn libc_kill(pid: u32) {
+    extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    kill(pid as i32, 9);
+}

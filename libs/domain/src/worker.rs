@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::error::{DomainError, Result};
+
+/// How long a requested worker may take to register before it is given up.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 use crate::events::{
     Actor, DomainEvent, EventPayload, WorkerProvisioned, WorkerProvisioningFailed,
     WorkerProvisioningRequested, WorkerReady, WorkerReadyForJob, WorkerRegistered,
@@ -101,6 +104,9 @@ pub struct Worker {
     pub token_hash: Option<String>,
     pub correlation_id: String,
     pub last_heartbeat_at: Option<DateTime<Utc>>,
+    /// When the state-timeout monitor acts: a worker that never connects, or that stopped
+    /// sending heartbeats (each heartbeat moves it). None while nothing is awaited.
+    pub deadline_at: Option<DateTime<Utc>>,
     pub version: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -125,6 +131,7 @@ impl Worker {
             token_hash: None,
             correlation_id,
             last_heartbeat_at: None,
+            deadline_at: Some(now + CONNECT_TIMEOUT),
             version: 0,
             created_at: now,
             updated_at: now,
@@ -163,16 +170,19 @@ impl Worker {
     /// Terminating; the caller ends it with [`Worker::terminated`] once nothing is left of it.
     pub fn provisioning_failed(&mut self, error: String, actor: &Actor) -> Result<DomainEvent> {
         self.transition(WorkerState::Terminating)?;
+        self.deadline_at = None;
         let provider = self.provider.clone();
         Ok(self.event(actor, &WorkerProvisioningFailed { worker_id: self.id, provider, error }))
     }
 
     /// The agent registers with its bootstrap token, which is spent: Connecting -> Ready.
+    /// `lost_after`: how long it may go without a heartbeat before it is declared lost.
     pub fn register(
         &mut self,
         presented_token_hash: &str,
         pid: Option<u32>,
         hostname: Option<String>,
+        lost_after: std::time::Duration,
         actor: &Actor,
     ) -> Result<Vec<DomainEvent>> {
         let token_ok = self
@@ -184,7 +194,8 @@ impl Worker {
         }
         let from = self.transition(WorkerState::Ready)?;
         self.token_hash = None;
-        self.last_heartbeat_at = Some(Utc::now());
+        self.last_heartbeat_at = Some(self.updated_at);
+        self.deadline_at = Some(self.updated_at + lost_after);
         Ok(vec![
             self.event(actor, &WorkerRegistered { worker_id: self.id, pid, hostname }),
             self.event(actor, &WorkerReady { worker_id: self.id, from }),
@@ -225,6 +236,7 @@ impl Worker {
     /// Tear the worker down (its job finished, it was lost, or it is being drained away).
     pub fn terminate(&mut self, reason: String, actor: &Actor) -> Result<DomainEvent> {
         let from = self.transition(WorkerState::Terminating)?;
+        self.deadline_at = None;
         Ok(self.event(actor, &WorkerTerminating { worker_id: self.id, from, reason }))
     }
 
@@ -232,8 +244,39 @@ impl Worker {
     pub fn terminated(&mut self, actor: &Actor) -> Result<DomainEvent> {
         let from = self.transition(WorkerState::Terminated)?;
         self.token_hash = None;
+        self.deadline_at = None;
         Ok(self.event(actor, &WorkerTerminated { worker_id: self.id, from }))
     }
+}
+
+impl Worker {
+    /// What the state-timeout monitor does with a worker at `now`: one that never connected
+    /// or stopped sending heartbeats is torn down. Returns the reason with the event, or
+    /// nothing if the worker is not due.
+    pub fn expire(&mut self, now: DateTime<Utc>, actor: &Actor) -> Result<Option<(DomainEvent, WorkerFault)>> {
+        if self.deadline_at.is_none_or(|at| at > now) {
+            return Ok(None);
+        }
+        let fault = match self.state {
+            WorkerState::Creating | WorkerState::Connecting => WorkerFault::NeverConnected,
+            WorkerState::Ready | WorkerState::Busy | WorkerState::Draining => WorkerFault::Lost,
+            WorkerState::Terminating | WorkerState::Terminated => return Ok(None),
+        };
+        let reason = match fault {
+            WorkerFault::NeverConnected => format!("never registered within {} s", CONNECT_TIMEOUT.as_secs()),
+            WorkerFault::Lost => "lost: no heartbeat in time".to_owned(),
+        };
+        Ok(Some((self.terminate(reason, actor)?, fault)))
+    }
+}
+
+/// Why the monitor tore a worker down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerFault {
+    /// Its job never started there: requeue it.
+    NeverConnected,
+    /// Its job may have been running: retry or fail it by the job's policy.
+    Lost,
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -293,7 +336,7 @@ mod tests {
         type Method = fn(&mut Worker, &Actor) -> bool;
         let methods: [(WorkerState, Method); 7] = [
             (Connecting, |w, a| w.provisioned("hash".into(), a).is_ok()),
-            (Ready, |w, a| w.register("hash", None, None, a).is_ok()),
+            (Ready, |w, a| w.register("hash", None, None, std::time::Duration::from_secs(15), a).is_ok()),
             (Busy, |w, a| w.assign(Uuid::nil(), a).is_ok()),
             (Ready, |w, a| w.release(a).is_ok()),
             (Draining, |w, a| w.drain(a).is_ok()),
@@ -324,16 +367,31 @@ mod tests {
         let a = Actor::service("t");
         let mut worker = worker_in(Connecting);
         assert_eq!(
-            worker.register("wrong", None, None, &a),
+            worker.register("wrong", None, None, std::time::Duration::from_secs(15), &a),
             Err(DomainError::InvalidBootstrapToken { worker_id: worker.id })
         );
         assert_eq!(worker.state, Connecting);
-        let events = worker.register("hash", Some(7), None, &a).unwrap();
+        let events = worker.register("hash", Some(7), None, std::time::Duration::from_secs(15), &a).unwrap();
         let types: Vec<_> = events.iter().map(|e| e.event_type.as_str()).collect();
         assert_eq!(types, ["WorkerRegistered", "WorkerReady", "WorkerReadyForJob"]);
         assert_eq!(worker.token_hash, None);
         worker.state = Connecting;
-        assert!(worker.register("hash", None, None, &a).is_err(), "a spent token is refused");
+        assert!(worker.register("hash", None, None, std::time::Duration::from_secs(15), &a).is_err(), "a spent token is refused");
+    }
+
+    #[test]
+    fn the_monitor_tears_down_workers_that_never_connect_or_go_silent() {
+        let a = Actor::service("t");
+        let (mut creating, _) = Worker::request(Uuid::now_v7(), "process", None, "c".into(), &a);
+        assert_eq!(creating.expire(Utc::now(), &a).unwrap(), None, "not due yet");
+        let due = creating.deadline_at.unwrap();
+        let (event, fault) = creating.expire(due, &a).unwrap().unwrap();
+        assert_eq!((event.event_type.as_str(), fault), ("WorkerTerminating", WorkerFault::NeverConnected));
+        let mut busy = worker_in(Busy);
+        busy.deadline_at = Some(Utc::now());
+        assert_eq!(busy.expire(Utc::now(), &a).unwrap().unwrap().1, WorkerFault::Lost);
+        assert_eq!(busy.state, Terminating);
+        assert_eq!(busy.expire(Utc::now() + chrono::Duration::hours(1), &a).unwrap(), None, "no deadline while terminating");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::future::Future;
 
 use tokio::sync::watch;
 
+pub mod sweep;
 pub mod telemetry;
 
 /// Settings every service shares. Each can be given as a flag or through its environment

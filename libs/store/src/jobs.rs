@@ -187,7 +187,7 @@ pub async fn list(
 
 /// Jobs whose state deadline or retry backoff is over, most overdue first.
 pub async fn due(pool: &PgPool, limit: i64) -> Result<Vec<Uuid>> {
-    let rows: Vec<(Uuid,)> = sqlx::query_as(
+    let rows: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(
         "(SELECT id, deadline_at AS due FROM jobs WHERE deadline_at <= now() ORDER BY deadline_at LIMIT $1) \
          UNION ALL \
          (SELECT id, not_before AS due FROM jobs WHERE not_before <= now() ORDER BY not_before LIMIT $1) \
@@ -195,9 +195,8 @@ pub async fn due(pool: &PgPool, limit: i64) -> Result<Vec<Uuid>> {
     )
     .bind(limit)
     .fetch_all(pool)
-    .await
-    .map(|rows: Vec<(Uuid, DateTime<Utc>)>| rows.into_iter().map(|(id, _)| (id,)).collect())?;
-    Ok(rows.into_iter().map(|(id,)| id).collect())
+    .await?;
+    Ok(rows.into_iter().map(|(id, _)| id).collect())
 }
 
 /// The earliest deadline or backoff end of any job, to sleep until.

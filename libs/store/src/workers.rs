@@ -17,6 +17,7 @@ struct WorkerRow {
     token_hash: Option<String>,
     correlation_id: String,
     last_heartbeat_at: Option<DateTime<Utc>>,
+    deadline_at: Option<DateTime<Utc>>,
     version: i64,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
@@ -34,6 +35,7 @@ impl TryFrom<WorkerRow> for Worker {
             token_hash: row.token_hash,
             correlation_id: row.correlation_id,
             last_heartbeat_at: row.last_heartbeat_at,
+            deadline_at: row.deadline_at,
             version: row.version,
             created_at: row.created_at,
             updated_at: row.updated_at,
@@ -42,13 +44,13 @@ impl TryFrom<WorkerRow> for Worker {
 }
 
 const COLUMNS: &str = "id, state, provider, reserved_job_id, current_job_id, token_hash, \
-                       correlation_id, last_heartbeat_at, version, created_at, updated_at";
+                       correlation_id, last_heartbeat_at, deadline_at, version, created_at, updated_at";
 
 pub async fn insert(conn: &mut PgConnection, worker: &Worker) -> Result<()> {
     sqlx::query(
         "INSERT INTO workers (id, state, provider, reserved_job_id, current_job_id, token_hash, \
-                              correlation_id, last_heartbeat_at, version, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                              correlation_id, last_heartbeat_at, version, created_at, updated_at, deadline_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
     )
     .bind(worker.id)
     .bind(worker.state.as_str())
@@ -61,6 +63,7 @@ pub async fn insert(conn: &mut PgConnection, worker: &Worker) -> Result<()> {
     .bind(worker.version)
     .bind(worker.created_at)
     .bind(worker.updated_at)
+    .bind(worker.deadline_at)
     .execute(conn)
     .await?;
     Ok(())
@@ -70,7 +73,7 @@ pub async fn insert(conn: &mut PgConnection, worker: &Worker) -> Result<()> {
 pub async fn update(conn: &mut PgConnection, worker: &mut Worker) -> Result<()> {
     let result = sqlx::query(
         "UPDATE workers SET state = $2, reserved_job_id = $3, current_job_id = $4, token_hash = $5, \
-                            last_heartbeat_at = $6, updated_at = $7, version = version + 1 \
+                            last_heartbeat_at = $6, updated_at = $7, version = version + 1, deadline_at = $9 \
          WHERE id = $1 AND version = $8",
     )
     .bind(worker.id)
@@ -81,6 +84,7 @@ pub async fn update(conn: &mut PgConnection, worker: &mut Worker) -> Result<()> 
     .bind(worker.last_heartbeat_at)
     .bind(worker.updated_at)
     .bind(worker.version)
+    .bind(worker.deadline_at)
     .execute(conn)
     .await?;
     if result.rows_affected() != 1 {
@@ -106,13 +110,17 @@ pub async fn lock_free_ready(conn: &mut PgConnection) -> Result<Option<Worker>> 
     row.map(Worker::try_from).transpose()
 }
 
-/// Liveness is recorded on the row; it is not a state change and emits no event.
-pub async fn record_heartbeat(pool: &PgPool, id: Uuid, at: DateTime<Utc>) -> Result<bool> {
+/// Liveness is recorded on the row (and moves the deadline of a Ready or Busy worker to
+/// `lost_at`); it is not a state change and emits no event.
+pub async fn record_heartbeat(pool: &PgPool, id: Uuid, at: DateTime<Utc>, lost_at: DateTime<Utc>) -> Result<bool> {
     let result = sqlx::query(
-        "UPDATE workers SET last_heartbeat_at = $2 WHERE id = $1 AND state <> 'Terminated'",
+        "UPDATE workers SET last_heartbeat_at = $2, \
+                deadline_at = CASE WHEN state IN ('Ready', 'Busy', 'Draining') THEN $3 ELSE deadline_at END \
+         WHERE id = $1 AND state <> 'Terminated'",
     )
     .bind(id)
     .bind(at)
+    .bind(lost_at)
     .execute(pool)
     .await?;
     Ok(result.rows_affected() == 1)
@@ -148,4 +156,21 @@ pub async fn list(
         encode_cursor(last.created_at, last.id)
     });
     Ok((workers, next))
+}
+
+/// Workers whose deadline is over, most overdue first.
+pub async fn due(pool: &PgPool, limit: i64) -> Result<Vec<Uuid>> {
+    let rows: Vec<(Uuid,)> =
+        sqlx::query_as("SELECT id FROM workers WHERE deadline_at <= now() ORDER BY deadline_at LIMIT $1")
+            .bind(limit)
+            .fetch_all(pool)
+            .await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
+}
+
+/// The earliest deadline of any worker, to sleep until.
+pub async fn next_due(pool: &PgPool) -> Result<Option<DateTime<Utc>>> {
+    let (at,): (Option<DateTime<Utc>>,) =
+        sqlx::query_as("SELECT min(deadline_at) FROM workers WHERE deadline_at IS NOT NULL").fetch_one(pool).await?;
+    Ok(at)
 }

@@ -3,6 +3,7 @@
 //! the job they ran has ended (ephemeral workers). It also answers `hodei workers`.
 
 mod handlers;
+mod monitor;
 
 use hodei_domain::Actor;
 use hodei_messaging::consumer::{self, ConsumerConfig};
@@ -24,6 +25,14 @@ pub struct Config {
     #[arg(long, env = "HODEI_HEARTBEAT_INTERVAL_MS", default_value_t = 5000)]
     pub heartbeat_interval_ms: u64,
 
+    /// A worker without a heartbeat for this long is declared lost (ms).
+    #[arg(long, env = "HODEI_WORKER_LOST_AFTER_MS", default_value_t = 15_000)]
+    pub worker_lost_after_ms: u64,
+
+    /// Longest pause of the worker timeout monitor between looks at the deadlines (ms).
+    #[arg(long, env = "HODEI_MONITOR_INTERVAL_MS", default_value_t = 1000)]
+    pub monitor_interval_ms: u64,
+
     /// Largest number of database connections.
     #[arg(long, env = "HODEI_DB_POOL_SIZE", default_value_t = 10)]
     pub db_pool_size: u32,
@@ -34,6 +43,7 @@ pub(crate) struct State {
     pub pool: PgPool,
     pub actor: Actor,
     pub heartbeat_interval_ms: u64,
+    pub lost_after: std::time::Duration,
 }
 
 /// `hodei_workers{state}`, counted when scraped.
@@ -67,7 +77,14 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         .context("connecting to NATS")?;
     config.common.serve_metrics(9613, vec![hodei_store::health(&pool), hodei_messaging::health(&client)], shutdown.clone()).await?;
     register_worker_gauges(&pool);
-    let state = State { pool, actor: Actor::service(SERVICE), heartbeat_interval_ms: config.heartbeat_interval_ms };
+    let state = State { pool, actor: Actor::service(SERVICE), heartbeat_interval_ms: config.heartbeat_interval_ms,
+        lost_after: std::time::Duration::from_millis(config.worker_lost_after_ms),
+    };
+    let monitor = tokio::spawn(monitor::run(
+        state.pool.clone(),
+        std::time::Duration::from_millis(config.monitor_interval_ms),
+        shutdown.clone(),
+    ));
     let queue = "hodei-registry";
     let register = {
         let state = state.clone();
@@ -89,6 +106,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         |delivery| handlers::job_ended::handle(state.clone(), delivery),
     );
     let (register, workers, heartbeats, ()) = tokio::join!(register, workers, heartbeats, teardown);
+    let _ = monitor.await;
     register?;
     workers?;
     heartbeats?;

@@ -11,30 +11,23 @@ use hodei_store::{jobs, outbox, StoreError};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-const BATCH: i64 = 200;
+const BATCH: usize = 200;
 
 pub async fn run(pool: PgPool, max_sleep: Duration, shutdown: Shutdown) {
     let actor = Actor::service("scheduler-monitor");
-    while !shutdown.is_triggered() {
-        match jobs::due(&pool, BATCH).await {
-            Ok(due) => {
-                for job_id in &due {
-                    if let Err(error) = expire(&pool, *job_id, &actor).await {
-                        tracing::warn!(%job_id, %error, "cannot apply the job's timeout; trying again");
-                    }
-                }
-                if due.len() as i64 == BATCH {
-                    continue;
-                }
-            }
-            Err(error) => tracing::warn!(%error, "cannot look for overdue jobs"),
-        }
-        let sleep = match jobs::next_due(&pool).await {
-            Ok(Some(at)) => (at - chrono::Utc::now()).to_std().unwrap_or_default().min(max_sleep),
-            _ => max_sleep,
-        };
-        shutdown.guard(tokio::time::sleep(sleep.max(Duration::from_millis(5)))).await;
-    }
+    hodei_runtime::sweep::run(
+        "jobs",
+        BATCH,
+        max_sleep,
+        shutdown,
+        || async { jobs::due(&pool, BATCH as i64).await.map_err(|e| e.to_string()) },
+        || async { jobs::next_due(&pool).await.map_err(|e| e.to_string()) },
+        |job_id| {
+            let (pool, actor) = (&pool, &actor);
+            async move { expire(pool, job_id, actor).await.map_err(|e| e.to_string()) }
+        },
+    )
+    .await;
 }
 
 #[tracing::instrument(name = "state timeout", skip(pool, actor))]

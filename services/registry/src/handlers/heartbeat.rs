@@ -25,7 +25,8 @@ pub async fn run(state: State, client: Client, shutdown: Shutdown) -> hodei_mess
             tracing::warn!(subject = %message.subject, worker_id = %beat.worker_id, "heartbeat for another worker ignored");
             continue;
         }
-        match hodei_store::workers::record_heartbeat(&state.pool, beat.worker_id, chrono::Utc::now()).await {
+        let now = chrono::Utc::now();
+        match hodei_store::workers::record_heartbeat(&state.pool, beat.worker_id, now, now + state.lost_after).await {
             Ok(true) => tracing::trace!(worker_id = %beat.worker_id, "heartbeat"),
             Ok(false) => tracing::debug!(worker_id = %beat.worker_id, "heartbeat from an unknown or ended worker"),
             Err(error) => tracing::warn!(%error, "cannot record heartbeat"),

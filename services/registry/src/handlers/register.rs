@@ -22,7 +22,13 @@ pub async fn handle(state: State, request: RegisterWorker, ctx: RequestContext) 
     let mut worker = workers::lock(&mut tx, request.worker_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("there is no worker {}", request.worker_id)))?;
-    let events = worker.register(&hash_token(&request.token), request.pid, request.hostname, &Actor::worker(worker.id))?;
+    let events = worker.register(
+        &hash_token(&request.token),
+        request.pid,
+        request.hostname,
+        state.lost_after,
+        &Actor::worker(worker.id),
+    )?;
     workers::update(&mut tx, &mut worker).await?;
     outbox::append_events(&mut tx, &events).await?;
     hodei_store::commit(tx).await?;

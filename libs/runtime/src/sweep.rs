@@ -1,0 +1,51 @@
+//! The loop of a state-timeout monitor: find what is overdue (one cheap, indexed query),
+//! handle each, then sleep until the next known deadline (at most `max_sleep`, so that
+//! deadlines written by other instances are seen too) or until shutdown.
+
+use std::future::Future;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::Shutdown;
+
+pub async fn run<T, Due, DueFut, Next, NextFut, Handle, HandleFut>(
+    what: &'static str,
+    batch: usize,
+    max_sleep: Duration,
+    shutdown: Shutdown,
+    due: Due,
+    next_due: Next,
+    handle: Handle,
+) where
+    T: std::fmt::Display,
+    Due: Fn() -> DueFut,
+    DueFut: Future<Output = Result<Vec<T>, String>>,
+    Next: Fn() -> NextFut,
+    NextFut: Future<Output = Result<Option<DateTime<Utc>>, String>>,
+    Handle: Fn(T) -> HandleFut,
+    HandleFut: Future<Output = Result<(), String>>,
+{
+    while !shutdown.is_triggered() {
+        match due().await {
+            Ok(items) => {
+                let full = items.len() >= batch;
+                for item in items {
+                    let name = item.to_string();
+                    if let Err(error) = handle(item).await {
+                        tracing::warn!(what, item = %name, %error, "cannot apply a state timeout; it is tried again");
+                    }
+                }
+                if full {
+                    continue;
+                }
+            }
+            Err(error) => tracing::warn!(what, %error, "cannot look for overdue deadlines"),
+        }
+        let sleep = match next_due().await {
+            Ok(Some(at)) => (at - Utc::now()).to_std().unwrap_or_default().min(max_sleep),
+            _ => max_sleep,
+        };
+        shutdown.guard(tokio::time::sleep(sleep.max(Duration::from_millis(5)))).await;
+    }
+}

@@ -1,0 +1,71 @@
+//! The state-timeout monitor of workers: a worker that never registers is torn down and its
+//! job requeued; a worker whose heartbeats stopped is declared lost, torn down, and its job
+//! retried or failed by the job's policy — each in one transaction with its events.
+
+use std::time::Duration;
+
+use hodei_domain::{Actor, DomainEvent, WorkerFault};
+use hodei_runtime::Shutdown;
+use hodei_store::{jobs, outbox, workers, StoreError};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+const BATCH: usize = 200;
+
+pub async fn run(pool: PgPool, max_sleep: Duration, shutdown: Shutdown) {
+    let actor = Actor::service("registry-monitor");
+    hodei_runtime::sweep::run(
+        "workers",
+        BATCH,
+        max_sleep,
+        shutdown,
+        || async { workers::due(&pool, BATCH as i64).await.map_err(|e| e.to_string()) },
+        || async { workers::next_due(&pool).await.map_err(|e| e.to_string()) },
+        |worker_id| {
+            let (pool, actor) = (&pool, &actor);
+            async move { expire(pool, worker_id, actor).await.map_err(|e| e.to_string()) }
+        },
+    )
+    .await;
+}
+
+#[tracing::instrument(name = "worker timeout", skip(pool, actor))]
+async fn expire(pool: &PgPool, worker_id: Uuid, actor: &Actor) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    let Some(mut worker) = workers::lock(&mut tx, worker_id).await? else { return Ok(()) };
+    let job_id = worker.current_job_id.or(worker.reserved_job_id);
+    let (terminating, fault) = match worker.expire(chrono::Utc::now(), actor) {
+        Ok(Some(expired)) => expired,
+        Ok(None) => return Ok(()),
+        Err(error) => {
+            tracing::warn!(%error, "worker timeout refused by the state machine");
+            return Ok(());
+        }
+    };
+    let mut events: Vec<DomainEvent> = vec![terminating];
+    if let Some(job_id) = job_id {
+        if let Some(mut job) = jobs::lock(&mut tx, job_id).await? {
+            let outcome = if job.worker_id != Some(worker_id) || job.state.is_terminal() {
+                Ok(Vec::new())
+            } else {
+                match fault {
+                    WorkerFault::NeverConnected => job.requeue(format!("worker {worker_id} never registered"), actor),
+                    WorkerFault::Lost => job.worker_lost(worker_id, hodei_runtime::jitter(), actor),
+                }
+            };
+            match outcome {
+                Ok(job_events) if !job_events.is_empty() => {
+                    jobs::update(&mut tx, &mut job).await?;
+                    events.extend(job_events);
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%job_id, %error, "the job of the worker could not be moved on"),
+            }
+        }
+    }
+    workers::update(&mut tx, &mut worker).await?;
+    outbox::append_events(&mut tx, &events).await?;
+    hodei_store::commit(tx).await?;
+    tracing::warn!(%worker_id, ?fault, job_id = ?job_id, "worker timed out and is torn down");
+    Ok(())
+}
