@@ -16,3 +16,6 @@ CREATE INDEX jobs_pending_by_priority ON jobs (priority DESC, created_at, id) WH
 
 ALTER TABLE workers ADD COLUMN deadline_at timestamptz;
 CREATE INDEX workers_by_deadline ON workers (deadline_at) WHERE deadline_at IS NOT NULL;
+
+-- The relay keeps one aggregate's rows in order past a row that waits for a retry.
+CREATE INDEX outbox_pending_by_aggregate ON outbox_events (aggregate_id, id) WHERE status = 'pending';

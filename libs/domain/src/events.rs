@@ -22,6 +22,9 @@ pub const EVENT_SCHEMA_VERSION: u32 = 1;
 pub enum AggregateType {
     Job,
     Worker,
+    /// A message of the dead-letter stream, as operators act on it.
+    #[serde(rename = "dead_letter")]
+    DeadLetter,
 }
 
 impl AggregateType {
@@ -29,6 +32,7 @@ impl AggregateType {
         match self {
             AggregateType::Job => "job",
             AggregateType::Worker => "worker",
+            AggregateType::DeadLetter => "dead_letter",
         }
     }
 }
@@ -127,6 +131,7 @@ catalogue! {
     Worker: WorkerProvisioningRequested, WorkerProvisioned, WorkerProvisioningFailed,
          WorkerRegistered, WorkerReady, WorkerReadyForJob, WorkerStatusChanged, WorkerHeartbeat,
          WorkerTerminating, WorkerTerminated;
+    DeadLetter: DeadLetterReplayed, DeadLetterDiscarded;
 }
 
 // ----- job events -----
@@ -213,6 +218,24 @@ pub struct JobRetrying {
     pub reason: String,
     /// When the job is queued again (after its backoff).
     pub retry_at: DateTime<Utc>,
+}
+
+// ----- operators' actions on dead letters (recorded by the audit service) -----
+
+/// A dead letter was published again to its original subject.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetterReplayed {
+    pub dlq_seq: u64,
+    pub original_subject: String,
+    pub reason: String,
+}
+
+/// A dead letter was removed for good.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetterDiscarded {
+    pub dlq_seq: u64,
+    pub original_subject: String,
+    pub reason: String,
 }
 
 // ----- worker events -----

@@ -195,7 +195,13 @@ where
     if delivered > 1 {
         hodei_runtime::metrics::counter("hodei_consumer_redeliveries_total", "Messages delivered again", &[("consumer", &config.durable)]).inc();
     }
-    let outcome = handler(delivery).instrument(span.clone()).await;
+    let outcome = match handler(delivery).instrument(span.clone()).await {
+        // The last delivery NATS will make: dead-letter it rather than let it vanish.
+        Outcome::Retry { reason, .. } if delivered >= config.max_deliver => {
+            Outcome::Reject { reason: format!("gave up after {delivered} deliveries: {reason}") }
+        }
+        outcome => outcome,
+    };
     let kind = match &outcome {
         Outcome::Done => "done",
         Outcome::Retry { .. } => "retry",

@@ -345,3 +345,46 @@ current_version_default! {
     ListWorkers { state, limit, cursor },
     AuditQuery { correlation_id, event_type, aggregate_id, actor, from, to, limit, cursor }
 }
+
+/// `hodei.api.dlq.list`: dead letters in HODEI_DLQ, oldest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListDeadLetters {
+    #[serde(default = "schema_version")]
+    pub schema_version: u32,
+    /// At most 500; 50 when absent.
+    #[serde(default)]
+    pub limit: Option<u32>,
+    #[serde(default)]
+    pub cursor: Option<String>,
+}
+
+/// `hodei.api.dlq.show`, `.replay` and `.discard`: one dead letter by its sequence in HODEI_DLQ.
+/// `actor` names who asks, for the audit log (default `operator`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterRef {
+    #[serde(default = "schema_version")]
+    pub schema_version: u32,
+    pub seq: u64,
+    #[serde(default)]
+    pub actor: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub seq: u64,
+    pub dlq_subject: String,
+    /// Where the message was going (or came from) when it failed.
+    pub original_subject: String,
+    /// The stream it came from (`outbox` for rows the relay could not publish).
+    pub source: String,
+    /// The consumer (or `relay`) that gave up on it.
+    pub consumer: String,
+    pub reason: String,
+    pub stored_at: DateTime<Utc>,
+    pub size: usize,
+    /// The message itself (`show` only): JSON when it parses, a string otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload: Option<serde_json::Value>,
+}

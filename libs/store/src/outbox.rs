@@ -87,6 +87,7 @@ fn metadata(correlation_id: &str) -> sqlx::types::Json<serde_json::Value> {
 pub struct PendingRow {
     pub id: i64,
     pub event_id: Uuid,
+    pub aggregate_id: Uuid,
     pub subject: String,
     pub event_type: String,
     pub payload: String,
@@ -97,13 +98,16 @@ pub struct PendingRow {
 }
 
 /// Committed, unpublished rows in insertion order, locked so that no other relay takes them.
+/// A row waiting out a retry holds back the later rows of its aggregate, and only those.
 pub async fn lock_pending(conn: &mut PgConnection, limit: i64) -> Result<Vec<PendingRow>> {
     let rows = sqlx::query_as(
-        "SELECT id, event_id, subject, event_type, payload::text AS payload, \
+        "SELECT id, event_id, aggregate_id, subject, event_type, payload::text AS payload, \
                 metadata->>'correlation_id' AS correlation_id, metadata->>'traceparent' AS traceparent, \
                 metadata->>'tracestate' AS tracestate, attempts \
-         FROM outbox_events \
+         FROM outbox_events o \
          WHERE status = 'pending' AND (next_attempt_at IS NULL OR next_attempt_at <= now()) \
+           AND NOT EXISTS (SELECT 1 FROM outbox_events e WHERE e.status = 'pending' \
+                           AND e.aggregate_id = o.aggregate_id AND e.id < o.id AND e.next_attempt_at > now()) \
          ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
     .bind(limit)
@@ -139,6 +143,16 @@ pub async fn mark_failed(conn: &mut PgConnection, id: i64, error: &str, retry_in
     .bind(retry_in.as_millis() as f64)
     .execute(conn)
     .await?;
+    Ok(())
+}
+
+/// Give up on a row: it stays in the table, marked dead, with the reason.
+pub async fn mark_dead(conn: &mut PgConnection, id: i64, error: &str) -> Result<()> {
+    sqlx::query("UPDATE outbox_events SET status = 'dead', attempts = attempts + 1, last_error = $2 WHERE id = $1")
+        .bind(id)
+        .bind(error)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 

@@ -27,6 +27,7 @@ pub struct Config {
 #[derive(Clone)]
 pub(crate) struct State {
     pub pool: PgPool,
+    pub js: hodei_messaging::JetStream,
 }
 
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
@@ -38,12 +39,27 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         .await
         .context("connecting to NATS")?;
     config.common.serve_metrics(9615, vec![hodei_store::health(&pool), hodei_messaging::health(&client)], shutdown.clone()).await?;
-    let state = State { pool };
+    let state = State { pool, js: js.clone() };
     let query = {
         let state = state.clone();
         api::serve(client.clone(), subjects::API_AUDIT_QUERY, "hodei-audit", shutdown.clone(), move |req, _| {
             handlers::query::handle(state.clone(), req)
         })
+    };
+    let dlq = {
+        let serve = |subject: &'static str| (client.clone(), subject, "hodei-audit", shutdown.clone(), state.clone());
+        let (c, s, q, d, st) = serve(subjects::API_DLQ_LIST);
+        let list = api::serve(c, s, q, d, move |req, _| handlers::dlq::list(st.clone(), req));
+        let (c, s, q, d, st) = serve(subjects::API_DLQ_SHOW);
+        let show = api::serve(c, s, q, d, move |req, _| handlers::dlq::show(st.clone(), req));
+        let (c, s, q, d, st) = serve(subjects::API_DLQ_REPLAY);
+        let replay = api::serve(c, s, q, d, move |req, _| handlers::dlq::replay(st.clone(), req));
+        let (c, s, q, d, st) = serve(subjects::API_DLQ_DISCARD);
+        let discard = api::serve(c, s, q, d, move |req, _| handlers::dlq::discard(st.clone(), req));
+        async move {
+            let (a, b, c, d) = tokio::join!(list, show, replay, discard);
+            a.and(b).and(c).and(d)
+        }
     };
     let record = consumer::run(
         js.clone(),
@@ -51,8 +67,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         shutdown.clone(),
         |delivery| handlers::record::handle(state.clone(), delivery),
     );
-    let (query, ()) = tokio::join!(query, record);
+    let (query, dlq, ()) = tokio::join!(query, dlq, record);
     query?;
+    dlq?;
     tracing::info!("stopped");
     Ok(())
 }

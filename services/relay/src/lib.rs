@@ -33,6 +33,10 @@ pub struct Config {
     #[arg(long, env = "HODEI_RELAY_BATCH", default_value_t = 500)]
     pub batch: i64,
 
+    /// Attempts to publish a row before it is marked dead and copied to HODEI_DLQ.
+    #[arg(long, env = "HODEI_RELAY_MAX_ATTEMPTS", default_value_t = 10)]
+    pub max_attempts: i32,
+
     /// Seconds between sweeps when no notification arrives (a safety net, not the trigger).
     #[arg(long, env = "HODEI_RELAY_SWEEP_SECS", default_value_t = 5)]
     pub sweep_secs: u64,
@@ -64,7 +68,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let sweep = Duration::from_secs(config.sweep_secs);
     loop {
         loop {
-            match relay_batch(&pool, &js, config.batch).await {
+            match relay_batch(&pool, &js, config.batch, config.max_attempts).await {
                 Ok(0) => break,
                 Ok(n) => tracing::debug!(published = n, "batch published"),
                 Err(error) => {
@@ -116,7 +120,7 @@ fn register_outbox_gauges(pool: &PgPool) {
 }
 
 /// Publish one batch of pending rows; returns how many were published.
-pub async fn relay_batch(pool: &PgPool, js: &JetStream, batch: i64) -> anyhow::Result<usize> {
+pub async fn relay_batch(pool: &PgPool, js: &JetStream, batch: i64, max_attempts: i32) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
     let rows = outbox::lock_pending(&mut tx, batch).await?;
     if rows.is_empty() {
@@ -128,35 +132,72 @@ pub async fn relay_batch(pool: &PgPool, js: &JetStream, batch: i64) -> anyhow::R
         acks.push(publish(js, row).await);
     }
     let mut published = Vec::with_capacity(rows.len());
-    let mut failure = None;
+    let mut failures = Vec::new();
+    let mut held_back = std::collections::HashSet::new();
     for (row, ack) in rows.iter().zip(acks) {
         let result = match ack {
             Ok(future) => future.await.map(|_| ()).map_err(|e| e.to_string()),
             Err(error) => Err(error),
         };
+        if held_back.contains(&row.aggregate_id) {
+            // An earlier row of this aggregate failed: this one must not overtake it. If it
+            // reached the stream anyway, its re-publish is dropped as a duplicate (same
+            // Nats-Msg-Id) and consumers are idempotent.
+            continue;
+        }
         match result {
             Ok(()) => published.push(row.id),
             Err(error) => {
-                // Later rows wait, so that one aggregate's events never overtake each other.
-                failure = Some((row, error));
-                break;
+                held_back.insert(row.aggregate_id);
+                failures.push((row, error));
             }
         }
     }
     outbox::mark_published(&mut tx, &published).await?;
     hodei_runtime::metrics::counter("hodei_outbox_published_total", "Outbox rows published to JetStream", &[])
         .add(published.len() as u64);
-    if let Some((row, error)) = &failure {
-        let retry_in = Duration::from_millis(100u64 << row.attempts.clamp(0, 10));
-        tracing::error!(event_id = %row.event_id, subject = %row.subject, attempts = row.attempts + 1, %error, ?retry_in, "cannot publish outbox row");
+    for (row, error) in &failures {
         hodei_runtime::metrics::counter("hodei_outbox_publish_failures_total", "Failed attempts to publish an outbox row", &[]).inc();
-        outbox::mark_failed(&mut tx, row.id, error, retry_in).await?;
+        if row.attempts + 1 >= max_attempts && dead_letter(js, row, error).await {
+            tracing::error!(event_id = %row.event_id, subject = %row.subject, attempts = row.attempts + 1, %error, "outbox row is dead; copied to HODEI_DLQ");
+            hodei_runtime::metrics::counter("hodei_dead_letters_total", "Messages moved to HODEI_DLQ", &[("consumer", "relay")]).inc();
+            outbox::mark_dead(&mut tx, row.id, error).await?;
+        } else {
+            let retry_in = backoff(row.attempts);
+            tracing::error!(event_id = %row.event_id, subject = %row.subject, attempts = row.attempts + 1, %error, ?retry_in, "cannot publish outbox row; retrying");
+            outbox::mark_failed(&mut tx, row.id, error, retry_in).await?;
+        }
     }
     tx.commit().await?;
-    if failure.is_some() && published.is_empty() {
+    if !failures.is_empty() && published.is_empty() {
         anyhow::bail!("no row of the batch could be published");
     }
     Ok(published.len())
+}
+
+/// Exponential backoff with equal jitter: 100 ms doubling, at most about a minute.
+fn backoff(attempts: i32) -> Duration {
+    let full = 100u64 << attempts.clamp(0, 10);
+    Duration::from_millis(full / 2 + (full as f64 / 2.0 * hodei_runtime::jitter()) as u64)
+}
+
+/// Copy a row that cannot be published to `hodei.dlq.outbox.<EventType>`; false if even that fails.
+async fn dead_letter(js: &JetStream, row: &PendingRow, error: &str) -> bool {
+    let mut map = message_headers(&format!("dlq-outbox-{}", row.event_id), row.correlation_id.as_deref());
+    map.insert(headers::EVENT_TYPE, row.event_type.as_str());
+    map.insert("Hodei-Dlq-Reason", error.chars().take(1024).collect::<String>().as_str());
+    map.insert("Hodei-Dlq-Subject", row.subject.as_str());
+    map.insert("Hodei-Dlq-Stream", "outbox");
+    map.insert("Hodei-Dlq-Consumer", "relay");
+    map.insert("Hodei-Event-Id", row.event_id.to_string().as_str());
+    let subject = format!("hodei.dlq.outbox.{}", row.event_type);
+    match hodei_messaging::publish_durable(js, subject, map, Bytes::from(row.payload.clone())).await {
+        Ok(()) => true,
+        Err(dlq_error) => {
+            tracing::error!(event_id = %row.event_id, %dlq_error, "cannot copy the row to HODEI_DLQ either; it stays pending");
+            false
+        }
+    }
 }
 
 /// Publish one row in a span of its own, child of the transaction that wrote the row, and
