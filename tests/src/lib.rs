@@ -21,13 +21,20 @@ use uuid::Uuid;
 
 pub const SERVICES: [&str; 6] = ["relay", "scheduler", "dispatcher", "registry", "provider-manager", "audit"];
 
-/// Where the service binaries are: `HODEI_BIN_DIR`, else beside this test's `deps/` folder.
+/// Where the service binaries are: `HODEI_BIN_DIR`, else `target/<profile>/` of the running
+/// executable: a test runs from `target/<profile>/deps/`, a binary of this crate (such as
+/// `hodei-bench`) from `target/<profile>/` itself, beside the services.
 pub fn bin_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("HODEI_BIN_DIR") {
         return dir.into();
     }
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf()
+    let exe = std::env::current_exe().expect("executable path");
+    let dir = exe.parent().expect("target/<profile>/[deps/]<executable>");
+    if dir.file_name().is_some_and(|name| name == "deps") {
+        dir.parent().expect("target/<profile>/deps").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 pub fn binary(name: &str) -> PathBuf {
@@ -52,6 +59,7 @@ pub struct NatsServer {
     pub url: String,
     pub port: u16,
     dir: PathBuf,
+    bin: String,
 }
 
 impl NatsServer {
@@ -84,13 +92,38 @@ impl NatsServer {
                 }
                 let log = std::fs::read_to_string(&log_path).unwrap_or_default();
                 if log.contains("Server is ready") {
-                    return NatsServer { child, url: format!("nats://127.0.0.1:{port}"), port, dir };
+                    return NatsServer { child, url: format!("nats://127.0.0.1:{port}"), port, dir, bin };
                 }
                 assert!(Instant::now() < deadline, "nats-server did not start on {port}:\n{log}");
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
         panic!("nats-server would not start; see {}", dir.display());
+    }
+}
+
+impl NatsServer {
+    /// Kill the server (SIGKILL) and start it again on the same port with the same store,
+    /// after `down` — a restart as clients see it.
+    pub fn restart(&mut self, down: Duration) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(down);
+        let log_path = self.dir.join("nats-restarted.log");
+        self.child = Command::new(&self.bin)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(self.dir.join("store"))
+            .arg("-l")
+            .arg(&log_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("restart nats-server");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !std::fs::read_to_string(&log_path).unwrap_or_default().contains("Server is ready") {
+            assert!(Instant::now() < deadline, "nats-server did not come back on {}", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use crate::error::{DomainError, Result};
 
-/// How long a requested worker may take to register before it is given up.
+/// How long a requested worker may take to register before it is given up, by default.
 pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 use crate::events::{
     Actor, DomainEvent, EventPayload, WorkerProvisioned, WorkerProvisioningFailed,
@@ -100,7 +100,8 @@ pub struct Worker {
     /// The job this worker was provisioned for (ephemeral workers).
     pub reserved_job_id: Option<Uuid>,
     pub current_job_id: Option<Uuid>,
-    /// SHA-256 of the one-time bootstrap token; `None` once spent.
+    /// SHA-256 of the one-time bootstrap token. It registers the worker once (from
+    /// Connecting); the same agent asking again while Ready is answered without a change.
     pub token_hash: Option<String>,
     pub correlation_id: String,
     pub last_heartbeat_at: Option<DateTime<Utc>>,
@@ -113,12 +114,14 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// A worker asked of a provider, in Creating, optionally reserved for one job.
+    /// A worker asked of a provider, in Creating, optionally reserved for one job; it must
+    /// register within `connect_timeout`.
     pub fn request(
         id: Uuid,
         provider: &str,
         for_job: Option<Uuid>,
         correlation_id: String,
+        connect_timeout: std::time::Duration,
         actor: &Actor,
     ) -> (Worker, DomainEvent) {
         let now = Utc::now();
@@ -131,7 +134,7 @@ impl Worker {
             token_hash: None,
             correlation_id,
             last_heartbeat_at: None,
-            deadline_at: Some(now + CONNECT_TIMEOUT),
+            deadline_at: Some(now + connect_timeout),
             version: 0,
             created_at: now,
             updated_at: now,
@@ -189,11 +192,13 @@ impl Worker {
             .token_hash
             .as_deref()
             .is_some_and(|kept| constant_time_eq(kept.as_bytes(), presented_token_hash.as_bytes()));
-        if !token_ok {
-            return Err(DomainError::InvalidBootstrapToken { worker_id: self.id });
+        match (token_ok, self.state) {
+            (true, WorkerState::Connecting) => {}
+            // The agent's retry of the registration that made it Ready (its answer was lost).
+            (true, WorkerState::Ready) => return Ok(Vec::new()),
+            _ => return Err(DomainError::InvalidBootstrapToken { worker_id: self.id }),
         }
         let from = self.transition(WorkerState::Ready)?;
-        self.token_hash = None;
         self.last_heartbeat_at = Some(self.updated_at);
         self.deadline_at = Some(self.updated_at + lost_after);
         Ok(vec![
@@ -263,7 +268,7 @@ impl Worker {
             WorkerState::Terminating | WorkerState::Terminated => return Ok(None),
         };
         let reason = match fault {
-            WorkerFault::NeverConnected => format!("never registered within {} s", CONNECT_TIMEOUT.as_secs()),
+            WorkerFault::NeverConnected => "never registered in time".to_owned(),
             WorkerFault::Lost => "lost: no heartbeat in time".to_owned(),
         };
         Ok(Some((self.terminate(reason, actor)?, fault)))
@@ -323,7 +328,7 @@ mod tests {
     }
 
     fn worker_in(state: WorkerState) -> Worker {
-        let (mut worker, _) = Worker::request(Uuid::now_v7(), "process", None, "c".into(), &Actor::service("t"));
+        let (mut worker, _) = Worker::request(Uuid::now_v7(), "process", None, "c".into(), CONNECT_TIMEOUT, &Actor::service("t"));
         worker.state = state;
         worker.token_hash = Some("hash".into());
         worker
@@ -334,9 +339,8 @@ mod tests {
     fn every_worker_method_is_validated_by_the_central_table() {
         let a = Actor::service("t");
         type Method = fn(&mut Worker, &Actor) -> bool;
-        let methods: [(WorkerState, Method); 7] = [
+        let methods: [(WorkerState, Method); 6] = [
             (Connecting, |w, a| w.provisioned("hash".into(), a).is_ok()),
-            (Ready, |w, a| w.register("hash", None, None, std::time::Duration::from_secs(15), a).is_ok()),
             (Busy, |w, a| w.assign(Uuid::nil(), a).is_ok()),
             (Ready, |w, a| w.release(a).is_ok()),
             (Draining, |w, a| w.drain(a).is_ok()),
@@ -359,6 +363,12 @@ mod tests {
                     assert_eq!(worker, before, "a refused change leaves the worker as it was");
                 }
             }
+            // Registering spends the token: only from Connecting, and through the table.
+            let mut worker = worker_in(from);
+            let registered = worker.register("hash", None, None, std::time::Duration::from_secs(15), &a);
+            let changed = registered.as_ref().is_ok_and(|events| !events.is_empty());
+            assert_eq!(changed, from == Connecting && from.can_transition_to(Ready), "register from {from}");
+            assert_eq!(registered.is_ok(), matches!(from, Connecting | Ready), "register from {from}");
         }
     }
 
@@ -374,15 +384,17 @@ mod tests {
         let events = worker.register("hash", Some(7), None, std::time::Duration::from_secs(15), &a).unwrap();
         let types: Vec<_> = events.iter().map(|e| e.event_type.as_str()).collect();
         assert_eq!(types, ["WorkerRegistered", "WorkerReady", "WorkerReadyForJob"]);
-        assert_eq!(worker.token_hash, None);
-        worker.state = Connecting;
+        let again = worker.register("hash", None, None, std::time::Duration::from_secs(15), &a).unwrap();
+        assert!(again.is_empty(), "the same registration again changes nothing");
+        worker.assign(Uuid::nil(), &a).unwrap();
         assert!(worker.register("hash", None, None, std::time::Duration::from_secs(15), &a).is_err(), "a spent token is refused");
+        assert_eq!(worker.state, Busy);
     }
 
     #[test]
     fn the_monitor_tears_down_workers_that_never_connect_or_go_silent() {
         let a = Actor::service("t");
-        let (mut creating, _) = Worker::request(Uuid::now_v7(), "process", None, "c".into(), &a);
+        let (mut creating, _) = Worker::request(Uuid::now_v7(), "process", None, "c".into(), CONNECT_TIMEOUT, &a);
         assert_eq!(creating.expire(Utc::now(), &a).unwrap(), None, "not due yet");
         let due = creating.deadline_at.unwrap();
         let (event, fault) = creating.expire(due, &a).unwrap().unwrap();

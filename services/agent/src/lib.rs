@@ -86,16 +86,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         .filter_map(|name| Some((name.to_owned(), std::env::var(name.to_ascii_uppercase()).ok()?)))
         .collect();
     context::adopt(&span, context::from_fields(&inherited));
-    let registered: Registered = api::request(
-        &client,
-        &subjects::agent_register(worker_id),
-        None,
-        &registration,
-        Duration::from_secs(30),
-    )
-    .instrument(span)
-    .await
-    .context("registering")?;
+    let registered = register(&client, &registration).instrument(span).await.context("registering")?;
     tracing::info!(%worker_id, "registered");
     let heartbeats = tokio::spawn(heartbeat(client.clone(), worker_id, Duration::from_millis(registered.heartbeat_interval_ms)));
 
@@ -126,6 +117,32 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     }
     client.flush().await.ok();
     result
+}
+
+/// Register, retrying with backoff while the registry cannot be reached (restarting, or the
+/// connection is down) for up to two minutes; a refusal is final.
+async fn register(client: &async_nats::Client, registration: &RegisterWorker) -> Result<Registered, hodei_protocol::ApiError> {
+    use backon::BackoffBuilder;
+    let subject = subjects::agent_register(registration.worker_id);
+    let mut delays = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .with_total_delay(Some(Duration::from_secs(120)))
+        .without_max_times()
+        .build();
+    loop {
+        match api::request(client, &subject, None, registration, Duration::from_secs(10)).await {
+            Err(error) if error.code.is_transient() => match delays.next() {
+                Some(delay) => {
+                    tracing::warn!(code = error.code.as_str(), message = %error.message, ?delay, "registration not answered; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                None => return Err(error),
+            },
+            other => return other,
+        }
+    }
 }
 
 async fn heartbeat(client: async_nats::Client, worker_id: Uuid, every: Duration) {

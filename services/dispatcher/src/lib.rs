@@ -25,6 +25,11 @@ pub struct Config {
     #[arg(long, env = "HODEI_PROVIDER", default_value = "process")]
     pub provider: String,
 
+    /// A requested worker that has not registered after this long is torn down and its job
+    /// requeued (ms).
+    #[arg(long, env = "HODEI_WORKER_CONNECT_TIMEOUT_MS", default_value_t = 60_000)]
+    pub worker_connect_timeout_ms: u64,
+
     /// Largest number of database connections.
     #[arg(long, env = "HODEI_DB_POOL_SIZE", default_value_t = 10)]
     pub db_pool_size: u32,
@@ -35,6 +40,7 @@ pub(crate) struct State {
     pub pool: PgPool,
     pub actor: Actor,
     pub provider: String,
+    pub connect_timeout: std::time::Duration,
 }
 
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
@@ -46,7 +52,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         .await
         .context("connecting to NATS")?;
     config.common.serve_metrics(9612, vec![hodei_store::health(&pool), hodei_messaging::health(&client)], shutdown.clone()).await?;
-    let state = State { pool, actor: Actor::service(SERVICE), provider: config.provider };
+    let state = State { pool, actor: Actor::service(SERVICE), provider: config.provider,
+        connect_timeout: std::time::Duration::from_millis(config.worker_connect_timeout_ms),
+    };
     let queued = consumer::run(
         js.clone(),
         ConsumerConfig::new(

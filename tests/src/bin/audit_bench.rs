@@ -559,13 +559,18 @@ async fn report(
         .map(|kb| format!("{:.1} GiB", kb as f64 / 1024.0 / 1024.0))
         .unwrap_or_else(|| "unknown".into());
     let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    // Other work on the machine shows in the tails; say how busy it was.
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".into());
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
 
     let mut s = String::new();
     writeln!(s, "## Audit queries over {} rows\n", with_commas(options.rows))?;
     writeln!(s, "Measured {} with:\n\n```sh\n{command}\n```\n", Utc::now().format("%Y-%m-%d %H:%M UTC"))?;
-    writeln!(s, "- machine: {nproc} CPUs ({cpu}), {memory} of memory")?;
+    writeln!(s, "- machine: {nproc} CPUs ({cpu}), {memory} of memory; load average at the end {load}")?;
     writeln!(s, "- PostgreSQL: {version}; shared_buffers {shared_buffers}, work_mem {work_mem}")?;
     writeln!(s, "- client: `hodei-audit-bench`, {profile} build, through `hodei_store::audit::query` (one connection at a time)")?;
     writeln!(

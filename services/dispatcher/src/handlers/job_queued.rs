@@ -30,7 +30,7 @@ async fn place(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
         send_job(&mut tx, &mut job, &mut worker, &state.actor).await?;
     } else {
         let (worker, requested) =
-            Worker::request(Uuid::now_v7(), &state.provider, Some(job.id), job.correlation_id.clone(), &state.actor);
+            Worker::request(Uuid::now_v7(), &state.provider, Some(job.id), job.correlation_id.clone(), state.connect_timeout, &state.actor);
         let scheduled = job.schedule(worker.id, &state.actor)?;
         workers::insert(&mut tx, &worker).await?;
         jobs::update(&mut tx, &mut job).await?;

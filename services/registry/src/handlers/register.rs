@@ -29,6 +29,10 @@ pub async fn handle(state: State, request: RegisterWorker, ctx: RequestContext) 
         state.lost_after,
         &Actor::worker(worker.id),
     )?;
+    if events.is_empty() {
+        tracing::info!(worker_id = %worker.id, "registration repeated; already ready");
+        return Ok(Registered { worker_id: worker.id, heartbeat_interval_ms: state.heartbeat_interval_ms });
+    }
     workers::update(&mut tx, &mut worker).await?;
     outbox::append_events(&mut tx, &events).await?;
     hodei_store::commit(tx).await?;

@@ -1,0 +1,140 @@
+//! Faults against real processes, each with at least 100 jobs in flight: every job still
+//! reaches a terminal state its policy allows, its audit trail is a valid path through the
+//! state machine with each event once, no attempt ran twice, and nothing is left running.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures::future::join_all;
+use hodei_domain::{JobPolicy, JobState, RetryOn, RetryPolicy};
+use hodei_protocol::api::{AuditEntry, AuditQuery};
+use hodei_tests::{job, System};
+use uuid::Uuid;
+
+const JOBS: usize = 100;
+
+async fn faulty_system() -> System {
+    System::start_with(&[
+        ("HODEI_HEARTBEAT_INTERVAL_MS", "300"),
+        ("HODEI_WORKER_LOST_AFTER_MS", "3000"),
+        ("HODEI_WORKER_CONNECT_TIMEOUT_MS", "10000"),
+        ("HODEI_MONITOR_INTERVAL_MS", "200"),
+    ])
+    .await
+}
+
+/// Submit `JOBS` jobs that each take a little while, retried if their worker is lost.
+async fn submit_batch(system: &System, tag: &str) -> Vec<Uuid> {
+    let policy = JobPolicy {
+        retry: RetryPolicy { max_attempts: 3, initial_backoff_ms: 100, retry_on: vec![RetryOn::Lost], ..Default::default() },
+        ..Default::default()
+    };
+    let requests: Vec<_> = (0..JOBS)
+        .map(|i| {
+            let mut request = job("sh", &["-c", &format!("sleep 0.3; echo {tag}-{i}")]);
+            request.policy = policy.clone();
+            request
+        })
+        .collect();
+    join_all(requests.iter().map(|r| system.submit(r))).await.into_iter().map(|a| a.expect("accepted").job_id).collect()
+}
+
+/// Replay a job's audit trail through the state machine, in the order the events occurred
+/// (after a restart the audit service may record a redelivered event after a later one).
+fn check_trail(job_id: Uuid, trail: &[AuditEntry]) -> JobState {
+    let mut trail = trail.to_vec();
+    trail.sort_by_key(|e| (e.occurred_at, e.seq));
+    let ids: HashSet<_> = trail.iter().map(|e| e.event_id).collect();
+    assert_eq!(ids.len(), trail.len(), "job {job_id}: every event once");
+    let mut state = JobState::Pending;
+    let mut running_attempts = HashSet::new();
+    let mut attempt = 1;
+    for event in trail.iter().filter(|e| e.aggregate_id == job_id) {
+        let field = |name: &str| -> Option<JobState> { serde_json::from_value(event.payload.get(name)?.clone()).ok() };
+        match event.event_type.as_str() {
+            "JobCreated" | "JobQueued" => {}
+            "JobRetrying" | "JobRequeued" => {
+                assert_eq!(field("from"), Some(state), "job {job_id}: {} from {state}", event.event_type);
+                assert!(state.can_retry() || state.can_requeue(), "job {job_id}: back to Pending from {state}");
+                state = JobState::Pending;
+                attempt += 1;
+            }
+            "JobExecutionError" => {
+                assert!(state.can_transition_to(JobState::Failed), "job {job_id}: {state} -> Failed");
+                state = JobState::Failed;
+            }
+            _ => {
+                let (from, to) = (field("from").unwrap(), field("to").unwrap());
+                assert_eq!(from, state, "job {job_id}: {} says from {from}, the trail says {state}", event.event_type);
+                assert!(from.can_transition_to(to), "job {job_id}: {from} -> {to} is not allowed");
+                if to == JobState::Running {
+                    assert!(running_attempts.insert(attempt), "job {job_id}: attempt {attempt} ran twice");
+                }
+                state = to;
+            }
+        }
+    }
+    state
+}
+
+async fn check_invariants(system: &System, job_ids: &[Uuid], what: &str) {
+    system.wait_until_settled(job_ids, Duration::from_secs(240)).await;
+    system
+        .wait_for("the audit log to catch up", Duration::from_secs(60), || async {
+            let (missing,): (i64,) = sqlx::query_as(
+                "SELECT count(*) FROM outbox_events o WHERE o.kind = 'event' \
+                 AND NOT EXISTS (SELECT 1 FROM audit_log a WHERE a.event_id = o.event_id)",
+            )
+            .fetch_one(&system.pool)
+            .await
+            .unwrap();
+            missing == 0
+        })
+        .await;
+    let mut succeeded = 0;
+    for job_id in job_ids {
+        let job = system.get(*job_id).await.unwrap();
+        let trail = system.audit(AuditQuery { aggregate_id: Some(*job_id), ..Default::default() }).await;
+        let replayed = check_trail(*job_id, &trail);
+        assert_eq!(replayed, job.state, "job {job_id}: the trail ends where the job is");
+        assert!(
+            matches!(job.state, JobState::Succeeded | JobState::Failed),
+            "job {job_id} ended {} ({:?}), which its policy does not allow here",
+            job.state,
+            job.error
+        );
+        if job.state == JobState::Succeeded {
+            succeeded += 1;
+        }
+    }
+    system.wait_for("no worker process left", Duration::from_secs(30), || async { system.live_agents().is_empty() }).await;
+    eprintln!("{what}: {} jobs, {succeeded} succeeded, {} failed after exhausting their attempts", job_ids.len(), job_ids.len() - succeeded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_each_service_in_turn_loses_no_job() {
+    let mut system = faulty_system().await;
+    let mut all = Vec::new();
+    for service in hodei_tests::SERVICES {
+        let jobs = submit_batch(&system, service).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let pid = system.service(service).pid();
+        // SAFETY: kill(2) of a service process this test started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        system.restart(service);
+        check_invariants(&system, &jobs, &format!("kill -9 {service}")).await;
+        all.extend(jobs);
+    }
+    let succeeded = join_all(all.iter().map(|id| system.get(*id))).await.iter().filter(|j| j.as_ref().is_ok_and(|j| j.state == JobState::Succeeded)).count();
+    assert!(succeeded >= all.len() * 9 / 10, "{succeeded} of {} jobs succeeded", all.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_server_restart_while_jobs_run_loses_no_job() {
+    let mut system = faulty_system().await;
+    let jobs = submit_batch(&system, "nats").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    system.nats.restart(Duration::from_millis(500));
+    check_invariants(&system, &jobs, "nats-server restart").await;
+}
