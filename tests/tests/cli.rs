@@ -86,3 +86,57 @@ async fn hodei_run_streams_the_output_and_exits_with_the_jobs_code() {
     assert_eq!(unknown.status.code(), Some(3));
     assert!(text(&unknown.stderr).contains("NOT_FOUND"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hodei_applies_policies_cancels_jobs_and_manages_dead_letters() {
+    let system = System::start().await;
+    let url = system.nats.url.clone();
+    let run = |args: Vec<&'static str>| {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || Command::new(binary("hodei")).arg("--nats-url").arg(url).args(args).output().unwrap())
+    };
+
+    let timed_out = run(vec!["run", "--run-timeout", "0.5", "--", "sleep", "30"]).await.unwrap();
+    assert_eq!(timed_out.status.code(), Some(124), "{}", text(&timed_out.stderr));
+    assert!(text(&timed_out.stderr).contains("Timeout"));
+
+    let retried = run(vec!["--json", "run", "--attempts", "2", "--backoff", "0.1", "--", "sh", "-c", "exit 5"]).await.unwrap();
+    assert_eq!(retried.status.code(), Some(5));
+    let job: serde_json::Value = serde_json::from_slice(&retried.stdout).unwrap();
+    assert_eq!(job["attempt"], 2, "retried once");
+
+    let submitted = hodei(&system, &["submit", "--priority", "-5", "--", "sleep", "30"]);
+    let job_id = text(&submitted.stdout).trim().to_owned();
+    system
+        .wait_for("the job to run", Duration::from_secs(30), || async {
+            system.get(job_id.parse().unwrap()).await.is_ok_and(|j| j.state == hodei_domain::JobState::Running)
+        })
+        .await;
+    let cancelled = hodei(&system, &["cancel", &job_id, "--reason", "changed my mind"]);
+    assert!(text(&cancelled.stdout).contains("Cancelled"), "{}", text(&cancelled.stderr));
+    let again = hodei(&system, &["cancel", &job_id]);
+    assert_eq!(again.status.code(), Some(3));
+    assert!(text(&again.stderr).contains("INVALID_JOB_TRANSITION"));
+
+    system
+        .js
+        .publish(format!("hodei.events.job.{}.JobQueued", uuid::Uuid::now_v7()), "not json".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    system
+        .wait_for("dead letters", Duration::from_secs(30), || async {
+            text(&hodei(&system, &["dlq", "list"]).stdout).lines().count() == 4
+        })
+        .await;
+    let list: serde_json::Value = serde_json::from_slice(&hodei(&system, &["--json", "dlq", "list"]).stdout).unwrap();
+    let seq = list["items"][0]["seq"].as_u64().unwrap().to_string();
+    let shown: serde_json::Value = serde_json::from_slice(&hodei(&system, &["dlq", "show", &seq]).stdout).unwrap();
+    assert_eq!(shown["payload"], "not json");
+    assert!(text(&hodei(&system, &["dlq", "discard", &seq, "--actor", "bob"]).stdout).contains("discarded"));
+    let seq2 = list["items"][1]["seq"].as_u64().unwrap().to_string();
+    assert!(text(&hodei(&system, &["dlq", "replay", &seq2, "--actor", "bob"]).stdout).contains("replayed"));
+    let audited = text(&hodei(&system, &["audit", "--actor", "bob"]).stdout);
+    assert!(audited.contains("DeadLetterDiscarded") && audited.contains("DeadLetterReplayed"), "{audited}");
+}

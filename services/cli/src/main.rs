@@ -14,7 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use hodei_domain::{JobState, WorkerState};
 use hodei_messaging::api::request;
 use hodei_protocol::api::{
-    AuditEntry, AuditQuery, GetJob, JobView, ListJobs, ListWorkers, Page, SubmitAccepted, SubmitJob, WorkerView,
+    AuditEntry, AuditQuery, GetJob, JobView, ListJobs, ListWorkers, Page, SubmitAccepted, SubmitJob, WorkerView, CancelJob, DeadLetter, DeadLetterRef, ListDeadLetters,
 };
 use hodei_protocol::subjects;
 use uuid::Uuid;
@@ -83,6 +83,44 @@ enum Command {
     /// Show a job's timeline from the audit log: each event, when it occurred, how long after
     /// the job was created (+ms) and after the step before (Δms), who caused it, and to what.
     Trace { job_id: Uuid },
+    /// Cancel a job that has not ended; a running job's process (and its children) is killed.
+    Cancel {
+        job_id: Uuid,
+        /// Why, for the job and its audit trail.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Dead letters: messages a consumer gave up on, outbox rows that could not be published.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List dead letters, oldest first.
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// Show one dead letter with its message.
+    Show { seq: u64 },
+    /// Publish a dead letter again to its original subject (audited), and remove it.
+    Replay {
+        seq: u64,
+        /// Who is acting, for the audit log.
+        #[arg(long, env = "USER", default_value = "operator")]
+        actor: String,
+    },
+    /// Remove a dead letter for good (audited).
+    Discard {
+        seq: u64,
+        #[arg(long, env = "USER", default_value = "operator")]
+        actor: String,
+    },
 }
 
 #[derive(Args)]
@@ -99,6 +137,21 @@ struct JobArgs {
     /// Idempotency key: submitting the same key again returns the first job.
     #[arg(short, long)]
     key: Option<String>,
+    /// Seconds the job may wait to start (default 300); then it ends in Timeout.
+    #[arg(long)]
+    start_timeout: Option<f64>,
+    /// Seconds the job may run (default 3600); then its process is killed and it ends in Timeout.
+    #[arg(long)]
+    run_timeout: Option<f64>,
+    /// Attempts in all when an attempt fails or its worker is lost (default 1: no retry).
+    #[arg(long)]
+    attempts: Option<u32>,
+    /// First retry backoff in seconds (doubling, with jitter, up to 60 s).
+    #[arg(long)]
+    backoff: Option<f64>,
+    /// Higher runs first when jobs wait for workers (-1000 to 1000).
+    #[arg(long, allow_hyphen_values = true)]
+    priority: Option<i32>,
     /// The command and its arguments, after `--`.
     #[arg(required = true, last = true)]
     command: Vec<String>,
@@ -236,6 +289,45 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Cancel { job_id, reason } => {
+            let job: JobView = ask(call(subjects::API_JOBS_CANCEL), &CancelJob { schema_version: 1, job_id, reason }).await?;
+            if cli.json {
+                output::json(&job);
+            } else {
+                println!("{}", output::job_summary(&job));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dlq { command } => {
+            let dead_letter = |seq, actor| DeadLetterRef { schema_version: 1, seq, actor };
+            match command {
+                DlqCommand::List { limit, cursor } => {
+                    let page: Page<DeadLetter> = ask(
+                        call(subjects::API_DLQ_LIST),
+                        &ListDeadLetters { schema_version: 1, limit: Some(limit), cursor },
+                    )
+                    .await?;
+                    if cli.json {
+                        output::json(&page);
+                    } else {
+                        output::dead_letters_table(&page);
+                    }
+                }
+                DlqCommand::Show { seq } => {
+                    let dead: DeadLetter = ask(call(subjects::API_DLQ_SHOW), &dead_letter(seq, None)).await?;
+                    output::json(&dead);
+                }
+                DlqCommand::Replay { seq, actor } => {
+                    let dead: DeadLetter = ask(call(subjects::API_DLQ_REPLAY), &dead_letter(seq, Some(actor))).await?;
+                    if cli.json { output::json(&dead) } else { println!("replayed {} to {}", dead.seq, dead.original_subject) }
+                }
+                DlqCommand::Discard { seq, actor } => {
+                    let dead: DeadLetter = ask(call(subjects::API_DLQ_DISCARD), &dead_letter(seq, Some(actor))).await?;
+                    if cli.json { output::json(&dead) } else { println!("discarded {}", dead.seq) }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Trace { job_id } => {
             let job: JobView = ask(call(subjects::API_JOBS_GET), &GetJob { schema_version: 1, job_id }).await?;
             let entries = audit_trail(call(subjects::API_AUDIT_QUERY), &job.correlation_id).await?;
@@ -293,9 +385,38 @@ async fn submit(call: (async_nats::Client, &'static str, Duration), args: JobArg
         working_dir: args.workdir,
         labels: args.label.into_iter().collect(),
         idempotency_key: args.key,
+        policy: policy_of(&args.start_timeout, &args.run_timeout, args.attempts, args.backoff, args.priority),
         ..SubmitJob::default()
     };
     ask(call, &request).await
+}
+
+fn policy_of(
+    start_timeout: &Option<f64>,
+    run_timeout: &Option<f64>,
+    attempts: Option<u32>,
+    backoff: Option<f64>,
+    priority: Option<i32>,
+) -> hodei_domain::JobPolicy {
+    let ms = |secs: f64| (secs * 1000.0).round().max(0.0) as u64;
+    let mut policy = hodei_domain::JobPolicy::default();
+    if let Some(secs) = start_timeout {
+        policy.schedule_to_start_timeout_ms = ms(*secs);
+    }
+    if let Some(secs) = run_timeout {
+        policy.execution_timeout_ms = ms(*secs);
+    }
+    if let Some(attempts) = attempts {
+        policy.retry.max_attempts = attempts;
+    }
+    if let Some(secs) = backoff {
+        policy.retry.initial_backoff_ms = ms(secs);
+        policy.retry.max_backoff_ms = policy.retry.max_backoff_ms.max(ms(secs));
+    }
+    if let Some(priority) = priority {
+        policy.priority = priority;
+    }
+    policy
 }
 
 fn exit_status(job: &JobView) -> u8 {

@@ -202,3 +202,19 @@ pub fn trace_table(job: &JobView, steps: &[TraceStep]) {
         .collect();
     table(&["OCCURRED", "+MS", "ΔMS", "EVENT", "ACTOR", "AGGREGATE"], rows);
 }
+
+pub fn dead_letters_table(page: &Page<hodei_protocol::api::DeadLetter>) {
+    let rows = page
+        .items
+        .iter()
+        .map(|d| {
+            let mut reason: String = d.reason.chars().take(60).collect();
+            if d.reason.chars().count() > 60 {
+                reason.push_str("...");
+            }
+            vec![d.seq.to_string(), time(&d.stored_at), d.consumer.clone(), d.original_subject.clone(), reason]
+        })
+        .collect();
+    table(&["SEQ", "STORED", "GAVE UP", "SUBJECT", "REASON"], rows);
+    next_page(&page.next_cursor);
+}
