@@ -138,3 +138,49 @@ async fn a_nats_server_restart_while_jobs_run_loses_no_job() {
     system.nats.restart(Duration::from_millis(500));
     check_invariants(&system, &jobs, "nats-server restart").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_provider_opens_its_circuit_jobs_wait_and_drain_when_it_recovers() {
+    use std::os::unix::fs::PermissionsExt;
+    // The provider starts agents through a wrapper that cannot be executed until we allow it.
+    let dir = std::env::temp_dir().join(format!("hodei-provider-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let wrapper = dir.join("agent");
+    std::fs::write(&wrapper, format!("#!/bin/sh\nexec {} \"$@\"\n", hodei_tests::binary("hodei-agent").display())).unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let wrapper_path = wrapper.display().to_string();
+    let system = System::start_with(&[
+        ("HODEI_AGENT_BIN", wrapper_path.as_str()),
+        ("HODEI_PROVIDER_CIRCUIT_THRESHOLD", "3"),
+        ("HODEI_PROVIDER_CIRCUIT_OPEN_MS", "500"),
+        ("HODEI_HEARTBEAT_INTERVAL_MS", "300"),
+        ("HODEI_WORKER_LOST_AFTER_MS", "3000"),
+    ])
+    .await;
+    let jobs = submit_batch(&system, "provider").await;
+    let providers = || async {
+        hodei_messaging::api::request::<_, Vec<serde_json::Value>>(
+            &system.client,
+            hodei_protocol::subjects::API_PROVIDERS_LIST,
+            None,
+            &serde_json::json!({}),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap()
+    };
+    system.wait_for("the circuit to open", Duration::from_secs(30), || async { providers().await[0]["circuit"] == "Open" }).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for id in &jobs {
+        let state = system.get(*id).await.unwrap().state;
+        assert!(!state.is_terminal(), "jobs wait while the circuit is open, not fail: {id} is {state}");
+    }
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    check_invariants(&system, &jobs, "failing provider, then recovered").await;
+    for id in &jobs {
+        assert_eq!(system.get(*id).await.unwrap().state, JobState::Succeeded);
+    }
+    assert_eq!(providers().await[0]["circuit"], "Closed");
+    assert!(system.log_of("provider-manager").contains("circuit open"));
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -197,7 +197,7 @@ where
     }
     let outcome = match handler(delivery).instrument(span.clone()).await {
         // The last delivery NATS will make: dead-letter it rather than let it vanish.
-        Outcome::Retry { reason, .. } if delivered >= config.max_deliver => {
+        Outcome::Retry { reason, .. } if config.max_deliver > 0 && delivered >= config.max_deliver => {
             Outcome::Reject { reason: format!("gave up after {delivered} deliveries: {reason}") }
         }
         outcome => outcome,

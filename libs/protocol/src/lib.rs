@@ -32,6 +32,7 @@ pub mod subjects {
     pub const API_JOBS_CANCEL: &str = "hodei.api.jobs.cancel";
     pub const API_WORKERS_LIST: &str = "hodei.api.workers.list";
     pub const API_AUDIT_QUERY: &str = "hodei.api.audit.query";
+    pub const API_PROVIDERS_LIST: &str = "hodei.api.providers.list";
     pub const API_DLQ_LIST: &str = "hodei.api.dlq.list";
     pub const API_DLQ_SHOW: &str = "hodei.api.dlq.show";
     pub const API_DLQ_REPLAY: &str = "hodei.api.dlq.replay";

@@ -90,6 +90,8 @@ enum Command {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Providers and the state of their circuit breakers.
+    Providers,
     /// Dead letters: messages a consumer gave up on, outbox rows that could not be published.
     Dlq {
         #[command(subcommand)]
@@ -286,6 +288,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 output::json(&page);
             } else {
                 output::audit_table(&page);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Providers => {
+            let providers: Vec<serde_json::Value> = ask(call(subjects::API_PROVIDERS_LIST), &serde_json::json!({})).await?;
+            if cli.json {
+                output::json(&providers);
+            } else {
+                output::providers_table(&providers);
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -218,3 +218,16 @@ pub fn dead_letters_table(page: &Page<hodei_protocol::api::DeadLetter>) {
     table(&["SEQ", "STORED", "GAVE UP", "SUBJECT", "REASON"], rows);
     next_page(&page.next_cursor);
 }
+
+pub fn providers_table(providers: &[serde_json::Value]) {
+    let field = |p: &serde_json::Value, name: &str| match &p[name] {
+        serde_json::Value::Null => "-".to_owned(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let rows = providers
+        .iter()
+        .map(|p| vec![field(p, "provider"), field(p, "circuit"), field(p, "consecutive_failures"), field(p, "retry_in_ms")])
+        .collect();
+    table(&["PROVIDER", "CIRCUIT", "FAILURES", "PROBE IN (MS)"], rows);
+}

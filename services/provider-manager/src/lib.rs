@@ -2,6 +2,7 @@
 //! (here the process provider, which starts `hodei-agent` as a child process), hands each
 //! worker its one-time bootstrap token, and destroys the resource on WorkerTerminating.
 
+pub mod breaker;
 mod handlers;
 pub mod providers;
 
@@ -38,6 +39,15 @@ pub struct Config {
     #[arg(long, env = "HODEI_AGENT_STOP_GRACE_SECS", default_value_t = 5)]
     pub stop_grace_secs: u64,
 
+    /// Consecutive failures to create workers that open a provider's circuit.
+    #[arg(long, env = "HODEI_PROVIDER_CIRCUIT_THRESHOLD", default_value_t = 5)]
+    pub circuit_threshold: u32,
+
+    /// How long an open circuit waits before probing the provider again (ms; doubles while it
+    /// keeps failing, up to a minute).
+    #[arg(long, env = "HODEI_PROVIDER_CIRCUIT_OPEN_MS", default_value_t = 2000)]
+    pub circuit_open_ms: u64,
+
     /// Largest number of database connections.
     #[arg(long, env = "HODEI_DB_POOL_SIZE", default_value_t = 10)]
     pub db_pool_size: u32,
@@ -47,6 +57,7 @@ pub(crate) struct State<P> {
     pub pool: PgPool,
     pub actor: Actor,
     pub provider: P,
+    pub breaker: breaker::Breaker,
 }
 
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
@@ -68,14 +79,35 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         config.agent_nats_url.unwrap_or(config.common.nats_url),
         std::time::Duration::from_secs(config.stop_grace_secs),
     );
-    let state = Arc::new(State { pool, actor: Actor::service(SERVICE), provider });
+    let breaker = breaker::Breaker::new(
+        provider.name(),
+        config.circuit_threshold,
+        std::time::Duration::from_millis(config.circuit_open_ms),
+    );
+    let state = Arc::new(State { pool, actor: Actor::service(SERVICE), provider, breaker });
+    let providers = {
+        let state = state.clone();
+        hodei_messaging::api::serve(
+            client.clone(),
+            hodei_protocol::subjects::API_PROVIDERS_LIST,
+            "hodei-provider-manager",
+            shutdown.clone(),
+            move |_: serde_json::Value, _| {
+                let view = state.breaker.view();
+                async move { Ok::<_, hodei_protocol::ApiError>(vec![view]) }
+            },
+        )
+    };
+    // Requests wait as long as the provider's circuit is open: no delivery limit.
+    let mut provisioning = ConsumerConfig::new(
+        streams::EVENTS,
+        "provider-manager-provisioning",
+        Some(subjects::events_of_type("worker", "WorkerProvisioningRequested")),
+    );
+    provisioning.max_deliver = -1;
     let requests = consumer::run(
         js.clone(),
-        ConsumerConfig::new(
-            streams::EVENTS,
-            "provider-manager-provisioning",
-            Some(subjects::events_of_type("worker", "WorkerProvisioningRequested")),
-        ),
+        provisioning,
         shutdown.clone(),
         |delivery| handlers::provision::handle(state.clone(), delivery),
     );
@@ -89,7 +121,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         shutdown.clone(),
         |delivery| handlers::destroy::handle(state.clone(), delivery),
     );
-    tokio::join!(requests, terminations);
+    let (providers, (), ()) = tokio::join!(providers, requests, terminations);
+    providers?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! WorkerProvisioningRequested: mint the bootstrap token, record the worker as provisioned
 //! (Creating -> Connecting, token hash kept) and start its agent. If the agent cannot be
-//! started, the worker ends and the job it was requested for fails, in one transaction.
+//! started, the worker ends and the job it was requested for is requeued, in one
+//! transaction; the provider's circuit breaker counts the failure, and while it is open
+//! requests wait (they are redelivered later) instead of failing their jobs.
 
 use std::sync::Arc;
 
@@ -15,6 +17,9 @@ use crate::providers::{Provider, WorkerSpec};
 use crate::State;
 
 pub async fn handle<P: Provider>(state: Arc<State<P>>, delivery: Delivery) -> Outcome {
+    if let Err(wait) = state.breaker.allow() {
+        return Outcome::Retry { after: wait, reason: format!("provider {} circuit is open", state.provider.name()) };
+    }
     Outcome::from_result(provision(&state, &delivery).await)
 }
 
@@ -32,6 +37,7 @@ async fn provision<P: Provider>(state: &State<P>, delivery: &Delivery) -> Result
     };
     if worker.state != WorkerState::Creating {
         tracing::debug!(worker_id = %worker.id, state = %worker.state, "already provisioned; nothing to do");
+        state.breaker.record(true);
         return Ok(());
     }
     let provisioned = worker.provisioned(hash_token(&token), &state.actor)?;
@@ -47,18 +53,21 @@ async fn provision<P: Provider>(state: &State<P>, delivery: &Delivery) -> Result
     };
     match state.provider.create(spec).await {
         Ok(resource_id) => {
+            state.breaker.record(true);
             let mut conn = state.pool.acquire().await.map_err(StoreError::from)?;
             resources::record(&mut conn, worker.id, state.provider.name(), &resource_id).await?;
             Ok(())
         }
         Err(error) => {
+            state.breaker.record(false);
             tracing::error!(worker_id = %worker.id, %error, "provisioning failed");
             give_up(state, worker.id, error.to_string()).await
         }
     }
 }
 
-/// The worker could not be created: it ends, and so does the job that waits for it.
+/// The worker could not be created: it ends, and the job that waits for it is requeued
+/// (it gets another worker; its schedule-to-start deadline still bounds the wait).
 async fn give_up<P: Provider>(state: &State<P>, worker_id: Uuid, error: String) -> Result<(), ApiError> {
     let mut tx = state.pool.begin().await.map_err(StoreError::from)?;
     let Some(mut worker) = workers::lock(&mut tx, worker_id).await? else { return Ok(()) };
@@ -67,7 +76,7 @@ async fn give_up<P: Provider>(state: &State<P>, worker_id: Uuid, error: String) 
     workers::update(&mut tx, &mut worker).await?;
     if let Some(mut job) = jobs::lock_scheduled_on(&mut tx, worker_id).await? {
         if job.state == JobState::Scheduled {
-            events.push(job.fail(None, format!("no worker could be provisioned: {error}"), &state.actor)?);
+            events.extend(job.requeue(format!("no worker could be provisioned: {error}"), &state.actor)?);
             jobs::update(&mut tx, &mut job).await?;
         }
     }

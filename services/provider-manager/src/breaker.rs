@@ -1,0 +1,174 @@
+//! A circuit breaker per provider: after `threshold` consecutive failures to create workers it
+//! opens, and requests wait (they are redelivered later) instead of failing their jobs; after
+//! the open window one probe is let through (half-open): success closes it, failure opens it
+//! again for twice as long (up to a limit).
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum CircuitState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: CircuitState,
+    consecutive_failures: u32,
+    open_until: Option<Instant>,
+    open_for: Duration,
+    probing: bool,
+}
+
+#[derive(Debug)]
+pub struct Breaker {
+    name: String,
+    threshold: u32,
+    base_open: Duration,
+    max_open: Duration,
+    inner: Mutex<Inner>,
+}
+
+/// What the breaker shows operators.
+#[derive(Debug, Clone, Serialize)]
+pub struct BreakerView {
+    pub provider: String,
+    pub circuit: CircuitState,
+    pub consecutive_failures: u32,
+    /// Milliseconds until a probe is let through, while open.
+    pub retry_in_ms: Option<u64>,
+}
+
+impl Breaker {
+    pub fn new(name: &str, threshold: u32, base_open: Duration) -> Self {
+        Breaker {
+            name: name.to_owned(),
+            threshold: threshold.max(1),
+            base_open,
+            max_open: Duration::from_secs(60).max(base_open),
+            inner: Mutex::new(Inner {
+                state: CircuitState::Closed,
+                consecutive_failures: 0,
+                open_until: None,
+                open_for: base_open,
+                probing: false,
+            }),
+        }
+    }
+
+    /// May a create be tried now? If not, how long to wait.
+    pub fn allow(&self) -> Result<(), Duration> {
+        let mut inner = self.inner.lock().expect("breaker lock");
+        let now = Instant::now();
+        match inner.state {
+            CircuitState::Closed => Ok(()),
+            CircuitState::Open => match inner.open_until {
+                Some(until) if until > now => Err(until - now),
+                _ => {
+                    inner.state = CircuitState::HalfOpen;
+                    inner.probing = true;
+                    tracing::warn!(provider = %self.name, "circuit half-open: probing the provider");
+                    self.gauge(CircuitState::HalfOpen);
+                    Ok(())
+                }
+            },
+            CircuitState::HalfOpen if inner.probing => Err(Duration::from_millis(200)),
+            CircuitState::HalfOpen => {
+                inner.probing = true;
+                Ok(())
+            }
+        }
+    }
+
+    pub fn record(&self, success: bool) {
+        let mut inner = self.inner.lock().expect("breaker lock");
+        inner.probing = false;
+        if success {
+            if inner.state != CircuitState::Closed {
+                tracing::info!(provider = %self.name, "circuit closed: the provider works again");
+            }
+            inner.state = CircuitState::Closed;
+            inner.consecutive_failures = 0;
+            inner.open_for = self.base_open;
+            inner.open_until = None;
+            self.gauge(CircuitState::Closed);
+            return;
+        }
+        inner.consecutive_failures += 1;
+        let reopen = inner.state == CircuitState::HalfOpen;
+        if reopen || inner.consecutive_failures >= self.threshold {
+            if reopen {
+                inner.open_for = (inner.open_for * 2).min(self.max_open);
+            }
+            inner.state = CircuitState::Open;
+            inner.open_until = Some(Instant::now() + inner.open_for);
+            tracing::error!(
+                provider = %self.name,
+                failures = inner.consecutive_failures,
+                open_for_ms = inner.open_for.as_millis() as u64,
+                "circuit open: worker requests wait until the provider recovers"
+            );
+            self.gauge(CircuitState::Open);
+        }
+    }
+
+    fn gauge(&self, state: CircuitState) {
+        let value = match state {
+            CircuitState::Closed => 0.0,
+            CircuitState::HalfOpen => 1.0,
+            CircuitState::Open => 2.0,
+        };
+        hodei_runtime::metrics::gauge(
+            "hodei_provider_circuit_state",
+            "Circuit breaker of each provider: 0 closed, 1 half-open, 2 open",
+            &[("provider", &self.name)],
+        )
+        .set(value);
+    }
+
+    pub fn view(&self) -> BreakerView {
+        let inner = self.inner.lock().expect("breaker lock");
+        BreakerView {
+            provider: self.name.clone(),
+            circuit: inner.state,
+            consecutive_failures: inner.consecutive_failures,
+            retry_in_ms: inner
+                .open_until
+                .filter(|_| inner.state == CircuitState::Open)
+                .map(|until| until.saturating_duration_since(Instant::now()).as_millis() as u64),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn it_opens_after_the_threshold_probes_once_and_closes_on_success() {
+        let breaker = Breaker::new("p", 3, Duration::from_millis(30));
+        for _ in 0..2 {
+            assert!(breaker.allow().is_ok());
+            breaker.record(false);
+        }
+        assert_eq!(breaker.view().circuit, CircuitState::Closed);
+        breaker.record(false);
+        assert_eq!(breaker.view().circuit, CircuitState::Open);
+        assert!(breaker.allow().is_err(), "requests wait while open");
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(breaker.allow().is_ok(), "one probe after the window");
+        assert!(breaker.allow().is_err(), "and only one");
+        breaker.record(false);
+        assert_eq!(breaker.view().circuit, CircuitState::Open);
+        assert!(breaker.view().retry_in_ms.unwrap() > 30, "the window doubles");
+        std::thread::sleep(Duration::from_millis(70));
+        assert!(breaker.allow().is_ok());
+        breaker.record(true);
+        assert_eq!(breaker.view().circuit, CircuitState::Closed);
+        assert_eq!(breaker.view().consecutive_failures, 0);
+    }
+}
