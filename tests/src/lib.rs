@@ -185,7 +185,12 @@ pub struct Service {
 
 impl Service {
     pub fn spawn(name: &str, env: &[(&str, &str)], log_dir: &Path) -> Service {
-        let log = log_dir.join(format!("{name}.log"));
+        Service::spawn_instance(name, name, env, log_dir)
+    }
+
+    /// `instance` names the logs (`<instance>.log`, `<instance>.err`).
+    pub fn spawn_instance(name: &str, instance: &str, env: &[(&str, &str)], log_dir: &Path) -> Service {
+        let log = log_dir.join(format!("{instance}.log"));
         let child = Command::new(binary(&format!("hodei-{name}")))
             .envs(env.iter().copied())
             .env("RUST_LOG", "info")
@@ -320,6 +325,13 @@ impl System {
         let workers = request::<_, serde_json::Value>(&self.client, subjects::API_WORKERS_LIST, None, &empty, t).await;
         let audit = request::<_, serde_json::Value>(&self.client, subjects::API_AUDIT_QUERY, None, &empty, t).await;
         jobs.is_ok() && workers.is_ok() && audit.is_ok()
+    }
+
+    /// Start a second instance of a service beside the first (logs `<name>-2.err`).
+    pub fn add_instance(&mut self, name: &str) {
+        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let service = Service::spawn_instance(name, &format!("{name}-2"), &env, &self.log_dir);
+        self.services.push(service);
     }
 
     /// Start a stopped service again (its new log replaces the old one).

@@ -184,3 +184,67 @@ async fn a_failing_provider_opens_its_circuit_jobs_wait_and_drain_when_it_recove
     assert!(system.log_of("provider-manager").contains("circuit open"));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_of_every_service_share_the_work_and_handle_no_job_twice() {
+    let mut system = faulty_system().await;
+    for service in hodei_tests::SERVICES {
+        system.add_instance(service);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let jobs = submit_batch(&system, "twins").await;
+    check_invariants(&system, &jobs, "two instances of every service").await;
+    for id in &jobs {
+        assert_eq!(system.get(*id).await.unwrap().state, JobState::Succeeded);
+    }
+    let logs = |name: &str| (system.log_of(name), std::fs::read_to_string(system.log_dir.join(format!("{name}-2.err"))).unwrap_or_default());
+    let (relay_1, relay_2) = logs("relay");
+    assert_eq!(
+        [&relay_1, &relay_2].iter().filter(|l| l.contains("now the active one")).count(),
+        1,
+        "exactly one relay is active; the other stands by"
+    );
+    for service in ["dispatcher", "provider-manager"] {
+        let (one, two) = logs(service);
+        let worked = |log: &str| log.contains("no free worker; one requested") || log.contains("agent started");
+        assert!(worked(&one) && worked(&two), "both {service} instances took a share of the work");
+    }
+
+    // Fail-over: the active relay dies; the standby takes the lock and the outbox moves on.
+    let active = if relay_1.contains("now the active one") { 0 } else { 1 };
+    let relay_pid = system.services.iter().filter(|s| s.name == "relay").nth(active).unwrap().pid();
+    // SAFETY: kill(2) of a relay process this test started.
+    unsafe { libc::kill(relay_pid as i32, libc::SIGKILL) };
+    let after = submit_batch(&system, "failover").await;
+    check_invariants(&system, &after, "after the active relay died").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_agents_in_the_middle_of_their_jobs_loses_no_job() {
+    let system = faulty_system().await;
+    let policy = JobPolicy {
+        retry: RetryPolicy { max_attempts: 3, initial_backoff_ms: 100, retry_on: vec![RetryOn::Lost], ..Default::default() },
+        ..Default::default()
+    };
+    let requests: Vec<_> = (0..JOBS)
+        .map(|i| {
+            let mut request = job("sh", &["-c", &format!("sleep 1.5; echo agent-{i}")]);
+            request.policy = policy.clone();
+            request
+        })
+        .collect();
+    let jobs: Vec<Uuid> =
+        join_all(requests.iter().map(|r| system.submit(r))).await.into_iter().map(|a| a.unwrap().job_id).collect();
+    system
+        .wait_for("agents to be running jobs", Duration::from_secs(60), || async { system.agent_pids().len() >= 20 })
+        .await;
+    let victims: Vec<u32> = system.agent_pids().into_iter().step_by(2).collect();
+    for pid in &victims {
+        // SAFETY: kill(2) of agent processes this test's system started.
+        unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+    }
+    check_invariants(&system, &jobs, &format!("kill -9 of {} agents", victims.len())).await;
+    for id in &jobs {
+        assert_eq!(system.get(*id).await.unwrap().state, JobState::Succeeded, "lost attempts are retried");
+    }
+}

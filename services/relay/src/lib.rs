@@ -62,7 +62,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             result.context("taking the relay lock")?;
         }
     }
-    tracing::info!("active relay");
+    tracing::info!("this relay is now the active one");
     let mut listener = PgListener::connect_with(&pool).await.context("listening for outbox notifications")?;
     listener.listen(outbox::NOTIFY_CHANNEL).await.context("listening for outbox notifications")?;
     let sweep = Duration::from_secs(config.sweep_secs);
