@@ -135,6 +135,93 @@ impl Drop for NatsServer {
     }
 }
 
+/// A PostgreSQL cluster of the test's own (initdb into a temporary directory, pg_ctl on a free
+/// port), for tests that stop or restart the server. Stopped and removed at the end.
+pub struct PgCluster {
+    dir: PathBuf,
+    pub port: u16,
+    pub admin_url: String,
+}
+
+fn pg_bin(name: &str) -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|dir| dir.flatten().map(|e| e.path().join("bin").join(name)).filter(|p| p.is_file()).collect())
+        .unwrap_or_default();
+    versions.sort();
+    versions.pop().unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// Run a PostgreSQL tool as the `postgres` user when we are root (initdb refuses root).
+fn as_postgres(tool: &str) -> Command {
+    if unsafe { libc::geteuid() } == 0 {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(pg_bin(tool));
+        command
+    } else {
+        Command::new(pg_bin(tool))
+    }
+}
+
+impl PgCluster {
+    pub fn start() -> PgCluster {
+        let dir = temp_dir("hodei-pg");
+        if unsafe { libc::geteuid() } == 0 {
+            let status = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).status().unwrap();
+            assert!(status.success(), "chown the cluster directory to postgres");
+        }
+        let status = as_postgres("initdb")
+            .args(["-A", "trust", "-U", "postgres", "-D"])
+            .arg(dir.join("data"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run initdb");
+        assert!(status.success(), "initdb failed");
+        let port = free_port();
+        let cluster = PgCluster { admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"), dir, port };
+        cluster.pg_ctl_start();
+        cluster
+    }
+
+    fn pg_ctl_start(&self) {
+        let options = format!("-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", self.port, self.dir.display());
+        let status = as_postgres("pg_ctl")
+            .args(["-w", "-t", "30", "-D"])
+            .arg(self.dir.join("data"))
+            .args(["-o", &options, "-l"])
+            .arg(self.dir.join("postgres.log"))
+            .arg("start")
+            .stdout(Stdio::null())
+            .status()
+            .expect("run pg_ctl start");
+        assert!(status.success(), "pg_ctl start failed; see {}", self.dir.join("postgres.log").display());
+    }
+
+    fn pg_ctl_stop(&self) {
+        let _ = as_postgres("pg_ctl")
+            .args(["-w", "-m", "immediate", "-D"])
+            .arg(self.dir.join("data"))
+            .arg("stop")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    /// Stop the server at once (every connection cut) and start it again after `down`.
+    pub fn restart(&self, down: Duration) {
+        self.pg_ctl_stop();
+        std::thread::sleep(down);
+        self.pg_ctl_start();
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        self.pg_ctl_stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A database of the test's own on the shared PostgreSQL, dropped at the end.
 pub struct Database {
     pub url: String,
@@ -149,7 +236,10 @@ pub fn admin_url() -> String {
 
 impl Database {
     pub async fn create() -> Database {
-        let admin_url = admin_url();
+        Database::create_on(admin_url()).await
+    }
+
+    pub async fn create_on(admin_url: String) -> Database {
         let name = format!("hodei_test_{}", Uuid::new_v4().simple());
         let admin = PgPool::connect(&admin_url).await.unwrap_or_else(|e| panic!("cannot reach {admin_url}: {e}"));
         sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await.expect("create the test database");
@@ -249,6 +339,8 @@ pub struct System {
     pub log_dir: PathBuf,
     pub db: Database,
     pub nats: NatsServer,
+    /// The test's own PostgreSQL, when it has one (dropped after the database).
+    pub pg: Option<PgCluster>,
 }
 
 impl System {
@@ -258,8 +350,20 @@ impl System {
 
     /// Start with extra environment for every service (and so for the agents they start).
     pub async fn start_with(extra_env: &[(&str, &str)]) -> System {
+        System::start_on(None, extra_env).await
+    }
+
+    /// Start against a PostgreSQL cluster of the test's own, which the test may restart.
+    pub async fn start_with_own_postgres(extra_env: &[(&str, &str)]) -> System {
+        System::start_on(Some(PgCluster::start()), extra_env).await
+    }
+
+    async fn start_on(pg: Option<PgCluster>, extra_env: &[(&str, &str)]) -> System {
         let nats = NatsServer::start();
-        let db = Database::create().await;
+        let db = match &pg {
+            Some(cluster) => Database::create_on(cluster.admin_url.clone()).await,
+            None => Database::create().await,
+        };
         let log_dir = temp_dir("hodei-logs");
         let mut env = vec![
             ("HODEI_NATS_URL", nats.url.as_str()),
@@ -280,6 +384,7 @@ impl System {
             log_dir,
             db,
             nats,
+            pg,
         };
         system.wait_ready().await;
         system
@@ -410,7 +515,7 @@ impl System {
                 .bind(&ids)
                 .fetch_one(&pool)
                 .await
-                .unwrap();
+                .unwrap_or((-1,));
                 open == 0
             }
         })

@@ -248,3 +248,17 @@ async fn kill_9_of_agents_in_the_middle_of_their_jobs_loses_no_job() {
         assert_eq!(system.get(*id).await.unwrap().state, JobState::Succeeded, "lost attempts are retried");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_while_jobs_run_loses_no_job() {
+    let system = System::start_with_own_postgres(&[
+        ("HODEI_HEARTBEAT_INTERVAL_MS", "300"),
+        ("HODEI_WORKER_LOST_AFTER_MS", "5000"),
+        ("HODEI_WORKER_CONNECT_TIMEOUT_MS", "15000"),
+    ])
+    .await;
+    let jobs = submit_batch(&system, "postgres").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    system.pg.as_ref().unwrap().restart(Duration::from_millis(500));
+    check_invariants(&system, &jobs, "PostgreSQL restart").await;
+}

@@ -279,7 +279,7 @@ async fn load(pool: &PgPool, rows: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One kind of query: the queries to time (one per key) and a line on what it asks.
+/// One kind of query: its name in the table and the queries to time, one per key.
 struct Kind {
     name: &'static str,
     queries: Vec<AuditQuery>,
