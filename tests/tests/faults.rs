@@ -87,7 +87,7 @@ async fn check_invariants(system: &System, job_ids: &[Uuid], what: &str) {
             )
             .fetch_one(&system.pool)
             .await
-            .unwrap();
+            .unwrap_or((-1,));
             missing == 0
         })
         .await;

@@ -36,19 +36,41 @@ async fn metrics_parse_as_prometheus_text_and_move_when_jobs_run() {
         })
         .await;
 
-    let after: Vec<String> = futures::future::join_all(SERVICES.map(scrape)).await;
-    let moved = |service: &str, series: &str| {
-        let i = SERVICES.iter().position(|s| *s == service).unwrap();
-        (prometheus_value(&before[i], series), prometheus_value(&after[i], series))
-    };
-    assert_eq!(moved("scheduler", r#"hodei_jobs{state="Succeeded"}"#), (0.0, 2.0));
-    assert_eq!(moved("scheduler", r#"hodei_jobs{state="Failed"}"#), (0.0, 1.0));
-    assert_eq!(moved("scheduler", r#"hodei_events_total{event_type="JobCreated"}"#), (0.0, 3.0));
-    assert_eq!(moved("registry", r#"hodei_workers{state="Terminated"}"#), (0.0, 3.0));
-    assert_eq!(moved("dispatcher", r#"hodei_events_total{event_type="JobAssigned"}"#), (0.0, 3.0));
-    assert_eq!(moved("dispatcher", "hodei_dispatch_latency_seconds_count"), (0.0, 3.0));
-    assert_eq!(moved("provider-manager", r#"hodei_events_total{event_type="WorkerTerminated"}"#), (0.0, 3.0));
-    assert_eq!(moved("relay", "hodei_outbox_published_total"), (0.0, 39.0 + 3.0), "39 events and 3 RunJob commands");
-    assert_eq!(moved("relay", "hodei_outbox_depth").1, 0.0);
-    assert_eq!(moved("audit", r#"hodei_consumer_messages_total{consumer="audit",outcome="done"}"#), (0.0, 39.0));
+    // Counters move right after the work they count: scrape until they all show it.
+    let expected: [(&str, &str, f64); 10] = [
+        ("scheduler", r#"hodei_jobs{state="Succeeded"}"#, 2.0),
+        ("scheduler", r#"hodei_jobs{state="Failed"}"#, 1.0),
+        ("scheduler", r#"hodei_events_total{event_type="JobCreated"}"#, 3.0),
+        ("registry", r#"hodei_workers{state="Terminated"}"#, 3.0),
+        ("dispatcher", r#"hodei_events_total{event_type="JobAssigned"}"#, 3.0),
+        ("dispatcher", "hodei_dispatch_latency_seconds_count", 3.0),
+        ("provider-manager", r#"hodei_events_total{event_type="WorkerTerminated"}"#, 3.0),
+        ("relay", "hodei_outbox_published_total", 39.0 + 3.0), // 39 events and 3 RunJob commands
+        ("relay", "hodei_outbox_depth", 0.0),
+        ("audit", r#"hodei_consumer_messages_total{consumer="audit",outcome="done"}"#, 39.0),
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let after: Vec<String> = futures::future::join_all(SERVICES.map(scrape)).await;
+        let values: Vec<(f64, f64)> = expected
+            .iter()
+            .map(|(service, series, _)| {
+                let i = SERVICES.iter().position(|s| s == service).unwrap();
+                (prometheus_value(&before[i], series), prometheus_value(&after[i], series))
+            })
+            .collect();
+        let all_moved = values.iter().zip(&expected).all(|((was, now), (_, series, want))| {
+            *now == *want && (series.ends_with("depth") || *was == 0.0)
+        });
+        if all_moved {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            for ((was, now), (service, series, want)) in values.iter().zip(&expected) {
+                eprintln!("{service} {series}: {was} -> {now} (want {want})");
+            }
+            panic!("the metrics did not move as the jobs ran");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -286,6 +286,13 @@ async fn measure_floor(system: &System, options: &Options) -> anyhow::Result<Flo
             }
         }
     });
+    // The subscription travels on the responder's connection, the requests on another: the
+    // server may see a request first. Ask until the responder answers.
+    let ready_by = Instant::now() + Duration::from_secs(5);
+    while system.client.request("hodei-bench.echo", payload.clone()).await.is_err() {
+        anyhow::ensure!(Instant::now() < ready_by, "the echo responder never answered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut samples = Vec::with_capacity(options.floor);
     for i in 0..options.floor + WARMUP {
         let t = Instant::now();
