@@ -464,7 +464,7 @@ impl System {
     }
 
     pub async fn submit(&self, request_body: &SubmitJob) -> Result<SubmitAccepted, ApiError> {
-        request(&self.client, subjects::API_JOBS_SUBMIT, None, request_body, Duration::from_secs(10)).await
+        request(&self.client, subjects::API_JOBS_SUBMIT, None, request_body, Duration::from_secs(30)).await
     }
 
     pub async fn get(&self, job_id: Uuid) -> Result<JobView, ApiError> {

@@ -16,8 +16,8 @@ const JOBS: usize = 100;
 async fn faulty_system() -> System {
     System::start_with(&[
         ("HODEI_HEARTBEAT_INTERVAL_MS", "300"),
-        ("HODEI_WORKER_LOST_AFTER_MS", "3000"),
-        ("HODEI_WORKER_CONNECT_TIMEOUT_MS", "10000"),
+        ("HODEI_WORKER_LOST_AFTER_MS", "5000"),
+        ("HODEI_WORKER_CONNECT_TIMEOUT_MS", "15000"),
         ("HODEI_MONITOR_INTERVAL_MS", "200"),
     ])
     .await
@@ -26,7 +26,7 @@ async fn faulty_system() -> System {
 /// Submit `JOBS` jobs that each take a little while, retried if their worker is lost.
 async fn submit_batch(system: &System, tag: &str) -> Vec<Uuid> {
     let policy = JobPolicy {
-        retry: RetryPolicy { max_attempts: 3, initial_backoff_ms: 100, retry_on: vec![RetryOn::Lost], ..Default::default() },
+        retry: RetryPolicy { max_attempts: 5, initial_backoff_ms: 100, retry_on: vec![RetryOn::Lost], ..Default::default() },
         ..Default::default()
     };
     let requests: Vec<_> = (0..JOBS)
@@ -223,7 +223,7 @@ async fn two_instances_of_every_service_share_the_work_and_handle_no_job_twice()
 async fn kill_9_of_agents_in_the_middle_of_their_jobs_loses_no_job() {
     let system = faulty_system().await;
     let policy = JobPolicy {
-        retry: RetryPolicy { max_attempts: 3, initial_backoff_ms: 100, retry_on: vec![RetryOn::Lost], ..Default::default() },
+        retry: RetryPolicy { max_attempts: 5, initial_backoff_ms: 100, retry_on: vec![RetryOn::Lost], ..Default::default() },
         ..Default::default()
     };
     let requests: Vec<_> = (0..JOBS)
