@@ -262,3 +262,24 @@ async fn a_postgres_restart_while_jobs_run_loses_no_job() {
     system.pg.as_ref().unwrap().restart(Duration::from_millis(500));
     check_invariants(&system, &jobs, "PostgreSQL restart").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_consumers_are_recreated_and_lose_no_job() {
+    let system = faulty_system().await;
+    let jobs = submit_batch(&system, "deleted").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (stream, consumer) in [
+        ("HODEI_EVENTS", "dispatcher-job-queued"),
+        ("HODEI_EVENTS", "dispatcher-worker-ready"),
+        ("HODEI_EVENTS", "audit"),
+        ("HODEI_AGENT", "scheduler-reports"),
+    ] {
+        let stream = system.js.get_stream(stream).await.unwrap();
+        assert!(stream.delete_consumer(consumer).await.unwrap().success, "deleted {consumer}");
+    }
+    check_invariants(&system, &jobs, "durable consumers deleted").await;
+    for id in &jobs {
+        assert_eq!(system.get(*id).await.unwrap().state, JobState::Succeeded);
+    }
+    assert!(system.log_of("dispatcher").contains("reopening"), "the consumer loop noticed and reopened");
+}

@@ -15,6 +15,9 @@ use uuid::Uuid;
 
 use crate::error::{DomainError, Result};
 
+/// How long the provider has to destroy a worker before the teardown is asked for again.
+pub const TEARDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// How long a requested worker may take to register before it is given up, by default.
 pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 use crate::events::{
@@ -241,7 +244,7 @@ impl Worker {
     /// Tear the worker down (its job finished, it was lost, or it is being drained away).
     pub fn terminate(&mut self, reason: String, actor: &Actor) -> Result<DomainEvent> {
         let from = self.transition(WorkerState::Terminating)?;
-        self.deadline_at = None;
+        self.deadline_at = Some(self.updated_at + TEARDOWN_TIMEOUT);
         Ok(self.event(actor, &WorkerTerminating { worker_id: self.id, from, reason }))
     }
 
@@ -265,11 +268,23 @@ impl Worker {
         let fault = match self.state {
             WorkerState::Creating | WorkerState::Connecting => WorkerFault::NeverConnected,
             WorkerState::Ready | WorkerState::Busy | WorkerState::Draining => WorkerFault::Lost,
-            WorkerState::Terminating | WorkerState::Terminated => return Ok(None),
+            WorkerState::Terminating => WorkerFault::TeardownOverdue,
+            WorkerState::Terminated => return Ok(None),
         };
         let reason = match fault {
             WorkerFault::NeverConnected => "never registered in time".to_owned(),
             WorkerFault::Lost => "lost: no heartbeat in time".to_owned(),
+            WorkerFault::TeardownOverdue => {
+                // Not a transition: the teardown is asked for again (the provider destroys
+                // idempotently) until the provider reports the worker Terminated.
+                self.deadline_at = Some(now + TEARDOWN_TIMEOUT);
+                let payload = WorkerTerminating {
+                    worker_id: self.id,
+                    from: WorkerState::Terminating,
+                    reason: "teardown not confirmed in time; asked again".into(),
+                };
+                return Ok(Some((self.event(actor, &payload), fault)));
+            }
         };
         Ok(Some((self.terminate(reason, actor)?, fault)))
     }
@@ -282,6 +297,8 @@ pub enum WorkerFault {
     NeverConnected,
     /// Its job may have been running: retry or fail it by the job's policy.
     Lost,
+    /// The provider has not confirmed the teardown: it is asked for again.
+    TeardownOverdue,
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -403,7 +420,13 @@ mod tests {
         busy.deadline_at = Some(Utc::now());
         assert_eq!(busy.expire(Utc::now(), &a).unwrap().unwrap().1, WorkerFault::Lost);
         assert_eq!(busy.state, Terminating);
-        assert_eq!(busy.expire(Utc::now() + chrono::Duration::hours(1), &a).unwrap(), None, "no deadline while terminating");
+        let overdue = busy.deadline_at.unwrap();
+        let (again, fault) = busy.expire(overdue, &a).unwrap().unwrap();
+        assert_eq!((again.event_type.as_str(), fault), ("WorkerTerminating", WorkerFault::TeardownOverdue));
+        assert_eq!(busy.state, Terminating, "asking again is not a transition");
+        assert!(busy.deadline_at.unwrap() > overdue);
+        busy.terminated(&a).unwrap();
+        assert_eq!(busy.expire(Utc::now() + chrono::Duration::hours(1), &a).unwrap(), None, "no deadline once terminated");
     }
 
     #[test]

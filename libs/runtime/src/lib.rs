@@ -8,6 +8,7 @@ use std::future::Future;
 
 use tokio::sync::watch;
 
+pub mod breaker;
 pub mod sweep;
 pub mod telemetry;
 

@@ -30,6 +30,14 @@ pub struct Config {
     #[arg(long, env = "HODEI_WORKER_CONNECT_TIMEOUT_MS", default_value_t = 60_000)]
     pub worker_connect_timeout_ms: u64,
 
+    /// Consecutive failures to place jobs that open the dispatch circuit.
+    #[arg(long, env = "HODEI_DISPATCH_CIRCUIT_THRESHOLD", default_value_t = 5)]
+    pub circuit_threshold: u32,
+
+    /// How long the open dispatch circuit waits before a probe (ms; doubles up to a minute).
+    #[arg(long, env = "HODEI_DISPATCH_CIRCUIT_OPEN_MS", default_value_t = 1000)]
+    pub circuit_open_ms: u64,
+
     /// Largest number of database connections.
     #[arg(long, env = "HODEI_DB_POOL_SIZE", default_value_t = 10)]
     pub db_pool_size: u32,
@@ -41,6 +49,9 @@ pub(crate) struct State {
     pub actor: Actor,
     pub provider: String,
     pub connect_timeout: std::time::Duration,
+    /// Opens after consecutive failures to place jobs (the database unreachable, ...): jobs
+    /// then wait, their messages redelivered after the open window, instead of failing.
+    pub breaker: std::sync::Arc<hodei_runtime::breaker::Breaker>,
 }
 
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
@@ -54,24 +65,34 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     config.common.serve_metrics(9612, vec![hodei_store::health(&pool), hodei_messaging::health(&client)], shutdown.clone()).await?;
     let state = State { pool, actor: Actor::service(SERVICE), provider: config.provider,
         connect_timeout: std::time::Duration::from_millis(config.worker_connect_timeout_ms),
+        breaker: std::sync::Arc::new(hodei_runtime::breaker::Breaker::new(
+            "dispatch",
+            config.circuit_threshold,
+            std::time::Duration::from_millis(config.circuit_open_ms),
+        )),
+    };
+    // Jobs wait while the dispatch circuit is open: no delivery limit.
+    let unlimited = |mut config: ConsumerConfig| {
+        config.max_deliver = -1;
+        config
     };
     let queued = consumer::run(
         js.clone(),
-        ConsumerConfig::new(
+        unlimited(ConsumerConfig::new(
             streams::EVENTS,
             "dispatcher-job-queued",
             Some(subjects::events_of_type("job", "JobQueued")),
-        ),
+        )),
         shutdown.clone(),
         |delivery| handlers::job_queued::handle(state.clone(), delivery),
     );
     let ready = consumer::run(
         js.clone(),
-        ConsumerConfig::new(
+        unlimited(ConsumerConfig::new(
             streams::EVENTS,
             "dispatcher-worker-ready",
             Some(subjects::events_of_type("worker", "WorkerReadyForJob")),
-        ),
+        )),
         shutdown.clone(),
         |delivery| handlers::worker_ready::handle(state.clone(), delivery),
     );

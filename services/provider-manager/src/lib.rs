@@ -2,7 +2,6 @@
 //! (here the process provider, which starts `hodei-agent` as a child process), hands each
 //! worker its one-time bootstrap token, and destroys the resource on WorkerTerminating.
 
-pub mod breaker;
 mod handlers;
 pub mod providers;
 
@@ -57,7 +56,7 @@ pub(crate) struct State<P> {
     pub pool: PgPool,
     pub actor: Actor,
     pub provider: P,
-    pub breaker: breaker::Breaker,
+    pub breaker: hodei_runtime::breaker::Breaker,
 }
 
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
@@ -79,8 +78,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         config.agent_nats_url.unwrap_or(config.common.nats_url),
         std::time::Duration::from_secs(config.stop_grace_secs),
     );
-    let breaker = breaker::Breaker::new(
-        provider.name(),
+    let breaker = hodei_runtime::breaker::Breaker::new(
+        &format!("provider:{}", provider.name()),
         config.circuit_threshold,
         std::time::Duration::from_millis(config.circuit_open_ms),
     );
@@ -94,7 +93,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             shutdown.clone(),
             move |_: serde_json::Value, _| {
                 let view = state.breaker.view();
-                async move { Ok::<_, hodei_protocol::ApiError>(vec![view]) }
+                let provider = state.provider.name();
+                async move {
+                    let mut view = serde_json::to_value(view).expect("serializable");
+                    view["provider"] = provider.into();
+                    Ok::<_, hodei_protocol::ApiError>(vec![view])
+                }
             },
         )
     };

@@ -43,7 +43,7 @@ async fn expire(pool: &PgPool, worker_id: Uuid, actor: &Actor) -> Result<(), Sto
         }
     };
     let mut events: Vec<DomainEvent> = vec![terminating];
-    if let Some(job_id) = job_id {
+    if let (Some(job_id), true) = (job_id, fault != WorkerFault::TeardownOverdue) {
         if let Some(mut job) = jobs::lock(&mut tx, job_id).await? {
             let outcome = if job.worker_id != Some(worker_id) || job.state.is_terminal() {
                 Ok(Vec::new())
@@ -51,6 +51,7 @@ async fn expire(pool: &PgPool, worker_id: Uuid, actor: &Actor) -> Result<(), Sto
                 match fault {
                     WorkerFault::NeverConnected => job.requeue(format!("worker {worker_id} never registered"), actor),
                     WorkerFault::Lost => job.worker_lost(worker_id, hodei_runtime::jitter(), actor),
+                    WorkerFault::TeardownOverdue => Ok(Vec::new()),
                 }
             };
             match outcome {

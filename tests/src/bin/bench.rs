@@ -161,7 +161,7 @@ async fn bench(system: &System, options: &Options) -> anyhow::Result<String> {
 
     eprintln!("cold: {} jobs one at a time (+{} not counted)", options.cold, options.warmup);
     let cpu_before = CpuSnapshot::take(system, &services, nats_pid).await;
-    let sampler = AgentSampler::start(provider_manager, Duration::from_millis(5), 10);
+    let sampler = AgentSampler::start(system, provider_manager, Duration::from_millis(5)).await?;
     let cold = cold_run(system, options).await?;
     let cold_agents = sampler.finish();
     let cpu_cold = CpuSnapshot::take(system, &services, nats_pid).await.since(&cpu_before);
@@ -171,8 +171,8 @@ async fn bench(system: &System, options: &Options) -> anyhow::Result<String> {
 
     eprintln!("throughput: {} jobs, {} submissions in flight", options.throughput, options.in_flight);
     let cpu_before = CpuSnapshot::take(system, &services, nats_pid).await;
-    // Many agents live at once here: sample less often, and watch the machine's memory.
-    let sampler = AgentSampler::start(provider_manager, Duration::from_millis(100), 1);
+    // Many agents live at once here: read them less often, and watch the machine's memory.
+    let sampler = AgentSampler::start(system, provider_manager, Duration::from_millis(50)).await?;
     let throughput = throughput_run(system, options, &sampler.low_memory).await?;
     let throughput_agents = sampler.finish();
     let cpu_throughput = CpuSnapshot::take(system, &services, nats_pid).await.since(&cpu_before);
@@ -269,6 +269,11 @@ struct Floor {
     /// the cold runs' "process start" can be read, at best.
     spawn_date_start: Option<Summary>,
     synchronous_commit: String,
+    /// The pieces of an agent's start-up, measured alone: exec of the agent binary (to its
+    /// `--help`), a new NATS connection, and the agent's command consumer.
+    spawn_agent_help: Option<Summary>,
+    nats_connect: Option<Summary>,
+    create_consumer: Option<Summary>,
 }
 
 async fn measure_floor(system: &System, options: &Options) -> anyhow::Result<Floor> {
@@ -380,7 +385,68 @@ async fn measure_floor(system: &System, options: &Options) -> anyhow::Result<Flo
     }
     let spawn_date_start = Summary::of(&samples);
 
-    Ok(Floor { nats_round_trip, jetstream_publish, postgres_commit, spawn_true, spawn_date_start, synchronous_commit })
+    // What every agent does before it can register, one piece at a time.
+    let agent_bin = hodei_tests::binary("hodei-agent");
+    let mut samples = Vec::with_capacity(options.spawn);
+    for i in 0..options.spawn + 5 {
+        let t = Instant::now();
+        let output = tokio::time::timeout(Duration::from_secs(5), tokio::process::Command::new(&agent_bin).arg("--help").output())
+            .await
+            .context("hodei-agent --help timed out")??;
+        anyhow::ensure!(output.status.success(), "hodei-agent --help failed: {}", output.status);
+        if i >= 5 {
+            samples.push(elapsed_ms(t));
+        }
+    }
+    let spawn_agent_help = Summary::of(&samples);
+    let mut connect = Vec::with_capacity(options.spawn);
+    let mut consumer = Vec::with_capacity(options.spawn);
+    for i in 0..options.spawn + 5 {
+        let t = Instant::now();
+        let client = tokio::time::timeout(Duration::from_secs(5), hodei_messaging::connect(&system.nats.url, "hodei-bench"))
+            .await
+            .context("connect timed out")??;
+        let connected = elapsed_ms(t);
+        let js = async_nats::jetstream::new(client.clone());
+        let t = Instant::now();
+        let made = async {
+            use async_nats::jetstream::consumer::{pull, AckPolicy};
+            js.get_stream("HODEI_WORKER_CMDS")
+                .await?
+                .create_consumer(pull::Config {
+                    filter_subject: format!("hodei.worker.{}.cmd", Uuid::new_v4()),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(60),
+                    inactive_threshold: Duration::from_secs(60),
+                    ..Default::default()
+                })
+                .await
+                .map_err(anyhow::Error::from)
+        };
+        let made: async_nats::jetstream::consumer::PullConsumer =
+            tokio::time::timeout(Duration::from_secs(5), made).await.context("consumer creation timed out")??;
+        let created = elapsed_ms(t);
+        if let Ok(stream) = js.get_stream("HODEI_WORKER_CMDS").await {
+            let _ = stream.delete_consumer(&made.cached_info().name).await;
+        }
+        drop(client);
+        if i >= 5 {
+            connect.push(connected);
+            consumer.push(created);
+        }
+    }
+
+    Ok(Floor {
+        nats_round_trip,
+        jetstream_publish,
+        postgres_commit,
+        spawn_true,
+        spawn_date_start,
+        synchronous_commit,
+        spawn_agent_help,
+        nats_connect: Summary::of(&connect),
+        create_consumer: Summary::of(&consumer),
+    })
 }
 
 /// `date +%s%N` output: nanoseconds since the epoch.
@@ -525,8 +591,20 @@ async fn wait_worker_terminated(system: &System, job_id: Uuid, deadline: Instant
 
 // ----- profile of the cold jobs from the audit log -----
 
-/// One job's timeline: steps (label, actor, time), in the order they happened.
-type Timeline = Vec<(String, String, DateTime<Utc>)>;
+/// One step of a job's timeline. For a step written through the outbox, `begun` is when its
+/// transaction began (the outbox row's `created_at`, PostgreSQL's `now()`) and `relayed` when
+/// the relay's transaction that published it began (`published_at`, also `now()`).
+#[derive(Clone)]
+struct Step {
+    label: String,
+    actor: String,
+    at: DateTime<Utc>,
+    begun: Option<DateTime<Utc>>,
+    relayed: Option<DateTime<Utc>>,
+}
+
+/// A sample per step of the profiled order.
+type PerStep = Vec<Vec<f64>>;
 
 struct Profile {
     /// Submit → the job's process printed its clock.
@@ -543,15 +621,32 @@ struct Profile {
     sequence: Vec<String>,
     actors: Vec<String>,
     following: usize,
-    /// Per step of `sequence`: the gaps from the step before, and the offsets from submit.
-    gaps: Vec<Vec<f64>>,
-    offsets: Vec<Vec<f64>>,
+    /// The gap from the step before, and the time since submit.
+    gaps: PerStep,
+    offsets: PerStep,
+    /// A gap taken apart: the step before relayed → this step's transaction begins (publish,
+    /// delivery, decoding); begins → stamped (its reads and decision); stamped → relayed (the
+    /// rest of its transaction, commit, NOTIFY, the relay waking up).
+    relay_to_begin: PerStep,
+    begin_to_stamp: PerStep,
+    stamp_to_relay: PerStep,
     /// Jobs whose audit trail or process clock was missing.
     unprofiled: usize,
 }
 
 const SUBMIT: &str = "submit (client's clock)";
 const PROCESS_START: &str = "process start (job's clock)";
+
+/// The steps a service takes because the relay published an earlier one (or the RunJob
+/// command). The others are caused by a request or an agent's report, not by the outbox.
+const CAUSED_BY: [(&str, &str); 6] = [
+    ("WorkerProvisioningRequested", "JobQueued"),
+    ("WorkerProvisioned", "WorkerProvisioningRequested"),
+    ("WorkerStatusChanged → Busy", "WorkerReadyForJob"),
+    (PROCESS_START, "RunJob"),
+    ("WorkerTerminating", "JobCompleted → Succeeded"),
+    ("WorkerTerminated", "WorkerTerminating"),
+];
 
 async fn profile_cold(system: &System, cold: &Cold) -> anyhow::Result<Profile> {
     let correlations: Vec<String> = cold.jobs.iter().map(|j| j.correlation_id.clone()).collect();
@@ -571,22 +666,35 @@ async fn profile_cold(system: &System, cold: &Cold) -> anyhow::Result<Profile> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let rows: Vec<(String, i64, DateTime<Utc>, String, String, serde_json::Value)> = sqlx::query_as(
-        "SELECT correlation_id, seq, occurred_at, event_type, actor, payload FROM audit_log \
-         WHERE correlation_id = ANY($1) ORDER BY occurred_at, seq",
+    type Row = (String, DateTime<Utc>, String, String, serde_json::Value, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT a.correlation_id, a.occurred_at, a.event_type, a.actor, a.payload, o.created_at, o.published_at \
+         FROM audit_log a LEFT JOIN outbox_events o ON o.event_id = a.event_id \
+         WHERE a.correlation_id = ANY($1) ORDER BY a.occurred_at, a.seq",
     )
     .bind(&correlations)
     .fetch_all(&system.pool)
     .await?;
-    let mut trails: HashMap<String, Vec<(String, String, DateTime<Utc>)>> = HashMap::new();
-    for (correlation, _seq, at, event_type, actor, payload) in rows {
+    // The RunJob command is not an event (not audited); it travels in the outbox with the
+    // assignment, and the job's process start is what it causes.
+    let commands: Vec<(String, Option<DateTime<Utc>>)> = sqlx::query_as(
+        "SELECT metadata->>'correlation_id', published_at FROM outbox_events \
+         WHERE event_type = 'RunJob' AND metadata->>'correlation_id' = ANY($1)",
+    )
+    .bind(&correlations)
+    .fetch_all(&system.pool)
+    .await?;
+    let run_job_relayed: HashMap<String, DateTime<Utc>> =
+        commands.into_iter().filter_map(|(c, at)| Some((c, at?))).collect();
+    let mut trails: HashMap<String, Vec<Step>> = HashMap::new();
+    for (correlation, at, event_type, actor, payload, begun, relayed) in rows {
         // A status change is named by the state it goes to: a job changes more than once.
         let label = match payload.get("to").and_then(|t| t.as_str()) {
             Some(to) => format!("{event_type} → {to}"),
             None => event_type,
         };
         let actor = if actor.starts_with("worker:") { "agent".to_owned() } else { actor };
-        trails.entry(correlation).or_default().push((label, actor, at));
+        trails.entry(correlation).or_default().push(Step { label, actor, at, begun, relayed });
     }
 
     let mut p = Profile {
@@ -601,9 +709,12 @@ async fn profile_cold(system: &System, cold: &Cold) -> anyhow::Result<Profile> {
         following: 0,
         gaps: vec![],
         offsets: vec![],
+        relay_to_begin: vec![],
+        begin_to_stamp: vec![],
+        stamp_to_relay: vec![],
         unprofiled: 0,
     };
-    let mut timelines: Vec<Timeline> = Vec::new();
+    let mut timelines: Vec<(Vec<Step>, Option<DateTime<Utc>>)> = Vec::new();
     for job in &cold.jobs {
         p.submit_round_trip.push(job.submit_ms);
         p.settled.extend(job.settled_ms);
@@ -615,7 +726,7 @@ async fn profile_cold(system: &System, cold: &Cold) -> anyhow::Result<Profile> {
             p.unprofiled += 1;
             continue;
         };
-        let find = |label: &str| trail.iter().find(|(l, _, _)| l == label).map(|(_, _, at)| *at);
+        let find = |label: &str| trail.iter().find(|step| step.label == label).map(|step| step.at);
         if let Some(at) = find("JobStatusChanged → Running") {
             p.to_running_recorded.push(between_ms(at, job.submitted_at));
         }
@@ -627,36 +738,52 @@ async fn profile_cold(system: &System, cold: &Cold) -> anyhow::Result<Profile> {
             continue;
         };
         p.to_process_start.push(between_ms(process_start, job.submitted_at));
-        trail.push((SUBMIT.to_owned(), "client".to_owned(), job.submitted_at));
-        trail.push((PROCESS_START.to_owned(), "job".to_owned(), process_start));
-        // Stable: events recorded at the same instant keep their recording order.
-        trail.sort_by_key(|(_, _, at)| *at);
-        timelines.push(trail);
+        let step = |label: &str, actor: &str, at| Step { label: label.into(), actor: actor.into(), at, begun: None, relayed: None };
+        trail.push(step(SUBMIT, "client", job.submitted_at));
+        trail.push(step(PROCESS_START, "job", process_start));
+        // Stable: events stamped at the same instant keep their recording order.
+        trail.sort_by_key(|step| step.at);
+        timelines.push((trail, run_job_relayed.get(&job.correlation_id).copied()));
     }
 
     // The order of steps can differ between jobs where two services act at once; profile the
     // most common order, over the jobs that followed it.
     let mut orders: BTreeMap<Vec<String>, usize> = BTreeMap::new();
-    for t in &timelines {
-        *orders.entry(t.iter().map(|(l, _, _)| l.clone()).collect()).or_default() += 1;
+    for (t, _) in &timelines {
+        *orders.entry(t.iter().map(|step| step.label.clone()).collect()).or_default() += 1;
     }
-    if let Some((sequence, _)) = orders.into_iter().max_by_key(|(_, n)| *n) {
-        p.gaps = vec![Vec::new(); sequence.len()];
-        p.offsets = vec![Vec::new(); sequence.len()];
-        for t in timelines.iter().filter(|t| t.iter().map(|(l, _, _)| l).eq(sequence.iter())) {
-            p.following += 1;
-            if p.actors.is_empty() {
-                p.actors = t.iter().map(|(_, a, _)| a.clone()).collect();
+    let Some((sequence, _)) = orders.into_iter().max_by_key(|(_, n)| *n) else { return Ok(p) };
+    let empty = || vec![Vec::new(); sequence.len()];
+    (p.gaps, p.offsets, p.relay_to_begin, p.begin_to_stamp, p.stamp_to_relay) = (empty(), empty(), empty(), empty(), empty());
+    for (t, run_job) in timelines.iter().filter(|(t, _)| t.iter().map(|step| &step.label).eq(sequence.iter())) {
+        p.following += 1;
+        if p.actors.is_empty() {
+            p.actors = t.iter().map(|step| step.actor.clone()).collect();
+        }
+        for (i, step) in t.iter().enumerate() {
+            let previous = if i == 0 { step } else { &t[i - 1] };
+            p.gaps[i].push(between_ms(step.at, previous.at));
+            p.offsets[i].push(between_ms(step.at, t[0].at));
+            let cause = CAUSED_BY.iter().find(|(effect, _)| *effect == step.label).map(|(_, cause)| *cause);
+            let cause_relayed = match cause {
+                Some("RunJob") => *run_job,
+                Some(cause) => t.iter().find(|s| s.label == cause).and_then(|s| s.relayed),
+                None => None,
+            };
+            // The process start has no transaction: its "begin" is the start itself.
+            let begun = if step.label == PROCESS_START { Some(step.at) } else { step.begun };
+            if let (Some(relayed), Some(begun)) = (cause_relayed, begun) {
+                p.relay_to_begin[i].push(between_ms(begun, relayed));
             }
-            let start = t[0].2;
-            for (i, (_, _, at)) in t.iter().enumerate() {
-                let previous = if i == 0 { *at } else { t[i - 1].2 };
-                p.gaps[i].push(between_ms(*at, previous));
-                p.offsets[i].push(between_ms(*at, start));
+            if let Some(begun) = step.begun {
+                p.begin_to_stamp[i].push(between_ms(step.at, begun));
+            }
+            if let Some(relayed) = step.relayed {
+                p.stamp_to_relay[i].push(between_ms(relayed, step.at));
             }
         }
-        p.sequence = sequence;
     }
+    p.sequence = sequence;
     Ok(p)
 }
 
@@ -780,8 +907,17 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
 
 /// utime + stime of the process itself (not of its reaped children), in seconds.
 fn cpu_seconds(pid: u32) -> Option<f64> {
+    stat_seconds(pid, 11, 12)
+}
+
+/// cutime + cstime: what the process' children that it has waited for used, in seconds.
+fn children_cpu_seconds(pid: u32) -> Option<f64> {
+    stat_seconds(pid, 13, 14)
+}
+
+fn stat_seconds(pid: u32, user: usize, system: usize) -> Option<f64> {
     let f = stat_fields(pid)?;
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let ticks: u64 = f.get(user)?.parse::<u64>().ok()? + f.get(system)?.parse::<u64>().ok()?;
     // SAFETY: sysconf has no preconditions.
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     Some(ticks as f64 / per_second)
@@ -800,11 +936,12 @@ fn nats_server_pid(port: u16) -> Option<u32> {
     })
 }
 
-/// CPU seconds consumed so far by the services, the nats-server and this database's
-/// PostgreSQL backends.
+/// CPU seconds consumed so far by the services, the agents (and their jobs: the children the
+/// provider-manager has reaped), the nats-server and this database's PostgreSQL backends.
 #[derive(Default)]
 struct CpuSnapshot {
     services: BTreeMap<String, f64>,
+    agents: f64,
     nats: f64,
     postgres: HashMap<u32, f64>,
 }
@@ -817,6 +954,11 @@ impl CpuSnapshot {
             .unwrap_or_default();
         CpuSnapshot {
             services: services.iter().map(|(name, pid)| (name.clone(), cpu_seconds(*pid).unwrap_or(0.0))).collect(),
+            agents: services
+                .iter()
+                .find(|(name, _)| name == "provider-manager")
+                .and_then(|(_, pid)| children_cpu_seconds(*pid))
+                .unwrap_or(0.0),
             nats: nats.and_then(cpu_seconds).unwrap_or(0.0),
             postgres: backends.iter().filter_map(|(pid,)| Some((*pid as u32, cpu_seconds(*pid as u32)?))).collect(),
         }
@@ -827,6 +969,7 @@ impl CpuSnapshot {
     fn since(&self, before: &CpuSnapshot) -> CpuSnapshot {
         CpuSnapshot {
             services: self.services.iter().map(|(n, s)| (n.clone(), s - before.services.get(n).unwrap_or(&0.0))).collect(),
+            agents: self.agents - before.agents,
             nats: self.nats - before.nats,
             postgres: self.postgres.iter().map(|(pid, s)| (*pid, s - before.postgres.get(pid).unwrap_or(&0.0))).collect(),
         }
@@ -845,7 +988,7 @@ struct ServiceMemory {
     hwm_kb: u64,
 }
 
-/// What a sampler saw of the agents (children of the provider-manager named `hodei-agent`).
+/// What a sampler saw of the agents.
 #[derive(Default)]
 struct AgentMemory {
     agents: usize,
@@ -856,55 +999,52 @@ struct AgentMemory {
     min_available_kb: Option<u64>,
 }
 
-/// A thread that reads the agents' memory from /proc while a phase runs. It finds new agents
-/// every `scan_every` ticks and reads the live ones' VmHWM every tick, so an agent's last read
-/// is at most a tick before it exits. It also raises `low_memory` when the machine has under
+/// A thread that reads the agents' memory from /proc while a phase runs, and a task that tells
+/// it of each new agent. An agent reports its pid when it registers (`WorkerRegistered`); the
+/// pid is taken if it is a `hodei-agent` child of the provider-manager. Scanning all of /proc
+/// often enough to catch agents that live 40 ms would itself load the 2 CPUs; VmHWM is a
+/// high-water mark, so finding an agent late loses nothing as long as it is read again up to
+/// a tick before it exits. The thread also raises `low_memory` when the machine has under
 /// 1 GiB available.
 struct AgentSampler {
     stop: Arc<AtomicBool>,
     low_memory: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<AgentMemory>,
+    announcer: tokio::task::JoinHandle<()>,
 }
 
 impl AgentSampler {
-    fn start(provider_manager: u32, tick: Duration, scan_every: u32) -> AgentSampler {
+    async fn start(system: &System, provider_manager: u32, tick: Duration) -> anyhow::Result<AgentSampler> {
+        let mut registered = system.client.subscribe("hodei.events.worker.*.WorkerRegistered").await?;
+        system.client.flush().await?;
+        let (pid_tx, pid_rx) = std::sync::mpsc::channel::<u32>();
+        let announcer = tokio::spawn(async move {
+            while let Some(message) = registered.next().await {
+                let pid = serde_json::from_slice::<DomainEvent>(&message.payload)
+                    .ok()
+                    .and_then(|e| e.payload.get("pid").and_then(|p| p.as_u64()));
+                if let Some(pid) = pid {
+                    let _ = pid_tx.send(pid as u32);
+                }
+            }
+        });
         let stop = Arc::new(AtomicBool::new(false));
         let low_memory = Arc::new(AtomicBool::new(false));
         let (stop_flag, low_flag) = (stop.clone(), low_memory.clone());
         let thread = std::thread::spawn(move || {
             let mut seen = AgentMemory::default();
-            // Keyed by (pid, start time): a pid can be reused by a later agent.
-            let mut live: HashMap<(u32, String), u64> = HashMap::new();
-            let mut ticks = 0u32;
+            let mut live: HashMap<u32, u64> = HashMap::new();
             while !stop_flag.load(Ordering::Relaxed) {
-                if ticks % scan_every == 0 {
-                    for pid in pids() {
-                        let Some(f) = stat_fields(pid) else { continue };
-                        let is_child = f.get(1).is_some_and(|ppid| *ppid == provider_manager.to_string());
-                        if !is_child || f[0] == "Z" {
-                            continue;
-                        }
-                        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-                        if comm.trim() == "hodei-agent" {
-                            let key = (pid, f.get(19).cloned().unwrap_or_default());
-                            if !live.contains_key(&key) {
-                                seen.agents += 1;
-                                live.insert(key, 0);
-                            }
-                        }
-                    }
-                    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-                        m.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
-                    });
-                    if let Some(kb) = available {
-                        seen.min_available_kb = Some(seen.min_available_kb.map_or(kb, |m| m.min(kb)));
-                        if kb < 1024 * 1024 {
-                            low_flag.store(true, Ordering::Relaxed);
-                        }
+                while let Ok(pid) = pid_rx.try_recv() {
+                    let Some(f) = stat_fields(pid) else { continue };
+                    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                    let ours = f.get(1).is_some_and(|ppid| *ppid == provider_manager.to_string());
+                    if ours && comm.trim() == "hodei-agent" && live.insert(pid, 0).is_none() {
+                        seen.agents += 1;
                     }
                 }
                 seen.peak_alive = seen.peak_alive.max(live.len());
-                live.retain(|(pid, _), hwm| match (status_kb(*pid, "VmHWM:"), status_kb(*pid, "VmRSS:")) {
+                live.retain(|pid, hwm| match (status_kb(*pid, "VmHWM:"), status_kb(*pid, "VmRSS:")) {
                     (Some(h), Some(r)) => {
                         *hwm = h;
                         seen.max_rss_kb = seen.max_rss_kb.max(r);
@@ -918,16 +1058,25 @@ impl AgentSampler {
                         false
                     }
                 });
-                ticks = ticks.wrapping_add(1);
+                let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+                    m.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
+                });
+                if let Some(kb) = available {
+                    seen.min_available_kb = Some(seen.min_available_kb.map_or(kb, |m| m.min(kb)));
+                    if kb < 1024 * 1024 {
+                        low_flag.store(true, Ordering::Relaxed);
+                    }
+                }
                 std::thread::sleep(tick);
             }
             seen.hwm_kb.extend(live.values().filter(|h| **h > 0));
             seen
         });
-        AgentSampler { stop, low_memory, thread }
+        Ok(AgentSampler { stop, low_memory, thread, announcer })
     }
 
     fn finish(self) -> AgentMemory {
+        self.announcer.abort();
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().unwrap_or_default()
     }
@@ -1036,6 +1185,16 @@ fn report(
         s,
         "| spawn `date +%s%N`: parent's clock before spawn → clock the child prints | {} |\n",
         Summary::cells(floor.spawn_date_start)
+    )?;
+    writeln!(s, "What an agent does before it can register, each piece measured alone on the same system:\n")?;
+    writeln!(s, "| operation | n | p50 | p90 | p99 | max |")?;
+    writeln!(s, "|---|---:|---:|---:|---:|---:|")?;
+    writeln!(s, "| spawn `hodei-agent --help` and wait (exec, load, argument parsing) | {} |", Summary::cells(floor.spawn_agent_help))?;
+    writeln!(s, "| new NATS connection (`hodei_messaging::connect`) | {} |", Summary::cells(floor.nats_connect))?;
+    writeln!(
+        s,
+        "| `get_stream` + `create_consumer` on HODEI_WORKER_CMDS (the agent's command consumer) | {} |\n",
+        Summary::cells(floor.create_consumer)
     )?;
 
     writeln!(s, "### Latency per job\n")?;
@@ -1161,6 +1320,12 @@ fn report(
         per_job(cpu_cold.control_plane(), cold_jobs),
         per_job(cpu_throughput.control_plane(), throughput.accepted)
     )?;
+    writeln!(
+        s,
+        "| agents and their jobs (the provider-manager's reaped children; context) | {} | {} |",
+        per_job(cpu_cold.agents, cold_jobs),
+        per_job(cpu_throughput.agents, throughput.accepted)
+    )?;
     writeln!(s, "| nats-server (context) | {} | {} |", per_job(cpu_cold.nats, cold_jobs), per_job(cpu_throughput.nats, throughput.accepted))?;
     writeln!(
         s,
@@ -1168,6 +1333,16 @@ fn report(
         per_job(pg(cpu_cold), cold_jobs),
         per_job(pg(cpu_throughput), throughput.accepted)
     )?;
+    let all = |c: &CpuSnapshot| c.control_plane() + c.agents + c.nats + pg(c);
+    writeln!(s, "| all of the above | {} | {} |", per_job(all(cpu_cold), cold_jobs), per_job(all(cpu_throughput), throughput.accepted))?;
+    if throughput.accepted > 0 && all(cpu_throughput) > 0.0 {
+        let ceiling = machine.nproc as f64 * throughput.accepted as f64 / all(cpu_throughput);
+        writeln!(
+            s,
+            "\nAt that CPU cost per job, {} CPUs can run at most {ceiling:.0} jobs/s (CPUs × 1000 / CPU ms per job).",
+            machine.nproc
+        )?;
+    }
     if let Some(kb) = throughput_agents.min_available_kb {
         writeln!(s, "\nLeast memory available on the machine during the throughput run: {} MiB.", kb / 1024)?;
     }
@@ -1184,21 +1359,34 @@ fn report(
         cold.jobs.len(),
         if profile.unprofiled > 0 { format!(" {} jobs had no complete trail or clock.", profile.unprofiled) } else { String::new() }
     )?;
-    writeln!(s, "| # | step | by | gap p50 | gap p90 | gap max | since submit p50 |")?;
-    writeln!(s, "|---:|---|---|---:|---:|---:|---:|")?;
+    writeln!(
+        s,
+        "The last three columns take a gap apart where the outbox carries it (p50 each): **relay → begin** is from \
+         the relay starting the batch that published the event that caused this step (`published_at`; for the \
+         process start, the RunJob command's) to this step's transaction beginning (`created_at` of its outbox rows), i.e. the relay's \
+         read and publish, JetStream's delivery and the consumer's decoding; **begin → stamp** is the handler's reads \
+         and decision inside its transaction; **stamp → relayed** is the rest of its transaction, the commit, the \
+         NOTIFY and the relay waking up (a negative begin → stamp: the event was made before its transaction began). Steps caused by a request or an agent's report rather than by a relayed \
+         event have no relay → begin.\n"
+    )?;
+    writeln!(s, "| # | step | actor | gap p50 | gap p90 | gap max | since submit p50 | relay → begin | begin → stamp | stamp → relayed |")?;
+    writeln!(s, "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")?;
+    let p50 = |values: &[f64]| Summary::of(values).map(|x| ms(x.p50)).unwrap_or_default();
     for (i, label) in profile.sequence.iter().enumerate() {
         let gap = Summary::of(&profile.gaps[i]);
-        let offset = Summary::of(&profile.offsets[i]);
         writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             i,
             label,
             profile.actors.get(i).map(String::as_str).unwrap_or(""),
             gap.map(|g| ms(g.p50)).unwrap_or_default(),
             gap.map(|g| ms(g.p90)).unwrap_or_default(),
             gap.map(|g| ms(g.max)).unwrap_or_default(),
-            offset.map(|o| ms(o.p50)).unwrap_or_default(),
+            p50(&profile.offsets[i]),
+            p50(&profile.relay_to_begin[i]),
+            p50(&profile.begin_to_stamp[i]),
+            p50(&profile.stamp_to_relay[i]),
         )?;
     }
     Ok(())

@@ -50,6 +50,21 @@ pub(crate) async fn send_job(conn: &mut PgConnection, job: &mut Job, worker: &mu
     Ok(())
 }
 
+/// Run a placement behind the dispatch circuit breaker: while it is open the message waits
+/// (redelivered after the open window); transient failures count towards opening it.
+pub(crate) async fn guarded<F>(state: &crate::State, placement: F) -> hodei_messaging::consumer::Outcome
+where
+    F: std::future::Future<Output = Result<(), ApiError>>,
+{
+    use hodei_messaging::consumer::Outcome;
+    if let Err(wait) = state.breaker.allow() {
+        return Outcome::Retry { after: wait, reason: "the dispatch circuit is open".into() };
+    }
+    let result = placement.await;
+    state.breaker.record(!matches!(&result, Err(error) if error.code.is_transient()));
+    Outcome::from_result(result)
+}
+
 /// The event an envelope carries, decoded as `P`.
 pub(crate) fn payload_of<P: hodei_domain::EventPayload>(
     delivery: &hodei_messaging::consumer::Delivery,

@@ -11,7 +11,7 @@ use super::{payload_of, send_job};
 use crate::State;
 
 pub async fn handle(state: State, delivery: Delivery) -> Outcome {
-    Outcome::from_result(dispatch(&state, &delivery).await)
+    super::guarded(&state, dispatch(&state, &delivery)).await
 }
 
 #[tracing::instrument(name = "dispatch decision", skip_all)]

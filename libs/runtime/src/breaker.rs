@@ -1,7 +1,7 @@
-//! A circuit breaker per provider: after `threshold` consecutive failures to create workers it
-//! opens, and requests wait (they are redelivered later) instead of failing their jobs; after
-//! the open window one probe is let through (half-open): success closes it, failure opens it
-//! again for twice as long (up to a limit).
+//! A circuit breaker: after `threshold` consecutive failures it opens, and the work it guards
+//! waits (its messages are redelivered later) instead of failing; after the open window one
+//! probe is let through (half-open): success closes it, failure opens it again for twice as
+//! long (up to a minute). Used per provider (creating workers) and on dispatch.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -36,7 +36,7 @@ pub struct Breaker {
 /// What the breaker shows operators.
 #[derive(Debug, Clone, Serialize)]
 pub struct BreakerView {
-    pub provider: String,
+    pub name: String,
     pub circuit: CircuitState,
     pub consecutive_failures: u32,
     /// Milliseconds until a probe is let through, while open.
@@ -44,6 +44,7 @@ pub struct BreakerView {
 }
 
 impl Breaker {
+    /// `name` labels logs and the `hodei_circuit_state{circuit}` gauge.
     pub fn new(name: &str, threshold: u32, base_open: Duration) -> Self {
         Breaker {
             name: name.to_owned(),
@@ -71,7 +72,7 @@ impl Breaker {
                 _ => {
                     inner.state = CircuitState::HalfOpen;
                     inner.probing = true;
-                    tracing::warn!(provider = %self.name, "circuit half-open: probing the provider");
+                    tracing::warn!(circuit = %self.name, "circuit half-open: probing");
                     self.gauge(CircuitState::HalfOpen);
                     Ok(())
                 }
@@ -89,7 +90,7 @@ impl Breaker {
         inner.probing = false;
         if success {
             if inner.state != CircuitState::Closed {
-                tracing::info!(provider = %self.name, "circuit closed: the provider works again");
+                tracing::info!(circuit = %self.name, "circuit closed: it works again");
             }
             inner.state = CircuitState::Closed;
             inner.consecutive_failures = 0;
@@ -107,10 +108,10 @@ impl Breaker {
             inner.state = CircuitState::Open;
             inner.open_until = Some(Instant::now() + inner.open_for);
             tracing::error!(
-                provider = %self.name,
+                circuit = %self.name,
                 failures = inner.consecutive_failures,
                 open_for_ms = inner.open_for.as_millis() as u64,
-                "circuit open: worker requests wait until the provider recovers"
+                "circuit open: work waits until it recovers"
             );
             self.gauge(CircuitState::Open);
         }
@@ -122,10 +123,10 @@ impl Breaker {
             CircuitState::HalfOpen => 1.0,
             CircuitState::Open => 2.0,
         };
-        hodei_runtime::metrics::gauge(
-            "hodei_provider_circuit_state",
-            "Circuit breaker of each provider: 0 closed, 1 half-open, 2 open",
-            &[("provider", &self.name)],
+        crate::metrics::gauge(
+            "hodei_circuit_state",
+            "Circuit breakers (providers, dispatch): 0 closed, 1 half-open, 2 open",
+            &[("circuit", &self.name)],
         )
         .set(value);
     }
@@ -133,7 +134,7 @@ impl Breaker {
     pub fn view(&self) -> BreakerView {
         let inner = self.inner.lock().expect("breaker lock");
         BreakerView {
-            provider: self.name.clone(),
+            name: self.name.clone(),
             circuit: inner.state,
             consecutive_failures: inner.consecutive_failures,
             retry_in_ms: inner
