@@ -127,3 +127,23 @@ impl From<StoreError> for hodei_protocol::ApiError {
         }
     }
 }
+
+/// Register a gauge `metric{state}` counting the rows of `table` (jobs or workers) in each of
+/// `states`, computed when /metrics is scraped.
+pub fn register_state_gauges(pool: &PgPool, table: &'static str, metric: &'static str, help: &'static str, states: Vec<&'static str>) {
+    let pool = pool.clone();
+    hodei_runtime::metrics::register_collector(metric, move || {
+        let (pool, states) = (pool.clone(), states.clone());
+        Box::pin(async move {
+            let sql = format!("SELECT state, count(*) FROM {table} GROUP BY state");
+            let counts: Vec<(String, i64)> = sqlx::query_as(&sql).fetch_all(&pool).await.unwrap_or_default();
+            states
+                .iter()
+                .map(|state| {
+                    let n = counts.iter().find(|(s, _)| s == state).map_or(0, |(_, n)| *n);
+                    hodei_runtime::metrics::Sample::gauge(metric, help, &[("state", state)], n as f64)
+                })
+                .collect()
+        })
+    });
+}

@@ -83,14 +83,7 @@ async fn execute(
             tracing::warn!(%error, "job could not start");
             let _ = command_message.ack().await;
             logs.finish(0, None).await;
-            let finished = JobFinished {
-                schema_version: hodei_protocol::SCHEMA_VERSION,
-                worker_id,
-                job_id: job.job_id,
-                attempt: job.attempt,
-                exit_code: None,
-                error: Some(error),
-            };
+            let finished = finished(worker_id, &job, None, Some(error));
             let answer = reports::send(client, js, report("finished"), msg_id("finished"), &job.correlation_id, &finished).await;
             log_answer("finished", answer);
             return Ok(());
@@ -149,17 +142,14 @@ async fn execute(
     tracing::info!(?exit_code, ?error, "job ended");
     let batches = logs.seq;
     logs.finish(batches, exit_code).await;
-    let finished = JobFinished {
-        schema_version: hodei_protocol::SCHEMA_VERSION,
-        worker_id,
-        job_id: job.job_id,
-        attempt: job.attempt,
-        exit_code,
-        error,
-    };
+    let finished = finished(worker_id, &job, exit_code, error);
     let answer = reports::send(client, js, report("finished"), msg_id("finished"), &job.correlation_id, &finished).await;
     log_answer("finished", answer);
     Ok(())
+}
+
+fn finished(worker_id: Uuid, job: &RunJob, exit_code: Option<i32>, error: Option<String>) -> JobFinished {
+    JobFinished { schema_version: hodei_protocol::SCHEMA_VERSION, worker_id, job_id: job.job_id, attempt: job.attempt, exit_code, error }
 }
 
 fn log_answer(kind: &str, answer: Result<hodei_protocol::agent::ReportAccepted, hodei_protocol::ApiError>) {

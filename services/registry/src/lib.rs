@@ -46,26 +46,6 @@ pub(crate) struct State {
     pub lost_after: std::time::Duration,
 }
 
-/// `hodei_workers{state}`, counted when scraped.
-fn register_worker_gauges(pool: &PgPool) {
-    let pool = pool.clone();
-    hodei_runtime::metrics::register_collector("workers by state", move || {
-        let pool = pool.clone();
-        Box::pin(async move {
-            let counts: Vec<(String, i64)> = sqlx::query_as("SELECT state, count(*) FROM workers GROUP BY state")
-                .fetch_all(&pool)
-                .await
-                .unwrap_or_default();
-            hodei_domain::WorkerState::ALL
-                .iter()
-                .map(|state| {
-                    let n = counts.iter().find(|(s, _)| s == state.as_str()).map_or(0, |(_, n)| *n);
-                    hodei_runtime::metrics::Sample::gauge("hodei_workers", "Workers by state", &[("state", state.as_str())], n as f64)
-                })
-                .collect()
-        })
-    });
-}
 
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     use anyhow::Context;
@@ -76,7 +56,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         .await
         .context("connecting to NATS")?;
     config.common.serve_metrics(9613, vec![hodei_store::health(&pool), hodei_messaging::health(&client)], shutdown.clone()).await?;
-    register_worker_gauges(&pool);
+    hodei_store::register_state_gauges(&pool, "workers", "hodei_workers", "Workers by state", hodei_domain::WorkerState::ALL.iter().map(|s| s.as_str()).collect());
     let state = State { pool, actor: Actor::service(SERVICE), heartbeat_interval_ms: config.heartbeat_interval_ms,
         lost_after: std::time::Duration::from_millis(config.worker_lost_after_ms),
     };

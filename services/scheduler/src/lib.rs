@@ -48,7 +48,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         .await
         .context("connecting to NATS")?;
     config.common.serve_metrics(9611, vec![hodei_store::health(&pool), hodei_messaging::health(&client)], shutdown.clone()).await?;
-    register_job_gauges(&pool);
+    hodei_store::register_state_gauges(&pool, "jobs", "hodei_jobs", "Jobs by state", hodei_domain::JobState::ALL.iter().map(|s| s.as_str()).collect());
     let state = State { pool, client: client.clone(), actor: Actor::service(SERVICE) };
     let monitor = tokio::spawn(monitor::run(
         state.pool.clone(),
@@ -60,26 +60,6 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     served
 }
 
-/// `hodei_jobs{state}`, counted when scraped.
-fn register_job_gauges(pool: &PgPool) {
-    let pool = pool.clone();
-    hodei_runtime::metrics::register_collector("jobs by state", move || {
-        let pool = pool.clone();
-        Box::pin(async move {
-            let counts: Vec<(String, i64)> = sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state")
-                .fetch_all(&pool)
-                .await
-                .unwrap_or_default();
-            hodei_domain::JobState::ALL
-                .iter()
-                .map(|state| {
-                    let n = counts.iter().find(|(s, _)| s == state.as_str()).map_or(0, |(_, n)| *n);
-                    hodei_runtime::metrics::Sample::gauge("hodei_jobs", "Jobs by state", &[("state", state.as_str())], n as f64)
-                })
-                .collect()
-        })
-    });
-}
 
 async fn serve(state: State, js: JetStream, shutdown: Shutdown) -> anyhow::Result<()> {
     let queue = "hodei-scheduler";
