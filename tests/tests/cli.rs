@@ -67,6 +67,14 @@ async fn hodei_run_streams_the_output_and_exits_with_the_jobs_code() {
     let workers = text(&hodei(&system, &["workers", "--state", "terminated"]).stdout);
     assert_eq!(workers.lines().count(), 5, "a header and four ephemeral workers:\n{workers}");
 
+    let timeline = text(&hodei(&system, &["trace", &job_id]).stdout);
+    let steps: Vec<&str> = timeline.lines().filter(|l| l.contains("Job") || l.contains("Worker")).collect();
+    assert_eq!(steps.len(), 13, "the job's timeline has its thirteen steps:\n{timeline}");
+    assert!(steps[0].contains("JobCreated") && steps[12].contains("WorkerTerminated"), "{timeline}");
+    let traced: serde_json::Value = serde_json::from_slice(&hodei(&system, &["--json", "trace", &job_id]).stdout).unwrap();
+    let traced = traced.as_array().unwrap();
+    assert_eq!(traced.len(), 13);
+    assert!(traced.iter().all(|s| s["since_previous_ms"].as_f64().unwrap() >= 0.0), "steps in time order");
     let by_correlation = text(&hodei(&system, &["audit", "--correlation-id", &correlation]).stdout);
     assert_eq!(by_correlation.lines().count(), 14, "a header and thirteen events:\n{by_correlation}");
     let by_type: serde_json::Value = serde_json::from_slice(
