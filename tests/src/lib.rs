@@ -369,6 +369,9 @@ impl System {
             ("HODEI_NATS_URL", nats.url.as_str()),
             ("HODEI_DATABASE_URL", db.url.as_str()),
             ("HODEI_METRICS_ADDR", "127.0.0.1:0"),
+            // Tests run side by side (and fault tests run twelve services) on one shared
+            // PostgreSQL with its default 100 connections: keep each service's pool small.
+            ("HODEI_DB_POOL_SIZE", "3"),
         ];
         env.extend_from_slice(extra_env);
         let services = SERVICES.iter().map(|name| Service::spawn(name, &env, &log_dir)).collect();
@@ -380,7 +383,11 @@ impl System {
             env,
             js,
             client,
-            pool: PgPool::connect(&db.url).await.expect("connect to the test database"),
+            pool: sqlx::postgres::PgPoolOptions::new()
+                .max_connections(4)
+                .connect(&db.url)
+                .await
+                .expect("connect to the test database"),
             log_dir,
             db,
             nats,
