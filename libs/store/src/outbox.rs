@@ -99,16 +99,22 @@ pub struct PendingRow {
 
 /// Committed, unpublished rows in insertion order, locked so that no other relay takes them.
 /// A row waiting out a retry holds back the later rows of its aggregate, and only those.
+///
+/// The batch's ids come first from the ordered partial index (no sort, however long the
+/// backlog); the hold-back check and the payloads are read for those rows only.
 pub async fn lock_pending(conn: &mut PgConnection, limit: i64) -> Result<Vec<PendingRow>> {
     let rows = sqlx::query_as(
-        "SELECT id, event_id, aggregate_id, subject, event_type, payload::text AS payload, \
-                metadata->>'correlation_id' AS correlation_id, metadata->>'traceparent' AS traceparent, \
-                metadata->>'tracestate' AS tracestate, attempts \
-         FROM outbox_events o \
-         WHERE status = 'pending' AND (next_attempt_at IS NULL OR next_attempt_at <= now()) \
-           AND NOT EXISTS (SELECT 1 FROM outbox_events e WHERE e.status = 'pending' \
+        "WITH batch AS ( \
+             SELECT id FROM outbox_events \
+             WHERE status = 'pending' AND (next_attempt_at IS NULL OR next_attempt_at <= now()) \
+             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
+         SELECT o.id, o.event_id, o.aggregate_id, o.subject, o.event_type, o.payload::text AS payload, \
+                o.metadata->>'correlation_id' AS correlation_id, o.metadata->>'traceparent' AS traceparent, \
+                o.metadata->>'tracestate' AS tracestate, o.attempts \
+         FROM outbox_events o JOIN batch b ON b.id = o.id \
+         WHERE NOT EXISTS (SELECT 1 FROM outbox_events e WHERE e.status = 'pending' \
                            AND e.aggregate_id = o.aggregate_id AND e.id < o.id AND e.next_attempt_at > now()) \
-         ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+         ORDER BY o.id",
     )
     .bind(limit)
     .fetch_all(conn)

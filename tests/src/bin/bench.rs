@@ -520,6 +520,10 @@ async fn cold_run(system: &System, options: &Options) -> anyhow::Result<Cold> {
             Err(error) => {
                 eprintln!("cold job {i}: submit failed: {error:?}");
                 timed_out += 1;
+                if timed_out >= 3 {
+                    incomplete = Some(format!("stopped after {timed_out} jobs failed to be submitted or to settle"));
+                    break;
+                }
                 continue;
             }
         };
@@ -531,7 +535,7 @@ async fn cold_run(system: &System, options: &Options) -> anyhow::Result<Cold> {
             eprintln!("cold job {}: not settled within 60 s", accepted.job_id);
             timed_out += 1;
             if timed_out >= 3 {
-                incomplete = Some(format!("stopped after {timed_out} jobs did not settle within 60 s each"));
+                incomplete = Some(format!("stopped after {timed_out} jobs failed to be submitted or to settle"));
                 break;
             }
             continue;
@@ -1235,7 +1239,7 @@ fn report(
         cold.requested,
         options.warmup,
         cold.elapsed.as_secs_f64(),
-        if cold.timed_out > 0 { format!(", {} did not settle in 60 s", cold.timed_out) } else { String::new() },
+        if cold.timed_out > 0 { format!(", {} failed to be submitted or to settle in 60 s", cold.timed_out) } else { String::new() },
         cold.incomplete.as_ref().map(|r| format!("; **incomplete: {r}**")).unwrap_or_default(),
     )?;
     writeln!(s, "| measurement | n | p50 | p90 | p99 | max | target | met |")?;
