@@ -43,7 +43,16 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// A free loopback port for a test's own server, picked at random below the kernel's
+/// ephemeral range: `bind(0)` tends to hand out a port just freed, which is exactly the port
+/// of another test's server while that test restarts it.
 pub fn free_port() -> u16 {
+    for _ in 0..1000 {
+        let port = 20_000 + (Uuid::new_v4().as_u128() % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0").expect("bind a free port").local_addr().unwrap().port()
 }
 

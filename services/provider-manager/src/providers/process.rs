@@ -34,6 +34,14 @@ fn signal_group(pgid: i32, signal: i32) {
     }
 }
 
+/// Whether process `pid` is the agent of `worker_id` (its environment names the worker).
+fn is_agent_of(pid: i32, worker_id: Uuid) -> bool {
+    let needle = format!("HODEI_WORKER_ID={worker_id}");
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|environ| environ.split(|b| *b == 0).any(|var| var == needle.as_bytes()))
+        .unwrap_or(false)
+}
+
 async fn exited_within(exited: &mut watch::Receiver<bool>, limit: Duration) -> bool {
     matches!(tokio::time::timeout(limit, exited.wait_for(|done| *done)).await, Ok(Ok(_)))
 }
@@ -74,9 +82,12 @@ impl Provider for ProcessProvider {
     async fn destroy(&self, worker_id: Uuid, resource_id: Option<&str>) -> Result<(), ProviderError> {
         let known = self.children.lock().expect("children lock").get(&worker_id).cloned();
         let Some((pgid, mut exited)) = known else {
-            // Not ours (or already reaped): end whatever is left of its process group.
+            // Not ours (or already reaped): end whatever is left of its process group, but
+            // only if that pid is still this worker's agent (pids are reused).
             if let Some(pgid) = resource_id.and_then(|r| r.parse::<i32>().ok()).filter(|p| *p > 1) {
-                signal_group(pgid, libc::SIGKILL);
+                if is_agent_of(pgid, worker_id) {
+                    signal_group(pgid, libc::SIGKILL);
+                }
             }
             return Ok(());
         };
