@@ -65,15 +65,15 @@ impl Provider for ProcessProvider {
         let pid = child.id().ok_or_else(|| ProviderError("the agent exited at once".into()))?;
         let (exited_tx, exited_rx) = watch::channel(false);
         self.children.lock().expect("children lock").insert(spec.worker_id, (pid as i32, exited_rx));
-        let children = self.children.clone();
         let worker_id = spec.worker_id;
         tokio::spawn(async move {
             match child.wait().await {
                 Ok(status) => tracing::info!(%worker_id, pid, %status, "agent exited"),
                 Err(error) => tracing::warn!(%worker_id, pid, %error, "cannot wait for the agent"),
             }
+            // The entry stays until the worker is destroyed: its job's processes may outlive
+            // the agent in its process group, and destroy ends them.
             exited_tx.send_replace(true);
-            children.lock().expect("children lock").remove(&worker_id);
         });
         tracing::info!(worker_id = %spec.worker_id, pid, "agent started");
         Ok(pid.to_string())
@@ -99,6 +99,7 @@ impl Provider for ProcessProvider {
         }
         // The agent is gone or going; nothing its job started may outlive the worker.
         signal_group(pgid, libc::SIGKILL);
+        self.children.lock().expect("children lock").remove(&worker_id);
         if !exited_within(&mut exited, Duration::from_secs(5)).await {
             return Err(ProviderError(format!("agent of worker {worker_id} (pid {pgid}) did not die")));
         }
