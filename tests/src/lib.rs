@@ -14,12 +14,21 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hodei_messaging::api::request;
-use hodei_protocol::api::{AuditEntry, AuditQuery, GetJob, JobView, Page, SubmitAccepted, SubmitJob};
+use hodei_protocol::api::{
+    AuditEntry, AuditQuery, GetJob, JobView, Page, SubmitAccepted, SubmitJob,
+};
 use hodei_protocol::{subjects, ApiError};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-pub const SERVICES: [&str; 6] = ["relay", "scheduler", "dispatcher", "registry", "provider-manager", "audit"];
+pub const SERVICES: [&str; 6] = [
+    "relay",
+    "scheduler",
+    "dispatcher",
+    "registry",
+    "provider-manager",
+    "audit",
+];
 
 /// Where the service binaries are: `HODEI_BIN_DIR`, else `target/<profile>/` of the running
 /// executable: a test runs from `target/<profile>/deps/`, a binary of this crate (such as
@@ -39,7 +48,11 @@ pub fn bin_dir() -> PathBuf {
 
 pub fn binary(name: &str) -> PathBuf {
     let path = bin_dir().join(name);
-    assert!(path.is_file(), "{} is missing: run `cargo build --workspace --bins` first", path.display());
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        path.display()
+    );
     path
 }
 
@@ -53,7 +66,11 @@ pub fn free_port() -> u16 {
             return port;
         }
     }
-    TcpListener::bind("127.0.0.1:0").expect("bind a free port").local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind a free port")
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn temp_dir(prefix: &str) -> PathBuf {
@@ -75,11 +92,15 @@ impl NatsServer {
     /// Start on a free port; a port taken between choosing and binding is retried.
     pub fn start() -> NatsServer {
         let bin = std::env::var("HODEI_TEST_NATS_SERVER").unwrap_or_else(|_| {
-            ["/usr/sbin/nats-server", "/usr/local/bin/nats-server", "/usr/bin/nats-server"]
-                .into_iter()
-                .find(|p| Path::new(p).is_file())
-                .unwrap_or("nats-server")
-                .to_owned()
+            [
+                "/usr/sbin/nats-server",
+                "/usr/local/bin/nats-server",
+                "/usr/bin/nats-server",
+            ]
+            .into_iter()
+            .find(|p| Path::new(p).is_file())
+            .unwrap_or("nats-server")
+            .to_owned()
         });
         let dir = temp_dir("hodei-nats");
         for _ in 0..5 {
@@ -101,9 +122,18 @@ impl NatsServer {
                 }
                 let log = std::fs::read_to_string(&log_path).unwrap_or_default();
                 if log.contains("Server is ready") {
-                    return NatsServer { child, url: format!("nats://127.0.0.1:{port}"), port, dir, bin };
+                    return NatsServer {
+                        child,
+                        url: format!("nats://127.0.0.1:{port}"),
+                        port,
+                        dir,
+                        bin,
+                    };
                 }
-                assert!(Instant::now() < deadline, "nats-server did not start on {port}:\n{log}");
+                assert!(
+                    Instant::now() < deadline,
+                    "nats-server did not start on {port}:\n{log}"
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
@@ -120,7 +150,14 @@ impl NatsServer {
         std::thread::sleep(down);
         let log_path = self.dir.join("nats-restarted.log");
         self.child = Command::new(&self.bin)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
             .arg(self.dir.join("store"))
             .arg("-l")
             .arg(&log_path)
@@ -129,8 +166,15 @@ impl NatsServer {
             .spawn()
             .expect("restart nats-server");
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !std::fs::read_to_string(&log_path).unwrap_or_default().contains("Server is ready") {
-            assert!(Instant::now() < deadline, "nats-server did not come back on {}", self.port);
+        while !std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .contains("Server is ready")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not come back on {}",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -154,7 +198,12 @@ pub struct PgCluster {
 
 fn pg_bin(name: &str) -> PathBuf {
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|dir| dir.flatten().map(|e| e.path().join("bin").join(name)).filter(|p| p.is_file()).collect())
+        .map(|dir| {
+            dir.flatten()
+                .map(|e| e.path().join("bin").join(name))
+                .filter(|p| p.is_file())
+                .collect()
+        })
         .unwrap_or_default();
     versions.sort();
     versions.pop().unwrap_or_else(|| PathBuf::from(name))
@@ -175,7 +224,11 @@ impl PgCluster {
     pub fn start() -> PgCluster {
         let dir = temp_dir("hodei-pg");
         if unsafe { libc::geteuid() } == 0 {
-            let status = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).status().unwrap();
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir)
+                .status()
+                .unwrap();
             assert!(status.success(), "chown the cluster directory to postgres");
         }
         let status = as_postgres("initdb")
@@ -187,13 +240,21 @@ impl PgCluster {
             .expect("run initdb");
         assert!(status.success(), "initdb failed");
         let port = free_port();
-        let cluster = PgCluster { admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"), dir, port };
+        let cluster = PgCluster {
+            admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            dir,
+            port,
+        };
         cluster.pg_ctl_start();
         cluster
     }
 
     fn pg_ctl_start(&self) {
-        let options = format!("-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", self.port, self.dir.display());
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.display()
+        );
         let status = as_postgres("pg_ctl")
             .args(["-w", "-t", "30", "-D"])
             .arg(self.dir.join("data"))
@@ -203,7 +264,11 @@ impl PgCluster {
             .stdout(Stdio::null())
             .status()
             .expect("run pg_ctl start");
-        assert!(status.success(), "pg_ctl start failed; see {}", self.dir.join("postgres.log").display());
+        assert!(
+            status.success(),
+            "pg_ctl start failed; see {}",
+            self.dir.join("postgres.log").display()
+        );
     }
 
     fn pg_ctl_stop(&self) {
@@ -250,11 +315,23 @@ impl Database {
 
     pub async fn create_on(admin_url: String) -> Database {
         let name = format!("hodei_test_{}", Uuid::new_v4().simple());
-        let admin = PgPool::connect(&admin_url).await.unwrap_or_else(|e| panic!("cannot reach {admin_url}: {e}"));
-        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await.expect("create the test database");
+        let admin = PgPool::connect(&admin_url)
+            .await
+            .unwrap_or_else(|e| panic!("cannot reach {admin_url}: {e}"));
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .expect("create the test database");
         admin.close().await;
-        let base = admin_url.rsplit_once('/').map(|(base, _)| base).unwrap_or(&admin_url);
-        Database { url: format!("{base}/{name}"), name, admin_url }
+        let base = admin_url
+            .rsplit_once('/')
+            .map(|(base, _)| base)
+            .unwrap_or(&admin_url);
+        Database {
+            url: format!("{base}/{name}"),
+            name,
+            admin_url,
+        }
     }
 }
 
@@ -263,10 +340,15 @@ impl Drop for Database {
         let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
         // Drop runs inside the test's runtime; use a runtime of our own on another thread.
         let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             runtime.block_on(async {
                 if let Ok(admin) = PgPool::connect(&admin_url).await {
-                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&admin).await;
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&admin)
+                        .await;
                     admin.close().await;
                 }
             })
@@ -288,7 +370,12 @@ impl Service {
     }
 
     /// `instance` names the logs (`<instance>.log`, `<instance>.err`).
-    pub fn spawn_instance(name: &str, instance: &str, env: &[(&str, &str)], log_dir: &Path) -> Service {
+    pub fn spawn_instance(
+        name: &str,
+        instance: &str,
+        env: &[(&str, &str)],
+        log_dir: &Path,
+    ) -> Service {
         let log = log_dir.join(format!("{instance}.log"));
         let child = Command::new(binary(&format!("hodei-{name}")))
             .envs(env.iter().copied())
@@ -299,7 +386,11 @@ impl Service {
             .stderr(File::create(log.with_extension("err")).unwrap())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start hodei-{name}: {e}"));
-        Service { name: name.to_owned(), child, log: log.with_extension("err") }
+        Service {
+            name: name.to_owned(),
+            child,
+            log: log.with_extension("err"),
+        }
     }
 
     pub fn is_stopped(&mut self) -> bool {
@@ -383,9 +474,17 @@ impl System {
             ("HODEI_DB_POOL_SIZE", "3"),
         ];
         env.extend_from_slice(extra_env);
-        let services = SERVICES.iter().map(|name| Service::spawn(name, &env, &log_dir)).collect();
-        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let client = async_nats::connect(&nats.url).await.expect("connect to the test's nats-server");
+        let services = SERVICES
+            .iter()
+            .map(|name| Service::spawn(name, &env, &log_dir))
+            .collect();
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let client = async_nats::connect(&nats.url)
+            .await
+            .expect("connect to the test's nats-server");
         let js = async_nats::jetstream::new(client.clone());
         let system = System {
             services,
@@ -433,7 +532,10 @@ impl System {
                 return;
             }
             if Instant::now() > deadline {
-                panic!("the system did not become ready; logs in {}", self.log_dir.display());
+                panic!(
+                    "the system did not become ready; logs in {}",
+                    self.log_dir.display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -442,35 +544,66 @@ impl System {
     async fn api_ready(&self) -> bool {
         let t = Duration::from_secs(2);
         let empty = serde_json::json!({});
-        let jobs = request::<_, serde_json::Value>(&self.client, subjects::API_JOBS_LIST, None, &empty, t).await;
-        let workers = request::<_, serde_json::Value>(&self.client, subjects::API_WORKERS_LIST, None, &empty, t).await;
-        let audit = request::<_, serde_json::Value>(&self.client, subjects::API_AUDIT_QUERY, None, &empty, t).await;
+        let jobs =
+            request::<_, serde_json::Value>(&self.client, subjects::API_JOBS_LIST, None, &empty, t)
+                .await;
+        let workers = request::<_, serde_json::Value>(
+            &self.client,
+            subjects::API_WORKERS_LIST,
+            None,
+            &empty,
+            t,
+        )
+        .await;
+        let audit = request::<_, serde_json::Value>(
+            &self.client,
+            subjects::API_AUDIT_QUERY,
+            None,
+            &empty,
+            t,
+        )
+        .await;
         jobs.is_ok() && workers.is_ok() && audit.is_ok()
     }
 
     /// Start a second instance of a service beside the first (logs `<name>-2.err`).
     pub fn add_instance(&mut self, name: &str) {
-        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         let service = Service::spawn_instance(name, &format!("{name}-2"), &env, &self.log_dir);
         self.services.push(service);
     }
 
     /// Start a stopped service again (its new log replaces the old one).
     pub fn restart(&mut self, name: &str) {
-        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        self.services.retain_mut(|s| s.name != name || !s.is_stopped());
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        self.services
+            .retain_mut(|s| s.name != name || !s.is_stopped());
         let service = Service::spawn(name, &env, &self.log_dir);
         self.services.push(service);
     }
 
     pub fn service(&mut self, name: &str) -> &mut Service {
-        self.services.iter_mut().find(|s| s.name == name).expect("a known service")
+        self.services
+            .iter_mut()
+            .find(|s| s.name == name)
+            .expect("a known service")
     }
 
     /// `http://host:port` of a service's /metrics and /healthz, read from its log.
     pub fn metrics_base(&self, name: &str) -> String {
         let log = self.log_of(name);
-        let start = log.find("metrics on http://").unwrap_or_else(|| panic!("{name} logged no metrics address")) + "metrics on ".len();
+        let start = log
+            .find("metrics on http://")
+            .unwrap_or_else(|| panic!("{name} logged no metrics address"))
+            + "metrics on ".len();
         let end = start + log[start..].find("/metrics").unwrap();
         log[start..end].to_owned()
     }
@@ -480,19 +613,43 @@ impl System {
     }
 
     pub async fn submit(&self, request_body: &SubmitJob) -> Result<SubmitAccepted, ApiError> {
-        request(&self.client, subjects::API_JOBS_SUBMIT, None, request_body, Duration::from_secs(30)).await
+        request(
+            &self.client,
+            subjects::API_JOBS_SUBMIT,
+            None,
+            request_body,
+            Duration::from_secs(30),
+        )
+        .await
     }
 
     pub async fn get(&self, job_id: Uuid) -> Result<JobView, ApiError> {
-        request(&self.client, subjects::API_JOBS_GET, None, &GetJob { schema_version: 1, job_id }, Duration::from_secs(10)).await
+        request(
+            &self.client,
+            subjects::API_JOBS_GET,
+            None,
+            &GetJob {
+                schema_version: 1,
+                job_id,
+            },
+            Duration::from_secs(10),
+        )
+        .await
     }
 
     /// Every audit entry matching `query`, across all pages.
     pub async fn audit(&self, mut query: AuditQuery) -> Vec<AuditEntry> {
         let mut all = Vec::new();
         loop {
-            let page: Page<AuditEntry> =
-                request(&self.client, subjects::API_AUDIT_QUERY, None, &query, Duration::from_secs(10)).await.expect("audit query");
+            let page: Page<AuditEntry> = request(
+                &self.client,
+                subjects::API_AUDIT_QUERY,
+                None,
+                &query,
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("audit query");
             all.extend(page.items);
             match page.next_cursor {
                 Some(cursor) => query.cursor = Some(cursor),
@@ -510,7 +667,10 @@ impl System {
         let deadline = Instant::now() + limit;
         while !done().await {
             if Instant::now() > deadline {
-                panic!("timed out waiting for {what}; logs in {}", self.log_dir.display());
+                panic!(
+                    "timed out waiting for {what}; logs in {}",
+                    self.log_dir.display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -544,7 +704,11 @@ impl System {
             .into_iter()
             .filter(|pid| {
                 std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .map(|c| c.split(|b| *b == 0).next().is_some_and(|argv0| argv0.ends_with(b"hodei-agent")))
+                    .map(|c| {
+                        c.split(|b| *b == 0)
+                            .next()
+                            .is_some_and(|argv0| argv0.ends_with(b"hodei-agent"))
+                    })
                     .unwrap_or(false)
             })
             .collect()
@@ -556,13 +720,23 @@ impl System {
         let needle = format!("HODEI_NATS_URL={}", self.nats.url);
         let mut pids = Vec::new();
         for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-            let Ok(environ) = std::fs::read(entry.path().join("environ")) else { continue };
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+                continue;
+            };
             let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
             let ours = vars.iter().any(|v| *v == needle.as_bytes());
             let agent = vars.iter().any(|v| v.starts_with(b"HODEI_WORKER_ID="));
             let zombie = std::fs::read_to_string(entry.path().join("stat"))
-                .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+                .map(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .unwrap_or("")
+                        .trim_start()
+                        .starts_with('Z')
+                })
                 .unwrap_or(true);
             if ours && agent && !zombie {
                 pids.push(pid);
@@ -598,8 +772,12 @@ impl System {
     /// The first output line of a job, if it has printed one yet.
     pub async fn logs_first_line(&self, job_id: Uuid) -> Option<String> {
         let stream = self.js.get_stream("HODEI_LOGS").await.ok()?;
-        let message = stream.get_first_raw_message_by_subject(subjects::logs(job_id), 1).await.ok()?;
-        let batch: hodei_protocol::logs::LogBatch = serde_json::from_slice(&message.payload).ok()?;
+        let message = stream
+            .get_first_raw_message_by_subject(subjects::logs(job_id), 1)
+            .await
+            .ok()?;
+        let batch: hodei_protocol::logs::LogBatch =
+            serde_json::from_slice(&message.payload).ok()?;
         batch.lines.first().map(|l| l.line.clone())
     }
 
@@ -622,9 +800,13 @@ impl System {
             let next = tokio::time::timeout(Duration::from_secs(10), messages.next()).await;
             let message = match next {
                 Ok(Some(Ok(message))) => message,
-                other => panic!("logs of job {job_id} ended without eof: {:?}", other.map(|m| m.map(|r| r.is_ok()))),
+                other => panic!(
+                    "logs of job {job_id} ended without eof: {:?}",
+                    other.map(|m| m.map(|r| r.is_ok()))
+                ),
             };
-            let batch: hodei_protocol::logs::LogBatch = serde_json::from_slice(&message.payload).expect("log batch");
+            let batch: hodei_protocol::logs::LogBatch =
+                serde_json::from_slice(&message.payload).expect("log batch");
             let eof = batch.eof;
             batches.push(batch);
             if eof {
@@ -638,12 +820,26 @@ impl System {
 pub async fn http_get(base: &str, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = base.trim_start_matches("http://");
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to the metrics endpoint");
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the metrics endpoint");
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
-    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -653,14 +849,23 @@ pub fn prometheus_value(text: &str, series: &str) -> f64 {
     let mut found = 0.0;
     for line in text.lines() {
         if line.is_empty() || line.starts_with('#') {
-            assert!(line.is_empty() || line.starts_with("# HELP ") || line.starts_with("# TYPE "), "bad comment line: {line}");
+            assert!(
+                line.is_empty() || line.starts_with("# HELP ") || line.starts_with("# TYPE "),
+                "bad comment line: {line}"
+            );
             continue;
         }
-        let (name, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad sample line: {line}"));
-        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in: {line}"));
+        let (name, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad sample line: {line}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in: {line}"));
         let metric = name.split('{').next().unwrap();
         assert!(
-            metric.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            metric
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
             "bad metric name in: {line}"
         );
         if name == series {

@@ -28,7 +28,10 @@ impl Receiver {
     pub async fn start() -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        let receiver = Receiver { spans: Default::default(), endpoint };
+        let receiver = Receiver {
+            spans: Default::default(),
+            endpoint,
+        };
         let spans = receiver.spans.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
@@ -43,7 +46,10 @@ impl Receiver {
     }
 
     pub fn spans_of_trace(&self, trace_id: &str) -> Vec<ReceivedSpan> {
-        self.spans().into_iter().filter(|s| s.trace_id == trace_id).collect()
+        self.spans()
+            .into_iter()
+            .filter(|s| s.trace_id == trace_id)
+            .collect()
     }
 }
 
@@ -68,7 +74,11 @@ async fn serve(mut stream: TcpStream, spans: Arc<Mutex<Vec<ReceivedSpan>>>) {
         let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
         let length: usize = head
             .lines()
-            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap_or(0))
+            })
             .unwrap_or(0);
         while buf.len() < head_end + length {
             let mut chunk = [0u8; 65536];

@@ -13,11 +13,19 @@ use hodei_tests::{job, System};
 use uuid::Uuid;
 
 async fn job_count(system: &System) -> i64 {
-    sqlx::query_as::<_, (i64,)>("SELECT count(*) FROM jobs").fetch_one(&system.pool).await.unwrap().0
+    sqlx::query_as::<_, (i64,)>("SELECT count(*) FROM jobs")
+        .fetch_one(&system.pool)
+        .await
+        .unwrap()
+        .0
 }
 
 async fn outbox_count(system: &System) -> i64 {
-    sqlx::query_as::<_, (i64,)>("SELECT count(*) FROM outbox_events").fetch_one(&system.pool).await.unwrap().0
+    sqlx::query_as::<_, (i64,)>("SELECT count(*) FROM outbox_events")
+        .fetch_one(&system.pool)
+        .await
+        .unwrap()
+        .0
 }
 
 /// Publish to a stream with `Hodei-Reply-To` and wait for the service's answer.
@@ -31,9 +39,20 @@ async fn publish_for_answer<T: serde::de::DeserializeOwned>(
     let mut answers = system.client.subscribe(inbox.clone()).await.unwrap();
     let mut map = message_headers(msg_id, None);
     map.insert(headers::REPLY_TO, inbox.as_str());
-    system.js.publish_with_headers(subject, map, payload).await.unwrap().await.unwrap();
-    let answer = tokio::time::timeout(Duration::from_secs(10), answers.next()).await.expect("an answer").unwrap();
-    serde_json::from_slice::<Reply<T>>(&answer.payload).unwrap().into_result()
+    system
+        .js
+        .publish_with_headers(subject, map, payload)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), answers.next())
+        .await
+        .expect("an answer")
+        .unwrap();
+    serde_json::from_slice::<Reply<T>>(&answer.payload)
+        .unwrap()
+        .into_result()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -46,48 +65,84 @@ async fn the_same_idempotency_key_twice_makes_one_job() {
     let (a, b) = tokio::join!(system.submit(&submit), system.submit(&submit));
     let (a, b) = (a.unwrap(), b.unwrap());
     assert_eq!(a.job_id, b.job_id);
-    assert!(a.created ^ b.created, "exactly one of the two created the job");
+    assert!(
+        a.created ^ b.created,
+        "exactly one of the two created the job"
+    );
     let again = system.submit(&submit).await.unwrap();
     assert_eq!((again.job_id, again.created), (a.job_id, false));
 
     // The durable stream: the same Nats-Msg-Id twice is dropped by the stream itself...
     let body = encode(&job("true", &[]));
-    let first: SubmitAccepted =
-        publish_for_answer(&system, subjects::JOBS_SUBMIT.into(), "stream-key-1", body.clone()).await.unwrap();
+    let first: SubmitAccepted = publish_for_answer(
+        &system,
+        subjects::JOBS_SUBMIT.into(),
+        "stream-key-1",
+        body.clone(),
+    )
+    .await
+    .unwrap();
     let ack = system
         .js
-        .publish_with_headers(subjects::JOBS_SUBMIT, message_headers("stream-key-1", None), body)
+        .publish_with_headers(
+            subjects::JOBS_SUBMIT,
+            message_headers("stream-key-1", None),
+            body,
+        )
         .await
         .unwrap()
         .await
         .unwrap();
-    assert!(ack.duplicate, "the stream drops a second message with the same Nats-Msg-Id");
+    assert!(
+        ack.duplicate,
+        "the stream drops a second message with the same Nats-Msg-Id"
+    );
     assert!(first.created);
 
     // ...and a key repeated beyond the stream's window still finds the first job.
     let mut keyed = job("true", &[]);
     keyed.idempotency_key = Some("stream-key-2".into());
     let one: SubmitAccepted =
-        publish_for_answer(&system, subjects::JOBS_SUBMIT.into(), "m1", encode(&keyed)).await.unwrap();
+        publish_for_answer(&system, subjects::JOBS_SUBMIT.into(), "m1", encode(&keyed))
+            .await
+            .unwrap();
     let two: SubmitAccepted =
-        publish_for_answer(&system, subjects::JOBS_SUBMIT.into(), "m2", encode(&keyed)).await.unwrap();
+        publish_for_answer(&system, subjects::JOBS_SUBMIT.into(), "m2", encode(&keyed))
+            .await
+            .unwrap();
     assert_eq!(one.job_id, two.job_id);
     assert!(one.created && !two.created);
 
     assert_eq!(job_count(&system).await, 3, "three keys, three jobs");
-    system.wait_until_settled(&[a.job_id, first.job_id, one.job_id], Duration::from_secs(60)).await;
+    system
+        .wait_until_settled(
+            &[a.job_id, first.job_id, one.job_id],
+            Duration::from_secs(60),
+        )
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_reports_are_answered_with_typed_errors_change_nothing_and_are_logged() {
     let system = System::start().await;
     let accepted = system.submit(&job("sh", &["-c", "exit 0"])).await.unwrap();
-    system.wait_until_settled(&[accepted.job_id], Duration::from_secs(60)).await;
+    system
+        .wait_until_settled(&[accepted.job_id], Duration::from_secs(60))
+        .await;
     let job_id = accepted.job_id;
-    let holder = system.get(job_id).await.unwrap().worker_id.expect("the job had a worker");
+    let holder = system
+        .get(job_id)
+        .await
+        .unwrap()
+        .worker_id
+        .expect("the job had a worker");
     let stranger = Uuid::now_v7();
     let before: (String, i64, Option<i32>) =
-        sqlx::query_as("SELECT state, version, exit_code FROM jobs WHERE id = $1").bind(job_id).fetch_one(&system.pool).await.unwrap();
+        sqlx::query_as("SELECT state, version, exit_code FROM jobs WHERE id = $1")
+            .bind(job_id)
+            .fetch_one(&system.pool)
+            .await
+            .unwrap();
     let outbox_before = outbox_count(&system).await;
 
     let finished = |worker_id: Uuid, job_id: Uuid| JobFinished {
@@ -98,45 +153,123 @@ async fn refused_reports_are_answered_with_typed_errors_change_nothing_and_are_l
         exit_code: Some(9),
         error: None,
     };
-    let refused = |result: Result<ReportAccepted, ApiError>| result.expect_err("the report must be refused").code;
+    let refused = |result: Result<ReportAccepted, ApiError>| {
+        result.expect_err("the report must be refused").code
+    };
 
     // A worker reporting on a job it does not hold.
-    let r = publish_for_answer(&system, subjects::agent_finished(stranger), "r1", encode(&finished(stranger, job_id))).await;
+    let r = publish_for_answer(
+        &system,
+        subjects::agent_finished(stranger),
+        "r1",
+        encode(&finished(stranger, job_id)),
+    )
+    .await;
     assert_eq!(refused(r), ErrorCode::JobNotHeldByWorker);
     // The holder reporting a result for a job that already finished.
-    let r = publish_for_answer(&system, subjects::agent_finished(holder), "r2", encode(&finished(holder, job_id))).await;
+    let r = publish_for_answer(
+        &system,
+        subjects::agent_finished(holder),
+        "r2",
+        encode(&finished(holder, job_id)),
+    )
+    .await;
     assert_eq!(refused(r), ErrorCode::InvalidJobTransition);
     // A worker speaking for another.
-    let r = publish_for_answer(&system, subjects::agent_finished(stranger), "r3", encode(&finished(holder, job_id))).await;
+    let r = publish_for_answer(
+        &system,
+        subjects::agent_finished(stranger),
+        "r3",
+        encode(&finished(holder, job_id)),
+    )
+    .await;
     assert_eq!(refused(r), ErrorCode::WorkerMismatch);
     // A job that does not exist.
-    let r = publish_for_answer(&system, subjects::agent_finished(holder), "r4", encode(&finished(holder, Uuid::now_v7()))).await;
+    let r = publish_for_answer(
+        &system,
+        subjects::agent_finished(holder),
+        "r4",
+        encode(&finished(holder, Uuid::now_v7())),
+    )
+    .await;
     assert_eq!(refused(r), ErrorCode::NotFound);
     // Malformed JSON: answered, and dead-lettered rather than redelivered for ever.
-    let r = publish_for_answer(&system, subjects::agent_started(holder), "r5", bytes::Bytes::from_static(b"{oops")).await;
+    let r = publish_for_answer(
+        &system,
+        subjects::agent_started(holder),
+        "r5",
+        bytes::Bytes::from_static(b"{oops"),
+    )
+    .await;
     assert_eq!(refused(r), ErrorCode::BadRequest);
 
     let after: (String, i64, Option<i32>) =
-        sqlx::query_as("SELECT state, version, exit_code FROM jobs WHERE id = $1").bind(job_id).fetch_one(&system.pool).await.unwrap();
+        sqlx::query_as("SELECT state, version, exit_code FROM jobs WHERE id = $1")
+            .bind(job_id)
+            .fetch_one(&system.pool)
+            .await
+            .unwrap();
     assert_eq!(after, before, "refused reports change nothing");
-    assert_eq!(outbox_count(&system).await, outbox_before, "and emit nothing");
+    assert_eq!(
+        outbox_count(&system).await,
+        outbox_before,
+        "and emit nothing"
+    );
 
     let log = system.log_of("scheduler");
-    for code in ["JOB_NOT_HELD_BY_WORKER", "INVALID_JOB_TRANSITION", "WORKER_MISMATCH", "NOT_FOUND"] {
+    for code in [
+        "JOB_NOT_HELD_BY_WORKER",
+        "INVALID_JOB_TRANSITION",
+        "WORKER_MISMATCH",
+        "NOT_FOUND",
+    ] {
         assert!(log.contains(code), "the scheduler logs the refusal {code}");
     }
-    let dlq = system.js.get_stream("HODEI_DLQ").await.unwrap().get_last_raw_message_by_subject("hodei.dlq.HODEI_AGENT.scheduler-reports").await;
+    let dlq = system
+        .js
+        .get_stream("HODEI_DLQ")
+        .await
+        .unwrap()
+        .get_last_raw_message_by_subject("hodei.dlq.HODEI_AGENT.scheduler-reports")
+        .await;
     let dead = dlq.expect("the malformed report is in the dead-letter stream");
     assert_eq!(&dead.payload[..], b"{oops");
 
     // Registration: a spent or wrong token is refused, and so is an unknown worker.
-    let register = |worker_id: Uuid| RegisterWorker { schema_version: 1, worker_id, token: "guess".into(), pid: None, hostname: None };
+    let register = |worker_id: Uuid| RegisterWorker {
+        schema_version: 1,
+        worker_id,
+        token: "guess".into(),
+        pid: None,
+        hostname: None,
+    };
     let t = Duration::from_secs(5);
-    let r: Result<serde_json::Value, ApiError> = request(&system.client, &subjects::agent_register(holder), None, &register(holder), t).await;
+    let r: Result<serde_json::Value, ApiError> = request(
+        &system.client,
+        &subjects::agent_register(holder),
+        None,
+        &register(holder),
+        t,
+    )
+    .await;
     assert_eq!(r.unwrap_err().code, ErrorCode::InvalidBootstrapToken);
-    let r: Result<serde_json::Value, ApiError> = request(&system.client, &subjects::agent_register(stranger), None, &register(stranger), t).await;
+    let r: Result<serde_json::Value, ApiError> = request(
+        &system.client,
+        &subjects::agent_register(stranger),
+        None,
+        &register(stranger),
+        t,
+    )
+    .await;
     assert_eq!(r.unwrap_err().code, ErrorCode::NotFound);
-    let r: Result<serde_json::Value, ApiError> = request(&system.client, &subjects::agent_register(stranger), None, &register(holder), t).await;
+    let r: Result<serde_json::Value, ApiError> = request(
+        &system.client,
+        &subjects::agent_register(stranger),
+        None,
+        &register(holder),
+        t,
+    )
+    .await;
     assert_eq!(r.unwrap_err().code, ErrorCode::WorkerMismatch);
 }
 
@@ -147,41 +280,94 @@ async fn bad_requests_get_typed_errors_and_change_nothing() {
     let raw = |payload: Vec<u8>| {
         let client = system.client.clone();
         async move {
-            let reply = client.request(subjects::API_JOBS_SUBMIT, payload.into()).await.unwrap();
-            let code = reply.headers.as_ref().and_then(|h| h.get(headers::ERROR_CODE)).map(|v| v.to_string());
+            let reply = client
+                .request(subjects::API_JOBS_SUBMIT, payload.into())
+                .await
+                .unwrap();
+            let code = reply
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(headers::ERROR_CODE))
+                .map(|v| v.to_string());
             let body: Reply<serde_json::Value> = serde_json::from_slice(&reply.payload).unwrap();
             (code, body.into_result().unwrap_err().code)
         }
     };
     let cases: Vec<(Vec<u8>, ErrorCode)> = vec![
         (b"not json".to_vec(), ErrorCode::BadRequest),
-        (br#"{"command":"true","surprise":1}"#.to_vec(), ErrorCode::BadRequest),
+        (
+            br#"{"command":"true","surprise":1}"#.to_vec(),
+            ErrorCode::BadRequest,
+        ),
         (br#"{"args":["x"]}"#.to_vec(), ErrorCode::BadRequest),
-        (br#"{"schema_version":2,"command":"true"}"#.to_vec(), ErrorCode::UnsupportedSchemaVersion),
+        (
+            br#"{"schema_version":2,"command":"true"}"#.to_vec(),
+            ErrorCode::UnsupportedSchemaVersion,
+        ),
         (br#"{"command":"   "}"#.to_vec(), ErrorCode::InvalidJobSpec),
-        (br#"{"command":"x","env":{"A=B":"1"}}"#.to_vec(), ErrorCode::InvalidJobSpec),
-        (format!(r#"{{"command":"echo","args":["{}"]}}"#, "x".repeat(600 * 1024)).into_bytes(), ErrorCode::PayloadTooLarge),
+        (
+            br#"{"command":"x","env":{"A=B":"1"}}"#.to_vec(),
+            ErrorCode::InvalidJobSpec,
+        ),
+        (
+            format!(
+                r#"{{"command":"echo","args":["{}"]}}"#,
+                "x".repeat(600 * 1024)
+            )
+            .into_bytes(),
+            ErrorCode::PayloadTooLarge,
+        ),
     ];
     for (payload, expected) in cases {
         let (header, code) = raw(payload).await;
         assert_eq!(code, expected);
-        assert_eq!(header.as_deref(), Some(expected.as_str()), "the error code is also a header");
+        assert_eq!(
+            header.as_deref(),
+            Some(expected.as_str()),
+            "the error code is also a header"
+        );
     }
-    let unknown: Result<serde_json::Value, ApiError> =
-        request(&system.client, subjects::API_JOBS_GET, None, &serde_json::json!({"job_id": Uuid::now_v7()}), t).await;
+    let unknown: Result<serde_json::Value, ApiError> = request(
+        &system.client,
+        subjects::API_JOBS_GET,
+        None,
+        &serde_json::json!({"job_id": Uuid::now_v7()}),
+        t,
+    )
+    .await;
     assert_eq!(unknown.unwrap_err().code, ErrorCode::NotFound);
-    let bad_id: Result<serde_json::Value, ApiError> =
-        request(&system.client, subjects::API_JOBS_GET, None, &serde_json::json!({"job_id": "nope"}), t).await;
+    let bad_id: Result<serde_json::Value, ApiError> = request(
+        &system.client,
+        subjects::API_JOBS_GET,
+        None,
+        &serde_json::json!({"job_id": "nope"}),
+        t,
+    )
+    .await;
     assert_eq!(bad_id.unwrap_err().code, ErrorCode::BadRequest);
-    let bad_page: Result<serde_json::Value, ApiError> =
-        request(&system.client, subjects::API_AUDIT_QUERY, None, &serde_json::json!({"cursor": "x"}), t).await;
+    let bad_page: Result<serde_json::Value, ApiError> = request(
+        &system.client,
+        subjects::API_AUDIT_QUERY,
+        None,
+        &serde_json::json!({"cursor": "x"}),
+        t,
+    )
+    .await;
     assert_eq!(bad_page.unwrap_err().code, ErrorCode::BadRequest);
 
     assert_eq!(job_count(&system).await, 0);
     assert_eq!(outbox_count(&system).await, 0);
     // Still healthy after all that.
-    let ok = system.submit(&SubmitJob { command: "true".into(), ..Default::default() }).await.unwrap();
-    system.wait_until_settled(&[ok.job_id], Duration::from_secs(60)).await;
+    let ok = system
+        .submit(&SubmitJob {
+            command: "true".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    system
+        .wait_until_settled(&[ok.job_id], Duration::from_secs(60))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,8 +375,16 @@ async fn every_service_stops_cleanly_on_sigterm() {
     let mut system = System::start().await;
     for service in &mut system.services {
         let status = service.stop(Duration::from_secs(10));
-        assert!(status.is_some_and(|s| s.success()), "{} exits 0 on SIGTERM, got {status:?}", service.name);
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{} exits 0 on SIGTERM, got {status:?}",
+            service.name
+        );
         let log = std::fs::read_to_string(&service.log).unwrap();
-        assert!(log.contains("stopped"), "{} logs that it stopped:\n{log}", service.name);
+        assert!(
+            log.contains("stopped"),
+            "{} logs that it stopped:\n{log}",
+            service.name
+        );
     }
 }

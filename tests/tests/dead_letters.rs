@@ -12,14 +12,37 @@ use hodei_tests::{job, System};
 use uuid::Uuid;
 
 async fn dead_letters(system: &System) -> Vec<DeadLetter> {
-    let body = ListDeadLetters { schema_version: 1, limit: Some(500), cursor: None };
-    let page: Page<DeadLetter> = request(&system.client, subjects::API_DLQ_LIST, None, &body, Duration::from_secs(10)).await.unwrap();
+    let body = ListDeadLetters {
+        schema_version: 1,
+        limit: Some(500),
+        cursor: None,
+    };
+    let page: Page<DeadLetter> = request(
+        &system.client,
+        subjects::API_DLQ_LIST,
+        None,
+        &body,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
     page.items
 }
 
 async fn act(system: &System, subject: &str, seq: u64) -> Result<DeadLetter, ApiError> {
-    let body = DeadLetterRef { schema_version: 1, seq, actor: Some("alice".into()) };
-    request(&system.client, subject, None, &body, Duration::from_secs(10)).await
+    let body = DeadLetterRef {
+        schema_version: 1,
+        seq,
+        actor: Some("alice".into()),
+    };
+    request(
+        &system.client,
+        subject,
+        None,
+        &body,
+        Duration::from_secs(10),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -28,40 +51,97 @@ async fn an_event_no_consumer_can_handle_ends_in_the_dlq_and_can_be_replayed_and
     let subject = format!("hodei.events.job.{}.JobQueued", Uuid::now_v7());
     system
         .js
-        .publish_with_headers(subject.clone(), message_headers("poison-1", Some("corr-poison")), "{broken".into())
+        .publish_with_headers(
+            subject.clone(),
+            message_headers("poison-1", Some("corr-poison")),
+            "{broken".into(),
+        )
         .await
         .unwrap()
         .await
         .unwrap();
     // The dispatcher, the registry and the audit service each read job events.
-    system.wait_for("three dead letters", Duration::from_secs(30), || async { dead_letters(&system).await.len() == 3 }).await;
+    system
+        .wait_for("three dead letters", Duration::from_secs(30), || async {
+            dead_letters(&system).await.len() == 3
+        })
+        .await;
     let dead = dead_letters(&system).await;
     let mut consumers: Vec<_> = dead.iter().map(|d| d.consumer.as_str()).collect();
     consumers.sort();
-    assert_eq!(consumers, ["audit", "dispatcher-job-queued", "registry-job-events"]);
-    assert!(dead.iter().all(|d| d.original_subject == subject && d.source == "HODEI_EVENTS" && !d.reason.is_empty()));
+    assert_eq!(
+        consumers,
+        ["audit", "dispatcher-job-queued", "registry-job-events"]
+    );
+    assert!(dead.iter().all(|d| d.original_subject == subject
+        && d.source == "HODEI_EVENTS"
+        && !d.reason.is_empty()));
 
-    let shown = act(&system, subjects::API_DLQ_SHOW, dead[0].seq).await.unwrap();
-    assert_eq!(shown.payload, Some(serde_json::Value::String("{broken".into())));
+    let shown = act(&system, subjects::API_DLQ_SHOW, dead[0].seq)
+        .await
+        .unwrap();
+    assert_eq!(
+        shown.payload,
+        Some(serde_json::Value::String("{broken".into()))
+    );
 
     // Replay: removed from the DLQ, back on its subject (where it fails again, being broken).
-    let replayed = act(&system, subjects::API_DLQ_REPLAY, dead[0].seq).await.unwrap();
+    let replayed = act(&system, subjects::API_DLQ_REPLAY, dead[0].seq)
+        .await
+        .unwrap();
     assert_eq!(replayed.seq, dead[0].seq);
-    let last = system.js.get_stream("HODEI_EVENTS").await.unwrap().get_last_raw_message_by_subject(&subject).await.unwrap();
-    assert_eq!(last.headers.get("Nats-Msg-Id").unwrap().as_str(), format!("replay-dlq-{}", dead[0].seq));
-    assert_eq!(act(&system, subjects::API_DLQ_SHOW, dead[0].seq).await.unwrap_err().code, ErrorCode::NotFound);
-    system.wait_for("the replay to fail again", Duration::from_secs(30), || async { dead_letters(&system).await.len() == 5 }).await;
+    let last = system
+        .js
+        .get_stream("HODEI_EVENTS")
+        .await
+        .unwrap()
+        .get_last_raw_message_by_subject(&subject)
+        .await
+        .unwrap();
+    assert_eq!(
+        last.headers.get("Nats-Msg-Id").unwrap().as_str(),
+        format!("replay-dlq-{}", dead[0].seq)
+    );
+    assert_eq!(
+        act(&system, subjects::API_DLQ_SHOW, dead[0].seq)
+            .await
+            .unwrap_err()
+            .code,
+        ErrorCode::NotFound
+    );
+    system
+        .wait_for(
+            "the replay to fail again",
+            Duration::from_secs(30),
+            || async { dead_letters(&system).await.len() == 5 },
+        )
+        .await;
 
     // Discard: gone for good.
-    act(&system, subjects::API_DLQ_DISCARD, dead[1].seq).await.unwrap();
-    assert!(dead_letters(&system).await.iter().all(|d| d.seq != dead[1].seq));
+    act(&system, subjects::API_DLQ_DISCARD, dead[1].seq)
+        .await
+        .unwrap();
+    assert!(dead_letters(&system)
+        .await
+        .iter()
+        .all(|d| d.seq != dead[1].seq));
 
-    let actions = system.audit(AuditQuery { actor: Some("alice".into()), ..Default::default() }).await;
+    let actions = system
+        .audit(AuditQuery {
+            actor: Some("alice".into()),
+            ..Default::default()
+        })
+        .await;
     let types: Vec<_> = actions.iter().map(|e| e.event_type.as_str()).collect();
     assert_eq!(types, ["DeadLetterReplayed", "DeadLetterDiscarded"]);
-    assert!(actions.iter().all(|e| e.correlation_id == "corr-poison" && e.aggregate_type == "dead_letter"));
+    assert!(actions
+        .iter()
+        .all(|e| e.correlation_id == "corr-poison" && e.aggregate_type == "dead_letter"));
     let log = system.log_of("dispatcher");
-    assert!(log.contains("moving it to the dead-letter stream"), "rejections are logged at error level");
+    assert!(
+        log.contains("moving it to the dead-letter stream"),
+        "rejections are logged at error level"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,21 +158,31 @@ async fn an_outbox_row_that_cannot_be_published_is_marked_dead_without_holding_u
     .await
     .unwrap();
     let accepted = system.submit(&job("true", &[])).await.unwrap();
-    system.wait_until_settled(&[accepted.job_id], Duration::from_secs(60)).await;
+    system
+        .wait_until_settled(&[accepted.job_id], Duration::from_secs(60))
+        .await;
 
     let pool = system.pool.clone();
     system
         .wait_for("the row to be dead", Duration::from_secs(30), || async {
-            let (status,): (String,) = sqlx::query_as("SELECT status FROM outbox_events WHERE event_id = $1")
-                .bind(event_id)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
+            let (status,): (String,) =
+                sqlx::query_as("SELECT status FROM outbox_events WHERE event_id = $1")
+                    .bind(event_id)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
             status == "dead"
         })
         .await;
     let dead = dead_letters(&system).await;
     assert_eq!(dead.len(), 1);
-    assert_eq!((dead[0].source.as_str(), dead[0].consumer.as_str(), dead[0].original_subject.as_str()), ("outbox", "relay", "hodei.nowhere.x"));
+    assert_eq!(
+        (
+            dead[0].source.as_str(),
+            dead[0].consumer.as_str(),
+            dead[0].original_subject.as_str()
+        ),
+        ("outbox", "relay", "hodei.nowhere.x")
+    );
     assert!(system.log_of("relay").contains("outbox row is dead"));
 }

@@ -33,7 +33,13 @@ fn mix(i: usize) -> Expected {
         1 => {
             let code = 1 + (i % 120) as i32;
             Expected {
-                request: job("sh", &["-c", &format!("echo 'about to fail {i}'; echo 'error {i}' >&2; exit {code}")]),
+                request: job(
+                    "sh",
+                    &[
+                        "-c",
+                        &format!("echo 'about to fail {i}'; echo 'error {i}' >&2; exit {code}"),
+                    ],
+                ),
                 state: JobState::Failed,
                 exit_code: code,
                 stdout: vec![format!("about to fail {i}")],
@@ -77,26 +83,39 @@ async fn fifty_jobs_submitted_at_once_end_right_with_complete_logs_and_a_full_au
     let expected: Vec<Expected> = (0..50).map(mix).collect();
 
     let accepted = join_all(expected.iter().map(|e| system.submit(&e.request))).await;
-    let job_ids: Vec<_> = accepted.into_iter().map(|a| a.expect("submission accepted").job_id).collect();
-    assert_eq!(job_ids.iter().collect::<HashSet<_>>().len(), 50, "fifty distinct jobs");
+    let job_ids: Vec<_> = accepted
+        .into_iter()
+        .map(|a| a.expect("submission accepted").job_id)
+        .collect();
+    assert_eq!(
+        job_ids.iter().collect::<HashSet<_>>().len(),
+        50,
+        "fifty distinct jobs"
+    );
 
-    system.wait_until_settled(&job_ids, Duration::from_secs(180)).await;
+    system
+        .wait_until_settled(&job_ids, Duration::from_secs(180))
+        .await;
     // The audit service records asynchronously: wait until it has caught up with the outbox.
     let pool = system.pool.clone();
     system
-        .wait_for("the audit log to hold every event", Duration::from_secs(60), || {
-            let pool = pool.clone();
-            async move {
-                let (missing,): (i64,) = sqlx::query_as(
-                    "SELECT count(*) FROM outbox_events o WHERE o.kind = 'event' \
+        .wait_for(
+            "the audit log to hold every event",
+            Duration::from_secs(60),
+            || {
+                let pool = pool.clone();
+                async move {
+                    let (missing,): (i64,) = sqlx::query_as(
+                        "SELECT count(*) FROM outbox_events o WHERE o.kind = 'event' \
                      AND NOT EXISTS (SELECT 1 FROM audit_log a WHERE a.event_id = o.event_id)",
-                )
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-                missing == 0
-            }
-        })
+                    )
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                    missing == 0
+                }
+            },
+        )
         .await;
 
     for (job_id, want) in job_ids.iter().zip(&expected) {
@@ -107,35 +126,66 @@ async fn fifty_jobs_submitted_at_once_end_right_with_complete_logs_and_a_full_au
         // Logs: numbered without gaps, the last one carries the exit code, every line in order.
         let batches = system.logs_of(*job_id).await;
         let seqs: Vec<u64> = batches.iter().map(|b| b.seq).collect();
-        assert_eq!(seqs, (0..batches.len() as u64).collect::<Vec<_>>(), "log batches of {job_id} are numbered in order");
+        assert_eq!(
+            seqs,
+            (0..batches.len() as u64).collect::<Vec<_>>(),
+            "log batches of {job_id} are numbered in order"
+        );
         let last = batches.last().unwrap();
         assert!(last.eof);
         assert_eq!(last.exit_code, Some(want.exit_code));
         let lines = |stream: LogStream| -> Vec<String> {
-            batches.iter().flat_map(|b| &b.lines).filter(|l| l.stream == stream).map(|l| l.line.clone()).collect()
+            batches
+                .iter()
+                .flat_map(|b| &b.lines)
+                .filter(|l| l.stream == stream)
+                .map(|l| l.line.clone())
+                .collect()
         };
         assert_eq!(lines(LogStream::Stdout), want.stdout, "stdout of {job_id}");
         assert_eq!(lines(LogStream::Stderr), want.stderr, "stderr of {job_id}");
 
         // Audit: the whole sequence, once each, all under the job's correlation id.
         let trail = system
-            .audit(AuditQuery { correlation_id: Some(job.correlation_id.clone()), ..Default::default() })
+            .audit(AuditQuery {
+                correlation_id: Some(job.correlation_id.clone()),
+                ..Default::default()
+            })
             .await;
         let types: Vec<&str> = trail.iter().map(|e| e.event_type.as_str()).collect();
         assert_eq!(types, EVENTS_OF_A_JOB, "audit trail of {job_id}");
-        assert_eq!(trail.iter().map(|e| e.event_id).collect::<HashSet<_>>().len(), trail.len(), "each event once");
+        assert_eq!(
+            trail
+                .iter()
+                .map(|e| e.event_id)
+                .collect::<HashSet<_>>()
+                .len(),
+            trail.len(),
+            "each event once"
+        );
         assert!(trail.iter().all(|e| e.correlation_id == job.correlation_id));
-        assert!(trail.iter().filter(|e| e.aggregate_type == "job").all(|e| e.aggregate_id == *job_id));
-        assert!(trail.iter().filter(|e| e.aggregate_type == "worker").all(|e| Some(e.aggregate_id) == job.worker_id));
+        assert!(trail
+            .iter()
+            .filter(|e| e.aggregate_type == "job")
+            .all(|e| e.aggregate_id == *job_id));
+        assert!(trail
+            .iter()
+            .filter(|e| e.aggregate_type == "worker")
+            .all(|e| Some(e.aggregate_id) == job.worker_id));
     }
 
     // No worker process is left, and the outbox has nothing left to publish.
     system
-        .wait_for("agent processes to be gone", Duration::from_secs(10), || async { system.live_agents().is_empty() })
+        .wait_for(
+            "agent processes to be gone",
+            Duration::from_secs(10),
+            || async { system.live_agents().is_empty() },
+        )
         .await;
-    let (pending,): (i64,) = sqlx::query_as("SELECT count(*) FROM outbox_events WHERE status <> 'published'")
-        .fetch_one(&system.pool)
-        .await
-        .unwrap();
+    let (pending,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM outbox_events WHERE status <> 'published'")
+            .fetch_one(&system.pool)
+            .await
+            .unwrap();
     assert_eq!(pending, 0);
 }

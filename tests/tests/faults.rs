@@ -26,7 +26,12 @@ async fn faulty_system() -> System {
 /// Submit `JOBS` jobs that each take a little while, retried if their worker is lost.
 async fn submit_batch(system: &System, tag: &str) -> Vec<Uuid> {
     let policy = JobPolicy {
-        retry: RetryPolicy { max_attempts: 5, initial_backoff_ms: 100, retry_on: vec![RetryOn::Lost], ..Default::default() },
+        retry: RetryPolicy {
+            max_attempts: 5,
+            initial_backoff_ms: 100,
+            retry_on: vec![RetryOn::Lost],
+            ..Default::default()
+        },
         ..Default::default()
     };
     let requests: Vec<_> = (0..JOBS)
@@ -36,7 +41,11 @@ async fn submit_batch(system: &System, tag: &str) -> Vec<Uuid> {
             request
         })
         .collect();
-    join_all(requests.iter().map(|r| system.submit(r))).await.into_iter().map(|a| a.expect("accepted").job_id).collect()
+    join_all(requests.iter().map(|r| system.submit(r)))
+        .await
+        .into_iter()
+        .map(|a| a.expect("accepted").job_id)
+        .collect()
 }
 
 /// Replay a job's audit trail through the state machine, in the order the events occurred
@@ -50,25 +59,48 @@ fn check_trail(job_id: Uuid, trail: &[AuditEntry]) -> JobState {
     let mut running_attempts = HashSet::new();
     let mut attempt = 1;
     for event in trail.iter().filter(|e| e.aggregate_id == job_id) {
-        let field = |name: &str| -> Option<JobState> { serde_json::from_value(event.payload.get(name)?.clone()).ok() };
+        let field = |name: &str| -> Option<JobState> {
+            serde_json::from_value(event.payload.get(name)?.clone()).ok()
+        };
         match event.event_type.as_str() {
             "JobCreated" | "JobQueued" => {}
             "JobRetrying" | "JobRequeued" => {
-                assert_eq!(field("from"), Some(state), "job {job_id}: {} from {state}", event.event_type);
-                assert!(state.can_retry() || state.can_requeue(), "job {job_id}: back to Pending from {state}");
+                assert_eq!(
+                    field("from"),
+                    Some(state),
+                    "job {job_id}: {} from {state}",
+                    event.event_type
+                );
+                assert!(
+                    state.can_retry() || state.can_requeue(),
+                    "job {job_id}: back to Pending from {state}"
+                );
                 state = JobState::Pending;
                 attempt += 1;
             }
             "JobExecutionError" => {
-                assert!(state.can_transition_to(JobState::Failed), "job {job_id}: {state} -> Failed");
+                assert!(
+                    state.can_transition_to(JobState::Failed),
+                    "job {job_id}: {state} -> Failed"
+                );
                 state = JobState::Failed;
             }
             _ => {
                 let (from, to) = (field("from").unwrap(), field("to").unwrap());
-                assert_eq!(from, state, "job {job_id}: {} says from {from}, the trail says {state}", event.event_type);
-                assert!(from.can_transition_to(to), "job {job_id}: {from} -> {to} is not allowed");
+                assert_eq!(
+                    from, state,
+                    "job {job_id}: {} says from {from}, the trail says {state}",
+                    event.event_type
+                );
+                assert!(
+                    from.can_transition_to(to),
+                    "job {job_id}: {from} -> {to} is not allowed"
+                );
                 if to == JobState::Running {
-                    assert!(running_attempts.insert(attempt), "job {job_id}: attempt {attempt} ran twice");
+                    assert!(
+                        running_attempts.insert(attempt),
+                        "job {job_id}: attempt {attempt} ran twice"
+                    );
                 }
                 state = to;
             }
@@ -78,25 +110,39 @@ fn check_trail(job_id: Uuid, trail: &[AuditEntry]) -> JobState {
 }
 
 async fn check_invariants(system: &System, job_ids: &[Uuid], what: &str) {
-    system.wait_until_settled(job_ids, Duration::from_secs(240)).await;
     system
-        .wait_for("the audit log to catch up", Duration::from_secs(60), || async {
-            let (missing,): (i64,) = sqlx::query_as(
-                "SELECT count(*) FROM outbox_events o WHERE o.kind = 'event' \
+        .wait_until_settled(job_ids, Duration::from_secs(240))
+        .await;
+    system
+        .wait_for(
+            "the audit log to catch up",
+            Duration::from_secs(60),
+            || async {
+                let (missing,): (i64,) = sqlx::query_as(
+                    "SELECT count(*) FROM outbox_events o WHERE o.kind = 'event' \
                  AND NOT EXISTS (SELECT 1 FROM audit_log a WHERE a.event_id = o.event_id)",
-            )
-            .fetch_one(&system.pool)
-            .await
-            .unwrap_or((-1,));
-            missing == 0
-        })
+                )
+                .fetch_one(&system.pool)
+                .await
+                .unwrap_or((-1,));
+                missing == 0
+            },
+        )
         .await;
     let mut succeeded = 0;
     for job_id in job_ids {
         let job = system.get(*job_id).await.unwrap();
-        let trail = system.audit(AuditQuery { aggregate_id: Some(*job_id), ..Default::default() }).await;
+        let trail = system
+            .audit(AuditQuery {
+                aggregate_id: Some(*job_id),
+                ..Default::default()
+            })
+            .await;
         let replayed = check_trail(*job_id, &trail);
-        assert_eq!(replayed, job.state, "job {job_id}: the trail ends where the job is");
+        assert_eq!(
+            replayed, job.state,
+            "job {job_id}: the trail ends where the job is"
+        );
         assert!(
             matches!(job.state, JobState::Succeeded | JobState::Failed),
             "job {job_id} ended {} ({:?}), which its policy does not allow here",
@@ -107,8 +153,18 @@ async fn check_invariants(system: &System, job_ids: &[Uuid], what: &str) {
             succeeded += 1;
         }
     }
-    system.wait_for("no worker process left", Duration::from_secs(30), || async { system.live_agents().is_empty() }).await;
-    eprintln!("{what}: {} jobs, {succeeded} succeeded, {} failed after exhausting their attempts", job_ids.len(), job_ids.len() - succeeded);
+    system
+        .wait_for(
+            "no worker process left",
+            Duration::from_secs(30),
+            || async { system.live_agents().is_empty() },
+        )
+        .await;
+    eprintln!(
+        "{what}: {} jobs, {succeeded} succeeded, {} failed after exhausting their attempts",
+        job_ids.len(),
+        job_ids.len() - succeeded
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,8 +182,16 @@ async fn kill_9_of_each_service_in_turn_loses_no_job() {
         check_invariants(&system, &jobs, &format!("kill -9 {service}")).await;
         all.extend(jobs);
     }
-    let succeeded = join_all(all.iter().map(|id| system.get(*id))).await.iter().filter(|j| j.as_ref().is_ok_and(|j| j.state == JobState::Succeeded)).count();
-    assert!(succeeded >= all.len() * 9 / 10, "{succeeded} of {} jobs succeeded", all.len());
+    let succeeded = join_all(all.iter().map(|id| system.get(*id)))
+        .await
+        .iter()
+        .filter(|j| j.as_ref().is_ok_and(|j| j.state == JobState::Succeeded))
+        .count();
+    assert!(
+        succeeded >= all.len() * 9 / 10,
+        "{succeeded} of {} jobs succeeded",
+        all.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,7 +210,14 @@ async fn a_failing_provider_opens_its_circuit_jobs_wait_and_drain_when_it_recove
     let dir = std::env::temp_dir().join(format!("hodei-provider-{}", Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     let wrapper = dir.join("agent");
-    std::fs::write(&wrapper, format!("#!/bin/sh\nexec {} \"$@\"\n", hodei_tests::binary("hodei-agent").display())).unwrap();
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec {} \"$@\"\n",
+            hodei_tests::binary("hodei-agent").display()
+        ),
+    )
+    .unwrap();
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o644)).unwrap();
     let wrapper_path = wrapper.display().to_string();
     let system = System::start_with(&[
@@ -169,11 +240,18 @@ async fn a_failing_provider_opens_its_circuit_jobs_wait_and_drain_when_it_recove
         .await
         .unwrap()
     };
-    system.wait_for("the circuit to open", Duration::from_secs(30), || async { providers().await[0]["circuit"] == "Open" }).await;
+    system
+        .wait_for("the circuit to open", Duration::from_secs(30), || async {
+            providers().await[0]["circuit"] == "Open"
+        })
+        .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     for id in &jobs {
         let state = system.get(*id).await.unwrap().state;
-        assert!(!state.is_terminal(), "jobs wait while the circuit is open, not fail: {id} is {state}");
+        assert!(
+            !state.is_terminal(),
+            "jobs wait while the circuit is open, not fail: {id} is {state}"
+        );
     }
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
     check_invariants(&system, &jobs, "failing provider, then recovered").await;
@@ -197,22 +275,46 @@ async fn two_instances_of_every_service_share_the_work_and_handle_no_job_twice()
     for id in &jobs {
         assert_eq!(system.get(*id).await.unwrap().state, JobState::Succeeded);
     }
-    let logs = |name: &str| (system.log_of(name), std::fs::read_to_string(system.log_dir.join(format!("{name}-2.err"))).unwrap_or_default());
+    let logs = |name: &str| {
+        (
+            system.log_of(name),
+            std::fs::read_to_string(system.log_dir.join(format!("{name}-2.err")))
+                .unwrap_or_default(),
+        )
+    };
     let (relay_1, relay_2) = logs("relay");
     assert_eq!(
-        [&relay_1, &relay_2].iter().filter(|l| l.contains("now the active one")).count(),
+        [&relay_1, &relay_2]
+            .iter()
+            .filter(|l| l.contains("now the active one"))
+            .count(),
         1,
         "exactly one relay is active; the other stands by"
     );
     for service in ["dispatcher", "provider-manager"] {
         let (one, two) = logs(service);
-        let worked = |log: &str| log.contains("no free worker; one requested") || log.contains("agent started");
-        assert!(worked(&one) && worked(&two), "both {service} instances took a share of the work");
+        let worked = |log: &str| {
+            log.contains("no free worker; one requested") || log.contains("agent started")
+        };
+        assert!(
+            worked(&one) && worked(&two),
+            "both {service} instances took a share of the work"
+        );
     }
 
     // Fail-over: the active relay dies; the standby takes the lock and the outbox moves on.
-    let active = if relay_1.contains("now the active one") { 0 } else { 1 };
-    let relay_pid = system.services.iter().filter(|s| s.name == "relay").nth(active).unwrap().pid();
+    let active = if relay_1.contains("now the active one") {
+        0
+    } else {
+        1
+    };
+    let relay_pid = system
+        .services
+        .iter()
+        .filter(|s| s.name == "relay")
+        .nth(active)
+        .unwrap()
+        .pid();
     // SAFETY: kill(2) of a relay process this test started.
     unsafe { libc::kill(relay_pid as i32, libc::SIGKILL) };
     let after = submit_batch(&system, "failover").await;
@@ -223,7 +325,12 @@ async fn two_instances_of_every_service_share_the_work_and_handle_no_job_twice()
 async fn kill_9_of_agents_in_the_middle_of_their_jobs_loses_no_job() {
     let system = faulty_system().await;
     let policy = JobPolicy {
-        retry: RetryPolicy { max_attempts: 5, initial_backoff_ms: 100, retry_on: vec![RetryOn::Lost], ..Default::default() },
+        retry: RetryPolicy {
+            max_attempts: 5,
+            initial_backoff_ms: 100,
+            retry_on: vec![RetryOn::Lost],
+            ..Default::default()
+        },
         ..Default::default()
     };
     let requests: Vec<_> = (0..JOBS)
@@ -233,19 +340,35 @@ async fn kill_9_of_agents_in_the_middle_of_their_jobs_loses_no_job() {
             request
         })
         .collect();
-    let jobs: Vec<Uuid> =
-        join_all(requests.iter().map(|r| system.submit(r))).await.into_iter().map(|a| a.unwrap().job_id).collect();
+    let jobs: Vec<Uuid> = join_all(requests.iter().map(|r| system.submit(r)))
+        .await
+        .into_iter()
+        .map(|a| a.unwrap().job_id)
+        .collect();
     system
-        .wait_for("agents to be running jobs", Duration::from_secs(60), || async { system.agent_pids().len() >= 20 })
+        .wait_for(
+            "agents to be running jobs",
+            Duration::from_secs(60),
+            || async { system.agent_pids().len() >= 20 },
+        )
         .await;
     let victims: Vec<u32> = system.agent_pids().into_iter().step_by(2).collect();
     for pid in &victims {
         // SAFETY: kill(2) of agent processes this test's system started.
         unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
     }
-    check_invariants(&system, &jobs, &format!("kill -9 of {} agents", victims.len())).await;
+    check_invariants(
+        &system,
+        &jobs,
+        &format!("kill -9 of {} agents", victims.len()),
+    )
+    .await;
     for id in &jobs {
-        assert_eq!(system.get(*id).await.unwrap().state, JobState::Succeeded, "lost attempts are retried");
+        assert_eq!(
+            system.get(*id).await.unwrap().state,
+            JobState::Succeeded,
+            "lost attempts are retried"
+        );
     }
 }
 
@@ -259,7 +382,11 @@ async fn a_postgres_restart_while_jobs_run_loses_no_job() {
     .await;
     let jobs = submit_batch(&system, "postgres").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    system.pg.as_ref().unwrap().restart(Duration::from_millis(500));
+    system
+        .pg
+        .as_ref()
+        .unwrap()
+        .restart(Duration::from_millis(500));
     check_invariants(&system, &jobs, "PostgreSQL restart").await;
 }
 
@@ -275,11 +402,17 @@ async fn deleted_consumers_are_recreated_and_lose_no_job() {
         ("HODEI_AGENT", "scheduler-reports"),
     ] {
         let stream = system.js.get_stream(stream).await.unwrap();
-        assert!(stream.delete_consumer(consumer).await.unwrap().success, "deleted {consumer}");
+        assert!(
+            stream.delete_consumer(consumer).await.unwrap().success,
+            "deleted {consumer}"
+        );
     }
     check_invariants(&system, &jobs, "durable consumers deleted").await;
     for id in &jobs {
         assert_eq!(system.get(*id).await.unwrap().state, JobState::Succeeded);
     }
-    assert!(system.log_of("dispatcher").contains("reopening"), "the consumer loop noticed and reopened");
+    assert!(
+        system.log_of("dispatcher").contains("reopening"),
+        "the consumer loop noticed and reopened"
+    );
 }

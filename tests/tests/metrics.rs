@@ -4,7 +4,14 @@ use std::time::Duration;
 
 use hodei_tests::{http_get, job, prometheus_value, System};
 
-const SERVICES: [&str; 6] = ["relay", "scheduler", "dispatcher", "registry", "provider-manager", "audit"];
+const SERVICES: [&str; 6] = [
+    "relay",
+    "scheduler",
+    "dispatcher",
+    "registry",
+    "provider-manager",
+    "audit",
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_as_prometheus_text_and_move_when_jobs_run() {
@@ -20,18 +27,33 @@ async fn metrics_parse_as_prometheus_text_and_move_when_jobs_run() {
     let mut before = Vec::new();
     for service in SERVICES {
         let (status, body) = http_get(&system.metrics_base(service), "/healthz").await;
-        assert_eq!((status, body.as_str()), (200, "ok\n"), "{service} is healthy");
+        assert_eq!(
+            (status, body.as_str()),
+            (200, "ok\n"),
+            "{service} is healthy"
+        );
         before.push(scrape(service).await);
     }
 
     let mut ids = Vec::new();
     for code in [0, 0, 3] {
-        ids.push(system.submit(&job("sh", &["-c", &format!("exit {code}")])).await.unwrap().job_id);
+        ids.push(
+            system
+                .submit(&job("sh", &["-c", &format!("exit {code}")]))
+                .await
+                .unwrap()
+                .job_id,
+        );
     }
-    system.wait_until_settled(&ids, Duration::from_secs(60)).await;
+    system
+        .wait_until_settled(&ids, Duration::from_secs(60))
+        .await;
     system
         .wait_for("the audit log", Duration::from_secs(30), || async {
-            let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM audit_log").fetch_one(&system.pool).await.unwrap();
+            let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM audit_log")
+                .fetch_one(&system.pool)
+                .await
+                .unwrap();
             n == 39
         })
         .await;
@@ -40,14 +62,30 @@ async fn metrics_parse_as_prometheus_text_and_move_when_jobs_run() {
     let expected: [(&str, &str, f64); 10] = [
         ("scheduler", r#"hodei_jobs{state="Succeeded"}"#, 2.0),
         ("scheduler", r#"hodei_jobs{state="Failed"}"#, 1.0),
-        ("scheduler", r#"hodei_events_total{event_type="JobCreated"}"#, 3.0),
+        (
+            "scheduler",
+            r#"hodei_events_total{event_type="JobCreated"}"#,
+            3.0,
+        ),
         ("registry", r#"hodei_workers{state="Terminated"}"#, 3.0),
-        ("dispatcher", r#"hodei_events_total{event_type="JobAssigned"}"#, 3.0),
+        (
+            "dispatcher",
+            r#"hodei_events_total{event_type="JobAssigned"}"#,
+            3.0,
+        ),
         ("dispatcher", "hodei_dispatch_latency_seconds_count", 3.0),
-        ("provider-manager", r#"hodei_events_total{event_type="WorkerTerminated"}"#, 3.0),
+        (
+            "provider-manager",
+            r#"hodei_events_total{event_type="WorkerTerminated"}"#,
+            3.0,
+        ),
         ("relay", "hodei_outbox_published_total", 39.0 + 3.0), // 39 events and 3 RunJob commands
         ("relay", "hodei_outbox_depth", 0.0),
-        ("audit", r#"hodei_consumer_messages_total{consumer="audit",outcome="done"}"#, 39.0),
+        (
+            "audit",
+            r#"hodei_consumer_messages_total{consumer="audit",outcome="done"}"#,
+            39.0,
+        ),
     ];
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -56,12 +94,18 @@ async fn metrics_parse_as_prometheus_text_and_move_when_jobs_run() {
             .iter()
             .map(|(service, series, _)| {
                 let i = SERVICES.iter().position(|s| s == service).unwrap();
-                (prometheus_value(&before[i], series), prometheus_value(&after[i], series))
+                (
+                    prometheus_value(&before[i], series),
+                    prometheus_value(&after[i], series),
+                )
             })
             .collect();
-        let all_moved = values.iter().zip(&expected).all(|((was, now), (_, series, want))| {
-            *now == *want && (series.ends_with("depth") || *was == 0.0)
-        });
+        let all_moved = values
+            .iter()
+            .zip(&expected)
+            .all(|((was, now), (_, series, want))| {
+                *now == *want && (series.ends_with("depth") || *was == 0.0)
+            });
         if all_moved {
             return;
         }

@@ -16,22 +16,42 @@ fn with_policy(mut request: SubmitJob, policy: JobPolicy) -> SubmitJob {
 }
 
 async fn cancel(system: &System, job_id: Uuid) -> Result<JobView, ApiError> {
-    let body = CancelJob { schema_version: 1, job_id, reason: Some("test".into()) };
-    request(&system.client, subjects::API_JOBS_CANCEL, None, &body, Duration::from_secs(10)).await
+    let body = CancelJob {
+        schema_version: 1,
+        job_id,
+        reason: Some("test".into()),
+    };
+    request(
+        &system.client,
+        subjects::API_JOBS_CANCEL,
+        None,
+        &body,
+        Duration::from_secs(10),
+    )
+    .await
 }
 
 /// Whether a process is alive (a zombie is not).
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .map(|stat| {
+            !stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
         .unwrap_or(false)
 }
 
 async fn wait_for_state(system: &System, job_id: Uuid, state: JobState) {
     system
-        .wait_for(&format!("job {job_id} to be {state}"), Duration::from_secs(30), || async {
-            system.get(job_id).await.is_ok_and(|j| j.state == state)
-        })
+        .wait_for(
+            &format!("job {job_id} to be {state}"),
+            Duration::from_secs(30),
+            || async { system.get(job_id).await.is_ok_and(|j| j.state == state) },
+        )
         .await;
 }
 
@@ -39,10 +59,17 @@ async fn wait_for_state(system: &System, job_id: Uuid, state: JobState) {
 async fn printed_pid(system: &System, job_id: Uuid) -> u32 {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(pid) = system.logs_first_line(job_id).await.and_then(|l| l.trim().parse().ok()) {
+        if let Some(pid) = system
+            .logs_first_line(job_id)
+            .await
+            .and_then(|l| l.trim().parse().ok())
+        {
             return pid;
         }
-        assert!(std::time::Instant::now() < deadline, "job {job_id} printed no pid");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "job {job_id} printed no pid"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -50,15 +77,36 @@ async fn printed_pid(system: &System, job_id: Uuid) -> u32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_past_its_execution_timeout_ends_in_timeout_with_its_process_gone() {
     let system = System::start().await;
-    let policy = JobPolicy { execution_timeout_ms: 800, ..Default::default() };
-    let accepted = system.submit(&with_policy(job("sh", &["-c", "echo $$; exec sleep 60"]), policy)).await.unwrap();
+    let policy = JobPolicy {
+        execution_timeout_ms: 800,
+        ..Default::default()
+    };
+    let accepted = system
+        .submit(&with_policy(
+            job("sh", &["-c", "echo $$; exec sleep 60"]),
+            policy,
+        ))
+        .await
+        .unwrap();
     let pid = printed_pid(&system, accepted.job_id).await;
-    system.wait_until_settled(&[accepted.job_id], Duration::from_secs(30)).await;
+    system
+        .wait_until_settled(&[accepted.job_id], Duration::from_secs(30))
+        .await;
     let job = system.get(accepted.job_id).await.unwrap();
     assert_eq!(job.state, JobState::Timeout);
     assert!(job.error.unwrap().contains("did not finish within 800 ms"));
-    system.wait_for("the job's process to die", Duration::from_secs(10), || async { !alive(pid) }).await;
-    system.wait_for("no agent left", Duration::from_secs(10), || async { system.live_agents().is_empty() }).await;
+    system
+        .wait_for(
+            "the job's process to die",
+            Duration::from_secs(10),
+            || async { !alive(pid) },
+        )
+        .await;
+    system
+        .wait_for("no agent left", Duration::from_secs(10), || async {
+            system.live_agents().is_empty()
+        })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -71,18 +119,41 @@ async fn a_failed_attempt_is_retried_after_its_backoff_until_the_attempts_run_ou
         multiplier: 2.0,
         retry_on: vec![RetryOn::Failed],
     };
-    let policy = JobPolicy { retry, ..Default::default() };
-    let accepted = system.submit(&with_policy(job("sh", &["-c", "exit 3"]), policy)).await.unwrap();
-    system.wait_for("three attempts", Duration::from_secs(60), || async {
-        system.get(accepted.job_id).await.is_ok_and(|j| j.state.is_terminal())
-    })
-    .await;
+    let policy = JobPolicy {
+        retry,
+        ..Default::default()
+    };
+    let accepted = system
+        .submit(&with_policy(job("sh", &["-c", "exit 3"]), policy))
+        .await
+        .unwrap();
+    system
+        .wait_for("three attempts", Duration::from_secs(60), || async {
+            system
+                .get(accepted.job_id)
+                .await
+                .is_ok_and(|j| j.state.is_terminal())
+        })
+        .await;
     let job = system.get(accepted.job_id).await.unwrap();
-    assert_eq!((job.state, job.exit_code, job.attempt), (JobState::Failed, Some(3), 3));
+    assert_eq!(
+        (job.state, job.exit_code, job.attempt),
+        (JobState::Failed, Some(3), 3)
+    );
 
-    system.wait_until_settled(&[accepted.job_id], Duration::from_secs(30)).await;
-    let trail = system.audit(AuditQuery { aggregate_id: Some(accepted.job_id), ..Default::default() }).await;
-    let retries: Vec<_> = trail.iter().filter(|e| e.event_type == "JobRetrying").collect();
+    system
+        .wait_until_settled(&[accepted.job_id], Duration::from_secs(30))
+        .await;
+    let trail = system
+        .audit(AuditQuery {
+            aggregate_id: Some(accepted.job_id),
+            ..Default::default()
+        })
+        .await;
+    let retries: Vec<_> = trail
+        .iter()
+        .filter(|e| e.event_type == "JobRetrying")
+        .collect();
     assert_eq!(retries.len(), 2, "two retries for three attempts");
     for (n, retrying) in retries.iter().enumerate() {
         // Equal jitter: between half and all of 300 ms * 2^n, and the next JobQueued not before it.
@@ -90,12 +161,19 @@ async fn a_failed_attempt_is_retried_after_its_backoff_until_the_attempts_run_ou
         let retry_at: chrono::DateTime<chrono::Utc> =
             serde_json::from_value(retrying.payload["retry_at"].clone()).unwrap();
         let waited = (retry_at - retrying.occurred_at).num_milliseconds() as f64;
-        assert!(waited >= backoff / 2.0 - 1.0 && waited <= backoff + 1.0, "retry {n}: backoff {waited} ms of {backoff}");
+        assert!(
+            waited >= backoff / 2.0 - 1.0 && waited <= backoff + 1.0,
+            "retry {n}: backoff {waited} ms of {backoff}"
+        );
         let queued = trail
             .iter()
             .find(|e| e.event_type == "JobQueued" && e.seq > retrying.seq)
             .expect("queued again after the backoff");
-        assert!(queued.occurred_at >= retry_at, "queued at {} before {retry_at}", queued.occurred_at);
+        assert!(
+            queued.occurred_at >= retry_at,
+            "queued at {} before {retry_at}",
+            queued.occurred_at
+        );
     }
     let workers: std::collections::HashSet<_> = trail
         .iter()
@@ -110,53 +188,113 @@ async fn a_job_that_cannot_start_in_time_times_out_and_cancellation_works_in_eac
     let mut system = System::start().await;
 
     // Pending: nothing places jobs while the dispatcher is down.
-    assert!(system.service("dispatcher").stop(Duration::from_secs(10)).is_some());
+    assert!(system
+        .service("dispatcher")
+        .stop(Duration::from_secs(10))
+        .is_some());
     let late = system
-        .submit(&with_policy(job("true", &[]), JobPolicy { schedule_to_start_timeout_ms: 500, ..Default::default() }))
+        .submit(&with_policy(
+            job("true", &[]),
+            JobPolicy {
+                schedule_to_start_timeout_ms: 500,
+                ..Default::default()
+            },
+        ))
         .await
         .unwrap();
     let pending = system.submit(&job("true", &[])).await.unwrap();
-    assert_eq!(cancel(&system, pending.job_id).await.unwrap().state, JobState::Cancelled);
+    assert_eq!(
+        cancel(&system, pending.job_id).await.unwrap().state,
+        JobState::Cancelled
+    );
     wait_for_state(&system, late.job_id, JobState::Timeout).await;
-    assert!(system.get(late.job_id).await.unwrap().error.unwrap().contains("not started within 500 ms"));
+    assert!(system
+        .get(late.job_id)
+        .await
+        .unwrap()
+        .error
+        .unwrap()
+        .contains("not started within 500 ms"));
 
     // Scheduled: the worker is asked for but the provider-manager is down.
-    assert!(system.service("provider-manager").stop(Duration::from_secs(10)).is_some());
+    assert!(system
+        .service("provider-manager")
+        .stop(Duration::from_secs(10))
+        .is_some());
     system.restart("dispatcher");
     let scheduled = system.submit(&job("true", &[])).await.unwrap();
     wait_for_state(&system, scheduled.job_id, JobState::Scheduled).await;
-    assert_eq!(cancel(&system, scheduled.job_id).await.unwrap().state, JobState::Cancelled);
+    assert_eq!(
+        cancel(&system, scheduled.job_id).await.unwrap().state,
+        JobState::Cancelled
+    );
     system.restart("provider-manager");
 
     // Running: the process and the worker go.
-    let running = system.submit(&job("sh", &["-c", "echo $$; exec sleep 60"])).await.unwrap();
+    let running = system
+        .submit(&job("sh", &["-c", "echo $$; exec sleep 60"]))
+        .await
+        .unwrap();
     let pid = printed_pid(&system, running.job_id).await;
     wait_for_state(&system, running.job_id, JobState::Running).await;
-    assert_eq!(cancel(&system, running.job_id).await.unwrap().state, JobState::Cancelled);
-    system.wait_for("the cancelled job's process to die", Duration::from_secs(10), || async { !alive(pid) }).await;
+    assert_eq!(
+        cancel(&system, running.job_id).await.unwrap().state,
+        JobState::Cancelled
+    );
+    system
+        .wait_for(
+            "the cancelled job's process to die",
+            Duration::from_secs(10),
+            || async { !alive(pid) },
+        )
+        .await;
 
     // Ended: refused, with a typed error.
     let refused = cancel(&system, running.job_id).await.unwrap_err();
     assert_eq!(refused.code, ErrorCode::InvalidJobTransition);
-    assert_eq!(cancel(&system, Uuid::now_v7()).await.unwrap_err().code, ErrorCode::NotFound);
+    assert_eq!(
+        cancel(&system, Uuid::now_v7()).await.unwrap_err().code,
+        ErrorCode::NotFound
+    );
 
     system
         .wait_until_settled(&[scheduled.job_id, running.job_id], Duration::from_secs(30))
         .await;
-    system.wait_for("no agent left", Duration::from_secs(10), || async { system.live_agents().is_empty() }).await;
+    system
+        .wait_for("no agent left", Duration::from_secs(10), || async {
+            system.live_agents().is_empty()
+        })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_killed_mid_job_is_declared_lost_and_its_job_retried_on_a_new_worker() {
-    let system = System::start_with(&[("HODEI_HEARTBEAT_INTERVAL_MS", "200"), ("HODEI_WORKER_LOST_AFTER_MS", "1500")]).await;
+    let system = System::start_with(&[
+        ("HODEI_HEARTBEAT_INTERVAL_MS", "200"),
+        ("HODEI_WORKER_LOST_AFTER_MS", "1500"),
+    ])
+    .await;
     let marker = std::env::temp_dir().join(format!("hodei-attempt-{}", Uuid::new_v4().simple()));
     let script = format!(
         "if [ -e {m} ]; then echo second; exit 0; fi; touch {m}; echo $$; exec sleep 60",
         m = marker.display()
     );
-    let retry = RetryPolicy { max_attempts: 2, initial_backoff_ms: 100, retry_on: vec![RetryOn::Lost], ..Default::default() };
-    let accepted =
-        system.submit(&with_policy(job("sh", &["-c", &script]), JobPolicy { retry, ..Default::default() })).await.unwrap();
+    let retry = RetryPolicy {
+        max_attempts: 2,
+        initial_backoff_ms: 100,
+        retry_on: vec![RetryOn::Lost],
+        ..Default::default()
+    };
+    let accepted = system
+        .submit(&with_policy(
+            job("sh", &["-c", &script]),
+            JobPolicy {
+                retry,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
     let first_pid = printed_pid(&system, accepted.job_id).await;
     wait_for_state(&system, accepted.job_id, JobState::Running).await;
     let agents = system.agent_pids();
@@ -165,18 +303,52 @@ async fn an_agent_killed_mid_job_is_declared_lost_and_its_job_retried_on_a_new_w
     unsafe { libc_kill(agents[0]) };
 
     system
-        .wait_for("the job to succeed on its second attempt", Duration::from_secs(60), || async {
-            system.get(accepted.job_id).await.is_ok_and(|j| j.state == JobState::Succeeded)
-        })
+        .wait_for(
+            "the job to succeed on its second attempt",
+            Duration::from_secs(60),
+            || async {
+                system
+                    .get(accepted.job_id)
+                    .await
+                    .is_ok_and(|j| j.state == JobState::Succeeded)
+            },
+        )
         .await;
     let job = system.get(accepted.job_id).await.unwrap();
     assert_eq!(job.attempt, 2);
-    system.wait_until_settled(&[accepted.job_id], Duration::from_secs(30)).await;
-    system.wait_for("the orphaned first attempt to be killed", Duration::from_secs(10), || async { !alive(first_pid) }).await;
-    let trail = system.audit(AuditQuery { correlation_id: Some(job.correlation_id.clone()), ..Default::default() }).await;
-    let terminating: Vec<_> = trail.iter().filter(|e| e.event_type == "WorkerTerminating").collect();
-    assert!(terminating.iter().any(|e| e.payload["reason"].as_str().unwrap_or("").contains("lost")), "a worker was declared lost");
-    assert_eq!(trail.iter().filter(|e| e.event_type == "JobRetrying").count(), 1);
+    system
+        .wait_until_settled(&[accepted.job_id], Duration::from_secs(30))
+        .await;
+    system
+        .wait_for(
+            "the orphaned first attempt to be killed",
+            Duration::from_secs(10),
+            || async { !alive(first_pid) },
+        )
+        .await;
+    let trail = system
+        .audit(AuditQuery {
+            correlation_id: Some(job.correlation_id.clone()),
+            ..Default::default()
+        })
+        .await;
+    let terminating: Vec<_> = trail
+        .iter()
+        .filter(|e| e.event_type == "WorkerTerminating")
+        .collect();
+    assert!(
+        terminating
+            .iter()
+            .any(|e| e.payload["reason"].as_str().unwrap_or("").contains("lost")),
+        "a worker was declared lost"
+    );
+    assert_eq!(
+        trail
+            .iter()
+            .filter(|e| e.event_type == "JobRetrying")
+            .count(),
+        1
+    );
     let _ = std::fs::remove_file(marker);
 }
 

@@ -32,13 +32,19 @@ async fn traced_system(receiver: &Receiver) -> System {
 /// span has too (spans are exported when they end, parents after their children).
 async fn wait_for_trace(system: &System, receiver: &Receiver, trace_id: &str, root_parent: &str) {
     system
-        .wait_for("a complete trace with spans of every service", Duration::from_secs(30), || async {
-            let spans = receiver.spans_of_trace(trace_id);
-            let services: HashSet<&str> = spans.iter().map(|s| s.service.as_str()).collect();
-            let ids: HashSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
-            SERVICES.iter().all(|s| services.contains(*s))
-                && spans.iter().all(|s| s.parent_span_id == root_parent || ids.contains(s.parent_span_id.as_str()))
-        })
+        .wait_for(
+            "a complete trace with spans of every service",
+            Duration::from_secs(30),
+            || async {
+                let spans = receiver.spans_of_trace(trace_id);
+                let services: HashSet<&str> = spans.iter().map(|s| s.service.as_str()).collect();
+                let ids: HashSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
+                SERVICES.iter().all(|s| services.contains(*s))
+                    && spans.iter().all(|s| {
+                        s.parent_span_id == root_parent || ids.contains(s.parent_span_id.as_str())
+                    })
+            },
+        )
         .await;
 }
 
@@ -49,7 +55,10 @@ async fn a_job_submitted_with_a_traceparent_is_one_trace_across_every_service_an
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let client_span = "00f067aa0ba902b7";
     let mut headers = async_nats::HeaderMap::new();
-    headers.insert("traceparent", format!("00-{trace_id}-{client_span}-01").as_str());
+    headers.insert(
+        "traceparent",
+        format!("00-{trace_id}-{client_span}-01").as_str(),
+    );
     let accepted: SubmitAccepted = request(
         &system.client,
         subjects::API_JOBS_SUBMIT,
@@ -59,15 +68,28 @@ async fn a_job_submitted_with_a_traceparent_is_one_trace_across_every_service_an
     )
     .await
     .unwrap();
-    assert_eq!(accepted.correlation_id, trace_id, "the correlation id is the client's trace id");
-    system.wait_until_settled(&[accepted.job_id], Duration::from_secs(60)).await;
+    assert_eq!(
+        accepted.correlation_id, trace_id,
+        "the correlation id is the client's trace id"
+    );
+    system
+        .wait_until_settled(&[accepted.job_id], Duration::from_secs(60))
+        .await;
     wait_for_trace(&system, &receiver, trace_id, client_span).await;
 
     // The job's own process saw the trace.
-    let lines: Vec<String> =
-        system.logs_of(accepted.job_id).await.iter().flat_map(|b| b.lines.clone()).map(|l| l.line).collect();
+    let lines: Vec<String> = system
+        .logs_of(accepted.job_id)
+        .await
+        .iter()
+        .flat_map(|b| b.lines.clone())
+        .map(|l| l.line)
+        .collect();
     assert_eq!(lines.len(), 1);
-    assert!(lines[0].starts_with(&format!("TRACEPARENT=00-{trace_id}-")), "{lines:?}");
+    assert!(
+        lines[0].starts_with(&format!("TRACEPARENT=00-{trace_id}-")),
+        "{lines:?}"
+    );
 
     // One trace: every span's parent is the client's span or another span of the trace.
     let spans = receiver.spans_of_trace(trace_id);
@@ -81,18 +103,43 @@ async fn a_job_submitted_with_a_traceparent_is_one_trace_across_every_service_an
             span.parent_span_id
         );
     }
-    let roots: Vec<_> = spans.iter().filter(|s| s.parent_span_id == client_span).collect();
+    let roots: Vec<_> = spans
+        .iter()
+        .filter(|s| s.parent_span_id == client_span)
+        .collect();
     assert_eq!(roots.len(), 1, "one span hangs off the client's: {roots:?}");
     assert_eq!(roots[0].service, "hodei-scheduler");
     let names: BTreeSet<&str> = spans.iter().map(|s| s.name.as_str()).collect();
-    for step in ["submit", "persist", "dispatch decision", "provision", "register", "assign", "run job", "report", "audit write"] {
-        assert!(names.contains(step), "a span named {step:?} among {names:?}");
+    for step in [
+        "submit",
+        "persist",
+        "dispatch decision",
+        "provision",
+        "register",
+        "assign",
+        "run job",
+        "report",
+        "audit write",
+    ] {
+        assert!(
+            names.contains(step),
+            "a span named {step:?} among {names:?}"
+        );
     }
-    assert!(names.iter().any(|n| n.starts_with("relay publish")), "{names:?}");
+    assert!(
+        names.iter().any(|n| n.starts_with("relay publish")),
+        "{names:?}"
+    );
     // The process' TRACEPARENT names the agent's run span.
     let process_parent = lines[0].split('-').nth(2).unwrap();
-    let run = spans.iter().find(|s| s.span_id == process_parent).expect("the process' parent span was exported");
-    assert_eq!((run.service.as_str(), run.name.as_str()), ("hodei-agent", "run job"));
+    let run = spans
+        .iter()
+        .find(|s| s.span_id == process_parent)
+        .expect("the process' parent span was exported");
+    assert_eq!(
+        (run.service.as_str(), run.name.as_str()),
+        ("hodei-agent", "run job")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,29 +150,49 @@ async fn a_job_without_trace_context_gets_a_generated_correlation_id_everywhere(
     let correlation = accepted.correlation_id.clone();
     assert_eq!(correlation.len(), 32);
     assert!(correlation.bytes().all(|b| b.is_ascii_hexdigit()));
-    system.wait_until_settled(&[accepted.job_id], Duration::from_secs(60)).await;
+    system
+        .wait_until_settled(&[accepted.job_id], Duration::from_secs(60))
+        .await;
 
     // In its trace...
     wait_for_trace(&system, &receiver, &correlation, "").await;
     // ...on the job...
-    assert_eq!(system.get(accepted.job_id).await.unwrap().correlation_id, correlation);
+    assert_eq!(
+        system.get(accepted.job_id).await.unwrap().correlation_id,
+        correlation
+    );
     // ...in every event and audit row...
     system
         .wait_for("the audit trail", Duration::from_secs(30), || async {
-            system.audit(AuditQuery { correlation_id: Some(correlation.clone()), ..Default::default() }).await.len() == 13
+            system
+                .audit(AuditQuery {
+                    correlation_id: Some(correlation.clone()),
+                    ..Default::default()
+                })
+                .await
+                .len()
+                == 13
         })
         .await;
-    let (other,): (i64,) = sqlx::query_as("SELECT count(*) FROM audit_log WHERE correlation_id <> $1")
-        .bind(&correlation)
-        .fetch_one(&system.pool)
-        .await
-        .unwrap();
+    let (other,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM audit_log WHERE correlation_id <> $1")
+            .bind(&correlation)
+            .fetch_one(&system.pool)
+            .await
+            .unwrap();
     assert_eq!(other, 0);
     // ...and in the log lines of the services that handled it.
     for service in ["scheduler", "dispatcher", "registry", "provider-manager"] {
         let log = system.log_of(service);
-        let lines: Vec<&str> = log.lines().filter(|l| l.contains(&accepted.job_id.to_string())).collect();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(&accepted.job_id.to_string()))
+            .collect();
         assert!(!lines.is_empty(), "{service} logged about the job");
-        assert!(lines.iter().all(|l| l.contains(&correlation)), "{service}: every line about the job has its correlation id:\n{}", lines.join("\n"));
+        assert!(
+            lines.iter().all(|l| l.contains(&correlation)),
+            "{service}: every line about the job has its correlation id:\n{}",
+            lines.join("\n")
+        );
     }
 }

@@ -10,13 +10,25 @@ pub type Result<T, E = DomainError> = std::result::Result<T, E>;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DomainError {
     #[error("job {job_id} cannot go from {from} to {to}")]
-    InvalidJobTransition { job_id: Uuid, from: JobState, to: JobState },
+    InvalidJobTransition {
+        job_id: Uuid,
+        from: JobState,
+        to: JobState,
+    },
 
     #[error("job {job_id} cannot be {action} from state {from}")]
-    InvalidJobAction { job_id: Uuid, from: JobState, action: &'static str },
+    InvalidJobAction {
+        job_id: Uuid,
+        from: JobState,
+        action: &'static str,
+    },
 
     #[error("worker {worker_id} cannot go from {from} to {to}")]
-    InvalidWorkerTransition { worker_id: Uuid, from: WorkerState, to: WorkerState },
+    InvalidWorkerTransition {
+        worker_id: Uuid,
+        from: WorkerState,
+        to: WorkerState,
+    },
 
     #[error("job {job_id} is not held by worker {worker_id}")]
     JobNotHeldByWorker { job_id: Uuid, worker_id: Uuid },

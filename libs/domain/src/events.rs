@@ -103,7 +103,8 @@ impl DomainEvent {
 
     /// The typed payload, if this event is of type `P`.
     pub fn decode<P: EventPayload>(&self) -> Option<Result<P, serde_json::Error>> {
-        self.is::<P>().then(|| serde_json::from_value(self.payload.clone()))
+        self.is::<P>()
+            .then(|| serde_json::from_value(self.payload.clone()))
     }
 }
 

@@ -15,11 +15,11 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::error::{DomainError, Result};
-use crate::policy::{JobPolicy, RetryOn, ACK_TIMEOUT};
 use crate::events::{
     Actor, DomainEvent, JobAssigned, JobCompleted, JobCreated, JobExecutionError, JobQueued,
     JobRequeued, JobRetrying, JobStatusChanged,
 };
+use crate::policy::{JobPolicy, RetryOn, ACK_TIMEOUT};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum JobState {
@@ -64,7 +64,10 @@ impl JobState {
 
     /// Named extension: a failed attempt (before or while running) goes back to Pending.
     pub fn can_retry(self) -> bool {
-        matches!(self, JobState::Assigned | JobState::Scheduled | JobState::Running)
+        matches!(
+            self,
+            JobState::Assigned | JobState::Scheduled | JobState::Running
+        )
     }
 
     pub fn is_terminal(self) -> bool {
@@ -143,7 +146,10 @@ impl JobSpec {
             total += s.len();
         }
         if total > Self::MAX_TOTAL_BYTES {
-            return invalid(format!("the spec is {total} bytes; at most {} are allowed", Self::MAX_TOTAL_BYTES));
+            return invalid(format!(
+                "the spec is {total} bytes; at most {} are allowed",
+                Self::MAX_TOTAL_BYTES
+            ));
         }
         if let Some(key) = self.env.keys().find(|k| k.is_empty() || k.contains('=')) {
             return invalid(format!("environment name '{key}' is empty or contains '='"));
@@ -228,14 +234,24 @@ impl Job {
     }
 
     fn queued_event(&self, actor: &Actor) -> DomainEvent {
-        self.event(actor, &JobQueued { job_id: self.id, attempt: self.attempt })
+        self.event(
+            actor,
+            &JobQueued {
+                job_id: self.id,
+                attempt: self.attempt,
+            },
+        )
     }
 
     /// The only place a table transition is applied.
     fn transition(&mut self, to: JobState) -> Result<JobState> {
         let from = self.state;
         if !from.can_transition_to(to) {
-            return Err(DomainError::InvalidJobTransition { job_id: self.id, from, to });
+            return Err(DomainError::InvalidJobTransition {
+                job_id: self.id,
+                from,
+                to,
+            });
         }
         self.state = to;
         self.updated_at = Utc::now();
@@ -244,7 +260,10 @@ impl Job {
 
     fn ensure_held_by(&self, worker_id: Uuid) -> Result<()> {
         if self.worker_id != Some(worker_id) {
-            return Err(DomainError::JobNotHeldByWorker { job_id: self.id, worker_id });
+            return Err(DomainError::JobNotHeldByWorker {
+                job_id: self.id,
+                worker_id,
+            });
         }
         Ok(())
     }
@@ -265,7 +284,13 @@ impl Job {
         self.deadline_at = Some((self.updated_at + ACK_TIMEOUT).min(self.start_by));
         Ok(self.event(
             actor,
-            &JobAssigned { job_id: self.id, worker_id, from, to, attempt: self.attempt },
+            &JobAssigned {
+                job_id: self.id,
+                worker_id,
+                from,
+                to,
+                attempt: self.attempt,
+            },
         ))
     }
 
@@ -287,21 +312,42 @@ impl Job {
     }
 
     /// The holding worker reports the exit code: 0 -> Succeeded, anything else -> Failed.
-    pub fn complete(&mut self, worker_id: Uuid, exit_code: i32, actor: &Actor) -> Result<DomainEvent> {
+    pub fn complete(
+        &mut self,
+        worker_id: Uuid,
+        exit_code: i32,
+        actor: &Actor,
+    ) -> Result<DomainEvent> {
         self.ensure_held_by(worker_id)?;
-        let to = if exit_code == 0 { JobState::Succeeded } else { JobState::Failed };
+        let to = if exit_code == 0 {
+            JobState::Succeeded
+        } else {
+            JobState::Failed
+        };
         let from = self.transition(to)?;
         self.exit_code = Some(exit_code);
         self.ended();
         Ok(self.event(
             actor,
-            &JobCompleted { job_id: self.id, worker_id, from, to, exit_code, attempt: self.attempt },
+            &JobCompleted {
+                job_id: self.id,
+                worker_id,
+                from,
+                to,
+                exit_code,
+                attempt: self.attempt,
+            },
         ))
     }
 
     /// The attempt failed without an exit code (the command could not start, ...).
     /// A worker reporting it must hold the job; the control plane passes `None`.
-    pub fn fail(&mut self, worker_id: Option<Uuid>, error: String, actor: &Actor) -> Result<DomainEvent> {
+    pub fn fail(
+        &mut self,
+        worker_id: Option<Uuid>,
+        error: String,
+        actor: &Actor,
+    ) -> Result<DomainEvent> {
         if let Some(worker_id) = worker_id {
             self.ensure_held_by(worker_id)?;
         }
@@ -310,7 +356,13 @@ impl Job {
         self.ended();
         Ok(self.event(
             actor,
-            &JobExecutionError { job_id: self.id, worker_id: self.worker_id, from, error, attempt: self.attempt },
+            &JobExecutionError {
+                job_id: self.id,
+                worker_id: self.worker_id,
+                from,
+                error,
+                attempt: self.attempt,
+            },
         ))
     }
 
@@ -328,7 +380,13 @@ impl Job {
         self.ended();
         Ok(self.event(
             actor,
-            &JobStatusChanged { job_id: self.id, from, to, worker_id: self.worker_id, reason: Some(reason) },
+            &JobStatusChanged {
+                job_id: self.id,
+                from,
+                to,
+                worker_id: self.worker_id,
+                reason: Some(reason),
+            },
         ))
     }
 
@@ -345,7 +403,10 @@ impl Job {
     ) -> Result<Vec<DomainEvent>> {
         self.ensure_held_by(worker_id)?;
         let failed = exit_code != Some(0);
-        if failed && self.state == JobState::Running && self.policy.retry.retries(self.attempt, RetryOn::Failed) {
+        if failed
+            && self.state == JobState::Running
+            && self.policy.retry.retries(self.attempt, RetryOn::Failed)
+        {
             let reason = match (exit_code, &error) {
                 (Some(code), _) => format!("attempt {} exited with {code}", self.attempt),
                 (None, Some(error)) => format!("attempt {} failed: {error}", self.attempt),
@@ -356,41 +417,74 @@ impl Job {
         }
         Ok(vec![match exit_code {
             Some(code) => self.complete(worker_id, code, actor)?,
-            None => self.fail(Some(worker_id), error.unwrap_or_else(|| "the job ended without an exit code".into()), actor)?,
+            None => self.fail(
+                Some(worker_id),
+                error.unwrap_or_else(|| "the job ended without an exit code".into()),
+                actor,
+            )?,
         }])
     }
 
     /// What the state-timeout monitor does with a job at `now`: queue a retry whose backoff
     /// is over, requeue an assignment never acknowledged, retry or time out an attempt past
     /// its deadline. Nothing (no events) if the job is not due.
-    pub fn expire(&mut self, now: DateTime<Utc>, jitter: f64, actor: &Actor) -> Result<Vec<DomainEvent>> {
+    pub fn expire(
+        &mut self,
+        now: DateTime<Utc>,
+        jitter: f64,
+        actor: &Actor,
+    ) -> Result<Vec<DomainEvent>> {
         if self.state == JobState::Pending && self.not_before.is_some_and(|at| at <= now) {
             return Ok(vec![self.release(actor)?]);
         }
         if self.deadline_at.is_none_or(|at| at > now) {
             return Ok(Vec::new());
         }
-        let late = |what: &str, limit: std::time::Duration| format!("{what} within {} ms", limit.as_millis());
+        let late = |what: &str, limit: std::time::Duration| {
+            format!("{what} within {} ms", limit.as_millis())
+        };
         match self.state {
-            JobState::Pending => Ok(vec![self.time_out(late("not started", self.policy.schedule_to_start()), actor)?]),
+            JobState::Pending => {
+                Ok(vec![self.time_out(
+                    late("not started", self.policy.schedule_to_start()),
+                    actor,
+                )?])
+            }
             JobState::Assigned | JobState::Scheduled if now >= self.start_by => {
-                Ok(vec![self.time_out(late("not started", self.policy.schedule_to_start()), actor)?])
+                Ok(vec![self.time_out(
+                    late("not started", self.policy.schedule_to_start()),
+                    actor,
+                )?])
             }
-            JobState::Assigned | JobState::Scheduled => {
-                self.requeue(format!("the worker did not acknowledge within {} s", ACK_TIMEOUT.as_secs()), actor)
-            }
+            JobState::Assigned | JobState::Scheduled => self.requeue(
+                format!(
+                    "the worker did not acknowledge within {} s",
+                    ACK_TIMEOUT.as_secs()
+                ),
+                actor,
+            ),
             JobState::Running if self.policy.retry.retries(self.attempt, RetryOn::Timeout) => {
                 let reason = late("attempt did not finish", self.policy.execution());
                 let backoff = self.policy.retry.backoff(self.attempt, jitter);
                 self.retry(reason, backoff, actor)
             }
-            JobState::Running => Ok(vec![self.time_out(late("did not finish", self.policy.execution()), actor)?]),
+            JobState::Running => {
+                Ok(vec![self.time_out(
+                    late("did not finish", self.policy.execution()),
+                    actor,
+                )?])
+            }
             _ => Ok(Vec::new()),
         }
     }
 
     /// The job's worker stopped answering: retry if the policy says so, else fail.
-    pub fn worker_lost(&mut self, worker_id: Uuid, jitter: f64, actor: &Actor) -> Result<Vec<DomainEvent>> {
+    pub fn worker_lost(
+        &mut self,
+        worker_id: Uuid,
+        jitter: f64,
+        actor: &Actor,
+    ) -> Result<Vec<DomainEvent>> {
         self.ensure_held_by(worker_id)?;
         let reason = format!("worker {worker_id} was lost");
         if self.state.can_retry() && self.policy.retry.retries(self.attempt, RetryOn::Lost) {
@@ -409,27 +503,53 @@ impl Job {
     /// still bound by the attempt's schedule-to-start deadline.
     pub fn requeue(&mut self, reason: String, actor: &Actor) -> Result<Vec<DomainEvent>> {
         if !self.state.can_requeue() {
-            return Err(DomainError::InvalidJobAction { job_id: self.id, from: self.state, action: "requeued" });
+            return Err(DomainError::InvalidJobAction {
+                job_id: self.id,
+                from: self.state,
+                action: "requeued",
+            });
         }
         let (from, worker_id) = self.back_to_pending();
         self.deadline_at = Some(self.start_by);
-        let requeued = JobRequeued { job_id: self.id, worker_id, from, attempt: self.attempt, reason };
+        let requeued = JobRequeued {
+            job_id: self.id,
+            worker_id,
+            from,
+            attempt: self.attempt,
+            reason,
+        };
         Ok(vec![self.event(actor, &requeued), self.queued_event(actor)])
     }
 
     /// Named transition: a failed attempt with attempts left goes back to Pending. It is
     /// queued again after `backoff` (by [`Job::release`], or at once when `backoff` is zero)
     /// and has the policy's schedule-to-start time from then.
-    pub fn retry(&mut self, reason: String, backoff: std::time::Duration, actor: &Actor) -> Result<Vec<DomainEvent>> {
+    pub fn retry(
+        &mut self,
+        reason: String,
+        backoff: std::time::Duration,
+        actor: &Actor,
+    ) -> Result<Vec<DomainEvent>> {
         if !self.state.can_retry() {
-            return Err(DomainError::InvalidJobAction { job_id: self.id, from: self.state, action: "retried" });
+            return Err(DomainError::InvalidJobAction {
+                job_id: self.id,
+                from: self.state,
+                action: "retried",
+            });
         }
         let (from, worker_id) = self.back_to_pending();
         let retry_at = self.updated_at + backoff;
         self.start_by = retry_at + self.policy.schedule_to_start();
         self.deadline_at = Some(self.start_by);
         self.not_before = (!backoff.is_zero()).then_some(retry_at);
-        let retrying = JobRetrying { job_id: self.id, worker_id, from, attempt: self.attempt, reason, retry_at };
+        let retrying = JobRetrying {
+            job_id: self.id,
+            worker_id,
+            from,
+            attempt: self.attempt,
+            reason,
+            retry_at,
+        };
         let mut events = vec![self.event(actor, &retrying)];
         if self.not_before.is_none() {
             events.push(self.queued_event(actor));
@@ -440,7 +560,11 @@ impl Job {
     /// A retried job whose backoff is over is queued again (JobQueued, no state change).
     pub fn release(&mut self, actor: &Actor) -> Result<DomainEvent> {
         if self.state != JobState::Pending || self.not_before.is_none() {
-            return Err(DomainError::InvalidJobAction { job_id: self.id, from: self.state, action: "released" });
+            return Err(DomainError::InvalidJobAction {
+                job_id: self.id,
+                from: self.state,
+                action: "released",
+            });
         }
         self.not_before = None;
         self.updated_at = Utc::now();
@@ -479,7 +603,11 @@ mod tests {
         let mut checked = 0;
         for from in JobState::ALL {
             for to in JobState::ALL {
-                assert_eq!(from.can_transition_to(to), expected(from, to), "{from} -> {to}");
+                assert_eq!(
+                    from.can_transition_to(to),
+                    expected(from, to),
+                    "{from} -> {to}"
+                );
                 checked += 1;
             }
         }
@@ -500,8 +628,16 @@ mod tests {
     #[test]
     fn only_placed_jobs_requeue_and_only_live_attempts_retry() {
         for state in JobState::ALL {
-            assert_eq!(state.can_requeue(), matches!(state, Assigned | Scheduled), "{state}");
-            assert_eq!(state.can_retry(), matches!(state, Assigned | Scheduled | Running), "{state}");
+            assert_eq!(
+                state.can_requeue(),
+                matches!(state, Assigned | Scheduled),
+                "{state}"
+            );
+            assert_eq!(
+                state.can_retry(),
+                matches!(state, Assigned | Scheduled | Running),
+                "{state}"
+            );
         }
     }
 
@@ -515,8 +651,19 @@ mod tests {
 
     fn job_in(state: JobState) -> Job {
         let actor = Actor::service("test");
-        let spec = JobSpec { command: "true".into(), ..Default::default() };
-        let (mut job, _) = Job::submit(Uuid::now_v7(), spec, JobPolicy::default(), "corr".into(), None, &actor).unwrap();
+        let spec = JobSpec {
+            command: "true".into(),
+            ..Default::default()
+        };
+        let (mut job, _) = Job::submit(
+            Uuid::now_v7(),
+            spec,
+            JobPolicy::default(),
+            "corr".into(),
+            None,
+            &actor,
+        )
+        .unwrap();
         job.state = state;
         job.worker_id = Some(Uuid::nil());
         job
@@ -553,7 +700,10 @@ mod tests {
             let failed = job.complete(w, 3, &actor);
             assert_eq!(failed.is_ok(), from.can_transition_to(Failed));
             let mut job = job_in(from);
-            assert_eq!(job.fail(None, "boom".into(), &actor).is_ok(), from.can_transition_to(Failed));
+            assert_eq!(
+                job.fail(None, "boom".into(), &actor).is_ok(),
+                from.can_transition_to(Failed)
+            );
         }
     }
 
@@ -565,7 +715,10 @@ mod tests {
         let stranger = Uuid::now_v7();
         assert_eq!(
             job.start(stranger, &actor),
-            Err(DomainError::JobNotHeldByWorker { job_id: job.id, worker_id: stranger })
+            Err(DomainError::JobNotHeldByWorker {
+                job_id: job.id,
+                worker_id: stranger
+            })
         );
         assert_eq!(job, before);
     }
@@ -593,12 +746,20 @@ mod tests {
         assert_eq!(types, ["JobRequeued", "JobQueued"]);
 
         let mut job = job_in(Running);
-        let events = job.retry("exit 1".into(), std::time::Duration::ZERO, &actor).unwrap();
+        let events = job
+            .retry("exit 1".into(), std::time::Duration::ZERO, &actor)
+            .unwrap();
         assert_eq!((job.state, job.attempt), (Pending, 2));
         let types: Vec<_> = events.iter().map(|e| e.event_type.as_str()).collect();
-        assert_eq!(types, ["JobRetrying", "JobQueued"], "no backoff: queued at once");
+        assert_eq!(
+            types,
+            ["JobRetrying", "JobQueued"],
+            "no backoff: queued at once"
+        );
         assert!(job_in(Running).requeue("x".into(), &actor).is_err());
-        assert!(job_in(Pending).retry("x".into(), std::time::Duration::ZERO, &actor).is_err());
+        assert!(job_in(Pending)
+            .retry("x".into(), std::time::Duration::ZERO, &actor)
+            .is_err());
     }
 
     #[test]
@@ -642,7 +803,10 @@ mod tests {
         let actor = Actor::service("test");
         let later = |job: &Job| job.deadline_at.unwrap() + chrono::Duration::milliseconds(1);
         let mut pending = job_in(Pending);
-        assert!(pending.expire(Utc::now(), 0.5, &actor).unwrap().is_empty(), "not due yet");
+        assert!(
+            pending.expire(Utc::now(), 0.5, &actor).unwrap().is_empty(),
+            "not due yet"
+        );
         let at = later(&pending);
         pending.expire(at, 0.5, &actor).unwrap();
         assert_eq!(pending.state, Timeout);
@@ -662,13 +826,23 @@ mod tests {
         assert_eq!(running.state, Timeout);
 
         let mut retried = job_in(Pending);
-        retried.policy.retry = crate::RetryPolicy { max_attempts: 2, retry_on: vec![RetryOn::Timeout], ..Default::default() };
+        retried.policy.retry = crate::RetryPolicy {
+            max_attempts: 2,
+            retry_on: vec![RetryOn::Timeout],
+            ..Default::default()
+        };
         retried.assign(Uuid::nil(), &actor).unwrap();
         retried.start(Uuid::nil(), &actor).unwrap();
         let at = later(&retried);
-        assert_eq!(retried.expire(at, 0.5, &actor).unwrap()[0].event_type, "JobRetrying");
+        assert_eq!(
+            retried.expire(at, 0.5, &actor).unwrap()[0].event_type,
+            "JobRetrying"
+        );
         let release_at = retried.not_before.unwrap();
-        assert_eq!(retried.expire(release_at, 0.5, &actor).unwrap()[0].event_type, "JobQueued");
+        assert_eq!(
+            retried.expire(release_at, 0.5, &actor).unwrap()[0].event_type,
+            "JobQueued"
+        );
     }
 
     #[test]
@@ -679,9 +853,17 @@ mod tests {
         assert_eq!(job.state, Failed, "by default there is one attempt");
         let mut job = job_in(Running);
         job.policy.retry.max_attempts = 2;
-        assert_eq!(job.worker_lost(Uuid::nil(), 0.5, &actor).unwrap()[0].event_type, "JobRetrying");
+        assert_eq!(
+            job.worker_lost(Uuid::nil(), 0.5, &actor).unwrap()[0].event_type,
+            "JobRetrying"
+        );
         assert_eq!((job.state, job.attempt), (Pending, 2));
-        assert!(job_in(Running).worker_lost(Uuid::now_v7(), 0.5, &actor).is_err(), "only for the job's own worker");
+        assert!(
+            job_in(Running)
+                .worker_lost(Uuid::now_v7(), 0.5, &actor)
+                .is_err(),
+            "only for the job's own worker"
+        );
     }
 
     #[test]
@@ -692,7 +874,10 @@ mod tests {
         job.assign(Uuid::nil(), &actor).unwrap();
         assert!(job.deadline_at.unwrap() <= job.updated_at + ACK_TIMEOUT);
         job.start(Uuid::nil(), &actor).unwrap();
-        assert_eq!(job.deadline_at, Some(job.updated_at + job.policy.execution()));
+        assert_eq!(
+            job.deadline_at,
+            Some(job.updated_at + job.policy.execution())
+        );
         job.complete(Uuid::nil(), 0, &actor).unwrap();
         assert_eq!(job.deadline_at, None);
     }
@@ -701,12 +886,34 @@ mod tests {
     fn a_bad_spec_is_refused_with_its_reason() {
         let actor = Actor::service("test");
         for spec in [
-            JobSpec { command: " ".into(), ..Default::default() },
-            JobSpec { command: "a\0b".into(), ..Default::default() },
-            JobSpec { command: "x".into(), env: [("A=B".into(), "1".into())].into(), ..Default::default() },
-            JobSpec { command: "x".into(), args: vec!["y".repeat(JobSpec::MAX_TOTAL_BYTES)], ..Default::default() },
+            JobSpec {
+                command: " ".into(),
+                ..Default::default()
+            },
+            JobSpec {
+                command: "a\0b".into(),
+                ..Default::default()
+            },
+            JobSpec {
+                command: "x".into(),
+                env: [("A=B".into(), "1".into())].into(),
+                ..Default::default()
+            },
+            JobSpec {
+                command: "x".into(),
+                args: vec!["y".repeat(JobSpec::MAX_TOTAL_BYTES)],
+                ..Default::default()
+            },
         ] {
-            let err = Job::submit(Uuid::now_v7(), spec, JobPolicy::default(), "c".into(), None, &actor).unwrap_err();
+            let err = Job::submit(
+                Uuid::now_v7(),
+                spec,
+                JobPolicy::default(),
+                "c".into(),
+                None,
+                &actor,
+            )
+            .unwrap_err();
             assert_eq!(err.code(), "INVALID_JOB_SPEC");
         }
     }

@@ -78,7 +78,8 @@ impl RetryPolicy {
     /// (half fixed, half random); `jitter` is a random number in [0, 1).
     pub fn backoff(&self, attempt: u32, jitter: f64) -> Duration {
         let exponent = attempt.saturating_sub(1).min(63) as i32;
-        let full = (self.initial_backoff_ms as f64 * self.multiplier.powi(exponent)).min(self.max_backoff_ms as f64);
+        let full = (self.initial_backoff_ms as f64 * self.multiplier.powi(exponent))
+            .min(self.max_backoff_ms as f64);
         let ms = full / 2.0 + full / 2.0 * jitter.clamp(0.0, 1.0);
         Duration::from_millis(ms.round() as u64)
     }
@@ -102,7 +103,9 @@ impl JobPolicy {
             return invalid("retry.max_attempts must be between 1 and 100");
         }
         if r.initial_backoff_ms > r.max_backoff_ms || r.max_backoff_ms > WEEK_MS {
-            return invalid("retry backoffs must satisfy initial_backoff_ms <= max_backoff_ms <= 7 days");
+            return invalid(
+                "retry backoffs must satisfy initial_backoff_ms <= max_backoff_ms <= 7 days",
+            );
         }
         if !(r.multiplier.is_finite() && (1.0..=10.0).contains(&r.multiplier)) {
             return invalid("retry.multiplier must be between 1 and 10");
@@ -128,13 +131,21 @@ mod tests {
         let policy: JobPolicy = serde_json::from_str("{}").unwrap();
         assert_eq!(policy, JobPolicy::default());
         assert!(policy.validate().is_ok());
-        assert!(!policy.retry.retries(1, RetryOn::Failed), "no retry unless asked");
+        assert!(
+            !policy.retry.retries(1, RetryOn::Failed),
+            "no retry unless asked"
+        );
         assert!(serde_json::from_str::<JobPolicy>(r#"{"surprise":1}"#).is_err());
     }
 
     #[test]
     fn backoff_grows_exponentially_is_capped_and_jittered_within_half() {
-        let r = RetryPolicy { initial_backoff_ms: 100, max_backoff_ms: 1000, multiplier: 2.0, ..Default::default() };
+        let r = RetryPolicy {
+            initial_backoff_ms: 100,
+            max_backoff_ms: 1000,
+            multiplier: 2.0,
+            ..Default::default()
+        };
         assert_eq!(r.backoff(1, 1.0), Duration::from_millis(100));
         assert_eq!(r.backoff(1, 0.0), Duration::from_millis(50));
         assert_eq!(r.backoff(3, 1.0), Duration::from_millis(400));
@@ -144,7 +155,11 @@ mod tests {
 
     #[test]
     fn retries_follow_the_outcomes_and_the_attempts_left() {
-        let r = RetryPolicy { max_attempts: 3, retry_on: vec![RetryOn::Failed], ..Default::default() };
+        let r = RetryPolicy {
+            max_attempts: 3,
+            retry_on: vec![RetryOn::Failed],
+            ..Default::default()
+        };
         assert!(r.retries(1, RetryOn::Failed) && r.retries(2, RetryOn::Failed));
         assert!(!r.retries(3, RetryOn::Failed));
         assert!(!r.retries(1, RetryOn::Timeout));
@@ -153,11 +168,36 @@ mod tests {
     #[test]
     fn out_of_range_policies_are_refused() {
         for bad in [
-            JobPolicy { schedule_to_start_timeout_ms: 0, ..Default::default() },
-            JobPolicy { priority: 5000, ..Default::default() },
-            JobPolicy { retry: RetryPolicy { max_attempts: 0, ..Default::default() }, ..Default::default() },
-            JobPolicy { retry: RetryPolicy { multiplier: f64::NAN, ..Default::default() }, ..Default::default() },
-            JobPolicy { retry: RetryPolicy { initial_backoff_ms: 10, max_backoff_ms: 5, ..Default::default() }, ..Default::default() },
+            JobPolicy {
+                schedule_to_start_timeout_ms: 0,
+                ..Default::default()
+            },
+            JobPolicy {
+                priority: 5000,
+                ..Default::default()
+            },
+            JobPolicy {
+                retry: RetryPolicy {
+                    max_attempts: 0,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            JobPolicy {
+                retry: RetryPolicy {
+                    multiplier: f64::NAN,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            JobPolicy {
+                retry: RetryPolicy {
+                    initial_backoff_ms: 10,
+                    max_backoff_ms: 5,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
         ] {
             assert_eq!(bad.validate().unwrap_err().code(), "INVALID_JOB_SPEC");
         }

@@ -144,7 +144,11 @@ impl Worker {
         };
         let event = worker.event(
             actor,
-            &WorkerProvisioningRequested { worker_id: id, provider: provider.to_owned(), for_job },
+            &WorkerProvisioningRequested {
+                worker_id: id,
+                provider: provider.to_owned(),
+                for_job,
+            },
         );
         (worker, event)
     }
@@ -157,7 +161,11 @@ impl Worker {
     fn transition(&mut self, to: WorkerState) -> Result<WorkerState> {
         let from = self.state;
         if !from.can_transition_to(to) {
-            return Err(DomainError::InvalidWorkerTransition { worker_id: self.id, from, to });
+            return Err(DomainError::InvalidWorkerTransition {
+                worker_id: self.id,
+                from,
+                to,
+            });
         }
         self.state = to;
         self.updated_at = Utc::now();
@@ -169,7 +177,13 @@ impl Worker {
         self.transition(WorkerState::Connecting)?;
         self.token_hash = Some(token_hash);
         let provider = self.provider.clone();
-        Ok(self.event(actor, &WorkerProvisioned { worker_id: self.id, provider }))
+        Ok(self.event(
+            actor,
+            &WorkerProvisioned {
+                worker_id: self.id,
+                provider,
+            },
+        ))
     }
 
     /// The provider could not create the resource (or start the agent): the worker goes to
@@ -178,7 +192,14 @@ impl Worker {
         self.transition(WorkerState::Terminating)?;
         self.deadline_at = None;
         let provider = self.provider.clone();
-        Ok(self.event(actor, &WorkerProvisioningFailed { worker_id: self.id, provider, error }))
+        Ok(self.event(
+            actor,
+            &WorkerProvisioningFailed {
+                worker_id: self.id,
+                provider,
+                error,
+            },
+        ))
     }
 
     /// The agent registers with its bootstrap token, which is spent: Connecting -> Ready.
@@ -205,9 +226,28 @@ impl Worker {
         self.last_heartbeat_at = Some(self.updated_at);
         self.deadline_at = Some(self.updated_at + lost_after);
         Ok(vec![
-            self.event(actor, &WorkerRegistered { worker_id: self.id, pid, hostname }),
-            self.event(actor, &WorkerReady { worker_id: self.id, from }),
-            self.event(actor, &WorkerReadyForJob { worker_id: self.id, reserved_for: self.reserved_job_id }),
+            self.event(
+                actor,
+                &WorkerRegistered {
+                    worker_id: self.id,
+                    pid,
+                    hostname,
+                },
+            ),
+            self.event(
+                actor,
+                &WorkerReady {
+                    worker_id: self.id,
+                    from,
+                },
+            ),
+            self.event(
+                actor,
+                &WorkerReadyForJob {
+                    worker_id: self.id,
+                    reserved_for: self.reserved_job_id,
+                },
+            ),
         ])
     }
 
@@ -217,7 +257,12 @@ impl Worker {
         self.current_job_id = Some(job_id);
         Ok(self.event(
             actor,
-            &WorkerStatusChanged { worker_id: self.id, from, to: WorkerState::Busy, job_id: Some(job_id) },
+            &WorkerStatusChanged {
+                worker_id: self.id,
+                from,
+                to: WorkerState::Busy,
+                job_id: Some(job_id),
+            },
         ))
     }
 
@@ -227,8 +272,20 @@ impl Worker {
         self.current_job_id = None;
         self.reserved_job_id = None;
         Ok(vec![
-            self.event(actor, &WorkerReady { worker_id: self.id, from }),
-            self.event(actor, &WorkerReadyForJob { worker_id: self.id, reserved_for: None }),
+            self.event(
+                actor,
+                &WorkerReady {
+                    worker_id: self.id,
+                    from,
+                },
+            ),
+            self.event(
+                actor,
+                &WorkerReadyForJob {
+                    worker_id: self.id,
+                    reserved_for: None,
+                },
+            ),
         ])
     }
 
@@ -237,7 +294,12 @@ impl Worker {
         let from = self.transition(WorkerState::Draining)?;
         Ok(self.event(
             actor,
-            &WorkerStatusChanged { worker_id: self.id, from, to: WorkerState::Draining, job_id: self.current_job_id },
+            &WorkerStatusChanged {
+                worker_id: self.id,
+                from,
+                to: WorkerState::Draining,
+                job_id: self.current_job_id,
+            },
         ))
     }
 
@@ -245,7 +307,14 @@ impl Worker {
     pub fn terminate(&mut self, reason: String, actor: &Actor) -> Result<DomainEvent> {
         let from = self.transition(WorkerState::Terminating)?;
         self.deadline_at = Some(self.updated_at + TEARDOWN_TIMEOUT);
-        Ok(self.event(actor, &WorkerTerminating { worker_id: self.id, from, reason }))
+        Ok(self.event(
+            actor,
+            &WorkerTerminating {
+                worker_id: self.id,
+                from,
+                reason,
+            },
+        ))
     }
 
     /// The provider destroyed the resource.
@@ -253,7 +322,13 @@ impl Worker {
         let from = self.transition(WorkerState::Terminated)?;
         self.token_hash = None;
         self.deadline_at = None;
-        Ok(self.event(actor, &WorkerTerminated { worker_id: self.id, from }))
+        Ok(self.event(
+            actor,
+            &WorkerTerminated {
+                worker_id: self.id,
+                from,
+            },
+        ))
     }
 }
 
@@ -261,7 +336,11 @@ impl Worker {
     /// What the state-timeout monitor does with a worker at `now`: one that never connected
     /// or stopped sending heartbeats is torn down. Returns the reason with the event, or
     /// nothing if the worker is not due.
-    pub fn expire(&mut self, now: DateTime<Utc>, actor: &Actor) -> Result<Option<(DomainEvent, WorkerFault)>> {
+    pub fn expire(
+        &mut self,
+        now: DateTime<Utc>,
+        actor: &Actor,
+    ) -> Result<Option<(DomainEvent, WorkerFault)>> {
         if self.deadline_at.is_none_or(|at| at > now) {
             return Ok(None);
         }
@@ -328,13 +407,22 @@ mod tests {
         let mut checked = 0;
         for from in WorkerState::ALL {
             for to in WorkerState::ALL {
-                assert_eq!(from.can_transition_to(to), expected(from, to), "{from} -> {to}");
+                assert_eq!(
+                    from.can_transition_to(to),
+                    expected(from, to),
+                    "{from} -> {to}"
+                );
                 checked += 1;
             }
-            assert!(!from.can_transition_to(from), "same state is not a transition");
+            assert!(
+                !from.can_transition_to(from),
+                "same state is not a transition"
+            );
         }
         assert_eq!(checked, 49);
-        assert!(WorkerState::ALL.iter().all(|to| !Terminated.can_transition_to(*to)));
+        assert!(WorkerState::ALL
+            .iter()
+            .all(|to| !Terminated.can_transition_to(*to)));
     }
 
     #[test]
@@ -345,7 +433,14 @@ mod tests {
     }
 
     fn worker_in(state: WorkerState) -> Worker {
-        let (mut worker, _) = Worker::request(Uuid::now_v7(), "process", None, "c".into(), CONNECT_TIMEOUT, &Actor::service("t"));
+        let (mut worker, _) = Worker::request(
+            Uuid::now_v7(),
+            "process",
+            None,
+            "c".into(),
+            CONNECT_TIMEOUT,
+            &Actor::service("t"),
+        );
         worker.state = state;
         worker.token_hash = Some("hash".into());
         worker
@@ -366,7 +461,11 @@ mod tests {
         ];
         let methods: Vec<(WorkerState, Method)> = methods
             .into_iter()
-            .chain([(Terminating, (|w: &mut Worker, a: &Actor| w.provisioning_failed("x".into(), a).is_ok()) as Method)])
+            .chain([(
+                Terminating,
+                (|w: &mut Worker, a: &Actor| w.provisioning_failed("x".into(), a).is_ok())
+                    as Method,
+            )])
             .collect();
         for from in WorkerState::ALL {
             for &(to, method) in &methods {
@@ -377,15 +476,27 @@ mod tests {
                 if ok {
                     assert_eq!(worker.state, to);
                 } else {
-                    assert_eq!(worker, before, "a refused change leaves the worker as it was");
+                    assert_eq!(
+                        worker, before,
+                        "a refused change leaves the worker as it was"
+                    );
                 }
             }
             // Registering spends the token: only from Connecting, and through the table.
             let mut worker = worker_in(from);
-            let registered = worker.register("hash", None, None, std::time::Duration::from_secs(15), &a);
+            let registered =
+                worker.register("hash", None, None, std::time::Duration::from_secs(15), &a);
             let changed = registered.as_ref().is_ok_and(|events| !events.is_empty());
-            assert_eq!(changed, from == Connecting && from.can_transition_to(Ready), "register from {from}");
-            assert_eq!(registered.is_ok(), matches!(from, Connecting | Ready), "register from {from}");
+            assert_eq!(
+                changed,
+                from == Connecting && from.can_transition_to(Ready),
+                "register from {from}"
+            );
+            assert_eq!(
+                registered.is_ok(),
+                matches!(from, Connecting | Ready),
+                "register from {from}"
+            );
         }
     }
 
@@ -395,38 +506,86 @@ mod tests {
         let mut worker = worker_in(Connecting);
         assert_eq!(
             worker.register("wrong", None, None, std::time::Duration::from_secs(15), &a),
-            Err(DomainError::InvalidBootstrapToken { worker_id: worker.id })
+            Err(DomainError::InvalidBootstrapToken {
+                worker_id: worker.id
+            })
         );
         assert_eq!(worker.state, Connecting);
-        let events = worker.register("hash", Some(7), None, std::time::Duration::from_secs(15), &a).unwrap();
+        let events = worker
+            .register(
+                "hash",
+                Some(7),
+                None,
+                std::time::Duration::from_secs(15),
+                &a,
+            )
+            .unwrap();
         let types: Vec<_> = events.iter().map(|e| e.event_type.as_str()).collect();
-        assert_eq!(types, ["WorkerRegistered", "WorkerReady", "WorkerReadyForJob"]);
-        let again = worker.register("hash", None, None, std::time::Duration::from_secs(15), &a).unwrap();
-        assert!(again.is_empty(), "the same registration again changes nothing");
+        assert_eq!(
+            types,
+            ["WorkerRegistered", "WorkerReady", "WorkerReadyForJob"]
+        );
+        let again = worker
+            .register("hash", None, None, std::time::Duration::from_secs(15), &a)
+            .unwrap();
+        assert!(
+            again.is_empty(),
+            "the same registration again changes nothing"
+        );
         worker.assign(Uuid::nil(), &a).unwrap();
-        assert!(worker.register("hash", None, None, std::time::Duration::from_secs(15), &a).is_err(), "a spent token is refused");
+        assert!(
+            worker
+                .register("hash", None, None, std::time::Duration::from_secs(15), &a)
+                .is_err(),
+            "a spent token is refused"
+        );
         assert_eq!(worker.state, Busy);
     }
 
     #[test]
     fn the_monitor_tears_down_workers_that_never_connect_or_go_silent() {
         let a = Actor::service("t");
-        let (mut creating, _) = Worker::request(Uuid::now_v7(), "process", None, "c".into(), CONNECT_TIMEOUT, &a);
-        assert_eq!(creating.expire(Utc::now(), &a).unwrap(), None, "not due yet");
+        let (mut creating, _) = Worker::request(
+            Uuid::now_v7(),
+            "process",
+            None,
+            "c".into(),
+            CONNECT_TIMEOUT,
+            &a,
+        );
+        assert_eq!(
+            creating.expire(Utc::now(), &a).unwrap(),
+            None,
+            "not due yet"
+        );
         let due = creating.deadline_at.unwrap();
         let (event, fault) = creating.expire(due, &a).unwrap().unwrap();
-        assert_eq!((event.event_type.as_str(), fault), ("WorkerTerminating", WorkerFault::NeverConnected));
+        assert_eq!(
+            (event.event_type.as_str(), fault),
+            ("WorkerTerminating", WorkerFault::NeverConnected)
+        );
         let mut busy = worker_in(Busy);
         busy.deadline_at = Some(Utc::now());
-        assert_eq!(busy.expire(Utc::now(), &a).unwrap().unwrap().1, WorkerFault::Lost);
+        assert_eq!(
+            busy.expire(Utc::now(), &a).unwrap().unwrap().1,
+            WorkerFault::Lost
+        );
         assert_eq!(busy.state, Terminating);
         let overdue = busy.deadline_at.unwrap();
         let (again, fault) = busy.expire(overdue, &a).unwrap().unwrap();
-        assert_eq!((again.event_type.as_str(), fault), ("WorkerTerminating", WorkerFault::TeardownOverdue));
+        assert_eq!(
+            (again.event_type.as_str(), fault),
+            ("WorkerTerminating", WorkerFault::TeardownOverdue)
+        );
         assert_eq!(busy.state, Terminating, "asking again is not a transition");
         assert!(busy.deadline_at.unwrap() > overdue);
         busy.terminated(&a).unwrap();
-        assert_eq!(busy.expire(Utc::now() + chrono::Duration::hours(1), &a).unwrap(), None, "no deadline once terminated");
+        assert_eq!(
+            busy.expire(Utc::now() + chrono::Duration::hours(1), &a)
+                .unwrap(),
+            None,
+            "no deadline once terminated"
+        );
     }
 
     #[test]
@@ -434,11 +593,18 @@ mod tests {
         let a = Actor::service("t");
         for from in [Creating, Connecting] {
             let mut worker = worker_in(from);
-            let failed = worker.provisioning_failed("no such binary".into(), &a).unwrap();
+            let failed = worker
+                .provisioning_failed("no such binary".into(), &a)
+                .unwrap();
             assert_eq!(failed.event_type, "WorkerProvisioningFailed");
-            assert_eq!(worker.terminated(&a).unwrap().event_type, "WorkerTerminated");
+            assert_eq!(
+                worker.terminated(&a).unwrap().event_type,
+                "WorkerTerminated"
+            );
             assert_eq!(worker.state, Terminated);
         }
-        assert!(worker_in(Terminated).provisioning_failed("x".into(), &a).is_err());
+        assert!(worker_in(Terminated)
+            .provisioning_failed("x".into(), &a)
+            .is_err());
     }
 }

@@ -34,7 +34,13 @@ impl RequestContext {
 }
 
 /// Serve `subject` until shutdown; in-flight requests are finished before it returns.
-pub async fn serve<Req, Resp, H, F>(client: Client, subject: &str, queue_group: &str, shutdown: Shutdown, handler: H) -> crate::Result<()>
+pub async fn serve<Req, Resp, H, F>(
+    client: Client,
+    subject: &str,
+    queue_group: &str,
+    shutdown: Shutdown,
+    handler: H,
+) -> crate::Result<()>
 where
     Req: DeserializeOwned + Send + 'static,
     Resp: Serialize + Send + 'static,
@@ -49,7 +55,9 @@ where
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     let mut tasks = tokio::task::JoinSet::new();
     while let Some(Some(message)) = shutdown.guard(requests.next()).await {
-        let Ok(permit) = permits.clone().acquire_owned().await else { break };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
         let (client, handler) = (client.clone(), handler.clone());
         let span = tracing::info_span!(
             "request",
@@ -59,10 +67,16 @@ where
             correlation_id = header(message.headers.as_ref(), headers::CORRELATION_ID).unwrap_or(""),
             trace_id = tracing::field::Empty,
         );
-        hodei_runtime::telemetry::context::adopt(&span, crate::trace::parent_of(message.headers.as_ref()));
+        hodei_runtime::telemetry::context::adopt(
+            &span,
+            crate::trace::parent_of(message.headers.as_ref()),
+        );
         tasks.spawn(
             async move {
-                let context = RequestContext { subject: message.subject.to_string(), headers: message.headers.clone() };
+                let context = RequestContext {
+                    subject: message.subject.to_string(),
+                    headers: message.headers.clone(),
+                };
                 let result = match crate::decode::<Req>(&message.payload) {
                     Ok(request) => handler(request, context).await,
                     Err(error) => Err(error),
@@ -89,12 +103,26 @@ where
 
 /// The endpoint a request went to, without the ids in it (`hodei.agent.*.register`).
 fn subject_pattern(subject: &str) -> String {
-    subject.split('.').map(|token| if token.parse::<uuid::Uuid>().is_ok() { "*" } else { token }).collect::<Vec<_>>().join(".")
+    subject
+        .split('.')
+        .map(|token| {
+            if token.parse::<uuid::Uuid>().is_ok() {
+                "*"
+            } else {
+                token
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 pub fn log_refusal(error: &ApiError) {
-    hodei_runtime::metrics::counter("hodei_refusals_total", "Requests and messages refused, by error code", &[("code", error.code.as_str())])
-        .inc();
+    hodei_runtime::metrics::counter(
+        "hodei_refusals_total",
+        "Requests and messages refused, by error code",
+        &[("code", error.code.as_str())],
+    )
+    .inc();
     if error.code.is_transient() {
         tracing::error!(code = error.code.as_str(), message = %error.message, "request failed");
     } else {
@@ -103,7 +131,11 @@ pub fn log_refusal(error: &ApiError) {
 }
 
 /// Publish a `Reply` (data or typed error) to `reply_to`.
-pub async fn respond<T: Serialize>(client: &Client, reply_to: &str, result: Result<T, ApiError>) -> crate::Result<()> {
+pub async fn respond<T: Serialize>(
+    client: &Client,
+    reply_to: &str,
+    result: Result<T, ApiError>,
+) -> crate::Result<()> {
     let mut map = HeaderMap::new();
     let reply = match result {
         Ok(data) => Reply::ok(data),
@@ -132,10 +164,16 @@ pub async fn request<Req: Serialize, Resp: DeserializeOwned>(
     let message = match tokio::time::timeout(timeout, call).await {
         Ok(Ok(message)) => message,
         Ok(Err(error)) => {
-            return Err(ApiError::new(ErrorCode::Unavailable, format!("no answer on {subject}: {error}")))
+            return Err(ApiError::new(
+                ErrorCode::Unavailable,
+                format!("no answer on {subject}: {error}"),
+            ))
         }
         Err(_) => {
-            return Err(ApiError::new(ErrorCode::Unavailable, format!("no answer on {subject} within {timeout:?}")))
+            return Err(ApiError::new(
+                ErrorCode::Unavailable,
+                format!("no answer on {subject} within {timeout:?}"),
+            ))
         }
     };
     let reply: Reply<Resp> = serde_json::from_slice(&message.payload)

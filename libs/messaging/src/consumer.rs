@@ -32,10 +32,15 @@ pub enum Outcome {
 
 impl Outcome {
     pub fn retry(reason: impl std::fmt::Display) -> Outcome {
-        Outcome::Retry { after: Duration::from_millis(500), reason: reason.to_string() }
+        Outcome::Retry {
+            after: Duration::from_millis(500),
+            reason: reason.to_string(),
+        }
     }
     pub fn reject(reason: impl std::fmt::Display) -> Outcome {
-        Outcome::Reject { reason: reason.to_string() }
+        Outcome::Reject {
+            reason: reason.to_string(),
+        }
     }
 
     /// The usual mapping of a handler's result: malformed input is rejected (dead letter),
@@ -88,7 +93,11 @@ pub struct ConsumerConfig {
 }
 
 impl ConsumerConfig {
-    pub fn new(stream: &'static str, durable: impl Into<String>, filter_subject: Option<String>) -> Self {
+    pub fn new(
+        stream: &'static str,
+        durable: impl Into<String>,
+        filter_subject: Option<String>,
+    ) -> Self {
         ConsumerConfig {
             stream,
             durable: durable.into(),
@@ -122,7 +131,9 @@ where
             }
         };
         loop {
-            let Some(next) = shutdown.guard(messages.next()).await else { return };
+            let Some(next) = shutdown.guard(messages.next()).await else {
+                return;
+            };
             let message = match next {
                 Some(Ok(message)) => message,
                 Some(Err(error)) => {
@@ -167,13 +178,19 @@ async fn open(js: &JetStream, config: &ConsumerConfig) -> Result<pull::Stream, a
     Ok(consumer.messages().await?)
 }
 
-async fn handle<H, F>(js: &JetStream, config: &ConsumerConfig, message: jetstream::Message, handler: &mut H)
-where
+async fn handle<H, F>(
+    js: &JetStream,
+    config: &ConsumerConfig,
+    message: jetstream::Message,
+    handler: &mut H,
+) where
     H: FnMut(Delivery) -> F,
     F: Future<Output = Outcome>,
 {
-    let (delivered, stream_sequence) =
-        message.info().map(|info| (info.delivered, info.stream_sequence)).unwrap_or((1, 0));
+    let (delivered, stream_sequence) = message
+        .info()
+        .map(|info| (info.delivered, info.stream_sequence))
+        .unwrap_or((1, 0));
     let delivery = Delivery {
         stream_sequence,
         subject: message.subject.to_string(),
@@ -191,14 +208,26 @@ where
         correlation_id = delivery.header(hodei_protocol::headers::CORRELATION_ID).unwrap_or(""),
         trace_id = tracing::field::Empty,
     );
-    hodei_runtime::telemetry::context::adopt(&span, crate::trace::parent_of(delivery.headers.as_ref()));
+    hodei_runtime::telemetry::context::adopt(
+        &span,
+        crate::trace::parent_of(delivery.headers.as_ref()),
+    );
     if delivered > 1 {
-        hodei_runtime::metrics::counter("hodei_consumer_redeliveries_total", "Messages delivered again", &[("consumer", &config.durable)]).inc();
+        hodei_runtime::metrics::counter(
+            "hodei_consumer_redeliveries_total",
+            "Messages delivered again",
+            &[("consumer", &config.durable)],
+        )
+        .inc();
     }
     let outcome = match handler(delivery).instrument(span.clone()).await {
         // The last delivery NATS will make: dead-letter it rather than let it vanish.
-        Outcome::Retry { reason, .. } if config.max_deliver > 0 && delivered >= config.max_deliver => {
-            Outcome::Reject { reason: format!("gave up after {delivered} deliveries: {reason}") }
+        Outcome::Retry { reason, .. }
+            if config.max_deliver > 0 && delivered >= config.max_deliver =>
+        {
+            Outcome::Reject {
+                reason: format!("gave up after {delivered} deliveries: {reason}"),
+            }
         }
         outcome => outcome,
     };
@@ -207,8 +236,12 @@ where
         Outcome::Retry { .. } => "retry",
         Outcome::Reject { .. } => "rejected",
     };
-    hodei_runtime::metrics::counter("hodei_consumer_messages_total", "Messages handled, by consumer and outcome", &[("consumer", &config.durable), ("outcome", kind)])
-        .inc();
+    hodei_runtime::metrics::counter(
+        "hodei_consumer_messages_total",
+        "Messages handled, by consumer and outcome",
+        &[("consumer", &config.durable), ("outcome", kind)],
+    )
+    .inc();
     let _entered = span.enter();
     let acked = match outcome {
         Outcome::Done => message.ack().await,
@@ -220,9 +253,16 @@ where
             tracing::error!(%reason, "message rejected; moving it to the dead-letter stream");
             if let Err(error) = dead_letter(js, config, &message, &reason).await {
                 tracing::error!(%error, "cannot dead-letter the message; it will be redelivered");
-                message.ack_with(AckKind::Nak(Some(Duration::from_secs(5)))).await
+                message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
+                    .await
             } else {
-                hodei_runtime::metrics::counter("hodei_dead_letters_total", "Messages moved to HODEI_DLQ", &[("consumer", &config.durable)]).inc();
+                hodei_runtime::metrics::counter(
+                    "hodei_dead_letters_total",
+                    "Messages moved to HODEI_DLQ",
+                    &[("consumer", &config.durable)],
+                )
+                .inc();
                 message.ack_with(AckKind::Term).await
             }
         }
@@ -233,11 +273,19 @@ where
 }
 
 /// Copy a message to `hodei.dlq.<consumer>` with where it came from and why it failed.
-async fn dead_letter(js: &JetStream, config: &ConsumerConfig, message: &jetstream::Message, reason: &str) -> crate::Result<()> {
+async fn dead_letter(
+    js: &JetStream,
+    config: &ConsumerConfig,
+    message: &jetstream::Message,
+    reason: &str,
+) -> crate::Result<()> {
     let mut headers = message.headers.clone().unwrap_or_default();
     let stream_seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
     // The original message id would make the DLQ stream drop the copy as a duplicate.
-    headers.insert(hodei_protocol::headers::MSG_ID, format!("dlq-{}-{}-{stream_seq}", config.stream, config.durable).as_str());
+    headers.insert(
+        hodei_protocol::headers::MSG_ID,
+        format!("dlq-{}-{}-{stream_seq}", config.stream, config.durable).as_str(),
+    );
     headers.insert("Hodei-Dlq-Reason", truncate(reason, 1024));
     headers.insert("Hodei-Dlq-Subject", message.subject.as_str());
     headers.insert("Hodei-Dlq-Stream", config.stream);

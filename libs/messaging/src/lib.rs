@@ -20,25 +20,48 @@ pub type Result<T, E = MessagingError> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum MessagingError {
     #[error("{context}: {source}")]
-    Nats { context: String, source: async_nats::Error },
+    Nats {
+        context: String,
+        source: async_nats::Error,
+    },
     #[error("stream definition {name} is invalid: {source}")]
-    StreamDefinition { name: &'static str, source: serde_json::Error },
+    StreamDefinition {
+        name: &'static str,
+        source: serde_json::Error,
+    },
     #[error("{0}")]
     Api(#[from] ApiError),
 }
 
 /// `map_err(nats("what we were doing"))`
-pub fn nats<E: Into<async_nats::Error>>(context: impl Into<String>) -> impl FnOnce(E) -> MessagingError {
+pub fn nats<E: Into<async_nats::Error>>(
+    context: impl Into<String>,
+) -> impl FnOnce(E) -> MessagingError {
     let context = context.into();
-    move |source| MessagingError::Nats { context, source: source.into() }
+    move |source| MessagingError::Nats {
+        context,
+        source: source.into(),
+    }
 }
 
 /// The stream definitions in `nats/`, in NATS' own JSON format (`nats stream add --config`).
 pub const STREAMS: &[(&str, &str)] = &[
-    ("HODEI_SUBMISSIONS", include_str!("../../../nats/HODEI_SUBMISSIONS.json")),
-    ("HODEI_EVENTS", include_str!("../../../nats/HODEI_EVENTS.json")),
-    ("HODEI_WORKER_CMDS", include_str!("../../../nats/HODEI_WORKER_CMDS.json")),
-    ("HODEI_AGENT", include_str!("../../../nats/HODEI_AGENT.json")),
+    (
+        "HODEI_SUBMISSIONS",
+        include_str!("../../../nats/HODEI_SUBMISSIONS.json"),
+    ),
+    (
+        "HODEI_EVENTS",
+        include_str!("../../../nats/HODEI_EVENTS.json"),
+    ),
+    (
+        "HODEI_WORKER_CMDS",
+        include_str!("../../../nats/HODEI_WORKER_CMDS.json"),
+    ),
+    (
+        "HODEI_AGENT",
+        include_str!("../../../nats/HODEI_AGENT.json"),
+    ),
     ("HODEI_LOGS", include_str!("../../../nats/HODEI_LOGS.json")),
     ("HODEI_DLQ", include_str!("../../../nats/HODEI_DLQ.json")),
 ];
@@ -90,7 +113,12 @@ pub fn header<'a>(map: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
 }
 
 /// Publish to a stream and wait until the stream has stored it.
-pub async fn publish_durable(js: &JetStream, subject: String, mut headers: HeaderMap, payload: Bytes) -> Result<()> {
+pub async fn publish_durable(
+    js: &JetStream,
+    subject: String,
+    mut headers: HeaderMap,
+    payload: Bytes,
+) -> Result<()> {
     trace::inject_current(&mut headers);
     js.publish_with_headers(subject.clone(), headers, payload)
         .await
@@ -106,7 +134,10 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ApiError> {
     if payload.len() > MAX_PAYLOAD_BYTES {
         return Err(ApiError::new(
             ErrorCode::PayloadTooLarge,
-            format!("the payload is {} bytes; at most {MAX_PAYLOAD_BYTES} are accepted", payload.len()),
+            format!(
+                "the payload is {} bytes; at most {MAX_PAYLOAD_BYTES} are accepted",
+                payload.len()
+            ),
         ));
     }
     #[derive(serde::Deserialize)]
@@ -122,11 +153,14 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ApiError> {
         Some(other) => {
             return Err(ApiError::new(
                 ErrorCode::UnsupportedSchemaVersion,
-                format!("schema_version {other} is not supported; this server speaks {SCHEMA_VERSION}"),
+                format!(
+                    "schema_version {other} is not supported; this server speaks {SCHEMA_VERSION}"
+                ),
             ))
         }
     }
-    serde_json::from_slice(payload).map_err(|e| ApiError::bad_request(format!("invalid payload: {e}")))
+    serde_json::from_slice(payload)
+        .map_err(|e| ApiError::bad_request(format!("invalid payload: {e}")))
 }
 
 pub fn encode<T: serde::Serialize>(value: &T) -> Bytes {
@@ -148,15 +182,33 @@ mod tests {
 
     #[test]
     fn decoding_refuses_bad_input_with_a_code() {
-        assert_eq!(decode::<SubmitJob>(b"{not json").unwrap_err().code, ErrorCode::BadRequest);
-        assert_eq!(decode::<SubmitJob>(br#"{"command":"x","bogus":1}"#).unwrap_err().code, ErrorCode::BadRequest);
         assert_eq!(
-            decode::<SubmitJob>(br#"{"schema_version":9,"command":"x"}"#).unwrap_err().code,
+            decode::<SubmitJob>(b"{not json").unwrap_err().code,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            decode::<SubmitJob>(br#"{"command":"x","bogus":1}"#)
+                .unwrap_err()
+                .code,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            decode::<SubmitJob>(br#"{"schema_version":9,"command":"x"}"#)
+                .unwrap_err()
+                .code,
             ErrorCode::UnsupportedSchemaVersion
         );
         let big = vec![b' '; MAX_PAYLOAD_BYTES + 1];
-        assert_eq!(decode::<SubmitJob>(&big).unwrap_err().code, ErrorCode::PayloadTooLarge);
-        assert_eq!(decode::<SubmitJob>(br#"{"schema_version":1,"command":"x"}"#).unwrap().command, "x");
+        assert_eq!(
+            decode::<SubmitJob>(&big).unwrap_err().code,
+            ErrorCode::PayloadTooLarge
+        );
+        assert_eq!(
+            decode::<SubmitJob>(br#"{"schema_version":1,"command":"x"}"#)
+                .unwrap()
+                .command,
+            "x"
+        );
     }
 }
 

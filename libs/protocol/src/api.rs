@@ -24,16 +24,29 @@ pub struct Reply<T> {
 
 impl<T> Reply<T> {
     pub fn ok(data: T) -> Self {
-        Reply { schema_version: crate::SCHEMA_VERSION, ok: true, data: Some(data), error: None }
+        Reply {
+            schema_version: crate::SCHEMA_VERSION,
+            ok: true,
+            data: Some(data),
+            error: None,
+        }
     }
     pub fn err(error: ApiError) -> Self {
-        Reply { schema_version: crate::SCHEMA_VERSION, ok: false, data: None, error: Some(error) }
+        Reply {
+            schema_version: crate::SCHEMA_VERSION,
+            ok: false,
+            data: None,
+            error: Some(error),
+        }
     }
     pub fn into_result(self) -> Result<T, ApiError> {
         match (self.ok, self.data, self.error) {
             (true, Some(data), _) => Ok(data),
             (_, _, Some(error)) => Err(error),
-            _ => Err(ApiError::new(ErrorCode::Internal, "reply carries neither data nor error")),
+            _ => Err(ApiError::new(
+                ErrorCode::Internal,
+                "reply carries neither data nor error",
+            )),
         }
     }
 }
@@ -78,7 +91,10 @@ impl ErrorCode {
 
     /// Whether the same request may succeed later (the caller should retry or redeliver).
     pub fn is_transient(self) -> bool {
-        matches!(self, ErrorCode::Unavailable | ErrorCode::Internal | ErrorCode::Conflict)
+        matches!(
+            self,
+            ErrorCode::Unavailable | ErrorCode::Internal | ErrorCode::Conflict
+        )
     }
 }
 
@@ -91,7 +107,10 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ApiError { code, message: message.into() }
+        ApiError {
+            code,
+            message: message.into(),
+        }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         ApiError::new(ErrorCode::BadRequest, message)
@@ -108,7 +127,9 @@ impl From<hodei_domain::DomainError> for ApiError {
     fn from(err: hodei_domain::DomainError) -> Self {
         use hodei_domain::DomainError as D;
         let code = match &err {
-            D::InvalidJobTransition { .. } | D::InvalidJobAction { .. } => ErrorCode::InvalidJobTransition,
+            D::InvalidJobTransition { .. } | D::InvalidJobAction { .. } => {
+                ErrorCode::InvalidJobTransition
+            }
             D::InvalidWorkerTransition { .. } => ErrorCode::InvalidWorkerTransition,
             D::JobNotHeldByWorker { .. } => ErrorCode::JobNotHeldByWorker,
             D::InvalidBootstrapToken { .. } => ErrorCode::InvalidBootstrapToken,

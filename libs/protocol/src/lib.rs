@@ -107,7 +107,10 @@ mod tests {
     fn trace_ids_are_taken_only_from_valid_traceparents() {
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         assert_eq!(trace_id_of(tp), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
-        assert_eq!(trace_id_of("00-00000000000000000000000000000000-00f067aa0ba902b7-01"), None);
+        assert_eq!(
+            trace_id_of("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+            None
+        );
         assert_eq!(trace_id_of("garbage"), None);
         assert_eq!(new_correlation_id().len(), 32);
     }
@@ -115,7 +118,10 @@ mod tests {
     #[test]
     fn worker_ids_are_read_from_agent_and_command_subjects() {
         let id = Uuid::now_v7();
-        assert_eq!(subjects::worker_id_of(&subjects::agent_finished(id)), Some(id));
+        assert_eq!(
+            subjects::worker_id_of(&subjects::agent_finished(id)),
+            Some(id)
+        );
         assert_eq!(subjects::worker_id_of(&subjects::worker_cmd(id)), Some(id));
         assert_eq!(subjects::worker_id_of("hodei.agent.nope.started"), None);
     }

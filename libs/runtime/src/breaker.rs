@@ -165,7 +165,10 @@ mod tests {
         assert!(breaker.allow().is_err(), "and only one");
         breaker.record(false);
         assert_eq!(breaker.view().circuit, CircuitState::Open);
-        assert!(breaker.view().retry_in_ms.unwrap() > 30, "the window doubles");
+        assert!(
+            breaker.view().retry_in_ms.unwrap() > 30,
+            "the window doubles"
+        );
         std::thread::sleep(Duration::from_millis(70));
         assert!(breaker.allow().is_ok());
         breaker.record(true);

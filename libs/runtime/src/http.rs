@@ -48,7 +48,10 @@ pub struct MetricsServer {
 pub async fn bind(addr: SocketAddr) -> io::Result<MetricsServer> {
     let listener = TcpListener::bind(addr).await?;
     let local_addr = listener.local_addr()?;
-    Ok(MetricsServer { listener, local_addr })
+    Ok(MetricsServer {
+        listener,
+        local_addr,
+    })
 }
 
 impl MetricsServer {
@@ -104,15 +107,28 @@ where
     H: Fn() -> BoxFuture<'static, Result<(), String>>,
 {
     let response = match timeout(READ_TIMEOUT, read_head(&mut stream)).await {
-        Err(_) => Response::text(408, "Request Timeout", "the request head did not arrive in time\n"),
+        Err(_) => Response::text(
+            408,
+            "Request Timeout",
+            "the request head did not arrive in time\n",
+        ),
         Ok(Err(error)) => return Err(error),
         Ok(Ok(Head::Closed)) => return Ok(()),
-        Ok(Ok(Head::TooLarge)) => Response::text(431, "Request Header Fields Too Large", "the request head is over 8 KiB\n"),
+        Ok(Ok(Head::TooLarge)) => Response::text(
+            431,
+            "Request Header Fields Too Large",
+            "the request head is over 8 KiB\n",
+        ),
         Ok(Ok(Head::Complete(head))) => respond(&head, health).await,
     };
     match timeout(WRITE_TIMEOUT, write_response(&mut stream, &response)).await {
         Ok(written) => written?,
-        Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "the client did not read the response")),
+        Err(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client did not read the response",
+            ))
+        }
     }
     finish(stream).await;
     Ok(())
@@ -150,7 +166,10 @@ async fn read_head(stream: &mut TcpStream) -> io::Result<Head> {
 /// Where the head ends: after the first empty line. A bare `\n` line end is accepted too, as
 /// RFC 9112 allows, so a request typed into `nc` works.
 fn head_end(bytes: &[u8]) -> Option<usize> {
-    let crlf = bytes.windows(4).position(|w| w == b"\r\n\r\n").map(|at| at + 4);
+    let crlf = bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|at| at + 4);
     let lf = bytes.windows(2).position(|w| w == b"\n\n").map(|at| at + 2);
     match (crlf, lf) {
         (Some(a), Some(b)) => Some(a.min(b)),
@@ -161,7 +180,9 @@ fn head_end(bytes: &[u8]) -> Option<usize> {
 /// Method and path (without query) of a well-formed HTTP/1.x request line.
 fn request_line(head: &[u8]) -> Option<(&str, &str)> {
     let line_end = head.iter().position(|&b| b == b'\n')?;
-    let line = std::str::from_utf8(&head[..line_end]).ok()?.trim_end_matches('\r');
+    let line = std::str::from_utf8(&head[..line_end])
+        .ok()?
+        .trim_end_matches('\r');
     let mut parts = line.split(' ');
     let (method, target, version) = (parts.next()?, parts.next()?, parts.next()?);
     let well_formed = parts.next().is_none()
@@ -201,7 +222,11 @@ where
         Ok(Ok(())) => Response::text(200, "OK", "ok\n"),
         Ok(Err(reason)) => {
             tracing::warn!(%reason, "health check failed");
-            Response::text(503, "Service Unavailable", format!("{}\n", reason.trim_end()))
+            Response::text(
+                503,
+                "Service Unavailable",
+                format!("{}\n", reason.trim_end()),
+            )
         }
         Err(_) => {
             tracing::warn!(timeout = ?HEALTH_TIMEOUT, "health check timed out");
@@ -220,12 +245,22 @@ struct Response {
 
 impl Response {
     fn text(status: u16, reason: &'static str, body: impl Into<String>) -> Response {
-        Response { status, reason, content_type: TEXT_CONTENT_TYPE, allow_get: false, body: body.into() }
+        Response {
+            status,
+            reason,
+            content_type: TEXT_CONTENT_TYPE,
+            allow_get: false,
+            body: body.into(),
+        }
     }
 }
 
 async fn write_response(stream: &mut TcpStream, response: &Response) -> io::Result<()> {
-    let allow = if response.allow_get { "Allow: GET\r\n" } else { "" };
+    let allow = if response.allow_get {
+        "Allow: GET\r\n"
+    } else {
+        ""
+    };
     let head = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n",
         response.status,
@@ -274,7 +309,13 @@ mod tests {
         let (stop, shutdown) = Shutdown::new();
         let health = move || -> BoxFuture<'static, Result<(), String>> {
             let healthy = healthy.load(Ordering::SeqCst);
-            Box::pin(async move { if healthy { Ok(()) } else { Err("database unreachable".to_owned()) } })
+            Box::pin(async move {
+                if healthy {
+                    Ok(())
+                } else {
+                    Err("database unreachable".to_owned())
+                }
+            })
         };
         let server = tokio::spawn(server.run(health, shutdown));
         Running { addr, stop, server }
@@ -286,30 +327,55 @@ mod tests {
         let mut stream = TcpStream::connect(addr).await.unwrap();
         stream.write_all(request).await.unwrap();
         let mut raw = Vec::new();
-        timeout(Duration::from_secs(10), stream.read_to_end(&mut raw)).await.unwrap().unwrap();
+        timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
+            .await
+            .unwrap()
+            .unwrap();
         let raw = String::from_utf8(raw).unwrap();
         let (head, body) = raw.split_once("\r\n\r\n").expect("a head and a body");
         let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
         assert!(headers.contains("Connection: close"), "{head}");
-        assert!(headers.contains(&format!("Content-Length: {}\r\n", body.len())), "{head}");
+        assert!(
+            headers.contains(&format!("Content-Length: {}\r\n", body.len())),
+            "{head}"
+        );
         (status.to_owned(), headers.to_owned(), body.to_owned())
     }
 
     async fn get(addr: SocketAddr, path: &str) -> (String, String, String) {
-        send(addr, format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: test\r\n\r\n").as_bytes()).await
+        send(
+            addr,
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: test\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
     }
 
     #[tokio::test]
     async fn metrics_are_served_in_prometheus_text_format() {
-        metrics::counter("hodei_runtime_http_test_total", "Counted by the HTTP test.", &[]).add(7);
+        metrics::counter(
+            "hodei_runtime_http_test_total",
+            "Counted by the HTTP test.",
+            &[],
+        )
+        .add(7);
         let server = start(Arc::new(AtomicBool::new(true))).await;
 
         let (status, headers, body) = get(server.addr, "/metrics?name[]=x").await;
 
         assert_eq!(status, "HTTP/1.1 200 OK");
-        assert!(headers.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8"), "{headers}");
-        assert!(body.contains("# TYPE hodei_runtime_http_test_total counter\n"), "{body}");
-        assert!(body.contains("\nhodei_runtime_http_test_total 7\n"), "{body}");
+        assert!(
+            headers.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8"),
+            "{headers}"
+        );
+        assert!(
+            body.contains("# TYPE hodei_runtime_http_test_total counter\n"),
+            "{body}"
+        );
+        assert!(
+            body.contains("\nhodei_runtime_http_test_total 7\n"),
+            "{body}"
+        );
         metrics::tests::check_exposition(&body).unwrap();
     }
 
@@ -319,11 +385,17 @@ mod tests {
         let server = start(healthy.clone()).await;
 
         let (status, _, body) = get(server.addr, "/healthz").await;
-        assert_eq!((status.as_str(), body.as_str()), ("HTTP/1.1 200 OK", "ok\n"));
+        assert_eq!(
+            (status.as_str(), body.as_str()),
+            ("HTTP/1.1 200 OK", "ok\n")
+        );
 
         healthy.store(false, Ordering::SeqCst);
         let (status, _, body) = get(server.addr, "/healthz").await;
-        assert_eq!((status.as_str(), body.as_str()), ("HTTP/1.1 503 Service Unavailable", "database unreachable\n"));
+        assert_eq!(
+            (status.as_str(), body.as_str()),
+            ("HTTP/1.1 503 Service Unavailable", "database unreachable\n")
+        );
     }
 
     #[tokio::test]
@@ -332,17 +404,33 @@ mod tests {
 
         assert_eq!(get(server.addr, "/nope").await.0, "HTTP/1.1 404 Not Found");
 
-        let (status, headers, _) = send(server.addr, b"POST /metrics HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc").await;
+        let (status, headers, _) = send(
+            server.addr,
+            b"POST /metrics HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+        )
+        .await;
         assert_eq!(status, "HTTP/1.1 405 Method Not Allowed");
         assert!(headers.contains("Allow: GET"), "{headers}");
 
-        assert_eq!(send(server.addr, b"hello\r\n\r\n").await.0, "HTTP/1.1 400 Bad Request");
+        assert_eq!(
+            send(server.addr, b"hello\r\n\r\n").await.0,
+            "HTTP/1.1 400 Bad Request"
+        );
 
-        let huge = format!("GET /metrics HTTP/1.1\r\nX-Padding: {}\r\n\r\n", "a".repeat(MAX_REQUEST_HEAD));
-        assert_eq!(send(server.addr, huge.as_bytes()).await.0, "HTTP/1.1 431 Request Header Fields Too Large");
+        let huge = format!(
+            "GET /metrics HTTP/1.1\r\nX-Padding: {}\r\n\r\n",
+            "a".repeat(MAX_REQUEST_HEAD)
+        );
+        assert_eq!(
+            send(server.addr, huge.as_bytes()).await.0,
+            "HTTP/1.1 431 Request Header Fields Too Large"
+        );
 
         // A hand-typed request with bare line feeds works too.
-        assert_eq!(send(server.addr, b"GET /healthz HTTP/1.0\n\n").await.0, "HTTP/1.1 200 OK");
+        assert_eq!(
+            send(server.addr, b"GET /healthz HTTP/1.0\n\n").await.0,
+            "HTTP/1.1 200 OK"
+        );
     }
 
     #[tokio::test]
@@ -351,9 +439,15 @@ mod tests {
         assert_eq!(get(server.addr, "/healthz").await.0, "HTTP/1.1 200 OK");
 
         server.stop.trigger();
-        timeout(Duration::from_secs(5), server.server).await.expect("run ends on shutdown").unwrap();
+        timeout(Duration::from_secs(5), server.server)
+            .await
+            .expect("run ends on shutdown")
+            .unwrap();
 
-        assert!(TcpStream::connect(server.addr).await.is_err(), "the listener is closed");
+        assert!(
+            TcpStream::connect(server.addr).await.is_err(),
+            "the listener is closed"
+        );
     }
 }
 
@@ -362,7 +456,11 @@ pub type HealthCheck = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + 
 
 /// Bind `addr` and serve `/metrics` and `/healthz` (healthy when every check passes) in the
 /// background until shutdown. Returns the bound address.
-pub async fn start(addr: SocketAddr, checks: Vec<HealthCheck>, shutdown: Shutdown) -> io::Result<SocketAddr> {
+pub async fn start(
+    addr: SocketAddr,
+    checks: Vec<HealthCheck>,
+    shutdown: Shutdown,
+) -> io::Result<SocketAddr> {
     let server = bind(addr).await?;
     let local = server.local_addr();
     let checks = Arc::new(checks);

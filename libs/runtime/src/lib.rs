@@ -21,7 +21,11 @@ pub struct CommonArgs {
     pub nats_url: String,
 
     /// PostgreSQL URL. The password, if any, is never logged.
-    #[arg(long, env = "HODEI_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/hodei")]
+    #[arg(
+        long,
+        env = "HODEI_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/hodei"
+    )]
     pub database_url: String,
 
     /// Log format: `human` or `json`. Levels come from RUST_LOG (default `info`).
@@ -44,8 +48,12 @@ impl CommonArgs {
         shutdown: Shutdown,
     ) -> anyhow::Result<std::net::SocketAddr> {
         use anyhow::Context;
-        let addr = self.metrics_addr.unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], default_port)));
-        http::start(addr, checks, shutdown).await.with_context(|| format!("serving metrics on {addr}"))
+        let addr = self
+            .metrics_addr
+            .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], default_port)));
+        http::start(addr, checks, shutdown)
+            .await
+            .with_context(|| format!("serving metrics on {addr}"))
     }
 }
 
@@ -63,7 +71,9 @@ where
     Fut: Future<Output = anyhow::Result<()>>,
 {
     let telemetry = telemetry::init(service, format);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let result = runtime.block_on(async move { body(Shutdown::on_signals()).await });
     if let Err(error) = &result {
         tracing::error!(error = format!("{error:#}"), "stopped with an error");
@@ -108,7 +118,12 @@ impl ShutdownTrigger {
 impl Shutdown {
     pub fn new() -> (ShutdownTrigger, Shutdown) {
         let (tx, rx) = watch::channel(false);
-        (ShutdownTrigger { tx: std::sync::Arc::new(tx) }, Shutdown { rx })
+        (
+            ShutdownTrigger {
+                tx: std::sync::Arc::new(tx),
+            },
+            Shutdown { rx },
+        )
     }
 
     /// A shutdown triggered by SIGTERM or SIGINT.
@@ -160,7 +175,10 @@ mod tests {
 
     #[test]
     fn passwords_are_redacted_from_urls() {
-        assert_eq!(redact_url("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
     }
@@ -175,6 +193,11 @@ fn uuid_like_random() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     // RandomState is seeded from the OS per instance: good enough for jitter, no extra crate.
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
     hasher.finish()
 }

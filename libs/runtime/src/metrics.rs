@@ -33,8 +33,9 @@ pub type Collector = Arc<dyn Fn() -> BoxFuture<'static, Vec<Sample>> + Send + Sy
 
 /// Latency buckets in seconds, from half a millisecond (a local handler) to ten seconds (a
 /// slow database or a stuck network call).
-pub const DEFAULT_LATENCY_BUCKETS: &[f64] =
-    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+pub const DEFAULT_LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 /// How long one collector may take before a scrape goes on without its samples. Below
 /// Prometheus' default scrape timeout (10 s), so a stuck query loses only its own numbers.
@@ -108,7 +109,9 @@ impl Gauge {
     pub fn add(&self, delta: f64) {
         let add = |bits| Some((f64::from_bits(bits) + delta).to_bits());
         // The closure always returns Some, so this cannot fail.
-        let _ = self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, add);
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, add);
     }
 
     pub fn inc(&self) {
@@ -158,7 +161,9 @@ impl Histogram {
         let bucket = core.bounds.partition_point(|bound| *bound < value);
         core.counts[bucket].fetch_add(1, Ordering::Relaxed);
         let add = |bits| Some((f64::from_bits(bits) + value).to_bits());
-        let _ = core.sum_bits.fetch_update(Ordering::Relaxed, Ordering::Relaxed, add);
+        let _ = core
+            .sum_bits
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, add);
     }
 
     pub fn observe_duration(&self, duration: Duration) {
@@ -167,12 +172,19 @@ impl Histogram {
 
     /// Observes the time from now until the returned guard is dropped.
     pub fn start_timer(&self) -> Timer {
-        Timer { histogram: self.clone(), start: Instant::now() }
+        Timer {
+            histogram: self.clone(),
+            start: Instant::now(),
+        }
     }
 
     /// Observations so far.
     pub fn count(&self) -> u64 {
-        self.0.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+        self.0
+            .counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Sum of the observations so far.
@@ -221,12 +233,21 @@ impl Sample {
         Sample::new(name, help, SampleKind::Counter, labels, value)
     }
 
-    fn new(name: &str, help: &str, kind: SampleKind, labels: &[(&str, &str)], value: f64) -> Sample {
+    fn new(
+        name: &str,
+        help: &str,
+        kind: SampleKind,
+        labels: &[(&str, &str)],
+        value: f64,
+    ) -> Sample {
         Sample {
             name: name.to_owned(),
             help: help.to_owned(),
             kind,
-            labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             value,
         }
     }
@@ -316,7 +337,13 @@ impl Registry {
     /// # Panics
     /// As [`Registry::counter`], and also if a label is called `le`.
     #[track_caller]
-    pub fn histogram(&self, name: &str, help: &str, labels: &[(&str, &str)], buckets: &[f64]) -> Histogram {
+    pub fn histogram(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[(&str, &str)],
+        buckets: &[f64],
+    ) -> Histogram {
         let mut bounds: Vec<f64> = buckets.iter().copied().filter(|b| b.is_finite()).collect();
         bounds.sort_by(f64::total_cmp);
         bounds.dedup();
@@ -345,9 +372,16 @@ impl Registry {
         if family.kind.type_name() != kind.type_name() {
             let existing = family.kind.type_name();
             drop(families);
-            panic!("metric {name} is already registered as a {existing}, not a {}", kind.type_name());
+            panic!(
+                "metric {name} is already registered as a {existing}, not a {}",
+                kind.type_name()
+            );
         }
-        family.series.entry(labels).or_insert_with(|| family.kind.new_series()).clone()
+        family
+            .series
+            .entry(labels)
+            .or_insert_with(|| family.kind.new_series())
+            .clone()
     }
 
     /// Runs `collector` at every scrape and reports its samples, which must not use the name
@@ -381,7 +415,10 @@ impl Registry {
                 for (labels, series) in &family.series {
                     write_series(&mut body, name, labels, series);
                 }
-                out.insert(name.clone(), (family.help.clone(), family.kind.type_name(), body));
+                out.insert(
+                    name.clone(),
+                    (family.help.clone(), family.kind.type_name(), body),
+                );
             }
         }
         for (name, family) in group_collected(collected) {
@@ -408,12 +445,20 @@ impl Registry {
     /// Runs every collector concurrently; results come back in the collectors' name order so
     /// that "first value wins" does not depend on which query finished first.
     async fn collect(&self) -> Vec<Sample> {
-        let collectors: Vec<(String, Collector)> =
-            lock(&self.collectors).iter().map(|(name, c)| (name.clone(), c.clone())).collect();
+        let collectors: Vec<(String, Collector)> = lock(&self.collectors)
+            .iter()
+            .map(|(name, c)| (name.clone(), c.clone()))
+            .collect();
         let mut tasks = tokio::task::JoinSet::new();
         for (index, (name, collector)) in collectors.into_iter().enumerate() {
             let work = collector();
-            tasks.spawn(async move { (index, name, tokio::time::timeout(COLLECTOR_TIMEOUT, work).await) });
+            tasks.spawn(async move {
+                (
+                    index,
+                    name,
+                    tokio::time::timeout(COLLECTOR_TIMEOUT, work).await,
+                )
+            });
         }
         let mut results = Vec::new();
         while let Some(joined) = tasks.join_next().await {
@@ -422,11 +467,16 @@ impl Registry {
                 Ok((_, name, Err(_))) => {
                     tracing::warn!(collector = %name, timeout = ?COLLECTOR_TIMEOUT, "metrics collector timed out; this scrape goes on without it")
                 }
-                Err(error) => tracing::warn!(%error, "metrics collector failed; this scrape goes on without it"),
+                Err(error) => {
+                    tracing::warn!(%error, "metrics collector failed; this scrape goes on without it")
+                }
             }
         }
         results.sort_by_key(|(index, _)| *index);
-        results.into_iter().flat_map(|(_, samples)| samples).collect()
+        results
+            .into_iter()
+            .flat_map(|(_, samples)| samples)
+            .collect()
     }
 }
 
@@ -453,7 +503,11 @@ fn group_collected(samples: Vec<Sample>) -> BTreeMap<String, CollectedFamily> {
             tracing::warn!(metric = %sample.name, "a collector reports an invalid metric name; the sample is left out");
             continue;
         }
-        let pairs: Vec<(&str, &str)> = sample.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let pairs: Vec<(&str, &str)> = sample
+            .labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         let labels = match label_key(&pairs, false) {
             Ok(labels) => labels,
             Err(problem) => {
@@ -461,11 +515,13 @@ fn group_collected(samples: Vec<Sample>) -> BTreeMap<String, CollectedFamily> {
                 continue;
             }
         };
-        let family = families.entry(sample.name.clone()).or_insert_with(|| CollectedFamily {
-            help: sample.help,
-            kind: sample.kind,
-            series: BTreeMap::new(),
-        });
+        let family = families
+            .entry(sample.name.clone())
+            .or_insert_with(|| CollectedFamily {
+                help: sample.help,
+                kind: sample.kind,
+                series: BTreeMap::new(),
+            });
         if family.kind != sample.kind {
             tracing::warn!(metric = %sample.name, "collectors report this metric as both a gauge and a counter; the later samples are left out");
             continue;
@@ -477,7 +533,9 @@ fn group_collected(samples: Vec<Sample>) -> BTreeMap<String, CollectedFamily> {
 
 fn write_series(out: &mut String, name: &str, labels: &[(String, String)], series: &Series) {
     match series {
-        Series::Counter(counter) => write_sample(out, name, labels, None, &counter.get().to_string()),
+        Series::Counter(counter) => {
+            write_sample(out, name, labels, None, &counter.get().to_string())
+        }
         Series::Gauge(gauge) => write_sample(out, name, labels, None, &format_value(gauge.get())),
         Series::Histogram(histogram) => {
             let core = &histogram.0;
@@ -486,19 +544,52 @@ fn write_series(out: &mut String, name: &str, labels: &[(String, String)], serie
             for (bound, count) in core.bounds.iter().zip(core.counts.iter()) {
                 cumulative += count.load(Ordering::Relaxed);
                 let le = format_value(*bound);
-                write_sample(out, &bucket_name, labels, Some(("le", &le)), &cumulative.to_string());
+                write_sample(
+                    out,
+                    &bucket_name,
+                    labels,
+                    Some(("le", &le)),
+                    &cumulative.to_string(),
+                );
             }
             cumulative += core.counts[core.bounds.len()].load(Ordering::Relaxed);
-            write_sample(out, &bucket_name, labels, Some(("le", "+Inf")), &cumulative.to_string());
-            write_sample(out, &format!("{name}_sum"), labels, None, &format_value(histogram.sum()));
-            write_sample(out, &format!("{name}_count"), labels, None, &cumulative.to_string());
+            write_sample(
+                out,
+                &bucket_name,
+                labels,
+                Some(("le", "+Inf")),
+                &cumulative.to_string(),
+            );
+            write_sample(
+                out,
+                &format!("{name}_sum"),
+                labels,
+                None,
+                &format_value(histogram.sum()),
+            );
+            write_sample(
+                out,
+                &format!("{name}_count"),
+                labels,
+                None,
+                &cumulative.to_string(),
+            );
         }
     }
 }
 
-fn write_sample(out: &mut String, name: &str, labels: &[(String, String)], extra: Option<(&str, &str)>, value: &str) {
+fn write_sample(
+    out: &mut String,
+    name: &str,
+    labels: &[(String, String)],
+    extra: Option<(&str, &str)>,
+    value: &str,
+) {
     out.push_str(name);
-    let pairs = labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).chain(extra);
+    let pairs = labels
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .chain(extra);
     let mut first = true;
     for (key, value) in pairs {
         out.push(if first { '{' } else { ',' });
@@ -620,10 +711,15 @@ pub(crate) mod tests {
                 current = Some((name, None));
             } else if let Some(rest) = line.strip_prefix("# TYPE ") {
                 let mut parts = rest.split(' ');
-                let (name, kind) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+                let (name, kind) = (
+                    parts.next().unwrap_or_default(),
+                    parts.next().unwrap_or_default(),
+                );
                 match &mut current {
                     Some((family, kind_seen @ None)) if family == name => {
-                        if !["counter", "gauge", "histogram"].contains(&kind) || parts.next().is_some() {
+                        if !["counter", "gauge", "histogram"].contains(&kind)
+                            || parts.next().is_some()
+                        {
                             return Err(at("bad TYPE".into()));
                         }
                         *kind_seen = Some(kind.to_owned());
@@ -645,20 +741,33 @@ pub(crate) mod tests {
                 if !belongs {
                     return Err(at(format!("sample outside its family {family}")));
                 }
-                let key = format!("{name}{{{}}}", labels.iter().map(|(k, v)| format!("{k}={v:?}")).collect::<Vec<_>>().join(","));
+                let key = format!(
+                    "{name}{{{}}}",
+                    labels
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v:?}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                );
                 if samples.insert(key, value).is_some() {
                     return Err(at("the same series twice".into()));
                 }
                 if kind == "histogram" {
-                    let series: Vec<_> = labels.iter().filter(|(k, _)| k != "le").cloned().collect();
+                    let series: Vec<_> =
+                        labels.iter().filter(|(k, _)| k != "le").cloned().collect();
                     let series = format!("{family}{series:?}");
                     match suffix {
                         Some("_bucket") => {
-                            let le = labels.iter().find(|(k, _)| k == "le").ok_or_else(|| at("bucket without le".into()))?;
+                            let le = labels
+                                .iter()
+                                .find(|(k, _)| k == "le")
+                                .ok_or_else(|| at("bucket without le".into()))?;
                             let le = parse_value(&le.1).map_err(&at)?;
                             if let Some((last_le, last_count)) = buckets.get(&series) {
                                 if le <= *last_le || value < *last_count {
-                                    return Err(at("buckets are not ascending and cumulative".into()));
+                                    return Err(at(
+                                        "buckets are not ascending and cumulative".into()
+                                    ));
                                 }
                             }
                             buckets.insert(series, (le, value));
@@ -741,14 +850,20 @@ pub(crate) mod tests {
             "+Inf" => Ok(f64::INFINITY),
             "-Inf" => Ok(f64::NEG_INFINITY),
             "NaN" => Ok(f64::NAN),
-            _ if value.bytes().all(|b| b.is_ascii_digit() || b"+-.eE".contains(&b)) && !value.is_empty() => {
+            _ if value
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b"+-.eE".contains(&b))
+                && !value.is_empty() =>
+            {
                 value.parse().map_err(|_| format!("bad value {value:?}"))
             }
             _ => Err(format!("bad value {value:?}")),
         }
     }
 
-    fn collector_of(samples: Vec<Sample>) -> impl Fn() -> BoxFuture<'static, Vec<Sample>> + Send + Sync + 'static {
+    fn collector_of(
+        samples: Vec<Sample>,
+    ) -> impl Fn() -> BoxFuture<'static, Vec<Sample>> + Send + Sync + 'static {
         move || {
             let samples = samples.clone();
             Box::pin(async move { samples })
@@ -758,14 +873,42 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn rendered_text_is_valid_exposition_format() {
         let registry = Registry::default();
-        registry.counter("hodei_messages_total", "Messages handled.", &[("subject", "hodei.jobs.submit"), ("outcome", "ack")]).add(3);
-        registry.counter("hodei_messages_total", "Messages handled.", &[("subject", "hodei.jobs.submit"), ("outcome", "nak")]).inc();
-        registry.gauge("hodei_connections", "Open connections.\nOne line \\ more.", &[]).set(2.5);
-        let latency = registry.histogram("hodei_handle_seconds", "Handling time.", &[("subject", "a")], DEFAULT_LATENCY_BUCKETS);
+        registry
+            .counter(
+                "hodei_messages_total",
+                "Messages handled.",
+                &[("subject", "hodei.jobs.submit"), ("outcome", "ack")],
+            )
+            .add(3);
+        registry
+            .counter(
+                "hodei_messages_total",
+                "Messages handled.",
+                &[("subject", "hodei.jobs.submit"), ("outcome", "nak")],
+            )
+            .inc();
+        registry
+            .gauge(
+                "hodei_connections",
+                "Open connections.\nOne line \\ more.",
+                &[],
+            )
+            .set(2.5);
+        let latency = registry.histogram(
+            "hodei_handle_seconds",
+            "Handling time.",
+            &[("subject", "a")],
+            DEFAULT_LATENCY_BUCKETS,
+        );
         for seconds in [0.0001, 0.003, 0.003, 0.2, 42.0] {
             latency.observe(seconds);
         }
-        registry.histogram("hodei_handle_seconds", "Handling time.", &[("subject", "b")], DEFAULT_LATENCY_BUCKETS);
+        registry.histogram(
+            "hodei_handle_seconds",
+            "Handling time.",
+            &[("subject", "b")],
+            DEFAULT_LATENCY_BUCKETS,
+        );
         registry.register_collector(
             "jobs",
             collector_of(vec![
@@ -778,12 +921,22 @@ pub(crate) mod tests {
         let text = registry.render().await;
         let samples = check_exposition(&text).unwrap_or_else(|problem| panic!("{problem}\n{text}"));
 
-        assert_eq!(samples[r#"hodei_messages_total{outcome="ack",subject="hodei.jobs.submit"}"#], 3.0);
+        assert_eq!(
+            samples[r#"hodei_messages_total{outcome="ack",subject="hodei.jobs.submit"}"#],
+            3.0
+        );
         assert_eq!(samples[r#"hodei_jobs{state="queued"}"#], 4.0);
         assert_eq!(samples["aaa_first{}"], f64::INFINITY);
-        assert!(text.contains("# HELP hodei_connections Open connections.\\nOne line \\\\ more.\n"), "{text}");
+        assert!(
+            text.contains("# HELP hodei_connections Open connections.\\nOne line \\\\ more.\n"),
+            "{text}"
+        );
         assert!(text.starts_with("# HELP aaa_first "), "{text}");
-        assert_eq!(text.matches("# TYPE hodei_handle_seconds histogram\n").count(), 1);
+        assert_eq!(
+            text.matches("# TYPE hodei_handle_seconds histogram\n")
+                .count(),
+            1
+        );
     }
 
     #[tokio::test]
@@ -810,7 +963,10 @@ pub(crate) mod tests {
         let samples = check_exposition(&registry.render().await).unwrap();
         assert_eq!(samples["c_total{}"], 5.0);
         assert_eq!(samples["g{}"], 9.5);
-        assert_eq!(samples[r#"h_seconds_bucket{le="0.1"}"#], 2.0, "0.05 and the timer's few microseconds");
+        assert_eq!(
+            samples[r#"h_seconds_bucket{le="0.1"}"#], 2.0,
+            "0.05 and the timer's few microseconds"
+        );
         assert_eq!(samples[r#"h_seconds_bucket{le="1"}"#], 3.0);
         assert_eq!(samples[r#"h_seconds_bucket{le="+Inf"}"#], 4.0);
         assert_eq!(samples["h_seconds_count{}"], 4.0);
@@ -821,7 +977,8 @@ pub(crate) mod tests {
     async fn histogram_buckets_are_cumulative_and_end_with_inf_equal_to_count() {
         let registry = Registry::default();
         // Unsorted, repeated and infinite bounds are tidied; a value on a bound counts in it.
-        let histogram = registry.histogram("h", "h", &[("kind", "x")], &[1.0, 0.5, f64::INFINITY, 0.5]);
+        let histogram =
+            registry.histogram("h", "h", &[("kind", "x")], &[1.0, 0.5, f64::INFINITY, 0.5]);
         for value in [0.5, 0.75, 1.0, 2.0, f64::NAN] {
             histogram.observe(value);
         }
@@ -842,12 +999,24 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn label_values_are_escaped() {
         let registry = Registry::default();
-        registry.counter("escaped_total", "e", &[("path", "C:\\dir \"quoted\"\nnext")]).inc();
+        registry
+            .counter(
+                "escaped_total",
+                "e",
+                &[("path", "C:\\dir \"quoted\"\nnext")],
+            )
+            .inc();
         let text = registry.render().await;
-        assert!(text.contains(r#"escaped_total{path="C:\\dir \"quoted\"\nnext"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"escaped_total{path="C:\\dir \"quoted\"\nnext"} 1"#),
+            "{text}"
+        );
         let samples = check_exposition(&text).unwrap();
         assert_eq!(samples.len(), 1);
-        assert!(samples.contains_key(&format!("escaped_total{{path={:?}}}", "C:\\dir \"quoted\"\nnext")));
+        assert!(samples.contains_key(&format!(
+            "escaped_total{{path={:?}}}",
+            "C:\\dir \"quoted\"\nnext"
+        )));
     }
 
     #[test]
@@ -865,10 +1034,23 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn the_global_registry_serves_the_free_functions() {
-        counter("hodei_runtime_metrics_test_total", "Test counter.", &[("t", "global")]).inc();
-        counter("hodei_runtime_metrics_test_total", "Test counter.", &[("t", "global")]).inc();
+        counter(
+            "hodei_runtime_metrics_test_total",
+            "Test counter.",
+            &[("t", "global")],
+        )
+        .inc();
+        counter(
+            "hodei_runtime_metrics_test_total",
+            "Test counter.",
+            &[("t", "global")],
+        )
+        .inc();
         let text = render().await;
-        assert!(text.contains("hodei_runtime_metrics_test_total{t=\"global\"} 2\n"), "{text}");
+        assert!(
+            text.contains("hodei_runtime_metrics_test_total{t=\"global\"} 2\n"),
+            "{text}"
+        );
         check_exposition(&text).unwrap();
     }
 
@@ -884,7 +1066,10 @@ pub(crate) mod tests {
         assert!(registry.render().await.contains("queue_depth 1\n"));
         assert!(registry.render().await.contains("queue_depth 2\n"));
 
-        registry.register_collector("queue", collector_of(vec![Sample::gauge("queue_depth", "q", &[], 7.0)]));
+        registry.register_collector(
+            "queue",
+            collector_of(vec![Sample::gauge("queue_depth", "q", &[], 7.0)]),
+        );
         let text = registry.render().await;
         assert!(text.contains("queue_depth 7\n"), "{text}");
         assert_eq!(runs.load(Ordering::Relaxed), 2);
@@ -908,8 +1093,11 @@ pub(crate) mod tests {
         registry.register_collector("b", || Box::pin(async { panic!("the query broke") }));
         let text = registry.render().await;
         let samples = check_exposition(&text).unwrap_or_else(|problem| panic!("{problem}\n{text}"));
-        let expected: BTreeMap<String, f64> =
-            [("registered_total{}".to_owned(), 1.0), (r#"twice{k="v"}"#.to_owned(), 1.0)].into();
+        let expected: BTreeMap<String, f64> = [
+            ("registered_total{}".to_owned(), 1.0),
+            (r#"twice{k="v"}"#.to_owned(), 1.0),
+        ]
+        .into();
         assert_eq!(samples, expected, "{text}");
     }
 

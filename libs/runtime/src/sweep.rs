@@ -43,9 +43,14 @@ pub async fn run<T, Due, DueFut, Next, NextFut, Handle, HandleFut>(
             Err(error) => tracing::warn!(what, %error, "cannot look for overdue deadlines"),
         }
         let sleep = match next_due().await {
-            Ok(Some(at)) => (at - Utc::now()).to_std().unwrap_or_default().min(max_sleep),
+            Ok(Some(at)) => (at - Utc::now())
+                .to_std()
+                .unwrap_or_default()
+                .min(max_sleep),
             _ => max_sleep,
         };
-        shutdown.guard(tokio::time::sleep(sleep.max(Duration::from_millis(5)))).await;
+        shutdown
+            .guard(tokio::time::sleep(sleep.max(Duration::from_millis(5))))
+            .await;
     }
 }

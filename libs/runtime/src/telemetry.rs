@@ -33,12 +33,17 @@ fn otlp_configured() -> bool {
 /// Install logging and tracing for `service`. Call before the async runtime starts (the OTLP
 /// HTTP client must not be built inside it).
 pub fn init(service: &'static str, format: LogFormat) -> Telemetry {
-    opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
     let mut builder = SdkTracerProvider::builder()
         .with_resource(Resource::builder().with_service_name(service).build());
     let mut export_error = None;
     if otlp_configured() {
-        match opentelemetry_otlp::SpanExporter::builder().with_http().build() {
+        match opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .build()
+        {
             Ok(exporter) => builder = builder.with_batch_exporter(Reporting::new(exporter)),
             Err(error) => export_error = Some(error.to_string()),
         }
@@ -55,11 +60,27 @@ pub fn init(service: &'static str, format: LogFormat) -> Telemetry {
             .with_writer(std::io::stderr)
             .with_filter(filter())
             .boxed(),
-        LogFormat::Human => fmt::layer().with_target(false).with_writer(std::io::stderr).with_filter(filter()).boxed(),
+        LogFormat::Human => fmt::layer()
+            .with_target(false)
+            .with_writer(std::io::stderr)
+            .with_filter(filter())
+            .boxed(),
     };
-    let traces = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(filter());
-    if tracing_subscriber::registry().with(logs).with(traces).try_init().is_ok() {
-        tracing::info!(service, version = env!("CARGO_PKG_VERSION"), otlp = otlp_configured(), "starting");
+    let traces = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(filter());
+    if tracing_subscriber::registry()
+        .with(logs)
+        .with(traces)
+        .try_init()
+        .is_ok()
+    {
+        tracing::info!(
+            service,
+            version = env!("CARGO_PKG_VERSION"),
+            otlp = otlp_configured(),
+            "starting"
+        );
         if let Some(error) = export_error {
             tracing::error!(%error, "cannot set up the OTLP exporter; spans will not be exported");
         }
@@ -87,7 +108,11 @@ struct Reporting<E> {
 
 impl<E> Reporting<E> {
     fn new(inner: E) -> Self {
-        Reporting { inner, failing: AtomicBool::new(false), failures: AtomicU64::new(0) }
+        Reporting {
+            inner,
+            failing: AtomicBool::new(false),
+            failures: AtomicU64::new(0),
+        }
     }
 }
 
@@ -141,7 +166,10 @@ pub mod context {
     struct PairsCarrier<'a>(&'a [(String, String)]);
     impl Extractor for PairsCarrier<'_> {
         fn get(&self, key: &str) -> Option<&str> {
-            self.0.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v.as_str())
+            self.0
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(key))
+                .map(|(_, v)| v.as_str())
         }
         fn keys(&self) -> Vec<&str> {
             self.0.iter().map(|(k, _)| k.as_str()).collect()
@@ -152,7 +180,9 @@ pub mod context {
     pub fn of_span(span: &tracing::Span) -> HashMap<String, String> {
         let mut fields = HashMap::new();
         let cx = span.context();
-        opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut MapCarrier(&mut fields)));
+        opentelemetry::global::get_text_map_propagator(|p| {
+            p.inject_context(&cx, &mut MapCarrier(&mut fields))
+        });
         fields
     }
 
@@ -181,6 +211,8 @@ pub mod context {
     pub fn trace_id(span: &tracing::Span) -> Option<String> {
         let cx = span.context();
         let span_context = cx.span().span_context().clone();
-        span_context.is_valid().then(|| span_context.trace_id().to_string())
+        span_context
+            .is_valid()
+            .then(|| span_context.trace_id().to_string())
     }
 }

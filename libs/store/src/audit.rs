@@ -57,7 +57,11 @@ pub async fn query(pool: &PgPool, q: &AuditQuery) -> Result<(Vec<AuditEntry>, Op
     let mut sql = select(q, "");
     // Planned for the values at hand every time: a cached generic plan cannot tell an hour from
     // a month, nor a service's actor from one worker's, and walks the whole log for some.
-    let rows: Vec<AuditRow> = sql.build_query_as().persistent(false).fetch_all(pool).await?;
+    let rows: Vec<AuditRow> = sql
+        .build_query_as()
+        .persistent(false)
+        .fetch_all(pool)
+        .await?;
     let mut entries: Vec<AuditEntry> = rows
         .into_iter()
         .map(|r| AuditEntry {
@@ -83,8 +87,15 @@ pub async fn query(pool: &PgPool, q: &AuditQuery) -> Result<(Vec<AuditEntry>, Op
 /// The plan PostgreSQL runs for `q` (`EXPLAIN (ANALYZE, BUFFERS)` of the very statement
 /// [`query`] sends, with the same values bound), one line per plan line; for benchmarks.
 pub async fn explain(pool: &PgPool, q: &AuditQuery) -> Result<String> {
-    let rows = select(q, "EXPLAIN (ANALYZE, BUFFERS) ").build().persistent(false).fetch_all(pool).await?;
-    let lines = rows.iter().map(|row| row.try_get::<String, _>(0)).collect::<Result<Vec<_>, _>>()?;
+    let rows = select(q, "EXPLAIN (ANALYZE, BUFFERS) ")
+        .build()
+        .persistent(false)
+        .fetch_all(pool)
+        .await?;
+    let lines = rows
+        .iter()
+        .map(|row| row.try_get::<String, _>(0))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(lines.join("\n"))
 }
 
@@ -135,7 +146,11 @@ fn select<'q>(q: &'q AuditQuery, head: &str) -> QueryBuilder<'q, Postgres> {
                 .push(")");
         }
     }
-    sql.push(if by_time { " ORDER BY occurred_at, seq" } else { " ORDER BY seq" });
+    sql.push(if by_time {
+        " ORDER BY occurred_at, seq"
+    } else {
+        " ORDER BY seq"
+    });
     sql.push(" LIMIT ").push_bind(i64::from(page_size(q)) + 1);
     sql
 }

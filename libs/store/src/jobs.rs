@@ -34,7 +34,8 @@ impl TryFrom<JobRow> for Job {
             id: row.id,
             state: row.state.parse().map_err(corrupt("job state"))?,
             spec: row.spec.0,
-            attempt: u32::try_from(row.attempt).map_err(|e| corrupt("job attempt")(e.to_string()))?,
+            attempt: u32::try_from(row.attempt)
+                .map_err(|e| corrupt("job attempt")(e.to_string()))?,
             worker_id: row.worker_id,
             exit_code: row.exit_code,
             error: row.error,
@@ -107,7 +108,11 @@ pub async fn update(conn: &mut PgConnection, job: &mut Job) -> Result<()> {
     .execute(conn)
     .await?;
     if result.rows_affected() != 1 {
-        return Err(StoreError::VersionConflict { aggregate: "job", id: job.id, expected: job.version });
+        return Err(StoreError::VersionConflict {
+            aggregate: "job",
+            id: job.id,
+            expected: job.version,
+        });
     }
     job.version += 1;
     Ok(())
@@ -137,7 +142,10 @@ pub async fn lock_scheduled_on(conn: &mut PgConnection, worker_id: Uuid) -> Resu
     let sql = format!(
         "SELECT {COLUMNS} FROM jobs WHERE worker_id = $1 AND state = 'Scheduled' FOR UPDATE"
     );
-    let row: Option<JobRow> = sqlx::query_as(&sql).bind(worker_id).fetch_optional(conn).await?;
+    let row: Option<JobRow> = sqlx::query_as(&sql)
+        .bind(worker_id)
+        .fetch_optional(conn)
+        .await?;
     row.map(Job::try_from).transpose()
 }
 
@@ -176,7 +184,10 @@ pub async fn list(
         .bind(i64::from(limit) + 1)
         .fetch_all(pool)
         .await?;
-    let mut jobs = rows.into_iter().map(Job::try_from).collect::<Result<Vec<_>>>()?;
+    let mut jobs = rows
+        .into_iter()
+        .map(Job::try_from)
+        .collect::<Result<Vec<_>>>()?;
     let next = (jobs.len() > limit as usize).then(|| {
         jobs.truncate(limit as usize);
         let last = jobs.last().expect("limit is at least 1");

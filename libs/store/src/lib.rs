@@ -30,7 +30,11 @@ pub enum StoreError {
     Migration(#[from] sqlx::migrate::MigrateError),
     /// Someone else changed the row since it was loaded; the whole change must be retried.
     #[error("{aggregate} {id} was changed concurrently (expected version {expected})")]
-    VersionConflict { aggregate: &'static str, id: Uuid, expected: i64 },
+    VersionConflict {
+        aggregate: &'static str,
+        id: Uuid,
+        expected: i64,
+    },
     #[error("stored {what} is unreadable: {why}")]
     Corrupt { what: &'static str, why: String },
 }
@@ -42,8 +46,10 @@ impl StoreError {
             StoreError::VersionConflict { .. } => true,
             StoreError::Database(sqlx::Error::Database(db)) => {
                 // serialization_failure, deadlock_detected, and connection exceptions
-                matches!(db.code().as_deref(), Some("40001" | "40P01" | "57P01" | "57P02" | "57P03"))
-                    || db.code().is_some_and(|c| c.starts_with("08"))
+                matches!(
+                    db.code().as_deref(),
+                    Some("40001" | "40P01" | "57P01" | "57P02" | "57P03")
+                ) || db.code().is_some_and(|c| c.starts_with("08"))
             }
             StoreError::Database(sqlx::Error::RowNotFound) => false,
             StoreError::Database(_) => true,
@@ -78,18 +84,28 @@ fn corrupt(what: &'static str) -> impl Fn(String) -> StoreError {
 
 /// Opaque page cursor `<rfc3339 time>|<uuid>` for lists ordered by (created_at DESC, id DESC).
 pub fn encode_cursor(at: chrono::DateTime<chrono::Utc>, id: Uuid) -> String {
-    format!("{}|{}", at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true), id)
+    format!(
+        "{}|{}",
+        at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        id
+    )
 }
 
 pub fn decode_cursor(cursor: &str) -> Option<(chrono::DateTime<chrono::Utc>, Uuid)> {
     let (at, id) = cursor.split_once('|')?;
-    Some((chrono::DateTime::parse_from_rfc3339(at).ok()?.to_utc(), id.parse().ok()?))
+    Some((
+        chrono::DateTime::parse_from_rfc3339(at).ok()?.to_utc(),
+        id.parse().ok()?,
+    ))
 }
 
 /// SHA-256 of a bootstrap token, hex; only the hash is stored.
 pub fn hash_token(token: &str) -> String {
     use sha2::{Digest, Sha256};
-    Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Health check: the database answers.
@@ -98,7 +114,11 @@ pub fn health(pool: &PgPool) -> hodei_runtime::http::HealthCheck {
     std::sync::Arc::new(move || {
         let pool = pool.clone();
         Box::pin(async move {
-            sqlx::query("SELECT 1").execute(&pool).await.map(|_| ()).map_err(|e| format!("PostgreSQL: {e}"))
+            sqlx::query("SELECT 1")
+                .execute(&pool)
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("PostgreSQL: {e}"))
         })
     })
 }
@@ -121,8 +141,13 @@ impl From<StoreError> for hodei_protocol::ApiError {
     fn from(error: StoreError) -> Self {
         use hodei_protocol::{ApiError, ErrorCode};
         match &error {
-            StoreError::VersionConflict { .. } => ApiError::new(ErrorCode::Conflict, error.to_string()),
-            e if e.is_transient() => ApiError::new(ErrorCode::Unavailable, format!("storage unavailable: {error}")),
+            StoreError::VersionConflict { .. } => {
+                ApiError::new(ErrorCode::Conflict, error.to_string())
+            }
+            e if e.is_transient() => ApiError::new(
+                ErrorCode::Unavailable,
+                format!("storage unavailable: {error}"),
+            ),
             _ => ApiError::internal(error.to_string()),
         }
     }
@@ -130,18 +155,35 @@ impl From<StoreError> for hodei_protocol::ApiError {
 
 /// Register a gauge `metric{state}` counting the rows of `table` (jobs or workers) in each of
 /// `states`, computed when /metrics is scraped.
-pub fn register_state_gauges(pool: &PgPool, table: &'static str, metric: &'static str, help: &'static str, states: Vec<&'static str>) {
+pub fn register_state_gauges(
+    pool: &PgPool,
+    table: &'static str,
+    metric: &'static str,
+    help: &'static str,
+    states: Vec<&'static str>,
+) {
     let pool = pool.clone();
     hodei_runtime::metrics::register_collector(metric, move || {
         let (pool, states) = (pool.clone(), states.clone());
         Box::pin(async move {
             let sql = format!("SELECT state, count(*) FROM {table} GROUP BY state");
-            let counts: Vec<(String, i64)> = sqlx::query_as(&sql).fetch_all(&pool).await.unwrap_or_default();
+            let counts: Vec<(String, i64)> = sqlx::query_as(&sql)
+                .fetch_all(&pool)
+                .await
+                .unwrap_or_default();
             states
                 .iter()
                 .map(|state| {
-                    let n = counts.iter().find(|(s, _)| s == state).map_or(0, |(_, n)| *n);
-                    hodei_runtime::metrics::Sample::gauge(metric, help, &[("state", state)], n as f64)
+                    let n = counts
+                        .iter()
+                        .find(|(s, _)| s == state)
+                        .map_or(0, |(_, n)| *n);
+                    hodei_runtime::metrics::Sample::gauge(
+                        metric,
+                        help,
+                        &[("state", state)],
+                        n as f64,
+                    )
                 })
                 .collect()
         })

@@ -54,7 +54,10 @@ pub async fn append_events(conn: &mut PgConnection, events: &[DomainEvent]) -> R
     Ok(())
 }
 
-pub async fn append_command<P: Serialize>(conn: &mut PgConnection, command: OutboxCommand<'_, P>) -> Result<()> {
+pub async fn append_command<P: Serialize>(
+    conn: &mut PgConnection,
+    command: OutboxCommand<'_, P>,
+) -> Result<()> {
     sqlx::query(
         "INSERT INTO outbox_events (event_id, kind, subject, aggregate_type, aggregate_id, \
                                     event_type, payload, metadata) \
@@ -138,7 +141,12 @@ pub async fn mark_published(conn: &mut PgConnection, ids: &[i64]) -> Result<()> 
 }
 
 /// Record a failed publish; the row is tried again after `retry_in`.
-pub async fn mark_failed(conn: &mut PgConnection, id: i64, error: &str, retry_in: std::time::Duration) -> Result<()> {
+pub async fn mark_failed(
+    conn: &mut PgConnection,
+    id: i64,
+    error: &str,
+    retry_in: std::time::Duration,
+) -> Result<()> {
     sqlx::query(
         "UPDATE outbox_events SET attempts = attempts + 1, last_error = $2, \
                 next_attempt_at = now() + $3 * interval '1 millisecond' \
@@ -164,8 +172,9 @@ pub async fn mark_dead(conn: &mut PgConnection, id: i64, error: &str) -> Result<
 
 /// How many rows wait to be published (for logs and tests).
 pub async fn pending_count(conn: &mut PgConnection) -> Result<i64> {
-    let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM outbox_events WHERE status = 'pending'")
-        .fetch_one(conn)
-        .await?;
+    let (count,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM outbox_events WHERE status = 'pending'")
+            .fetch_one(conn)
+            .await?;
     Ok(count)
 }

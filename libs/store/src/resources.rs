@@ -5,7 +5,12 @@ use uuid::Uuid;
 
 use crate::Result;
 
-pub async fn record(conn: &mut PgConnection, worker_id: Uuid, provider: &str, resource_id: &str) -> Result<()> {
+pub async fn record(
+    conn: &mut PgConnection,
+    worker_id: Uuid,
+    provider: &str,
+    resource_id: &str,
+) -> Result<()> {
     sqlx::query(
         "INSERT INTO provider_resources (worker_id, provider, resource_id) VALUES ($1, $2, $3) \
          ON CONFLICT (worker_id) DO UPDATE SET resource_id = EXCLUDED.resource_id",

@@ -88,7 +88,11 @@ pub async fn update(conn: &mut PgConnection, worker: &mut Worker) -> Result<()> 
     .execute(conn)
     .await?;
     if result.rows_affected() != 1 {
-        return Err(StoreError::VersionConflict { aggregate: "worker", id: worker.id, expected: worker.version });
+        return Err(StoreError::VersionConflict {
+            aggregate: "worker",
+            id: worker.id,
+            expected: worker.version,
+        });
     }
     worker.version += 1;
     Ok(())
@@ -112,7 +116,12 @@ pub async fn lock_free_ready(conn: &mut PgConnection) -> Result<Option<Worker>> 
 
 /// Liveness is recorded on the row (and moves the deadline of a Ready or Busy worker to
 /// `lost_at`); it is not a state change and emits no event.
-pub async fn record_heartbeat(pool: &PgPool, id: Uuid, at: DateTime<Utc>, lost_at: DateTime<Utc>) -> Result<bool> {
+pub async fn record_heartbeat(
+    pool: &PgPool,
+    id: Uuid,
+    at: DateTime<Utc>,
+    lost_at: DateTime<Utc>,
+) -> Result<bool> {
     let result = sqlx::query(
         "UPDATE workers SET last_heartbeat_at = $2, \
                 deadline_at = CASE WHEN state IN ('Ready', 'Busy', 'Draining') THEN $3 ELSE deadline_at END \
@@ -149,7 +158,10 @@ pub async fn list(
         .bind(i64::from(limit) + 1)
         .fetch_all(pool)
         .await?;
-    let mut workers = rows.into_iter().map(Worker::try_from).collect::<Result<Vec<_>>>()?;
+    let mut workers = rows
+        .into_iter()
+        .map(Worker::try_from)
+        .collect::<Result<Vec<_>>>()?;
     let next = (workers.len() > limit as usize).then(|| {
         workers.truncate(limit as usize);
         let last = workers.last().expect("limit is at least 1");
@@ -160,17 +172,20 @@ pub async fn list(
 
 /// Workers whose deadline is over, most overdue first.
 pub async fn due(pool: &PgPool, limit: i64) -> Result<Vec<Uuid>> {
-    let rows: Vec<(Uuid,)> =
-        sqlx::query_as("SELECT id FROM workers WHERE deadline_at <= now() ORDER BY deadline_at LIMIT $1")
-            .bind(limit)
-            .fetch_all(pool)
-            .await?;
+    let rows: Vec<(Uuid,)> = sqlx::query_as(
+        "SELECT id FROM workers WHERE deadline_at <= now() ORDER BY deadline_at LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
     Ok(rows.into_iter().map(|(id,)| id).collect())
 }
 
 /// The earliest deadline of any worker, to sleep until.
 pub async fn next_due(pool: &PgPool) -> Result<Option<DateTime<Utc>>> {
     let (at,): (Option<DateTime<Utc>>,) =
-        sqlx::query_as("SELECT min(deadline_at) FROM workers WHERE deadline_at IS NOT NULL").fetch_one(pool).await?;
+        sqlx::query_as("SELECT min(deadline_at) FROM workers WHERE deadline_at IS NOT NULL")
+            .fetch_one(pool)
+            .await?;
     Ok(at)
 }

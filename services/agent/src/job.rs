@@ -9,11 +9,11 @@ use hodei_messaging::{encode, message_headers, publish_durable, JetStream};
 use hodei_protocol::agent::{JobFinished, JobStarted, RunJob};
 use hodei_protocol::logs::{LogBatch, LogLine, LogStream};
 use hodei_protocol::{subjects, ErrorCode};
+use hodei_runtime::telemetry::context;
 use hodei_runtime::Shutdown;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc;
-use hodei_runtime::telemetry::context;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -39,8 +39,13 @@ pub async fn run(
         correlation_id = %job.correlation_id,
         trace_id = tracing::field::Empty,
     );
-    context::adopt(&span, hodei_messaging::trace::parent_of(command_message.headers.as_ref()));
-    execute(client, js, worker_id, job, command_message, shutdown).instrument(span).await
+    context::adopt(
+        &span,
+        hodei_messaging::trace::parent_of(command_message.headers.as_ref()),
+    );
+    execute(client, js, worker_id, job, command_message, shutdown)
+        .instrument(span)
+        .await
 }
 
 async fn execute(
@@ -61,7 +66,11 @@ async fn execute(
         .env_remove("TRACEPARENT")
         .env_remove("TRACESTATE")
         // A traced program continues the job's trace from here.
-        .envs(context::current().into_iter().map(|(name, value)| (name.to_ascii_uppercase(), value)))
+        .envs(
+            context::current()
+                .into_iter()
+                .map(|(name, value)| (name.to_ascii_uppercase(), value)),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -84,7 +93,15 @@ async fn execute(
             let _ = command_message.ack().await;
             logs.finish(0, None).await;
             let finished = finished(worker_id, &job, None, Some(error));
-            let answer = reports::send(client, js, report("finished"), msg_id("finished"), &job.correlation_id, &finished).await;
+            let answer = reports::send(
+                client,
+                js,
+                report("finished"),
+                msg_id("finished"),
+                &job.correlation_id,
+                &finished,
+            )
+            .await;
             log_answer("finished", answer);
             return Ok(());
         }
@@ -97,7 +114,16 @@ async fn execute(
         attempt: job.attempt,
         pid,
     };
-    match reports::send(client, js, report("started"), msg_id("started"), &job.correlation_id, &started).await {
+    match reports::send(
+        client,
+        js,
+        report("started"),
+        msg_id("started"),
+        &job.correlation_id,
+        &started,
+    )
+    .await
+    {
         Err(error) if !error.code.is_transient() => {
             tracing::warn!(code = error.code.as_str(), message = %error.message, "start refused; killing the job");
             let _ = child.kill().await;
@@ -111,8 +137,16 @@ async fn execute(
     tracing::info!(pid, command = %job.command, "job running");
 
     let (lines_tx, lines_rx) = mpsc::channel::<LogLine>(4096);
-    let stdout = tokio::spawn(read_lines(child.stdout.take().expect("stdout is piped"), LogStream::Stdout, lines_tx.clone()));
-    let stderr = tokio::spawn(read_lines(child.stderr.take().expect("stderr is piped"), LogStream::Stderr, lines_tx));
+    let stdout = tokio::spawn(read_lines(
+        child.stdout.take().expect("stdout is piped"),
+        LogStream::Stdout,
+        lines_tx.clone(),
+    ));
+    let stderr = tokio::spawn(read_lines(
+        child.stderr.take().expect("stderr is piped"),
+        LogStream::Stderr,
+        lines_tx,
+    ));
     let shipping = tokio::spawn(logs.ship(lines_rx));
 
     let status = tokio::select! {
@@ -127,7 +161,10 @@ async fn execute(
     // waited for long.
     for reader in [stdout, stderr] {
         let abort = reader.abort_handle();
-        if tokio::time::timeout(Duration::from_secs(2), reader).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(2), reader)
+            .await
+            .is_err()
+        {
             abort.abort();
         }
     }
@@ -135,7 +172,10 @@ async fn execute(
     let (exit_code, error) = match &status {
         Ok(status) => match status.code() {
             Some(code) => (Some(code), None),
-            None => (None, Some(format!("the job was ended by a signal ({status})"))),
+            None => (
+                None,
+                Some(format!("the job was ended by a signal ({status})")),
+            ),
         },
         Err(e) => (None, Some(format!("cannot wait for the job: {e}"))),
     };
@@ -143,26 +183,55 @@ async fn execute(
     let batches = logs.seq;
     logs.finish(batches, exit_code).await;
     let finished = finished(worker_id, &job, exit_code, error);
-    let answer = reports::send(client, js, report("finished"), msg_id("finished"), &job.correlation_id, &finished).await;
+    let answer = reports::send(
+        client,
+        js,
+        report("finished"),
+        msg_id("finished"),
+        &job.correlation_id,
+        &finished,
+    )
+    .await;
     log_answer("finished", answer);
     Ok(())
 }
 
-fn finished(worker_id: Uuid, job: &RunJob, exit_code: Option<i32>, error: Option<String>) -> JobFinished {
-    JobFinished { schema_version: hodei_protocol::SCHEMA_VERSION, worker_id, job_id: job.job_id, attempt: job.attempt, exit_code, error }
+fn finished(
+    worker_id: Uuid,
+    job: &RunJob,
+    exit_code: Option<i32>,
+    error: Option<String>,
+) -> JobFinished {
+    JobFinished {
+        schema_version: hodei_protocol::SCHEMA_VERSION,
+        worker_id,
+        job_id: job.job_id,
+        attempt: job.attempt,
+        exit_code,
+        error,
+    }
 }
 
-fn log_answer(kind: &str, answer: Result<hodei_protocol::agent::ReportAccepted, hodei_protocol::ApiError>) {
+fn log_answer(
+    kind: &str,
+    answer: Result<hodei_protocol::agent::ReportAccepted, hodei_protocol::ApiError>,
+) {
     match answer {
         Ok(accepted) => tracing::info!(report = kind, state = %accepted.state, "report accepted"),
         Err(error) if error.code == ErrorCode::Unavailable => {
             tracing::warn!(report = kind, message = %error.message, "report stored, answer pending")
         }
-        Err(error) => tracing::warn!(report = kind, code = error.code.as_str(), message = %error.message, "report refused"),
+        Err(error) => {
+            tracing::warn!(report = kind, code = error.code.as_str(), message = %error.message, "report refused")
+        }
     }
 }
 
-async fn read_lines<R: AsyncRead + Unpin>(pipe: R, stream: LogStream, lines: mpsc::Sender<LogLine>) {
+async fn read_lines<R: AsyncRead + Unpin>(
+    pipe: R,
+    stream: LogStream,
+    lines: mpsc::Sender<LogLine>,
+) {
     let mut reader = BufReader::new(pipe);
     let mut buf = Vec::with_capacity(256);
     loop {
@@ -201,7 +270,12 @@ struct LogShipper {
 
 impl LogShipper {
     fn new(js: JetStream, job_id: Uuid, attempt: u32) -> Self {
-        LogShipper { js, job_id, attempt, seq: 0 }
+        LogShipper {
+            js,
+            job_id,
+            attempt,
+            seq: 0,
+        }
     }
 
     async fn ship(mut self, mut lines: mpsc::Receiver<LogLine>) -> Self {
@@ -242,9 +316,18 @@ impl LogShipper {
         let subject = subjects::logs(self.job_id);
         for delay in [0u64, 100, 500, 2000] {
             tokio::time::sleep(Duration::from_millis(delay)).await;
-            match publish_durable(&self.js, subject.clone(), message_headers(&msg_id, None), encode(&batch)).await {
+            match publish_durable(
+                &self.js,
+                subject.clone(),
+                message_headers(&msg_id, None),
+                encode(&batch),
+            )
+            .await
+            {
                 Ok(()) => return,
-                Err(error) => tracing::warn!(%error, seq = batch.seq, "log batch not stored; retrying"),
+                Err(error) => {
+                    tracing::warn!(%error, seq = batch.seq, "log batch not stored; retrying")
+                }
             }
         }
         tracing::error!(seq = batch.seq, lines = batch.lines.len(), "log batch lost");

@@ -13,8 +13,8 @@ use futures::StreamExt;
 use hodei_messaging::{api, decode, encode, nats, streams};
 use hodei_protocol::agent::{Heartbeat, RegisterWorker, Registered, WorkerCommand};
 use hodei_protocol::subjects;
-use hodei_runtime::{LogFormat, Shutdown};
 use hodei_runtime::telemetry::context;
+use hodei_runtime::{LogFormat, Shutdown};
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -47,13 +47,17 @@ pub struct Config {
 
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Config").field("worker_id", &self.worker_id).field("nats_url", &self.nats_url).finish()
+        f.debug_struct("Config")
+            .field("worker_id", &self.worker_id)
+            .field("nats_url", &self.nats_url)
+            .finish()
     }
 }
 
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let worker_id = config.worker_id;
-    let client = hodei_messaging::connect(&config.nats_url, &format!("hodei-agent-{worker_id}")).await?;
+    let client =
+        hodei_messaging::connect(&config.nats_url, &format!("hodei-agent-{worker_id}")).await?;
     let js = jetstream::new(client.clone());
 
     // Subscribe to our commands before registering, so that no command can come too early.
@@ -70,7 +74,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         })
         .await
         .map_err(nats("creating the command consumer"))?;
-    let mut messages = commands.messages().await.map_err(nats("reading commands"))?;
+    let mut messages = commands
+        .messages()
+        .await
+        .map_err(nats("reading commands"))?;
 
     let registration = RegisterWorker {
         schema_version: hodei_protocol::SCHEMA_VERSION,
@@ -83,15 +90,29 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let span = tracing::info_span!("agent register", otel.kind = "client", %worker_id, trace_id = tracing::field::Empty);
     let inherited: Vec<(String, String)> = ["traceparent", "tracestate"]
         .into_iter()
-        .filter_map(|name| Some((name.to_owned(), std::env::var(name.to_ascii_uppercase()).ok()?)))
+        .filter_map(|name| {
+            Some((
+                name.to_owned(),
+                std::env::var(name.to_ascii_uppercase()).ok()?,
+            ))
+        })
         .collect();
     context::adopt(&span, context::from_fields(&inherited));
-    let registered = register(&client, &registration).instrument(span).await.context("registering")?;
+    let registered = register(&client, &registration)
+        .instrument(span)
+        .await
+        .context("registering")?;
     tracing::info!(%worker_id, "registered");
-    let heartbeats = tokio::spawn(heartbeat(client.clone(), worker_id, Duration::from_millis(registered.heartbeat_interval_ms)));
+    let heartbeats = tokio::spawn(heartbeat(
+        client.clone(),
+        worker_id,
+        Duration::from_millis(registered.heartbeat_interval_ms),
+    ));
 
     let idle = Duration::from_secs(config.idle_timeout_secs);
-    let next = shutdown.guard(tokio::time::timeout(idle, messages.next())).await;
+    let next = shutdown
+        .guard(tokio::time::timeout(idle, messages.next()))
+        .await;
     let message = match next {
         None => {
             tracing::info!("stopped before any job arrived");
@@ -121,7 +142,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
 
 /// Register, retrying with backoff while the registry cannot be reached (restarting, or the
 /// connection is down) for up to two minutes; a refusal is final.
-async fn register(client: &async_nats::Client, registration: &RegisterWorker) -> Result<Registered, hodei_protocol::ApiError> {
+async fn register(
+    client: &async_nats::Client,
+    registration: &RegisterWorker,
+) -> Result<Registered, hodei_protocol::ApiError> {
     use backon::BackoffBuilder;
     let subject = subjects::agent_register(registration.worker_id);
     let mut delays = backon::ExponentialBuilder::default()
@@ -132,7 +156,15 @@ async fn register(client: &async_nats::Client, registration: &RegisterWorker) ->
         .without_max_times()
         .build();
     loop {
-        match api::request(client, &subject, None, registration, Duration::from_secs(10)).await {
+        match api::request(
+            client,
+            &subject,
+            None,
+            registration,
+            Duration::from_secs(10),
+        )
+        .await
+        {
             Err(error) if error.code.is_transient() => match delays.next() {
                 Some(delay) => {
                     tracing::warn!(code = error.code.as_str(), message = %error.message, ?delay, "registration not answered; retrying");
@@ -149,8 +181,15 @@ async fn heartbeat(client: async_nats::Client, worker_id: Uuid, every: Duration)
     let mut ticker = tokio::time::interval(every.max(Duration::from_millis(100)));
     loop {
         ticker.tick().await;
-        let beat = Heartbeat { schema_version: hodei_protocol::SCHEMA_VERSION, worker_id, job_id: None };
-        if let Err(error) = client.publish(subjects::agent_heartbeat(worker_id), encode(&beat)).await {
+        let beat = Heartbeat {
+            schema_version: hodei_protocol::SCHEMA_VERSION,
+            worker_id,
+            job_id: None,
+        };
+        if let Err(error) = client
+            .publish(subjects::agent_heartbeat(worker_id), encode(&beat))
+            .await
+        {
             tracing::warn!(%error, "heartbeat not sent");
         }
     }

@@ -19,10 +19,12 @@ pub async fn send<T: Serialize>(
     body: &T,
 ) -> Result<ReportAccepted, ApiError> {
     let inbox = client.new_inbox();
-    let mut answers = client
-        .subscribe(inbox.clone())
-        .await
-        .map_err(|e| ApiError::new(ErrorCode::Unavailable, format!("cannot subscribe to {inbox}: {e}")))?;
+    let mut answers = client.subscribe(inbox.clone()).await.map_err(|e| {
+        ApiError::new(
+            ErrorCode::Unavailable,
+            format!("cannot subscribe to {inbox}: {e}"),
+        )
+    })?;
     let mut map = message_headers(&msg_id, Some(correlation_id));
     map.insert(headers::REPLY_TO, inbox.as_str());
     let payload = encode(body);
@@ -43,6 +45,9 @@ pub async fn send<T: Serialize>(
         Ok(Some(message)) => serde_json::from_slice::<Reply<ReportAccepted>>(&message.payload)
             .map_err(|e| ApiError::internal(format!("unreadable answer: {e}")))?
             .into_result(),
-        _ => Err(ApiError::new(ErrorCode::Unavailable, "the report is stored but no answer came in 30 s")),
+        _ => Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "the report is stored but no answer came in 30 s",
+        )),
     }
 }

@@ -35,27 +35,58 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let pool = hodei_store::connect_and_migrate(&config.common.database_url, config.db_pool_size)
         .await
         .context("connecting to PostgreSQL")?;
-    let (client, js) = hodei_messaging::connect_and_ensure_streams(&config.common.nats_url, SERVICE)
-        .await
-        .context("connecting to NATS")?;
-    config.common.serve_metrics(9615, vec![hodei_store::health(&pool), hodei_messaging::health(&client)], shutdown.clone()).await?;
-    let state = State { pool, js: js.clone() };
+    let (client, js) =
+        hodei_messaging::connect_and_ensure_streams(&config.common.nats_url, SERVICE)
+            .await
+            .context("connecting to NATS")?;
+    config
+        .common
+        .serve_metrics(
+            9615,
+            vec![hodei_store::health(&pool), hodei_messaging::health(&client)],
+            shutdown.clone(),
+        )
+        .await?;
+    let state = State {
+        pool,
+        js: js.clone(),
+    };
     let query = {
         let state = state.clone();
-        api::serve(client.clone(), subjects::API_AUDIT_QUERY, "hodei-audit", shutdown.clone(), move |req, _| {
-            handlers::query::handle(state.clone(), req)
-        })
+        api::serve(
+            client.clone(),
+            subjects::API_AUDIT_QUERY,
+            "hodei-audit",
+            shutdown.clone(),
+            move |req, _| handlers::query::handle(state.clone(), req),
+        )
     };
     let dlq = {
-        let serve = |subject: &'static str| (client.clone(), subject, "hodei-audit", shutdown.clone(), state.clone());
+        let serve = |subject: &'static str| {
+            (
+                client.clone(),
+                subject,
+                "hodei-audit",
+                shutdown.clone(),
+                state.clone(),
+            )
+        };
         let (c, s, q, d, st) = serve(subjects::API_DLQ_LIST);
-        let list = api::serve(c, s, q, d, move |req, _| handlers::dlq::list(st.clone(), req));
+        let list = api::serve(c, s, q, d, move |req, _| {
+            handlers::dlq::list(st.clone(), req)
+        });
         let (c, s, q, d, st) = serve(subjects::API_DLQ_SHOW);
-        let show = api::serve(c, s, q, d, move |req, _| handlers::dlq::show(st.clone(), req));
+        let show = api::serve(c, s, q, d, move |req, _| {
+            handlers::dlq::show(st.clone(), req)
+        });
         let (c, s, q, d, st) = serve(subjects::API_DLQ_REPLAY);
-        let replay = api::serve(c, s, q, d, move |req, _| handlers::dlq::replay(st.clone(), req));
+        let replay = api::serve(c, s, q, d, move |req, _| {
+            handlers::dlq::replay(st.clone(), req)
+        });
         let (c, s, q, d, st) = serve(subjects::API_DLQ_DISCARD);
-        let discard = api::serve(c, s, q, d, move |req, _| handlers::dlq::discard(st.clone(), req));
+        let discard = api::serve(c, s, q, d, move |req, _| {
+            handlers::dlq::discard(st.clone(), req)
+        });
         async move {
             let (a, b, c, d) = tokio::join!(list, show, replay, discard);
             a.and(b).and(c).and(d)

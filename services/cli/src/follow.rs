@@ -13,10 +13,21 @@ use hodei_protocol::logs::{LogBatch, LogStream};
 use hodei_protocol::subjects;
 use uuid::Uuid;
 
-async fn ordered(js: &jetstream::Context, stream: &str, filter: String) -> anyhow::Result<jetstream::consumer::pull::Ordered> {
-    let stream = js.get_stream(stream).await.with_context(|| format!("opening stream {stream}"))?;
+async fn ordered(
+    js: &jetstream::Context,
+    stream: &str,
+    filter: String,
+) -> anyhow::Result<jetstream::consumer::pull::Ordered> {
+    let stream = js
+        .get_stream(stream)
+        .await
+        .with_context(|| format!("opening stream {stream}"))?;
     let consumer = stream
-        .create_consumer(OrderedConfig { filter_subject: filter, deliver_policy: DeliverPolicy::All, ..Default::default() })
+        .create_consumer(OrderedConfig {
+            filter_subject: filter,
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
         .await
         .context("creating an ordered consumer")?;
     consumer.messages().await.context("reading messages")
@@ -27,7 +38,11 @@ fn print_batch(batch: &LogBatch, json: bool) {
     let mut err = std::io::stderr().lock();
     for line in &batch.lines {
         if json {
-            let _ = writeln!(out, "{}", serde_json::json!({"seq": batch.seq, "stream": line.stream, "line": line.line}));
+            let _ = writeln!(
+                out,
+                "{}",
+                serde_json::json!({"seq": batch.seq, "stream": line.stream, "line": line.line})
+            );
         } else if line.stream == LogStream::Stderr {
             let _ = writeln!(err, "{}", line.line);
         } else {
@@ -38,7 +53,12 @@ fn print_batch(batch: &LogBatch, json: bool) {
 }
 
 /// Print the job's output; without `follow`, stop at what is stored now.
-pub async fn logs(js: &jetstream::Context, job_id: Uuid, follow: bool, json: bool) -> anyhow::Result<()> {
+pub async fn logs(
+    js: &jetstream::Context,
+    job_id: Uuid,
+    follow: bool,
+    json: bool,
+) -> anyhow::Result<()> {
     let mut messages = ordered(js, hodei_messaging::streams::LOGS, subjects::logs(job_id)).await?;
     loop {
         let next = if follow {
@@ -51,7 +71,8 @@ pub async fn logs(js: &jetstream::Context, job_id: Uuid, follow: bool, json: boo
         };
         let Some(message) = next else { return Ok(()) };
         let message = message.context("reading logs")?;
-        let batch: LogBatch = serde_json::from_slice(&message.payload).context("unreadable log batch")?;
+        let batch: LogBatch =
+            serde_json::from_slice(&message.payload).context("unreadable log batch")?;
         print_batch(&batch, json);
         let caught_up = message.info().map(|i| i.pending == 0).unwrap_or(false);
         if batch.eof || (!follow && caught_up) {
@@ -84,10 +105,16 @@ pub async fn run_to_end(
         let js = js.clone();
         async move { logs(&js, job_id, true, false).await }
     });
-    let mut events = ordered(js, hodei_messaging::streams::EVENTS, subjects::job_events(job_id)).await?;
+    let mut events = ordered(
+        js,
+        hodei_messaging::streams::EVENTS,
+        subjects::job_events(job_id),
+    )
+    .await?;
     while let Some(message) = events.next().await {
         let message = message.context("reading job events")?;
-        let event: DomainEvent = serde_json::from_slice(&message.payload).context("unreadable event")?;
+        let event: DomainEvent =
+            serde_json::from_slice(&message.payload).context("unreadable event")?;
         if ends_job(&event) {
             break;
         }
@@ -95,11 +122,23 @@ pub async fn run_to_end(
     // The output's last batch is stored before the job's end is reported; if the agent died
     // without writing it, do not wait for ever.
     let logs_abort = logs.abort_handle();
-    if tokio::time::timeout(Duration::from_secs(5), logs).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), logs)
+        .await
+        .is_err()
+    {
         logs_abort.abort();
         eprintln!("hodei: the job ended but its output is incomplete");
     }
-    request(client, subjects::API_JOBS_GET, None, &GetJob { schema_version: 1, job_id }, timeout)
-        .await
-        .map_err(|e| anyhow::anyhow!("{} ({})", e.message, e.code.as_str()))
+    request(
+        client,
+        subjects::API_JOBS_GET,
+        None,
+        &GetJob {
+            schema_version: 1,
+            job_id,
+        },
+        timeout,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{} ({})", e.message, e.code.as_str()))
 }

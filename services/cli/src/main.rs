@@ -14,7 +14,8 @@ use clap::{Args, Parser, Subcommand};
 use hodei_domain::{JobState, WorkerState};
 use hodei_messaging::api::request;
 use hodei_protocol::api::{
-    AuditEntry, AuditQuery, GetJob, JobView, ListJobs, ListWorkers, Page, SubmitAccepted, SubmitJob, WorkerView, CancelJob, DeadLetter, DeadLetterRef, ListDeadLetters,
+    AuditEntry, AuditQuery, CancelJob, DeadLetter, DeadLetterRef, GetJob, JobView, ListDeadLetters,
+    ListJobs, ListWorkers, Page, SubmitAccepted, SubmitJob, WorkerView,
 };
 use hodei_protocol::subjects;
 use uuid::Uuid;
@@ -28,7 +29,12 @@ use uuid::Uuid;
 #[command(name = "hodei", version, about, long_about)]
 struct Cli {
     /// NATS server URL.
-    #[arg(long, global = true, env = "HODEI_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long,
+        global = true,
+        env = "HODEI_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
     nats_url: String,
 
     /// Print JSON (one document per command) instead of tables.
@@ -235,7 +241,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Get { job_id } => {
-            let job: JobView = ask(call(subjects::API_JOBS_GET), &GetJob { schema_version: 1, job_id }).await?;
+            let job: JobView = ask(
+                call(subjects::API_JOBS_GET),
+                &GetJob {
+                    schema_version: 1,
+                    job_id,
+                },
+            )
+            .await?;
             if cli.json {
                 output::json(&job);
             } else {
@@ -243,9 +256,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::List { state, limit, cursor } => {
-            let page: Page<JobView> =
-                ask(call(subjects::API_JOBS_LIST), &ListJobs { schema_version: 1, state, limit: Some(limit), cursor }).await?;
+        Command::List {
+            state,
+            limit,
+            cursor,
+        } => {
+            let page: Page<JobView> = ask(
+                call(subjects::API_JOBS_LIST),
+                &ListJobs {
+                    schema_version: 1,
+                    state,
+                    limit: Some(limit),
+                    cursor,
+                },
+            )
+            .await?;
             if cli.json {
                 output::json(&page);
             } else {
@@ -258,10 +283,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             follow::logs(&js, job_id, follow, cli.json).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Workers { state, limit, cursor } => {
+        Command::Workers {
+            state,
+            limit,
+            cursor,
+        } => {
             let page: Page<WorkerView> = ask(
                 call(subjects::API_WORKERS_LIST),
-                &ListWorkers { schema_version: 1, state, limit: Some(limit), cursor },
+                &ListWorkers {
+                    schema_version: 1,
+                    state,
+                    limit: Some(limit),
+                    cursor,
+                },
             )
             .await?;
             if cli.json {
@@ -292,7 +326,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Providers => {
-            let providers: Vec<serde_json::Value> = ask(call(subjects::API_PROVIDERS_LIST), &serde_json::json!({})).await?;
+            let providers: Vec<serde_json::Value> =
+                ask(call(subjects::API_PROVIDERS_LIST), &serde_json::json!({})).await?;
             if cli.json {
                 output::json(&providers);
             } else {
@@ -301,7 +336,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Cancel { job_id, reason } => {
-            let job: JobView = ask(call(subjects::API_JOBS_CANCEL), &CancelJob { schema_version: 1, job_id, reason }).await?;
+            let job: JobView = ask(
+                call(subjects::API_JOBS_CANCEL),
+                &CancelJob {
+                    schema_version: 1,
+                    job_id,
+                    reason,
+                },
+            )
+            .await?;
             if cli.json {
                 output::json(&job);
             } else {
@@ -310,12 +353,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Dlq { command } => {
-            let dead_letter = |seq, actor| DeadLetterRef { schema_version: 1, seq, actor };
+            let dead_letter = |seq, actor| DeadLetterRef {
+                schema_version: 1,
+                seq,
+                actor,
+            };
             match command {
                 DlqCommand::List { limit, cursor } => {
                     let page: Page<DeadLetter> = ask(
                         call(subjects::API_DLQ_LIST),
-                        &ListDeadLetters { schema_version: 1, limit: Some(limit), cursor },
+                        &ListDeadLetters {
+                            schema_version: 1,
+                            limit: Some(limit),
+                            cursor,
+                        },
                     )
                     .await?;
                     if cli.json {
@@ -325,22 +376,46 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
                 DlqCommand::Show { seq } => {
-                    let dead: DeadLetter = ask(call(subjects::API_DLQ_SHOW), &dead_letter(seq, None)).await?;
+                    let dead: DeadLetter =
+                        ask(call(subjects::API_DLQ_SHOW), &dead_letter(seq, None)).await?;
                     output::json(&dead);
                 }
                 DlqCommand::Replay { seq, actor } => {
-                    let dead: DeadLetter = ask(call(subjects::API_DLQ_REPLAY), &dead_letter(seq, Some(actor))).await?;
-                    if cli.json { output::json(&dead) } else { println!("replayed {} to {}", dead.seq, dead.original_subject) }
+                    let dead: DeadLetter = ask(
+                        call(subjects::API_DLQ_REPLAY),
+                        &dead_letter(seq, Some(actor)),
+                    )
+                    .await?;
+                    if cli.json {
+                        output::json(&dead)
+                    } else {
+                        println!("replayed {} to {}", dead.seq, dead.original_subject)
+                    }
                 }
                 DlqCommand::Discard { seq, actor } => {
-                    let dead: DeadLetter = ask(call(subjects::API_DLQ_DISCARD), &dead_letter(seq, Some(actor))).await?;
-                    if cli.json { output::json(&dead) } else { println!("discarded {}", dead.seq) }
+                    let dead: DeadLetter = ask(
+                        call(subjects::API_DLQ_DISCARD),
+                        &dead_letter(seq, Some(actor)),
+                    )
+                    .await?;
+                    if cli.json {
+                        output::json(&dead)
+                    } else {
+                        println!("discarded {}", dead.seq)
+                    }
                 }
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Trace { job_id } => {
-            let job: JobView = ask(call(subjects::API_JOBS_GET), &GetJob { schema_version: 1, job_id }).await?;
+            let job: JobView = ask(
+                call(subjects::API_JOBS_GET),
+                &GetJob {
+                    schema_version: 1,
+                    job_id,
+                },
+            )
+            .await?;
             let entries = audit_trail(call(subjects::API_AUDIT_QUERY), &job.correlation_id).await?;
             let steps = output::timeline(&job, entries);
             if cli.json {
@@ -385,9 +460,14 @@ async fn ask<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
         .map_err(|e| anyhow::anyhow!("{} ({})", e.message, e.code.as_str()))
 }
 
-async fn submit(call: (async_nats::Client, &'static str, Duration), args: JobArgs) -> anyhow::Result<SubmitAccepted> {
+async fn submit(
+    call: (async_nats::Client, &'static str, Duration),
+    args: JobArgs,
+) -> anyhow::Result<SubmitAccepted> {
     let mut command = args.command.into_iter();
-    let Some(program) = command.next() else { bail!("no command given after --") };
+    let Some(program) = command.next() else {
+        bail!("no command given after --")
+    };
     let request = SubmitJob {
         schema_version: 1,
         command: program,
@@ -396,7 +476,13 @@ async fn submit(call: (async_nats::Client, &'static str, Duration), args: JobArg
         working_dir: args.workdir,
         labels: args.label.into_iter().collect(),
         idempotency_key: args.key,
-        policy: policy_of(&args.start_timeout, &args.run_timeout, args.attempts, args.backoff, args.priority),
+        policy: policy_of(
+            &args.start_timeout,
+            &args.run_timeout,
+            args.attempts,
+            args.backoff,
+            args.priority,
+        ),
         ..SubmitJob::default()
     };
     ask(call, &request).await

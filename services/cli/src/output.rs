@@ -5,7 +5,10 @@ use hodei_protocol::api::{AuditEntry, JobView, Page, WorkerView};
 use uuid::Uuid;
 
 pub fn json<T: serde::Serialize>(value: &T) {
-    println!("{}", serde_json::to_string_pretty(value).expect("serializable"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("serializable")
+    );
 }
 
 fn table(headers: &[&str], rows: Vec<Vec<String>>) {
@@ -16,7 +19,11 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
         }
     }
     let line = |cells: Vec<String>| {
-        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         println!("{}", padded.join("  ").trim_end());
     };
     line(headers.iter().map(|h| h.to_string()).collect());
@@ -26,7 +33,10 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
 }
 
 fn opt<T: ToString>(value: &Option<T>) -> String {
-    value.as_ref().map(ToString::to_string).unwrap_or_else(|| "-".into())
+    value
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_else(|| "-".into())
 }
 
 fn time(t: &chrono::DateTime<chrono::Utc>) -> String {
@@ -34,7 +44,11 @@ fn time(t: &chrono::DateTime<chrono::Utc>) -> String {
 }
 
 fn command_line(job: &JobView) -> String {
-    let mut s = std::iter::once(&job.command).chain(&job.args).cloned().collect::<Vec<_>>().join(" ");
+    let mut s = std::iter::once(&job.command)
+        .chain(&job.args)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(" ");
     if s.chars().count() > 60 {
         s = s.chars().take(57).collect::<String>() + "...";
     }
@@ -48,8 +62,15 @@ fn next_page(next: &Option<String>) {
 }
 
 pub fn job_summary(job: &JobView) -> String {
-    let exit = job.exit_code.map(|c| format!(", exit code {c}")).unwrap_or_default();
-    let error = job.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default();
+    let exit = job
+        .exit_code
+        .map(|c| format!(", exit code {c}"))
+        .unwrap_or_default();
+    let error = job
+        .error
+        .as_ref()
+        .map(|e| format!(": {e}"))
+        .unwrap_or_default();
     format!("hodei: job {} {}{exit}{error}", job.job_id, job.state)
 }
 
@@ -57,7 +78,14 @@ pub fn job_details(job: &JobView) {
     let rows = [
         ("job", job.job_id.to_string()),
         ("state", job.state.to_string()),
-        ("command", std::iter::once(&job.command).chain(&job.args).cloned().collect::<Vec<_>>().join(" ")),
+        (
+            "command",
+            std::iter::once(&job.command)
+                .chain(&job.args)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
         ("working dir", opt(&job.working_dir)),
         ("attempt", job.attempt.to_string()),
         ("worker", opt(&job.worker_id)),
@@ -80,7 +108,15 @@ pub fn jobs_table(page: &Page<JobView>) {
     let rows = page
         .items
         .iter()
-        .map(|j| vec![j.job_id.to_string(), j.state.to_string(), opt(&j.exit_code), time(&j.created_at), command_line(j)])
+        .map(|j| {
+            vec![
+                j.job_id.to_string(),
+                j.state.to_string(),
+                opt(&j.exit_code),
+                time(&j.created_at),
+                command_line(j),
+            ]
+        })
         .collect();
     table(&["JOB", "STATE", "EXIT", "CREATED", "COMMAND"], rows);
     next_page(&page.next_cursor);
@@ -101,7 +137,17 @@ pub fn workers_table(page: &Page<WorkerView>) {
             ]
         })
         .collect();
-    table(&["WORKER", "STATE", "PROVIDER", "JOB", "LAST HEARTBEAT", "CREATED"], rows);
+    table(
+        &[
+            "WORKER",
+            "STATE",
+            "PROVIDER",
+            "JOB",
+            "LAST HEARTBEAT",
+            "CREATED",
+        ],
+        rows,
+    );
     next_page(&page.next_cursor);
 }
 
@@ -119,7 +165,10 @@ pub fn audit_table(page: &Page<AuditEntry>) {
             ]
         })
         .collect();
-    table(&["OCCURRED", "EVENT", "AGGREGATE", "ACTOR", "CORRELATION"], rows);
+    table(
+        &["OCCURRED", "EVENT", "AGGREGATE", "ACTOR", "CORRELATION"],
+        rows,
+    );
     next_page(&page.next_cursor);
 }
 
@@ -164,7 +213,10 @@ pub fn timeline(job: &JobView, mut entries: Vec<AuditEntry>) -> Vec<TraceStep> {
 
 /// `worker:<uuid>` as `worker:<short id>`; other names as they are.
 fn short_actor(actor: &str) -> String {
-    match actor.strip_prefix("worker:").and_then(|id| id.parse::<Uuid>().ok()) {
+    match actor
+        .strip_prefix("worker:")
+        .and_then(|id| id.parse::<Uuid>().ok())
+    {
         Some(id) => format!("worker:{}", short_id(&id)),
         None => actor.to_owned(),
     }
@@ -177,8 +229,17 @@ fn short_id(id: &Uuid) -> String {
 }
 
 pub fn trace_table(job: &JobView, steps: &[TraceStep]) {
-    let exit = job.exit_code.map(|c| format!(", exit code {c}")).unwrap_or_default();
-    println!("job {} {}{exit}, created {}, correlation {}", job.job_id, job.state, time(&job.created_at), job.correlation_id);
+    let exit = job
+        .exit_code
+        .map(|c| format!(", exit code {c}"))
+        .unwrap_or_default();
+    println!(
+        "job {} {}{exit}, created {}, correlation {}",
+        job.job_id,
+        job.state,
+        time(&job.created_at),
+        job.correlation_id
+    );
     if steps.is_empty() {
         println!("no audit entries yet for this job");
         return;
@@ -200,7 +261,10 @@ pub fn trace_table(job: &JobView, steps: &[TraceStep]) {
             ]
         })
         .collect();
-    table(&["OCCURRED", "+MS", "ΔMS", "EVENT", "ACTOR", "AGGREGATE"], rows);
+    table(
+        &["OCCURRED", "+MS", "ΔMS", "EVENT", "ACTOR", "AGGREGATE"],
+        rows,
+    );
 }
 
 pub fn dead_letters_table(page: &Page<hodei_protocol::api::DeadLetter>) {
@@ -212,7 +276,13 @@ pub fn dead_letters_table(page: &Page<hodei_protocol::api::DeadLetter>) {
             if d.reason.chars().count() > 60 {
                 reason.push_str("...");
             }
-            vec![d.seq.to_string(), time(&d.stored_at), d.consumer.clone(), d.original_subject.clone(), reason]
+            vec![
+                d.seq.to_string(),
+                time(&d.stored_at),
+                d.consumer.clone(),
+                d.original_subject.clone(),
+                reason,
+            ]
         })
         .collect();
     table(&["SEQ", "STORED", "GAVE UP", "SUBJECT", "REASON"], rows);
@@ -227,7 +297,14 @@ pub fn providers_table(providers: &[serde_json::Value]) {
     };
     let rows = providers
         .iter()
-        .map(|p| vec![field(p, "provider"), field(p, "circuit"), field(p, "consecutive_failures"), field(p, "retry_in_ms")])
+        .map(|p| {
+            vec![
+                field(p, "provider"),
+                field(p, "circuit"),
+                field(p, "consecutive_failures"),
+                field(p, "retry_in_ms"),
+            ]
+        })
         .collect();
     table(&["PROVIDER", "CIRCUIT", "FAILURES", "PROBE IN (MS)"], rows);
 }

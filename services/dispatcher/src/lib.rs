@@ -27,7 +27,11 @@ pub struct Config {
 
     /// A requested worker that has not registered after this long is torn down and its job
     /// requeued (ms).
-    #[arg(long, env = "HODEI_WORKER_CONNECT_TIMEOUT_MS", default_value_t = 60_000)]
+    #[arg(
+        long,
+        env = "HODEI_WORKER_CONNECT_TIMEOUT_MS",
+        default_value_t = 60_000
+    )]
     pub worker_connect_timeout_ms: u64,
 
     /// Consecutive failures to place jobs that open the dispatch circuit.
@@ -59,11 +63,22 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let pool = hodei_store::connect_and_migrate(&config.common.database_url, config.db_pool_size)
         .await
         .context("connecting to PostgreSQL")?;
-    let (client, js) = hodei_messaging::connect_and_ensure_streams(&config.common.nats_url, SERVICE)
-        .await
-        .context("connecting to NATS")?;
-    config.common.serve_metrics(9612, vec![hodei_store::health(&pool), hodei_messaging::health(&client)], shutdown.clone()).await?;
-    let state = State { pool, actor: Actor::service(SERVICE), provider: config.provider,
+    let (client, js) =
+        hodei_messaging::connect_and_ensure_streams(&config.common.nats_url, SERVICE)
+            .await
+            .context("connecting to NATS")?;
+    config
+        .common
+        .serve_metrics(
+            9612,
+            vec![hodei_store::health(&pool), hodei_messaging::health(&client)],
+            shutdown.clone(),
+        )
+        .await?;
+    let state = State {
+        pool,
+        actor: Actor::service(SERVICE),
+        provider: config.provider,
         connect_timeout: std::time::Duration::from_millis(config.worker_connect_timeout_ms),
         breaker: std::sync::Arc::new(hodei_runtime::breaker::Breaker::new(
             "dispatch",

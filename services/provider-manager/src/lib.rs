@@ -63,16 +63,30 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     use anyhow::Context;
     let agent_bin = match config.agent_bin {
         Some(path) => path,
-        None => std::env::current_exe().context("locating this binary")?.with_file_name("hodei-agent"),
+        None => std::env::current_exe()
+            .context("locating this binary")?
+            .with_file_name("hodei-agent"),
     };
-    anyhow::ensure!(agent_bin.is_file(), "the agent binary {} does not exist (set HODEI_AGENT_BIN)", agent_bin.display());
+    anyhow::ensure!(
+        agent_bin.is_file(),
+        "the agent binary {} does not exist (set HODEI_AGENT_BIN)",
+        agent_bin.display()
+    );
     let pool = hodei_store::connect_and_migrate(&config.common.database_url, config.db_pool_size)
         .await
         .context("connecting to PostgreSQL")?;
-    let (client, js) = hodei_messaging::connect_and_ensure_streams(&config.common.nats_url, SERVICE)
-        .await
-        .context("connecting to NATS")?;
-    config.common.serve_metrics(9614, vec![hodei_store::health(&pool), hodei_messaging::health(&client)], shutdown.clone()).await?;
+    let (client, js) =
+        hodei_messaging::connect_and_ensure_streams(&config.common.nats_url, SERVICE)
+            .await
+            .context("connecting to NATS")?;
+    config
+        .common
+        .serve_metrics(
+            9614,
+            vec![hodei_store::health(&pool), hodei_messaging::health(&client)],
+            shutdown.clone(),
+        )
+        .await?;
     let provider = ProcessProvider::new(
         agent_bin,
         config.agent_nats_url.unwrap_or(config.common.nats_url),
@@ -83,7 +97,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         config.circuit_threshold,
         std::time::Duration::from_millis(config.circuit_open_ms),
     );
-    let state = Arc::new(State { pool, actor: Actor::service(SERVICE), provider, breaker });
+    let state = Arc::new(State {
+        pool,
+        actor: Actor::service(SERVICE),
+        provider,
+        breaker,
+    });
     let providers = {
         let state = state.clone();
         hodei_messaging::api::serve(
@@ -106,15 +125,15 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let mut provisioning = ConsumerConfig::new(
         streams::EVENTS,
         "provider-manager-provisioning",
-        Some(subjects::events_of_type("worker", "WorkerProvisioningRequested")),
+        Some(subjects::events_of_type(
+            "worker",
+            "WorkerProvisioningRequested",
+        )),
     );
     provisioning.max_deliver = -1;
-    let requests = consumer::run(
-        js.clone(),
-        provisioning,
-        shutdown.clone(),
-        |delivery| handlers::provision::handle(state.clone(), delivery),
-    );
+    let requests = consumer::run(js.clone(), provisioning, shutdown.clone(), |delivery| {
+        handlers::provision::handle(state.clone(), delivery)
+    });
     let terminations = consumer::run(
         js.clone(),
         ConsumerConfig::new(

@@ -46,18 +46,37 @@ pub(crate) struct State {
     pub lost_after: std::time::Duration,
 }
 
-
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     use anyhow::Context;
     let pool = hodei_store::connect_and_migrate(&config.common.database_url, config.db_pool_size)
         .await
         .context("connecting to PostgreSQL")?;
-    let (client, js) = hodei_messaging::connect_and_ensure_streams(&config.common.nats_url, SERVICE)
-        .await
-        .context("connecting to NATS")?;
-    config.common.serve_metrics(9613, vec![hodei_store::health(&pool), hodei_messaging::health(&client)], shutdown.clone()).await?;
-    hodei_store::register_state_gauges(&pool, "workers", "hodei_workers", "Workers by state", hodei_domain::WorkerState::ALL.iter().map(|s| s.as_str()).collect());
-    let state = State { pool, actor: Actor::service(SERVICE), heartbeat_interval_ms: config.heartbeat_interval_ms,
+    let (client, js) =
+        hodei_messaging::connect_and_ensure_streams(&config.common.nats_url, SERVICE)
+            .await
+            .context("connecting to NATS")?;
+    config
+        .common
+        .serve_metrics(
+            9613,
+            vec![hodei_store::health(&pool), hodei_messaging::health(&client)],
+            shutdown.clone(),
+        )
+        .await?;
+    hodei_store::register_state_gauges(
+        &pool,
+        "workers",
+        "hodei_workers",
+        "Workers by state",
+        hodei_domain::WorkerState::ALL
+            .iter()
+            .map(|s| s.as_str())
+            .collect(),
+    );
+    let state = State {
+        pool,
+        actor: Actor::service(SERVICE),
+        heartbeat_interval_ms: config.heartbeat_interval_ms,
         lost_after: std::time::Duration::from_millis(config.worker_lost_after_ms),
     };
     let monitor = tokio::spawn(monitor::run(
@@ -68,20 +87,32 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let queue = "hodei-registry";
     let register = {
         let state = state.clone();
-        api::serve(client.clone(), "hodei.agent.*.register", queue, shutdown.clone(), move |req, ctx| {
-            handlers::register::handle(state.clone(), req, ctx)
-        })
+        api::serve(
+            client.clone(),
+            "hodei.agent.*.register",
+            queue,
+            shutdown.clone(),
+            move |req, ctx| handlers::register::handle(state.clone(), req, ctx),
+        )
     };
     let workers = {
         let state = state.clone();
-        api::serve(client.clone(), subjects::API_WORKERS_LIST, queue, shutdown.clone(), move |req, _| {
-            handlers::list::handle(state.clone(), req)
-        })
+        api::serve(
+            client.clone(),
+            subjects::API_WORKERS_LIST,
+            queue,
+            shutdown.clone(),
+            move |req, _| handlers::list::handle(state.clone(), req),
+        )
     };
     let heartbeats = handlers::heartbeat::run(state.clone(), client.clone(), shutdown.clone());
     let teardown = consumer::run(
         js.clone(),
-        ConsumerConfig::new(streams::EVENTS, "registry-job-events", Some("hodei.events.job.>".into())),
+        ConsumerConfig::new(
+            streams::EVENTS,
+            "registry-job-events",
+            Some("hodei.events.job.>".into()),
+        ),
         shutdown.clone(),
         |delivery| handlers::job_ended::handle(state.clone(), delivery),
     );

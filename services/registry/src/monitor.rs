@@ -19,11 +19,19 @@ pub async fn run(pool: PgPool, max_sleep: Duration, shutdown: Shutdown) {
         BATCH,
         max_sleep,
         shutdown,
-        || async { workers::due(&pool, BATCH as i64).await.map_err(|e| e.to_string()) },
+        || async {
+            workers::due(&pool, BATCH as i64)
+                .await
+                .map_err(|e| e.to_string())
+        },
         || async { workers::next_due(&pool).await.map_err(|e| e.to_string()) },
         |worker_id| {
             let (pool, actor) = (&pool, &actor);
-            async move { expire(pool, worker_id, actor).await.map_err(|e| e.to_string()) }
+            async move {
+                expire(pool, worker_id, actor)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
         },
     )
     .await;
@@ -32,7 +40,9 @@ pub async fn run(pool: PgPool, max_sleep: Duration, shutdown: Shutdown) {
 #[tracing::instrument(name = "worker timeout", skip(pool, actor))]
 async fn expire(pool: &PgPool, worker_id: Uuid, actor: &Actor) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
-    let Some(mut worker) = workers::lock(&mut tx, worker_id).await? else { return Ok(()) };
+    let Some(mut worker) = workers::lock(&mut tx, worker_id).await? else {
+        return Ok(());
+    };
     let job_id = worker.current_job_id.or(worker.reserved_job_id);
     let (terminating, fault) = match worker.expire(chrono::Utc::now(), actor) {
         Ok(Some(expired)) => expired,
@@ -49,7 +59,9 @@ async fn expire(pool: &PgPool, worker_id: Uuid, actor: &Actor) -> Result<(), Sto
                 Ok(Vec::new())
             } else {
                 match fault {
-                    WorkerFault::NeverConnected => job.requeue(format!("worker {worker_id} never registered"), actor),
+                    WorkerFault::NeverConnected => {
+                        job.requeue(format!("worker {worker_id} never registered"), actor)
+                    }
                     WorkerFault::Lost => job.worker_lost(worker_id, hodei_runtime::jitter(), actor),
                     WorkerFault::TeardownOverdue => Ok(Vec::new()),
                 }
@@ -60,7 +72,9 @@ async fn expire(pool: &PgPool, worker_id: Uuid, actor: &Actor) -> Result<(), Sto
                     events.extend(job_events);
                 }
                 Ok(_) => {}
-                Err(error) => tracing::warn!(%job_id, %error, "the job of the worker could not be moved on"),
+                Err(error) => {
+                    tracing::warn!(%job_id, %error, "the job of the worker could not be moved on")
+                }
             }
         }
     }

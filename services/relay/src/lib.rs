@@ -46,15 +46,31 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let pool = hodei_store::connect_and_migrate(&config.common.database_url, 4)
         .await
         .context("connecting to PostgreSQL")?;
-    let (client, js) = hodei_messaging::connect_and_ensure_streams(&config.common.nats_url, SERVICE)
-        .await
-        .context("connecting to NATS")?;
-    config.common.serve_metrics(9610, vec![hodei_store::health(&pool), hodei_messaging::health(&client)], shutdown.clone()).await?;
+    let (client, js) =
+        hodei_messaging::connect_and_ensure_streams(&config.common.nats_url, SERVICE)
+            .await
+            .context("connecting to NATS")?;
+    config
+        .common
+        .serve_metrics(
+            9610,
+            vec![hodei_store::health(&pool), hodei_messaging::health(&client)],
+            shutdown.clone(),
+        )
+        .await?;
     register_outbox_gauges(&pool);
-    let mut leader = pool.acquire().await.context("acquiring the leader connection")?.detach();
+    let mut leader = pool
+        .acquire()
+        .await
+        .context("acquiring the leader connection")?
+        .detach();
     tracing::info!("waiting to become the active relay");
     let locked = shutdown
-        .guard(sqlx::query("SELECT pg_advisory_lock($1)").bind(RELAY_LOCK).execute(&mut leader))
+        .guard(
+            sqlx::query("SELECT pg_advisory_lock($1)")
+                .bind(RELAY_LOCK)
+                .execute(&mut leader),
+        )
         .await;
     match locked {
         None => return Ok(()),
@@ -63,8 +79,13 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         }
     }
     tracing::info!("this relay is now the active one");
-    let mut listener = PgListener::connect_with(&pool).await.context("listening for outbox notifications")?;
-    listener.listen(outbox::NOTIFY_CHANNEL).await.context("listening for outbox notifications")?;
+    let mut listener = PgListener::connect_with(&pool)
+        .await
+        .context("listening for outbox notifications")?;
+    listener
+        .listen(outbox::NOTIFY_CHANNEL)
+        .await
+        .context("listening for outbox notifications")?;
     let sweep = Duration::from_secs(config.sweep_secs);
     loop {
         loop {
@@ -72,8 +93,15 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
                 Ok(0) => break,
                 Ok(n) => tracing::debug!(published = n, "batch published"),
                 Err(error) => {
-                    tracing::error!(error = format!("{error:#}"), "relaying failed; retrying after a pause");
-                    if shutdown.guard(tokio::time::sleep(Duration::from_secs(1))).await.is_none() {
+                    tracing::error!(
+                        error = format!("{error:#}"),
+                        "relaying failed; retrying after a pause"
+                    );
+                    if shutdown
+                        .guard(tokio::time::sleep(Duration::from_secs(1)))
+                        .await
+                        .is_none()
+                    {
                         return Ok(());
                     }
                     break;
@@ -110,17 +138,34 @@ fn register_outbox_gauges(pool: &PgPool) {
             .await
             .ok()
             .flatten();
-            let (depth, lag) = row.map(|(d, l)| (d as f64, l.unwrap_or(0.0))).unwrap_or((f64::NAN, f64::NAN));
+            let (depth, lag) = row
+                .map(|(d, l)| (d as f64, l.unwrap_or(0.0)))
+                .unwrap_or((f64::NAN, f64::NAN));
             vec![
-                Sample::gauge("hodei_outbox_depth", "Outbox rows waiting to be published", &[], depth),
-                Sample::gauge("hodei_outbox_lag_seconds", "Age of the oldest unpublished outbox row", &[], lag),
+                Sample::gauge(
+                    "hodei_outbox_depth",
+                    "Outbox rows waiting to be published",
+                    &[],
+                    depth,
+                ),
+                Sample::gauge(
+                    "hodei_outbox_lag_seconds",
+                    "Age of the oldest unpublished outbox row",
+                    &[],
+                    lag,
+                ),
             ]
         })
     });
 }
 
 /// Publish one batch of pending rows; returns how many were published.
-pub async fn relay_batch(pool: &PgPool, js: &JetStream, batch: i64, max_attempts: i32) -> anyhow::Result<usize> {
+pub async fn relay_batch(
+    pool: &PgPool,
+    js: &JetStream,
+    batch: i64,
+    max_attempts: i32,
+) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
     let rows = outbox::lock_pending(&mut tx, batch).await?;
     if rows.is_empty() {
@@ -154,13 +199,27 @@ pub async fn relay_batch(pool: &PgPool, js: &JetStream, batch: i64, max_attempts
         }
     }
     outbox::mark_published(&mut tx, &published).await?;
-    hodei_runtime::metrics::counter("hodei_outbox_published_total", "Outbox rows published to JetStream", &[])
-        .add(published.len() as u64);
+    hodei_runtime::metrics::counter(
+        "hodei_outbox_published_total",
+        "Outbox rows published to JetStream",
+        &[],
+    )
+    .add(published.len() as u64);
     for (row, error) in &failures {
-        hodei_runtime::metrics::counter("hodei_outbox_publish_failures_total", "Failed attempts to publish an outbox row", &[]).inc();
+        hodei_runtime::metrics::counter(
+            "hodei_outbox_publish_failures_total",
+            "Failed attempts to publish an outbox row",
+            &[],
+        )
+        .inc();
         if row.attempts + 1 >= max_attempts && dead_letter(js, row, error).await {
             tracing::error!(event_id = %row.event_id, subject = %row.subject, attempts = row.attempts + 1, %error, "outbox row is dead; copied to HODEI_DLQ");
-            hodei_runtime::metrics::counter("hodei_dead_letters_total", "Messages moved to HODEI_DLQ", &[("consumer", "relay")]).inc();
+            hodei_runtime::metrics::counter(
+                "hodei_dead_letters_total",
+                "Messages moved to HODEI_DLQ",
+                &[("consumer", "relay")],
+            )
+            .inc();
             outbox::mark_dead(&mut tx, row.id, error).await?;
         } else {
             let retry_in = backoff(row.attempts);
@@ -183,15 +242,22 @@ fn backoff(attempts: i32) -> Duration {
 
 /// Copy a row that cannot be published to `hodei.dlq.outbox.<EventType>`; false if even that fails.
 async fn dead_letter(js: &JetStream, row: &PendingRow, error: &str) -> bool {
-    let mut map = message_headers(&format!("dlq-outbox-{}", row.event_id), row.correlation_id.as_deref());
+    let mut map = message_headers(
+        &format!("dlq-outbox-{}", row.event_id),
+        row.correlation_id.as_deref(),
+    );
     map.insert(headers::EVENT_TYPE, row.event_type.as_str());
-    map.insert("Hodei-Dlq-Reason", error.chars().take(1024).collect::<String>().as_str());
+    map.insert(
+        "Hodei-Dlq-Reason",
+        error.chars().take(1024).collect::<String>().as_str(),
+    );
     map.insert("Hodei-Dlq-Subject", row.subject.as_str());
     map.insert("Hodei-Dlq-Stream", "outbox");
     map.insert("Hodei-Dlq-Consumer", "relay");
     map.insert("Hodei-Event-Id", row.event_id.to_string().as_str());
     let subject = format!("hodei.dlq.outbox.{}", row.event_type);
-    match hodei_messaging::publish_durable(js, subject, map, Bytes::from(row.payload.clone())).await {
+    match hodei_messaging::publish_durable(js, subject, map, Bytes::from(row.payload.clone())).await
+    {
         Ok(()) => true,
         Err(dlq_error) => {
             tracing::error!(event_id = %row.event_id, %dlq_error, "cannot copy the row to HODEI_DLQ either; it stays pending");
@@ -216,10 +282,13 @@ async fn publish(
         correlation_id = row.correlation_id.as_deref().unwrap_or(""),
         trace_id = tracing::field::Empty,
     );
-    let stored: Vec<(String, String)> = [("traceparent", &row.traceparent), ("tracestate", &row.tracestate)]
-        .into_iter()
-        .filter_map(|(name, value)| Some((name.to_owned(), value.clone()?)))
-        .collect();
+    let stored: Vec<(String, String)> = [
+        ("traceparent", &row.traceparent),
+        ("tracestate", &row.tracestate),
+    ]
+    .into_iter()
+    .filter_map(|(name, value)| Some((name.to_owned(), value.clone()?)))
+    .collect();
     context::adopt(&span, context::from_fields(&stored));
     let mut map = message_headers(&row.event_id.to_string(), row.correlation_id.as_deref());
     map.insert(headers::EVENT_TYPE, row.event_type.as_str());

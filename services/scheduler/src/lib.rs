@@ -44,12 +44,33 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let pool = hodei_store::connect_and_migrate(&config.common.database_url, config.db_pool_size)
         .await
         .context("connecting to PostgreSQL")?;
-    let (client, js) = hodei_messaging::connect_and_ensure_streams(&config.common.nats_url, SERVICE)
-        .await
-        .context("connecting to NATS")?;
-    config.common.serve_metrics(9611, vec![hodei_store::health(&pool), hodei_messaging::health(&client)], shutdown.clone()).await?;
-    hodei_store::register_state_gauges(&pool, "jobs", "hodei_jobs", "Jobs by state", hodei_domain::JobState::ALL.iter().map(|s| s.as_str()).collect());
-    let state = State { pool, client: client.clone(), actor: Actor::service(SERVICE) };
+    let (client, js) =
+        hodei_messaging::connect_and_ensure_streams(&config.common.nats_url, SERVICE)
+            .await
+            .context("connecting to NATS")?;
+    config
+        .common
+        .serve_metrics(
+            9611,
+            vec![hodei_store::health(&pool), hodei_messaging::health(&client)],
+            shutdown.clone(),
+        )
+        .await?;
+    hodei_store::register_state_gauges(
+        &pool,
+        "jobs",
+        "hodei_jobs",
+        "Jobs by state",
+        hodei_domain::JobState::ALL
+            .iter()
+            .map(|s| s.as_str())
+            .collect(),
+    );
+    let state = State {
+        pool,
+        client: client.clone(),
+        actor: Actor::service(SERVICE),
+    };
     let monitor = tokio::spawn(monitor::run(
         state.pool.clone(),
         std::time::Duration::from_millis(config.monitor_interval_ms),
@@ -60,32 +81,47 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     served
 }
 
-
 async fn serve(state: State, js: JetStream, shutdown: Shutdown) -> anyhow::Result<()> {
     let queue = "hodei-scheduler";
     let submit = {
         let state = state.clone();
-        api::serve(state.client.clone(), subjects::API_JOBS_SUBMIT, queue, shutdown.clone(), move |req, ctx| {
-            handlers::submit::from_api(state.clone(), req, ctx)
-        })
+        api::serve(
+            state.client.clone(),
+            subjects::API_JOBS_SUBMIT,
+            queue,
+            shutdown.clone(),
+            move |req, ctx| handlers::submit::from_api(state.clone(), req, ctx),
+        )
     };
     let get = {
         let state = state.clone();
-        api::serve(state.client.clone(), subjects::API_JOBS_GET, queue, shutdown.clone(), move |req, _| {
-            handlers::query::get(state.clone(), req)
-        })
+        api::serve(
+            state.client.clone(),
+            subjects::API_JOBS_GET,
+            queue,
+            shutdown.clone(),
+            move |req, _| handlers::query::get(state.clone(), req),
+        )
     };
     let list = {
         let state = state.clone();
-        api::serve(state.client.clone(), subjects::API_JOBS_LIST, queue, shutdown.clone(), move |req, _| {
-            handlers::query::list(state.clone(), req)
-        })
+        api::serve(
+            state.client.clone(),
+            subjects::API_JOBS_LIST,
+            queue,
+            shutdown.clone(),
+            move |req, _| handlers::query::list(state.clone(), req),
+        )
     };
     let cancel = {
         let state = state.clone();
-        api::serve(state.client.clone(), subjects::API_JOBS_CANCEL, queue, shutdown.clone(), move |req, _| {
-            handlers::cancel::handle(state.clone(), req)
-        })
+        api::serve(
+            state.client.clone(),
+            subjects::API_JOBS_CANCEL,
+            queue,
+            shutdown.clone(),
+            move |req, _| handlers::cancel::handle(state.clone(), req),
+        )
     };
     let submissions = consumer::run(
         js.clone(),
@@ -99,7 +135,8 @@ async fn serve(state: State, js: JetStream, shutdown: Shutdown) -> anyhow::Resul
         shutdown.clone(),
         |delivery| handlers::reports::handle(state.clone(), delivery),
     );
-    let (submit, get, list, cancel, (), ()) = tokio::join!(submit, get, list, cancel, submissions, reports);
+    let (submit, get, list, cancel, (), ()) =
+        tokio::join!(submit, get, list, cancel, submissions, reports);
     submit?;
     cancel?;
     get?;

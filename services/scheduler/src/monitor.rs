@@ -20,7 +20,11 @@ pub async fn run(pool: PgPool, max_sleep: Duration, shutdown: Shutdown) {
         BATCH,
         max_sleep,
         shutdown,
-        || async { jobs::due(&pool, BATCH as i64).await.map_err(|e| e.to_string()) },
+        || async {
+            jobs::due(&pool, BATCH as i64)
+                .await
+                .map_err(|e| e.to_string())
+        },
         || async { jobs::next_due(&pool).await.map_err(|e| e.to_string()) },
         |job_id| {
             let (pool, actor) = (&pool, &actor);
@@ -33,7 +37,9 @@ pub async fn run(pool: PgPool, max_sleep: Duration, shutdown: Shutdown) {
 #[tracing::instrument(name = "state timeout", skip(pool, actor))]
 async fn expire(pool: &PgPool, job_id: Uuid, actor: &Actor) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
-    let Some(mut job) = jobs::lock(&mut tx, job_id).await? else { return Ok(()) };
+    let Some(mut job) = jobs::lock(&mut tx, job_id).await? else {
+        return Ok(());
+    };
     let from = job.state;
     let events = match job.expire(chrono::Utc::now(), hodei_runtime::jitter(), actor) {
         Ok(events) if !events.is_empty() => events,

@@ -41,7 +41,13 @@ const STEPS: [(&str, &str, &str, u32, bool); 13] = [
     ("JobCreated", "job", "scheduler", 0, false),
     ("JobQueued", "job", "scheduler", 2, false),
     ("JobAssigned", "job", "dispatcher", 9, false),
-    ("WorkerProvisioningRequested", "worker", "dispatcher", 9, false),
+    (
+        "WorkerProvisioningRequested",
+        "worker",
+        "dispatcher",
+        9,
+        false,
+    ),
     ("WorkerProvisioned", "worker", "provider-manager", 48, false),
     ("WorkerRegistered", "worker", "agent", 310, false),
     ("WorkerReady", "worker", "registry", 312, false),
@@ -69,11 +75,19 @@ struct Options {
 
 impl Options {
     fn parse(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
-        let mut options =
-            Options { rows: 1_000_000, repeat: 200, out: None, admin_url: hodei_tests::admin_url(), seed: 1 };
+        let mut options = Options {
+            rows: 1_000_000,
+            repeat: 200,
+            out: None,
+            admin_url: hodei_tests::admin_url(),
+            seed: 1,
+        };
         fn number<T: std::str::FromStr>(flag: &str, value: Option<String>) -> Result<T, String> {
             let value = value.ok_or_else(|| format!("{flag} needs a value"))?;
-            value.replace(['_', ','], "").parse().map_err(|_| format!("{flag}: not a number: {value}"))
+            value
+                .replace(['_', ','], "")
+                .parse()
+                .map_err(|_| format!("{flag}: not a number: {value}"))
         }
         while let Some(arg) = args.next() {
             match arg.as_str() {
@@ -81,7 +95,9 @@ impl Options {
                 "--repeat" => options.repeat = number("--repeat", args.next())?,
                 "--seed" => options.seed = number("--seed", args.next())?,
                 "--out" => options.out = Some(args.next().ok_or("--out needs a file")?.into()),
-                "--admin-url" => options.admin_url = args.next().ok_or("--admin-url needs a URL")?,
+                "--admin-url" => {
+                    options.admin_url = args.next().ok_or("--admin-url needs a URL")?
+                }
                 "-h" | "--help" => return Err(String::new()),
                 other => return Err(format!("unknown argument: {other}")),
             }
@@ -109,28 +125,43 @@ async fn main() -> ExitCode {
     let admin = match PgPool::connect(&options.admin_url).await {
         Ok(admin) => admin,
         Err(error) => {
-            eprintln!("hodei-audit-bench: cannot reach {}: {error}", options.admin_url);
+            eprintln!(
+                "hodei-audit-bench: cannot reach {}: {error}",
+                options.admin_url
+            );
             return ExitCode::FAILURE;
         }
     };
-    if let Err(error) = sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await {
+    if let Err(error) = sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+    {
         eprintln!("hodei-audit-bench: cannot create database {name}: {error}");
         return ExitCode::FAILURE;
     }
-    let base = options.admin_url.rsplit_once('/').map(|(base, _)| base).unwrap_or(&options.admin_url);
+    let base = options
+        .admin_url
+        .rsplit_once('/')
+        .map(|(base, _)| base)
+        .unwrap_or(&options.admin_url);
     let url = format!("{base}/{name}");
     eprintln!("database {name}");
 
     let outcome = bench(&options, &url).await;
 
-    if let Err(error) = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&admin).await {
+    if let Err(error) = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&admin)
+        .await
+    {
         eprintln!("hodei-audit-bench: could not drop database {name}: {error}");
     }
     admin.close().await;
     match outcome {
         Ok(seq_scans) if seq_scans.is_empty() => ExitCode::SUCCESS,
         Ok(seq_scans) => {
-            eprintln!("hodei-audit-bench: FAILED: these queries read the whole audit_log (Seq Scan):");
+            eprintln!(
+                "hodei-audit-bench: FAILED: these queries read the whole audit_log (Seq Scan):"
+            );
             for kind in seq_scans {
                 eprintln!("  - {kind}");
             }
@@ -145,13 +176,20 @@ async fn main() -> ExitCode {
 
 /// Load, measure, report; returns the query kinds whose plan scans the whole table.
 async fn bench(options: &Options, url: &str) -> anyhow::Result<Vec<String>> {
-    let pool = hodei_store::connect_and_migrate(url, 8).await.context("connect and migrate")?;
+    let pool = hodei_store::connect_and_migrate(url, 8)
+        .await
+        .context("connect and migrate")?;
 
     let started = Instant::now();
-    load(&pool, options.rows).await.context("load the audit log")?;
+    load(&pool, options.rows)
+        .await
+        .context("load the audit log")?;
     let load_time = started.elapsed();
     let started = Instant::now();
-    sqlx::raw_sql("VACUUM ANALYZE audit_log").execute(&pool).await.context("VACUUM ANALYZE")?;
+    sqlx::raw_sql("VACUUM ANALYZE audit_log")
+        .execute(&pool)
+        .await
+        .context("VACUUM ANALYZE")?;
     let vacuum_time = started.elapsed();
     let (table_size, index_size): (String, String) = sqlx::query_as(
         "SELECT pg_size_pretty(pg_table_size('audit_log')), pg_size_pretty(pg_indexes_size('audit_log'))",
@@ -165,12 +203,18 @@ async fn bench(options: &Options, url: &str) -> anyhow::Result<Vec<String>> {
         vacuum_time.as_secs_f64()
     );
 
-    let kinds = query_kinds(&pool, options).await.context("choose the keys of the queries")?;
-    check_paging(&pool, &kinds).await.context("check the pages")?;
+    let kinds = query_kinds(&pool, options)
+        .await
+        .context("choose the keys of the queries")?;
+    check_paging(&pool, &kinds)
+        .await
+        .context("check the pages")?;
     let mut results = Vec::new();
     let mut seq_scans = Vec::new();
     for kind in &kinds {
-        let result = measure(&pool, kind).await.with_context(|| format!("measure {}", kind.name))?;
+        let result = measure(&pool, kind)
+            .await
+            .with_context(|| format!("measure {}", kind.name))?;
         println!("\n### {}\n\n```\n{}\n```", kind.name, result.plan);
         if result.seq_scan {
             seq_scans.push(kind.name.to_owned());
@@ -185,7 +229,16 @@ async fn bench(options: &Options, url: &str) -> anyhow::Result<Vec<String>> {
         results.push(result);
     }
 
-    let report = report(options, &pool, &kinds, &results, load_time, &table_size, &index_size).await?;
+    let report = report(
+        options,
+        &pool,
+        &kinds,
+        &results,
+        load_time,
+        &table_size,
+        &index_size,
+    )
+    .await?;
     println!("\n{report}");
     if let Some(path) = &options.out {
         use std::io::Write;
@@ -263,7 +316,9 @@ async fn load(pool: &PgPool, rows: u64) -> anyhow::Result<()> {
     let first: DateTime<Utc> = FIRST_EVENT.parse().expect("a valid time");
     let mut conn = pool.acquire().await?;
     // The sort of the whole load fits in memory instead of spilling to temporary files.
-    sqlx::query("SET work_mem = '512MB'").execute(&mut *conn).await?;
+    sqlx::query("SET work_mem = '512MB'")
+        .execute(&mut *conn)
+        .await?;
     let inserted = sqlx::query(&sql)
         .bind(rows as i64)
         .bind(first)
@@ -310,75 +365,157 @@ async fn query_kinds(pool: &PgPool, options: &Options) -> anyhow::Result<Vec<Kin
     let n = options.repeat;
     let mut rng = Rng(options.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let (max_seq, first, last): (i64, DateTime<Utc>, DateTime<Utc>) =
-        sqlx::query_as("SELECT max(seq), min(occurred_at), max(occurred_at) FROM audit_log").fetch_one(pool).await?;
+        sqlx::query_as("SELECT max(seq), min(occurred_at), max(occurred_at) FROM audit_log")
+            .fetch_one(pool)
+            .await?;
     let max_seq = max_seq as u64;
 
-    let picked: Vec<i64> = (0..n * 8).map(|_| rng.between(1, max_seq + 1) as i64).collect();
-    let sampled = sqlx::query("SELECT correlation_id, aggregate_id, actor FROM audit_log WHERE seq = ANY($1)")
-        .bind(&picked)
-        .fetch_all(pool)
-        .await?;
-    let cycle = |values: Vec<String>| -> Vec<String> { values.iter().cycle().take(n).cloned().collect() };
+    let picked: Vec<i64> = (0..n * 8)
+        .map(|_| rng.between(1, max_seq + 1) as i64)
+        .collect();
+    let sampled = sqlx::query(
+        "SELECT correlation_id, aggregate_id, actor FROM audit_log WHERE seq = ANY($1)",
+    )
+    .bind(&picked)
+    .fetch_all(pool)
+    .await?;
+    let cycle =
+        |values: Vec<String>| -> Vec<String> { values.iter().cycle().take(n).cloned().collect() };
     let correlations = cycle(sampled.iter().map(|r| r.get("correlation_id")).collect());
-    let aggregates: Vec<Uuid> = sampled.iter().map(|r| r.get("aggregate_id")).cycle().take(n).collect();
-    let workers = cycle(sampled.iter().map(|r| r.get::<String, _>("actor")).filter(|a| a.starts_with("worker:")).collect());
+    let aggregates: Vec<Uuid> = sampled
+        .iter()
+        .map(|r| r.get("aggregate_id"))
+        .cycle()
+        .take(n)
+        .collect();
+    let workers = cycle(
+        sampled
+            .iter()
+            .map(|r| r.get::<String, _>("actor"))
+            .filter(|a| a.starts_with("worker:"))
+            .collect(),
+    );
     if correlations.len() < n || workers.len() < n {
         bail!("too few rows to pick keys from");
     }
-    let types: Vec<String> = (0..n).map(|i| STEPS[i % STEPS.len()].0.to_owned()).collect();
-    let services: Vec<String> = (0..n).map(|i| SERVICES[i % SERVICES.len()].to_owned()).collect();
+    let types: Vec<String> = (0..n)
+        .map(|i| STEPS[i % STEPS.len()].0.to_owned())
+        .collect();
+    let services: Vec<String> = (0..n)
+        .map(|i| SERVICES[i % SERVICES.len()].to_owned())
+        .collect();
     let span = (last - first).num_milliseconds() as f64;
-    let mut moment = || first + chrono::Duration::milliseconds((span * (0.1 + 0.8 * rng.fraction())) as i64);
-    let hours: Vec<(DateTime<Utc>, DateTime<Utc>)> =
-        (0..n).map(|_| moment()).map(|from| (from, from + chrono::Duration::hours(1))).collect();
+    let mut moment =
+        || first + chrono::Duration::milliseconds((span * (0.1 + 0.8 * rng.fraction())) as i64);
+    let hours: Vec<(DateTime<Utc>, DateTime<Utc>)> = (0..n)
+        .map(|_| moment())
+        .map(|from| (from, from + chrono::Duration::hours(1)))
+        .collect();
     let since: Vec<DateTime<Utc>> = (0..n).map(|_| moment()).collect();
-    let deep: Vec<String> = (0..n).map(|_| rng.between(max_seq / 2, max_seq * 9 / 10).to_string()).collect();
+    let deep: Vec<String> = (0..n)
+        .map(|_| rng.between(max_seq / 2, max_seq * 9 / 10).to_string())
+        .collect();
 
     let q = AuditQuery::default;
     let mut kinds = vec![
         Kind {
             name: "correlation id (one job's trail)",
-            queries: correlations.iter().map(|c| AuditQuery { correlation_id: Some(c.clone()), ..q() }).collect(),
+            queries: correlations
+                .iter()
+                .map(|c| AuditQuery {
+                    correlation_id: Some(c.clone()),
+                    ..q()
+                })
+                .collect(),
         },
         Kind {
             name: "event type, first page",
-            queries: types.iter().map(|t| AuditQuery { event_type: Some(t.clone()), ..q() }).collect(),
+            queries: types
+                .iter()
+                .map(|t| AuditQuery {
+                    event_type: Some(t.clone()),
+                    ..q()
+                })
+                .collect(),
         },
         Kind {
             name: "event type, a page deep (cursor past half the log)",
             queries: types
                 .iter()
                 .zip(&deep)
-                .map(|(t, c)| AuditQuery { event_type: Some(t.clone()), cursor: Some(c.clone()), ..q() })
+                .map(|(t, c)| AuditQuery {
+                    event_type: Some(t.clone()),
+                    cursor: Some(c.clone()),
+                    ..q()
+                })
                 .collect(),
         },
         Kind {
             name: "actor = a service, first page",
-            queries: services.iter().map(|a| AuditQuery { actor: Some(a.clone()), ..q() }).collect(),
+            queries: services
+                .iter()
+                .map(|a| AuditQuery {
+                    actor: Some(a.clone()),
+                    ..q()
+                })
+                .collect(),
         },
         Kind {
             name: "actor = worker:<id>",
-            queries: workers.iter().map(|a| AuditQuery { actor: Some(a.clone()), ..q() }).collect(),
+            queries: workers
+                .iter()
+                .map(|a| AuditQuery {
+                    actor: Some(a.clone()),
+                    ..q()
+                })
+                .collect(),
         },
         Kind {
             name: "aggregate id (a job or a worker)",
-            queries: aggregates.iter().map(|a| AuditQuery { aggregate_id: Some(*a), ..q() }).collect(),
+            queries: aggregates
+                .iter()
+                .map(|a| AuditQuery {
+                    aggregate_id: Some(*a),
+                    ..q()
+                })
+                .collect(),
         },
         Kind {
             name: "time range of 1 h, first page",
-            queries: hours.iter().map(|(from, to)| AuditQuery { from: Some(*from), to: Some(*to), ..q() }).collect(),
+            queries: hours
+                .iter()
+                .map(|(from, to)| AuditQuery {
+                    from: Some(*from),
+                    to: Some(*to),
+                    ..q()
+                })
+                .collect(),
         },
-        Kind { name: "time range of 1 h, second page", queries: Vec::new() },
+        Kind {
+            name: "time range of 1 h, second page",
+            queries: Vec::new(),
+        },
         Kind {
             name: "from a time on (no end), first page",
-            queries: since.iter().map(|from| AuditQuery { from: Some(*from), ..q() }).collect(),
+            queries: since
+                .iter()
+                .map(|from| AuditQuery {
+                    from: Some(*from),
+                    ..q()
+                })
+                .collect(),
         },
         Kind {
             name: "event type + time range of 1 h",
             queries: types
                 .iter()
                 .zip(&hours)
-                .map(|(t, (from, to))| AuditQuery { event_type: Some(t.clone()), from: Some(*from), to: Some(*to), ..q() })
+                .map(|(t, (from, to))| AuditQuery {
+                    event_type: Some(t.clone()),
+                    from: Some(*from),
+                    to: Some(*to),
+                    ..q()
+                })
                 .collect(),
         },
         Kind {
@@ -386,7 +523,11 @@ async fn query_kinds(pool: &PgPool, options: &Options) -> anyhow::Result<Vec<Kin
             queries: types
                 .iter()
                 .zip(&since)
-                .map(|(t, from)| AuditQuery { event_type: Some(t.clone()), from: Some(*from), ..q() })
+                .map(|(t, from)| AuditQuery {
+                    event_type: Some(t.clone()),
+                    from: Some(*from),
+                    ..q()
+                })
                 .collect(),
         },
         Kind {
@@ -394,7 +535,12 @@ async fn query_kinds(pool: &PgPool, options: &Options) -> anyhow::Result<Vec<Kin
             queries: services
                 .iter()
                 .zip(&hours)
-                .map(|(a, (from, to))| AuditQuery { actor: Some(a.clone()), from: Some(*from), to: Some(*to), ..q() })
+                .map(|(a, (from, to))| AuditQuery {
+                    actor: Some(a.clone()),
+                    from: Some(*from),
+                    to: Some(*to),
+                    ..q()
+                })
                 .collect(),
         },
     ];
@@ -402,7 +548,10 @@ async fn query_kinds(pool: &PgPool, options: &Options) -> anyhow::Result<Vec<Kin
     let mut second_pages = Vec::with_capacity(n);
     for first_page in &kinds[6].queries {
         if let (_, Some(next)) = audit::query(pool, first_page).await? {
-            second_pages.push(AuditQuery { cursor: Some(next), ..first_page.clone() });
+            second_pages.push(AuditQuery {
+                cursor: Some(next),
+                ..first_page.clone()
+            });
         }
     }
     kinds[7].queries = second_pages.iter().cycle().take(n).cloned().collect();
@@ -420,9 +569,18 @@ async fn check_paging(pool: &PgPool, kinds: &[Kind]) -> anyhow::Result<()> {
         ("event type, a page deep (cursor past half the log)", false),
     ];
     for (name, by_time) in checks {
-        let Some(query) = kinds.iter().find(|k| k.name == name).and_then(|k| k.queries.first()) else { continue };
+        let Some(query) = kinds
+            .iter()
+            .find(|k| k.name == name)
+            .and_then(|k| k.queries.first())
+        else {
+            continue;
+        };
         let mut paged = Vec::new();
-        let mut page_query = AuditQuery { limit: Some(97), ..query.clone() };
+        let mut page_query = AuditQuery {
+            limit: Some(97),
+            ..query.clone()
+        };
         loop {
             let (page, next) = audit::query(pool, &page_query).await?;
             paged.extend(page.iter().map(|e| e.seq));
@@ -445,9 +603,16 @@ async fn check_paging(pool: &PgPool, kinds: &[Kind]) -> anyhow::Result<()> {
         .fetch_all(pool)
         .await?;
         if paged != expected {
-            bail!("paging through \"{name}\" gave {} rows, not the {} expected in order", paged.len(), expected.len());
+            bail!(
+                "paging through \"{name}\" gave {} rows, not the {} expected in order",
+                paged.len(),
+                expected.len()
+            );
         }
-        eprintln!("paged through all {} rows of \"{name}\": each once, in order", paged.len());
+        eprintln!(
+            "paged through all {} rows of \"{name}\": each once, in order",
+            paged.len()
+        );
     }
     Ok(())
 }
@@ -490,16 +655,23 @@ async fn measure(pool: &PgPool, kind: &Kind) -> anyhow::Result<Measured> {
     for query in kind.queries.iter().take(3) {
         plans.push(audit::explain(pool, query).await?);
     }
-    let seq_scan = plans.iter().any(|plan| plan.contains("Seq Scan on audit_log"));
+    let seq_scan = plans
+        .iter()
+        .any(|plan| plan.contains("Seq Scan on audit_log"));
     let server_ms = plans
         .iter()
-        .filter_map(|plan| plan.lines().find_map(|l| l.trim().strip_prefix("Execution Time:")))
+        .filter_map(|plan| {
+            plan.lines()
+                .find_map(|l| l.trim().strip_prefix("Execution Time:"))
+        })
         .filter_map(|t| t.trim().trim_end_matches("ms").trim().parse::<f64>().ok())
         .fold(0.0, f64::max);
     let mut indexes: Vec<String> = Vec::new();
     for plan in &plans {
         for line in plan.lines() {
-            let used = line.split_once(" using ").or_else(|| line.split_once("Bitmap Index Scan on "));
+            let used = line
+                .split_once(" using ")
+                .or_else(|| line.split_once("Bitmap Index Scan on "));
             if let Some(name) = used.and_then(|(_, rest)| rest.split_whitespace().next()) {
                 if !indexes.iter().any(|i| i == name) {
                     indexes.push(name.to_owned());
@@ -514,7 +686,11 @@ async fn measure(pool: &PgPool, kind: &Kind) -> anyhow::Result<Measured> {
         rows: rows / kind.queries.len().max(1),
         server_ms,
         plan: plans.swap_remove(0),
-        indexes: if indexes.is_empty() { "-".to_owned() } else { indexes.join(", ") },
+        indexes: if indexes.is_empty() {
+            "-".to_owned()
+        } else {
+            indexes.join(", ")
+        },
         seq_scan,
         times,
     })
@@ -527,8 +703,15 @@ fn ms(d: Duration) -> f64 {
 fn with_commas(n: u64) -> String {
     let digits = n.to_string();
     let head = digits.len() % 3;
-    let groups = digits.as_bytes()[head..].chunks(3).map(|g| std::str::from_utf8(g).expect("ASCII digits"));
-    (head > 0).then_some(&digits[..head]).into_iter().chain(groups).collect::<Vec<_>>().join(",")
+    let groups = digits.as_bytes()[head..]
+        .chunks(3)
+        .map(|g| std::str::from_utf8(g).expect("ASCII digits"));
+    (head > 0)
+        .then_some(&digits[..head])
+        .into_iter()
+        .chain(groups)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The markdown section: what was run, on what, and the table.
@@ -549,7 +732,11 @@ async fn report(
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu = cpuinfo
         .lines()
-        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, m)| m.trim().to_owned()))
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .and_then(|r| r.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
         .unwrap_or_else(|| "unknown".into());
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let memory = meminfo
@@ -558,20 +745,40 @@ async fn report(
         .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map(|kb| format!("{:.1} GiB", kb as f64 / 1024.0 / 1024.0))
         .unwrap_or_else(|| "unknown".into());
-    let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let nproc = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     // Other work on the machine shows in the tails; say how busy it was.
     let load = std::fs::read_to_string("/proc/loadavg")
         .ok()
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|| "unknown".into());
     let command = std::env::args().collect::<Vec<_>>().join(" ");
-    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
 
     let mut s = String::new();
-    writeln!(s, "## Audit queries over {} rows\n", with_commas(options.rows))?;
-    writeln!(s, "Measured {} with:\n\n```sh\n{command}\n```\n", Utc::now().format("%Y-%m-%d %H:%M UTC"))?;
-    writeln!(s, "- machine: {nproc} CPUs ({cpu}), {memory} of memory; load average at the end {load}")?;
-    writeln!(s, "- PostgreSQL: {version}; shared_buffers {shared_buffers}, work_mem {work_mem}")?;
+    writeln!(
+        s,
+        "## Audit queries over {} rows\n",
+        with_commas(options.rows)
+    )?;
+    writeln!(
+        s,
+        "Measured {} with:\n\n```sh\n{command}\n```\n",
+        Utc::now().format("%Y-%m-%d %H:%M UTC")
+    )?;
+    writeln!(
+        s,
+        "- machine: {nproc} CPUs ({cpu}), {memory} of memory; load average at the end {load}"
+    )?;
+    writeln!(
+        s,
+        "- PostgreSQL: {version}; shared_buffers {shared_buffers}, work_mem {work_mem}"
+    )?;
     writeln!(s, "- client: `hodei-audit-bench`, {profile} build, through `hodei_store::audit::query` (one connection at a time)")?;
     writeln!(
         s,
@@ -587,7 +794,10 @@ async fn report(
          `EXPLAIN (ANALYZE, BUFFERS)`, and \"plan uses\" the indexes of those plans\n",
         options.repeat
     )?;
-    writeln!(s, "| query | rows/page | p50 | p90 | p99 | max | server | plan uses |")?;
+    writeln!(
+        s,
+        "| query | rows/page | p50 | p90 | p99 | max | server | plan uses |"
+    )?;
     writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---|")?;
     for (kind, r) in kinds.iter().zip(results) {
         writeln!(

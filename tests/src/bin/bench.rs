@@ -64,7 +64,14 @@ The service binaries are taken from $HODEI_BIN_DIR, else from beside this execut
 
 const TERMINAL: [&str; 4] = ["Succeeded", "Failed", "Cancelled", "Timeout"];
 const OPEN_JOB: [&str; 4] = ["Pending", "Assigned", "Scheduled", "Running"];
-const OPEN_WORKER: [&str; 6] = ["Creating", "Connecting", "Ready", "Busy", "Draining", "Terminating"];
+const OPEN_WORKER: [&str; 6] = [
+    "Creating",
+    "Connecting",
+    "Ready",
+    "Busy",
+    "Draining",
+    "Terminating",
+];
 
 struct Options {
     cold: usize,
@@ -93,7 +100,10 @@ impl Options {
         };
         fn number(flag: &str, value: Option<String>) -> Result<usize, String> {
             let value = value.ok_or_else(|| format!("{flag} needs a value"))?;
-            value.replace(['_', ','], "").parse().map_err(|_| format!("{flag}: not a number: {value}"))
+            value
+                .replace(['_', ','], "")
+                .parse()
+                .map_err(|_| format!("{flag}: not a number: {value}"))
         }
         while let Some(arg) = args.next() {
             match arg.as_str() {
@@ -103,9 +113,13 @@ impl Options {
                 "--floor" => o.floor = number("--floor", args.next())?,
                 "--spawn" => o.spawn = number("--spawn", args.next())?,
                 "--warmup" => o.warmup = number("--warmup", args.next())?,
-                "--deadline" => o.deadline = Duration::from_secs(number("--deadline", args.next())? as u64),
+                "--deadline" => {
+                    o.deadline = Duration::from_secs(number("--deadline", args.next())? as u64)
+                }
                 "--out" => o.out = Some(args.next().ok_or("--out needs a file")?.into()),
-                "--keep-logs" => o.keep_logs = Some(args.next().ok_or("--keep-logs needs a folder")?.into()),
+                "--keep-logs" => {
+                    o.keep_logs = Some(args.next().ok_or("--keep-logs needs a folder")?.into())
+                }
                 "-h" | "--help" => return Err(String::new()),
                 other => return Err(format!("unknown argument: {other}")),
             }
@@ -129,7 +143,10 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    eprintln!("starting nats-server, a database and the six services from {}", hodei_tests::bin_dir().display());
+    eprintln!(
+        "starting nats-server, a database and the six services from {}",
+        hodei_tests::bin_dir().display()
+    );
     // The harness keeps services' pools small for parallel tests; measure the services as
     // they ship (their default pool of 10 connections).
     let system = System::start_with(&[("HODEI_DB_POOL_SIZE", "10")]).await;
@@ -151,7 +168,10 @@ async fn main() -> ExitCode {
         });
         match copied {
             Ok(()) => eprintln!("logs copied to {}", dir.display()),
-            Err(error) => eprintln!("hodei-bench: cannot copy the logs to {}: {error}", dir.display()),
+            Err(error) => eprintln!(
+                "hodei-bench: cannot copy the logs to {}: {error}",
+                dir.display()
+            ),
         }
     }
     drop(system);
@@ -176,31 +196,61 @@ async fn main() -> ExitCode {
 
 async fn bench(system: &System, options: &Options) -> anyhow::Result<String> {
     let machine = Machine::describe(system).await?;
-    let services: Vec<(String, u32)> = system.services.iter().map(|s| (s.name.clone(), s.pid())).collect();
-    let provider_manager = services.iter().find(|(n, _)| n == "provider-manager").map(|(_, p)| *p).expect("six services");
+    let services: Vec<(String, u32)> = system
+        .services
+        .iter()
+        .map(|s| (s.name.clone(), s.pid()))
+        .collect();
+    let provider_manager = services
+        .iter()
+        .find(|(n, _)| n == "provider-manager")
+        .map(|(_, p)| *p)
+        .expect("six services");
     let nats_pid = nats_server_pid(system.nats.port);
-    let rss_at_start: Vec<u64> = services.iter().map(|(_, pid)| status_kb(*pid, "VmRSS:").unwrap_or(0)).collect();
+    let rss_at_start: Vec<u64> = services
+        .iter()
+        .map(|(_, pid)| status_kb(*pid, "VmRSS:").unwrap_or(0))
+        .collect();
 
-    eprintln!("floor: {} NATS round trips, JetStream publishes and PostgreSQL commits, {} spawns", options.floor, options.spawn);
+    eprintln!(
+        "floor: {} NATS round trips, JetStream publishes and PostgreSQL commits, {} spawns",
+        options.floor, options.spawn
+    );
     let floor = measure_floor(system, options).await?;
 
-    eprintln!("cold: {} jobs one at a time (+{} not counted)", options.cold, options.warmup);
+    eprintln!(
+        "cold: {} jobs one at a time (+{} not counted)",
+        options.cold, options.warmup
+    );
     let cpu_before = CpuSnapshot::take(system, &services, nats_pid).await;
     let sampler = AgentSampler::start(system, provider_manager, Duration::from_millis(5)).await?;
     let cold = cold_run(system, options).await?;
     let cold_agents = sampler.finish();
-    let cpu_cold = CpuSnapshot::take(system, &services, nats_pid).await.since(&cpu_before);
-    let rss_after_cold: Vec<u64> = services.iter().map(|(_, pid)| status_kb(*pid, "VmRSS:").unwrap_or(0)).collect();
-    eprintln!("cold: profiling {} jobs from the audit log", cold.jobs.len());
+    let cpu_cold = CpuSnapshot::take(system, &services, nats_pid)
+        .await
+        .since(&cpu_before);
+    let rss_after_cold: Vec<u64> = services
+        .iter()
+        .map(|(_, pid)| status_kb(*pid, "VmRSS:").unwrap_or(0))
+        .collect();
+    eprintln!(
+        "cold: profiling {} jobs from the audit log",
+        cold.jobs.len()
+    );
     let profile = profile_cold(system, &cold).await?;
 
-    eprintln!("throughput: {} jobs, {} submissions in flight", options.throughput, options.in_flight);
+    eprintln!(
+        "throughput: {} jobs, {} submissions in flight",
+        options.throughput, options.in_flight
+    );
     let cpu_before = CpuSnapshot::take(system, &services, nats_pid).await;
     // Many agents live at once here: read them less often, and watch the machine's memory.
     let sampler = AgentSampler::start(system, provider_manager, Duration::from_millis(50)).await?;
     let throughput = throughput_run(system, options, &sampler.low_memory).await?;
     let throughput_agents = sampler.finish();
-    let cpu_throughput = CpuSnapshot::take(system, &services, nats_pid).await.since(&cpu_before);
+    let cpu_throughput = CpuSnapshot::take(system, &services, nats_pid)
+        .await
+        .since(&cpu_before);
 
     let memory: Vec<ServiceMemory> = services
         .iter()
@@ -250,12 +300,25 @@ impl Summary {
         let mut v = values.to_vec();
         v.sort_by(f64::total_cmp);
         let rank = |p: f64| v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
-        Some(Summary { n: v.len(), p50: rank(0.50), p90: rank(0.90), p99: rank(0.99), max: v[v.len() - 1] })
+        Some(Summary {
+            n: v.len(),
+            p50: rank(0.50),
+            p90: rank(0.90),
+            p99: rank(0.99),
+            max: v[v.len() - 1],
+        })
     }
 
     fn cells(summary: Option<Summary>) -> String {
         match summary {
-            Some(s) => format!("{} | {} | {} | {} | {}", s.n, ms(s.p50), ms(s.p90), ms(s.p99), ms(s.max)),
+            Some(s) => format!(
+                "{} | {} | {} | {} | {}",
+                s.n,
+                ms(s.p50),
+                ms(s.p90),
+                ms(s.p99),
+                ms(s.max)
+            ),
             None => "0 | – | – | – | –".to_owned(),
         }
     }
@@ -306,7 +369,9 @@ async fn measure_floor(system: &System, options: &Options) -> anyhow::Result<Flo
     let payload = bytes::Bytes::from(vec![b'x'; 256]);
 
     // NATS: an echo responder on a connection of its own, as a service would be.
-    let responder = async_nats::connect(&system.nats.url).await.context("connect the echo responder")?;
+    let responder = async_nats::connect(&system.nats.url)
+        .await
+        .context("connect the echo responder")?;
     let mut echo = responder.subscribe("hodei-bench.echo").await?;
     responder.flush().await?;
     let echo_task = tokio::spawn(async move {
@@ -319,17 +384,28 @@ async fn measure_floor(system: &System, options: &Options) -> anyhow::Result<Flo
     // The subscription travels on the responder's connection, the requests on another: the
     // server may see a request first. Ask until the responder answers.
     let ready_by = Instant::now() + Duration::from_secs(5);
-    while system.client.request("hodei-bench.echo", payload.clone()).await.is_err() {
-        anyhow::ensure!(Instant::now() < ready_by, "the echo responder never answered");
+    while system
+        .client
+        .request("hodei-bench.echo", payload.clone())
+        .await
+        .is_err()
+    {
+        anyhow::ensure!(
+            Instant::now() < ready_by,
+            "the echo responder never answered"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mut samples = Vec::with_capacity(options.floor);
     for i in 0..options.floor + WARMUP {
         let t = Instant::now();
-        tokio::time::timeout(Duration::from_secs(5), system.client.request("hodei-bench.echo", payload.clone()))
-            .await
-            .context("echo request timed out")?
-            .context("echo request")?;
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            system.client.request("hodei-bench.echo", payload.clone()),
+        )
+        .await
+        .context("echo request timed out")?
+        .context("echo request")?;
         if i >= WARMUP {
             samples.push(elapsed_ms(t));
         }
@@ -352,8 +428,15 @@ async fn measure_floor(system: &System, options: &Options) -> anyhow::Result<Flo
     let mut samples = Vec::with_capacity(options.floor);
     for i in 0..options.floor + WARMUP {
         let t = Instant::now();
-        let ack = system.js.publish(format!("hodei-bench.js.{i}"), payload.clone()).await.context("publish")?;
-        tokio::time::timeout(Duration::from_secs(5), ack).await.context("publish ack timed out")?.context("publish ack")?;
+        let ack = system
+            .js
+            .publish(format!("hodei-bench.js.{i}"), payload.clone())
+            .await
+            .context("publish")?;
+        tokio::time::timeout(Duration::from_secs(5), ack)
+            .await
+            .context("publish ack timed out")?
+            .context("publish ack")?;
         if i >= WARMUP {
             samples.push(elapsed_ms(t));
         }
@@ -370,13 +453,20 @@ async fn measure_floor(system: &System, options: &Options) -> anyhow::Result<Flo
     let mut samples = Vec::with_capacity(options.floor);
     for i in 0..options.floor + WARMUP {
         let t = Instant::now();
-        sqlx::query("INSERT INTO hodei_bench_floor (payload) VALUES ($1)").bind(&row).execute(&mut *conn).await?;
+        sqlx::query("INSERT INTO hodei_bench_floor (payload) VALUES ($1)")
+            .bind(&row)
+            .execute(&mut *conn)
+            .await?;
         if i >= WARMUP {
             samples.push(elapsed_ms(t));
         }
     }
-    sqlx::query("DROP TABLE hodei_bench_floor").execute(&mut *conn).await?;
-    let (synchronous_commit,): (String,) = sqlx::query_as("SHOW synchronous_commit").fetch_one(&mut *conn).await?;
+    sqlx::query("DROP TABLE hodei_bench_floor")
+        .execute(&mut *conn)
+        .await?;
+    let (synchronous_commit,): (String,) = sqlx::query_as("SHOW synchronous_commit")
+        .fetch_one(&mut *conn)
+        .await?;
     drop(conn);
     let postgres_commit = Summary::of(&samples);
 
@@ -384,9 +474,12 @@ async fn measure_floor(system: &System, options: &Options) -> anyhow::Result<Flo
     let mut samples = Vec::with_capacity(options.spawn);
     for i in 0..options.spawn + 5 {
         let t = Instant::now();
-        let status = tokio::time::timeout(Duration::from_secs(5), tokio::process::Command::new("/bin/true").status())
-            .await
-            .context("/bin/true timed out")??;
+        let status = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::process::Command::new("/bin/true").status(),
+        )
+        .await
+        .context("/bin/true timed out")??;
         anyhow::ensure!(status.success(), "/bin/true failed: {status}");
         if i >= 5 {
             samples.push(elapsed_ms(t));
@@ -403,7 +496,8 @@ async fn measure_floor(system: &System, options: &Options) -> anyhow::Result<Flo
         )
         .await
         .context("date timed out")??;
-        let printed = parse_clock(&String::from_utf8_lossy(&output.stdout)).context("date printed no clock")?;
+        let printed = parse_clock(&String::from_utf8_lossy(&output.stdout))
+            .context("date printed no clock")?;
         if i >= 5 {
             samples.push(between_ms(printed, before));
         }
@@ -415,10 +509,19 @@ async fn measure_floor(system: &System, options: &Options) -> anyhow::Result<Flo
     let mut samples = Vec::with_capacity(options.spawn);
     for i in 0..options.spawn + 5 {
         let t = Instant::now();
-        let output = tokio::time::timeout(Duration::from_secs(5), tokio::process::Command::new(&agent_bin).arg("--help").output())
-            .await
-            .context("hodei-agent --help timed out")??;
-        anyhow::ensure!(output.status.success(), "hodei-agent --help failed: {}", output.status);
+        let output = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::process::Command::new(&agent_bin)
+                .arg("--help")
+                .output(),
+        )
+        .await
+        .context("hodei-agent --help timed out")??;
+        anyhow::ensure!(
+            output.status.success(),
+            "hodei-agent --help failed: {}",
+            output.status
+        );
         if i >= 5 {
             samples.push(elapsed_ms(t));
         }
@@ -433,9 +536,10 @@ async fn measure_floor(system: &System, options: &Options) -> anyhow::Result<Flo
         let t = Instant::now();
         let client = hodei_messaging::connect(&system.nats.url, "hodei-bench").await?;
         let js = async_nats::jetstream::new(client.clone());
-        let stream = tokio::time::timeout(Duration::from_secs(5), js.get_stream("HODEI_WORKER_CMDS"))
-            .await
-            .context("get_stream timed out")??;
+        let stream =
+            tokio::time::timeout(Duration::from_secs(5), js.get_stream("HODEI_WORKER_CMDS"))
+                .await
+                .context("get_stream timed out")??;
         let connected = elapsed_ms(t);
         let t = Instant::now();
         let config = pull::Config {
@@ -510,7 +614,11 @@ async fn cold_run(system: &System, options: &Options) -> anyhow::Result<Cold> {
     let mut incomplete = None;
     for i in 0..options.warmup + options.cold {
         if Instant::now() > phase_deadline {
-            incomplete = Some(format!("stopped after {} jobs: the phase deadline ({} s) passed", jobs.len(), options.deadline.as_secs()));
+            incomplete = Some(format!(
+                "stopped after {} jobs: the phase deadline ({} s) passed",
+                jobs.len(),
+                options.deadline.as_secs()
+            ));
             break;
         }
         let submitted_at = Utc::now();
@@ -521,7 +629,9 @@ async fn cold_run(system: &System, options: &Options) -> anyhow::Result<Cold> {
                 eprintln!("cold job {i}: submit failed: {error:?}");
                 timed_out += 1;
                 if timed_out >= 3 {
-                    incomplete = Some(format!("stopped after {timed_out} jobs failed to be submitted or to settle"));
+                    incomplete = Some(format!(
+                        "stopped after {timed_out} jobs failed to be submitted or to settle"
+                    ));
                     break;
                 }
                 continue;
@@ -529,13 +639,16 @@ async fn cold_run(system: &System, options: &Options) -> anyhow::Result<Cold> {
         };
         let submit_ms = elapsed_ms(t);
         let job_deadline = Instant::now() + Duration::from_secs(60);
-        let seen_terminal_at = wait_terminal(system, &mut events, accepted.job_id, job_deadline).await;
+        let seen_terminal_at =
+            wait_terminal(system, &mut events, accepted.job_id, job_deadline).await;
         let settled = wait_worker_terminated(system, accepted.job_id, job_deadline).await;
         if seen_terminal_at.is_none() || !settled {
             eprintln!("cold job {}: not settled within 60 s", accepted.job_id);
             timed_out += 1;
             if timed_out >= 3 {
-                incomplete = Some(format!("stopped after {timed_out} jobs failed to be submitted or to settle"));
+                incomplete = Some(format!(
+                    "stopped after {timed_out} jobs failed to be submitted or to settle"
+                ));
                 break;
             }
             continue;
@@ -555,7 +668,13 @@ async fn cold_run(system: &System, options: &Options) -> anyhow::Result<Cold> {
             eprintln!("cold: {} of {}", jobs.len(), options.cold);
         }
     }
-    Ok(Cold { jobs, requested: options.cold, timed_out, incomplete, elapsed: started.elapsed() })
+    Ok(Cold {
+        jobs,
+        requested: options.cold,
+        timed_out,
+        incomplete,
+        elapsed: started.elapsed(),
+    })
 }
 
 /// The time the job's terminal event reached us, or None at the deadline. Events of other
@@ -570,7 +689,9 @@ async fn wait_terminal(
         match tokio::time::timeout(Duration::from_secs(1), events.next()).await {
             Ok(Some(message)) => {
                 let received = Utc::now();
-                let Ok(event) = serde_json::from_slice::<DomainEvent>(&message.payload) else { continue };
+                let Ok(event) = serde_json::from_slice::<DomainEvent>(&message.payload) else {
+                    continue;
+                };
                 if event.aggregate_id == job_id && ends_job(&event) {
                     return Some(received);
                 }
@@ -591,7 +712,11 @@ async fn wait_terminal(
 fn ends_job(event: &DomainEvent) -> bool {
     match event.event_type.as_str() {
         "JobCompleted" | "JobExecutionError" => true,
-        "JobStatusChanged" => event.payload.get("to").and_then(|t| t.as_str()).is_some_and(|to| TERMINAL.contains(&to)),
+        "JobStatusChanged" => event
+            .payload
+            .get("to")
+            .and_then(|t| t.as_str())
+            .is_some_and(|to| TERMINAL.contains(&to)),
         _ => false,
     }
 }
@@ -599,13 +724,14 @@ fn ends_job(event: &DomainEvent) -> bool {
 /// Whether the job's worker reached Terminated before the deadline.
 async fn wait_worker_terminated(system: &System, job_id: Uuid, deadline: Instant) -> bool {
     while Instant::now() < deadline {
-        let state: Option<(Option<String>,)> =
-            sqlx::query_as("SELECT w.state FROM jobs j LEFT JOIN workers w ON w.id = j.worker_id WHERE j.id = $1")
-                .bind(job_id)
-                .fetch_optional(&system.pool)
-                .await
-                .ok()
-                .flatten();
+        let state: Option<(Option<String>,)> = sqlx::query_as(
+            "SELECT w.state FROM jobs j LEFT JOIN workers w ON w.id = j.worker_id WHERE j.id = $1",
+        )
+        .bind(job_id)
+        .fetch_optional(&system.pool)
+        .await
+        .ok()
+        .flatten();
         if matches!(state, Some((Some(ref s),)) if s == "Terminated") {
             return true;
         }
@@ -691,7 +817,15 @@ async fn profile_cold(system: &System, cold: &Cold) -> anyhow::Result<Profile> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    type Row = (String, DateTime<Utc>, String, String, serde_json::Value, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+    type Row = (
+        String,
+        DateTime<Utc>,
+        String,
+        String,
+        serde_json::Value,
+        Option<DateTime<Utc>>,
+        Option<DateTime<Utc>>,
+    );
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT a.correlation_id, a.occurred_at, a.event_type, a.actor, a.payload, o.created_at, o.published_at \
          FROM audit_log a LEFT JOIN outbox_events o ON o.event_id = a.event_id \
@@ -709,8 +843,10 @@ async fn profile_cold(system: &System, cold: &Cold) -> anyhow::Result<Profile> {
     .bind(&correlations)
     .fetch_all(&system.pool)
     .await?;
-    let run_job_relayed: HashMap<String, DateTime<Utc>> =
-        commands.into_iter().filter_map(|(c, at)| Some((c, at?))).collect();
+    let run_job_relayed: HashMap<String, DateTime<Utc>> = commands
+        .into_iter()
+        .filter_map(|(c, at)| Some((c, at?)))
+        .collect();
     let mut trails: HashMap<String, Vec<Step>> = HashMap::new();
     for (correlation, at, event_type, actor, payload, begun, relayed) in rows {
         // A status change is named by the state it goes to: a job changes more than once.
@@ -718,8 +854,18 @@ async fn profile_cold(system: &System, cold: &Cold) -> anyhow::Result<Profile> {
             Some(to) => format!("{event_type} → {to}"),
             None => event_type,
         };
-        let actor = if actor.starts_with("worker:") { "agent".to_owned() } else { actor };
-        trails.entry(correlation).or_default().push(Step { label, actor, at, begun, relayed });
+        let actor = if actor.starts_with("worker:") {
+            "agent".to_owned()
+        } else {
+            actor
+        };
+        trails.entry(correlation).or_default().push(Step {
+            label,
+            actor,
+            at,
+            begun,
+            relayed,
+        });
     }
 
     let mut p = Profile {
@@ -746,24 +892,41 @@ async fn profile_cold(system: &System, cold: &Cold) -> anyhow::Result<Profile> {
         if let Some(seen) = job.seen_terminal_at {
             p.to_result_seen.push(between_ms(seen, job.submitted_at));
         }
-        let process_start = system.logs_first_line(job.job_id).await.as_deref().and_then(parse_clock);
+        let process_start = system
+            .logs_first_line(job.job_id)
+            .await
+            .as_deref()
+            .and_then(parse_clock);
         let Some(mut trail) = trails.remove(&job.correlation_id) else {
             p.unprofiled += 1;
             continue;
         };
-        let find = |label: &str| trail.iter().find(|step| step.label == label).map(|step| step.at);
+        let find = |label: &str| {
+            trail
+                .iter()
+                .find(|step| step.label == label)
+                .map(|step| step.at)
+        };
         if let Some(at) = find("JobStatusChanged → Running") {
             p.to_running_recorded.push(between_ms(at, job.submitted_at));
         }
-        if let Some(at) = find("JobCompleted → Succeeded").or_else(|| find("JobCompleted → Failed")) {
+        if let Some(at) = find("JobCompleted → Succeeded").or_else(|| find("JobCompleted → Failed"))
+        {
             p.to_result_recorded.push(between_ms(at, job.submitted_at));
         }
         let Some(process_start) = process_start else {
             p.unprofiled += 1;
             continue;
         };
-        p.to_process_start.push(between_ms(process_start, job.submitted_at));
-        let step = |label: &str, actor: &str, at| Step { label: label.into(), actor: actor.into(), at, begun: None, relayed: None };
+        p.to_process_start
+            .push(between_ms(process_start, job.submitted_at));
+        let step = |label: &str, actor: &str, at| Step {
+            label: label.into(),
+            actor: actor.into(),
+            at,
+            begun: None,
+            relayed: None,
+        };
         trail.push(step(SUBMIT, "client", job.submitted_at));
         trail.push(step(PROCESS_START, "job", process_start));
         // Stable: events stamped at the same instant keep their recording order.
@@ -775,12 +938,25 @@ async fn profile_cold(system: &System, cold: &Cold) -> anyhow::Result<Profile> {
     // most common order, over the jobs that followed it.
     let mut orders: BTreeMap<Vec<String>, usize> = BTreeMap::new();
     for (t, _) in &timelines {
-        *orders.entry(t.iter().map(|step| step.label.clone()).collect()).or_default() += 1;
+        *orders
+            .entry(t.iter().map(|step| step.label.clone()).collect())
+            .or_default() += 1;
     }
-    let Some((sequence, _)) = orders.into_iter().max_by_key(|(_, n)| *n) else { return Ok(p) };
+    let Some((sequence, _)) = orders.into_iter().max_by_key(|(_, n)| *n) else {
+        return Ok(p);
+    };
     let empty = || vec![Vec::new(); sequence.len()];
-    (p.gaps, p.offsets, p.relay_to_begin, p.begin_to_stamp, p.stamp_to_relay) = (empty(), empty(), empty(), empty(), empty());
-    for (t, run_job) in timelines.iter().filter(|(t, _)| t.iter().map(|step| &step.label).eq(sequence.iter())) {
+    (
+        p.gaps,
+        p.offsets,
+        p.relay_to_begin,
+        p.begin_to_stamp,
+        p.stamp_to_relay,
+    ) = (empty(), empty(), empty(), empty(), empty());
+    for (t, run_job) in timelines
+        .iter()
+        .filter(|(t, _)| t.iter().map(|step| &step.label).eq(sequence.iter()))
+    {
         p.following += 1;
         if p.actors.is_empty() {
             p.actors = t.iter().map(|step| step.actor.clone()).collect();
@@ -789,14 +965,21 @@ async fn profile_cold(system: &System, cold: &Cold) -> anyhow::Result<Profile> {
             let previous = if i == 0 { step } else { &t[i - 1] };
             p.gaps[i].push(between_ms(step.at, previous.at));
             p.offsets[i].push(between_ms(step.at, t[0].at));
-            let cause = CAUSED_BY.iter().find(|(effect, _)| *effect == step.label).map(|(_, cause)| *cause);
+            let cause = CAUSED_BY
+                .iter()
+                .find(|(effect, _)| *effect == step.label)
+                .map(|(_, cause)| *cause);
             let cause_relayed = match cause {
                 Some("RunJob") => *run_job,
                 Some(cause) => t.iter().find(|s| s.label == cause).and_then(|s| s.relayed),
                 None => None,
             };
             // The process start has no transaction: its "begin" is the start itself.
-            let begun = if step.label == PROCESS_START { Some(step.at) } else { step.begun };
+            let begun = if step.label == PROCESS_START {
+                Some(step.at)
+            } else {
+                step.begun
+            };
             if let (Some(relayed), Some(begun)) = (cause_relayed, begun) {
                 p.relay_to_begin[i].push(between_ms(begun, relayed));
             }
@@ -830,7 +1013,11 @@ struct Throughput {
     incomplete: Option<String>,
 }
 
-async fn throughput_run(system: &System, options: &Options, low_memory: &AtomicBool) -> anyhow::Result<Throughput> {
+async fn throughput_run(
+    system: &System,
+    options: &Options,
+    low_memory: &AtomicBool,
+) -> anyhow::Result<Throughput> {
     let n = options.throughput;
     let phase_deadline = Instant::now() + options.deadline;
     let first_submit = Utc::now();
@@ -842,7 +1029,11 @@ async fn throughput_run(system: &System, options: &Options, low_memory: &AtomicB
             if low_memory.load(Ordering::Relaxed) || Instant::now() > phase_deadline {
                 return None;
             }
-            system.submit(&job("true", &[])).await.ok().map(|a| a.job_id)
+            system
+                .submit(&job("true", &[]))
+                .await
+                .ok()
+                .map(|a| a.job_id)
         })
         .buffer_unordered(options.in_flight)
         .collect()
@@ -852,33 +1043,46 @@ async fn throughput_run(system: &System, options: &Options, low_memory: &AtomicB
     let mut incomplete = low_memory
         .load(Ordering::Relaxed)
         .then(|| "submissions stopped: the machine had under 1 GiB of memory available".to_owned());
-    eprintln!("throughput: {} accepted in {submit_secs:.1} s; waiting for them to end", ids.len());
+    eprintln!(
+        "throughput: {} accepted in {submit_secs:.1} s; waiting for them to end",
+        ids.len()
+    );
 
     // Poll what is still open (an index range on (state, created_at), cheap while most jobs
     // are done) rather than the whole set: the polling must not be a load of its own.
     let mut last_report = Instant::now();
     let mut terminal = 0usize;
     while Instant::now() < phase_deadline {
-        let (open,): (i64,) = sqlx::query_as("SELECT count(*) FROM jobs WHERE state = ANY($1) AND created_at >= $2")
-            .bind(&OPEN_JOB[..])
-            .bind(first_submit)
-            .fetch_one(&system.pool)
-            .await?;
+        let (open,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM jobs WHERE state = ANY($1) AND created_at >= $2")
+                .bind(&OPEN_JOB[..])
+                .bind(first_submit)
+                .fetch_one(&system.pool)
+                .await?;
         terminal = ids.len().saturating_sub(open as usize);
         if open == 0 {
             break;
         }
         if last_report.elapsed() > Duration::from_secs(10) {
-            eprintln!("throughput: {terminal} of {} terminal after {:.0} s", ids.len(), t.elapsed().as_secs_f64());
+            eprintln!(
+                "throughput: {terminal} of {} terminal after {:.0} s",
+                ids.len(),
+                t.elapsed().as_secs_f64()
+            );
             last_report = Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let states: Vec<(String, i64)> = sqlx::query_as("SELECT state, count(*) FROM jobs WHERE id = ANY($1) GROUP BY state ORDER BY 2 DESC")
-        .bind(&ids)
-        .fetch_all(&system.pool)
-        .await?;
-    let succeeded = states.iter().find(|(state, _)| state == "Succeeded").map_or(0, |(_, n)| *n as usize);
+    let states: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT state, count(*) FROM jobs WHERE id = ANY($1) GROUP BY state ORDER BY 2 DESC",
+    )
+    .bind(&ids)
+    .fetch_all(&system.pool)
+    .await?;
+    let succeeded = states
+        .iter()
+        .find(|(state, _)| state == "Succeeded")
+        .map_or(0, |(_, n)| *n as usize);
     let (last_change,): (Option<DateTime<Utc>>,) =
         sqlx::query_as("SELECT max(updated_at) FROM jobs WHERE id = ANY($1) AND state = ANY($2)")
             .bind(&ids)
@@ -889,7 +1093,11 @@ async fn throughput_run(system: &System, options: &Options, low_memory: &AtomicB
         last_change.map(|at| between_ms(at, first_submit) / 1000.0)
     } else {
         incomplete.get_or_insert_with(|| {
-            format!("{terminal} of {} jobs terminal when the phase deadline ({} s) passed", ids.len(), options.deadline.as_secs())
+            format!(
+                "{terminal} of {} jobs terminal when the phase deadline ({} s) passed",
+                ids.len(),
+                options.deadline.as_secs()
+            )
         });
         None
     };
@@ -927,13 +1135,26 @@ async fn throughput_run(system: &System, options: &Options, low_memory: &AtomicB
 /// A `Vm*:` line of /proc/<pid>/status, in kB.
 fn status_kb(pid: u32, key: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix(key))?.trim().trim_end_matches("kB").trim().parse().ok()
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// The fields of /proc/<pid>/stat after the command name: [0] is the state (field 3).
 fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    Some(stat.rsplit_once(')')?.1.split_whitespace().map(str::to_owned).collect())
+    Some(
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect(),
+    )
 }
 
 /// utime + stime of the process itself (not of its reaped children), in seconds.
@@ -955,7 +1176,11 @@ fn stat_seconds(pid: u32, user: usize, system: usize) -> Option<f64> {
 }
 
 fn pids() -> impl Iterator<Item = u32> {
-    std::fs::read_dir("/proc").into_iter().flatten().flatten().filter_map(|e| e.file_name().to_str()?.parse().ok())
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
 }
 
 fn nats_server_pid(port: u16) -> Option<u32> {
@@ -963,7 +1188,10 @@ fn nats_server_pid(port: u16) -> Option<u32> {
     pids().find(|pid| {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        args.first().is_some_and(|a| a.ends_with(b"nats-server")) && args.windows(2).any(|w| w[0] == b"-p" && w[1] == port.as_bytes())
+        args.first().is_some_and(|a| a.ends_with(b"nats-server"))
+            && args
+                .windows(2)
+                .any(|w| w[0] == b"-p" && w[1] == port.as_bytes())
     })
 }
 
@@ -979,19 +1207,26 @@ struct CpuSnapshot {
 
 impl CpuSnapshot {
     async fn take(system: &System, services: &[(String, u32)], nats: Option<u32>) -> CpuSnapshot {
-        let backends: Vec<(i32,)> = sqlx::query_as("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
-            .fetch_all(&system.pool)
-            .await
-            .unwrap_or_default();
+        let backends: Vec<(i32,)> =
+            sqlx::query_as("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+                .fetch_all(&system.pool)
+                .await
+                .unwrap_or_default();
         CpuSnapshot {
-            services: services.iter().map(|(name, pid)| (name.clone(), cpu_seconds(*pid).unwrap_or(0.0))).collect(),
+            services: services
+                .iter()
+                .map(|(name, pid)| (name.clone(), cpu_seconds(*pid).unwrap_or(0.0)))
+                .collect(),
             agents: services
                 .iter()
                 .find(|(name, _)| name == "provider-manager")
                 .and_then(|(_, pid)| children_cpu_seconds(*pid))
                 .unwrap_or(0.0),
             nats: nats.and_then(cpu_seconds).unwrap_or(0.0),
-            postgres: backends.iter().filter_map(|(pid,)| Some((*pid as u32, cpu_seconds(*pid as u32)?))).collect(),
+            postgres: backends
+                .iter()
+                .filter_map(|(pid,)| Some((*pid as u32, cpu_seconds(*pid as u32)?)))
+                .collect(),
         }
     }
 
@@ -999,10 +1234,18 @@ impl CpuSnapshot {
     /// is not counted (the services keep their pools' connections open).
     fn since(&self, before: &CpuSnapshot) -> CpuSnapshot {
         CpuSnapshot {
-            services: self.services.iter().map(|(n, s)| (n.clone(), s - before.services.get(n).unwrap_or(&0.0))).collect(),
+            services: self
+                .services
+                .iter()
+                .map(|(n, s)| (n.clone(), s - before.services.get(n).unwrap_or(&0.0)))
+                .collect(),
             agents: self.agents - before.agents,
             nats: self.nats - before.nats,
-            postgres: self.postgres.iter().map(|(pid, s)| (*pid, s - before.postgres.get(pid).unwrap_or(&0.0))).collect(),
+            postgres: self
+                .postgres
+                .iter()
+                .map(|(pid, s)| (*pid, s - before.postgres.get(pid).unwrap_or(&0.0)))
+                .collect(),
         }
     }
 
@@ -1045,8 +1288,15 @@ struct AgentSampler {
 }
 
 impl AgentSampler {
-    async fn start(system: &System, provider_manager: u32, tick: Duration) -> anyhow::Result<AgentSampler> {
-        let mut registered = system.client.subscribe("hodei.events.worker.*.WorkerRegistered").await?;
+    async fn start(
+        system: &System,
+        provider_manager: u32,
+        tick: Duration,
+    ) -> anyhow::Result<AgentSampler> {
+        let mut registered = system
+            .client
+            .subscribe("hodei.events.worker.*.WorkerRegistered")
+            .await?;
         system.client.flush().await?;
         let (pid_tx, pid_rx) = std::sync::mpsc::channel::<u32>();
         let announcer = tokio::spawn(async move {
@@ -1068,29 +1318,40 @@ impl AgentSampler {
             while !stop_flag.load(Ordering::Relaxed) {
                 while let Ok(pid) = pid_rx.try_recv() {
                     let Some(f) = stat_fields(pid) else { continue };
-                    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-                    let ours = f.get(1).is_some_and(|ppid| *ppid == provider_manager.to_string());
+                    let comm =
+                        std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                    let ours = f
+                        .get(1)
+                        .is_some_and(|ppid| *ppid == provider_manager.to_string());
                     if ours && comm.trim() == "hodei-agent" && live.insert(pid, 0).is_none() {
                         seen.agents += 1;
                     }
                 }
                 seen.peak_alive = seen.peak_alive.max(live.len());
-                live.retain(|pid, hwm| match (status_kb(*pid, "VmHWM:"), status_kb(*pid, "VmRSS:")) {
-                    (Some(h), Some(r)) => {
-                        *hwm = h;
-                        seen.max_rss_kb = seen.max_rss_kb.max(r);
-                        true
-                    }
-                    // Gone, or a zombie (no memory left to read).
-                    _ => {
-                        if *hwm > 0 {
-                            seen.hwm_kb.push(*hwm);
+                live.retain(|pid, hwm| {
+                    match (status_kb(*pid, "VmHWM:"), status_kb(*pid, "VmRSS:")) {
+                        (Some(h), Some(r)) => {
+                            *hwm = h;
+                            seen.max_rss_kb = seen.max_rss_kb.max(r);
+                            true
                         }
-                        false
+                        // Gone, or a zombie (no memory left to read).
+                        _ => {
+                            if *hwm > 0 {
+                                seen.hwm_kb.push(*hwm);
+                            }
+                            false
+                        }
                     }
                 });
                 let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-                    m.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
+                    m.lines()
+                        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+                        .trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
                 });
                 if let Some(kb) = available {
                     seen.min_available_kb = Some(seen.min_available_kb.map_or(kb, |m| m.min(kb)));
@@ -1103,7 +1364,12 @@ impl AgentSampler {
             seen.hwm_kb.extend(live.values().filter(|h| **h > 0));
             seen
         });
-        Ok(AgentSampler { stop, low_memory, thread, announcer })
+        Ok(AgentSampler {
+            stop,
+            low_memory,
+            thread,
+            announcer,
+        })
     }
 
     fn finish(self) -> AgentMemory {
@@ -1131,7 +1397,11 @@ impl Machine {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let cpu = cpuinfo
             .lines()
-            .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, m)| m.trim().to_owned()))
+            .find_map(|l| {
+                l.strip_prefix("model name")
+                    .and_then(|r| r.split_once(':'))
+                    .map(|(_, m)| m.trim().to_owned())
+            })
             .unwrap_or_else(|| "unknown".into());
         let memory = std::fs::read_to_string("/proc/meminfo")
             .unwrap_or_default()
@@ -1140,7 +1410,10 @@ impl Machine {
             .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             .map(|kb| format!("{:.1} GiB", kb as f64 / 1024.0 / 1024.0))
             .unwrap_or_else(|| "unknown".into());
-        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
         let (version, sync, fsync): (String, String, String) =
             sqlx::query_as("SELECT current_setting('server_version'), current_setting('synchronous_commit'), current_setting('fsync')")
                 .fetch_one(&system.pool)
@@ -1148,17 +1421,28 @@ impl Machine {
         let postgres = format!("{version} (synchronous_commit={sync}, fsync={fsync})");
         let nats = nats_server_pid(system.nats.port)
             .and_then(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).ok())
-            .and_then(|exe| std::process::Command::new(exe).arg("--version").output().ok())
+            .and_then(|exe| {
+                std::process::Command::new(exe)
+                    .arg("--version")
+                    .output()
+                    .ok()
+            })
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
             .unwrap_or_else(|| "unknown".into());
         Ok(Machine {
-            nproc: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            nproc: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0),
             cpu,
             memory,
             kernel,
             postgres,
             nats,
-            bench_profile: if cfg!(debug_assertions) { "debug" } else { "release" },
+            bench_profile: if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            },
             bin_dir: hodei_tests::bin_dir().display().to_string(),
         })
     }
@@ -1190,28 +1474,55 @@ fn report(
 ) -> std::fmt::Result {
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     writeln!(s, "## Job latency, throughput and memory\n")?;
-    writeln!(s, "Measured {} with:\n\n```sh\n{command}\n```\n", Utc::now().format("%Y-%m-%d %H:%M UTC"))?;
-    writeln!(s, "- machine: {} CPUs ({}), {} of memory, Linux {}", machine.nproc, machine.cpu, machine.memory, machine.kernel)?;
-    writeln!(s, "- PostgreSQL {}; {} (its own server on a free port, JetStream on file storage)", machine.postgres, machine.nats)?;
+    writeln!(
+        s,
+        "Measured {} with:\n\n```sh\n{command}\n```\n",
+        Utc::now().format("%Y-%m-%d %H:%M UTC")
+    )?;
+    writeln!(
+        s,
+        "- machine: {} CPUs ({}), {} of memory, Linux {}",
+        machine.nproc, machine.cpu, machine.memory, machine.kernel
+    )?;
+    writeln!(
+        s,
+        "- PostgreSQL {}; {} (its own server on a free port, JetStream on file storage)",
+        machine.postgres, machine.nats
+    )?;
     writeln!(
         s,
         "- `hodei-bench` {} build; services from `{}`; services and agents log at `RUST_LOG=info` to files",
         machine.bench_profile, machine.bin_dir
     )?;
-    writeln!(s, "- times in ms; p50/p90/p99 are nearest-rank percentiles\n")?;
+    writeln!(
+        s,
+        "- times in ms; p50/p90/p99 are nearest-rank percentiles\n"
+    )?;
 
     writeln!(s, "### The floor (same machine, same run)\n")?;
     writeln!(s, "| operation | n | p50 | p90 | p99 | max |")?;
     writeln!(s, "|---|---:|---:|---:|---:|---:|")?;
-    writeln!(s, "| NATS request/reply round trip (echo responder, 256 B) | {} |", Summary::cells(floor.nats_round_trip))?;
-    writeln!(s, "| JetStream publish, awaited to its ack (file storage, 256 B) | {} |", Summary::cells(floor.jetstream_publish))?;
+    writeln!(
+        s,
+        "| NATS request/reply round trip (echo responder, 256 B) | {} |",
+        Summary::cells(floor.nats_round_trip)
+    )?;
+    writeln!(
+        s,
+        "| JetStream publish, awaited to its ack (file storage, 256 B) | {} |",
+        Summary::cells(floor.jetstream_publish)
+    )?;
     writeln!(
         s,
         "| PostgreSQL single-row INSERT commit (synchronous_commit={}) | {} |",
         floor.synchronous_commit,
         Summary::cells(floor.postgres_commit)
     )?;
-    writeln!(s, "| spawn `/bin/true` and wait for it | {} |", Summary::cells(floor.spawn_true))?;
+    writeln!(
+        s,
+        "| spawn `/bin/true` and wait for it | {} |",
+        Summary::cells(floor.spawn_true)
+    )?;
     writeln!(
         s,
         "| spawn `date +%s%N`: parent's clock before spawn → clock the child prints | {} |\n",
@@ -1220,7 +1531,11 @@ fn report(
     writeln!(s, "What an agent does before it can register, each piece measured alone on the same system:\n")?;
     writeln!(s, "| operation | n | p50 | p90 | p99 | max |")?;
     writeln!(s, "|---|---:|---:|---:|---:|---:|")?;
-    writeln!(s, "| spawn `hodei-agent --help` and wait (exec, load, argument parsing) | {} |", Summary::cells(floor.spawn_agent_help))?;
+    writeln!(
+        s,
+        "| spawn `hodei-agent --help` and wait (exec, load, argument parsing) | {} |",
+        Summary::cells(floor.spawn_agent_help)
+    )?;
     writeln!(s, "| new NATS connection and its first JetStream request (`get_stream` HODEI_WORKER_CMDS) | {} |", Summary::cells(floor.nats_connect))?;
     writeln!(
         s,
@@ -1242,7 +1557,10 @@ fn report(
         if cold.timed_out > 0 { format!(", {} failed to be submitted or to settle in 60 s", cold.timed_out) } else { String::new() },
         cold.incomplete.as_ref().map(|r| format!("; **incomplete: {r}**")).unwrap_or_default(),
     )?;
-    writeln!(s, "| measurement | n | p50 | p90 | p99 | max | target | met |")?;
+    writeln!(
+        s,
+        "| measurement | n | p50 | p90 | p99 | max | target | met |"
+    )?;
     writeln!(s, "|---|---:|---:|---:|---:|---:|---|---|")?;
     let start = Summary::of(&profile.to_process_start);
     let met = start.is_some_and(|x| x.p50 <= 15.0 && x.p99 <= 50.0);
@@ -1267,14 +1585,24 @@ fn report(
         "| cold: submit → client receives `JobCompleted` from NATS | {} | | |",
         Summary::cells(Summary::of(&profile.to_result_seen))
     )?;
-    writeln!(s, "| cold: submit request → accepted reply | {} | | |", Summary::cells(Summary::of(&profile.submit_round_trip)))?;
-    writeln!(s, "| cold: submit → worker Terminated | {} | | |", Summary::cells(Summary::of(&profile.settled)))?;
+    writeln!(
+        s,
+        "| cold: submit request → accepted reply | {} | | |",
+        Summary::cells(Summary::of(&profile.submit_round_trip))
+    )?;
+    writeln!(
+        s,
+        "| cold: submit → worker Terminated | {} | | |",
+        Summary::cells(Summary::of(&profile.settled))
+    )?;
     writeln!(s, "| warm: submit → process start | warm pool: not implemented | | | | | p50 ≤ 3, p99 ≤ 10 | not measured |\n")?;
 
     writeln!(s, "### Throughput\n")?;
     writeln!(s, "| workers | jobs accepted | in flight | all submitted after s | all terminal after s | jobs/s | succeeded | all workers Terminated after s | target | met |")?;
     writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---|---|")?;
-    let rate = throughput.all_terminal_secs.map(|secs| throughput.accepted as f64 / secs);
+    let rate = throughput
+        .all_terminal_secs
+        .map(|secs| throughput.accepted as f64 / secs);
     writeln!(
         s,
         "| ephemeral (process provider) | {} of {} | {} | {:.1} | {} | {} | {} | {} | ≥ 300 jobs/s | {} |",
@@ -1288,8 +1616,15 @@ fn report(
         throughput.settled_secs.map(|x| format!("{x:.1}")).unwrap_or_else(|| "not within 300 s".into()),
         verdict(rate.is_some_and(|r| r >= 300.0) && throughput.succeeded == throughput.accepted),
     )?;
-    writeln!(s, "| warm pool | warm pool: not implemented | | | | | | | ≥ 1000 jobs/s | not measured |\n")?;
-    let states: Vec<String> = throughput.states.iter().map(|(state, n)| format!("{n} {state}")).collect();
+    writeln!(
+        s,
+        "| warm pool | warm pool: not implemented | | | | | | | ≥ 1000 jobs/s | not measured |\n"
+    )?;
+    let states: Vec<String> = throughput
+        .states
+        .iter()
+        .map(|(state, n)| format!("{n} {state}"))
+        .collect();
     writeln!(
         s,
         "Throughput run: {} submissions not accepted; the accepted jobs ended {}{}. jobs/s counts every terminal \
@@ -1338,7 +1673,13 @@ fn report(
             if agents.agents == 0 { "not measured" } else { verdict(max_hwm as f64 * 1024.0 <= 10e6) },
         )?;
     }
-    let per_job = |cpu: f64, jobs: usize| if jobs == 0 { "–".to_owned() } else { format!("{:.2}", cpu * 1000.0 / jobs as f64) };
+    let per_job = |cpu: f64, jobs: usize| {
+        if jobs == 0 {
+            "–".to_owned()
+        } else {
+            format!("{:.2}", cpu * 1000.0 / jobs as f64)
+        }
+    };
     let cold_jobs = cold.jobs.len() + options.warmup;
     let pg = |c: &CpuSnapshot| c.postgres.values().sum::<f64>();
     writeln!(s)?;
@@ -1356,7 +1697,12 @@ fn report(
         per_job(cpu_cold.agents, cold_jobs),
         per_job(cpu_throughput.agents, throughput.accepted)
     )?;
-    writeln!(s, "| nats-server (context) | {} | {} |", per_job(cpu_cold.nats, cold_jobs), per_job(cpu_throughput.nats, throughput.accepted))?;
+    writeln!(
+        s,
+        "| nats-server (context) | {} | {} |",
+        per_job(cpu_cold.nats, cold_jobs),
+        per_job(cpu_throughput.nats, throughput.accepted)
+    )?;
     writeln!(
         s,
         "| PostgreSQL backends of this database (context; includes the benchmark's own polling) | {} | {} |",
@@ -1364,7 +1710,12 @@ fn report(
         per_job(pg(cpu_throughput), throughput.accepted)
     )?;
     let all = |c: &CpuSnapshot| c.control_plane() + c.agents + c.nats + pg(c);
-    writeln!(s, "| all of the above | {} | {} |", per_job(all(cpu_cold), cold_jobs), per_job(all(cpu_throughput), throughput.accepted))?;
+    writeln!(
+        s,
+        "| all of the above | {} | {} |",
+        per_job(all(cpu_cold), cold_jobs),
+        per_job(all(cpu_throughput), throughput.accepted)
+    )?;
     if throughput.accepted > 0 && all(cpu_throughput) > 0.0 {
         let ceiling = machine.nproc as f64 * throughput.accepted as f64 / all(cpu_throughput);
         writeln!(
@@ -1374,7 +1725,11 @@ fn report(
         )?;
     }
     if let Some(kb) = throughput_agents.min_available_kb {
-        writeln!(s, "\nLeast memory available on the machine during the throughput run: {} MiB.", kb / 1024)?;
+        writeln!(
+            s,
+            "\nLeast memory available on the machine during the throughput run: {} MiB.",
+            kb / 1024
+        )?;
     }
     writeln!(s)?;
 

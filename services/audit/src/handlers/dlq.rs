@@ -3,8 +3,8 @@
 //! and its consumers take it as any other message) and removes it; discard removes it. Both
 //! are recorded in the audit log, with who asked.
 
-use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
 use async_nats::jetstream::message::StreamMessage;
+use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
 use chrono::{DateTime, Utc};
 use hodei_domain::events::{DeadLetterDiscarded, DeadLetterReplayed};
 use hodei_domain::{Actor, DomainEvent, EventPayload};
@@ -20,7 +20,11 @@ fn unavailable(what: &str) -> impl Fn(String) -> ApiError + '_ {
 }
 
 async fn dlq(state: &State) -> Result<Stream, ApiError> {
-    state.js.get_stream(streams::DLQ).await.map_err(|e| unavailable("opening HODEI_DLQ")(e.to_string()))
+    state
+        .js
+        .get_stream(streams::DLQ)
+        .await
+        .map_err(|e| unavailable("opening HODEI_DLQ")(e.to_string()))
 }
 
 /// The message at `seq`, or None if there is none (never was, or removed).
@@ -30,18 +34,25 @@ async fn message(stream: &Stream, seq: u64) -> Result<Option<StreamMessage>, Api
         Err(error) if matches!(error.kind(), LastRawMessageErrorKind::NoMessageFound) => Ok(None),
         Err(error) => match error.kind() {
             // NATS 2.9 answers a deleted sequence with a JetStream error "no message found".
-            LastRawMessageErrorKind::JetStream(e) if e.to_string().contains("no message found") => Ok(None),
+            LastRawMessageErrorKind::JetStream(e) if e.to_string().contains("no message found") => {
+                Ok(None)
+            }
             _ => Err(unavailable("reading HODEI_DLQ")(error.to_string())),
         },
     }
 }
 
 fn header(message: &StreamMessage, name: &str) -> String {
-    message.headers.get(name).map(|v| v.to_string()).unwrap_or_default()
+    message
+        .headers
+        .get(name)
+        .map(|v| v.to_string())
+        .unwrap_or_default()
 }
 
 fn view(message: &StreamMessage, with_payload: bool) -> DeadLetter {
-    let stored_at = DateTime::<Utc>::from_timestamp_nanos(message.time.unix_timestamp_nanos() as i64);
+    let stored_at =
+        DateTime::<Utc>::from_timestamp_nanos(message.time.unix_timestamp_nanos() as i64);
     DeadLetter {
         seq: message.sequence,
         dlq_subject: message.subject.to_string(),
@@ -52,8 +63,9 @@ fn view(message: &StreamMessage, with_payload: bool) -> DeadLetter {
         stored_at,
         size: message.payload.len(),
         payload: with_payload.then(|| {
-            serde_json::from_slice(&message.payload)
-                .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&message.payload).into_owned()))
+            serde_json::from_slice(&message.payload).unwrap_or_else(|_| {
+                serde_json::Value::String(String::from_utf8_lossy(&message.payload).into_owned())
+            })
         }),
     }
 }
@@ -61,11 +73,16 @@ fn view(message: &StreamMessage, with_payload: bool) -> DeadLetter {
 pub async fn list(state: State, request: ListDeadLetters) -> Result<Page<DeadLetter>, ApiError> {
     let limit = request.limit.unwrap_or(50).clamp(1, 500) as usize;
     let after = match request.cursor.as_deref() {
-        Some(cursor) => cursor.parse::<u64>().map_err(|_| ApiError::bad_request("`cursor` must be a previous next_cursor"))?,
+        Some(cursor) => cursor
+            .parse::<u64>()
+            .map_err(|_| ApiError::bad_request("`cursor` must be a previous next_cursor"))?,
         None => 0,
     };
     let stream = dlq(&state).await?;
-    let info = stream.get_info().await.map_err(|e| unavailable("reading HODEI_DLQ")(e.to_string()))?;
+    let info = stream
+        .get_info()
+        .await
+        .map_err(|e| unavailable("reading HODEI_DLQ")(e.to_string()))?;
     let (first, last) = (info.state.first_sequence, info.state.last_sequence);
     let mut items = Vec::new();
     let mut seq = first.max(after + 1);
@@ -81,7 +98,9 @@ pub async fn list(state: State, request: ListDeadLetters) -> Result<Page<DeadLet
 
 pub async fn show(state: State, request: DeadLetterRef) -> Result<DeadLetter, ApiError> {
     let stream = dlq(&state).await?;
-    let message = message(&stream, request.seq).await?.ok_or_else(|| not_found(request.seq))?;
+    let message = message(&stream, request.seq)
+        .await?
+        .ok_or_else(|| not_found(request.seq))?;
     Ok(view(&message, true))
 }
 
@@ -92,10 +111,15 @@ fn not_found(seq: u64) -> ApiError {
 #[tracing::instrument(name = "dlq replay", skip_all, fields(seq = request.seq))]
 pub async fn replay(state: State, request: DeadLetterRef) -> Result<DeadLetter, ApiError> {
     let stream = dlq(&state).await?;
-    let message = message(&stream, request.seq).await?.ok_or_else(|| not_found(request.seq))?;
+    let message = message(&stream, request.seq)
+        .await?
+        .ok_or_else(|| not_found(request.seq))?;
     let dead = view(&message, false);
     if dead.original_subject.is_empty() {
-        return Err(ApiError::new(ErrorCode::Conflict, "the dead letter does not say where it came from"));
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            "the dead letter does not say where it came from",
+        ));
     }
     let mut map = async_nats::HeaderMap::new();
     for (name, values) in message.headers.iter() {
@@ -107,12 +131,32 @@ pub async fn replay(state: State, request: DeadLetterRef) -> Result<DeadLetter, 
         }
     }
     // A new id: the original may still be in the stream's duplicate window.
-    map.insert(headers::MSG_ID, format!("replay-dlq-{}", message.sequence).as_str());
-    publish_durable(&state.js, dead.original_subject.clone(), map, message.payload.clone())
+    map.insert(
+        headers::MSG_ID,
+        format!("replay-dlq-{}", message.sequence).as_str(),
+    );
+    publish_durable(
+        &state.js,
+        dead.original_subject.clone(),
+        map,
+        message.payload.clone(),
+    )
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            ErrorCode::Unavailable,
+            format!("replaying to {}: {e}", dead.original_subject),
+        )
+    })?;
+    stream
+        .delete_message(message.sequence)
         .await
-        .map_err(|e| ApiError::new(ErrorCode::Unavailable, format!("replaying to {}: {e}", dead.original_subject)))?;
-    stream.delete_message(message.sequence).await.map_err(|e| unavailable("removing the replayed dead letter")(e.to_string()))?;
-    let payload = DeadLetterReplayed { dlq_seq: dead.seq, original_subject: dead.original_subject.clone(), reason: dead.reason.clone() };
+        .map_err(|e| unavailable("removing the replayed dead letter")(e.to_string()))?;
+    let payload = DeadLetterReplayed {
+        dlq_seq: dead.seq,
+        original_subject: dead.original_subject.clone(),
+        reason: dead.reason.clone(),
+    };
     record(&state, &message, request.actor, &payload).await?;
     tracing::info!(seq = dead.seq, subject = %dead.original_subject, "dead letter replayed");
     Ok(dead)
@@ -121,18 +165,36 @@ pub async fn replay(state: State, request: DeadLetterRef) -> Result<DeadLetter, 
 #[tracing::instrument(name = "dlq discard", skip_all, fields(seq = request.seq))]
 pub async fn discard(state: State, request: DeadLetterRef) -> Result<DeadLetter, ApiError> {
     let stream = dlq(&state).await?;
-    let message = message(&stream, request.seq).await?.ok_or_else(|| not_found(request.seq))?;
+    let message = message(&stream, request.seq)
+        .await?
+        .ok_or_else(|| not_found(request.seq))?;
     let dead = view(&message, false);
-    stream.delete_message(message.sequence).await.map_err(|e| unavailable("removing the dead letter")(e.to_string()))?;
-    let payload = DeadLetterDiscarded { dlq_seq: dead.seq, original_subject: dead.original_subject.clone(), reason: dead.reason.clone() };
+    stream
+        .delete_message(message.sequence)
+        .await
+        .map_err(|e| unavailable("removing the dead letter")(e.to_string()))?;
+    let payload = DeadLetterDiscarded {
+        dlq_seq: dead.seq,
+        original_subject: dead.original_subject.clone(),
+        reason: dead.reason.clone(),
+    };
     record(&state, &message, request.actor, &payload).await?;
     tracing::info!(seq = dead.seq, "dead letter discarded");
     Ok(dead)
 }
 
 /// The operator's action, in the audit log under the dead message's correlation id.
-async fn record<P: EventPayload>(state: &State, message: &StreamMessage, actor: Option<String>, payload: &P) -> Result<(), ApiError> {
-    let actor = Actor(actor.filter(|a| !a.is_empty() && a.len() <= 128).unwrap_or_else(|| "operator".into()));
+async fn record<P: EventPayload>(
+    state: &State,
+    message: &StreamMessage,
+    actor: Option<String>,
+    payload: &P,
+) -> Result<(), ApiError> {
+    let actor = Actor(
+        actor
+            .filter(|a| !a.is_empty() && a.len() <= 128)
+            .unwrap_or_else(|| "operator".into()),
+    );
     let correlation_id = header(message, headers::CORRELATION_ID);
     let event = DomainEvent::new(Uuid::now_v7(), &correlation_id, &actor, payload);
     hodei_store::audit::record(&state.pool, &[event]).await?;

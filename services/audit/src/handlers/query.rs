@@ -11,8 +11,14 @@ pub async fn handle(state: State, query: AuditQuery) -> Result<Page<AuditEntry>,
             return Err(ApiError::bad_request("`from` must be earlier than `to`"));
         }
     }
-    if query.cursor.as_deref().is_some_and(|c| c.parse::<i64>().is_err()) {
-        return Err(ApiError::bad_request("`cursor` must be the next_cursor of a previous page"));
+    if query
+        .cursor
+        .as_deref()
+        .is_some_and(|c| c.parse::<i64>().is_err())
+    {
+        return Err(ApiError::bad_request(
+            "`cursor` must be the next_cursor of a previous page",
+        ));
     }
     let (items, next_cursor) = hodei_store::audit::query(&state.pool, &query).await?;
     Ok(Page { items, next_cursor })

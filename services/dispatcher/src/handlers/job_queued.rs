@@ -20,7 +20,10 @@ async fn place(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
     let queued_at = delivery.decode::<hodei_domain::DomainEvent>()?.occurred_at;
     let mut tx = state.pool.begin().await.map_err(StoreError::from)?;
     let Some(mut job) = jobs::lock(&mut tx, queued.job_id).await? else {
-        return Err(ApiError::not_found(format!("JobQueued names unknown job {}", queued.job_id)));
+        return Err(ApiError::not_found(format!(
+            "JobQueued names unknown job {}",
+            queued.job_id
+        )));
     };
     if job.state != JobState::Pending || job.attempt != queued.attempt {
         tracing::debug!(job_id = %job.id, state = %job.state, "already placed; nothing to do");
@@ -29,8 +32,14 @@ async fn place(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
     if let Some(mut worker) = workers::lock_free_ready(&mut tx).await? {
         send_job(&mut tx, &mut job, &mut worker, &state.actor).await?;
     } else {
-        let (worker, requested) =
-            Worker::request(Uuid::now_v7(), &state.provider, Some(job.id), job.correlation_id.clone(), state.connect_timeout, &state.actor);
+        let (worker, requested) = Worker::request(
+            Uuid::now_v7(),
+            &state.provider,
+            Some(job.id),
+            job.correlation_id.clone(),
+            state.connect_timeout,
+            &state.actor,
+        );
         let scheduled = job.schedule(worker.id, &state.actor)?;
         workers::insert(&mut tx, &worker).await?;
         jobs::update(&mut tx, &mut job).await?;
@@ -38,7 +47,9 @@ async fn place(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
         tracing::info!(job_id = %job.id, worker_id = %worker.id, provider = %state.provider, "no free worker; one requested");
     }
     hodei_store::commit(tx).await?;
-    let latency = (chrono::Utc::now() - queued_at).to_std().unwrap_or_default();
+    let latency = (chrono::Utc::now() - queued_at)
+        .to_std()
+        .unwrap_or_default();
     hodei_runtime::metrics::histogram(
         "hodei_dispatch_latency_seconds",
         "From JobQueued to the job placed on a worker",

@@ -13,7 +13,12 @@ use uuid::Uuid;
 /// Give `job` to `worker`: the worker goes Busy, the job goes Assigned unless it was already
 /// Scheduled on this worker, and the RunJob command joins the events in the outbox.
 #[tracing::instrument(name = "assign", skip_all, fields(job_id = %job.id, worker_id = %worker.id))]
-pub(crate) async fn send_job(conn: &mut PgConnection, job: &mut Job, worker: &mut Worker, actor: &Actor) -> Result<(), ApiError> {
+pub(crate) async fn send_job(
+    conn: &mut PgConnection,
+    job: &mut Job,
+    worker: &mut Worker,
+    actor: &Actor,
+) -> Result<(), ApiError> {
     let mut events: Vec<DomainEvent> = Vec::with_capacity(2);
     if job.state == hodei_domain::JobState::Pending {
         events.push(job.assign(worker.id, actor)?);
@@ -52,16 +57,24 @@ pub(crate) async fn send_job(conn: &mut PgConnection, job: &mut Job, worker: &mu
 
 /// Run a placement behind the dispatch circuit breaker: while it is open the message waits
 /// (redelivered after the open window); transient failures count towards opening it.
-pub(crate) async fn guarded<F>(state: &crate::State, placement: F) -> hodei_messaging::consumer::Outcome
+pub(crate) async fn guarded<F>(
+    state: &crate::State,
+    placement: F,
+) -> hodei_messaging::consumer::Outcome
 where
     F: std::future::Future<Output = Result<(), ApiError>>,
 {
     use hodei_messaging::consumer::Outcome;
     if let Err(wait) = state.breaker.allow() {
-        return Outcome::Retry { after: wait, reason: "the dispatch circuit is open".into() };
+        return Outcome::Retry {
+            after: wait,
+            reason: "the dispatch circuit is open".into(),
+        };
     }
     let result = placement.await;
-    state.breaker.record(!matches!(&result, Err(error) if error.code.is_transient()));
+    state
+        .breaker
+        .record(!matches!(&result, Err(error) if error.code.is_transient()));
     Outcome::from_result(result)
 }
 
@@ -72,7 +85,14 @@ pub(crate) fn payload_of<P: hodei_domain::EventPayload>(
     let event: DomainEvent = delivery.decode()?;
     match event.decode::<P>() {
         Some(Ok(payload)) => Ok(payload),
-        Some(Err(e)) => Err(ApiError::bad_request(format!("invalid {} payload: {e}", P::EVENT_TYPE))),
-        None => Err(ApiError::bad_request(format!("expected {}, got {}", P::EVENT_TYPE, event.event_type))),
+        Some(Err(e)) => Err(ApiError::bad_request(format!(
+            "invalid {} payload: {e}",
+            P::EVENT_TYPE
+        ))),
+        None => Err(ApiError::bad_request(format!(
+            "expected {}, got {}",
+            P::EVENT_TYPE,
+            event.event_type
+        ))),
     }
 }

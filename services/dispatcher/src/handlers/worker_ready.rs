@@ -19,7 +19,10 @@ async fn dispatch(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
     let ready: WorkerReadyForJob = payload_of(delivery)?;
     let mut tx = state.pool.begin().await.map_err(StoreError::from)?;
     let Some(mut worker) = workers::lock(&mut tx, ready.worker_id).await? else {
-        return Err(ApiError::not_found(format!("WorkerReadyForJob names unknown worker {}", ready.worker_id)));
+        return Err(ApiError::not_found(format!(
+            "WorkerReadyForJob names unknown worker {}",
+            ready.worker_id
+        )));
     };
     if worker.state != WorkerState::Ready {
         tracing::debug!(worker_id = %worker.id, state = %worker.state, "worker no longer ready; nothing to do");
@@ -28,7 +31,10 @@ async fn dispatch(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
     if let Some(mut job) = jobs::lock_scheduled_on(&mut tx, worker.id).await? {
         send_job(&mut tx, &mut job, &mut worker, &state.actor).await?;
     } else if worker.reserved_job_id.is_some() {
-        let event = worker.terminate("the job it was provisioned for no longer waits".into(), &state.actor)?;
+        let event = worker.terminate(
+            "the job it was provisioned for no longer waits".into(),
+            &state.actor,
+        )?;
         workers::update(&mut tx, &mut worker).await?;
         outbox::append_events(&mut tx, &[event]).await?;
         tracing::info!(worker_id = %worker.id, "reserved job gone; worker torn down");

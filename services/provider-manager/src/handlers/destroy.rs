@@ -20,7 +20,12 @@ async fn destroy<P: Provider>(state: &State<P>, delivery: &Delivery) -> Result<(
     let event: DomainEvent = delivery.decode()?;
     let terminating: WorkerTerminating = match event.decode() {
         Some(Ok(terminating)) => terminating,
-        _ => return Err(ApiError::bad_request(format!("not a WorkerTerminating event: {}", event.event_type))),
+        _ => {
+            return Err(ApiError::bad_request(format!(
+                "not a WorkerTerminating event: {}",
+                event.event_type
+            )))
+        }
     };
     let worker_id = terminating.worker_id;
     let resource_id = {
@@ -31,10 +36,17 @@ async fn destroy<P: Provider>(state: &State<P>, delivery: &Delivery) -> Result<(
         .provider
         .destroy(worker_id, resource_id.as_deref())
         .await
-        .map_err(|e| ApiError::new(ErrorCode::Unavailable, format!("destroying worker {worker_id}: {e}")))?;
+        .map_err(|e| {
+            ApiError::new(
+                ErrorCode::Unavailable,
+                format!("destroying worker {worker_id}: {e}"),
+            )
+        })?;
     let mut tx = state.pool.begin().await.map_err(StoreError::from)?;
     let Some(mut worker) = workers::lock(&mut tx, worker_id).await? else {
-        return Err(ApiError::not_found(format!("there is no worker {worker_id}")));
+        return Err(ApiError::not_found(format!(
+            "there is no worker {worker_id}"
+        )));
     };
     if worker.state != WorkerState::Terminating {
         return Ok(());

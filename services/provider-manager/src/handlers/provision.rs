@@ -18,7 +18,10 @@ use crate::State;
 
 pub async fn handle<P: Provider>(state: Arc<State<P>>, delivery: Delivery) -> Outcome {
     if let Err(wait) = state.breaker.allow() {
-        return Outcome::Retry { after: wait, reason: format!("provider {} circuit is open", state.provider.name()) };
+        return Outcome::Retry {
+            after: wait,
+            reason: format!("provider {} circuit is open", state.provider.name()),
+        };
     }
     Outcome::from_result(provision(&state, &delivery).await)
 }
@@ -28,12 +31,20 @@ async fn provision<P: Provider>(state: &State<P>, delivery: &Delivery) -> Result
     let event: DomainEvent = delivery.decode()?;
     let request: WorkerProvisioningRequested = match event.decode() {
         Some(Ok(request)) => request,
-        _ => return Err(ApiError::bad_request(format!("not a WorkerProvisioningRequested event: {}", event.event_type))),
+        _ => {
+            return Err(ApiError::bad_request(format!(
+                "not a WorkerProvisioningRequested event: {}",
+                event.event_type
+            )))
+        }
     };
     let token = format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
     let mut tx = state.pool.begin().await.map_err(StoreError::from)?;
     let Some(mut worker) = workers::lock(&mut tx, request.worker_id).await? else {
-        return Err(ApiError::not_found(format!("there is no worker {}", request.worker_id)));
+        return Err(ApiError::not_found(format!(
+            "there is no worker {}",
+            request.worker_id
+        )));
     };
     if worker.state != WorkerState::Creating {
         tracing::debug!(worker_id = %worker.id, state = %worker.state, "already provisioned; nothing to do");
@@ -68,15 +79,24 @@ async fn provision<P: Provider>(state: &State<P>, delivery: &Delivery) -> Result
 
 /// The worker could not be created: it ends, and the job that waits for it is requeued
 /// (it gets another worker; its schedule-to-start deadline still bounds the wait).
-async fn give_up<P: Provider>(state: &State<P>, worker_id: Uuid, error: String) -> Result<(), ApiError> {
+async fn give_up<P: Provider>(
+    state: &State<P>,
+    worker_id: Uuid,
+    error: String,
+) -> Result<(), ApiError> {
     let mut tx = state.pool.begin().await.map_err(StoreError::from)?;
-    let Some(mut worker) = workers::lock(&mut tx, worker_id).await? else { return Ok(()) };
+    let Some(mut worker) = workers::lock(&mut tx, worker_id).await? else {
+        return Ok(());
+    };
     let mut events = vec![worker.provisioning_failed(error.clone(), &state.actor)?];
     events.push(worker.terminated(&state.actor)?);
     workers::update(&mut tx, &mut worker).await?;
     if let Some(mut job) = jobs::lock_scheduled_on(&mut tx, worker_id).await? {
         if job.state == JobState::Scheduled {
-            events.extend(job.requeue(format!("no worker could be provisioned: {error}"), &state.actor)?);
+            events.extend(job.requeue(
+                format!("no worker could be provisioned: {error}"),
+                &state.actor,
+            )?);
             jobs::update(&mut tx, &mut job).await?;
         }
     }

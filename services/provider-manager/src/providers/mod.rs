@@ -25,9 +25,16 @@ pub trait Provider: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 
     /// Start the worker's agent; returns the provider's id of the resource.
-    fn create(&self, spec: WorkerSpec) -> impl Future<Output = Result<String, ProviderError>> + Send;
+    fn create(
+        &self,
+        spec: WorkerSpec,
+    ) -> impl Future<Output = Result<String, ProviderError>> + Send;
 
     /// Stop and remove the worker's resource; done when nothing of it is left.
     /// `resource_id` is what `create` returned, for resources this instance did not create.
-    fn destroy(&self, worker_id: Uuid, resource_id: Option<&str>) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    fn destroy(
+        &self,
+        worker_id: Uuid,
+        resource_id: Option<&str>,
+    ) -> impl Future<Output = Result<(), ProviderError>> + Send;
 }

@@ -23,7 +23,12 @@ pub struct ProcessProvider {
 
 impl ProcessProvider {
     pub fn new(agent_bin: PathBuf, nats_url: String, grace: Duration) -> Self {
-        ProcessProvider { agent_bin, nats_url, grace, children: Default::default() }
+        ProcessProvider {
+            agent_bin,
+            nats_url,
+            grace,
+            children: Default::default(),
+        }
     }
 }
 
@@ -38,12 +43,19 @@ fn signal_group(pgid: i32, signal: i32) {
 fn is_agent_of(pid: i32, worker_id: Uuid) -> bool {
     let needle = format!("HODEI_WORKER_ID={worker_id}");
     std::fs::read(format!("/proc/{pid}/environ"))
-        .map(|environ| environ.split(|b| *b == 0).any(|var| var == needle.as_bytes()))
+        .map(|environ| {
+            environ
+                .split(|b| *b == 0)
+                .any(|var| var == needle.as_bytes())
+        })
         .unwrap_or(false)
 }
 
 async fn exited_within(exited: &mut watch::Receiver<bool>, limit: Duration) -> bool {
-    matches!(tokio::time::timeout(limit, exited.wait_for(|done| *done)).await, Ok(Ok(_)))
+    matches!(
+        tokio::time::timeout(limit, exited.wait_for(|done| *done)).await,
+        Ok(Ok(_))
+    )
 }
 
 impl Provider for ProcessProvider {
@@ -57,14 +69,25 @@ impl Provider for ProcessProvider {
             .env("HODEI_BOOTSTRAP_TOKEN", &spec.token)
             .env("HODEI_NATS_URL", &self.nats_url)
             .env("HODEI_CORRELATION_ID", &spec.correlation_id)
-            .envs(spec.trace_context.iter().map(|(name, value)| (name.to_ascii_uppercase(), value)))
+            .envs(
+                spec.trace_context
+                    .iter()
+                    .map(|(name, value)| (name.to_ascii_uppercase(), value)),
+            )
             .stdin(Stdio::null())
             .process_group(0)
             .spawn()
-            .map_err(|e| ProviderError(format!("cannot start {}: {e}", self.agent_bin.display())))?;
-        let pid = child.id().ok_or_else(|| ProviderError("the agent exited at once".into()))?;
+            .map_err(|e| {
+                ProviderError(format!("cannot start {}: {e}", self.agent_bin.display()))
+            })?;
+        let pid = child
+            .id()
+            .ok_or_else(|| ProviderError("the agent exited at once".into()))?;
         let (exited_tx, exited_rx) = watch::channel(false);
-        self.children.lock().expect("children lock").insert(spec.worker_id, (pid as i32, exited_rx));
+        self.children
+            .lock()
+            .expect("children lock")
+            .insert(spec.worker_id, (pid as i32, exited_rx));
         let worker_id = spec.worker_id;
         tokio::spawn(async move {
             match child.wait().await {
@@ -79,12 +102,24 @@ impl Provider for ProcessProvider {
         Ok(pid.to_string())
     }
 
-    async fn destroy(&self, worker_id: Uuid, resource_id: Option<&str>) -> Result<(), ProviderError> {
-        let known = self.children.lock().expect("children lock").get(&worker_id).cloned();
+    async fn destroy(
+        &self,
+        worker_id: Uuid,
+        resource_id: Option<&str>,
+    ) -> Result<(), ProviderError> {
+        let known = self
+            .children
+            .lock()
+            .expect("children lock")
+            .get(&worker_id)
+            .cloned();
         let Some((pgid, mut exited)) = known else {
             // Not ours (or already reaped): end whatever is left of its process group, but
             // only if that pid is still this worker's agent (pids are reused).
-            if let Some(pgid) = resource_id.and_then(|r| r.parse::<i32>().ok()).filter(|p| *p > 1) {
+            if let Some(pgid) = resource_id
+                .and_then(|r| r.parse::<i32>().ok())
+                .filter(|p| *p > 1)
+            {
                 if is_agent_of(pgid, worker_id) {
                     signal_group(pgid, libc::SIGKILL);
                 }
@@ -99,9 +134,14 @@ impl Provider for ProcessProvider {
         }
         // The agent is gone or going; nothing its job started may outlive the worker.
         signal_group(pgid, libc::SIGKILL);
-        self.children.lock().expect("children lock").remove(&worker_id);
+        self.children
+            .lock()
+            .expect("children lock")
+            .remove(&worker_id);
         if !exited_within(&mut exited, Duration::from_secs(5)).await {
-            return Err(ProviderError(format!("agent of worker {worker_id} (pid {pgid}) did not die")));
+            return Err(ProviderError(format!(
+                "agent of worker {worker_id} (pid {pgid}) did not die"
+            )));
         }
         Ok(())
     }

@@ -26,9 +26,18 @@ pub async fn run(state: State, client: Client, shutdown: Shutdown) -> hodei_mess
             continue;
         }
         let now = chrono::Utc::now();
-        match hodei_store::workers::record_heartbeat(&state.pool, beat.worker_id, now, now + state.lost_after).await {
+        match hodei_store::workers::record_heartbeat(
+            &state.pool,
+            beat.worker_id,
+            now,
+            now + state.lost_after,
+        )
+        .await
+        {
             Ok(true) => tracing::trace!(worker_id = %beat.worker_id, "heartbeat"),
-            Ok(false) => tracing::debug!(worker_id = %beat.worker_id, "heartbeat from an unknown or ended worker"),
+            Ok(false) => {
+                tracing::debug!(worker_id = %beat.worker_id, "heartbeat from an unknown or ended worker")
+            }
             Err(error) => tracing::warn!(%error, "cannot record heartbeat"),
         }
     }

@@ -22,7 +22,13 @@ fn ended(event: &DomainEvent) -> Option<(Uuid, Uuid, String)> {
         #[serde(default)]
         to: Option<JobState>,
     }
-    let leaves = ["JobCompleted", "JobExecutionError", "JobStatusChanged", "JobRetrying", "JobRequeued"];
+    let leaves = [
+        "JobCompleted",
+        "JobExecutionError",
+        "JobStatusChanged",
+        "JobRetrying",
+        "JobRequeued",
+    ];
     if !leaves.contains(&event.event_type.as_str()) {
         return None;
     }
@@ -40,13 +46,22 @@ fn ended(event: &DomainEvent) -> Option<(Uuid, Uuid, String)> {
 #[tracing::instrument(name = "teardown", skip_all)]
 async fn tear_down(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
     let event: DomainEvent = delivery.decode()?;
-    let Some((job_id, worker_id, why)) = ended(&event) else { return Ok(()) };
+    let Some((job_id, worker_id, why)) = ended(&event) else {
+        return Ok(());
+    };
     let mut tx = state.pool.begin().await.map_err(StoreError::from)?;
     let Some(mut worker) = workers::lock(&mut tx, worker_id).await? else {
-        return Err(ApiError::not_found(format!("job {job_id} ended on unknown worker {worker_id}")));
+        return Err(ApiError::not_found(format!(
+            "job {job_id} ended on unknown worker {worker_id}"
+        )));
     };
     let holds_job = worker.current_job_id == Some(job_id) || worker.reserved_job_id == Some(job_id);
-    if !holds_job || matches!(worker.state, WorkerState::Terminating | WorkerState::Terminated) {
+    if !holds_job
+        || matches!(
+            worker.state,
+            WorkerState::Terminating | WorkerState::Terminated
+        )
+    {
         return Ok(());
     }
     let reason = format!("job {job_id} {why}");

@@ -10,12 +10,19 @@ use hodei_store::{hash_token, outbox, workers, StoreError};
 use crate::State;
 
 #[tracing::instrument(name = "register", skip_all, fields(worker_id = %request.worker_id))]
-pub async fn handle(state: State, request: RegisterWorker, ctx: RequestContext) -> Result<Registered, ApiError> {
+pub async fn handle(
+    state: State,
+    request: RegisterWorker,
+    ctx: RequestContext,
+) -> Result<Registered, ApiError> {
     let subject_worker = subjects::worker_id_of(&ctx.subject);
     if subject_worker != Some(request.worker_id) {
         return Err(ApiError::new(
             ErrorCode::WorkerMismatch,
-            format!("registration for worker {} arrived on {}", request.worker_id, ctx.subject),
+            format!(
+                "registration for worker {} arrived on {}",
+                request.worker_id, ctx.subject
+            ),
         ));
     }
     let mut tx = state.pool.begin().await.map_err(StoreError::from)?;
@@ -31,11 +38,17 @@ pub async fn handle(state: State, request: RegisterWorker, ctx: RequestContext) 
     )?;
     if events.is_empty() {
         tracing::info!(worker_id = %worker.id, "registration repeated; already ready");
-        return Ok(Registered { worker_id: worker.id, heartbeat_interval_ms: state.heartbeat_interval_ms });
+        return Ok(Registered {
+            worker_id: worker.id,
+            heartbeat_interval_ms: state.heartbeat_interval_ms,
+        });
     }
     workers::update(&mut tx, &mut worker).await?;
     outbox::append_events(&mut tx, &events).await?;
     hodei_store::commit(tx).await?;
     tracing::info!(worker_id = %worker.id, pid = ?request.pid, "worker registered and ready");
-    Ok(Registered { worker_id: worker.id, heartbeat_interval_ms: state.heartbeat_interval_ms })
+    Ok(Registered {
+        worker_id: worker.id,
+        heartbeat_interval_ms: state.heartbeat_interval_ms,
+    })
 }

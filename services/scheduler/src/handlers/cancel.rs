@@ -10,7 +10,9 @@ use crate::State;
 
 #[tracing::instrument(name = "cancel", skip_all, fields(job_id = %request.job_id))]
 pub async fn handle(state: State, request: CancelJob) -> Result<JobView, ApiError> {
-    let reason = request.reason.unwrap_or_else(|| "cancelled on request".to_owned());
+    let reason = request
+        .reason
+        .unwrap_or_else(|| "cancelled on request".to_owned());
     if reason.len() > 1024 {
         return Err(ApiError::bad_request("reason must be at most 1024 bytes"));
     }

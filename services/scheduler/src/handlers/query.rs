@@ -9,12 +9,19 @@ use crate::State;
 pub async fn get(state: State, request: GetJob) -> Result<JobView, ApiError> {
     match jobs::get(&state.pool, request.job_id).await? {
         Some(job) => Ok(JobView::from(&job)),
-        None => Err(ApiError::not_found(format!("there is no job {}", request.job_id))),
+        None => Err(ApiError::not_found(format!(
+            "there is no job {}",
+            request.job_id
+        ))),
     }
 }
 
 pub async fn list(state: State, request: ListJobs) -> Result<Page<JobView>, ApiError> {
     let limit = request.limit.unwrap_or(50).clamp(1, 500);
-    let (jobs, next_cursor) = jobs::list(&state.pool, request.state, limit, request.cursor.as_deref()).await?;
-    Ok(Page { items: jobs.iter().map(JobView::from).collect(), next_cursor })
+    let (jobs, next_cursor) =
+        jobs::list(&state.pool, request.state, limit, request.cursor.as_deref()).await?;
+    Ok(Page {
+        items: jobs.iter().map(JobView::from).collect(),
+        next_cursor,
+    })
 }

@@ -39,7 +39,12 @@ async fn apply(state: &State, delivery: &Delivery) -> Result<ReportAccepted, Api
     let report = match delivery.subject.rsplit('.').next() {
         Some("started") => Report::Started(delivery.decode()?),
         Some("finished") => Report::Finished(delivery.decode()?),
-        _ => return Err(ApiError::bad_request(format!("{} is not a report subject", delivery.subject))),
+        _ => {
+            return Err(ApiError::bad_request(format!(
+                "{} is not a report subject",
+                delivery.subject
+            )))
+        }
     };
     let (job_id, claimed) = match &report {
         Report::Started(r) => (r.job_id, r.worker_id),
@@ -60,15 +65,23 @@ async fn apply(state: &State, delivery: &Delivery) -> Result<ReportAccepted, Api
     jobs::update(&mut tx, &mut job).await?;
     outbox::append_events(&mut tx, &events).await?;
     hodei_store::commit(tx).await?;
-    Ok(ReportAccepted { job_id, state: job.state })
+    Ok(ReportAccepted {
+        job_id,
+        state: job.state,
+    })
 }
 
-fn apply_to(job: &mut Job, worker_id: Uuid, report: Report, actor: &Actor) -> Result<Vec<hodei_domain::DomainEvent>, ApiError> {
+fn apply_to(
+    job: &mut Job,
+    worker_id: Uuid,
+    report: Report,
+    actor: &Actor,
+) -> Result<Vec<hodei_domain::DomainEvent>, ApiError> {
     let events = match report {
         Report::Started(_) => vec![job.start(worker_id, actor)?],
-        Report::Finished(JobFinished { exit_code, error, .. }) => {
-            job.finish(worker_id, exit_code, error, hodei_runtime::jitter(), actor)?
-        }
+        Report::Finished(JobFinished {
+            exit_code, error, ..
+        }) => job.finish(worker_id, exit_code, error, hodei_runtime::jitter(), actor)?,
     };
     Ok(events)
 }

@@ -13,17 +13,29 @@ use uuid::Uuid;
 
 use crate::State;
 
-pub async fn from_api(state: State, request: SubmitJob, ctx: RequestContext) -> Result<SubmitAccepted, ApiError> {
-    let correlation_id = correlation_of(ctx.header("traceparent"), ctx.header(headers::CORRELATION_ID));
-    let key = request.idempotency_key.clone().or_else(|| ctx.header(headers::MSG_ID).map(str::to_owned));
+pub async fn from_api(
+    state: State,
+    request: SubmitJob,
+    ctx: RequestContext,
+) -> Result<SubmitAccepted, ApiError> {
+    let correlation_id = correlation_of(
+        ctx.header("traceparent"),
+        ctx.header(headers::CORRELATION_ID),
+    );
+    let key = request
+        .idempotency_key
+        .clone()
+        .or_else(|| ctx.header(headers::MSG_ID).map(str::to_owned));
     submit(&state, request, key, correlation_id).await
 }
 
 pub async fn from_stream(state: State, delivery: Delivery) -> Outcome {
     let result = match delivery.decode::<SubmitJob>() {
         Ok(request) => {
-            let correlation_id =
-                correlation_of(delivery.header("traceparent"), delivery.header(headers::CORRELATION_ID));
+            let correlation_id = correlation_of(
+                delivery.header("traceparent"),
+                delivery.header(headers::CORRELATION_ID),
+            );
             // Without a key of the client's, the stream position still makes a redelivery
             // of this very message idempotent.
             let key = request
@@ -51,7 +63,11 @@ pub async fn from_stream(state: State, delivery: Delivery) -> Outcome {
 fn correlation_of(traceparent: Option<&str>, correlation_id: Option<&str>) -> String {
     hodei_runtime::telemetry::context::trace_id(&tracing::Span::current())
         .or_else(|| traceparent.and_then(trace_id_of).map(str::to_owned))
-        .or_else(|| correlation_id.filter(|c| !c.is_empty() && c.len() <= 128).map(str::to_owned))
+        .or_else(|| {
+            correlation_id
+                .filter(|c| !c.is_empty() && c.len() <= 128)
+                .map(str::to_owned)
+        })
         .unwrap_or_else(new_correlation_id)
 }
 
@@ -64,25 +80,47 @@ async fn submit(
 ) -> Result<SubmitAccepted, ApiError> {
     if let Some(key) = &idempotency_key {
         if key.is_empty() || key.len() > 256 {
-            return Err(ApiError::bad_request("idempotency_key must have 1 to 256 characters"));
+            return Err(ApiError::bad_request(
+                "idempotency_key must have 1 to 256 characters",
+            ));
         }
-        let mut conn = state.pool.acquire().await.map_err(hodei_store::StoreError::from)?;
+        let mut conn = state
+            .pool
+            .acquire()
+            .await
+            .map_err(hodei_store::StoreError::from)?;
         if let Some(existing) = jobs::find_by_idempotency_key(&mut conn, key).await? {
             return Ok(accepted(&existing, false));
         }
     }
-    let (job, events) =
-        Job::submit(Uuid::now_v7(), request.spec(), request.policy.clone(), correlation_id, idempotency_key, &state.actor)?;
+    let (job, events) = Job::submit(
+        Uuid::now_v7(),
+        request.spec(),
+        request.policy.clone(),
+        correlation_id,
+        idempotency_key,
+        &state.actor,
+    )?;
     tracing::Span::current().record("job_id", tracing::field::display(job.id));
-    let mut tx = state.pool.begin().await.map_err(hodei_store::StoreError::from)?;
+    let mut tx = state
+        .pool
+        .begin()
+        .await
+        .map_err(hodei_store::StoreError::from)?;
     if !jobs::insert(&mut tx, &job).await? {
         // Another submission with the same key won the race: answer with its job.
         drop(tx);
         let key = job.idempotency_key.as_deref().unwrap_or_default();
-        let mut conn = state.pool.acquire().await.map_err(hodei_store::StoreError::from)?;
+        let mut conn = state
+            .pool
+            .acquire()
+            .await
+            .map_err(hodei_store::StoreError::from)?;
         let existing = jobs::find_by_idempotency_key(&mut conn, key)
             .await?
-            .ok_or_else(|| ApiError::internal("the idempotency key is taken but its job is gone"))?;
+            .ok_or_else(|| {
+                ApiError::internal("the idempotency key is taken but its job is gone")
+            })?;
         return Ok(accepted(&existing, false));
     }
     outbox::append_events(&mut tx, &events).await?;
@@ -92,5 +130,10 @@ async fn submit(
 }
 
 fn accepted(job: &Job, created: bool) -> SubmitAccepted {
-    SubmitAccepted { job_id: job.id, correlation_id: job.correlation_id.clone(), state: job.state, created }
+    SubmitAccepted {
+        job_id: job.id,
+        correlation_id: job.correlation_id.clone(),
+        state: job.state,
+        created,
+    }
 }
