@@ -30,7 +30,15 @@ async fn traced_system(receiver: &Receiver) -> System {
 
 /// Wait until spans of every service have arrived for `trace_id`, and the parent of every
 /// span has too (spans are exported when they end, parents after their children).
-async fn wait_for_trace(system: &System, receiver: &Receiver, trace_id: &str, root_parent: &str) {
+/// Returns the snapshot it found complete: spans keep arriving (a later span's parent may be
+/// in the next export), so the assertions look at that one snapshot.
+async fn wait_for_trace(
+    system: &System,
+    receiver: &Receiver,
+    trace_id: &str,
+    root_parent: &str,
+) -> Vec<hodei_tests::otlp::ReceivedSpan> {
+    let complete = std::sync::Mutex::new(Vec::new());
     system
         .wait_for(
             "a complete trace with spans of every service",
@@ -39,13 +47,18 @@ async fn wait_for_trace(system: &System, receiver: &Receiver, trace_id: &str, ro
                 let spans = receiver.spans_of_trace(trace_id);
                 let services: HashSet<&str> = spans.iter().map(|s| s.service.as_str()).collect();
                 let ids: HashSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
-                SERVICES.iter().all(|s| services.contains(*s))
+                let done = SERVICES.iter().all(|s| services.contains(*s))
                     && spans.iter().all(|s| {
                         s.parent_span_id == root_parent || ids.contains(s.parent_span_id.as_str())
-                    })
+                    });
+                if done {
+                    *complete.lock().unwrap() = spans;
+                }
+                done
             },
         )
         .await;
+    complete.into_inner().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,7 +88,7 @@ async fn a_job_submitted_with_a_traceparent_is_one_trace_across_every_service_an
     system
         .wait_until_settled(&[accepted.job_id], Duration::from_secs(60))
         .await;
-    wait_for_trace(&system, &receiver, trace_id, client_span).await;
+    let spans = wait_for_trace(&system, &receiver, trace_id, client_span).await;
 
     // The job's own process saw the trace.
     let lines: Vec<String> = system
@@ -92,7 +105,6 @@ async fn a_job_submitted_with_a_traceparent_is_one_trace_across_every_service_an
     );
 
     // One trace: every span's parent is the client's span or another span of the trace.
-    let spans = receiver.spans_of_trace(trace_id);
     let ids: HashSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
     for span in &spans {
         assert!(
