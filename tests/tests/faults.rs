@@ -48,6 +48,22 @@ async fn submit_batch(system: &System, tag: &str) -> Vec<Uuid> {
         .collect()
 }
 
+/// Wait until some of `jobs` run, so that the fault that follows hits jobs in flight.
+async fn until_in_flight(system: &System, jobs: &[Uuid]) {
+    system
+        .wait_for("jobs in flight", Duration::from_secs(60), || async {
+            let (running,): (i64,) = sqlx::query_as(
+                "SELECT count(*) FROM jobs WHERE id = ANY($1) AND state IN ('Scheduled', 'Running')",
+            )
+            .bind(jobs)
+            .fetch_one(&system.pool)
+            .await
+            .unwrap_or((0,));
+            running > 0
+        })
+        .await;
+}
+
 /// Replay a job's audit trail through the state machine, in the order the events occurred
 /// (after a restart the audit service may record a redelivered event after a later one).
 fn check_trail(job_id: Uuid, trail: &[AuditEntry]) -> JobState {
@@ -173,7 +189,7 @@ async fn kill_9_of_each_service_in_turn_loses_no_job() {
     let mut all = Vec::new();
     for service in hodei_tests::SERVICES {
         let jobs = submit_batch(&system, service).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        until_in_flight(&system, &jobs).await;
         let pid = system.service(service).pid();
         // SAFETY: kill(2) of a service process this test started.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
@@ -198,7 +214,7 @@ async fn kill_9_of_each_service_in_turn_loses_no_job() {
 async fn a_nats_server_restart_while_jobs_run_loses_no_job() {
     let mut system = faulty_system().await;
     let jobs = submit_batch(&system, "nats").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_in_flight(&system, &jobs).await;
     system.nats.restart(Duration::from_millis(500));
     check_invariants(&system, &jobs, "nats-server restart").await;
 }
@@ -269,7 +285,18 @@ async fn two_instances_of_every_service_share_the_work_and_handle_no_job_twice()
     for service in hodei_tests::SERVICES {
         system.add_instance(service);
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    system
+        .wait_for(
+            "the second instances to be up",
+            Duration::from_secs(30),
+            || async {
+                hodei_tests::SERVICES.iter().all(|name| {
+                    std::fs::read_to_string(system.log_dir.join(format!("{name}-2.err")))
+                        .is_ok_and(|log| log.contains("metrics on http://"))
+                })
+            },
+        )
+        .await;
     let jobs = submit_batch(&system, "twins").await;
     check_invariants(&system, &jobs, "two instances of every service").await;
     for id in &jobs {
@@ -381,7 +408,7 @@ async fn a_postgres_restart_while_jobs_run_loses_no_job() {
     ])
     .await;
     let jobs = submit_batch(&system, "postgres").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_in_flight(&system, &jobs).await;
     system
         .pg
         .as_ref()
@@ -394,7 +421,7 @@ async fn a_postgres_restart_while_jobs_run_loses_no_job() {
 async fn deleted_consumers_are_recreated_and_lose_no_job() {
     let system = faulty_system().await;
     let jobs = submit_batch(&system, "deleted").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_in_flight(&system, &jobs).await;
     for (stream, consumer) in [
         ("HODEI_EVENTS", "dispatcher-job-queued"),
         ("HODEI_EVENTS", "dispatcher-worker-ready"),
