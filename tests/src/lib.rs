@@ -594,6 +594,41 @@ impl System {
         self.services.push(service);
     }
 
+    /// Stop a service and start it again with `overrides` added to its environment (this
+    /// start only).
+    pub fn restart_with(&mut self, name: &str, overrides: &[(&str, &str)]) {
+        for service in self.services.iter_mut().filter(|s| s.name == name) {
+            service.stop(Duration::from_secs(10));
+        }
+        self.services.retain(|s| s.name != name);
+        let mut env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .filter(|(k, _)| !overrides.iter().any(|(o, _)| o == k))
+            .collect();
+        env.extend_from_slice(overrides);
+        let service = Service::spawn(name, &env, &self.log_dir);
+        self.services.push(service);
+    }
+
+    /// Whether a durable consumer has handled everything its stream holds for it.
+    pub async fn consumer_caught_up(&self, stream: &str, durable: &str) -> bool {
+        let Ok(stream) = self.js.get_stream(stream).await else {
+            return false;
+        };
+        let Ok(mut consumer) = stream
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(durable)
+            .await
+        else {
+            return false;
+        };
+        consumer
+            .info()
+            .await
+            .is_ok_and(|info| info.num_pending == 0 && info.num_ack_pending == 0)
+    }
+
     pub fn service(&mut self, name: &str) -> &mut Service {
         self.services
             .iter_mut()
@@ -763,6 +798,20 @@ impl Drop for System {
     }
 }
 
+/// Whether a process is alive (a zombie is not).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            !stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
 pub fn job(command: &str, args: &[&str]) -> SubmitJob {
     SubmitJob {
         schema_version: 1,
@@ -786,6 +835,22 @@ impl System {
     }
 
     /// Every log batch of a job, in stream order, up to and including the `eof` batch.
+    /// The pid a job printed as its first line (waits up to 30 s for it).
+    pub async fn printed_pid(&self, job_id: Uuid) -> u32 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(pid) = self
+                .logs_first_line(job_id)
+                .await
+                .and_then(|l| l.trim().parse().ok())
+            {
+                return pid;
+            }
+            assert!(Instant::now() < deadline, "job {job_id} printed no pid");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn logs_of(&self, job_id: Uuid) -> Vec<hodei_protocol::logs::LogBatch> {
         use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
         use futures::StreamExt;

@@ -7,7 +7,7 @@ use hodei_domain::{JobPolicy, JobState, RetryOn, RetryPolicy};
 use hodei_messaging::api::request;
 use hodei_protocol::api::{AuditQuery, CancelJob, JobView, SubmitJob};
 use hodei_protocol::{subjects, ApiError, ErrorCode};
-use hodei_tests::{job, System};
+use hodei_tests::{alive, job, System};
 use uuid::Uuid;
 
 fn with_policy(mut request: SubmitJob, policy: JobPolicy) -> SubmitJob {
@@ -31,20 +31,6 @@ async fn cancel(system: &System, job_id: Uuid) -> Result<JobView, ApiError> {
     .await
 }
 
-/// Whether a process is alive (a zombie is not).
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| {
-            !stat
-                .rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z')
-        })
-        .unwrap_or(false)
-}
-
 async fn wait_for_state(system: &System, job_id: Uuid, state: JobState) {
     system
         .wait_for(
@@ -53,25 +39,6 @@ async fn wait_for_state(system: &System, job_id: Uuid, state: JobState) {
             || async { system.get(job_id).await.is_ok_and(|j| j.state == state) },
         )
         .await;
-}
-
-/// The pid a job printed as its first line.
-async fn printed_pid(system: &System, job_id: Uuid) -> u32 {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(pid) = system
-            .logs_first_line(job_id)
-            .await
-            .and_then(|l| l.trim().parse().ok())
-        {
-            return pid;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "job {job_id} printed no pid"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,7 +55,7 @@ async fn a_job_past_its_execution_timeout_ends_in_timeout_with_its_process_gone(
         ))
         .await
         .unwrap();
-    let pid = printed_pid(&system, accepted.job_id).await;
+    let pid = system.printed_pid(accepted.job_id).await;
     system
         .wait_until_settled(&[accepted.job_id], Duration::from_secs(30))
         .await;
@@ -235,7 +202,7 @@ async fn a_job_that_cannot_start_in_time_times_out_and_cancellation_works_in_eac
         .submit(&job("sh", &["-c", "echo $$; exec sleep 60"]))
         .await
         .unwrap();
-    let pid = printed_pid(&system, running.job_id).await;
+    let pid = system.printed_pid(running.job_id).await;
     wait_for_state(&system, running.job_id, JobState::Running).await;
     assert_eq!(
         cancel(&system, running.job_id).await.unwrap().state,
@@ -295,7 +262,7 @@ async fn an_agent_killed_mid_job_is_declared_lost_and_its_job_retried_on_a_new_w
         ))
         .await
         .unwrap();
-    let first_pid = printed_pid(&system, accepted.job_id).await;
+    let first_pid = system.printed_pid(accepted.job_id).await;
     wait_for_state(&system, accepted.job_id, JobState::Running).await;
     let agents = system.agent_pids();
     assert_eq!(agents.len(), 1);

@@ -246,6 +246,9 @@ pub struct WorkerProvisioningRequested {
     pub worker_id: Uuid,
     pub provider: String,
     pub for_job: Option<Uuid>,
+    /// A warm-pool worker (reused for several jobs).
+    #[serde(default)]
+    pub pooled: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

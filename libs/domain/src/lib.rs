@@ -16,4 +16,4 @@ pub use error::{DomainError, Result};
 pub use events::{Actor, AggregateType, DomainEvent, EventPayload};
 pub use job::{Job, JobSpec, JobState};
 pub use policy::{JobPolicy, RetryOn, RetryPolicy};
-pub use worker::{Worker, WorkerFault, WorkerState};
+pub use worker::{Purpose, Worker, WorkerFault, WorkerState};

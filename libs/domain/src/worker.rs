@@ -102,6 +102,12 @@ pub struct Worker {
     pub provider: String,
     /// The job this worker was provisioned for (ephemeral workers).
     pub reserved_job_id: Option<Uuid>,
+    /// A warm-pool worker: provisioned ahead of demand and reused for up to `max_jobs` jobs.
+    pub pooled: bool,
+    /// How many jobs the worker runs before it is torn down (1 for an ephemeral worker).
+    pub max_jobs: u32,
+    /// How many jobs it has been given.
+    pub jobs_run: u32,
     pub current_job_id: Option<Uuid>,
     /// SHA-256 of the one-time bootstrap token. It registers the worker once (from
     /// Connecting); the same agent asking again while Ready is answered without a change.
@@ -116,23 +122,38 @@ pub struct Worker {
     pub updated_at: DateTime<Utc>,
 }
 
+/// What a worker is asked of a provider for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// An ephemeral worker reserved for one job, torn down when that job leaves it.
+    ForJob(Uuid),
+    /// A warm-pool worker, taking queued jobs one after the other, up to `max_jobs`.
+    Pool { max_jobs: u32 },
+}
+
 impl Worker {
-    /// A worker asked of a provider, in Creating, optionally reserved for one job; it must
-    /// register within `connect_timeout`.
+    /// A worker asked of a provider, in Creating; it must register within `connect_timeout`.
     pub fn request(
         id: Uuid,
         provider: &str,
-        for_job: Option<Uuid>,
+        purpose: Purpose,
         correlation_id: String,
         connect_timeout: std::time::Duration,
         actor: &Actor,
     ) -> (Worker, DomainEvent) {
         let now = Utc::now();
+        let (for_job, pooled, max_jobs) = match purpose {
+            Purpose::ForJob(job_id) => (Some(job_id), false, 1),
+            Purpose::Pool { max_jobs } => (None, true, max_jobs.max(1)),
+        };
         let worker = Worker {
             id,
             state: WorkerState::Creating,
             provider: provider.to_owned(),
             reserved_job_id: for_job,
+            pooled,
+            max_jobs,
+            jobs_run: 0,
             current_job_id: None,
             token_hash: None,
             correlation_id,
@@ -148,6 +169,7 @@ impl Worker {
                 worker_id: id,
                 provider: provider.to_owned(),
                 for_job,
+                pooled,
             },
         );
         (worker, event)
@@ -255,6 +277,7 @@ impl Worker {
     pub fn assign(&mut self, job_id: Uuid, actor: &Actor) -> Result<DomainEvent> {
         let from = self.transition(WorkerState::Busy)?;
         self.current_job_id = Some(job_id);
+        self.jobs_run += 1;
         Ok(self.event(
             actor,
             &WorkerStatusChanged {
@@ -287,6 +310,45 @@ impl Worker {
                 },
             ),
         ])
+    }
+
+    /// Its job `job_id` left the worker. A pool worker whose agent reported the end itself
+    /// (`reported_by_worker`: the process is gone) and that has jobs left goes back to Ready
+    /// for the next one; any other worker is torn down, which ends whatever the job left
+    /// running (a cancelled or timed-out job's process). Nothing happens if the worker does
+    /// not hold that job or is already going away.
+    pub fn job_left(
+        &mut self,
+        job_id: Uuid,
+        reported_by_worker: bool,
+        why: &str,
+        actor: &Actor,
+    ) -> Result<Vec<DomainEvent>> {
+        let holds_job = self.current_job_id == Some(job_id) || self.reserved_job_id == Some(job_id);
+        if !holds_job
+            || matches!(
+                self.state,
+                WorkerState::Terminating | WorkerState::Terminated
+            )
+        {
+            return Ok(Vec::new());
+        }
+        let reusable = self.pooled
+            && reported_by_worker
+            && self.state == WorkerState::Busy
+            && self.jobs_run < self.max_jobs;
+        if reusable {
+            return self.release(actor);
+        }
+        let reason = if self.pooled && self.jobs_run >= self.max_jobs {
+            format!(
+                "job {job_id} {why}; the worker ran its {} jobs",
+                self.max_jobs
+            )
+        } else {
+            format!("job {job_id} {why}")
+        };
+        Ok(vec![self.terminate(reason, actor)?])
     }
 
     /// Stop taking jobs; the current one (if any) finishes.
@@ -436,7 +498,7 @@ mod tests {
         let (mut worker, _) = Worker::request(
             Uuid::now_v7(),
             "process",
-            None,
+            Purpose::ForJob(Uuid::nil()),
             "c".into(),
             CONNECT_TIMEOUT,
             &Actor::service("t"),
@@ -548,7 +610,7 @@ mod tests {
         let (mut creating, _) = Worker::request(
             Uuid::now_v7(),
             "process",
-            None,
+            Purpose::ForJob(Uuid::nil()),
             "c".into(),
             CONNECT_TIMEOUT,
             &a,
@@ -606,5 +668,71 @@ mod tests {
         assert!(worker_in(Terminated)
             .provisioning_failed("x".into(), &a)
             .is_err());
+    }
+
+    fn pool_worker(max_jobs: u32) -> Worker {
+        let a = Actor::service("t");
+        let (mut worker, _) = Worker::request(
+            Uuid::now_v7(),
+            "process",
+            Purpose::Pool { max_jobs },
+            "c".into(),
+            CONNECT_TIMEOUT,
+            &a,
+        );
+        worker.state = Ready;
+        worker
+    }
+
+    #[test]
+    fn a_pool_worker_takes_jobs_until_it_has_run_its_share() {
+        let a = Actor::service("t");
+        let mut worker = pool_worker(2);
+        let (first, second) = (Uuid::now_v7(), Uuid::now_v7());
+        worker.assign(first, &a).unwrap();
+        let events = worker.job_left(first, true, "ended Succeeded", &a).unwrap();
+        let types: Vec<_> = events.iter().map(|e| e.event_type.as_str()).collect();
+        assert_eq!(types, ["WorkerReady", "WorkerReadyForJob"]);
+        assert_eq!((worker.state, worker.current_job_id), (Ready, None));
+        worker.assign(second, &a).unwrap();
+        let events = worker.job_left(second, true, "ended Failed", &a).unwrap();
+        assert_eq!(events[0].event_type, "WorkerTerminating");
+        assert_eq!(worker.state, Terminating, "its second job was its last");
+    }
+
+    #[test]
+    fn a_pool_worker_whose_job_ended_without_its_report_is_torn_down() {
+        let a = Actor::service("t");
+        let mut worker = pool_worker(100);
+        let job = Uuid::now_v7();
+        worker.assign(job, &a).unwrap();
+        worker.job_left(job, false, "ended Cancelled", &a).unwrap();
+        assert_eq!(worker.state, Terminating, "the process may still run");
+    }
+
+    #[test]
+    fn an_ephemeral_worker_is_torn_down_and_a_foreign_job_changes_nothing() {
+        let a = Actor::service("t");
+        let job = Uuid::now_v7();
+        let (mut worker, _) = Worker::request(
+            Uuid::now_v7(),
+            "process",
+            Purpose::ForJob(job),
+            "c".into(),
+            CONNECT_TIMEOUT,
+            &a,
+        );
+        worker.state = Ready;
+        assert!(worker
+            .job_left(Uuid::now_v7(), true, "ended Succeeded", &a)
+            .unwrap()
+            .is_empty());
+        worker.assign(job, &a).unwrap();
+        worker.job_left(job, true, "ended Succeeded", &a).unwrap();
+        assert_eq!(worker.state, Terminating);
+        assert!(worker
+            .job_left(job, true, "ended Succeeded", &a)
+            .unwrap()
+            .is_empty());
     }
 }

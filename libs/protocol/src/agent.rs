@@ -25,6 +25,14 @@ pub struct RegisterWorker {
 pub struct Registered {
     pub worker_id: Uuid,
     pub heartbeat_interval_ms: u64,
+    /// How many jobs the agent runs before it exits: 1 for an ephemeral worker, more for a
+    /// warm-pool worker, which waits for its next job on the same command subject.
+    #[serde(default = "one")]
+    pub max_jobs: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// Core NATS publish on `hodei.agent.<worker_id>.heartbeat`.

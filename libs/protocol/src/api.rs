@@ -288,6 +288,13 @@ pub struct WorkerView {
     pub provider: String,
     pub current_job_id: Option<Uuid>,
     pub reserved_job_id: Option<Uuid>,
+    /// A warm-pool worker, reused for up to `max_jobs` jobs.
+    #[serde(default)]
+    pub pooled: bool,
+    #[serde(default)]
+    pub jobs_run: u32,
+    #[serde(default)]
+    pub max_jobs: u32,
     pub last_heartbeat_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -301,6 +308,9 @@ impl From<&hodei_domain::Worker> for WorkerView {
             provider: w.provider.clone(),
             current_job_id: w.current_job_id,
             reserved_job_id: w.reserved_job_id,
+            pooled: w.pooled,
+            jobs_run: w.jobs_run,
+            max_jobs: w.max_jobs,
             last_heartbeat_at: w.last_heartbeat_at,
             created_at: w.created_at,
             updated_at: w.updated_at,

@@ -150,14 +150,26 @@ pub async fn lock_scheduled_on(conn: &mut PgConnection, worker_id: Uuid) -> Resu
 }
 
 /// The next Pending job (highest priority, then oldest) that is not waiting out a retry's
-/// backoff and that nobody else is placing right now.
+/// backoff, locked. Call it under [`crate::placement_lock`]: it waits for a row another
+/// transaction holds instead of skipping it, and looks again if the job changed meanwhile.
 pub async fn lock_next_pending(conn: &mut PgConnection) -> Result<Option<Job>> {
-    let sql = format!(
-        "SELECT {COLUMNS} FROM jobs WHERE state = 'Pending' AND not_before IS NULL \
-         ORDER BY priority DESC, created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED"
-    );
-    let row: Option<JobRow> = sqlx::query_as(&sql).fetch_optional(conn).await?;
-    row.map(Job::try_from).transpose()
+    loop {
+        let candidate: Option<(Uuid,)> = sqlx::query_as(
+            "SELECT id FROM jobs WHERE state = 'Pending' AND not_before IS NULL \
+             ORDER BY priority DESC, created_at, id LIMIT 1",
+        )
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some((id,)) = candidate else {
+            return Ok(None);
+        };
+        match lock(conn, id).await? {
+            Some(job) if job.state == JobState::Pending && job.not_before.is_none() => {
+                return Ok(Some(job))
+            }
+            _ => continue,
+        }
+    }
 }
 
 /// Newest first, optionally of one state; `cursor` is the previous page's `next_cursor`.

@@ -78,6 +78,22 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
     Ok(())
 }
 
+/// Key of the transaction-scoped advisory lock every placement decision takes first.
+const PLACEMENT_LOCK: i64 = 0x686f_6465_695f_706c; // "hodei_pl"
+
+/// Serialize placement decisions (which job goes to which worker, whether a worker may be
+/// created) across every dispatcher instance, until the transaction ends. Take it before any
+/// row lock: then no other placement holds a job or worker row, the placement queries wait
+/// for rows instead of skipping them, and two decisions never both see the same free
+/// worker, the same spare capacity or the same pending job.
+pub async fn placement_lock(conn: &mut PgConnection) -> Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(PLACEMENT_LOCK)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 fn corrupt(what: &'static str) -> impl Fn(String) -> StoreError {
     move |why| StoreError::Corrupt { what, why }
 }

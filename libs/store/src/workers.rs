@@ -13,6 +13,9 @@ struct WorkerRow {
     state: String,
     provider: String,
     reserved_job_id: Option<Uuid>,
+    pooled: bool,
+    max_jobs: i32,
+    jobs_run: i32,
     current_job_id: Option<Uuid>,
     token_hash: Option<String>,
     correlation_id: String,
@@ -31,6 +34,11 @@ impl TryFrom<WorkerRow> for Worker {
             state: row.state.parse().map_err(corrupt("worker state"))?,
             provider: row.provider,
             reserved_job_id: row.reserved_job_id,
+            pooled: row.pooled,
+            max_jobs: u32::try_from(row.max_jobs)
+                .map_err(|e| corrupt("worker max_jobs")(e.to_string()))?,
+            jobs_run: u32::try_from(row.jobs_run)
+                .map_err(|e| corrupt("worker jobs_run")(e.to_string()))?,
             current_job_id: row.current_job_id,
             token_hash: row.token_hash,
             correlation_id: row.correlation_id,
@@ -43,14 +51,15 @@ impl TryFrom<WorkerRow> for Worker {
     }
 }
 
-const COLUMNS: &str = "id, state, provider, reserved_job_id, current_job_id, token_hash, \
-                       correlation_id, last_heartbeat_at, deadline_at, version, created_at, updated_at";
+const COLUMNS: &str = "id, state, provider, reserved_job_id, pooled, max_jobs, jobs_run, current_job_id, \
+                       token_hash, correlation_id, last_heartbeat_at, deadline_at, version, created_at, updated_at";
 
 pub async fn insert(conn: &mut PgConnection, worker: &Worker) -> Result<()> {
     sqlx::query(
         "INSERT INTO workers (id, state, provider, reserved_job_id, current_job_id, token_hash, \
-                              correlation_id, last_heartbeat_at, version, created_at, updated_at, deadline_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                              correlation_id, last_heartbeat_at, version, created_at, updated_at, deadline_at, \
+                              pooled, max_jobs, jobs_run) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
     )
     .bind(worker.id)
     .bind(worker.state.as_str())
@@ -64,6 +73,9 @@ pub async fn insert(conn: &mut PgConnection, worker: &Worker) -> Result<()> {
     .bind(worker.created_at)
     .bind(worker.updated_at)
     .bind(worker.deadline_at)
+    .bind(worker.pooled)
+    .bind(count(worker.max_jobs))
+    .bind(count(worker.jobs_run))
     .execute(conn)
     .await?;
     Ok(())
@@ -73,7 +85,8 @@ pub async fn insert(conn: &mut PgConnection, worker: &Worker) -> Result<()> {
 pub async fn update(conn: &mut PgConnection, worker: &mut Worker) -> Result<()> {
     let result = sqlx::query(
         "UPDATE workers SET state = $2, reserved_job_id = $3, current_job_id = $4, token_hash = $5, \
-                            last_heartbeat_at = $6, updated_at = $7, version = version + 1, deadline_at = $9 \
+                            last_heartbeat_at = $6, updated_at = $7, version = version + 1, deadline_at = $9, \
+                            jobs_run = $10 \
          WHERE id = $1 AND version = $8",
     )
     .bind(worker.id)
@@ -85,6 +98,7 @@ pub async fn update(conn: &mut PgConnection, worker: &mut Worker) -> Result<()> 
     .bind(worker.updated_at)
     .bind(worker.version)
     .bind(worker.deadline_at)
+    .bind(count(worker.jobs_run))
     .execute(conn)
     .await?;
     if result.rows_affected() != 1 {
@@ -104,14 +118,55 @@ pub async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Worker>> {
     row.map(Worker::try_from).transpose()
 }
 
-/// A Ready worker that was not provisioned for a particular job, skipping ones being placed.
+fn count(n: u32) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+/// The oldest Ready worker that was not provisioned for a particular job, locked. Call it
+/// under the placement lock ([`crate::placement_lock`]): it waits for a row another
+/// transaction holds (a heartbeat) instead of skipping it, so a free worker is never missed,
+/// and looks again if the one it found changed meanwhile.
 pub async fn lock_free_ready(conn: &mut PgConnection) -> Result<Option<Worker>> {
-    let sql = format!(
-        "SELECT {COLUMNS} FROM workers WHERE state = 'Ready' AND reserved_job_id IS NULL \
-         ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED"
-    );
-    let row: Option<WorkerRow> = sqlx::query_as(&sql).fetch_optional(conn).await?;
-    row.map(Worker::try_from).transpose()
+    loop {
+        let candidate: Option<(Uuid,)> = sqlx::query_as(
+            "SELECT id FROM workers WHERE state = 'Ready' AND reserved_job_id IS NULL \
+             ORDER BY created_at, id LIMIT 1",
+        )
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some((id,)) = candidate else {
+            return Ok(None);
+        };
+        match lock(conn, id).await? {
+            Some(worker)
+                if worker.state == WorkerState::Ready && worker.reserved_job_id.is_none() =>
+            {
+                return Ok(Some(worker))
+            }
+            _ => continue,
+        }
+    }
+}
+
+/// Workers alive (not Terminated): all of them, and the pool's members that are not going
+/// away (the pool's size counts those).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Live {
+    pub workers: u32,
+    pub pool_members: u32,
+}
+
+pub async fn count_live(conn: &mut PgConnection) -> Result<Live> {
+    let (workers, pool_members): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE pooled AND state <> 'Terminating') \
+         FROM workers WHERE state <> 'Terminated'",
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(Live {
+        workers: u32::try_from(workers).unwrap_or(u32::MAX),
+        pool_members: u32::try_from(pool_members).unwrap_or(u32::MAX),
+    })
 }
 
 /// Liveness is recorded on the row (and moves the deadline of a Ready or Busy worker to

@@ -1,6 +1,8 @@
 //! `hodei-agent`: the worker agent. It registers with its one-time bootstrap token, waits for
 //! RunJob on its own command subject, runs the command, streams stdout and stderr to
-//! `hodei.logs.<job_id>`, reports started and finished, and exits: one agent, one job.
+//! `hodei.logs.<job_id>`, reports started and finished, and exits: one agent, one job — or,
+//! for a warm-pool worker, as many jobs as the registry gave it at registration, one after
+//! the other.
 
 mod job;
 mod reports;
@@ -109,35 +111,65 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         Duration::from_millis(registered.heartbeat_interval_ms),
     ));
 
-    let idle = Duration::from_secs(config.idle_timeout_secs);
-    let next = shutdown
-        .guard(tokio::time::timeout(idle, messages.next()))
-        .await;
-    let message = match next {
-        None => {
-            tracing::info!("stopped before any job arrived");
-            return Ok(());
+    // An ephemeral worker gives up when its one job does not come; a warm-pool worker waits
+    // for as long as it is kept (the registry and the provider end it).
+    let idle = (registered.max_jobs <= 1).then(|| Duration::from_secs(config.idle_timeout_secs));
+    let mut result = Ok(());
+    for _ in 0..registered.max_jobs.max(1) {
+        let message = match next_command(&mut messages, idle, &shutdown).await {
+            Ok(Some(message)) => message,
+            Ok(None) => break,
+            Err(error) => {
+                result = Err(error);
+                break;
+            }
+        };
+        let command: WorkerCommand = match decode(&message.payload) {
+            Ok(command) => command,
+            Err(error) => {
+                let _ = message.ack_with(AckKind::Term).await;
+                result = Err(anyhow::anyhow!("unreadable command: {error}"));
+                break;
+            }
+        };
+        let WorkerCommand::RunJob(run) = command;
+        result = job::run(&client, &js, worker_id, run, &message, shutdown.clone()).await;
+        if result.is_err() || shutdown.is_triggered() {
+            break;
         }
-        Some(Err(_)) => anyhow::bail!("no job arrived within {idle:?}"),
-        Some(Ok(None)) => anyhow::bail!("the command stream ended"),
-        Some(Ok(Some(Err(error)))) => anyhow::bail!("reading commands: {error}"),
-        Some(Ok(Some(Ok(message)))) => message,
-    };
-    let command: WorkerCommand = match decode(&message.payload) {
-        Ok(command) => command,
-        Err(error) => {
-            let _ = message.ack_with(AckKind::Term).await;
-            anyhow::bail!("unreadable command: {error}");
-        }
-    };
-    let WorkerCommand::RunJob(run) = command;
-    let result = job::run(&client, &js, worker_id, run, &message, shutdown).await;
+    }
     heartbeats.abort();
     if let Ok(stream) = js.get_stream(streams::WORKER_CMDS).await {
         let _ = stream.delete_consumer(&commands.cached_info().name).await;
     }
     client.flush().await.ok();
     result
+}
+
+/// The next command; `None` once shut down. Waiting longer than `idle` (when given) is an error.
+async fn next_command(
+    messages: &mut pull::Stream,
+    idle: Option<Duration>,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Option<jetstream::Message>> {
+    let next = async {
+        match idle {
+            Some(idle) => tokio::time::timeout(idle, messages.next())
+                .await
+                .map_err(|_| anyhow::anyhow!("no job arrived within {idle:?}")),
+            None => Ok(messages.next().await),
+        }
+    };
+    match shutdown.guard(next).await {
+        None => {
+            tracing::info!("stopped while waiting for a job");
+            Ok(None)
+        }
+        Some(Err(error)) => Err(error),
+        Some(Ok(None)) => anyhow::bail!("the command stream ended"),
+        Some(Ok(Some(Err(error)))) => anyhow::bail!("reading commands: {error}"),
+        Some(Ok(Some(Ok(message)))) => Ok(Some(message)),
+    }
 }
 
 /// Register, retrying with backoff while the registry cannot be reached (restarting, or the

@@ -131,6 +131,11 @@ pub fn workers_table(page: &Page<WorkerView>) {
                 w.worker_id.to_string(),
                 w.state.to_string(),
                 w.provider.clone(),
+                if w.pooled {
+                    format!("pool {}/{}", w.jobs_run, w.max_jobs)
+                } else {
+                    "ephemeral".to_owned()
+                },
                 opt(&w.current_job_id.or(w.reserved_job_id)),
                 opt(&w.last_heartbeat_at.as_ref().map(time)),
                 time(&w.created_at),
@@ -142,6 +147,7 @@ pub fn workers_table(page: &Page<WorkerView>) {
             "WORKER",
             "STATE",
             "PROVIDER",
+            "KIND",
             "JOB",
             "LAST HEARTBEAT",
             "CREATED",

@@ -1,7 +1,9 @@
-//! The dispatcher places jobs on workers. On JobQueued it assigns the job to a free ready
-//! worker, or, when none is free, schedules it on a new worker it asks a provider for. On
-//! WorkerReadyForJob it sends the worker the job it was provisioned for (or the oldest pending
-//! one). The job, the worker and the RunJob command change in one transaction.
+//! The dispatcher places jobs on workers. On JobQueued it assigns the next pending job to a
+//! free ready worker, or, when none is free and the capacity allows, schedules it on a new
+//! worker it asks a provider for. On WorkerReadyForJob it sends the worker the job it was
+//! provisioned for (a warm-pool worker: the next pending job). On WorkerTerminated it tops the
+//! warm pool up and places jobs that waited for capacity. The job, the worker and the RunJob
+//! command change in one transaction.
 
 mod handlers;
 
@@ -42,6 +44,23 @@ pub struct Config {
     #[arg(long, env = "HODEI_DISPATCH_CIRCUIT_OPEN_MS", default_value_t = 1000)]
     pub circuit_open_ms: u64,
 
+    /// Most workers alive at once (every state but Terminated, warm pool included). Jobs
+    /// beyond it stay Pending and are placed, highest priority first, as workers end. 0
+    /// pauses placement on new workers.
+    #[arg(long, env = "HODEI_MAX_WORKERS", default_value_t = 64)]
+    pub max_workers: u32,
+
+    /// Workers kept provisioned and Ready ahead of demand, each reused for several jobs. 0
+    /// (the default) turns the warm pool off: every job gets its own ephemeral worker. With a
+    /// pool, jobs run only on pool workers and wait for one when all are busy.
+    #[arg(long, env = "HODEI_WARM_POOL_SIZE", default_value_t = 0)]
+    pub warm_pool_size: u32,
+
+    /// Jobs a warm-pool worker runs before it is replaced by a fresh one.
+    #[arg(long, env = "HODEI_WARM_POOL_MAX_JOBS", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub warm_pool_max_jobs: u32,
+
     /// Largest number of database connections.
     #[arg(long, env = "HODEI_DB_POOL_SIZE", default_value_t = 10)]
     pub db_pool_size: u32,
@@ -56,6 +75,14 @@ pub(crate) struct State {
     /// Opens after consecutive failures to place jobs (the database unreachable, ...): jobs
     /// then wait, their messages redelivered after the open window, instead of failing.
     pub breaker: std::sync::Arc<hodei_runtime::breaker::Breaker>,
+    pub max_workers: u32,
+    pub warm_pool: Option<WarmPool>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WarmPool {
+    pub size: u32,
+    pub max_jobs_per_worker: u32,
 }
 
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
@@ -85,7 +112,31 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             config.circuit_threshold,
             std::time::Duration::from_millis(config.circuit_open_ms),
         )),
+        max_workers: config.max_workers,
+        warm_pool: (config.warm_pool_size > 0).then_some(WarmPool {
+            size: config.warm_pool_size,
+            max_jobs_per_worker: config.warm_pool_max_jobs,
+        }),
     };
+    if config.warm_pool_size > config.max_workers {
+        tracing::warn!(
+            warm_pool_size = config.warm_pool_size,
+            max_workers = config.max_workers,
+            "the warm pool is larger than the capacity; it holds at most max-workers workers"
+        );
+    }
+    tracing::info!(max_workers = state.max_workers, warm_pool = ?state.warm_pool, provider = %state.provider, "placing jobs");
+    // Whatever waited while no dispatcher ran (or with a smaller capacity) is placed now;
+    // afterwards events drive placement.
+    handlers::replenish_pool(&state)
+        .await
+        .context("provisioning the warm pool")?;
+    let placed = handlers::place_pending(&state, usize::MAX)
+        .await
+        .context("placing waiting jobs")?;
+    if placed > 0 {
+        tracing::info!(placed, "jobs that waited placed at start");
+    }
     // Jobs wait while the dispatch circuit is open: no delivery limit.
     let unlimited = |mut config: ConsumerConfig| {
         config.max_deliver = -1;
@@ -111,7 +162,17 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         shutdown.clone(),
         |delivery| handlers::worker_ready::handle(state.clone(), delivery),
     );
-    tokio::join!(queued, ready);
+    let terminated = consumer::run(
+        js.clone(),
+        unlimited(ConsumerConfig::new(
+            streams::EVENTS,
+            "dispatcher-worker-terminated",
+            Some(subjects::events_of_type("worker", "WorkerTerminated")),
+        )),
+        shutdown.clone(),
+        |delivery| handlers::worker_terminated::handle(state.clone(), delivery),
+    );
+    tokio::join!(queued, ready, terminated);
     tracing::info!("stopped");
     Ok(())
 }

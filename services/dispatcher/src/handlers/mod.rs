@@ -1,7 +1,11 @@
 //! One file per message the dispatcher understands, and the assignment they share.
 
 pub mod job_queued;
+mod placement;
 pub mod worker_ready;
+pub mod worker_terminated;
+
+pub(crate) use placement::{place_pending, replenish_pool};
 
 use hodei_domain::{Actor, DomainEvent, Job, Worker};
 use hodei_protocol::agent::{RunJob, WorkerCommand};

@@ -1,5 +1,5 @@
-//! WorkerReadyForJob: send the worker the job it was provisioned for, or the oldest pending
-//! job; a worker whose reserved job no longer waits for it is torn down.
+//! WorkerReadyForJob: send the worker the job it was provisioned for, or (a warm-pool worker)
+//! the next pending job; a worker whose reserved job no longer waits for it is torn down.
 
 use hodei_domain::events::WorkerReadyForJob;
 use hodei_domain::WorkerState;
@@ -18,6 +18,7 @@ pub async fn handle(state: State, delivery: Delivery) -> Outcome {
 async fn dispatch(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
     let ready: WorkerReadyForJob = payload_of(delivery)?;
     let mut tx = state.pool.begin().await.map_err(StoreError::from)?;
+    hodei_store::placement_lock(&mut tx).await?;
     let Some(mut worker) = workers::lock(&mut tx, ready.worker_id).await? else {
         return Err(ApiError::not_found(format!(
             "WorkerReadyForJob names unknown worker {}",

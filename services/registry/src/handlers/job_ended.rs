@@ -1,7 +1,8 @@
 //! Job events: when a job leaves its worker (it ended, or its attempt is retried or
-//! requeued), the ephemeral worker is torn down.
+//! requeued), an ephemeral worker is torn down; a warm-pool worker whose agent reported the
+//! end goes back to Ready until it has run its share of jobs.
 
-use hodei_domain::{DomainEvent, JobState, WorkerState};
+use hodei_domain::{Actor, DomainEvent, JobState, WorkerState};
 use hodei_messaging::consumer::{Delivery, Outcome};
 use hodei_protocol::ApiError;
 use hodei_store::{outbox, workers, StoreError};
@@ -55,20 +56,19 @@ async fn tear_down(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
             "job {job_id} ended on unknown worker {worker_id}"
         )));
     };
-    let holds_job = worker.current_job_id == Some(job_id) || worker.reserved_job_id == Some(job_id);
-    if !holds_job
-        || matches!(
-            worker.state,
-            WorkerState::Terminating | WorkerState::Terminated
-        )
-    {
+    // The agent reported the end itself: the job's process is gone, a pool worker may go on.
+    let reported_by_worker = event.actor == Actor::worker(worker_id);
+    let events = worker.job_left(job_id, reported_by_worker, &why, &state.actor)?;
+    if events.is_empty() {
         return Ok(());
     }
-    let reason = format!("job {job_id} {why}");
-    let terminating = worker.terminate(reason, &state.actor)?;
     workers::update(&mut tx, &mut worker).await?;
-    outbox::append_events(&mut tx, &[terminating]).await?;
+    outbox::append_events(&mut tx, &events).await?;
     hodei_store::commit(tx).await?;
-    tracing::info!(%worker_id, %job_id, "job ended; ephemeral worker torn down");
+    if worker.state == WorkerState::Ready {
+        tracing::info!(%worker_id, %job_id, jobs_run = worker.jobs_run, max_jobs = worker.max_jobs, "job ended; pool worker ready for the next one");
+    } else {
+        tracing::info!(%worker_id, %job_id, "job ended; worker torn down");
+    }
     Ok(())
 }

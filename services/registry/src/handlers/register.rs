@@ -41,6 +41,7 @@ pub async fn handle(
         return Ok(Registered {
             worker_id: worker.id,
             heartbeat_interval_ms: state.heartbeat_interval_ms,
+            max_jobs: worker.max_jobs,
         });
     }
     workers::update(&mut tx, &mut worker).await?;
@@ -50,5 +51,6 @@ pub async fn handle(
     Ok(Registered {
         worker_id: worker.id,
         heartbeat_interval_ms: state.heartbeat_interval_ms,
+        max_jobs: worker.max_jobs,
     })
 }

@@ -1,0 +1,113 @@
+//! Placement: which pending job runs next, on which worker, and whether a worker may be
+//! created for it. Every decision is one transaction under the placement lock, so decisions
+//! of several handlers and dispatcher instances never race for a worker, a job or capacity.
+
+use hodei_domain::{Job, Purpose, Worker};
+use hodei_protocol::ApiError;
+use hodei_store::{jobs, outbox, workers, PgConnection, StoreError};
+use uuid::Uuid;
+
+use super::send_job;
+use crate::State;
+
+/// Place pending jobs, highest priority then oldest first, while a free ready worker waits or
+/// (without a warm pool) a new worker fits within the capacity; at most `limit` of them.
+/// Returns how many were placed.
+pub(crate) async fn place_pending(state: &State, limit: usize) -> Result<usize, ApiError> {
+    let mut placed = 0;
+    while placed < limit {
+        let mut tx = state.pool.begin().await.map_err(StoreError::from)?;
+        hodei_store::placement_lock(&mut tx).await?;
+        let Some(mut job) = jobs::lock_next_pending(&mut tx).await? else {
+            break;
+        };
+        let waited = chrono::Utc::now() - job.updated_at;
+        if let Some(mut worker) = workers::lock_free_ready(&mut tx).await? {
+            send_job(&mut tx, &mut job, &mut worker, &state.actor).await?;
+        } else if state.warm_pool.is_none() && room(&mut tx, state).await? > 0 {
+            schedule_on_new_worker(&mut tx, state, &mut job).await?;
+        } else {
+            tracing::debug!(job_id = %job.id, "no free worker and no room for one; the job waits");
+            break;
+        }
+        hodei_store::commit(tx).await?;
+        observe_dispatch_latency(waited);
+        placed += 1;
+    }
+    Ok(placed)
+}
+
+/// Provision warm-pool workers until the pool has its size (within the capacity).
+pub(crate) async fn replenish_pool(state: &State) -> Result<u32, ApiError> {
+    let Some(pool) = state.warm_pool else {
+        return Ok(0);
+    };
+    let mut tx = state.pool.begin().await.map_err(StoreError::from)?;
+    hodei_store::placement_lock(&mut tx).await?;
+    let live = workers::count_live(&mut tx).await?;
+    let missing = pool
+        .size
+        .saturating_sub(live.pool_members)
+        .min(state.max_workers.saturating_sub(live.workers));
+    for _ in 0..missing {
+        let (worker, requested) = Worker::request(
+            Uuid::now_v7(),
+            &state.provider,
+            Purpose::Pool {
+                max_jobs: pool.max_jobs_per_worker,
+            },
+            hodei_protocol::new_correlation_id(),
+            state.connect_timeout,
+            &state.actor,
+        );
+        workers::insert(&mut tx, &worker).await?;
+        outbox::append_events(&mut tx, &[requested]).await?;
+    }
+    hodei_store::commit(tx).await?;
+    if missing > 0 {
+        tracing::info!(
+            requested = missing,
+            pool_size = pool.size,
+            "warm pool topped up"
+        );
+    }
+    Ok(missing)
+}
+
+/// How many more workers may be created now.
+async fn room(conn: &mut PgConnection, state: &State) -> Result<u32, ApiError> {
+    let live = workers::count_live(conn).await?;
+    Ok(state.max_workers.saturating_sub(live.workers))
+}
+
+/// Pending -> Scheduled on a worker requested for this job alone (Creating), reserved for it.
+async fn schedule_on_new_worker(
+    conn: &mut PgConnection,
+    state: &State,
+    job: &mut Job,
+) -> Result<(), ApiError> {
+    let (worker, requested) = Worker::request(
+        Uuid::now_v7(),
+        &state.provider,
+        Purpose::ForJob(job.id),
+        job.correlation_id.clone(),
+        state.connect_timeout,
+        &state.actor,
+    );
+    let scheduled = job.schedule(worker.id, &state.actor)?;
+    workers::insert(conn, &worker).await?;
+    jobs::update(conn, job).await?;
+    outbox::append_events(conn, &[scheduled, requested]).await?;
+    tracing::info!(job_id = %job.id, worker_id = %worker.id, provider = %state.provider, "no free worker; one requested");
+    Ok(())
+}
+
+fn observe_dispatch_latency(waited: chrono::TimeDelta) {
+    hodei_runtime::metrics::histogram(
+        "hodei_dispatch_latency_seconds",
+        "From a job becoming Pending to the job placed on a worker",
+        &[],
+        hodei_runtime::metrics::DEFAULT_LATENCY_BUCKETS,
+    )
+    .observe_duration(waited.to_std().unwrap_or_default());
+}
