@@ -58,7 +58,7 @@ async fn wait_until_ended(system: &System, jobs: &[Uuid]) -> Vec<JobView> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warm_pool_runs_jobs_on_reused_workers_and_replaces_spent_ones() {
-    let system = System::start_with(&[
+    let mut system = System::start_with(&[
         ("HODEI_WARM_POOL_SIZE", "2"),
         ("HODEI_WARM_POOL_MAX_JOBS", "3"),
     ])
@@ -204,6 +204,20 @@ async fn a_warm_pool_runs_jobs_on_reused_workers_and_replaces_spent_ones() {
         })
         .await;
     wait_for_ready_pool(&system, 2).await;
+
+    // Turned off, the pool's idle workers are torn down and their agents end.
+    system.restart_with("dispatcher", &[("HODEI_WARM_POOL_SIZE", "0")]);
+    system
+        .wait_for("the pool's workers to end", SETTLE, || async {
+            workers_in(
+                &system,
+                &["Creating", "Connecting", "Ready", "Busy", "Terminating"],
+            )
+            .await
+                == 0
+                && system.agent_pids().is_empty()
+        })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -134,3 +134,40 @@ async fn an_event_is_audited_once_however_often_it_arrives() {
     assert_eq!(rest[0].event_type, "JobQueued");
     assert_eq!(end, None);
 }
+
+/// A backlog of 50,000 pending jobs over 100,000 ended ones, 20,000 ended workers and
+/// 300,000 published outbox rows: no hot query reads the jobs or the outbox whole.
+#[tokio::test]
+async fn no_hot_query_scans_jobs_or_the_outbox_with_a_big_backlog() {
+    let (_db, pool) = migrated().await;
+    sqlx::raw_sql(
+        "INSERT INTO jobs (id, state, spec, attempt, correlation_id, version, created_at, updated_at, priority) \
+         SELECT gen_random_uuid(), CASE WHEN g <= 100000 THEN 'Succeeded' ELSE 'Pending' END, \
+                '{\"command\":\"true\"}', 1, 'c' || g, 1, now() - make_interval(secs => 200000 - g), now(), g % 3 \
+         FROM generate_series(1, 150000) g; \
+         INSERT INTO workers (id, state, provider, correlation_id, version, created_at, updated_at) \
+         SELECT gen_random_uuid(), 'Terminated', 'process', 'c' || g, 1, now(), now() \
+         FROM generate_series(1, 20000) g; \
+         INSERT INTO outbox_events (event_id, kind, subject, aggregate_type, aggregate_id, event_type, payload, status) \
+         SELECT gen_random_uuid(), 'event', 'hodei.events.job.x', 'job', gen_random_uuid(), 'JobQueued', '{}', \
+                CASE WHEN g <= 300000 THEN 'published' ELSE 'pending' END \
+         FROM generate_series(1, 301000) g; \
+         ANALYZE jobs; ANALYZE workers; ANALYZE outbox_events;",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    let plans = hodei_store::plans::explain_hot_queries(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(plans.len(), hodei_store::plans::HOT_QUERIES.len());
+    for (name, plan) in &plans {
+        eprintln!("{name}:\n{plan}\n");
+        let whole: Vec<String> = hodei_store::plans::sequential_scans(plan)
+            .into_iter()
+            .filter(|table| table == "jobs" || table == "outbox_events")
+            .collect();
+        assert!(whole.is_empty(), "{name} scans {whole:?}:\n{plan}");
+    }
+}

@@ -52,8 +52,32 @@ impl TryFrom<JobRow> for Job {
     }
 }
 
-const COLUMNS: &str = "id, state, spec, attempt, worker_id, exit_code, error, correlation_id, \
-                       idempotency_key, policy, start_by, deadline_at, not_before, version, created_at, updated_at";
+macro_rules! columns {
+    () => {
+        "id, state, spec, attempt, worker_id, exit_code, error, correlation_id, \
+         idempotency_key, policy, start_by, deadline_at, not_before, version, created_at, updated_at"
+    };
+}
+const COLUMNS: &str = columns!();
+
+/// The job a worker was provisioned for, if it still waits for it ([`lock_scheduled_on`]).
+pub const SCHEDULED_ON_SQL: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM jobs WHERE worker_id = $1 AND state = 'Scheduled' FOR UPDATE"
+);
+/// The head of the queue ([`lock_next_pending`]).
+pub const NEXT_PENDING_SQL: &str =
+    "SELECT id FROM jobs WHERE state = 'Pending' AND not_before IS NULL \
+                                    ORDER BY priority DESC, created_at, id LIMIT 1";
+/// Overdue deadlines and finished backoffs ([`due`]).
+pub const DUE_SQL: &str = "(SELECT id, deadline_at AS due FROM jobs WHERE deadline_at <= now() ORDER BY deadline_at LIMIT $1) \
+                           UNION ALL \
+                           (SELECT id, not_before AS due FROM jobs WHERE not_before <= now() ORDER BY not_before LIMIT $1) \
+                           ORDER BY due LIMIT $1";
+/// When the job monitor must look next ([`next_due`]).
+pub const NEXT_DUE_SQL: &str = "SELECT least((SELECT min(deadline_at) FROM jobs WHERE deadline_at IS NOT NULL), \
+                                              (SELECT min(not_before) FROM jobs WHERE not_before IS NOT NULL))";
 
 /// Insert a new job. Returns false (and writes nothing) when its idempotency key is taken.
 pub async fn insert(conn: &mut PgConnection, job: &Job) -> Result<bool> {
@@ -139,10 +163,7 @@ pub async fn find_by_idempotency_key(conn: &mut PgConnection, key: &str) -> Resu
 
 /// The job a worker was provisioned for, if it still waits for that worker.
 pub async fn lock_scheduled_on(conn: &mut PgConnection, worker_id: Uuid) -> Result<Option<Job>> {
-    let sql = format!(
-        "SELECT {COLUMNS} FROM jobs WHERE worker_id = $1 AND state = 'Scheduled' FOR UPDATE"
-    );
-    let row: Option<JobRow> = sqlx::query_as(&sql)
+    let row: Option<JobRow> = sqlx::query_as(SCHEDULED_ON_SQL)
         .bind(worker_id)
         .fetch_optional(conn)
         .await?;
@@ -154,12 +175,9 @@ pub async fn lock_scheduled_on(conn: &mut PgConnection, worker_id: Uuid) -> Resu
 /// transaction holds instead of skipping it, and looks again if the job changed meanwhile.
 pub async fn lock_next_pending(conn: &mut PgConnection) -> Result<Option<Job>> {
     loop {
-        let candidate: Option<(Uuid,)> = sqlx::query_as(
-            "SELECT id FROM jobs WHERE state = 'Pending' AND not_before IS NULL \
-             ORDER BY priority DESC, created_at, id LIMIT 1",
-        )
-        .fetch_optional(&mut *conn)
-        .await?;
+        let candidate: Option<(Uuid,)> = sqlx::query_as(NEXT_PENDING_SQL)
+            .fetch_optional(&mut *conn)
+            .await?;
         let Some((id,)) = candidate else {
             return Ok(None);
         };
@@ -210,25 +228,13 @@ pub async fn list(
 
 /// Jobs whose state deadline or retry backoff is over, most overdue first.
 pub async fn due(pool: &PgPool, limit: i64) -> Result<Vec<Uuid>> {
-    let rows: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(
-        "(SELECT id, deadline_at AS due FROM jobs WHERE deadline_at <= now() ORDER BY deadline_at LIMIT $1) \
-         UNION ALL \
-         (SELECT id, not_before AS due FROM jobs WHERE not_before <= now() ORDER BY not_before LIMIT $1) \
-         ORDER BY due LIMIT $1",
-    )
-    .bind(limit)
-    .fetch_all(pool)
-    .await?;
+    let rows: Vec<(Uuid, DateTime<Utc>)> =
+        sqlx::query_as(DUE_SQL).bind(limit).fetch_all(pool).await?;
     Ok(rows.into_iter().map(|(id, _)| id).collect())
 }
 
 /// The earliest deadline or backoff end of any job, to sleep until.
 pub async fn next_due(pool: &PgPool) -> Result<Option<DateTime<Utc>>> {
-    let (at,): (Option<DateTime<Utc>>,) = sqlx::query_as(
-        "SELECT least((SELECT min(deadline_at) FROM jobs WHERE deadline_at IS NOT NULL), \
-                      (SELECT min(not_before) FROM jobs WHERE not_before IS NOT NULL))",
-    )
-    .fetch_one(pool)
-    .await?;
+    let (at,): (Option<DateTime<Utc>>,) = sqlx::query_as(NEXT_DUE_SQL).fetch_one(pool).await?;
     Ok(at)
 }

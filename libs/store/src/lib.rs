@@ -9,6 +9,7 @@
 pub mod audit;
 pub mod jobs;
 pub mod outbox;
+pub mod plans;
 pub mod resources;
 pub mod workers;
 

@@ -100,14 +100,8 @@ pub struct PendingRow {
     pub attempts: i32,
 }
 
-/// Committed, unpublished rows in insertion order, locked so that no other relay takes them.
-/// A row waiting out a retry holds back the later rows of its aggregate, and only those.
-///
-/// The batch's ids come first from the ordered partial index (no sort, however long the
-/// backlog); the hold-back check and the payloads are read for those rows only.
-pub async fn lock_pending(conn: &mut PgConnection, limit: i64) -> Result<Vec<PendingRow>> {
-    let rows = sqlx::query_as(
-        "WITH batch AS ( \
+/// The relay's batch ([`lock_pending`]).
+pub const LOCK_PENDING_SQL: &str = "WITH batch AS ( \
              SELECT id FROM outbox_events \
              WHERE status = 'pending' AND (next_attempt_at IS NULL OR next_attempt_at <= now()) \
              ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
@@ -117,11 +111,18 @@ pub async fn lock_pending(conn: &mut PgConnection, limit: i64) -> Result<Vec<Pen
          FROM outbox_events o JOIN batch b ON b.id = o.id \
          WHERE NOT EXISTS (SELECT 1 FROM outbox_events e WHERE e.status = 'pending' \
                            AND e.aggregate_id = o.aggregate_id AND e.id < o.id AND e.next_attempt_at > now()) \
-         ORDER BY o.id",
-    )
-    .bind(limit)
-    .fetch_all(conn)
-    .await?;
+         ORDER BY o.id";
+
+/// Committed, unpublished rows in insertion order, locked so that no other relay takes them.
+/// A row waiting out a retry holds back the later rows of its aggregate, and only those.
+///
+/// The batch's ids come first from the ordered partial index (no sort, however long the
+/// backlog); the hold-back check and the payloads are read for those rows only.
+pub async fn lock_pending(conn: &mut PgConnection, limit: i64) -> Result<Vec<PendingRow>> {
+    let rows = sqlx::query_as(LOCK_PENDING_SQL)
+        .bind(limit)
+        .fetch_all(conn)
+        .await?;
     Ok(rows)
 }
 

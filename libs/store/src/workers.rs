@@ -118,6 +118,15 @@ pub async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Worker>> {
     row.map(Worker::try_from).transpose()
 }
 
+/// The oldest free ready worker ([`lock_free_ready`]).
+pub const FREE_READY_SQL: &str =
+    "SELECT id FROM workers WHERE state = 'Ready' AND reserved_job_id IS NULL \
+                                  ORDER BY created_at, id LIMIT 1";
+/// Capacity and pool size ([`count_live`]).
+pub const COUNT_LIVE_SQL: &str =
+    "SELECT count(*), count(*) FILTER (WHERE pooled AND state <> 'Terminating') \
+                                  FROM workers WHERE state <> 'Terminated'";
+
 fn count(n: u32) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
@@ -128,12 +137,9 @@ fn count(n: u32) -> i32 {
 /// and looks again if the one it found changed meanwhile.
 pub async fn lock_free_ready(conn: &mut PgConnection) -> Result<Option<Worker>> {
     loop {
-        let candidate: Option<(Uuid,)> = sqlx::query_as(
-            "SELECT id FROM workers WHERE state = 'Ready' AND reserved_job_id IS NULL \
-             ORDER BY created_at, id LIMIT 1",
-        )
-        .fetch_optional(&mut *conn)
-        .await?;
+        let candidate: Option<(Uuid,)> = sqlx::query_as(FREE_READY_SQL)
+            .fetch_optional(&mut *conn)
+            .await?;
         let Some((id,)) = candidate else {
             return Ok(None);
         };
@@ -148,6 +154,19 @@ pub async fn lock_free_ready(conn: &mut PgConnection) -> Result<Option<Worker>> 
     }
 }
 
+/// Up to `limit` Ready pool workers (newest first: the oldest keep serving), locked.
+pub async fn lock_idle_pooled(conn: &mut PgConnection, limit: u32) -> Result<Vec<Worker>> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM workers WHERE state = 'Ready' AND pooled \
+         ORDER BY created_at DESC, id DESC LIMIT $1 FOR UPDATE"
+    );
+    let rows: Vec<WorkerRow> = sqlx::query_as(&sql)
+        .bind(i64::from(limit))
+        .fetch_all(conn)
+        .await?;
+    rows.into_iter().map(Worker::try_from).collect()
+}
+
 /// Workers alive (not Terminated): all of them, and the pool's members that are not going
 /// away (the pool's size counts those).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,12 +176,8 @@ pub struct Live {
 }
 
 pub async fn count_live(conn: &mut PgConnection) -> Result<Live> {
-    let (workers, pool_members): (i64, i64) = sqlx::query_as(
-        "SELECT count(*), count(*) FILTER (WHERE pooled AND state <> 'Terminating') \
-         FROM workers WHERE state <> 'Terminated'",
-    )
-    .fetch_one(conn)
-    .await?;
+    let (workers, pool_members): (i64, i64) =
+        sqlx::query_as(COUNT_LIVE_SQL).fetch_one(conn).await?;
     Ok(Live {
         workers: u32::try_from(workers).unwrap_or(u32::MAX),
         pool_members: u32::try_from(pool_members).unwrap_or(u32::MAX),

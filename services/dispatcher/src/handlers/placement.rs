@@ -37,13 +37,32 @@ pub(crate) async fn place_pending(state: &State, limit: usize) -> Result<usize, 
     Ok(placed)
 }
 
-/// Provision warm-pool workers until the pool has its size (within the capacity).
+/// Provision warm-pool workers until the pool has its size (within the capacity); when the
+/// pool is smaller than the pool workers alive (it was shrunk or turned off), tear idle
+/// surplus workers down (busy ones go when their job ends).
 pub(crate) async fn replenish_pool(state: &State) -> Result<u32, ApiError> {
+    let mut tx = state.pool.begin().await.map_err(StoreError::from)?;
+    hodei_store::placement_lock(&mut tx).await?;
+    let surplus = pool_surplus(&mut tx, state).await?;
+    if surplus > 0 {
+        let mut torn_down = 0;
+        for mut worker in workers::lock_idle_pooled(&mut tx, surplus).await? {
+            let event = worker.terminate("the warm pool shrank".into(), &state.actor)?;
+            workers::update(&mut tx, &mut worker).await?;
+            outbox::append_events(&mut tx, &[event]).await?;
+            torn_down += 1;
+        }
+        hodei_store::commit(tx).await?;
+        tracing::info!(
+            torn_down,
+            surplus,
+            "idle pool workers beyond the pool's size torn down"
+        );
+        return Ok(0);
+    }
     let Some(pool) = state.warm_pool else {
         return Ok(0);
     };
-    let mut tx = state.pool.begin().await.map_err(StoreError::from)?;
-    hodei_store::placement_lock(&mut tx).await?;
     let live = workers::count_live(&mut tx).await?;
     let missing = pool
         .size
@@ -72,6 +91,13 @@ pub(crate) async fn replenish_pool(state: &State) -> Result<u32, ApiError> {
         );
     }
     Ok(missing)
+}
+
+/// How many pool workers are alive beyond the configured pool size (all of them without a pool).
+pub(crate) async fn pool_surplus(conn: &mut PgConnection, state: &State) -> Result<u32, ApiError> {
+    let live = workers::count_live(conn).await?;
+    let size = state.warm_pool.map_or(0, |pool| pool.size);
+    Ok(live.pool_members.saturating_sub(size))
 }
 
 /// How many more workers may be created now.

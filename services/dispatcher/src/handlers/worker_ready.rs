@@ -39,6 +39,11 @@ async fn dispatch(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
         workers::update(&mut tx, &mut worker).await?;
         outbox::append_events(&mut tx, &[event]).await?;
         tracing::info!(worker_id = %worker.id, "reserved job gone; worker torn down");
+    } else if worker.pooled && super::placement::pool_surplus(&mut tx, state).await? > 0 {
+        let event = worker.terminate("the warm pool shrank".into(), &state.actor)?;
+        workers::update(&mut tx, &mut worker).await?;
+        outbox::append_events(&mut tx, &[event]).await?;
+        tracing::info!(worker_id = %worker.id, "pool worker beyond the pool's size torn down");
     } else if let Some(mut job) = jobs::lock_next_pending(&mut tx).await? {
         send_job(&mut tx, &mut job, &mut worker, &state.actor).await?;
     }
