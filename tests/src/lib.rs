@@ -112,7 +112,12 @@ impl NatsServer {
                 .arg("-l")
                 .arg(&log_path)
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                // A crash (a Go panic) is written to stderr, not to the log.
+                .stderr(
+                    std::fs::File::create(dir.join("nats.err"))
+                        .map(Stdio::from)
+                        .unwrap_or_else(|_| Stdio::null()),
+                )
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
             let deadline = Instant::now() + Duration::from_secs(10);

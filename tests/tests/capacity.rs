@@ -139,14 +139,21 @@ async fn a_warm_pool_runs_jobs_on_reused_workers_and_replaces_spent_ones() {
         }
     }
     // Jobs on a ready worker are Assigned, never Scheduled on a worker made for them.
-    let placements = system
-        .audit(AuditQuery {
-            event_type: Some("JobAssigned".into()),
-            limit: Some(100),
-            ..Default::default()
+    let assigned = || async {
+        system
+            .audit(AuditQuery {
+                event_type: Some("JobAssigned".into()),
+                limit: Some(100),
+                ..Default::default()
+            })
+            .await
+    };
+    system
+        .wait_for("every placement audited", SETTLE, || async {
+            assigned().await.len() == ids.len()
         })
         .await;
-    assert_eq!(placements.len(), ids.len());
+    let placements = assigned().await;
     assert!(placements.iter().all(|e| e.payload["to"] == "Assigned"));
 
     // The pool is topped up to its size again, and only its agents are alive.
@@ -262,16 +269,22 @@ async fn jobs_beyond_capacity_wait_and_run_by_priority_then_submission_order() {
         views.iter().all(|v| v.state == JobState::Succeeded),
         "{views:?}"
     );
-    let placed: Vec<Uuid> = system
-        .audit(AuditQuery {
-            event_type: Some("JobAssigned".into()),
-            limit: Some(100),
-            ..Default::default()
-        })
+    let placements = || async {
+        let rows: Vec<(Uuid,)> = sqlx::query_as(
+            "SELECT aggregate_id FROM audit_log WHERE event_type = 'JobAssigned' \
+             ORDER BY occurred_at, seq",
+        )
+        .fetch_all(&system.pool)
         .await
-        .into_iter()
-        .map(|e| e.aggregate_id)
-        .collect();
+        .unwrap();
+        rows.into_iter().map(|(id,)| id).collect::<Vec<Uuid>>()
+    };
+    system
+        .wait_for("every placement audited", SETTLE, || async {
+            placements().await.len() == ids.len()
+        })
+        .await;
+    let placed = placements().await;
     let mut expected: Vec<(i32, usize)> = priorities
         .iter()
         .enumerate()
@@ -281,6 +294,17 @@ async fn jobs_beyond_capacity_wait_and_run_by_priority_then_submission_order() {
     let expected: Vec<Uuid> = expected.into_iter().map(|(_, i)| ids[i]).collect();
     assert_eq!(placed, expected, "placement order");
 
+    system
+        .wait_for("every worker ended and audited", SETTLE, || async {
+            let (ended,): (i64,) = sqlx::query_as(
+                "SELECT count(*) FROM audit_log WHERE event_type = 'WorkerTerminated'",
+            )
+            .fetch_one(&system.pool)
+            .await
+            .unwrap();
+            ended == ids.len() as i64
+        })
+        .await;
     let worker_events: Vec<(String, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
         "SELECT event_type, occurred_at FROM audit_log WHERE aggregate_type = 'worker' \
          ORDER BY occurred_at, seq",

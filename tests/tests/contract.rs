@@ -225,14 +225,20 @@ async fn refused_reports_are_answered_with_typed_errors_change_nothing_and_are_l
     ] {
         assert!(log.contains(code), "the scheduler logs the refusal {code}");
     }
-    let dlq = system
-        .js
-        .get_stream("HODEI_DLQ")
-        .await
-        .unwrap()
-        .get_last_raw_message_by_subject("hodei.dlq.HODEI_AGENT.scheduler-reports")
+    // The refusal is answered first, then the message is dead-lettered.
+    let dlq = system.js.get_stream("HODEI_DLQ").await.unwrap();
+    let last_dead =
+        || dlq.get_last_raw_message_by_subject("hodei.dlq.HODEI_AGENT.scheduler-reports");
+    system
+        .wait_for(
+            "the malformed report in the DLQ",
+            Duration::from_secs(10),
+            || async { last_dead().await.is_ok() },
+        )
         .await;
-    let dead = dlq.expect("the malformed report is in the dead-letter stream");
+    let dead = last_dead()
+        .await
+        .expect("the malformed report is in the dead-letter stream");
     assert_eq!(&dead.payload[..], b"{oops");
 
     // Registration: a spent or wrong token is refused, and so is an unknown worker.

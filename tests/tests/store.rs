@@ -77,11 +77,11 @@ async fn an_outbox_write_notifies_the_relay_once_per_transaction_and_is_read_in_
     let mut listener = PgListener::connect_with(&pool).await.unwrap();
     listener.listen(outbox::NOTIFY_CHANNEL).await.unwrap();
     let (job, events) = new_job(None);
-    let mut tx = pool.begin().await.unwrap();
+    let mut tx = hodei_store::begin(&pool).await.unwrap();
     jobs::insert(&mut tx, &job).await.unwrap();
     outbox::append_events(&mut tx, &events).await.unwrap();
     outbox::append_events(&mut tx, &events[..0]).await.unwrap();
-    tx.commit().await.unwrap();
+    hodei_store::commit(tx).await.unwrap();
     let notification = tokio::time::timeout(std::time::Duration::from_secs(5), listener.recv())
         .await
         .unwrap()
@@ -89,14 +89,26 @@ async fn an_outbox_write_notifies_the_relay_once_per_transaction_and_is_read_in_
     assert_eq!(notification.channel(), outbox::NOTIFY_CHANNEL);
 
     let mut tx = pool.begin().await.unwrap();
-    let pending = outbox::lock_pending(&mut tx, 10).await.unwrap();
-    let ids: Vec<Uuid> = pending.iter().map(|r| r.event_id).collect();
+    let grace = std::time::Duration::from_secs(60);
+    assert!(
+        outbox::lock_pending(&mut tx, 10, grace)
+            .await
+            .unwrap()
+            .is_empty(),
+        "rows within the grace are left to their writer's publisher"
+    );
+    let pending = outbox::lock_pending(&mut tx, 10, std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    let ids: Vec<Uuid> = pending.iter().map(|r| r.message.event_id).collect();
     assert_eq!(ids, events.iter().map(|e| e.event_id).collect::<Vec<_>>());
     assert_eq!(
-        pending[0].subject,
+        pending[0].message.subject,
         format!("hodei.events.job.{}.JobCreated", job.id)
     );
-    assert_eq!(pending[0].correlation_id.as_deref(), Some("corr"));
+    assert_eq!(pending[0].message.correlation_id.as_deref(), Some("corr"));
+    let stored: serde_json::Value = serde_json::from_str(&pending[0].message.payload).unwrap();
+    assert_eq!(stored["event_id"], events[0].event_id.to_string());
     let published: Vec<i64> = pending.iter().map(|r| r.id).collect();
     outbox::mark_published(&mut tx, &published).await.unwrap();
     tx.commit().await.unwrap();
@@ -133,6 +145,36 @@ async fn an_event_is_audited_once_however_often_it_arrives() {
     .unwrap();
     assert_eq!(rest[0].event_type, "JobQueued");
     assert_eq!(end, None);
+}
+
+/// The rows of a committed transaction reach the process's publisher, once; a transaction
+/// rolled back hands nothing over.
+#[tokio::test]
+async fn committed_outbox_rows_are_handed_to_the_publisher_and_rolled_back_ones_are_not() {
+    let (_db, pool) = migrated().await;
+    let (sender, receiver) = std::sync::mpsc::channel();
+    hodei_store::on_commit(move |rows| sender.send(rows).unwrap());
+
+    let (job, events) = new_job(None);
+    let mut tx = hodei_store::begin(&pool).await.unwrap();
+    jobs::insert(&mut tx, &job).await.unwrap();
+    outbox::append_events(&mut tx, &events).await.unwrap();
+    drop(tx);
+    assert!(receiver.try_recv().is_err(), "a rollback publishes nothing");
+
+    let mut tx = hodei_store::begin(&pool).await.unwrap();
+    jobs::insert(&mut tx, &job).await.unwrap();
+    outbox::append_events(&mut tx, &events).await.unwrap();
+    hodei_store::commit(tx).await.unwrap();
+    let rows = receiver.try_recv().expect("the commit hands its rows over");
+    assert_eq!(
+        rows.iter().map(|r| r.event_id).collect::<Vec<_>>(),
+        events.iter().map(|e| e.event_id).collect::<Vec<_>>()
+    );
+    assert_eq!(rows[0].correlation_id.as_deref(), Some("corr"));
+    let payload: hodei_domain::DomainEvent = serde_json::from_str(&rows[0].payload).unwrap();
+    assert_eq!(payload, events[0]);
+    assert!(receiver.try_recv().is_err(), "once");
 }
 
 /// A backlog of 50,000 pending jobs over 100,000 ended ones, 20,000 ended workers and

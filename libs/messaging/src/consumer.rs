@@ -187,6 +187,101 @@ async fn handle<H, F>(
     H: FnMut(Delivery) -> F,
     F: Future<Output = Outcome>,
 {
+    let (delivery, span) = prepare(config, &message);
+    let outcome = handler(delivery).instrument(span.clone()).await;
+    settle(js, config, &message, outcome, &span).await;
+}
+
+/// Run `handler` on batches of messages until shutdown: a batch is every message already
+/// waiting (up to `max_batch`) once one arrives, so that a backlog is written in few round
+/// trips while a lone message is handled at once. The handler answers an outcome per message,
+/// in order; each message is then settled as [`run`] settles it.
+pub async fn run_batched<H, F>(
+    js: JetStream,
+    config: ConsumerConfig,
+    max_batch: usize,
+    shutdown: Shutdown,
+    mut handler: H,
+) where
+    H: FnMut(Vec<(Delivery, tracing::Span)>) -> F,
+    F: Future<Output = Vec<Outcome>>,
+{
+    use futures::FutureExt;
+    let mut backoff = new_backoff();
+    while !shutdown.is_triggered() {
+        let mut messages = match open(&js, &config).await {
+            Ok(messages) => {
+                backoff = new_backoff();
+                tracing::info!(consumer = %config.durable, stream = config.stream, "consuming");
+                messages
+            }
+            Err(error) => {
+                let delay = backoff.next().unwrap_or(Duration::from_secs(10));
+                tracing::warn!(consumer = %config.durable, %error, ?delay, "cannot open consumer; retrying");
+                shutdown.guard(tokio::time::sleep(delay)).await;
+                continue;
+            }
+        };
+        'stream: loop {
+            let Some(first) = shutdown.guard(messages.next()).await else {
+                return;
+            };
+            let mut batch = Vec::with_capacity(max_batch);
+            let mut next = first;
+            loop {
+                match next {
+                    Some(Ok(message)) => batch.push(message),
+                    Some(Err(error)) => {
+                        tracing::warn!(consumer = %config.durable, %error, "consumer stream failed; reopening");
+                        settle_batch(&js, &config, batch, &mut handler).await;
+                        break 'stream;
+                    }
+                    None => {
+                        tracing::warn!(consumer = %config.durable, "consumer stream ended; reopening");
+                        settle_batch(&js, &config, batch, &mut handler).await;
+                        break 'stream;
+                    }
+                }
+                if batch.len() >= max_batch {
+                    break;
+                }
+                match messages.next().now_or_never() {
+                    Some(more) => next = more,
+                    None => break,
+                }
+            }
+            settle_batch(&js, &config, batch, &mut handler).await;
+        }
+    }
+}
+
+async fn settle_batch<H, F>(
+    js: &JetStream,
+    config: &ConsumerConfig,
+    batch: Vec<jetstream::Message>,
+    handler: &mut H,
+) where
+    H: FnMut(Vec<(Delivery, tracing::Span)>) -> F,
+    F: Future<Output = Vec<Outcome>>,
+{
+    if batch.is_empty() {
+        return;
+    }
+    let prepared: Vec<(Delivery, tracing::Span)> =
+        batch.iter().map(|m| prepare(config, m)).collect();
+    let spans: Vec<tracing::Span> = prepared.iter().map(|(_, span)| span.clone()).collect();
+    let mut outcomes = handler(prepared).await.into_iter();
+    for (message, span) in batch.iter().zip(&spans) {
+        let outcome = outcomes
+            .next()
+            .unwrap_or_else(|| Outcome::retry("the batch handler gave no outcome for it"));
+        settle(js, config, message, outcome, span).await;
+    }
+}
+
+/// The message as handlers see it, and the span its handling runs in (a child of the trace
+/// context the message carries).
+fn prepare(config: &ConsumerConfig, message: &jetstream::Message) -> (Delivery, tracing::Span) {
     let (delivered, stream_sequence) = message
         .info()
         .map(|info| (info.delivered, info.stream_sequence))
@@ -220,7 +315,19 @@ async fn handle<H, F>(
         )
         .inc();
     }
-    let outcome = match handler(delivery).instrument(span.clone()).await {
+    (delivery, span)
+}
+
+/// Acknowledge, redeliver later, or dead-letter the message, by its handler's outcome.
+async fn settle(
+    js: &JetStream,
+    config: &ConsumerConfig,
+    message: &jetstream::Message,
+    outcome: Outcome,
+    span: &tracing::Span,
+) {
+    let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
+    let outcome = match outcome {
         // The last delivery NATS will make: dead-letter it rather than let it vanish.
         Outcome::Retry { reason, .. }
             if config.max_deliver > 0 && delivered >= config.max_deliver =>
@@ -251,7 +358,7 @@ async fn handle<H, F>(
         }
         Outcome::Reject { reason } => {
             tracing::error!(%reason, "message rejected; moving it to the dead-letter stream");
-            if let Err(error) = dead_letter(js, config, &message, &reason).await {
+            if let Err(error) = dead_letter(js, config, message, &reason).await {
                 tracing::error!(%error, "cannot dead-letter the message; it will be redelivered");
                 message
                     .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))

@@ -318,7 +318,8 @@ impl From<&hodei_domain::Worker> for WorkerView {
     }
 }
 
-/// `hodei.api.audit.query`: every given criterion must match; results in recording order.
+/// `hodei.api.audit.query`: every given criterion must match; results in recording order,
+/// or in occurrence order with a time bound, a correlation id or an aggregate id.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {

@@ -107,7 +107,15 @@ fn page_size(q: &AuditQuery) -> u32 {
 fn select<'q>(q: &'q AuditQuery, head: &str) -> QueryBuilder<'q, Postgres> {
     // An unreadable cursor starts from the first page (the audit service refuses those first).
     let after: Option<i64> = q.cursor.as_deref().and_then(|c| c.parse().ok());
-    let by_time = q.from.is_some() || q.to.is_some();
+    // A time range, and the trail of one job or aggregate, come in occurrence order: the
+    // services publish their own events, so recording order across services can differ from
+    // the order in which the changes happened (`occurred_at` is stamped inside the change's
+    // transaction; a change caused by another is stamped after it). A correlation id or an
+    // aggregate matches few rows, sorted in memory.
+    let by_time = q.from.is_some()
+        || q.to.is_some()
+        || q.correlation_id.is_some()
+        || q.aggregate_id.is_some();
     let mut sql = QueryBuilder::new(head);
     sql.push(
         "SELECT seq, event_id, occurred_at, recorded_at, event_type, aggregate_type, aggregate_id, \

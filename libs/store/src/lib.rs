@@ -140,10 +140,63 @@ pub fn health(pool: &PgPool) -> hodei_runtime::http::HealthCheck {
     })
 }
 
-/// Commit a state change (its own span, so traces show the time spent persisting).
+/// A transaction that collects the outbox rows it writes ([`outbox::append_events`],
+/// [`outbox::append_command`]). It derefs to the connection, so every store function takes
+/// it; [`commit`] hands the rows to the process's publisher once they are durable.
+pub struct Tx {
+    inner: Transaction<'static, Postgres>,
+    outgoing: Vec<outbox::Outgoing>,
+}
+
+impl Tx {
+    pub fn connection(&mut self) -> &mut PgConnection {
+        &mut self.inner
+    }
+}
+
+impl std::ops::Deref for Tx {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        &self.inner
+    }
+}
+
+impl std::ops::DerefMut for Tx {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.inner
+    }
+}
+
+pub async fn begin(pool: &PgPool) -> Result<Tx> {
+    Ok(Tx {
+        inner: pool.begin().await?,
+        outgoing: Vec::new(),
+    })
+}
+
+type AfterCommit = Box<dyn Fn(Vec<outbox::Outgoing>) + Send + Sync>;
+static AFTER_COMMIT: std::sync::OnceLock<AfterCommit> = std::sync::OnceLock::new();
+
+/// Install what receives the outbox rows of every committed transaction of this process (a
+/// publisher that sends them to JetStream at once). It must not block: rows it cannot take
+/// stay pending and the relay publishes them. Without one, the relay publishes everything.
+pub fn on_commit(hook: impl Fn(Vec<outbox::Outgoing>) + Send + Sync + 'static) {
+    if AFTER_COMMIT.set(Box::new(hook)).is_err() {
+        tracing::warn!("an after-commit publisher is installed already; keeping the first");
+    }
+}
+
+/// Commit a state change (its own span, so traces show the time spent persisting); then the
+/// rows written are durable and handed to the publisher.
 #[tracing::instrument(name = "persist", skip_all)]
-pub async fn commit(tx: Transaction<'_, Postgres>) -> Result<()> {
-    tx.commit().await?;
+pub async fn commit(tx: Tx) -> Result<()> {
+    let Tx { inner, outgoing } = tx;
+    inner.commit().await?;
+    if !outgoing.is_empty() {
+        if let Some(hook) = AFTER_COMMIT.get() {
+            hook(outgoing);
+        }
+    }
     Ok(())
 }
 

@@ -21,26 +21,40 @@ pub struct OutboxCommand<'a, P: Serialize> {
     pub payload: &'a P,
 }
 
-/// Append domain events (in the order given) to the outbox.
-pub async fn append_events(conn: &mut PgConnection, events: &[DomainEvent]) -> Result<()> {
+/// Append domain events (in the order given) to the outbox of `tx`; once it commits they are
+/// published at once (see [`crate::Tx`]), the relay being the fallback.
+pub async fn append_events(tx: &mut crate::Tx, events: &[DomainEvent]) -> Result<()> {
     if events.is_empty() {
         return Ok(());
     }
+    let rows: Vec<Outgoing> = events
+        .iter()
+        .map(|event| {
+            Outgoing::new(
+                event.event_id,
+                event.subject(),
+                &event.event_type,
+                serde_json::to_string(event).expect("an event serializes"),
+                &event.correlation_id,
+            )
+        })
+        .collect();
     let mut insert = QueryBuilder::new(
         "INSERT INTO outbox_events (event_id, kind, subject, aggregate_type, aggregate_id, \
                                     event_type, payload, metadata) ",
     );
-    insert.push_values(events, |mut row, event| {
+    insert.push_values(events.iter().zip(&rows), |mut row, (event, out)| {
         row.push_bind(event.event_id)
             .push_bind("event")
-            .push_bind(event.subject())
+            .push_bind(&out.subject)
             .push_bind(event.aggregate_type.as_str())
             .push_bind(event.aggregate_id)
             .push_bind(&event.event_type)
-            .push_bind(sqlx::types::Json(event))
-            .push_bind(metadata(&event.correlation_id));
+            .push_bind(&out.payload)
+            .push_unseparated("::jsonb")
+            .push_bind(sqlx::types::Json(out.metadata()));
     });
-    insert.build().execute(conn).await?;
+    insert.build().execute(tx.connection()).await?;
     for event in events {
         // A span event on the current span: each state change shows in the job's trace.
         tracing::info!(event_type = %event.event_type, aggregate_id = %event.aggregate_id, "event recorded");
@@ -51,59 +65,131 @@ pub async fn append_events(conn: &mut PgConnection, events: &[DomainEvent]) -> R
         )
         .inc();
     }
+    tx.outgoing.extend(rows);
     Ok(())
 }
 
 pub async fn append_command<P: Serialize>(
-    conn: &mut PgConnection,
+    tx: &mut crate::Tx,
     command: OutboxCommand<'_, P>,
 ) -> Result<()> {
+    let out = Outgoing::new(
+        command.command_id,
+        command.subject,
+        command.command_type,
+        serde_json::to_string(command.payload).expect("a command serializes"),
+        command.correlation_id,
+    );
     sqlx::query(
         "INSERT INTO outbox_events (event_id, kind, subject, aggregate_type, aggregate_id, \
                                     event_type, payload, metadata) \
-         VALUES ($1, 'command', $2, 'worker', $3, $4, $5, $6)",
+         VALUES ($1, 'command', $2, 'worker', $3, $4, $5::jsonb, $6)",
     )
-    .bind(command.command_id)
-    .bind(&command.subject)
+    .bind(out.event_id)
+    .bind(&out.subject)
     .bind(command.worker_id)
-    .bind(command.command_type)
-    .bind(sqlx::types::Json(command.payload))
-    .bind(metadata(command.correlation_id))
-    .execute(conn)
+    .bind(&out.event_type)
+    .bind(&out.payload)
+    .bind(sqlx::types::Json(out.metadata()))
+    .execute(tx.connection())
     .await?;
+    tx.outgoing.push(out);
     Ok(())
 }
 
-/// The correlation id, and the trace context of the transaction's span, which the relay
-/// restores so that a trace does not break at the database.
-fn metadata(correlation_id: &str) -> sqlx::types::Json<serde_json::Value> {
-    let mut metadata = serde_json::Map::new();
-    metadata.insert("correlation_id".into(), correlation_id.into());
-    for (name, value) in hodei_runtime::telemetry::context::current() {
-        metadata.insert(name, value.into());
-    }
-    sqlx::types::Json(serde_json::Value::Object(metadata))
-}
-
-/// A committed row waiting to be published.
-#[derive(Debug, sqlx::FromRow)]
-pub struct PendingRow {
-    pub id: i64,
+/// One outbox row as it goes to JetStream: `Nats-Msg-Id` = `event_id`, the correlation id and
+/// the trace context of the transaction that wrote it in headers.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Outgoing {
     pub event_id: Uuid,
-    pub aggregate_id: Uuid,
     pub subject: String,
     pub event_type: String,
     pub payload: String,
     pub correlation_id: Option<String>,
     pub traceparent: Option<String>,
     pub tracestate: Option<String>,
+}
+
+impl Outgoing {
+    /// A row written now: the trace context is the current span's.
+    fn new(
+        event_id: Uuid,
+        subject: String,
+        event_type: &str,
+        payload: String,
+        correlation_id: &str,
+    ) -> Outgoing {
+        let mut context = hodei_runtime::telemetry::context::current();
+        Outgoing {
+            event_id,
+            subject,
+            event_type: event_type.to_owned(),
+            payload,
+            correlation_id: Some(correlation_id.to_owned()),
+            traceparent: context.remove("traceparent"),
+            tracestate: context.remove("tracestate"),
+        }
+    }
+
+    /// The correlation id, and the trace context of the transaction's span, which the
+    /// publisher restores so that a trace does not break at the database.
+    fn metadata(&self) -> serde_json::Value {
+        let mut metadata = serde_json::Map::new();
+        if let Some(correlation_id) = &self.correlation_id {
+            metadata.insert("correlation_id".into(), correlation_id.as_str().into());
+        }
+        for (name, value) in [
+            ("traceparent", &self.traceparent),
+            ("tracestate", &self.tracestate),
+        ] {
+            if let Some(value) = value {
+                metadata.insert(name.into(), value.as_str().into());
+            }
+        }
+        serde_json::Value::Object(metadata)
+    }
+}
+
+/// Mark rows published by event id, unless the relay (or another publisher) did first.
+pub async fn mark_published_events(conn: &mut PgConnection, event_ids: &[Uuid]) -> Result<u64> {
+    if event_ids.is_empty() {
+        return Ok(0);
+    }
+    let result = sqlx::query(
+        "UPDATE outbox_events SET status = 'published', published_at = now(), \
+                attempts = attempts + 1, last_error = NULL \
+         WHERE event_id = ANY($1) AND status = 'pending'",
+    )
+    .bind(event_ids)
+    .execute(conn)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// Wake the relay (a publisher that could not publish leaves the rows to it).
+pub async fn notify_relay(conn: &mut PgConnection) -> Result<()> {
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(NOTIFY_CHANNEL)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// A committed row waiting to be published.
+#[derive(Debug, sqlx::FromRow)]
+pub struct PendingRow {
+    pub id: i64,
+    pub aggregate_id: Uuid,
     pub attempts: i32,
+    #[sqlx(flatten)]
+    pub message: Outgoing,
 }
 
 /// The relay's batch ([`lock_pending`]).
 pub const LOCK_PENDING_SQL: &str = "WITH batch AS ( \
              SELECT id FROM outbox_events \
              WHERE status = 'pending' AND (next_attempt_at IS NULL OR next_attempt_at <= now()) \
+               AND created_at <= now() - $2 * interval '1 millisecond' \
              ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
          SELECT o.id, o.event_id, o.aggregate_id, o.subject, o.event_type, o.payload::text AS payload, \
                 o.metadata->>'correlation_id' AS correlation_id, o.metadata->>'traceparent' AS traceparent, \
@@ -118,9 +204,17 @@ pub const LOCK_PENDING_SQL: &str = "WITH batch AS ( \
 ///
 /// The batch's ids come first from the ordered partial index (no sort, however long the
 /// backlog); the hold-back check and the payloads are read for those rows only.
-pub async fn lock_pending(conn: &mut PgConnection, limit: i64) -> Result<Vec<PendingRow>> {
+///
+/// Rows younger than `grace` are left to the publisher of the service that wrote them (it
+/// publishes right after its commit); the relay takes what that did not publish.
+pub async fn lock_pending(
+    conn: &mut PgConnection,
+    limit: i64,
+    grace: std::time::Duration,
+) -> Result<Vec<PendingRow>> {
     let rows = sqlx::query_as(LOCK_PENDING_SQL)
         .bind(limit)
+        .bind(grace.as_millis() as f64)
         .fetch_all(conn)
         .await?;
     Ok(rows)

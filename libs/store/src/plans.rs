@@ -48,7 +48,7 @@ pub const HOT_QUERIES: &[HotQuery] = &[
     HotQuery {
         name: "outbox batch (relay)",
         sql: outbox::LOCK_PENDING_SQL,
-        args: "(500)",
+        args: "(500, 250)",
     },
 ];
 

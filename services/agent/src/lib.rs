@@ -62,24 +62,28 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         hodei_messaging::connect(&config.nats_url, &format!("hodei-agent-{worker_id}")).await?;
     let js = jetstream::new(client.clone());
 
-    // Subscribe to our commands before registering, so that no command can come too early.
-    let commands: jetstream::consumer::PullConsumer = js
-        .get_stream(streams::WORKER_CMDS)
-        .await
-        .map_err(nats("opening the command stream"))?
-        .create_consumer(pull::Config {
-            filter_subject: subjects::worker_cmd(worker_id),
-            ack_policy: jetstream::consumer::AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(60),
-            inactive_threshold: Duration::from_secs(60),
-            ..Default::default()
-        })
-        .await
-        .map_err(nats("creating the command consumer"))?;
-    let mut messages = commands
-        .messages()
-        .await
-        .map_err(nats("reading commands"))?;
+    // Commands wait in their stream, so the command consumer and the registration (after
+    // which RunJob may come) can be set up at once: two round trips overlap.
+    let commands = async {
+        let consumer: jetstream::consumer::PullConsumer = js
+            .create_consumer_on_stream(
+                pull::Config {
+                    filter_subject: subjects::worker_cmd(worker_id),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(60),
+                    inactive_threshold: Duration::from_secs(60),
+                    ..Default::default()
+                },
+                streams::WORKER_CMDS,
+            )
+            .await
+            .map_err(nats("creating the command consumer"))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(nats("reading commands"))?;
+        Ok::<_, anyhow::Error>((consumer, messages))
+    };
 
     let registration = RegisterWorker {
         schema_version: hodei_protocol::SCHEMA_VERSION,
@@ -100,10 +104,15 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         })
         .collect();
     context::adopt(&span, context::from_fields(&inherited));
-    let registered = register(&client, &registration)
-        .instrument(span)
-        .await
-        .context("registering")?;
+    let registering = async {
+        register(&client, &registration)
+            .instrument(span)
+            .await
+            .context("registering")
+    };
+    let (commands, registered) = tokio::join!(commands, registering);
+    let (commands, mut messages) = commands?;
+    let registered = registered?;
     tracing::info!(%worker_id, "registered");
     let heartbeats = tokio::spawn(heartbeat(
         client.clone(),

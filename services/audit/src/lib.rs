@@ -92,11 +92,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             a.and(b).and(c).and(d)
         }
     };
-    let record = consumer::run(
+    let record = consumer::run_batched(
         js.clone(),
         ConsumerConfig::new(streams::EVENTS, "audit", None),
+        handlers::record::MAX_BATCH,
         shutdown.clone(),
-        |delivery| handlers::record::handle(state.clone(), delivery),
+        |batch| handlers::record::handle(state.clone(), batch),
     );
     let (query, dlq, ()) = tokio::join!(query, dlq, record);
     query?;

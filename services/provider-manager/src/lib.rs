@@ -72,21 +72,14 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         "the agent binary {} does not exist (set HODEI_AGENT_BIN)",
         agent_bin.display()
     );
-    let pool = hodei_store::connect_and_migrate(&config.common.database_url, config.db_pool_size)
-        .await
-        .context("connecting to PostgreSQL")?;
-    let (client, js) =
-        hodei_messaging::connect_and_ensure_streams(&config.common.nats_url, SERVICE)
-            .await
-            .context("connecting to NATS")?;
-    config
-        .common
-        .serve_metrics(
-            9614,
-            vec![hodei_store::health(&pool), hodei_messaging::health(&client)],
-            shutdown.clone(),
-        )
-        .await?;
+    let hodei_outbox::Connections { pool, client, js } = hodei_outbox::connect(
+        &config.common,
+        SERVICE,
+        config.db_pool_size,
+        9614,
+        &shutdown,
+    )
+    .await?;
     let provider = ProcessProvider::new(
         agent_bin,
         config.agent_nats_url.unwrap_or(config.common.nats_url),

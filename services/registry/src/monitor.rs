@@ -39,7 +39,7 @@ pub async fn run(pool: PgPool, max_sleep: Duration, shutdown: Shutdown) {
 
 #[tracing::instrument(name = "worker timeout", skip(pool, actor))]
 async fn expire(pool: &PgPool, worker_id: Uuid, actor: &Actor) -> Result<(), StoreError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = hodei_store::begin(&pool).await?;
     let Some(mut worker) = workers::lock(&mut tx, worker_id).await? else {
         return Ok(());
     };

@@ -1,21 +1,21 @@
-//! The outbox relay moves committed `outbox_events` rows into JetStream in commit order:
-//! woken by Postgres NOTIFY (with a slow fallback sweep), it publishes a batch with
-//! `Nats-Msg-Id` = event id (so a re-publish after a crash is dropped by the stream's
-//! duplicate window), waits for the stream's acks, and marks the rows published.
+//! Getting committed `outbox_events` rows into JetStream.
+//!
+//! Each writing service publishes its own rows right after its commit ([`direct`]); the
+//! relay is the guarantee behind it: woken by Postgres NOTIFY (with a slow fallback sweep),
+//! it publishes, in commit order, every row still pending after a short grace, with
+//! `Nats-Msg-Id` = event id (so a row published twice is dropped by the stream's duplicate
+//! window), waits for the stream's acks, and marks the rows published.
 //!
 //! One relay is active at a time: it holds a Postgres advisory lock; others wait for it.
 
 use std::time::Duration;
 
 use anyhow::Context;
-use bytes::Bytes;
-use hodei_messaging::{message_headers, JetStream};
-use hodei_protocol::headers;
+use hodei_messaging::JetStream;
 use hodei_runtime::{CommonArgs, Shutdown};
-use hodei_store::outbox::{self, PendingRow};
+use hodei_store::outbox;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
-use tracing::Instrument;
 
 pub const SERVICE: &str = "relay";
 
@@ -36,6 +36,12 @@ pub struct Config {
     /// Attempts to publish a row before it is marked dead and copied to HODEI_DLQ.
     #[arg(long, env = "HODEI_RELAY_MAX_ATTEMPTS", default_value_t = 10)]
     pub max_attempts: i32,
+
+    /// Rows younger than this (ms) are left to the service that wrote them, which publishes
+    /// right after its commit; the relay publishes what that did not (a crash between commit
+    /// and publish, NATS unreachable). 0 makes the relay publish everything at once.
+    #[arg(long, env = "HODEI_RELAY_GRACE_MS", default_value_t = 250)]
+    pub grace_ms: u64,
 
     /// Seconds between sweeps when no notification arrives (a safety net, not the trigger).
     #[arg(long, env = "HODEI_RELAY_SWEEP_SECS", default_value_t = 5)]
@@ -87,9 +93,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         .await
         .context("listening for outbox notifications")?;
     let sweep = Duration::from_secs(config.sweep_secs);
+    let grace = Duration::from_millis(config.grace_ms);
     loop {
         loop {
-            match relay_batch(&pool, &js, config.batch, config.max_attempts).await {
+            match relay_batch(&pool, &js, config.batch, grace, config.max_attempts).await {
                 Ok(0) => break,
                 Ok(n) => tracing::debug!(published = n, "batch published"),
                 Err(error) => {
@@ -114,6 +121,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
                 if let Err(error) = notified {
                     tracing::warn!(%error, "notification listener failed; it reconnects");
                 }
+                // What was just committed is being published by its writer: look once the
+                // grace has passed, for all the commits notified meanwhile at once.
+                if shutdown.guard(tokio::time::sleep(grace)).await.is_none() {
+                    break;
+                }
+                while listener.next_buffered().is_some() {}
             }
             _ = tokio::time::sleep(sweep) => {}
         }
@@ -164,17 +177,18 @@ pub async fn relay_batch(
     pool: &PgPool,
     js: &JetStream,
     batch: i64,
+    grace: Duration,
     max_attempts: i32,
 ) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
-    let rows = outbox::lock_pending(&mut tx, batch).await?;
+    let rows = outbox::lock_pending(&mut tx, batch, grace).await?;
     if rows.is_empty() {
         return Ok(0);
     }
     // Send the whole batch, then collect the acks: one round trip per batch, order kept.
     let mut acks = Vec::with_capacity(rows.len());
     for row in &rows {
-        acks.push(publish(js, row).await);
+        acks.push(hodei_outbox::publish(js, &row.message, "relay publish").await);
     }
     let mut published = Vec::with_capacity(rows.len());
     let mut failures = Vec::new();
@@ -212,8 +226,10 @@ pub async fn relay_batch(
             &[],
         )
         .inc();
-        if row.attempts + 1 >= max_attempts && dead_letter(js, row, error).await {
-            tracing::error!(event_id = %row.event_id, subject = %row.subject, attempts = row.attempts + 1, %error, "outbox row is dead; copied to HODEI_DLQ");
+        if row.attempts + 1 >= max_attempts
+            && hodei_outbox::dead_letter(js, &row.message, error).await
+        {
+            tracing::error!(event_id = %row.message.event_id, subject = %row.message.subject, attempts = row.attempts + 1, %error, "outbox row is dead; copied to HODEI_DLQ");
             hodei_runtime::metrics::counter(
                 "hodei_dead_letters_total",
                 "Messages moved to HODEI_DLQ",
@@ -223,7 +239,7 @@ pub async fn relay_batch(
             outbox::mark_dead(&mut tx, row.id, error).await?;
         } else {
             let retry_in = backoff(row.attempts);
-            tracing::error!(event_id = %row.event_id, subject = %row.subject, attempts = row.attempts + 1, %error, ?retry_in, "cannot publish outbox row; retrying");
+            tracing::error!(event_id = %row.message.event_id, subject = %row.message.subject, attempts = row.attempts + 1, %error, ?retry_in, "cannot publish outbox row; retrying");
             outbox::mark_failed(&mut tx, row.id, error, retry_in).await?;
         }
     }
@@ -238,63 +254,4 @@ pub async fn relay_batch(
 fn backoff(attempts: i32) -> Duration {
     let full = 100u64 << attempts.clamp(0, 10);
     Duration::from_millis(full / 2 + (full as f64 / 2.0 * hodei_runtime::jitter()) as u64)
-}
-
-/// Copy a row that cannot be published to `hodei.dlq.outbox.<EventType>`; false if even that fails.
-async fn dead_letter(js: &JetStream, row: &PendingRow, error: &str) -> bool {
-    let mut map = message_headers(
-        &format!("dlq-outbox-{}", row.event_id),
-        row.correlation_id.as_deref(),
-    );
-    map.insert(headers::EVENT_TYPE, row.event_type.as_str());
-    map.insert(
-        "Hodei-Dlq-Reason",
-        error.chars().take(1024).collect::<String>().as_str(),
-    );
-    map.insert("Hodei-Dlq-Subject", row.subject.as_str());
-    map.insert("Hodei-Dlq-Stream", "outbox");
-    map.insert("Hodei-Dlq-Consumer", "relay");
-    map.insert("Hodei-Event-Id", row.event_id.to_string().as_str());
-    let subject = format!("hodei.dlq.outbox.{}", row.event_type);
-    match hodei_messaging::publish_durable(js, subject, map, Bytes::from(row.payload.clone())).await
-    {
-        Ok(()) => true,
-        Err(dlq_error) => {
-            tracing::error!(event_id = %row.event_id, %dlq_error, "cannot copy the row to HODEI_DLQ either; it stays pending");
-            false
-        }
-    }
-}
-
-/// Publish one row in a span of its own, child of the transaction that wrote the row, and
-/// hand that span's context on in the message's headers.
-async fn publish(
-    js: &JetStream,
-    row: &PendingRow,
-) -> Result<async_nats::jetstream::context::PublishAckFuture, String> {
-    use hodei_runtime::telemetry::context;
-    let span = tracing::info_span!(
-        "relay publish",
-        otel.name = format!("relay publish {}", row.event_type),
-        otel.kind = "producer",
-        event_type = %row.event_type,
-        event_id = %row.event_id,
-        correlation_id = row.correlation_id.as_deref().unwrap_or(""),
-        trace_id = tracing::field::Empty,
-    );
-    let stored: Vec<(String, String)> = [
-        ("traceparent", &row.traceparent),
-        ("tracestate", &row.tracestate),
-    ]
-    .into_iter()
-    .filter_map(|(name, value)| Some((name.to_owned(), value.clone()?)))
-    .collect();
-    context::adopt(&span, context::from_fields(&stored));
-    let mut map = message_headers(&row.event_id.to_string(), row.correlation_id.as_deref());
-    map.insert(headers::EVENT_TYPE, row.event_type.as_str());
-    hodei_messaging::trace::inject(&mut map, context::of_span(&span));
-    js.publish_with_headers(row.subject.clone(), map, Bytes::from(row.payload.clone()))
-        .instrument(span)
-        .await
-        .map_err(|e| e.to_string())
 }

@@ -40,22 +40,14 @@ pub(crate) struct State {
 }
 
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
-    use anyhow::Context;
-    let pool = hodei_store::connect_and_migrate(&config.common.database_url, config.db_pool_size)
-        .await
-        .context("connecting to PostgreSQL")?;
-    let (client, js) =
-        hodei_messaging::connect_and_ensure_streams(&config.common.nats_url, SERVICE)
-            .await
-            .context("connecting to NATS")?;
-    config
-        .common
-        .serve_metrics(
-            9611,
-            vec![hodei_store::health(&pool), hodei_messaging::health(&client)],
-            shutdown.clone(),
-        )
-        .await?;
+    let hodei_outbox::Connections { pool, client, js } = hodei_outbox::connect(
+        &config.common,
+        SERVICE,
+        config.db_pool_size,
+        9611,
+        &shutdown,
+    )
+    .await?;
     hodei_store::register_state_gauges(
         &pool,
         "jobs",

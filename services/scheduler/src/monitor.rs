@@ -36,7 +36,7 @@ pub async fn run(pool: PgPool, max_sleep: Duration, shutdown: Shutdown) {
 
 #[tracing::instrument(name = "state timeout", skip(pool, actor))]
 async fn expire(pool: &PgPool, job_id: Uuid, actor: &Actor) -> Result<(), StoreError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = hodei_store::begin(&pool).await?;
     let Some(mut job) = jobs::lock(&mut tx, job_id).await? else {
         return Ok(());
     };

@@ -11,14 +11,14 @@ use hodei_domain::{Actor, DomainEvent, Job, Worker};
 use hodei_protocol::agent::{RunJob, WorkerCommand};
 use hodei_protocol::{subjects, ApiError};
 use hodei_store::outbox::{self, OutboxCommand};
-use hodei_store::{jobs, workers, PgConnection};
+use hodei_store::{jobs, workers, Tx};
 use uuid::Uuid;
 
 /// Give `job` to `worker`: the worker goes Busy, the job goes Assigned unless it was already
 /// Scheduled on this worker, and the RunJob command joins the events in the outbox.
 #[tracing::instrument(name = "assign", skip_all, fields(job_id = %job.id, worker_id = %worker.id))]
 pub(crate) async fn send_job(
-    conn: &mut PgConnection,
+    conn: &mut Tx,
     job: &mut Job,
     worker: &mut Worker,
     actor: &Actor,

@@ -4,7 +4,7 @@
 
 use hodei_domain::{Job, Purpose, Worker};
 use hodei_protocol::ApiError;
-use hodei_store::{jobs, outbox, workers, PgConnection, StoreError};
+use hodei_store::{jobs, outbox, workers, Tx};
 use uuid::Uuid;
 
 use super::send_job;
@@ -16,7 +16,7 @@ use crate::State;
 pub(crate) async fn place_pending(state: &State, limit: usize) -> Result<usize, ApiError> {
     let mut placed = 0;
     while placed < limit {
-        let mut tx = state.pool.begin().await.map_err(StoreError::from)?;
+        let mut tx = hodei_store::begin(&state.pool).await?;
         hodei_store::placement_lock(&mut tx).await?;
         let Some(mut job) = jobs::lock_next_pending(&mut tx).await? else {
             break;
@@ -41,7 +41,7 @@ pub(crate) async fn place_pending(state: &State, limit: usize) -> Result<usize, 
 /// pool is smaller than the pool workers alive (it was shrunk or turned off), tear idle
 /// surplus workers down (busy ones go when their job ends).
 pub(crate) async fn replenish_pool(state: &State) -> Result<u32, ApiError> {
-    let mut tx = state.pool.begin().await.map_err(StoreError::from)?;
+    let mut tx = hodei_store::begin(&state.pool).await?;
     hodei_store::placement_lock(&mut tx).await?;
     let surplus = pool_surplus(&mut tx, state).await?;
     if surplus > 0 {
@@ -94,33 +94,35 @@ pub(crate) async fn replenish_pool(state: &State) -> Result<u32, ApiError> {
 }
 
 /// How many pool workers are alive beyond the configured pool size (all of them without a pool).
-pub(crate) async fn pool_surplus(conn: &mut PgConnection, state: &State) -> Result<u32, ApiError> {
+pub(crate) async fn pool_surplus(conn: &mut Tx, state: &State) -> Result<u32, ApiError> {
     let live = workers::count_live(conn).await?;
     let size = state.warm_pool.map_or(0, |pool| pool.size);
     Ok(live.pool_members.saturating_sub(size))
 }
 
 /// How many more workers may be created now.
-async fn room(conn: &mut PgConnection, state: &State) -> Result<u32, ApiError> {
+async fn room(conn: &mut Tx, state: &State) -> Result<u32, ApiError> {
     let live = workers::count_live(conn).await?;
     Ok(state.max_workers.saturating_sub(live.workers))
 }
 
 /// Pending -> Scheduled on a worker requested for this job alone (Creating), reserved for it.
 async fn schedule_on_new_worker(
-    conn: &mut PgConnection,
+    conn: &mut Tx,
     state: &State,
     job: &mut Job,
 ) -> Result<(), ApiError> {
+    // The job's change first: the audit trail reads in the order the events were made.
+    let worker_id = Uuid::now_v7();
+    let scheduled = job.schedule(worker_id, &state.actor)?;
     let (worker, requested) = Worker::request(
-        Uuid::now_v7(),
+        worker_id,
         &state.provider,
         Purpose::ForJob(job.id),
         job.correlation_id.clone(),
         state.connect_timeout,
         &state.actor,
     );
-    let scheduled = job.schedule(worker.id, &state.actor)?;
     workers::insert(conn, &worker).await?;
     jobs::update(conn, job).await?;
     outbox::append_events(conn, &[scheduled, requested]).await?;

@@ -5,7 +5,7 @@ use hodei_domain::events::WorkerReadyForJob;
 use hodei_domain::WorkerState;
 use hodei_messaging::consumer::{Delivery, Outcome};
 use hodei_protocol::ApiError;
-use hodei_store::{jobs, outbox, workers, StoreError};
+use hodei_store::{jobs, outbox, workers};
 
 use super::{payload_of, send_job};
 use crate::State;
@@ -17,7 +17,7 @@ pub async fn handle(state: State, delivery: Delivery) -> Outcome {
 #[tracing::instrument(name = "dispatch decision", skip_all)]
 async fn dispatch(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
     let ready: WorkerReadyForJob = payload_of(delivery)?;
-    let mut tx = state.pool.begin().await.map_err(StoreError::from)?;
+    let mut tx = hodei_store::begin(&state.pool).await?;
     hodei_store::placement_lock(&mut tx).await?;
     let Some(mut worker) = workers::lock(&mut tx, ready.worker_id).await? else {
         return Err(ApiError::not_found(format!(

@@ -42,7 +42,7 @@ async fn destroy<P: Provider>(state: &State<P>, delivery: &Delivery) -> Result<(
                 format!("destroying worker {worker_id}: {e}"),
             )
         })?;
-    let mut tx = state.pool.begin().await.map_err(StoreError::from)?;
+    let mut tx = hodei_store::begin(&state.pool).await?;
     let Some(mut worker) = workers::lock(&mut tx, worker_id).await? else {
         return Err(ApiError::not_found(format!(
             "there is no worker {worker_id}"

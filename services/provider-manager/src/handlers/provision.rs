@@ -39,7 +39,7 @@ async fn provision<P: Provider>(state: &State<P>, delivery: &Delivery) -> Result
         }
     };
     let token = format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
-    let mut tx = state.pool.begin().await.map_err(StoreError::from)?;
+    let mut tx = hodei_store::begin(&state.pool).await?;
     let Some(mut worker) = workers::lock(&mut tx, request.worker_id).await? else {
         return Err(ApiError::not_found(format!(
             "there is no worker {}",
@@ -84,7 +84,7 @@ async fn give_up<P: Provider>(
     worker_id: Uuid,
     error: String,
 ) -> Result<(), ApiError> {
-    let mut tx = state.pool.begin().await.map_err(StoreError::from)?;
+    let mut tx = hodei_store::begin(&state.pool).await?;
     let Some(mut worker) = workers::lock(&mut tx, worker_id).await? else {
         return Ok(());
     };

@@ -39,6 +39,16 @@ fn signal_group(pgid: i32, signal: i32) {
     }
 }
 
+/// SIGKILL what is left of a reaped agent's process group (its job's processes). The kernel
+/// does not hand out a pid while a process group of that number has members, so if a
+/// process with the agent's old pid exists, the number was reused by someone else after the
+/// group emptied: that group is not ours and is left alone.
+fn kill_orphans(pgid: i32) {
+    if !std::path::Path::new(&format!("/proc/{pgid}")).exists() {
+        signal_group(pgid, libc::SIGKILL);
+    }
+}
+
 /// Whether process `pid` is the agent of `worker_id` (its environment names the worker).
 fn is_agent_of(pid: i32, worker_id: Uuid) -> bool {
     let needle = format!("HODEI_WORKER_ID={worker_id}");
@@ -133,12 +143,16 @@ impl Provider for ProcessProvider {
             }
         }
         // The agent is gone or going; nothing its job started may outlive the worker.
-        signal_group(pgid, libc::SIGKILL);
+        if !*exited.borrow() {
+            signal_group(pgid, libc::SIGKILL);
+        }
+        let died = exited_within(&mut exited, Duration::from_secs(5)).await;
+        kill_orphans(pgid);
         self.children
             .lock()
             .expect("children lock")
             .remove(&worker_id);
-        if !exited_within(&mut exited, Duration::from_secs(5)).await {
+        if !died {
             return Err(ProviderError(format!(
                 "agent of worker {worker_id} (pid {pgid}) did not die"
             )));

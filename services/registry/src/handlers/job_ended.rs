@@ -5,7 +5,7 @@
 use hodei_domain::{Actor, DomainEvent, JobState, WorkerState};
 use hodei_messaging::consumer::{Delivery, Outcome};
 use hodei_protocol::ApiError;
-use hodei_store::{outbox, workers, StoreError};
+use hodei_store::{outbox, workers};
 use uuid::Uuid;
 
 use crate::State;
@@ -50,7 +50,7 @@ async fn tear_down(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
     let Some((job_id, worker_id, why)) = ended(&event) else {
         return Ok(());
     };
-    let mut tx = state.pool.begin().await.map_err(StoreError::from)?;
+    let mut tx = hodei_store::begin(&state.pool).await?;
     let Some(mut worker) = workers::lock(&mut tx, worker_id).await? else {
         return Err(ApiError::not_found(format!(
             "job {job_id} ended on unknown worker {worker_id}"

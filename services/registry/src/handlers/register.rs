@@ -5,7 +5,7 @@ use hodei_domain::Actor;
 use hodei_messaging::api::RequestContext;
 use hodei_protocol::agent::{RegisterWorker, Registered};
 use hodei_protocol::{subjects, ApiError, ErrorCode};
-use hodei_store::{hash_token, outbox, workers, StoreError};
+use hodei_store::{hash_token, outbox, workers};
 
 use crate::State;
 
@@ -25,7 +25,7 @@ pub async fn handle(
             ),
         ));
     }
-    let mut tx = state.pool.begin().await.map_err(StoreError::from)?;
+    let mut tx = hodei_store::begin(&state.pool).await?;
     let mut worker = workers::lock(&mut tx, request.worker_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("there is no worker {}", request.worker_id)))?;

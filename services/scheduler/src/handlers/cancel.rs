@@ -4,7 +4,7 @@
 use hodei_domain::Actor;
 use hodei_protocol::api::{CancelJob, JobView};
 use hodei_protocol::ApiError;
-use hodei_store::{jobs, outbox, StoreError};
+use hodei_store::{jobs, outbox};
 
 use crate::State;
 
@@ -16,7 +16,7 @@ pub async fn handle(state: State, request: CancelJob) -> Result<JobView, ApiErro
     if reason.len() > 1024 {
         return Err(ApiError::bad_request("reason must be at most 1024 bytes"));
     }
-    let mut tx = state.pool.begin().await.map_err(StoreError::from)?;
+    let mut tx = hodei_store::begin(&state.pool).await?;
     let mut job = jobs::lock(&mut tx, request.job_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("there is no job {}", request.job_id)))?;

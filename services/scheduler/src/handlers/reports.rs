@@ -9,7 +9,7 @@ use hodei_messaging::api::respond;
 use hodei_messaging::consumer::{Delivery, Outcome};
 use hodei_protocol::agent::{JobFinished, JobStarted, ReportAccepted};
 use hodei_protocol::{headers, subjects, ApiError, ErrorCode};
-use hodei_store::{jobs, outbox, StoreError};
+use hodei_store::{jobs, outbox};
 use uuid::Uuid;
 
 use crate::State;
@@ -57,7 +57,7 @@ async fn apply(state: &State, delivery: &Delivery) -> Result<ReportAccepted, Api
         ));
     }
     let actor = Actor::worker(worker_id);
-    let mut tx = state.pool.begin().await.map_err(StoreError::from)?;
+    let mut tx = hodei_store::begin(&state.pool).await?;
     let mut job = jobs::lock(&mut tx, job_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("there is no job {job_id}")))?;

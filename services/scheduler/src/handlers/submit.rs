@@ -102,11 +102,7 @@ async fn submit(
         &state.actor,
     )?;
     tracing::Span::current().record("job_id", tracing::field::display(job.id));
-    let mut tx = state
-        .pool
-        .begin()
-        .await
-        .map_err(hodei_store::StoreError::from)?;
+    let mut tx = hodei_store::begin(&state.pool).await?;
     if !jobs::insert(&mut tx, &job).await? {
         // Another submission with the same key won the race: answer with its job.
         drop(tx);

@@ -1,0 +1,108 @@
+//! Publishing the transactional outbox to JetStream. Every row goes out with
+//! `Nats-Msg-Id` = its event id (a row published twice is stored once), its correlation id,
+//! its event type and the trace context of the transaction that wrote it, in a span of its
+//! own. Two paths use it: [`direct`], in each writing service right after its commit, and
+//! the relay (`hodei-relay`), which publishes whatever is still pending after a grace.
+
+pub mod direct;
+
+use bytes::Bytes;
+use hodei_messaging::{message_headers, JetStream};
+use hodei_protocol::headers;
+use hodei_store::outbox::Outgoing;
+use tracing::Instrument;
+
+/// Copy a row that cannot be published to `hodei.dlq.outbox.<EventType>`; false if even that fails.
+pub async fn dead_letter(js: &JetStream, row: &Outgoing, error: &str) -> bool {
+    let mut map = message_headers(
+        &format!("dlq-outbox-{}", row.event_id),
+        row.correlation_id.as_deref(),
+    );
+    map.insert(headers::EVENT_TYPE, row.event_type.as_str());
+    map.insert(
+        "Hodei-Dlq-Reason",
+        error.chars().take(1024).collect::<String>().as_str(),
+    );
+    map.insert("Hodei-Dlq-Subject", row.subject.as_str());
+    map.insert("Hodei-Dlq-Stream", "outbox");
+    map.insert("Hodei-Dlq-Consumer", "relay");
+    map.insert("Hodei-Event-Id", row.event_id.to_string().as_str());
+    let subject = format!("hodei.dlq.outbox.{}", row.event_type);
+    match hodei_messaging::publish_durable(js, subject, map, Bytes::from(row.payload.clone())).await
+    {
+        Ok(()) => true,
+        Err(dlq_error) => {
+            tracing::error!(event_id = %row.event_id, %dlq_error, "cannot copy the row to HODEI_DLQ either; it stays pending");
+            false
+        }
+    }
+}
+
+/// Publish one row in a span of its own (`what`: "relay publish" or "publish"), child of the
+/// transaction that wrote the row, and hand that span's context on in the message's headers.
+pub async fn publish(
+    js: &JetStream,
+    row: &Outgoing,
+    what: &'static str,
+) -> Result<async_nats::jetstream::context::PublishAckFuture, String> {
+    use hodei_runtime::telemetry::context;
+    let span = tracing::info_span!(
+        "publish",
+        otel.name = format!("{what} {}", row.event_type),
+        otel.kind = "producer",
+        event_type = %row.event_type,
+        event_id = %row.event_id,
+        correlation_id = row.correlation_id.as_deref().unwrap_or(""),
+        trace_id = tracing::field::Empty,
+    );
+    let stored: Vec<(String, String)> = [
+        ("traceparent", &row.traceparent),
+        ("tracestate", &row.tracestate),
+    ]
+    .into_iter()
+    .filter_map(|(name, value)| Some((name.to_owned(), value.clone()?)))
+    .collect();
+    context::adopt(&span, context::from_fields(&stored));
+    let mut map = message_headers(&row.event_id.to_string(), row.correlation_id.as_deref());
+    map.insert(headers::EVENT_TYPE, row.event_type.as_str());
+    hodei_messaging::trace::inject(&mut map, context::of_span(&span));
+    js.publish_with_headers(row.subject.clone(), map, Bytes::from(row.payload.clone()))
+        .instrument(span)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// What a service that writes state changes holds once it has started.
+pub struct Connections {
+    pub pool: sqlx::PgPool,
+    pub client: hodei_messaging::Client,
+    pub js: JetStream,
+}
+
+/// Start-up of every service that writes state changes: PostgreSQL (schema brought up to
+/// date), NATS (streams ensured), `/metrics` and `/healthz` on `metrics_port` unless
+/// configured, and the publisher of its commits ([`direct`]).
+pub async fn connect(
+    common: &hodei_runtime::CommonArgs,
+    service: &str,
+    db_pool_size: u32,
+    metrics_port: u16,
+    shutdown: &hodei_runtime::Shutdown,
+) -> anyhow::Result<Connections> {
+    use anyhow::Context;
+    let pool = hodei_store::connect_and_migrate(&common.database_url, db_pool_size)
+        .await
+        .context("connecting to PostgreSQL")?;
+    let (client, js) = hodei_messaging::connect_and_ensure_streams(&common.nats_url, service)
+        .await
+        .context("connecting to NATS")?;
+    common
+        .serve_metrics(
+            metrics_port,
+            vec![hodei_store::health(&pool), hodei_messaging::health(&client)],
+            shutdown.clone(),
+        )
+        .await?;
+    direct::install(js.clone(), pool.clone(), shutdown.clone());
+    Ok(Connections { pool, client, js })
+}
