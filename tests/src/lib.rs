@@ -840,6 +840,23 @@ impl System {
     }
 
     /// Every log batch of a job, in stream order, up to and including the `eof` batch.
+    /// Cancel a job through the API (reason "test").
+    pub async fn cancel(&self, job_id: Uuid) -> Result<JobView, ApiError> {
+        let body = hodei_protocol::api::CancelJob {
+            schema_version: 1,
+            job_id,
+            reason: Some("test".into()),
+        };
+        hodei_messaging::api::request(
+            &self.client,
+            hodei_protocol::subjects::API_JOBS_CANCEL,
+            None,
+            &body,
+            Duration::from_secs(10),
+        )
+        .await
+    }
+
     /// The pid a job printed as its first line (waits up to 30 s for it).
     pub async fn printed_pid(&self, job_id: Uuid) -> u32 {
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -5,8 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use hodei_domain::JobState;
-use hodei_protocol::api::{AuditQuery, CancelJob, JobView};
-use hodei_protocol::subjects;
+use hodei_protocol::api::{AuditQuery, JobView};
 use hodei_tests::{alive, job, System};
 use uuid::Uuid;
 
@@ -179,20 +178,7 @@ async fn a_warm_pool_runs_jobs_on_reused_workers_and_replaces_spent_ones() {
         })
         .await;
     let pid = system.printed_pid(sleeper).await;
-    let body = CancelJob {
-        schema_version: 1,
-        job_id: sleeper,
-        reason: Some("test".into()),
-    };
-    let cancelled: JobView = hodei_messaging::api::request(
-        &system.client,
-        subjects::API_JOBS_CANCEL,
-        None,
-        &body,
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    let cancelled = system.cancel(sleeper).await.unwrap();
     assert_eq!(cancelled.state, JobState::Cancelled);
     let worker = cancelled.worker_id.unwrap();
     system

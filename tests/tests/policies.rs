@@ -4,31 +4,14 @@
 use std::time::Duration;
 
 use hodei_domain::{JobPolicy, JobState, RetryOn, RetryPolicy};
-use hodei_messaging::api::request;
-use hodei_protocol::api::{AuditQuery, CancelJob, JobView, SubmitJob};
-use hodei_protocol::{subjects, ApiError, ErrorCode};
+use hodei_protocol::api::{AuditQuery, SubmitJob};
+use hodei_protocol::ErrorCode;
 use hodei_tests::{alive, job, System};
 use uuid::Uuid;
 
 fn with_policy(mut request: SubmitJob, policy: JobPolicy) -> SubmitJob {
     request.policy = policy;
     request
-}
-
-async fn cancel(system: &System, job_id: Uuid) -> Result<JobView, ApiError> {
-    let body = CancelJob {
-        schema_version: 1,
-        job_id,
-        reason: Some("test".into()),
-    };
-    request(
-        &system.client,
-        subjects::API_JOBS_CANCEL,
-        None,
-        &body,
-        Duration::from_secs(10),
-    )
-    .await
 }
 
 async fn wait_for_state(system: &System, job_id: Uuid, state: JobState) {
@@ -171,7 +154,7 @@ async fn a_job_that_cannot_start_in_time_times_out_and_cancellation_works_in_eac
         .unwrap();
     let pending = system.submit(&job("true", &[])).await.unwrap();
     assert_eq!(
-        cancel(&system, pending.job_id).await.unwrap().state,
+        system.cancel(pending.job_id).await.unwrap().state,
         JobState::Cancelled
     );
     wait_for_state(&system, late.job_id, JobState::Timeout).await;
@@ -192,7 +175,7 @@ async fn a_job_that_cannot_start_in_time_times_out_and_cancellation_works_in_eac
     let scheduled = system.submit(&job("true", &[])).await.unwrap();
     wait_for_state(&system, scheduled.job_id, JobState::Scheduled).await;
     assert_eq!(
-        cancel(&system, scheduled.job_id).await.unwrap().state,
+        system.cancel(scheduled.job_id).await.unwrap().state,
         JobState::Cancelled
     );
     system.restart("provider-manager");
@@ -205,7 +188,7 @@ async fn a_job_that_cannot_start_in_time_times_out_and_cancellation_works_in_eac
     let pid = system.printed_pid(running.job_id).await;
     wait_for_state(&system, running.job_id, JobState::Running).await;
     assert_eq!(
-        cancel(&system, running.job_id).await.unwrap().state,
+        system.cancel(running.job_id).await.unwrap().state,
         JobState::Cancelled
     );
     system
@@ -217,10 +200,10 @@ async fn a_job_that_cannot_start_in_time_times_out_and_cancellation_works_in_eac
         .await;
 
     // Ended: refused, with a typed error.
-    let refused = cancel(&system, running.job_id).await.unwrap_err();
+    let refused = system.cancel(running.job_id).await.unwrap_err();
     assert_eq!(refused.code, ErrorCode::InvalidJobTransition);
     assert_eq!(
-        cancel(&system, Uuid::now_v7()).await.unwrap_err().code,
+        system.cancel(Uuid::now_v7()).await.unwrap_err().code,
         ErrorCode::NotFound
     );
 

@@ -115,21 +115,7 @@ where
     H: FnMut(Delivery) -> F,
     F: Future<Output = Outcome>,
 {
-    let mut backoff = new_backoff();
-    while !shutdown.is_triggered() {
-        let mut messages = match open(&js, &config).await {
-            Ok(messages) => {
-                backoff = new_backoff();
-                tracing::info!(consumer = %config.durable, stream = config.stream, "consuming");
-                messages
-            }
-            Err(error) => {
-                let delay = backoff.next().unwrap_or(Duration::from_secs(10));
-                tracing::warn!(consumer = %config.durable, %error, ?delay, "cannot open consumer; retrying");
-                shutdown.guard(tokio::time::sleep(delay)).await;
-                continue;
-            }
-        };
+    while let Some(mut messages) = open_until_shutdown(&js, &config, &shutdown).await {
         loop {
             let Some(next) = shutdown.guard(messages.next()).await else {
                 return;
@@ -148,6 +134,29 @@ where
             handle(&js, &config, message, &mut handler).await;
         }
     }
+}
+
+/// Open (or reopen) the durable consumer, retrying with backoff; `None` once shut down.
+async fn open_until_shutdown(
+    js: &JetStream,
+    config: &ConsumerConfig,
+    shutdown: &Shutdown,
+) -> Option<pull::Stream> {
+    let mut backoff = new_backoff();
+    while !shutdown.is_triggered() {
+        match open(js, config).await {
+            Ok(messages) => {
+                tracing::info!(consumer = %config.durable, stream = config.stream, "consuming");
+                return Some(messages);
+            }
+            Err(error) => {
+                let delay = backoff.next().unwrap_or(Duration::from_secs(10));
+                tracing::warn!(consumer = %config.durable, %error, ?delay, "cannot open consumer; retrying");
+                shutdown.guard(tokio::time::sleep(delay)).await;
+            }
+        }
+    }
+    None
 }
 
 fn new_backoff() -> impl Iterator<Item = Duration> {
@@ -207,21 +216,7 @@ pub async fn run_batched<H, F>(
     F: Future<Output = Vec<Outcome>>,
 {
     use futures::FutureExt;
-    let mut backoff = new_backoff();
-    while !shutdown.is_triggered() {
-        let mut messages = match open(&js, &config).await {
-            Ok(messages) => {
-                backoff = new_backoff();
-                tracing::info!(consumer = %config.durable, stream = config.stream, "consuming");
-                messages
-            }
-            Err(error) => {
-                let delay = backoff.next().unwrap_or(Duration::from_secs(10));
-                tracing::warn!(consumer = %config.durable, %error, ?delay, "cannot open consumer; retrying");
-                shutdown.guard(tokio::time::sleep(delay)).await;
-                continue;
-            }
-        };
+    while let Some(mut messages) = open_until_shutdown(&js, &config, &shutdown).await {
         'stream: loop {
             let Some(first) = shutdown.guard(messages.next()).await else {
                 return;
