@@ -185,6 +185,24 @@ async fn hodei_run_streams_the_output_and_exits_with_the_jobs_code() {
     let unknown = hodei(&system, &["get", "01a221e8-43cc-70f0-a726-40f07e68a9f3"]);
     assert_eq!(unknown.status.code(), Some(3));
     assert!(text(&unknown.stderr).contains("NOT_FOUND"));
+
+    // Like any filter, `hodei` ends quietly when its reader stops reading.
+    let piped = tokio::task::spawn_blocking({
+        let command = format!(
+            "{} --nats-url {} run -- seq 1 200000 | head -n 2",
+            binary("hodei").display(),
+            system.nats.url
+        );
+        move || Command::new("sh").arg("-c").arg(command).output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(text(&piped.stdout), "1\n2\n");
+    assert!(
+        !text(&piped.stderr).contains("panicked"),
+        "{}",
+        text(&piped.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

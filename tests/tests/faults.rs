@@ -415,6 +415,19 @@ async fn a_postgres_restart_while_jobs_run_loses_no_job() {
         .unwrap()
         .restart(Duration::from_millis(500));
     check_invariants(&system, &jobs, "PostgreSQL restart").await;
+    // The relay lock went with the old connection: the relay stood for election again
+    // rather than go on as if it still held it.
+    system
+        .wait_for(
+            "the relay to take its lock again",
+            Duration::from_secs(30),
+            || async {
+                let log = system.log_of("relay");
+                log.contains("standing for election again")
+                    && log.matches("this relay is now the active one").count() == 2
+            },
+        )
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -200,6 +200,12 @@ fn key_value(s: &str) -> Result<(String, String), String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Like any Unix filter: `hodei logs ... | head` ends quietly when the reader stops,
+    // instead of panicking on the broken pipe.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts writing.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     match run(cli).await {
         Ok(code) => code,

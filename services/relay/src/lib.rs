@@ -65,38 +65,86 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         )
         .await?;
     register_outbox_gauges(&pool);
-    let mut leader = pool
-        .acquire()
-        .await
-        .context("acquiring the leader connection")?
-        .detach();
+    // A term lasts as long as the connection holding the lock: after PostgreSQL restarts, the
+    // lock is gone with it, and this relay stands for election again instead of publishing
+    // beside a new leader.
+    while let Some(mut leader) = become_leader(&pool, &shutdown).await {
+        tracing::info!("this relay is now the active one");
+        // Only the active relay listens (a standby would pile notifications up).
+        let mut listener = match listen(&pool).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for outbox notifications; trying again");
+                drop(leader);
+                if shutdown
+                    .guard(tokio::time::sleep(Duration::from_secs(1)))
+                    .await
+                    .is_none()
+                {
+                    break;
+                }
+                continue;
+            }
+        };
+        if lead(&pool, &js, &config, &mut leader, &mut listener, &shutdown).await {
+            break;
+        }
+        tracing::warn!(
+            "the connection holding the relay lock is gone; standing for election again"
+        );
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(outbox::NOTIFY_CHANNEL).await?;
+    Ok(listener)
+}
+
+/// Take the relay lock on a connection of its own (waiting while another relay holds it),
+/// retrying while PostgreSQL cannot be reached; `None` once shut down.
+async fn become_leader(pool: &PgPool, shutdown: &Shutdown) -> Option<sqlx::PgConnection> {
     tracing::info!("waiting to become the active relay");
-    let locked = shutdown
-        .guard(
+    loop {
+        let attempt = async {
+            let mut leader = pool.acquire().await?.detach();
             sqlx::query("SELECT pg_advisory_lock($1)")
                 .bind(RELAY_LOCK)
-                .execute(&mut leader),
-        )
-        .await;
-    match locked {
-        None => return Ok(()),
-        Some(result) => {
-            result.context("taking the relay lock")?;
+                .execute(&mut leader)
+                .await?;
+            Ok::<_, sqlx::Error>(leader)
+        };
+        match shutdown.guard(attempt).await? {
+            Ok(leader) => return Some(leader),
+            Err(error) => {
+                tracing::warn!(%error, "cannot take the relay lock; trying again");
+                shutdown
+                    .guard(tokio::time::sleep(Duration::from_secs(1)))
+                    .await?;
+            }
         }
     }
-    tracing::info!("this relay is now the active one");
-    let mut listener = PgListener::connect_with(&pool)
-        .await
-        .context("listening for outbox notifications")?;
-    listener
-        .listen(outbox::NOTIFY_CHANNEL)
-        .await
-        .context("listening for outbox notifications")?;
+}
+
+/// Publish while the lock holds. Returns true on shutdown, false when the lock was lost.
+async fn lead(
+    pool: &PgPool,
+    js: &JetStream,
+    config: &Config,
+    leader: &mut sqlx::PgConnection,
+    listener: &mut PgListener,
+    shutdown: &Shutdown,
+) -> bool {
     let sweep = Duration::from_secs(config.sweep_secs);
     let grace = Duration::from_millis(config.grace_ms);
     loop {
+        if sqlx::query("SELECT 1").execute(&mut *leader).await.is_err() {
+            return false;
+        }
         loop {
-            match relay_batch(&pool, &js, config.batch, grace, config.max_attempts).await {
+            match relay_batch(pool, js, config.batch, grace, config.max_attempts).await {
                 Ok(0) => break,
                 Ok(n) => tracing::debug!(published = n, "batch published"),
                 Err(error) => {
@@ -109,14 +157,14 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
                         .await
                         .is_none()
                     {
-                        return Ok(());
+                        return true;
                     }
                     break;
                 }
             }
         }
         tokio::select! {
-            _ = shutdown.wait() => break,
+            _ = shutdown.wait() => return true,
             notified = listener.recv() => {
                 if let Err(error) = notified {
                     tracing::warn!(%error, "notification listener failed; it reconnects");
@@ -124,16 +172,13 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
                 // What was just committed is being published by its writer: look once the
                 // grace has passed, for all the commits notified meanwhile at once.
                 if shutdown.guard(tokio::time::sleep(grace)).await.is_none() {
-                    break;
+                    return true;
                 }
                 while listener.next_buffered().is_some() {}
             }
             _ = tokio::time::sleep(sweep) => {}
         }
     }
-    drop(leader);
-    tracing::info!("stopped");
-    Ok(())
 }
 
 /// `hodei_outbox_depth` and `hodei_outbox_lag_seconds` (age of the oldest unpublished row).
