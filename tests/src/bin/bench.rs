@@ -16,15 +16,27 @@
 //!    worker's teardown, ends before the next is submitted;
 //! 3. throughput: many trivial jobs (`true`) submitted with a bounded number of requests in
 //!    flight, jobs/s from the first submission until every job is terminal;
-//! 4. peak RSS (VmHWM) of each service and of the agents, and CPU seconds per job of the
+//! 4. warm latency: the dispatcher restarted with a warm pool (`HODEI_WARM_POOL_SIZE`), the
+//!    same one-at-a-time jobs as the cold run, each ending when every pool worker is Ready
+//!    again (pool workers stay; nothing is torn down);
+//! 5. warm throughput: the throughput run again, on a (bigger) warm pool;
+//! 6. backlog: with no capacity (`HODEI_MAX_WORKERS=0`), a big backlog of jobs of three
+//!    priorities is queued; once the dispatcher has seen every one, the plans of the hot
+//!    queries (`hodei_store::plans`) must not read `jobs` or `outbox_events` whole. Then a
+//!    warm pool drains it: jobs/s, the services' RSS each second, and whether jobs were
+//!    placed by priority, then submission order;
+//! 7. peak RSS (VmHWM) of each service and of the agents, and CPU seconds per job of the
 //!    control plane (utime + stime of the six service processes), with the agents, the
 //!    nats-server and the PostgreSQL backends beside it for context.
 //!
-//! Then it profiles the cold jobs from the audit log: every event's `occurred_at` is stamped by
-//! the process that made the change, so the median gap between consecutive events is where the
-//! time goes; the outbox rows' `created_at` (the writer's transaction began) and `published_at`
-//! (the relay's transaction began) take each relayed hop apart. Every wait has a deadline; a
-//! phase that runs out of time reports what it measured and says so.
+//! Each phase after the floor can be skipped with a count of 0 (`--cold 0`, `--backlog 0`, ...).
+//!
+//! Then it profiles the cold and the warm jobs from the audit log: every event's `occurred_at`
+//! is stamped by the process that made the change, so the median gap between consecutive
+//! events is where the time goes; the outbox rows' `created_at` (the writer's transaction
+//! began) and `published_at` (the transaction that marked the row published began) take each
+//! published hop apart. Every wait has a deadline; a phase that runs out of time reports what
+//! it measured and says so.
 //!
 //! ```sh
 //! cargo build --release --workspace --bins
@@ -48,18 +60,29 @@ use uuid::Uuid;
 
 const USAGE: &str = "\
 usage: hodei-bench [--cold N] [--throughput N] [--in-flight N] [--floor N] [--spawn N]
+                   [--warm N] [--pool N] [--warm-throughput N] [--pool-throughput N]
+                   [--backlog N] [--backlog-pool N]
                    [--warmup N] [--deadline SECS] [--out FILE] [--keep-logs DIR]
 
-  --cold N         cold jobs, one at a time (default 500)
-  --throughput N   trivial jobs for the throughput run (default 5000)
-  --in-flight N    submissions in flight at once in the throughput run (default 256)
-  --floor N        samples of each network/database floor measurement (default 1000)
-  --spawn N        samples of the process-spawn floor (default 200)
-  --warmup N       cold jobs run first and not counted (default 5)
-  --deadline SECS  longest time each phase may take (default 900)
-  --out FILE       also write the report (markdown) to FILE
-  --keep-logs DIR  copy the services' (and agents') logs to DIR before shutting down
+  --cold N              cold jobs, one at a time (default 500)
+  --throughput N        trivial jobs for the throughput run on ephemeral workers (default 5000)
+  --in-flight N         submissions in flight at once in the throughput and backlog runs
+                        (default 256)
+  --floor N             samples of each network/database floor measurement (default 1000)
+  --spawn N             samples of the process-spawn floor (default 200)
+  --warm N              jobs one at a time on a warm pool (default 500)
+  --pool N              warm pool of the warm latency run (default 2)
+  --warm-throughput N   trivial jobs for the throughput run on a warm pool (default 5000)
+  --pool-throughput N   warm pool of the warm throughput run (default 8)
+  --backlog N           jobs queued with no capacity, then drained by a warm pool (default 50000)
+  --backlog-pool N      warm pool that drains the backlog (default 8)
+  --warmup N            jobs run first and not counted in the cold and warm runs (default 5)
+  --deadline SECS       longest time each phase may take (default 900)
+  --out FILE            also write the report (markdown) to FILE
+  --keep-logs DIR       copy the services' (and agents') logs to DIR before shutting down
+                        (the dispatcher's before each restart as dispatcher.<n>.err)
 
+A count of 0 skips its phase (--cold, --throughput, --warm, --warm-throughput, --backlog).
 The service binaries are taken from $HODEI_BIN_DIR, else from beside this executable.";
 
 const TERMINAL: [&str; 4] = ["Succeeded", "Failed", "Cancelled", "Timeout"];
@@ -79,6 +102,12 @@ struct Options {
     in_flight: usize,
     floor: usize,
     spawn: usize,
+    warm: usize,
+    pool: u32,
+    warm_throughput: usize,
+    pool_throughput: u32,
+    backlog: usize,
+    backlog_pool: u32,
     warmup: usize,
     deadline: Duration,
     out: Option<PathBuf>,
@@ -93,6 +122,12 @@ impl Options {
             in_flight: 256,
             floor: 1000,
             spawn: 200,
+            warm: 500,
+            pool: 2,
+            warm_throughput: 5000,
+            pool_throughput: 8,
+            backlog: 50_000,
+            backlog_pool: 8,
             warmup: 5,
             deadline: Duration::from_secs(900),
             out: None,
@@ -105,6 +140,9 @@ impl Options {
                 .parse()
                 .map_err(|_| format!("{flag}: not a number: {value}"))
         }
+        fn pool(flag: &str, value: Option<String>) -> Result<u32, String> {
+            u32::try_from(number(flag, value)?).map_err(|_| format!("{flag}: too big"))
+        }
         while let Some(arg) = args.next() {
             match arg.as_str() {
                 "--cold" => o.cold = number("--cold", args.next())?,
@@ -112,6 +150,14 @@ impl Options {
                 "--in-flight" => o.in_flight = number("--in-flight", args.next())?,
                 "--floor" => o.floor = number("--floor", args.next())?,
                 "--spawn" => o.spawn = number("--spawn", args.next())?,
+                "--warm" => o.warm = number("--warm", args.next())?,
+                "--pool" => o.pool = pool("--pool", args.next())?,
+                "--warm-throughput" => {
+                    o.warm_throughput = number("--warm-throughput", args.next())?
+                }
+                "--pool-throughput" => o.pool_throughput = pool("--pool-throughput", args.next())?,
+                "--backlog" => o.backlog = number("--backlog", args.next())?,
+                "--backlog-pool" => o.backlog_pool = pool("--backlog-pool", args.next())?,
                 "--warmup" => o.warmup = number("--warmup", args.next())?,
                 "--deadline" => {
                     o.deadline = Duration::from_secs(number("--deadline", args.next())? as u64)
@@ -126,6 +172,9 @@ impl Options {
         }
         if o.in_flight == 0 || o.floor == 0 || o.spawn == 0 {
             return Err("--in-flight, --floor and --spawn must be at least 1".into());
+        }
+        if o.pool == 0 || o.pool_throughput == 0 || o.backlog_pool == 0 {
+            return Err("--pool, --pool-throughput and --backlog-pool must be at least 1".into());
         }
         Ok(o)
     }
@@ -149,8 +198,8 @@ async fn main() -> ExitCode {
     );
     // The harness keeps services' pools small for parallel tests; measure the services as
     // they ship (their default pool of 10 connections).
-    let system = System::start_with(&[("HODEI_DB_POOL_SIZE", "10")]).await;
-    let outcome = bench(&system, &options).await;
+    let mut system = System::start_with(&[("HODEI_DB_POOL_SIZE", "10")]).await;
+    let outcome = bench(&mut system, &options).await;
     // Agents still alive (a phase that ran out of time) were started by this run: end them,
     // each by its process group (the process provider makes every agent a group leader).
     for pid in system.live_agents() {
@@ -194,23 +243,63 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn bench(system: &System, options: &Options) -> anyhow::Result<String> {
+/// Who runs the jobs of a phase: an ephemeral worker each (the dispatcher as the harness starts
+/// it), or a warm pool of that many workers.
+#[derive(Clone, Copy, PartialEq)]
+enum Workers {
+    Ephemeral,
+    Pool(u32),
+}
+
+impl Workers {
+    fn phase(self) -> &'static str {
+        match self {
+            Workers::Ephemeral => "cold",
+            Workers::Pool(_) => "warm",
+        }
+    }
+}
+
+/// A latency phase: the jobs, where their time went, what the agents and processes used.
+struct LatencyPhase {
+    run: Latency,
+    profile: Profile,
+    agents: AgentMemory,
+    cpu: CpuSnapshot,
+    /// From the dispatcher's restart to every pool worker Ready (warm runs).
+    pool_ready_secs: Option<f64>,
+}
+
+/// A throughput phase.
+struct ThroughputPhase {
+    run: Throughput,
+    agents: AgentMemory,
+    cpu: CpuSnapshot,
+    pool_ready_secs: Option<f64>,
+}
+
+struct Results {
+    machine: Machine,
+    floor: Floor,
+    cold: Option<LatencyPhase>,
+    throughput: Option<ThroughputPhase>,
+    warm: Option<LatencyPhase>,
+    warm_throughput: Option<ThroughputPhase>,
+    backlog: Option<Backlog>,
+    memory: Memory,
+}
+
+async fn bench(system: &mut System, options: &Options) -> anyhow::Result<String> {
     let machine = Machine::describe(system).await?;
-    let services: Vec<(String, u32)> = system
-        .services
-        .iter()
-        .map(|s| (s.name.clone(), s.pid()))
-        .collect();
+    let mut services = service_pids(system);
     let provider_manager = services
         .iter()
         .find(|(n, _)| n == "provider-manager")
         .map(|(_, p)| *p)
         .expect("six services");
     let nats_pid = nats_server_pid(system.nats.port);
-    let rss_at_start: Vec<u64> = services
-        .iter()
-        .map(|(_, pid)| status_kb(*pid, "VmRSS:").unwrap_or(0))
-        .collect();
+    let mut memory = Memory::default();
+    memory.snapshot("at start", &services);
 
     eprintln!(
         "floor: {} NATS round trips, JetStream publishes and PostgreSQL commits, {} spawns",
@@ -218,66 +307,312 @@ async fn bench(system: &System, options: &Options) -> anyhow::Result<String> {
     );
     let floor = measure_floor(system, options).await?;
 
-    eprintln!(
-        "cold: {} jobs one at a time (+{} not counted)",
-        options.cold, options.warmup
-    );
-    let cpu_before = CpuSnapshot::take(system, &services, nats_pid).await;
-    let sampler = AgentSampler::start(system, provider_manager, Duration::from_millis(5)).await?;
-    let cold = cold_run(system, options).await?;
-    let cold_agents = sampler.finish();
-    let cpu_cold = CpuSnapshot::take(system, &services, nats_pid)
-        .await
-        .since(&cpu_before);
-    let rss_after_cold: Vec<u64> = services
-        .iter()
-        .map(|(_, pid)| status_kb(*pid, "VmRSS:").unwrap_or(0))
-        .collect();
-    eprintln!(
-        "cold: profiling {} jobs from the audit log",
-        cold.jobs.len()
-    );
-    let profile = profile_cold(system, &cold).await?;
+    let mut cold = None;
+    if options.cold > 0 {
+        eprintln!(
+            "cold: {} jobs one at a time (+{} not counted)",
+            options.cold, options.warmup
+        );
+        let cpu_before = CpuSnapshot::take(system, &services, nats_pid).await;
+        let sampler =
+            AgentSampler::start(system, provider_manager, Duration::from_millis(5)).await?;
+        let run = latency_run(system, options, Workers::Ephemeral, options.cold).await?;
+        let agents = sampler.finish();
+        let cpu = CpuSnapshot::take(system, &services, nats_pid)
+            .await
+            .since(&cpu_before);
+        memory.snapshot("after cold", &services);
+        eprintln!("cold: profiling {} jobs from the audit log", run.jobs.len());
+        let profile = profile_jobs(system, &run).await?;
+        cold = Some(LatencyPhase {
+            run,
+            profile,
+            agents,
+            cpu,
+            pool_ready_secs: None,
+        });
+    }
 
-    eprintln!(
-        "throughput: {} jobs, {} submissions in flight",
-        options.throughput, options.in_flight
-    );
-    let cpu_before = CpuSnapshot::take(system, &services, nats_pid).await;
-    // Many agents live at once here: read them less often, and watch the machine's memory.
-    let sampler = AgentSampler::start(system, provider_manager, Duration::from_millis(50)).await?;
-    let throughput = throughput_run(system, options, &sampler.low_memory).await?;
-    let throughput_agents = sampler.finish();
-    let cpu_throughput = CpuSnapshot::take(system, &services, nats_pid)
-        .await
-        .since(&cpu_before);
+    let mut throughput = None;
+    if options.throughput > 0 {
+        eprintln!(
+            "throughput: {} jobs on ephemeral workers, {} submissions in flight",
+            options.throughput, options.in_flight
+        );
+        let cpu_before = CpuSnapshot::take(system, &services, nats_pid).await;
+        // Many agents live at once here: read them less often, and watch the machine's memory.
+        let sampler =
+            AgentSampler::start(system, provider_manager, Duration::from_millis(50)).await?;
+        let run = throughput_run(
+            system,
+            options,
+            options.throughput,
+            Workers::Ephemeral,
+            &sampler.low_memory,
+        )
+        .await?;
+        let agents = sampler.finish();
+        let cpu = CpuSnapshot::take(system, &services, nats_pid)
+            .await
+            .since(&cpu_before);
+        memory.snapshot("after throughput", &services);
+        throughput = Some(ThroughputPhase {
+            run,
+            agents,
+            cpu,
+            pool_ready_secs: None,
+        });
+    }
 
-    let memory: Vec<ServiceMemory> = services
-        .iter()
-        .zip(rss_at_start.iter().zip(&rss_after_cold))
-        .map(|((name, pid), (start, after_cold))| ServiceMemory {
-            name: name.clone(),
-            rss_start_kb: *start,
-            rss_after_cold_kb: *after_cold,
-            rss_end_kb: status_kb(*pid, "VmRSS:").unwrap_or(0),
-            hwm_kb: status_kb(*pid, "VmHWM:").unwrap_or(0),
-        })
-        .collect();
+    let mut warm = None;
+    if options.warm > 0 {
+        let size = options.pool;
+        eprintln!(
+            "warm: restarting the dispatcher with a pool of {size}; {} jobs one at a time (+{} not counted)",
+            options.warm, options.warmup
+        );
+        // The sampler learns of agents as they register: start it before the pool exists.
+        let sampler =
+            AgentSampler::start(system, provider_manager, Duration::from_millis(20)).await?;
+        memory.note_peaks(&services);
+        let size_text = size.to_string();
+        let ready = restart_dispatcher(
+            system,
+            &[
+                ("HODEI_WARM_POOL_SIZE", &size_text),
+                // No worker is replaced during the run: each job finds a Ready worker.
+                ("HODEI_WARM_POOL_MAX_JOBS", "1000000"),
+            ],
+            size,
+            options.deadline,
+        )
+        .await?;
+        services = service_pids(system);
+        let cpu_before = CpuSnapshot::take(system, &services, nats_pid).await;
+        let run = match ready {
+            Some(_) => latency_run(system, options, Workers::Pool(size), options.warm).await?,
+            None => Latency::not_run(
+                Workers::Pool(size),
+                options.warm,
+                format!(
+                    "the pool of {size} was not Ready within the phase deadline ({} s)",
+                    options.deadline.as_secs()
+                ),
+            ),
+        };
+        let agents = sampler.finish();
+        let cpu = CpuSnapshot::take(system, &services, nats_pid)
+            .await
+            .since(&cpu_before);
+        memory.snapshot("after warm", &services);
+        eprintln!("warm: profiling {} jobs from the audit log", run.jobs.len());
+        let profile = profile_jobs(system, &run).await?;
+        warm = Some(LatencyPhase {
+            run,
+            profile,
+            agents,
+            cpu,
+            pool_ready_secs: ready,
+        });
+    }
 
+    let mut warm_throughput = None;
+    if options.warm_throughput > 0 {
+        let size = options.pool_throughput;
+        eprintln!(
+            "warm throughput: restarting the dispatcher with a pool of {size}; {} jobs, {} submissions in flight",
+            options.warm_throughput, options.in_flight
+        );
+        let sampler =
+            AgentSampler::start(system, provider_manager, Duration::from_millis(50)).await?;
+        memory.note_peaks(&services);
+        // From no pool at all, so that every pool worker is as the dispatcher makes it by
+        // default (a pool of the warm run would keep its workers and their job allowance).
+        restart_dispatcher(
+            system,
+            &[("HODEI_WARM_POOL_SIZE", "0")],
+            0,
+            options.deadline,
+        )
+        .await?;
+        memory.note_peaks(&service_pids(system));
+        let size_text = size.to_string();
+        let ready = restart_dispatcher(
+            system,
+            &[("HODEI_WARM_POOL_SIZE", &size_text)],
+            size,
+            options.deadline,
+        )
+        .await?;
+        services = service_pids(system);
+        let cpu_before = CpuSnapshot::take(system, &services, nats_pid).await;
+        let run = match ready {
+            Some(_) => {
+                throughput_run(
+                    system,
+                    options,
+                    options.warm_throughput,
+                    Workers::Pool(size),
+                    &sampler.low_memory,
+                )
+                .await?
+            }
+            None => Throughput::not_run(
+                Workers::Pool(size),
+                options,
+                options.warm_throughput,
+                format!(
+                    "the pool of {size} was not Ready within the phase deadline ({} s)",
+                    options.deadline.as_secs()
+                ),
+            ),
+        };
+        let agents = sampler.finish();
+        let cpu = CpuSnapshot::take(system, &services, nats_pid)
+            .await
+            .since(&cpu_before);
+        memory.snapshot("after warm throughput", &services);
+        warm_throughput = Some(ThroughputPhase {
+            run,
+            agents,
+            cpu,
+            pool_ready_secs: ready,
+        });
+    }
+
+    let mut backlog = None;
+    if options.backlog > 0 {
+        let result = backlog_run(system, options, &mut memory, &mut services, nats_pid).await?;
+        memory.snapshot("after backlog drain", &services);
+        backlog = Some(result);
+    }
+    memory.note_peaks(&services);
+
+    let results = Results {
+        machine,
+        floor,
+        cold,
+        throughput,
+        warm,
+        warm_throughput,
+        backlog,
+        memory,
+    };
     let mut s = String::new();
-    report(
-        &mut s,
-        options,
-        &machine,
-        &floor,
-        &cold,
-        &profile,
-        &throughput,
-        &memory,
-        (&cold_agents, &throughput_agents),
-        (&cpu_cold, &cpu_throughput),
-    )?;
+    report(&mut s, options, &results)?;
     Ok(s)
+}
+
+/// The services' names and pids, in the harness' order (a restarted service has a new pid).
+fn service_pids(system: &System) -> Vec<(String, u32)> {
+    let mut services: Vec<(String, u32)> = system
+        .services
+        .iter()
+        .map(|s| (s.name.clone(), s.pid()))
+        .collect();
+    services.sort_by_key(|(name, _)| {
+        hodei_tests::SERVICES
+            .iter()
+            .position(|s| s == name)
+            .unwrap_or(usize::MAX)
+    });
+    services
+}
+
+/// Live pool workers, and how many of them are Ready.
+async fn pool_workers(system: &System) -> anyhow::Result<(i64, i64)> {
+    Ok(sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE state = 'Ready') FROM workers \
+         WHERE pooled AND state <> 'Terminated'",
+    )
+    .fetch_one(&system.pool)
+    .await?)
+}
+
+/// Whether exactly `size` pool workers are alive and every one is Ready (no pool worker alive
+/// for 0), checked until the deadline.
+async fn wait_pool(system: &System, size: u32, deadline: Instant) -> bool {
+    loop {
+        if let Ok((live, ready)) = pool_workers(system).await {
+            if live == size as i64 && ready == size as i64 {
+                return true;
+            }
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Restart the dispatcher with `overrides` and wait until its pool is `size` Ready workers
+/// (none alive for 0). The seconds that took, or None if not within `limit`.
+async fn restart_dispatcher(
+    system: &mut System,
+    overrides: &[(&str, &str)],
+    size: u32,
+    limit: Duration,
+) -> anyhow::Result<Option<f64>> {
+    let t = Instant::now();
+    keep_dispatcher_log(system);
+    system.restart_with("dispatcher", overrides);
+    let ready = wait_pool(system, size, t + limit).await;
+    let (live, ready_now) = pool_workers(system).await?;
+    if ready {
+        eprintln!(
+            "dispatcher restarted ({}): {} after {:.1} s",
+            overrides
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            if size == 0 {
+                "no pool worker alive".to_owned()
+            } else {
+                format!("{size} pool workers Ready")
+            },
+            t.elapsed().as_secs_f64()
+        );
+        Ok(Some(t.elapsed().as_secs_f64()))
+    } else {
+        eprintln!(
+            "dispatcher restarted: the pool is {live} workers ({ready_now} Ready), not {size} Ready, after {:.0} s",
+            t.elapsed().as_secs_f64()
+        );
+        Ok(None)
+    }
+}
+
+/// Before the dispatcher is restarted: its log becomes `dispatcher.<n>.err` (the process
+/// writes its last lines there as it stops), so the restarted one does not overwrite it.
+fn keep_dispatcher_log(system: &System) {
+    let log = system.log_dir.join("dispatcher.err");
+    let kept = (1..)
+        .map(|n| system.log_dir.join(format!("dispatcher.{n}.err")))
+        .find(|path| !path.exists())
+        .expect("a free name");
+    if let Err(error) = std::fs::rename(&log, &kept) {
+        eprintln!("hodei-bench: cannot keep {}: {error}", log.display());
+    }
+}
+
+/// The outbox is published and the audit service has recorded everything (checked until
+/// `limit`).
+async fn wait_audit_caught_up(system: &System, limit: Duration) -> anyhow::Result<bool> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (pending,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM outbox_events WHERE status = 'pending'")
+                .fetch_one(&system.pool)
+                .await?;
+        if pending == 0 && system.consumer_caught_up("HODEI_EVENTS", "audit").await {
+            return Ok(true);
+        }
+        if Instant::now() > deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 // ----- statistics -----
@@ -580,9 +915,9 @@ fn parse_clock(text: &str) -> Option<DateTime<Utc>> {
     Some(DateTime::from_timestamp_nanos(nanos))
 }
 
-// ----- cold latency -----
+// ----- latency, one job at a time -----
 
-struct ColdJob {
+struct LatencyJob {
     job_id: Uuid,
     correlation_id: String,
     /// The client's clock just before the submit request was sent.
@@ -591,28 +926,53 @@ struct ColdJob {
     submit_ms: f64,
     /// When the client received the job's terminal event from NATS.
     seen_terminal_at: Option<DateTime<Utc>>,
-    /// Until the worker was Terminated (the next job waits for this).
+    /// Until the job's worker was Terminated (cold) or every pool worker was Ready again
+    /// (warm): the next job waits for this.
     settled_ms: Option<f64>,
+    /// The client's clock when it saw that.
+    settled_at: DateTime<Utc>,
 }
 
-struct Cold {
-    jobs: Vec<ColdJob>,
+struct Latency {
+    workers: Workers,
+    jobs: Vec<LatencyJob>,
     requested: usize,
     timed_out: usize,
     incomplete: Option<String>,
     elapsed: Duration,
 }
 
-async fn cold_run(system: &System, options: &Options) -> anyhow::Result<Cold> {
+impl Latency {
+    fn not_run(workers: Workers, requested: usize, why: String) -> Latency {
+        Latency {
+            workers,
+            jobs: Vec::new(),
+            requested,
+            timed_out: 0,
+            incomplete: Some(why),
+            elapsed: Duration::ZERO,
+        }
+    }
+}
+
+/// `count` jobs (`date +%s%N`) after `--warmup` more, each submitted when the one before has
+/// ended and its worker is Terminated (ephemeral) or every pool worker is Ready again (pool).
+async fn latency_run(
+    system: &System,
+    options: &Options,
+    workers: Workers,
+    count: usize,
+) -> anyhow::Result<Latency> {
+    let phase = workers.phase();
     // Every job event, as any client could watch them; the job's terminal event ends its wait.
     let mut events = system.client.subscribe("hodei.events.job.>").await?;
     system.client.flush().await?;
     let phase_deadline = Instant::now() + options.deadline;
     let started = Instant::now();
-    let mut jobs = Vec::with_capacity(options.cold);
+    let mut jobs = Vec::with_capacity(count);
     let mut timed_out = 0;
     let mut incomplete = None;
-    for i in 0..options.warmup + options.cold {
+    for i in 0..options.warmup + count {
         if Instant::now() > phase_deadline {
             incomplete = Some(format!(
                 "stopped after {} jobs: the phase deadline ({} s) passed",
@@ -626,7 +986,7 @@ async fn cold_run(system: &System, options: &Options) -> anyhow::Result<Cold> {
         let accepted = match system.submit(&job("date", &["+%s%N"])).await {
             Ok(accepted) => accepted,
             Err(error) => {
-                eprintln!("cold job {i}: submit failed: {error:?}");
+                eprintln!("{phase} job {i}: submit failed: {error:?}");
                 timed_out += 1;
                 if timed_out >= 3 {
                     incomplete = Some(format!(
@@ -641,9 +1001,16 @@ async fn cold_run(system: &System, options: &Options) -> anyhow::Result<Cold> {
         let job_deadline = Instant::now() + Duration::from_secs(60);
         let seen_terminal_at =
             wait_terminal(system, &mut events, accepted.job_id, job_deadline).await;
-        let settled = wait_worker_terminated(system, accepted.job_id, job_deadline).await;
+        let settled = match workers {
+            Workers::Ephemeral => {
+                wait_worker_terminated(system, accepted.job_id, job_deadline).await
+            }
+            Workers::Pool(size) => wait_pool(system, size, job_deadline).await,
+        };
+        let settled_ms = elapsed_ms(t);
+        let settled_at = Utc::now();
         if seen_terminal_at.is_none() || !settled {
-            eprintln!("cold job {}: not settled within 60 s", accepted.job_id);
+            eprintln!("{phase} job {}: not settled within 60 s", accepted.job_id);
             timed_out += 1;
             if timed_out >= 3 {
                 incomplete = Some(format!(
@@ -656,21 +1023,23 @@ async fn cold_run(system: &System, options: &Options) -> anyhow::Result<Cold> {
         if i < options.warmup {
             continue;
         }
-        jobs.push(ColdJob {
+        jobs.push(LatencyJob {
             job_id: accepted.job_id,
             correlation_id: accepted.correlation_id,
             submitted_at,
             submit_ms,
             seen_terminal_at,
-            settled_ms: Some(elapsed_ms(t)),
+            settled_ms: Some(settled_ms),
+            settled_at,
         });
         if jobs.len() % 50 == 0 {
-            eprintln!("cold: {} of {}", jobs.len(), options.cold);
+            eprintln!("{phase}: {} of {count}", jobs.len());
         }
     }
-    Ok(Cold {
+    Ok(Latency {
+        workers,
         jobs,
-        requested: options.cold,
+        requested: count,
         timed_out,
         incomplete,
         elapsed: started.elapsed(),
@@ -740,16 +1109,20 @@ async fn wait_worker_terminated(system: &System, job_id: Uuid, deadline: Instant
     false
 }
 
-// ----- profile of the cold jobs from the audit log -----
+// ----- profile of the jobs from the audit log -----
 
 /// One step of a job's timeline. For a step written through the outbox, `begun` is when its
 /// transaction began (the outbox row's `created_at`, PostgreSQL's `now()`) and `relayed` when
-/// the relay's transaction that published it began (`published_at`, also `now()`).
+/// the transaction that marked it published began (`published_at`, also `now()`: the relay's,
+/// or the writer's own publisher's after JetStream acked the row).
 #[derive(Clone)]
 struct Step {
     label: String,
     actor: String,
     at: DateTime<Utc>,
+    /// The audit log's order, for steps stamped at the same instant (the client's and the
+    /// job's own clocks come last).
+    seq: i64,
     begun: Option<DateTime<Utc>>,
     relayed: Option<DateTime<Utc>>,
 }
@@ -767,6 +1140,7 @@ struct Profile {
     /// Submit → the client received JobCompleted from NATS.
     to_result_seen: Vec<f64>,
     submit_round_trip: Vec<f64>,
+    /// Submit → worker Terminated (cold) or every pool worker Ready again (warm).
     settled: Vec<f64>,
     /// The most common order of steps, and how many jobs followed it.
     sequence: Vec<String>,
@@ -789,51 +1163,74 @@ const SUBMIT: &str = "submit (client's clock)";
 const PROCESS_START: &str = "process start (job's clock)";
 
 /// The steps a service takes because the relay published an earlier one (or the RunJob
-/// command). The others are caused by a request or an agent's report, not by the outbox.
-const CAUSED_BY: [(&str, &str); 6] = [
-    ("WorkerProvisioningRequested", "JobQueued"),
-    ("WorkerProvisioned", "WorkerProvisioningRequested"),
-    ("WorkerStatusChanged → Busy", "WorkerReadyForJob"),
-    (PROCESS_START, "RunJob"),
-    ("WorkerTerminating", "JobCompleted → Succeeded"),
-    ("WorkerTerminated", "WorkerTerminating"),
+/// command): the cause is the latest step before it of one of these labels. The others are
+/// caused by a request or an agent's report, not by the outbox.
+const CAUSED_BY: [(&str, &[&str]); 8] = [
+    ("WorkerProvisioningRequested", &["JobQueued"]),
+    ("WorkerProvisioned", &["WorkerProvisioningRequested"]),
+    // On an ephemeral worker, its WorkerReadyForJob; on a Ready pool worker, the JobQueued.
+    (
+        "WorkerStatusChanged → Busy",
+        &["WorkerReadyForJob", "JobQueued"],
+    ),
+    (
+        "JobAssigned → Assigned",
+        &["WorkerReadyForJob", "JobQueued"],
+    ),
+    (PROCESS_START, &["RunJob"]),
+    ("WorkerTerminating", &["JobCompleted → Succeeded"]),
+    ("WorkerTerminated", &["WorkerTerminating"]),
+    // A pool worker released for the next job.
+    ("WorkerReady", &["JobCompleted → Succeeded"]),
 ];
 
-async fn profile_cold(system: &System, cold: &Cold) -> anyhow::Result<Profile> {
-    let correlations: Vec<String> = cold.jobs.iter().map(|j| j.correlation_id.clone()).collect();
-    // The audit service records events as it consumes them: wait until each job's trail ends
-    // with its worker's WorkerTerminated (the last event of an ephemeral job).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (complete,): (i64,) = sqlx::query_as(
-            "SELECT count(DISTINCT correlation_id) FROM audit_log \
-             WHERE correlation_id = ANY($1) AND event_type = 'WorkerTerminated'",
-        )
-        .bind(&correlations)
-        .fetch_one(&system.pool)
-        .await?;
-        if complete as usize >= correlations.len() || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+type AuditRow = (
+    String,
+    DateTime<Utc>,
+    String,
+    String,
+    serde_json::Value,
+    Option<DateTime<Utc>>,
+    Option<DateTime<Utc>>,
+    i64,
+);
+
+async fn profile_jobs(system: &System, run: &Latency) -> anyhow::Result<Profile> {
+    let correlations: Vec<String> = run.jobs.iter().map(|j| j.correlation_id.clone()).collect();
+    // The audit service records events as it consumes them: wait until it has everything.
+    if !wait_audit_caught_up(system, Duration::from_secs(60)).await? {
+        eprintln!("profile: the audit log was not complete after 60 s; profiling what it has");
     }
-    type Row = (
-        String,
-        DateTime<Utc>,
-        String,
-        String,
-        serde_json::Value,
-        Option<DateTime<Utc>>,
-        Option<DateTime<Utc>>,
-    );
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT a.correlation_id, a.occurred_at, a.event_type, a.actor, a.payload, o.created_at, o.published_at \
+    // The job's own events, and (an ephemeral worker's events share the job's correlation
+    // id) its worker's.
+    let mut rows: Vec<AuditRow> = sqlx::query_as(
+        "SELECT a.correlation_id, a.occurred_at, a.event_type, a.actor, a.payload, o.created_at, o.published_at, a.seq \
          FROM audit_log a LEFT JOIN outbox_events o ON o.event_id = a.event_id \
-         WHERE a.correlation_id = ANY($1) ORDER BY a.occurred_at, a.seq",
+         WHERE a.correlation_id = ANY($1)",
     )
     .bind(&correlations)
     .fetch_all(&system.pool)
     .await?;
+    // A pool worker has a correlation id of its own: take its events between the job's
+    // submission and the moment the client saw the pool Ready again (jobs run one at a time).
+    let ids: Vec<Uuid> = run.jobs.iter().map(|j| j.job_id).collect();
+    let from: Vec<DateTime<Utc>> = run.jobs.iter().map(|j| j.submitted_at).collect();
+    let to: Vec<DateTime<Utc>> = run.jobs.iter().map(|j| j.settled_at).collect();
+    let worker_rows: Vec<AuditRow> = sqlx::query_as(
+        "SELECT t.correlation_id, a.occurred_at, a.event_type, a.actor, a.payload, o.created_at, o.published_at, a.seq \
+         FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[]) AS t(job_id, correlation_id, from_at, to_at) \
+         JOIN jobs j ON j.id = t.job_id \
+         JOIN audit_log a ON a.aggregate_id = j.worker_id AND a.correlation_id <> t.correlation_id \
+                         AND a.occurred_at BETWEEN t.from_at AND t.to_at \
+         LEFT JOIN outbox_events o ON o.event_id = a.event_id",
+    )
+    .bind(&ids)
+    .bind(&correlations)
+    .bind(&from)
+    .bind(&to)
+    .fetch_all(&system.pool)
+    .await?;
+    rows.extend(worker_rows);
     // The RunJob command is not an event (not audited); it travels in the outbox with the
     // assignment, and the job's process start is what it causes.
     let commands: Vec<(String, Option<DateTime<Utc>>)> = sqlx::query_as(
@@ -848,7 +1245,7 @@ async fn profile_cold(system: &System, cold: &Cold) -> anyhow::Result<Profile> {
         .filter_map(|(c, at)| Some((c, at?)))
         .collect();
     let mut trails: HashMap<String, Vec<Step>> = HashMap::new();
-    for (correlation, at, event_type, actor, payload, begun, relayed) in rows {
+    for (correlation, at, event_type, actor, payload, begun, relayed, seq) in rows {
         // A status change is named by the state it goes to: a job changes more than once.
         let label = match payload.get("to").and_then(|t| t.as_str()) {
             Some(to) => format!("{event_type} → {to}"),
@@ -863,6 +1260,7 @@ async fn profile_cold(system: &System, cold: &Cold) -> anyhow::Result<Profile> {
             label,
             actor,
             at,
+            seq,
             begun,
             relayed,
         });
@@ -886,7 +1284,7 @@ async fn profile_cold(system: &System, cold: &Cold) -> anyhow::Result<Profile> {
         unprofiled: 0,
     };
     let mut timelines: Vec<(Vec<Step>, Option<DateTime<Utc>>)> = Vec::new();
-    for job in &cold.jobs {
+    for job in &run.jobs {
         p.submit_round_trip.push(job.submit_ms);
         p.settled.extend(job.settled_ms);
         if let Some(seen) = job.seen_terminal_at {
@@ -901,6 +1299,7 @@ async fn profile_cold(system: &System, cold: &Cold) -> anyhow::Result<Profile> {
             p.unprofiled += 1;
             continue;
         };
+        trail.sort_by_key(|step| (step.at, step.seq));
         let find = |label: &str| {
             trail
                 .iter()
@@ -924,13 +1323,14 @@ async fn profile_cold(system: &System, cold: &Cold) -> anyhow::Result<Profile> {
             label: label.into(),
             actor: actor.into(),
             at,
+            seq: i64::MAX,
             begun: None,
             relayed: None,
         };
         trail.push(step(SUBMIT, "client", job.submitted_at));
         trail.push(step(PROCESS_START, "job", process_start));
         // Stable: events stamped at the same instant keep their recording order.
-        trail.sort_by_key(|step| step.at);
+        trail.sort_by_key(|step| (step.at, step.seq));
         timelines.push((trail, run_job_relayed.get(&job.correlation_id).copied()));
     }
 
@@ -965,14 +1365,19 @@ async fn profile_cold(system: &System, cold: &Cold) -> anyhow::Result<Profile> {
             let previous = if i == 0 { step } else { &t[i - 1] };
             p.gaps[i].push(between_ms(step.at, previous.at));
             p.offsets[i].push(between_ms(step.at, t[0].at));
-            let cause = CAUSED_BY
+            let causes = CAUSED_BY
                 .iter()
                 .find(|(effect, _)| *effect == step.label)
-                .map(|(_, cause)| *cause);
-            let cause_relayed = match cause {
-                Some("RunJob") => *run_job,
-                Some(cause) => t.iter().find(|s| s.label == cause).and_then(|s| s.relayed),
-                None => None,
+                .map(|(_, causes)| *causes)
+                .unwrap_or(&[]);
+            let cause_relayed = if causes == ["RunJob"] {
+                *run_job
+            } else {
+                t[..i]
+                    .iter()
+                    .rev()
+                    .find(|s| causes.contains(&s.label.as_str()))
+                    .and_then(|s| s.relayed)
             };
             // The process start has no transaction: its "begin" is the start itself.
             let begun = if step.label == PROCESS_START {
@@ -998,6 +1403,7 @@ async fn profile_cold(system: &System, cold: &Cold) -> anyhow::Result<Profile> {
 // ----- throughput -----
 
 struct Throughput {
+    workers: Workers,
     jobs: usize,
     accepted: usize,
     refused: usize,
@@ -1008,87 +1414,123 @@ struct Throughput {
     succeeded: usize,
     /// How the accepted jobs ended (or where they were at the deadline).
     states: Vec<(String, i64)>,
-    /// From the first submission until every worker was Terminated.
+    /// From the first submission until every worker was Terminated (ephemeral workers; pool
+    /// workers stay).
     settled_secs: Option<f64>,
     incomplete: Option<String>,
+}
+
+impl Throughput {
+    fn not_run(workers: Workers, options: &Options, jobs: usize, why: String) -> Throughput {
+        Throughput {
+            workers,
+            jobs,
+            accepted: 0,
+            refused: 0,
+            in_flight: options.in_flight,
+            submit_secs: 0.0,
+            all_terminal_secs: None,
+            succeeded: 0,
+            states: Vec::new(),
+            settled_secs: None,
+            incomplete: Some(why),
+        }
+    }
+}
+
+/// Jobs submitted as fast as the client can with `in_flight` requests at once.
+struct Submitted {
+    ids: Vec<Uuid>,
+    /// The client's clock at the first submission.
+    first_submit: DateTime<Utc>,
+    started: Instant,
+    secs: f64,
+}
+
+/// Submit `n` jobs (`request(i)` for the i-th), at most `in_flight` at once, until the deadline
+/// passes or `low_memory` is raised.
+async fn submit_many(
+    system: &System,
+    n: usize,
+    in_flight: usize,
+    deadline: Instant,
+    low_memory: &AtomicBool,
+    request: impl Fn(usize) -> hodei_protocol::api::SubmitJob,
+) -> Submitted {
+    let first_submit = Utc::now();
+    let started = Instant::now();
+    let results: Vec<Option<Uuid>> = futures::stream::iter(0..n)
+        .map(|i| {
+            let body = request(i);
+            async move {
+                // Stop adding load when the machine runs short of memory; the jobs already
+                // accepted are still measured.
+                if low_memory.load(Ordering::Relaxed) || Instant::now() > deadline {
+                    return None;
+                }
+                system.submit(&body).await.ok().map(|a| a.job_id)
+            }
+        })
+        .buffer_unordered(in_flight)
+        .collect()
+        .await;
+    Submitted {
+        ids: results.into_iter().flatten().collect(),
+        first_submit,
+        started,
+        secs: started.elapsed().as_secs_f64(),
+    }
 }
 
 async fn throughput_run(
     system: &System,
     options: &Options,
+    n: usize,
+    workers: Workers,
     low_memory: &AtomicBool,
 ) -> anyhow::Result<Throughput> {
-    let n = options.throughput;
+    let phase = match workers {
+        Workers::Ephemeral => "throughput",
+        Workers::Pool(_) => "warm throughput",
+    };
     let phase_deadline = Instant::now() + options.deadline;
-    let first_submit = Utc::now();
-    let t = Instant::now();
-    let results: Vec<Option<Uuid>> = futures::stream::iter(0..n)
-        .map(|_| async move {
-            // Stop adding load when the machine runs short of memory; the jobs already
-            // accepted are still measured.
-            if low_memory.load(Ordering::Relaxed) || Instant::now() > phase_deadline {
-                return None;
-            }
-            system
-                .submit(&job("true", &[]))
-                .await
-                .ok()
-                .map(|a| a.job_id)
-        })
-        .buffer_unordered(options.in_flight)
-        .collect()
-        .await;
-    let submit_secs = t.elapsed().as_secs_f64();
-    let ids: Vec<Uuid> = results.iter().flatten().copied().collect();
+    let Submitted {
+        ids,
+        first_submit,
+        started: t,
+        secs: submit_secs,
+    } = submit_many(
+        system,
+        n,
+        options.in_flight,
+        phase_deadline,
+        low_memory,
+        |_| job("true", &[]),
+    )
+    .await;
     let mut incomplete = low_memory
         .load(Ordering::Relaxed)
         .then(|| "submissions stopped: the machine had under 1 GiB of memory available".to_owned());
     eprintln!(
-        "throughput: {} accepted in {submit_secs:.1} s; waiting for them to end",
+        "{phase}: {} accepted in {submit_secs:.1} s; waiting for them to end",
         ids.len()
     );
 
-    // Poll what is still open (an index range on (state, created_at), cheap while most jobs
-    // are done) rather than the whole set: the polling must not be a load of its own.
-    let mut last_report = Instant::now();
-    let mut terminal = 0usize;
-    while Instant::now() < phase_deadline {
-        let (open,): (i64,) =
-            sqlx::query_as("SELECT count(*) FROM jobs WHERE state = ANY($1) AND created_at >= $2")
-                .bind(&OPEN_JOB[..])
-                .bind(first_submit)
-                .fetch_one(&system.pool)
-                .await?;
-        terminal = ids.len().saturating_sub(open as usize);
-        if open == 0 {
-            break;
-        }
-        if last_report.elapsed() > Duration::from_secs(10) {
-            eprintln!(
-                "throughput: {terminal} of {} terminal after {:.0} s",
-                ids.len(),
-                t.elapsed().as_secs_f64()
-            );
-            last_report = Instant::now();
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let states: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT state, count(*) FROM jobs WHERE id = ANY($1) GROUP BY state ORDER BY 2 DESC",
+    let terminal = wait_jobs_closed(
+        system,
+        phase,
+        first_submit,
+        ids.len(),
+        phase_deadline,
+        || {},
     )
-    .bind(&ids)
-    .fetch_all(&system.pool)
     .await?;
+    let states = job_states(system, &ids).await?;
     let succeeded = states
         .iter()
         .find(|(state, _)| state == "Succeeded")
         .map_or(0, |(_, n)| *n as usize);
-    let (last_change,): (Option<DateTime<Utc>>,) =
-        sqlx::query_as("SELECT max(updated_at) FROM jobs WHERE id = ANY($1) AND state = ANY($2)")
-            .bind(&ids)
-            .bind(&TERMINAL[..])
-            .fetch_one(&system.pool)
-            .await?;
+    let last_change = last_terminal_change(system, &ids).await?;
     let all_terminal_secs = if terminal == ids.len() {
         last_change.map(|at| between_ms(at, first_submit) / 1000.0)
     } else {
@@ -1102,21 +1544,26 @@ async fn throughput_run(
         None
     };
 
-    // The workers' teardown is part of each job's cost (and of the CPU per job).
-    let settle_deadline = Instant::now() + Duration::from_secs(300).min(options.deadline);
+    // The workers' teardown is part of each job's cost (and of the CPU per job). Pool workers
+    // stay: the run is over when no job is open.
     let mut settled_secs = None;
-    while Instant::now() < settle_deadline {
-        let (open,): (i64,) = sqlx::query_as("SELECT count(*) FROM workers WHERE state = ANY($1)")
-            .bind(&OPEN_WORKER[..])
-            .fetch_one(&system.pool)
-            .await?;
-        if open == 0 {
-            settled_secs = Some(t.elapsed().as_secs_f64());
-            break;
+    if workers == Workers::Ephemeral {
+        let settle_deadline = Instant::now() + Duration::from_secs(300).min(options.deadline);
+        while Instant::now() < settle_deadline {
+            let (open,): (i64,) =
+                sqlx::query_as("SELECT count(*) FROM workers WHERE state = ANY($1)")
+                    .bind(&OPEN_WORKER[..])
+                    .fetch_one(&system.pool)
+                    .await?;
+            if open == 0 {
+                settled_secs = Some(t.elapsed().as_secs_f64());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     Ok(Throughput {
+        workers,
         jobs: n,
         accepted: ids.len(),
         refused: n - ids.len(),
@@ -1128,6 +1575,419 @@ async fn throughput_run(
         settled_secs,
         incomplete,
     })
+}
+
+/// Wait until none of the jobs created since `since` is open, or the deadline; `tick` runs
+/// at each check (every 500 ms). Returns how many of the `total` jobs are terminal.
+async fn wait_jobs_closed(
+    system: &System,
+    phase: &str,
+    since: DateTime<Utc>,
+    total: usize,
+    deadline: Instant,
+    mut tick: impl FnMut(),
+) -> anyhow::Result<usize> {
+    // Poll what is still open (an index range on (state, created_at), cheap while most jobs
+    // are done) rather than the whole set: the polling must not be a load of its own.
+    let t = Instant::now();
+    let mut last_report = Instant::now();
+    loop {
+        tick();
+        let (open,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM jobs WHERE state = ANY($1) AND created_at >= $2")
+                .bind(&OPEN_JOB[..])
+                .bind(since)
+                .fetch_one(&system.pool)
+                .await?;
+        let terminal = total.saturating_sub(open as usize);
+        if open == 0 || Instant::now() > deadline {
+            return Ok(terminal);
+        }
+        if last_report.elapsed() > Duration::from_secs(10) {
+            eprintln!(
+                "{phase}: {terminal} of {total} terminal after {:.0} s",
+                t.elapsed().as_secs_f64()
+            );
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// How many of the jobs are in each state, most first.
+async fn job_states(system: &System, ids: &[Uuid]) -> anyhow::Result<Vec<(String, i64)>> {
+    Ok(sqlx::query_as(
+        "SELECT state, count(*) FROM jobs WHERE id = ANY($1) GROUP BY state ORDER BY 2 DESC",
+    )
+    .bind(ids)
+    .fetch_all(&system.pool)
+    .await?)
+}
+
+/// The last terminal change (`updated_at`) of the jobs.
+async fn last_terminal_change(
+    system: &System,
+    ids: &[Uuid],
+) -> anyhow::Result<Option<DateTime<Utc>>> {
+    let (last,): (Option<DateTime<Utc>>,) =
+        sqlx::query_as("SELECT max(updated_at) FROM jobs WHERE id = ANY($1) AND state = ANY($2)")
+            .bind(ids)
+            .bind(&TERMINAL[..])
+            .fetch_one(&system.pool)
+            .await?;
+    Ok(last)
+}
+
+// ----- backlog -----
+
+struct Backlog {
+    requested: usize,
+    accepted: usize,
+    submit_secs: f64,
+    /// From the first submission until the dispatcher had consumed every JobQueued and every
+    /// job was Pending.
+    queued_secs: Option<f64>,
+    /// The backlog's jobs by state once queued (all Pending, if nothing went wrong).
+    states_queued: Vec<(String, i64)>,
+    /// Workers alive once queued (none with no capacity).
+    live_workers: i64,
+    /// What PostgreSQL knew of the big tables when the plans were made: (table, live rows,
+    /// last analyzed).
+    table_stats: Vec<(String, i64, Option<DateTime<Utc>>)>,
+    /// Each hot query's plan, and the tables it reads whole.
+    plans: Vec<(String, String, Vec<String>)>,
+    /// RSS (kB) of each service with the backlog queued.
+    rss_queued: Vec<(String, u64)>,
+    drain: Option<Drain>,
+    incomplete: Option<String>,
+}
+
+impl Backlog {
+    /// Whether no plan reads `jobs` or `outbox_events` whole.
+    fn no_big_scan(&self) -> bool {
+        !self.plans.is_empty()
+            && self.plans.iter().all(|(_, _, scans)| {
+                !scans
+                    .iter()
+                    .any(|table| table == "jobs" || table == "outbox_events")
+            })
+    }
+}
+
+struct Drain {
+    pool: u32,
+    /// From the dispatcher's restart to the last job's terminal change.
+    all_terminal_secs: Option<f64>,
+    /// From the restart to the first job placed.
+    first_placed_secs: Option<f64>,
+    succeeded: usize,
+    states: Vec<(String, i64)>,
+    /// Each service's RSS (kB) sampled each second of the drain: (name, first, max, last).
+    rss: Vec<(String, u64, u64, u64)>,
+    rss_samples: usize,
+    cpu: CpuSnapshot,
+    order: Option<PlacementOrder>,
+    incomplete: Option<String>,
+}
+
+/// A job as the placement order sees it: (priority, created_at, id).
+type JobKey = (i32, DateTime<Utc>, Uuid);
+
+/// The backlog's jobs in the order they were placed (their first `JobAssigned`), against
+/// priority, then submission order.
+struct PlacementOrder {
+    placed: usize,
+    /// Pairs of jobs where the one placed first should have come second.
+    inversions: u64,
+    /// Places where a job was placed right after one that should have come after it.
+    descents: usize,
+    /// The first such place: (position, the job placed before, the job placed after).
+    first_descent: Option<(usize, JobKey, JobKey)>,
+}
+
+/// Queue `--backlog` jobs with no capacity, plan the hot queries over it, then drain it with
+/// a warm pool.
+async fn backlog_run(
+    system: &mut System,
+    options: &Options,
+    memory: &mut Memory,
+    services: &mut Vec<(String, u32)>,
+    nats_pid: Option<u32>,
+) -> anyhow::Result<Backlog> {
+    let n = options.backlog;
+    eprintln!("backlog: restarting the dispatcher with no capacity and no pool");
+    memory.note_peaks(services);
+    let stopped = restart_dispatcher(
+        system,
+        &[("HODEI_WARM_POOL_SIZE", "0"), ("HODEI_MAX_WORKERS", "0")],
+        0,
+        options.deadline,
+    )
+    .await?;
+    *services = service_pids(system);
+    let mut result = Backlog {
+        requested: n,
+        accepted: 0,
+        submit_secs: 0.0,
+        queued_secs: None,
+        states_queued: Vec::new(),
+        live_workers: 0,
+        table_stats: Vec::new(),
+        plans: Vec::new(),
+        rss_queued: Vec::new(),
+        drain: None,
+        incomplete: None,
+    };
+    if stopped.is_none() {
+        result.incomplete = Some(format!(
+            "the pool's workers were not all Terminated within the phase deadline ({} s)",
+            options.deadline.as_secs()
+        ));
+        return Ok(result);
+    }
+
+    eprintln!(
+        "backlog: {n} jobs, {} submissions in flight",
+        options.in_flight
+    );
+    let phase_deadline = Instant::now() + options.deadline;
+    let no_low_memory = AtomicBool::new(false);
+    let submitted = submit_many(
+        system,
+        n,
+        options.in_flight,
+        phase_deadline,
+        &no_low_memory,
+        |i| {
+            let mut request = job("true", &[]);
+            request.policy.priority = (i % 3) as i32;
+            // The backlog waits for placement by design: it must not time out meanwhile.
+            request.policy.schedule_to_start_timeout_ms = 24 * 3600 * 1000;
+            request
+        },
+    )
+    .await;
+    let ids = submitted.ids;
+    result.accepted = ids.len();
+    result.submit_secs = submitted.secs;
+    eprintln!(
+        "backlog: {} accepted in {:.1} s; waiting for the dispatcher to see every one",
+        ids.len(),
+        submitted.secs
+    );
+
+    // Every JobQueued published (the outbox is empty) and consumed by the dispatcher, and
+    // every job Pending.
+    let mut last_report = Instant::now();
+    loop {
+        let (pending,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM jobs WHERE state = 'Pending' AND created_at >= $1",
+        )
+        .bind(submitted.first_submit)
+        .fetch_one(&system.pool)
+        .await?;
+        let (unpublished,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM outbox_events WHERE status = 'pending'")
+                .fetch_one(&system.pool)
+                .await?;
+        if pending as usize == ids.len()
+            && unpublished == 0
+            && system
+                .consumer_caught_up("HODEI_EVENTS", "dispatcher-job-queued")
+                .await
+        {
+            result.queued_secs = Some(submitted.started.elapsed().as_secs_f64());
+            break;
+        }
+        if Instant::now() > phase_deadline {
+            result.incomplete = Some(format!(
+                "{pending} of {} jobs Pending, {unpublished} outbox rows unpublished, the dispatcher's \
+                 JobQueued consumer not caught up when the phase deadline ({} s) passed",
+                ids.len(),
+                options.deadline.as_secs()
+            ));
+            break;
+        }
+        if last_report.elapsed() > Duration::from_secs(10) {
+            eprintln!(
+                "backlog: {pending} of {} Pending, {unpublished} outbox rows unpublished after {:.0} s",
+                ids.len(),
+                submitted.started.elapsed().as_secs_f64()
+            );
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    result.states_queued = job_states(system, &ids).await?;
+    (result.live_workers,) =
+        sqlx::query_as("SELECT count(*) FROM workers WHERE state <> 'Terminated'")
+            .fetch_one(&system.pool)
+            .await?;
+
+    // The plans PostgreSQL picks now, with the statistics it has (autovacuum's).
+    result.table_stats = sqlx::query_as(
+        "SELECT relname::text, n_live_tup, greatest(last_analyze, last_autoanalyze) \
+         FROM pg_stat_user_tables WHERE relname IN ('jobs', 'outbox_events', 'workers', 'audit_log') \
+         ORDER BY relname",
+    )
+    .fetch_all(&system.pool)
+    .await?;
+    let mut conn = system.pool.acquire().await?;
+    let plans = hodei_store::plans::explain_hot_queries(&mut conn).await?;
+    drop(conn);
+    result.plans = plans
+        .into_iter()
+        .map(|(name, plan)| {
+            let scans = hodei_store::plans::sequential_scans(&plan);
+            (name.to_owned(), plan, scans)
+        })
+        .collect();
+    result.rss_queued = services
+        .iter()
+        .map(|(name, pid)| (name.clone(), status_kb(*pid, "VmRSS:").unwrap_or(0)))
+        .collect();
+
+    // The drain: a warm pool, the default capacity.
+    let size = options.backlog_pool;
+    eprintln!("backlog: draining {} jobs with a pool of {size}", ids.len());
+    memory.note_peaks(services);
+    let drain_deadline = Instant::now() + options.deadline;
+    let restarted_at = Utc::now();
+    keep_dispatcher_log(system);
+    system.restart_with("dispatcher", &[("HODEI_WARM_POOL_SIZE", &size.to_string())]);
+    *services = service_pids(system);
+    let cpu_before = CpuSnapshot::take(system, services, nats_pid).await;
+    let mut rss: Vec<(String, u64, u64, u64)> = Vec::new();
+    let mut rss_samples = 0;
+    let mut last_sample: Option<Instant> = None;
+    let terminal = wait_jobs_closed(
+        system,
+        "backlog",
+        submitted.first_submit,
+        ids.len(),
+        drain_deadline,
+        || {
+            if last_sample.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+                return;
+            }
+            last_sample = Some(Instant::now());
+            rss_samples += 1;
+            for (name, pid) in services.iter() {
+                let kb = status_kb(*pid, "VmRSS:").unwrap_or(0);
+                match rss.iter_mut().find(|(n, ..)| n == name) {
+                    Some((_, _, max, last)) => {
+                        *max = (*max).max(kb);
+                        *last = kb;
+                    }
+                    None => rss.push((name.clone(), kb, kb, kb)),
+                }
+            }
+        },
+    )
+    .await?;
+    // The last sample is the end.
+    for (name, pid) in services.iter() {
+        if let (Some((_, _, max, last)), Some(kb)) = (
+            rss.iter_mut().find(|(n, ..)| n == name),
+            status_kb(*pid, "VmRSS:"),
+        ) {
+            *max = (*max).max(kb);
+            *last = kb;
+        }
+    }
+    let cpu = CpuSnapshot::take(system, services, nats_pid)
+        .await
+        .since(&cpu_before);
+    let states = job_states(system, &ids).await?;
+    let succeeded = states
+        .iter()
+        .find(|(state, _)| state == "Succeeded")
+        .map_or(0, |(_, n)| *n as usize);
+    let mut incomplete = None;
+    let all_terminal_secs = if terminal == ids.len() {
+        last_terminal_change(system, &ids)
+            .await?
+            .map(|at| between_ms(at, restarted_at) / 1000.0)
+    } else {
+        incomplete = Some(format!(
+            "{terminal} of {} jobs terminal when the phase deadline ({} s) passed",
+            ids.len(),
+            options.deadline.as_secs()
+        ));
+        None
+    };
+    eprintln!("backlog: checking the placement order in the audit log");
+    if !wait_audit_caught_up(system, Duration::from_secs(120)).await? {
+        eprintln!("backlog: the audit log was not complete after 120 s; checking what it has");
+    }
+    let placed: Vec<(Uuid, i32, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT j.id, j.priority, j.created_at, a.occurred_at FROM audit_log a \
+         JOIN jobs j ON j.id = (a.payload->>'job_id')::uuid \
+         WHERE a.event_type = 'JobAssigned' AND a.occurred_at >= $1 AND j.id = ANY($2) \
+         ORDER BY a.occurred_at, a.seq",
+    )
+    .bind(submitted.first_submit)
+    .bind(&ids)
+    .fetch_all(&system.pool)
+    .await?;
+    let first_placed_secs = placed
+        .first()
+        .map(|(.., at)| between_ms(*at, restarted_at) / 1000.0);
+    let mut seen = std::collections::HashSet::new();
+    let order: Vec<JobKey> = placed
+        .into_iter()
+        .filter(|(id, ..)| seen.insert(*id))
+        .map(|(id, priority, created_at, _)| (priority, created_at, id))
+        .collect();
+    result.drain = Some(Drain {
+        pool: size,
+        all_terminal_secs,
+        first_placed_secs,
+        succeeded,
+        states,
+        rss,
+        rss_samples,
+        cpu,
+        order: (!order.is_empty()).then(|| placement_order(&order)),
+        incomplete,
+    });
+    Ok(result)
+}
+
+/// Inversions of the placement order against priority (highest first), then submission order
+/// (created_at, id).
+fn placement_order(placed: &[JobKey]) -> PlacementOrder {
+    let key = |job: &JobKey| (std::cmp::Reverse(job.0), job.1, job.2);
+    let mut expected: Vec<usize> = (0..placed.len()).collect();
+    expected.sort_by_key(|i| key(&placed[*i]));
+    let mut rank = vec![0usize; placed.len()];
+    for (r, i) in expected.into_iter().enumerate() {
+        rank[i] = r;
+    }
+    // Pairs (i < j, rank i > rank j), counted with a Fenwick tree of the ranks seen so far.
+    let mut tree = vec![0u64; placed.len() + 1];
+    let mut inversions = 0u64;
+    for (seen, r) in rank.iter().enumerate() {
+        let mut below = 0u64;
+        let mut k = *r + 1;
+        while k > 0 {
+            below += tree[k];
+            k &= k - 1;
+        }
+        inversions += seen as u64 - below;
+        let mut k = *r + 1;
+        while k < tree.len() {
+            tree[k] += 1;
+            k += k & k.wrapping_neg();
+        }
+    }
+    let descents: Vec<usize> = (1..rank.len()).filter(|i| rank[i - 1] > rank[*i]).collect();
+    PlacementOrder {
+        placed: placed.len(),
+        inversions,
+        descents: descents.len(),
+        first_descent: descents.first().map(|i| (*i, placed[i - 1], placed[*i])),
+    }
 }
 
 // ----- processes: memory and CPU from /proc -----
@@ -1195,8 +2055,25 @@ fn nats_server_pid(port: u16) -> Option<u32> {
     })
 }
 
-/// CPU seconds consumed so far by the services, the agents (and their jobs: the children the
-/// provider-manager has reaped), the nats-server and this database's PostgreSQL backends.
+/// What the provider-manager's agents have used so far, with their jobs: its reaped children
+/// (cutime + cstime) and its live `hodei-agent` children (their own time and their reaped
+/// jobs'). Between two snapshots an agent that ended moves from the second term to the
+/// first, so the difference counts each agent's time once, pool agents that stay included.
+fn agents_cpu_seconds(provider_manager: u32) -> f64 {
+    let parent = provider_manager.to_string();
+    let live: f64 = pids()
+        .filter(|pid| {
+            stat_fields(*pid).is_some_and(|f| f.get(1) == Some(&parent))
+                && std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|comm| comm.trim() == "hodei-agent")
+        })
+        .map(|pid| cpu_seconds(pid).unwrap_or(0.0) + children_cpu_seconds(pid).unwrap_or(0.0))
+        .sum();
+    children_cpu_seconds(provider_manager).unwrap_or(0.0) + live
+}
+
+/// CPU seconds consumed so far by the services, the agents (and their jobs, see
+/// [`agents_cpu_seconds`]), the nats-server and this database's PostgreSQL backends.
 #[derive(Default)]
 struct CpuSnapshot {
     services: BTreeMap<String, f64>,
@@ -1220,7 +2097,7 @@ impl CpuSnapshot {
             agents: services
                 .iter()
                 .find(|(name, _)| name == "provider-manager")
-                .and_then(|(_, pid)| children_cpu_seconds(*pid))
+                .map(|(_, pid)| agents_cpu_seconds(*pid))
                 .unwrap_or(0.0),
             nats: nats.and_then(cpu_seconds).unwrap_or(0.0),
             postgres: backends
@@ -1254,12 +2131,37 @@ impl CpuSnapshot {
     }
 }
 
-struct ServiceMemory {
-    name: String,
-    rss_start_kb: u64,
-    rss_after_cold_kb: u64,
-    rss_end_kb: u64,
-    hwm_kb: u64,
+/// The services' RSS after each phase, and their peaks.
+#[derive(Default)]
+struct Memory {
+    /// (after which phase, RSS in kB by service), in run order.
+    rss: Vec<(&'static str, BTreeMap<String, u64>)>,
+    /// Peak RSS (VmHWM) by service, over every process that ran it (the dispatcher is
+    /// restarted for the warm and backlog phases).
+    peak_kb: BTreeMap<String, u64>,
+    /// Processes seen per service.
+    processes: BTreeMap<String, std::collections::BTreeSet<u32>>,
+}
+
+impl Memory {
+    fn snapshot(&mut self, phase: &'static str, services: &[(String, u32)]) {
+        let rss = services
+            .iter()
+            .map(|(name, pid)| (name.clone(), status_kb(*pid, "VmRSS:").unwrap_or(0)))
+            .collect();
+        self.rss.push((phase, rss));
+        self.note_peaks(services);
+    }
+
+    /// Read the peaks of the processes now (before a service is restarted).
+    fn note_peaks(&mut self, services: &[(String, u32)]) {
+        for (name, pid) in services {
+            let hwm = status_kb(*pid, "VmHWM:").unwrap_or(0);
+            let peak = self.peak_kb.entry(name.clone()).or_default();
+            *peak = (*peak).max(hwm);
+            self.processes.entry(name.clone()).or_default().insert(*pid);
+        }
+    }
 }
 
 /// What a sampler saw of the agents.
@@ -1459,19 +2361,8 @@ fn verdict(met: bool) -> &'static str {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn report(
-    s: &mut String,
-    options: &Options,
-    machine: &Machine,
-    floor: &Floor,
-    cold: &Cold,
-    profile: &Profile,
-    throughput: &Throughput,
-    memory: &[ServiceMemory],
-    (cold_agents, throughput_agents): (&AgentMemory, &AgentMemory),
-    (cpu_cold, cpu_throughput): (&CpuSnapshot, &CpuSnapshot),
-) -> std::fmt::Result {
+fn report(s: &mut String, options: &Options, r: &Results) -> std::fmt::Result {
+    let (machine, floor) = (&r.machine, &r.floor);
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     writeln!(s, "## Job latency, throughput and memory\n")?;
     writeln!(
@@ -1544,134 +2435,352 @@ fn report(
     )?;
 
     writeln!(s, "### Latency per job\n")?;
-    writeln!(
-        s,
-        "Cold: each job (`date +%s%N`) is submitted with no worker ready, through `hodei.api.jobs.submit`; the next \
-         is submitted once this one's worker is Terminated. \"Process start\" is the clock the job's own process \
-         prints as it starts (client and job read the same clock; the floor's `date` row is the part of it that is \
-         `date` starting up). {} jobs measured of {} requested ({} not counted first), in {:.0} s{}{}.\n",
-        cold.jobs.len(),
-        cold.requested,
-        options.warmup,
-        cold.elapsed.as_secs_f64(),
-        if cold.timed_out > 0 { format!(", {} failed to be submitted or to settle in 60 s", cold.timed_out) } else { String::new() },
-        cold.incomplete.as_ref().map(|r| format!("; **incomplete: {r}**")).unwrap_or_default(),
-    )?;
+    let incomplete = |run: &Latency| {
+        format!(
+            "{}{}",
+            if run.timed_out > 0 {
+                format!(
+                    ", {} failed to be submitted or to settle in 60 s",
+                    run.timed_out
+                )
+            } else {
+                String::new()
+            },
+            run.incomplete
+                .as_ref()
+                .map(|r| format!("; **incomplete: {r}**"))
+                .unwrap_or_default()
+        )
+    };
+    if let Some(cold) = &r.cold {
+        writeln!(
+            s,
+            "Cold: each job (`date +%s%N`) is submitted with no worker ready, through `hodei.api.jobs.submit`; the next \
+             is submitted once this one's worker is Terminated. \"Process start\" is the clock the job's own process \
+             prints as it starts (client and job read the same clock; the floor's `date` row is the part of it that is \
+             `date` starting up). {} jobs measured of {} requested ({} not counted first), in {:.0} s{}.\n",
+            cold.run.jobs.len(),
+            cold.run.requested,
+            options.warmup,
+            cold.run.elapsed.as_secs_f64(),
+            incomplete(&cold.run),
+        )?;
+    }
+    if let Some(warm) = &r.warm {
+        writeln!(
+            s,
+            "Warm: the dispatcher restarted with a warm pool of {} (`HODEI_WARM_POOL_SIZE={}`, \
+             `HODEI_WARM_POOL_MAX_JOBS=1000000`: no pool worker is replaced during the run){}. Each job \
+             (`date +%s%N`) finds a Ready pool worker; the next is submitted once every pool worker is Ready \
+             again. {} jobs measured of {} requested ({} not counted first), in {:.0} s{}.\n",
+            options.pool,
+            options.pool,
+            warm.pool_ready_secs
+                .map(|x| format!(", every pool worker Ready {x:.1} s after the restart"))
+                .unwrap_or_default(),
+            warm.run.jobs.len(),
+            warm.run.requested,
+            options.warmup,
+            warm.run.elapsed.as_secs_f64(),
+            incomplete(&warm.run),
+        )?;
+    }
     writeln!(
         s,
         "| measurement | n | p50 | p90 | p99 | max | target | met |"
     )?;
     writeln!(s, "|---|---:|---:|---:|---:|---:|---|---|")?;
-    let start = Summary::of(&profile.to_process_start);
-    let met = start.is_some_and(|x| x.p50 <= 15.0 && x.p99 <= 50.0);
+    latency_rows(s, "cold", r.cold.as_ref(), (15.0, 50.0))?;
+    latency_rows(s, "warm", r.warm.as_ref(), (3.0, 10.0))?;
+    writeln!(s)?;
+
+    writeln!(s, "### Throughput\n")?;
+    writeln!(s, "| workers | jobs accepted | in flight | all submitted after s | all terminal after s | jobs/s | succeeded | all workers Terminated after s | target | met |")?;
+    writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---|---|")?;
+    throughput_row(
+        s,
+        "ephemeral (process provider)",
+        "throughput",
+        r.throughput.as_ref(),
+        300.0,
+    )?;
+    throughput_row(
+        s,
+        &format!("warm pool ({} workers)", options.pool_throughput),
+        "warm-throughput",
+        r.warm_throughput.as_ref(),
+        1000.0,
+    )?;
+    writeln!(s)?;
+    for (label, phase) in [
+        ("Ephemeral run", r.throughput.as_ref()),
+        ("Warm run", r.warm_throughput.as_ref()),
+    ] {
+        let Some(phase) = phase else { continue };
+        let run = &phase.run;
+        let states: Vec<String> = run
+            .states
+            .iter()
+            .map(|(state, n)| format!("{n} {state}"))
+            .collect();
+        let pool = match run.workers {
+            Workers::Ephemeral => String::new(),
+            Workers::Pool(size) => format!(
+                " The dispatcher was restarted with a pool of {size} (`HODEI_WARM_POOL_MAX_JOBS` at its default, \
+                 100: each pool worker is replaced after 100 jobs){}; the run ends when no job is open (pool \
+                 workers stay).",
+                phase
+                    .pool_ready_secs
+                    .map(|x| format!(", every pool worker Ready {x:.1} s after the restart"))
+                    .unwrap_or_default()
+            ),
+        };
+        writeln!(
+            s,
+            "{label}: {} submissions not accepted; the accepted jobs ended {}{}.{pool}",
+            run.refused,
+            if states.is_empty() {
+                "–".to_owned()
+            } else {
+                states.join(", ")
+            },
+            run.incomplete
+                .as_ref()
+                .map(|r| format!("; **incomplete: {r}**"))
+                .unwrap_or_default()
+        )?;
+    }
     writeln!(
         s,
-        "| cold: submit → process start (job's clock) | {} | p50 ≤ 15, p99 ≤ 50 | {} |",
+        "{}jobs/s counts every terminal job; the target is met only if every job succeeded.\n",
+        if r.throughput.is_some() || r.warm_throughput.is_some() {
+            "\n"
+        } else {
+            ""
+        }
+    )?;
+
+    memory_and_cpu(s, options, r)?;
+    if let Some(backlog) = &r.backlog {
+        backlog_section(s, options, backlog)?;
+    }
+
+    let mut explained = false;
+    for (title, phase) in [("cold", r.cold.as_ref()), ("warm", r.warm.as_ref())] {
+        if let Some(phase) = phase {
+            profile_section(s, title, phase, !explained)?;
+            explained = true;
+        }
+    }
+    Ok(())
+}
+
+/// The latency rows of a cold or warm run (`target`: p50 and p99 of submit → process start).
+fn latency_rows(
+    s: &mut String,
+    phase: &str,
+    run: Option<&LatencyPhase>,
+    (p50, p99): (f64, f64),
+) -> std::fmt::Result {
+    let target = format!("p50 ≤ {p50}, p99 ≤ {p99}");
+    let Some(run) = run else {
+        return writeln!(
+            s,
+            "| {phase}: submit → process start | not measured (`--{phase} 0`) | | | | | {target} | not measured |"
+        );
+    };
+    let profile = &run.profile;
+    let start = Summary::of(&profile.to_process_start);
+    let met = start.is_some_and(|x| x.p50 <= p50 && x.p99 <= p99);
+    writeln!(
+        s,
+        "| {phase}: submit → process start (job's clock) | {} | {target} | {} |",
         Summary::cells(start),
         verdict(met)
     )?;
     writeln!(
         s,
-        "| cold: submit → `JobStatusChanged → Running` recorded | {} | | |",
+        "| {phase}: submit → `JobStatusChanged → Running` recorded | {} | | |",
         Summary::cells(Summary::of(&profile.to_running_recorded))
     )?;
     writeln!(
         s,
-        "| cold: submit → result recorded (`JobCompleted` occurred_at) | {} | | |",
+        "| {phase}: submit → result recorded (`JobCompleted` occurred_at) | {} | | |",
         Summary::cells(Summary::of(&profile.to_result_recorded))
     )?;
     writeln!(
         s,
-        "| cold: submit → client receives `JobCompleted` from NATS | {} | | |",
+        "| {phase}: submit → client receives `JobCompleted` from NATS | {} | | |",
         Summary::cells(Summary::of(&profile.to_result_seen))
     )?;
     writeln!(
         s,
-        "| cold: submit request → accepted reply | {} | | |",
+        "| {phase}: submit request → accepted reply | {} | | |",
         Summary::cells(Summary::of(&profile.submit_round_trip))
     )?;
+    let settled = match run.run.workers {
+        Workers::Ephemeral => "worker Terminated",
+        Workers::Pool(_) => "every pool worker Ready again",
+    };
     writeln!(
         s,
-        "| cold: submit → worker Terminated | {} | | |",
+        "| {phase}: submit → {settled} | {} | | |",
         Summary::cells(Summary::of(&profile.settled))
-    )?;
-    writeln!(s, "| warm: submit → process start | warm pool: not implemented | | | | | p50 ≤ 3, p99 ≤ 10 | not measured |\n")?;
+    )
+}
 
-    writeln!(s, "### Throughput\n")?;
-    writeln!(s, "| workers | jobs accepted | in flight | all submitted after s | all terminal after s | jobs/s | succeeded | all workers Terminated after s | target | met |")?;
-    writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---|---|")?;
-    let rate = throughput
-        .all_terminal_secs
-        .map(|secs| throughput.accepted as f64 / secs);
+fn throughput_row(
+    s: &mut String,
+    label: &str,
+    flag: &str,
+    phase: Option<&ThroughputPhase>,
+    target: f64,
+) -> std::fmt::Result {
+    let Some(phase) = phase else {
+        return writeln!(
+            s,
+            "| {label} | not measured (`--{flag} 0`) | | | | | | | ≥ {target} jobs/s | not measured |"
+        );
+    };
+    let t = &phase.run;
+    let rate = t.all_terminal_secs.map(|secs| t.accepted as f64 / secs);
+    let settled = match t.workers {
+        Workers::Ephemeral => t
+            .settled_secs
+            .map(|x| format!("{x:.1}"))
+            .unwrap_or_else(|| "not within 300 s".into()),
+        Workers::Pool(_) => "– (the pool stays)".into(),
+    };
     writeln!(
         s,
-        "| ephemeral (process provider) | {} of {} | {} | {:.1} | {} | {} | {} | {} | ≥ 300 jobs/s | {} |",
-        throughput.accepted,
-        throughput.jobs,
-        throughput.in_flight,
-        throughput.submit_secs,
-        throughput.all_terminal_secs.map(|x| format!("{x:.1}")).unwrap_or_else(|| "–".into()),
-        rate.map(|r| format!("{r:.1}")).unwrap_or_else(|| "–".into()),
-        throughput.succeeded,
-        throughput.settled_secs.map(|x| format!("{x:.1}")).unwrap_or_else(|| "not within 300 s".into()),
-        verdict(rate.is_some_and(|r| r >= 300.0) && throughput.succeeded == throughput.accepted),
-    )?;
-    writeln!(
-        s,
-        "| warm pool | warm pool: not implemented | | | | | | | ≥ 1000 jobs/s | not measured |\n"
-    )?;
-    let states: Vec<String> = throughput
-        .states
-        .iter()
-        .map(|(state, n)| format!("{n} {state}"))
-        .collect();
-    writeln!(
-        s,
-        "Throughput run: {} submissions not accepted; the accepted jobs ended {}{}. jobs/s counts every terminal \
-         job; the target is met only if every job succeeded.\n",
-        throughput.refused,
-        if states.is_empty() { "–".to_owned() } else { states.join(", ") },
-        throughput.incomplete.as_ref().map(|r| format!("; **incomplete: {r}**")).unwrap_or_default()
-    )?;
+        "| {label} | {} of {} | {} | {:.1} | {} | {} | {} | {settled} | ≥ {target} jobs/s | {} |",
+        t.accepted,
+        t.jobs,
+        t.in_flight,
+        t.submit_secs,
+        t.all_terminal_secs
+            .map(|x| format!("{x:.1}"))
+            .unwrap_or_else(|| "–".into()),
+        rate.map(|r| format!("{r:.1}"))
+            .unwrap_or_else(|| "–".into()),
+        t.succeeded,
+        verdict(rate.is_some_and(|r| r >= target) && t.accepted > 0 && t.succeeded == t.accepted),
+    )
+}
 
+fn memory_and_cpu(s: &mut String, options: &Options, r: &Results) -> std::fmt::Result {
     writeln!(s, "### Memory and CPU\n")?;
+    let memory = &r.memory;
     writeln!(
         s,
-        "RSS in MiB from /proc/<pid>/status (peak = VmHWM over the whole run). CPU = utime + stime of the process \
-         itself, in seconds, over the cold run ({} jobs) and the throughput run ({} jobs, until every worker was \
-         Terminated).\n",
-        cold.jobs.len() + options.warmup,
-        throughput.accepted
+        "RSS in MiB from /proc/<pid>/status after each phase; peak = VmHWM over the whole run (over every \
+         process of a service: the dispatcher is restarted for the warm and backlog phases).\n"
     )?;
-    writeln!(s, "| process | RSS at start | RSS after cold | RSS at end | peak RSS | CPU s cold | CPU s throughput | target | met |")?;
-    writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---|---|")?;
-    for m in memory {
+    let mut header = "| process |".to_owned();
+    let mut rule = "|---|".to_owned();
+    for (phase, _) in &memory.rss {
+        header += &format!(" RSS {phase} |");
+        rule += "---:|";
+    }
+    writeln!(s, "{header} peak RSS | target | met |")?;
+    writeln!(s, "{rule}---:|---|---|")?;
+    for name in hodei_tests::SERVICES {
+        let processes = memory.processes.get(name).map_or(0, |p| p.len());
+        let mut row = if processes > 1 {
+            format!("| {name} ({processes} processes) |")
+        } else {
+            format!("| {name} |")
+        };
+        for (_, rss) in &memory.rss {
+            row += &format!(
+                " {} |",
+                rss.get(name).map(|kb| mib(*kb)).unwrap_or_default()
+            );
+        }
+        let peak = memory.peak_kb.get(name).copied().unwrap_or(0);
         writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {:.2} | {:.2} | ≤ 30 MB | {} |",
-            m.name,
-            mib(m.rss_start_kb),
-            mib(m.rss_after_cold_kb),
-            mib(m.rss_end_kb),
-            mib(m.hwm_kb),
-            cpu_cold.services.get(&m.name).unwrap_or(&0.0),
-            cpu_throughput.services.get(&m.name).unwrap_or(&0.0),
-            verdict(m.hwm_kb as f64 * 1024.0 <= 30e6),
+            "{row} {} | ≤ 30 MB | {} |",
+            mib(peak),
+            verdict(peak as f64 * 1024.0 <= 30e6)
         )?;
     }
-    for (phase, agents) in [("cold", cold_agents), ("throughput", throughput_agents)] {
+    let blanks = " |".repeat(memory.rss.len());
+    let agent_phases = [
+        ("cold", r.cold.as_ref().map(|p| &p.agents)),
+        ("throughput", r.throughput.as_ref().map(|p| &p.agents)),
+        ("warm", r.warm.as_ref().map(|p| &p.agents)),
+        (
+            "warm throughput",
+            r.warm_throughput.as_ref().map(|p| &p.agents),
+        ),
+    ];
+    for (phase, agents) in agent_phases {
+        let Some(agents) = agents else { continue };
         let peaks: Vec<f64> = agents.hwm_kb.iter().map(|kb| *kb as f64).collect();
         let summary = Summary::of(&peaks);
         let max_hwm = summary.map(|x| x.max as u64).unwrap_or(0);
         writeln!(
             s,
-            "| agent ({phase} run: {} sampled, at most {} alive at once; peak RSS p50 {} MiB) | | | | {} (max) | | | ≤ 10 MB | {} |",
+            "| agent ({phase} run: {} sampled, at most {} alive at once; peak RSS p50 {} MiB) |{blanks} {} (max) | ≤ 10 MB | {} |",
             agents.agents,
             agents.peak_alive,
             summary.map(|x| mib(x.p50 as u64)).unwrap_or_else(|| "–".into()),
             mib(max_hwm),
             if agents.agents == 0 { "not measured" } else { verdict(max_hwm as f64 * 1024.0 <= 10e6) },
         )?;
+    }
+
+    // CPU, per phase that ran: (label, what it used, jobs it ran).
+    let latency_jobs = |p: &LatencyPhase| {
+        if p.run.jobs.is_empty() {
+            0
+        } else {
+            p.run.jobs.len() + options.warmup
+        }
+    };
+    let mut phases: Vec<(&str, &CpuSnapshot, usize)> = Vec::new();
+    if let Some(p) = &r.cold {
+        phases.push(("cold", &p.cpu, latency_jobs(p)));
+    }
+    if let Some(p) = &r.throughput {
+        phases.push(("throughput", &p.cpu, p.run.accepted));
+    }
+    if let Some(p) = &r.warm {
+        phases.push(("warm", &p.cpu, latency_jobs(p)));
+    }
+    if let Some(p) = &r.warm_throughput {
+        phases.push(("warm throughput", &p.cpu, p.run.accepted));
+    }
+    if let Some(drain) = r
+        .backlog
+        .as_ref()
+        .and_then(|b| b.drain.as_ref().map(|d| (b, d)))
+    {
+        phases.push(("backlog drain", &drain.1.cpu, drain.0.accepted));
+    }
+    if phases.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        s,
+        "\nCPU = utime + stime of the process itself, in seconds, over each phase: {}.\n",
+        phases
+            .iter()
+            .map(|(phase, _, jobs)| format!("{phase} ({jobs} jobs)"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )?;
+    let header: String = phases.iter().map(|(p, ..)| format!(" {p} |")).collect();
+    let rule = "---:|".repeat(phases.len());
+    writeln!(s, "| CPU s |{header}")?;
+    writeln!(s, "|---|{rule}")?;
+    for name in hodei_tests::SERVICES {
+        let cells: String = phases
+            .iter()
+            .map(|(_, cpu, _)| format!(" {:.2} |", cpu.services.get(name).unwrap_or(&0.0)))
+            .collect();
+        writeln!(s, "| {name} |{cells}")?;
     }
     let per_job = |cpu: f64, jobs: usize| {
         if jobs == 0 {
@@ -1680,81 +2789,338 @@ fn report(
             format!("{:.2}", cpu * 1000.0 / jobs as f64)
         }
     };
-    let cold_jobs = cold.jobs.len() + options.warmup;
     let pg = |c: &CpuSnapshot| c.postgres.values().sum::<f64>();
-    writeln!(s)?;
-    writeln!(s, "| CPU ms per job | cold | throughput |")?;
-    writeln!(s, "|---|---:|---:|")?;
-    writeln!(
-        s,
-        "| control plane (the six services) | {} | {} |",
-        per_job(cpu_cold.control_plane(), cold_jobs),
-        per_job(cpu_throughput.control_plane(), throughput.accepted)
-    )?;
-    writeln!(
-        s,
-        "| agents and their jobs (the provider-manager's reaped children; context) | {} | {} |",
-        per_job(cpu_cold.agents, cold_jobs),
-        per_job(cpu_throughput.agents, throughput.accepted)
-    )?;
-    writeln!(
-        s,
-        "| nats-server (context) | {} | {} |",
-        per_job(cpu_cold.nats, cold_jobs),
-        per_job(cpu_throughput.nats, throughput.accepted)
-    )?;
-    writeln!(
-        s,
-        "| PostgreSQL backends of this database (context; includes the benchmark's own polling) | {} | {} |",
-        per_job(pg(cpu_cold), cold_jobs),
-        per_job(pg(cpu_throughput), throughput.accepted)
-    )?;
     let all = |c: &CpuSnapshot| c.control_plane() + c.agents + c.nats + pg(c);
+    let row = |label: &str, f: &dyn Fn(&CpuSnapshot) -> f64| -> String {
+        let cells: String = phases
+            .iter()
+            .map(|(_, cpu, jobs)| format!(" {} |", per_job(f(cpu), *jobs)))
+            .collect();
+        format!("| {label} |{cells}")
+    };
+    writeln!(s)?;
+    writeln!(s, "| CPU ms per job |{header}")?;
+    writeln!(s, "|---|{rule}")?;
     writeln!(
         s,
-        "| all of the above | {} | {} |",
-        per_job(all(cpu_cold), cold_jobs),
-        per_job(all(cpu_throughput), throughput.accepted)
+        "{}",
+        row("control plane (the six services)", &|c| c.control_plane())
     )?;
-    if throughput.accepted > 0 && all(cpu_throughput) > 0.0 {
-        let ceiling = machine.nproc as f64 * throughput.accepted as f64 / all(cpu_throughput);
+    writeln!(
+        s,
+        "{}",
+        row(
+            "agents and their jobs (the provider-manager's reaped children and live agents; context)",
+            &|c| c.agents
+        )
+    )?;
+    writeln!(s, "{}", row("nats-server (context)", &|c| c.nats))?;
+    writeln!(
+        s,
+        "{}",
+        row(
+            "PostgreSQL backends of this database (context; includes the benchmark's own polling)",
+            &|c| pg(c)
+        )
+    )?;
+    writeln!(s, "{}", row("all of the above", &|c| all(c)))?;
+    let ceilings: Vec<String> = phases
+        .iter()
+        .filter(|(phase, ..)| *phase != "cold" && *phase != "warm")
+        .filter(|(_, cpu, jobs)| *jobs > 0 && all(cpu) > 0.0)
+        .map(|(phase, cpu, jobs)| {
+            format!(
+                "{:.0} jobs/s at the cost of the {phase} run",
+                machine_cpus(r) * *jobs as f64 / all(cpu)
+            )
+        })
+        .collect();
+    if !ceilings.is_empty() {
         writeln!(
             s,
-            "\nAt that CPU cost per job, {} CPUs can run at most {ceiling:.0} jobs/s (CPUs × 1000 / CPU ms per job).",
-            machine.nproc
+            "\nAt those CPU costs per job, {} CPUs can run at most (CPUs × 1000 / CPU ms per job): {}.",
+            r.machine.nproc,
+            ceilings.join("; ")
         )?;
     }
-    if let Some(kb) = throughput_agents.min_available_kb {
+    for (phase, agents) in [
+        ("throughput", r.throughput.as_ref().map(|p| &p.agents)),
+        (
+            "warm throughput",
+            r.warm_throughput.as_ref().map(|p| &p.agents),
+        ),
+    ] {
+        if let Some(kb) = agents.and_then(|a| a.min_available_kb) {
+            writeln!(
+                s,
+                "\nLeast memory available on the machine during the {phase} run: {} MiB.",
+                kb / 1024
+            )?;
+        }
+    }
+    writeln!(s)
+}
+
+fn machine_cpus(r: &Results) -> f64 {
+    r.machine.nproc as f64
+}
+
+fn backlog_section(s: &mut String, options: &Options, b: &Backlog) -> std::fmt::Result {
+    writeln!(s, "### Backlog\n")?;
+    let states = |states: &[(String, i64)]| {
+        if states.is_empty() {
+            "–".to_owned()
+        } else {
+            states
+                .iter()
+                .map(|(state, n)| format!("{n} {state}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    writeln!(
+        s,
+        "{} jobs (`true`, priority i % 3, a 24 h schedule-to-start timeout so that none times out while it waits) \
+         submitted with {} in flight to a dispatcher restarted with no capacity (`HODEI_MAX_WORKERS=0`, no pool): \
+         {} accepted in {:.1} s ({:.0} submissions/s). {} Jobs then: {}; workers alive: {}.{}\n",
+        b.requested,
+        options.in_flight,
+        b.accepted,
+        b.submit_secs,
+        if b.submit_secs > 0.0 { b.accepted as f64 / b.submit_secs } else { 0.0 },
+        match b.queued_secs {
+            Some(secs) => format!(
+                "The dispatcher had consumed every JobQueued (`dispatcher-job-queued` caught up, the outbox \
+                 published) and every job was Pending {secs:.1} s after the first submission."
+            ),
+            None => "The dispatcher had not seen every job when the wait ended.".to_owned(),
+        },
+        states(&b.states_queued),
+        b.live_workers,
+        b.incomplete
+            .as_ref()
+            .map(|r| format!(" **Incomplete: {r}.**"))
+            .unwrap_or_default()
+    )?;
+    writeln!(s, "| check | result | target | met |")?;
+    writeln!(s, "|---|---|---|---|")?;
+    let scanning: Vec<String> = b
+        .plans
+        .iter()
+        .filter_map(|(name, _, scans)| {
+            let big: Vec<&str> = scans
+                .iter()
+                .map(String::as_str)
+                .filter(|t| *t == "jobs" || *t == "outbox_events")
+                .collect();
+            (!big.is_empty()).then(|| format!("{name}: `{}`", big.join("`, `")))
+        })
+        .collect();
+    writeln!(
+        s,
+        "| hot queries reading `jobs` or `outbox_events` whole, with the backlog queued ({} planned) | {} | none | {} |",
+        b.plans.len(),
+        if b.plans.is_empty() {
+            "not planned".to_owned()
+        } else if scanning.is_empty() {
+            "none".to_owned()
+        } else {
+            scanning.join("; ")
+        },
+        if b.plans.is_empty() { "not measured" } else if b.no_big_scan() { verdict(true) } else { "no (missed)" },
+    )?;
+    if let Some(d) = &b.drain {
+        let rate = d.all_terminal_secs.map(|secs| b.accepted as f64 / secs);
         writeln!(
             s,
-            "\nLeast memory available on the machine during the throughput run: {} MiB.",
-            kb / 1024
+            "| drain with a pool of {}: every job terminal, from the dispatcher's restart | {} | | |",
+            d.pool,
+            d.all_terminal_secs
+                .map(|x| format!("{x:.1} s"))
+                .unwrap_or_else(|| "not within the phase deadline".into())
         )?;
+        writeln!(
+            s,
+            "| drain: jobs/s ({} succeeded of {}) | {} | | |",
+            d.succeeded,
+            b.accepted,
+            rate.map(|r| format!("{r:.1}"))
+                .unwrap_or_else(|| "–".into())
+        )?;
+        match &d.order {
+            Some(o) => writeln!(
+                s,
+                "| placed in priority then submission order ({} of {} jobs placed) | {} ({} inversions) | yes | {} |",
+                o.placed,
+                b.accepted,
+                if o.inversions == 0 { "yes" } else { "no" },
+                o.inversions,
+                if o.placed == b.accepted && o.inversions == 0 { verdict(true) } else { "no (missed)" },
+            )?,
+            None => writeln!(
+                s,
+                "| placed in priority then submission order | no job placed | yes | not measured |"
+            )?,
+        }
     }
     writeln!(s)?;
+    if let Some(d) = &b.drain {
+        writeln!(
+            s,
+            "Drain: the dispatcher restarted with a pool of {} (`HODEI_WARM_POOL_SIZE={}`, the default capacity and \
+             `HODEI_WARM_POOL_MAX_JOBS`); the first job was placed {} after the restart; the jobs ended {}{}.",
+            d.pool,
+            d.pool,
+            d.first_placed_secs
+                .map(|x| format!("{x:.1} s"))
+                .unwrap_or_else(|| "never".into()),
+            states(&d.states),
+            d.incomplete
+                .as_ref()
+                .map(|r| format!("; **incomplete: {r}**"))
+                .unwrap_or_default()
+        )?;
+        if let Some(o) = &d.order {
+            let show = |job: &JobKey| {
+                format!(
+                    "priority {}, created {}, `{}`",
+                    job.0,
+                    job.1.format("%H:%M:%S%.6f"),
+                    job.2
+                )
+            };
+            writeln!(
+                s,
+                "Placement order: each job's first `JobAssigned` in the audit log's order (occurred_at, seq), against \
+                 priority (highest first), then (created_at, id). {} inversions (pairs of jobs placed the wrong way \
+                 round), at {} places{}.",
+                o.inversions,
+                o.descents,
+                o.first_descent
+                    .as_ref()
+                    .map(|(at, before, after)| format!(
+                        "; the first at position {at}: {} placed before {}",
+                        show(before),
+                        show(after)
+                    ))
+                    .unwrap_or_default()
+            )?;
+        }
+        writeln!(
+            s,
+            "\nRSS in MiB: with the backlog queued, then sampled each second of the drain ({} samples; the \
+             dispatcher's is the process started for the drain).\n",
+            d.rss_samples
+        )?;
+        writeln!(
+            s,
+            "| service | backlog queued | drain start | drain max | drain end | end − start |"
+        )?;
+        writeln!(s, "|---|---:|---:|---:|---:|---:|")?;
+        for (name, first, max, last) in &d.rss {
+            let queued = b
+                .rss_queued
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, kb)| mib(*kb))
+                .unwrap_or_default();
+            writeln!(
+                s,
+                "| {name} | {queued} | {} | {} | {} | {:+.1} |",
+                mib(*first),
+                mib(*max),
+                mib(*last),
+                (*last as f64 - *first as f64) / 1024.0
+            )?;
+        }
+        writeln!(s)?;
+    }
+    if !b.plans.is_empty() {
+        let stats: Vec<String> = b
+            .table_stats
+            .iter()
+            .map(|(table, rows, analyzed)| {
+                format!(
+                    "`{table}` {rows} live rows, {}",
+                    analyzed
+                        .map(|at| format!("analyzed {}", at.format("%H:%M:%S")))
+                        .unwrap_or_else(|| "never analyzed".into())
+                )
+            })
+            .collect();
+        writeln!(
+            s,
+            "The hot queries' plans (`hodei_store::plans`, EXPLAIN of the prepared statements) with the backlog \
+             queued, on the statistics autovacuum had then ({}):\n",
+            stats.join("; ")
+        )?;
+        writeln!(s, "| hot query | reads whole |")?;
+        writeln!(s, "|---|---|")?;
+        for (name, _, scans) in &b.plans {
+            writeln!(
+                s,
+                "| {name} | {} |",
+                if scans.is_empty() {
+                    "–".to_owned()
+                } else {
+                    format!("`{}`", scans.join("`, `"))
+                }
+            )?;
+        }
+        writeln!(
+            s,
+            "\n<details><summary>EXPLAIN of each hot query</summary>\n"
+        )?;
+        for (name, plan, _) in &b.plans {
+            writeln!(s, "{name}:\n\n```\n{plan}\n```\n")?;
+        }
+        writeln!(s, "</details>\n")?;
+    }
+    Ok(())
+}
 
-    writeln!(s, "### Where the cold latency goes\n")?;
+fn profile_section(
+    s: &mut String,
+    phase: &str,
+    run: &LatencyPhase,
+    explain: bool,
+) -> std::fmt::Result {
+    let profile = &run.profile;
+    writeln!(s, "### Where the {phase} latency goes\n")?;
+    let trail = match run.run.workers {
+        Workers::Ephemeral => "Each cold job's audit trail (every event under its correlation id, its worker's included)",
+        Workers::Pool(_) => "Each warm job's audit trail (every event under its correlation id, and its pool worker's events from its submission until the pool was Ready again)",
+    };
     writeln!(
         s,
-        "Each cold job's audit trail (every event under its correlation id, `occurred_at` stamped by the process \
-         that made the change, before its commit) with the client's submit time and the job's own start time, in \
-         time order. The most common order of steps, followed by {} of {} jobs, is profiled: the gap from the step \
-         before, and the time since submit.{}\n",
+        "{trail}, `occurred_at` stamped by the process that made the change, before its commit, with the client's \
+         submit time and the job's own start time, in time order. The most common order of steps, followed by {} \
+         of {} jobs, is profiled: the gap from the step before, and the time since submit.{}\n",
         profile.following,
-        cold.jobs.len(),
-        if profile.unprofiled > 0 { format!(" {} jobs had no complete trail or clock.", profile.unprofiled) } else { String::new() }
+        run.run.jobs.len(),
+        if profile.unprofiled > 0 {
+            format!(" {} jobs had no complete trail or clock.", profile.unprofiled)
+        } else {
+            String::new()
+        }
     )?;
-    writeln!(
-        s,
-        "The last three columns take a gap apart where the outbox carries it (p50 each): **relay → begin** is from \
-         the relay starting the batch that published the event that caused this step (`published_at`; for the \
-         process start, the RunJob command's) to this step's transaction beginning (`created_at` of its outbox rows), i.e. the relay's \
-         read and publish, JetStream's delivery and the consumer's decoding; **begin → stamp** is the handler's reads \
-         and decision inside its transaction; **stamp → relayed** is the rest of its transaction, the commit, the \
-         NOTIFY and the relay waking up (a negative begin → stamp: the event was made before its transaction began). Steps caused by a request or an agent's report rather than by a relayed \
-         event have no relay → begin.\n"
-    )?;
-    writeln!(s, "| # | step | actor | gap p50 | gap p90 | gap max | since submit p50 | relay → begin | begin → stamp | stamp → relayed |")?;
+    if explain {
+        writeln!(
+            s,
+            "The last three columns take a gap apart where the outbox carries it (p50 each), with the outbox row's \
+             `published_at`: the `now()` of the transaction that marked it published, i.e. the relay's batch, or, \
+             where the writing service publishes its rows itself right after its commit, its marking after \
+             JetStream acked them. **published → begin** is from the event that caused this step being marked \
+             published (for the process start, the RunJob command) to this step's transaction beginning \
+             (`created_at` of its outbox rows): the delivery and the consumer's decoding, after the relay's read \
+             and publish (negative: the consumer began before the row was marked, as it can when the writer \
+             publishes before it marks); **begin → stamp** is the handler's reads and decision inside its \
+             transaction (negative: the event was made before its transaction began); **stamp → published** is \
+             the rest of its transaction, the commit and the publishing up to the mark. Steps caused by a request \
+             or an agent's report rather than by a published event have no published → begin.\n"
+        )?;
+    }
+    writeln!(s, "| # | step | actor | gap p50 | gap p90 | gap max | since submit p50 | published → begin | begin → stamp | stamp → published |")?;
     writeln!(s, "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")?;
     let p50 = |values: &[f64]| Summary::of(values).map(|x| ms(x.p50)).unwrap_or_default();
     for (i, label) in profile.sequence.iter().enumerate() {
@@ -1774,5 +3140,5 @@ fn report(
             p50(&profile.stamp_to_relay[i]),
         )?;
     }
-    Ok(())
+    writeln!(s)
 }
