@@ -388,7 +388,10 @@ impl Service {
         let log = log_dir.join(format!("{instance}.log"));
         let child = Command::new(binary(&format!("hodei-{name}")))
             .envs(env.iter().copied())
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("HODEI_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env_remove("RUST_BACKTRACE")
             .stdin(Stdio::null())
             .stdout(File::create(&log).unwrap())

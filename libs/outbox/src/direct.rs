@@ -1,7 +1,7 @@
 //! The publisher in each writing service: the outbox rows of every transaction this process
 //! commits go to JetStream right after the commit, without waiting for the relay to be
 //! notified and to read them back. Rows are published in commit order, their acks awaited
-//! together, and marked published in one UPDATE per batch.
+//! together, and marked published in one UPDATE for everything acked within a short window.
 //!
 //! Nothing depends on it for correctness: a row it cannot publish (NATS unreachable, the
 //! process dies after the commit, its queue is full) stays pending, and the relay publishes
@@ -11,19 +11,33 @@ use hodei_messaging::JetStream;
 use hodei_runtime::Shutdown;
 use hodei_store::outbox::{self, Outgoing};
 use sqlx::PgPool;
+use std::time::Instant;
 use tokio::sync::mpsc;
+
 use uuid::Uuid;
 
 /// Committed transactions waiting to be published; beyond it the relay takes over.
 const QUEUE: usize = 4096;
-/// Most rows published and marked in one round.
+/// Most rows published in one round.
 const BATCH: usize = 512;
+/// Published rows are marked in one UPDATE for everything acked within this window (the
+/// relay leaves rows alone for far longer): few statements however many commits there are.
+const MARK_WINDOW: std::time::Duration = std::time::Duration::from_millis(20);
+/// Most rows marked in one UPDATE.
+const MARK_BATCH: usize = 2048;
+
+/// What the publisher hands its marker: rows acked by the stream, and whether some rows of
+/// the round could not be published (the relay is then woken).
+struct Acked {
+    event_ids: Vec<Uuid>,
+    failed: bool,
+}
 
 /// Install the publisher for this process's commits (see [`hodei_store::on_commit`]).
 pub fn install(js: JetStream, pool: PgPool, shutdown: Shutdown) {
-    let (sender, receiver) = mpsc::channel::<Vec<Outgoing>>(QUEUE);
+    let (sender, receiver) = mpsc::channel::<(Instant, Vec<Outgoing>)>(QUEUE);
     hodei_store::on_commit(move |rows| {
-        if sender.try_send(rows).is_err() {
+        if sender.try_send((Instant::now(), rows)).is_err() {
             hodei_runtime::metrics::counter(
                 "hodei_outbox_direct_skipped_total",
                 "Committed transactions whose rows were left to the relay (publisher busy or stopped)",
@@ -32,28 +46,70 @@ pub fn install(js: JetStream, pool: PgPool, shutdown: Shutdown) {
             .inc();
         }
     });
-    tokio::spawn(run(js, pool, receiver, shutdown));
+    let (marks, marker) = mpsc::channel::<Acked>(64);
+    tokio::spawn(run(js, marks, receiver, shutdown));
+    tokio::spawn(mark(pool, marker));
+}
+
+/// Mark what was published, in batches; ends when the publisher has ended.
+async fn mark(pool: PgPool, mut acked: mpsc::Receiver<Acked>) {
+    while let Some(first) = acked.recv().await {
+        let mut event_ids = first.event_ids;
+        let mut failed = first.failed;
+        let window = tokio::time::sleep(MARK_WINDOW);
+        tokio::pin!(window);
+        while event_ids.len() < MARK_BATCH {
+            tokio::select! {
+                more = acked.recv() => match more {
+                    Some(more) => {
+                        event_ids.extend(more.event_ids);
+                        failed |= more.failed;
+                    }
+                    None => break,
+                },
+                _ = &mut window => break,
+            }
+        }
+        let marked = async {
+            let mut conn = pool.acquire().await?;
+            outbox::mark_published_events(&mut conn, &event_ids).await?;
+            if failed {
+                outbox::notify_relay(&mut conn).await?;
+            }
+            Ok::<_, hodei_store::StoreError>(())
+        };
+        if let Err(error) = marked.await {
+            // The rows stay pending: the relay publishes them again, and the stream drops
+            // the copies as duplicates.
+            tracing::warn!(%error, rows = event_ids.len(), "published rows not marked; the relay will repeat them");
+        }
+    }
 }
 
 async fn run(
     js: JetStream,
-    pool: PgPool,
-    mut receiver: mpsc::Receiver<Vec<Outgoing>>,
+    marks: mpsc::Sender<Acked>,
+    mut receiver: mpsc::Receiver<(Instant, Vec<Outgoing>)>,
     shutdown: Shutdown,
 ) {
-    while let Some(Some(first)) = shutdown.guard(receiver.recv()).await {
+    while let Some(Some((committed, first))) = shutdown.guard(receiver.recv()).await {
         let mut rows = first;
         while rows.len() < BATCH {
             match receiver.try_recv() {
-                Ok(more) => rows.extend(more),
+                Ok((_, more)) => rows.extend(more),
                 Err(_) => break,
             }
         }
-        publish_batch(&js, &pool, &rows).await;
+        let acked = publish_batch(&js, &rows, committed).await;
+        if marks.send(acked).await.is_err() {
+            break;
+        }
     }
 }
 
-async fn publish_batch(js: &JetStream, pool: &PgPool, rows: &[Outgoing]) {
+/// `committed`: when the oldest transaction of the batch committed.
+async fn publish_batch(js: &JetStream, rows: &[Outgoing], committed: Instant) -> Acked {
+    let started = Instant::now();
     let mut acks = Vec::with_capacity(rows.len());
     for row in rows {
         acks.push(crate::publish(js, row, "publish").await);
@@ -73,23 +129,28 @@ async fn publish_batch(js: &JetStream, pool: &PgPool, rows: &[Outgoing]) {
             }
         }
     }
+    let acked = Instant::now();
+    hodei_runtime::metrics::histogram(
+        "hodei_outbox_publish_delay_seconds",
+        "From a commit to the stream's ack of its outbox rows, published by the committing service",
+        &[],
+        hodei_runtime::metrics::DEFAULT_LATENCY_BUCKETS,
+    )
+    .observe_duration(acked - committed);
+    tracing::debug!(
+        rows = rows.len(),
+        queued_us = (started - committed).as_micros() as u64,
+        publish_us = (acked - started).as_micros() as u64,
+        "published after commit"
+    );
     hodei_runtime::metrics::counter(
         "hodei_outbox_published_total",
         "Outbox rows published to JetStream",
         &[],
     )
     .add(published.len() as u64);
-    let marked = async {
-        let mut conn = pool.acquire().await?;
-        outbox::mark_published_events(&mut conn, &published).await?;
-        if failed > 0 {
-            outbox::notify_relay(&mut conn).await?;
-        }
-        Ok::<_, hodei_store::StoreError>(())
-    };
-    if let Err(error) = marked.await {
-        // The rows stay pending: the relay publishes them again, and the stream drops the
-        // copies as duplicates.
-        tracing::warn!(%error, rows = published.len(), "published rows not marked; the relay will repeat them");
+    Acked {
+        event_ids: published,
+        failed: failed > 0,
     }
 }

@@ -66,10 +66,13 @@ pub const SCHEDULED_ON_SQL: &str = concat!(
     columns!(),
     " FROM jobs WHERE worker_id = $1 AND state = 'Scheduled' FOR UPDATE"
 );
-/// The head of the queue ([`lock_next_pending`]).
-pub const NEXT_PENDING_SQL: &str =
-    "SELECT id FROM jobs WHERE state = 'Pending' AND not_before IS NULL \
-                                    ORDER BY priority DESC, created_at, id LIMIT 1";
+/// The head of the queue, locked ([`lock_next_pending`]).
+pub const NEXT_PENDING_SQL: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM jobs WHERE state = 'Pending' AND not_before IS NULL \
+      ORDER BY priority DESC, created_at, id LIMIT 1 FOR UPDATE"
+);
 /// Overdue deadlines and finished backoffs ([`due`]).
 pub const DUE_SQL: &str = "(SELECT id, deadline_at AS due FROM jobs WHERE deadline_at <= now() ORDER BY deadline_at LIMIT $1) \
                            UNION ALL \
@@ -172,22 +175,14 @@ pub async fn lock_scheduled_on(conn: &mut PgConnection, worker_id: Uuid) -> Resu
 
 /// The next Pending job (highest priority, then oldest) that is not waiting out a retry's
 /// backoff, locked. Call it under [`crate::placement_lock`]: it waits for a row another
-/// transaction holds instead of skipping it, and looks again if the job changed meanwhile.
+/// transaction holds (a cancellation) instead of skipping it; a row that no longer matches
+/// once that transaction ends is passed over for the next in the index's order (the lock is
+/// taken below the LIMIT, on rows read in order from `jobs_pending_by_priority`).
 pub async fn lock_next_pending(conn: &mut PgConnection) -> Result<Option<Job>> {
-    loop {
-        let candidate: Option<(Uuid,)> = sqlx::query_as(NEXT_PENDING_SQL)
-            .fetch_optional(&mut *conn)
-            .await?;
-        let Some((id,)) = candidate else {
-            return Ok(None);
-        };
-        match lock(conn, id).await? {
-            Some(job) if job.state == JobState::Pending && job.not_before.is_none() => {
-                return Ok(Some(job))
-            }
-            _ => continue,
-        }
-    }
+    let row: Option<JobRow> = sqlx::query_as(NEXT_PENDING_SQL)
+        .fetch_optional(conn)
+        .await?;
+    row.map(Job::try_from).transpose()
 }
 
 /// Newest first, optionally of one state; `cursor` is the previous page's `next_cursor`.

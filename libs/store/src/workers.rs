@@ -51,8 +51,13 @@ impl TryFrom<WorkerRow> for Worker {
     }
 }
 
-const COLUMNS: &str = "id, state, provider, reserved_job_id, pooled, max_jobs, jobs_run, current_job_id, \
-                       token_hash, correlation_id, last_heartbeat_at, deadline_at, version, created_at, updated_at";
+macro_rules! columns {
+    () => {
+        "id, state, provider, reserved_job_id, pooled, max_jobs, jobs_run, current_job_id, \
+         token_hash, correlation_id, last_heartbeat_at, deadline_at, version, created_at, updated_at"
+    };
+}
+const COLUMNS: &str = columns!();
 
 pub async fn insert(conn: &mut PgConnection, worker: &Worker) -> Result<()> {
     sqlx::query(
@@ -118,10 +123,13 @@ pub async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Worker>> {
     row.map(Worker::try_from).transpose()
 }
 
-/// The oldest free ready worker ([`lock_free_ready`]).
-pub const FREE_READY_SQL: &str =
-    "SELECT id FROM workers WHERE state = 'Ready' AND reserved_job_id IS NULL \
-                                  ORDER BY created_at, id LIMIT 1";
+/// The oldest free ready worker, locked ([`lock_free_ready`]).
+pub const FREE_READY_SQL: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM workers WHERE state = 'Ready' AND reserved_job_id IS NULL \
+      ORDER BY created_at, id LIMIT 1 FOR UPDATE"
+);
 /// Capacity and pool size ([`count_live`]).
 pub const COUNT_LIVE_SQL: &str =
     "SELECT count(*), count(*) FILTER (WHERE pooled AND state <> 'Terminating') \
@@ -133,25 +141,11 @@ fn count(n: u32) -> i32 {
 
 /// The oldest Ready worker that was not provisioned for a particular job, locked. Call it
 /// under the placement lock ([`crate::placement_lock`]): it waits for a row another
-/// transaction holds (a heartbeat) instead of skipping it, so a free worker is never missed,
-/// and looks again if the one it found changed meanwhile.
+/// transaction holds (a heartbeat) instead of skipping it, so a free worker is never missed;
+/// a row that no longer matches once that transaction ends is passed over for the next.
 pub async fn lock_free_ready(conn: &mut PgConnection) -> Result<Option<Worker>> {
-    loop {
-        let candidate: Option<(Uuid,)> = sqlx::query_as(FREE_READY_SQL)
-            .fetch_optional(&mut *conn)
-            .await?;
-        let Some((id,)) = candidate else {
-            return Ok(None);
-        };
-        match lock(conn, id).await? {
-            Some(worker)
-                if worker.state == WorkerState::Ready && worker.reserved_job_id.is_none() =>
-            {
-                return Ok(Some(worker))
-            }
-            _ => continue,
-        }
-    }
+    let row: Option<WorkerRow> = sqlx::query_as(FREE_READY_SQL).fetch_optional(conn).await?;
+    row.map(Worker::try_from).transpose()
 }
 
 /// Up to `limit` Ready pool workers (newest first: the oldest keep serving), locked.

@@ -94,7 +94,7 @@ pub(crate) async fn replenish_pool(state: &State) -> Result<u32, ApiError> {
 }
 
 /// How many pool workers are alive beyond the configured pool size (all of them without a pool).
-pub(crate) async fn pool_surplus(conn: &mut Tx, state: &State) -> Result<u32, ApiError> {
+async fn pool_surplus(conn: &mut Tx, state: &State) -> Result<u32, ApiError> {
     let live = workers::count_live(conn).await?;
     let size = state.warm_pool.map_or(0, |pool| pool.size);
     Ok(live.pool_members.saturating_sub(size))

@@ -39,11 +39,13 @@ async fn dispatch(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
         workers::update(&mut tx, &mut worker).await?;
         outbox::append_events(&mut tx, &[event]).await?;
         tracing::info!(worker_id = %worker.id, "reserved job gone; worker torn down");
-    } else if worker.pooled && super::placement::pool_surplus(&mut tx, state).await? > 0 {
-        let event = worker.terminate("the warm pool shrank".into(), &state.actor)?;
+    } else if worker.pooled && state.warm_pool.is_none() {
+        // The pool was turned off. (A pool made smaller tears its idle surplus down at the
+        // dispatcher's start; busy members retire after their share of jobs.)
+        let event = worker.terminate("the warm pool was turned off".into(), &state.actor)?;
         workers::update(&mut tx, &mut worker).await?;
         outbox::append_events(&mut tx, &[event]).await?;
-        tracing::info!(worker_id = %worker.id, "pool worker beyond the pool's size torn down");
+        tracing::info!(worker_id = %worker.id, "pool worker torn down: no warm pool any more");
     } else if let Some(mut job) = jobs::lock_next_pending(&mut tx).await? {
         send_job(&mut tx, &mut job, &mut worker, &state.actor).await?;
     }
