@@ -73,6 +73,13 @@ async fn a_warm_pool_runs_jobs_on_reused_workers_and_replaces_spent_ones() {
     for code in 0..9 {
         let script = format!("echo job {code}; exit {code}");
         let accepted = system.submit(&job("sh", &["-c", &script])).await.unwrap();
+        if code == 0 {
+            assert_eq!(
+                accepted.state,
+                JobState::Assigned,
+                "a job accepted while a pool worker waits goes to it in the accepting transaction"
+            );
+        }
         ids.push(accepted.job_id);
     }
     let views = wait_until_ended(&system, &ids).await;

@@ -1,63 +1,15 @@
-//! One file per message the dispatcher understands, and the assignment they share.
+//! One file per message the dispatcher understands, and the placement they share.
 
 pub mod job_queued;
 mod placement;
 pub mod worker_ready;
 pub mod worker_terminated;
 
+pub(crate) use hodei_placement::assign as send_job;
 pub(crate) use placement::{place_pending, replenish_pool};
 
-use hodei_domain::{Actor, DomainEvent, Job, Worker};
-use hodei_protocol::agent::{RunJob, WorkerCommand};
-use hodei_protocol::{subjects, ApiError};
-use hodei_store::outbox::{self, OutboxCommand};
-use hodei_store::{jobs, workers, Tx};
-use uuid::Uuid;
-
-/// Give `job` to `worker`: the worker goes Busy, the job goes Assigned unless it was already
-/// Scheduled on this worker, and the RunJob command joins the events in the outbox.
-#[tracing::instrument(name = "assign", skip_all, fields(job_id = %job.id, worker_id = %worker.id))]
-pub(crate) async fn send_job(
-    conn: &mut Tx,
-    job: &mut Job,
-    worker: &mut Worker,
-    actor: &Actor,
-) -> Result<(), ApiError> {
-    let mut events: Vec<DomainEvent> = Vec::with_capacity(2);
-    if job.state == hodei_domain::JobState::Pending {
-        events.push(job.assign(worker.id, actor)?);
-    }
-    events.push(worker.assign(job.id, actor)?);
-    jobs::update(conn, job).await?;
-    workers::update(conn, worker).await?;
-    outbox::append_events(conn, &events).await?;
-    let run = WorkerCommand::RunJob(RunJob {
-        schema_version: hodei_protocol::SCHEMA_VERSION,
-        command_id: Uuid::now_v7(),
-        job_id: job.id,
-        attempt: job.attempt,
-        correlation_id: job.correlation_id.clone(),
-        command: job.spec.command.clone(),
-        args: job.spec.args.clone(),
-        env: job.spec.env.clone(),
-        working_dir: job.spec.working_dir.clone(),
-    });
-    let WorkerCommand::RunJob(body) = &run;
-    outbox::append_command(
-        conn,
-        OutboxCommand {
-            command_id: body.command_id,
-            subject: subjects::worker_cmd(worker.id),
-            worker_id: worker.id,
-            command_type: "RunJob",
-            correlation_id: &job.correlation_id,
-            payload: &run,
-        },
-    )
-    .await?;
-    tracing::info!(job_id = %job.id, worker_id = %worker.id, attempt = job.attempt, "job sent to worker");
-    Ok(())
-}
+use hodei_domain::DomainEvent;
+use hodei_protocol::ApiError;
 
 /// Run a placement behind the dispatch circuit breaker: while it is open the message waits
 /// (redelivered after the open window); transient failures count towards opening it.

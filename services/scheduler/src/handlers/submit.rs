@@ -120,8 +120,10 @@ async fn submit(
         return Ok(accepted(&existing, false));
     }
     outbox::append_events(&mut tx, &events).await?;
+    let mut job = job;
+    let placed = hodei_placement::assign_on_accept(&mut tx, &mut job, &state.actor).await?;
     hodei_store::commit(tx).await?;
-    tracing::info!(job_id = %job.id, correlation_id = %job.correlation_id, command = %job.spec.command, "job accepted");
+    tracing::info!(job_id = %job.id, correlation_id = %job.correlation_id, command = %job.spec.command, placed, "job accepted");
     Ok(accepted(&job, true))
 }
 

@@ -1,0 +1,75 @@
+//! Giving a job to a worker, inside the caller's transaction: the dispatcher's placements
+//! and the scheduler's accept path (a job accepted while a warm worker waits goes to it in
+//! the transaction that accepts it, one event hop sooner) share it.
+
+use hodei_domain::{Actor, DomainEvent, Job, Worker};
+use hodei_protocol::agent::{RunJob, WorkerCommand};
+use hodei_protocol::{subjects, ApiError};
+use hodei_store::outbox::{self, OutboxCommand};
+use hodei_store::{jobs, workers, Tx};
+use uuid::Uuid;
+
+/// Give `job` to `worker`: the worker goes Busy, the job goes Assigned unless it was already
+/// Scheduled on this worker, and the RunJob command joins the events in the outbox.
+#[tracing::instrument(name = "assign", skip_all, fields(job_id = %job.id, worker_id = %worker.id))]
+pub async fn assign(
+    conn: &mut Tx,
+    job: &mut Job,
+    worker: &mut Worker,
+    actor: &Actor,
+) -> Result<(), ApiError> {
+    let mut events: Vec<DomainEvent> = Vec::with_capacity(2);
+    if job.state == hodei_domain::JobState::Pending {
+        events.push(job.assign(worker.id, actor)?);
+    }
+    events.push(worker.assign(job.id, actor)?);
+    jobs::update(conn, job).await?;
+    workers::update(conn, worker).await?;
+    outbox::append_events(conn, &events).await?;
+    let run = WorkerCommand::RunJob(RunJob {
+        schema_version: hodei_protocol::SCHEMA_VERSION,
+        command_id: Uuid::now_v7(),
+        job_id: job.id,
+        attempt: job.attempt,
+        correlation_id: job.correlation_id.clone(),
+        command: job.spec.command.clone(),
+        args: job.spec.args.clone(),
+        env: job.spec.env.clone(),
+        working_dir: job.spec.working_dir.clone(),
+    });
+    let WorkerCommand::RunJob(body) = &run;
+    outbox::append_command(
+        conn,
+        OutboxCommand {
+            command_id: body.command_id,
+            subject: subjects::worker_cmd(worker.id),
+            worker_id: worker.id,
+            command_type: "RunJob",
+            correlation_id: &job.correlation_id,
+            payload: &run,
+        },
+    )
+    .await?;
+    tracing::info!(job_id = %job.id, worker_id = %worker.id, attempt = job.attempt, "job sent to worker");
+    Ok(())
+}
+
+/// Right after `job` was accepted, in the transaction that accepts it: if it is the next job
+/// to place (no job of higher priority or older waits) and a free ready worker waits, give
+/// it that worker now. Returns whether it did. Without a free ready worker (no warm pool,
+/// or all busy) it costs one index lookup and takes no lock: the dispatcher places the job.
+pub async fn assign_on_accept(tx: &mut Tx, job: &mut Job, actor: &Actor) -> Result<bool, ApiError> {
+    if !workers::any_free_ready(tx).await? {
+        return Ok(false);
+    }
+    hodei_store::placement_lock(tx).await?;
+    let next = jobs::lock_next_pending(tx).await?;
+    if next.is_none_or(|next| next.id != job.id) {
+        return Ok(false);
+    }
+    let Some(mut worker) = workers::lock_free_ready(tx).await? else {
+        return Ok(false);
+    };
+    assign(tx, job, &mut worker, actor).await?;
+    Ok(true)
+}
