@@ -72,7 +72,7 @@ async fn an_idempotency_key_is_taken_once() {
 }
 
 #[tokio::test]
-async fn an_outbox_write_notifies_the_relay_once_per_transaction_and_is_read_in_order() {
+async fn outbox_rows_are_read_in_order_after_their_grace_and_a_publisher_can_wake_the_relay() {
     let (_db, pool) = migrated().await;
     let mut listener = PgListener::connect_with(&pool).await.unwrap();
     listener.listen(outbox::NOTIFY_CHANNEL).await.unwrap();
@@ -82,6 +82,21 @@ async fn an_outbox_write_notifies_the_relay_once_per_transaction_and_is_read_in_
     outbox::append_events(&mut tx, &events).await.unwrap();
     outbox::append_events(&mut tx, &events[..0]).await.unwrap();
     hodei_store::commit(tx).await.unwrap();
+    let due = outbox::next_due(
+        &mut *pool.acquire().await.unwrap(),
+        std::time::Duration::from_secs(60),
+    )
+    .await
+    .unwrap()
+    .expect("rows are pending");
+    assert!(
+        due > chrono::Utc::now() + chrono::TimeDelta::seconds(50),
+        "due once the grace is over"
+    );
+    // Commits notify nobody; a publisher that could not publish wakes the relay.
+    outbox::notify_relay(&mut *pool.acquire().await.unwrap())
+        .await
+        .unwrap();
     let notification = tokio::time::timeout(std::time::Duration::from_secs(5), listener.recv())
         .await
         .unwrap()

@@ -11,6 +11,8 @@ use hodei_messaging::JetStream;
 use hodei_runtime::Shutdown;
 use hodei_store::outbox::{self, Outgoing};
 use sqlx::PgPool;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
 
@@ -36,8 +38,12 @@ struct Acked {
 /// Install the publisher for this process's commits (see [`hodei_store::on_commit`]).
 pub fn install(js: JetStream, pool: PgPool, shutdown: Shutdown) {
     let (sender, receiver) = mpsc::channel::<(Instant, Vec<Outgoing>)>(QUEUE);
+    let skipped = Arc::new(AtomicBool::new(false));
+    let skipping = skipped.clone();
     hodei_store::on_commit(move |rows| {
         if sender.try_send((Instant::now(), rows)).is_err() {
+            // The relay is woken once the publisher is free again.
+            skipping.store(true, Ordering::Relaxed);
             hodei_runtime::metrics::counter(
                 "hodei_outbox_direct_skipped_total",
                 "Committed transactions whose rows were left to the relay (publisher busy or stopped)",
@@ -47,7 +53,7 @@ pub fn install(js: JetStream, pool: PgPool, shutdown: Shutdown) {
         }
     });
     let (marks, marker) = mpsc::channel::<Acked>(64);
-    tokio::spawn(run(js, marks, receiver, shutdown));
+    tokio::spawn(run(js, marks, receiver, skipped, shutdown));
     tokio::spawn(mark(pool, marker));
 }
 
@@ -90,6 +96,7 @@ async fn run(
     js: JetStream,
     marks: mpsc::Sender<Acked>,
     mut receiver: mpsc::Receiver<(Instant, Vec<Outgoing>)>,
+    skipped: Arc<AtomicBool>,
     shutdown: Shutdown,
 ) {
     while let Some(Some((committed, first))) = shutdown.guard(receiver.recv()).await {
@@ -100,7 +107,8 @@ async fn run(
                 Err(_) => break,
             }
         }
-        let acked = publish_batch(&js, &rows, committed).await;
+        let mut acked = publish_batch(&js, &rows, committed).await;
+        acked.failed |= skipped.swap(false, Ordering::Relaxed);
         if marks.send(acked).await.is_err() {
             break;
         }

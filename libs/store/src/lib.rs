@@ -8,6 +8,7 @@
 
 pub mod audit;
 pub mod jobs;
+pub mod maintenance;
 pub mod outbox;
 pub mod plans;
 pub mod resources;

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use crate::Result;
 
-/// The Postgres channel an insert into the outbox notifies (once per transaction).
+/// The Postgres channel that wakes the relay ([`notify_relay`]).
 pub const NOTIFY_CHANNEL: &str = "hodei_outbox";
 
 /// A command to one worker, e.g. RunJob on `hodei.worker.<id>.cmd`.
@@ -164,6 +164,23 @@ pub async fn mark_published_events(conn: &mut PgConnection, event_ids: &[Uuid]) 
     .execute(conn)
     .await?;
     Ok(result.rows_affected())
+}
+
+/// When the relay should look next: the earliest moment a pending row is due (its grace over,
+/// or its retry's backoff), or None when nothing is pending.
+pub async fn next_due(
+    conn: &mut PgConnection,
+    grace: std::time::Duration,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+    let (at,): (Option<chrono::DateTime<chrono::Utc>>,) = sqlx::query_as(
+        "SELECT min(greatest(created_at + $1 * interval '1 millisecond', \
+                             coalesce(next_attempt_at, created_at))) \
+         FROM outbox_events WHERE status = 'pending'",
+    )
+    .bind(grace.as_millis() as f64)
+    .fetch_one(conn)
+    .await?;
+    Ok(at)
 }
 
 /// Wake the relay (a publisher that could not publish leaves the rows to it).

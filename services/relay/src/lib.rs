@@ -1,8 +1,9 @@
 //! Getting committed `outbox_events` rows into JetStream.
 //!
 //! Each writing service publishes its own rows right after its commit ([`direct`]); the
-//! relay is the guarantee behind it: woken by Postgres NOTIFY (with a slow fallback sweep),
-//! it publishes, in commit order, every row still pending after a short grace, with
+//! relay is the guarantee behind it: it sleeps until the oldest pending row's grace is over
+//! (at most a sweep; a writer that could not publish wakes it by NOTIFY) and publishes, in
+//! commit order, every row still pending after that grace, with
 //! `Nats-Msg-Id` = event id (so a row published twice is dropped by the stream's duplicate
 //! window), waits for the stream's acks, and marks the rows published.
 //!
@@ -46,6 +47,18 @@ pub struct Config {
     /// Seconds between sweeps when no notification arrives (a safety net, not the trigger).
     #[arg(long, env = "HODEI_RELAY_SWEEP_SECS", default_value_t = 5)]
     pub sweep_secs: u64,
+
+    /// Seconds between housekeeping rounds of the active relay: published outbox rows past
+    /// their retention are deleted and the tables every job churns through (outbox_events,
+    /// jobs, workers) are vacuumed and analyzed, which keeps their queue indexes free of dead
+    /// entries whether or not autovacuum runs. 0 turns it off (leave it to autovacuum).
+    #[arg(long, env = "HODEI_MAINTENANCE_SECS", default_value_t = 30)]
+    pub maintenance_secs: u64,
+
+    /// How long published outbox rows are kept (seconds); they are in JetStream and the
+    /// audit log.
+    #[arg(long, env = "HODEI_OUTBOX_RETENTION_SECS", default_value_t = 600)]
+    pub outbox_retention_secs: u64,
 }
 
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
@@ -86,7 +99,18 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
                 continue;
             }
         };
-        if lead(&pool, &js, &config, &mut leader, &mut listener, &shutdown).await {
+        let housekeeping = (config.maintenance_secs > 0).then(|| {
+            tokio::spawn(housekeep(
+                pool.clone(),
+                Duration::from_secs(config.maintenance_secs),
+                Duration::from_secs(config.outbox_retention_secs),
+            ))
+        });
+        let stopped = lead(&pool, &js, &config, &mut leader, &mut listener, &shutdown).await;
+        if let Some(housekeeping) = housekeeping {
+            housekeeping.abort();
+        }
+        if stopped {
             break;
         }
         tracing::warn!(
@@ -95,6 +119,31 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The active relay's housekeeping, every `every` (see `Config::maintenance_secs`).
+async fn housekeep(pool: PgPool, every: Duration, retention: Duration) {
+    use hodei_store::maintenance;
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let started = std::time::Instant::now();
+        let round = async {
+            let deleted = maintenance::delete_published_outbox(&pool, retention, 10_000).await?;
+            maintenance::vacuum_churning_tables(&pool).await?;
+            Ok::<_, hodei_store::StoreError>(deleted)
+        };
+        match round.await {
+            Ok(deleted) => tracing::info!(
+                deleted_outbox_rows = deleted,
+                took_ms = started.elapsed().as_millis() as u64,
+                "housekeeping done"
+            ),
+            Err(error) => tracing::warn!(%error, "housekeeping failed; trying again next round"),
+        }
+    }
 }
 
 async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
@@ -163,20 +212,31 @@ async fn lead(
                 }
             }
         }
+        // Nothing is notified per commit (the writers publish their own rows): sleep until
+        // the oldest pending row is due, at most a sweep; a writer that could not publish
+        // wakes the relay at once.
+        let wait = match pool.acquire().await {
+            Ok(mut conn) => match outbox::next_due(&mut conn, grace).await {
+                // A due row the batch left (held back behind an earlier row of its
+                // aggregate that waits out a retry) must not make this loop spin.
+                Ok(Some(at)) => (at - chrono::Utc::now())
+                    .to_std()
+                    .unwrap_or_default()
+                    .clamp(Duration::from_millis(50), sweep),
+                Ok(None) => sweep,
+                Err(_) => Duration::from_secs(1),
+            },
+            Err(_) => Duration::from_secs(1),
+        };
         tokio::select! {
             _ = shutdown.wait() => return true,
             notified = listener.recv() => {
                 if let Err(error) = notified {
                     tracing::warn!(%error, "notification listener failed; it reconnects");
                 }
-                // What was just committed is being published by its writer: look once the
-                // grace has passed, for all the commits notified meanwhile at once.
-                if shutdown.guard(tokio::time::sleep(grace)).await.is_none() {
-                    return true;
-                }
                 while listener.next_buffered().is_some() {}
             }
-            _ = tokio::time::sleep(sweep) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }
