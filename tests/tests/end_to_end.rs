@@ -154,6 +154,13 @@ async fn fifty_jobs_submitted_at_once_end_right_with_complete_logs_and_a_full_au
             .await;
         let types: Vec<&str> = trail.iter().map(|e| e.event_type.as_str()).collect();
         assert_eq!(types, EVENTS_OF_A_JOB, "audit trail of {job_id}");
+        // The worker made for the job got it in its registration, from the registry, not one
+        // round through the stream later from the dispatcher.
+        let busy = trail
+            .iter()
+            .find(|e| e.event_type == "WorkerStatusChanged" && e.payload["to"] == "Busy")
+            .expect("the worker went Busy");
+        assert_eq!(busy.actor, "registry", "who gave {job_id} its worker");
         assert_eq!(
             trail
                 .iter()

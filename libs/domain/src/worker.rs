@@ -240,8 +240,9 @@ impl Worker {
             .is_some_and(|kept| constant_time_eq(kept.as_bytes(), presented_token_hash.as_bytes()));
         match (token_ok, self.state) {
             (true, WorkerState::Connecting) => {}
-            // The agent's retry of the registration that made it Ready (its answer was lost).
-            (true, WorkerState::Ready) => return Ok(Vec::new()),
+            // The agent's retry of the registration that made it Ready (its answer was lost),
+            // and that may already have given it its reserved job.
+            (true, WorkerState::Ready | WorkerState::Busy) => return Ok(Vec::new()),
             _ => return Err(DomainError::InvalidBootstrapToken { worker_id: self.id }),
         }
         let from = self.transition(WorkerState::Ready)?;
@@ -556,7 +557,7 @@ mod tests {
             );
             assert_eq!(
                 registered.is_ok(),
-                matches!(from, Connecting | Ready),
+                matches!(from, Connecting | Ready | Busy),
                 "register from {from}"
             );
         }
@@ -598,10 +599,18 @@ mod tests {
         assert!(
             worker
                 .register("hash", None, None, std::time::Duration::from_secs(15), &a)
+                .unwrap()
+                .is_empty(),
+            "asked again once it has its job (the answer with the job was lost): nothing changes"
+        );
+        worker.terminate("done".into(), &a).unwrap();
+        assert!(
+            worker
+                .register("hash", None, None, std::time::Duration::from_secs(15), &a)
                 .is_err(),
             "a spent token is refused"
         );
-        assert_eq!(worker.state, Busy);
+        assert_eq!(worker.state, Terminating);
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub async fn assign(
     job: &mut Job,
     worker: &mut Worker,
     actor: &Actor,
-) -> Result<(), ApiError> {
+) -> Result<RunJob, ApiError> {
     let mut events: Vec<DomainEvent> = Vec::with_capacity(2);
     if job.state == hodei_domain::JobState::Pending {
         events.push(job.assign(worker.id, actor)?);
@@ -26,17 +26,7 @@ pub async fn assign(
     jobs::update(conn, job).await?;
     workers::update(conn, worker).await?;
     outbox::append_events(conn, &events).await?;
-    let run = WorkerCommand::RunJob(RunJob {
-        schema_version: hodei_protocol::SCHEMA_VERSION,
-        command_id: Uuid::now_v7(),
-        job_id: job.id,
-        attempt: job.attempt,
-        correlation_id: job.correlation_id.clone(),
-        command: job.spec.command.clone(),
-        args: job.spec.args.clone(),
-        env: job.spec.env.clone(),
-        working_dir: job.spec.working_dir.clone(),
-    });
+    let run = WorkerCommand::RunJob(run_job_of(job));
     let WorkerCommand::RunJob(body) = &run;
     outbox::append_command(
         conn,
@@ -51,7 +41,23 @@ pub async fn assign(
     )
     .await?;
     tracing::info!(job_id = %job.id, worker_id = %worker.id, attempt = job.attempt, "job sent to worker");
-    Ok(())
+    let WorkerCommand::RunJob(body) = run;
+    Ok(body)
+}
+
+/// The command that runs `job`'s current attempt.
+pub fn run_job_of(job: &Job) -> RunJob {
+    RunJob {
+        schema_version: hodei_protocol::SCHEMA_VERSION,
+        command_id: Uuid::now_v7(),
+        job_id: job.id,
+        attempt: job.attempt,
+        correlation_id: job.correlation_id.clone(),
+        command: job.spec.command.clone(),
+        args: job.spec.args.clone(),
+        env: job.spec.env.clone(),
+        working_dir: job.spec.working_dir.clone(),
+    }
 }
 
 /// Right after `job` was accepted, in the transaction that accepts it: if it is the next job

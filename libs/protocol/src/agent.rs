@@ -29,6 +29,11 @@ pub struct Registered {
     /// warm-pool worker, which waits for its next job on the same command subject.
     #[serde(default = "one")]
     pub max_jobs: u32,
+    /// The job of a worker provisioned for one job, assigned in the registration itself, so
+    /// that it starts without another round through the stream. The same RunJob is also on
+    /// the worker's command subject (the durable copy); the agent runs a job attempt once.
+    #[serde(default)]
+    pub run: Option<RunJob>,
 }
 
 fn one() -> u32 {

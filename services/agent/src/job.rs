@@ -29,7 +29,8 @@ pub async fn run(
     js: &JetStream,
     worker_id: Uuid,
     job: RunJob,
-    command_message: &jetstream::Message,
+    command_message: Option<&jetstream::Message>,
+    parent: opentelemetry::Context,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let span = tracing::info_span!(
@@ -39,10 +40,7 @@ pub async fn run(
         correlation_id = %job.correlation_id,
         trace_id = tracing::field::Empty,
     );
-    context::adopt(
-        &span,
-        hodei_messaging::trace::parent_of(command_message.headers.as_ref()),
-    );
+    context::adopt(&span, parent);
     execute(client, js, worker_id, job, command_message, shutdown)
         .instrument(span)
         .await
@@ -53,9 +51,14 @@ async fn execute(
     js: &JetStream,
     worker_id: Uuid,
     job: RunJob,
-    command_message: &jetstream::Message,
+    command_message: Option<&jetstream::Message>,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    let ack = || async {
+        if let Some(message) = command_message {
+            let _ = message.ack().await;
+        }
+    };
     let mut command = Command::new(&job.command);
     command
         .args(&job.args)
@@ -90,7 +93,7 @@ async fn execute(
         Err(error) => {
             let error = format!("cannot start `{}`: {error}", job.command);
             tracing::warn!(%error, "job could not start");
-            let _ = command_message.ack().await;
+            ack().await;
             logs.finish(0, None).await;
             let finished = finished(worker_id, &job, None, Some(error));
             let answer = reports::send(
@@ -127,13 +130,13 @@ async fn execute(
         Err(error) if !error.code.is_transient() => {
             tracing::warn!(code = error.code.as_str(), message = %error.message, "start refused; killing the job");
             let _ = child.kill().await;
-            let _ = command_message.ack().await;
+            ack().await;
             return Ok(());
         }
         answer => log_answer("started", answer),
     }
     // The start is on record: from here a redelivered RunJob must not run the job again.
-    let _ = command_message.ack().await;
+    ack().await;
     tracing::info!(pid, command = %job.command, "job running");
 
     let (lines_tx, lines_rx) = mpsc::channel::<LogLine>(4096);

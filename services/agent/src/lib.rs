@@ -104,6 +104,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         })
         .collect();
     context::adopt(&span, context::from_fields(&inherited));
+    let registered_in = span.clone();
     let registering = async {
         register(&client, &registration)
             .instrument(span)
@@ -124,7 +125,21 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     // for as long as it is kept (the registry and the provider end it).
     let idle = (registered.max_jobs <= 1).then(|| Duration::from_secs(config.idle_timeout_secs));
     let mut result = Ok(());
-    for _ in 0..registered.max_jobs.max(1) {
+    let mut jobs_left = registered.max_jobs.max(1);
+    // The job the registration brought (a worker provisioned for it) runs at once; its copy
+    // on the command subject is then skipped.
+    let mut ran: Option<(Uuid, u32)> = None;
+    if let Some(run) = registered.run {
+        ran = Some((run.job_id, run.attempt));
+        let parent = context::from_fields(
+            &context::of_span(&registered_in)
+                .into_iter()
+                .collect::<Vec<_>>(),
+        );
+        result = job::run(&client, &js, worker_id, run, None, parent, shutdown.clone()).await;
+        jobs_left -= 1;
+    }
+    while jobs_left > 0 && result.is_ok() && !shutdown.is_triggered() {
         let message = match next_command(&mut messages, idle, &shutdown).await {
             Ok(Some(message)) => message,
             Ok(None) => break,
@@ -142,10 +157,23 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             }
         };
         let WorkerCommand::RunJob(run) = command;
-        result = job::run(&client, &js, worker_id, run, &message, shutdown.clone()).await;
-        if result.is_err() || shutdown.is_triggered() {
-            break;
+        if ran == Some((run.job_id, run.attempt)) {
+            let _ = message.ack().await;
+            continue;
         }
+        ran = Some((run.job_id, run.attempt));
+        let parent = hodei_messaging::trace::parent_of(message.headers.as_ref());
+        result = job::run(
+            &client,
+            &js,
+            worker_id,
+            run,
+            Some(&message),
+            parent,
+            shutdown.clone(),
+        )
+        .await;
+        jobs_left -= 1;
     }
     heartbeats.abort();
     if let Ok(stream) = js.get_stream(streams::WORKER_CMDS).await {

@@ -5,7 +5,7 @@ use hodei_domain::Actor;
 use hodei_messaging::api::RequestContext;
 use hodei_protocol::agent::{RegisterWorker, Registered};
 use hodei_protocol::{subjects, ApiError, ErrorCode};
-use hodei_store::{hash_token, outbox, workers};
+use hodei_store::{hash_token, jobs, outbox, workers};
 
 use crate::State;
 
@@ -37,20 +37,42 @@ pub async fn handle(
         &Actor::worker(worker.id),
     )?;
     if events.is_empty() {
-        tracing::info!(worker_id = %worker.id, "registration repeated; already ready");
+        // A registration asked again (its answer was lost): answered as before, with the
+        // job it was given then, if any.
+        let run = match (worker.reserved_job_id, worker.current_job_id) {
+            (Some(reserved), Some(current)) if reserved == current => {
+                jobs::get(&state.pool, current)
+                    .await?
+                    .filter(|job| !job.state.is_terminal())
+                    .map(|job| hodei_placement::run_job_of(&job))
+            }
+            _ => None,
+        };
+        tracing::info!(worker_id = %worker.id, "registration repeated; answered as before");
         return Ok(Registered {
             worker_id: worker.id,
             heartbeat_interval_ms: state.heartbeat_interval_ms,
             max_jobs: worker.max_jobs,
+            run,
         });
     }
     workers::update(&mut tx, &mut worker).await?;
     outbox::append_events(&mut tx, &events).await?;
+    // A worker provisioned for one job gets it now, in this transaction and in the answer:
+    // the dispatcher would otherwise assign it on WorkerReadyForJob, one round through the
+    // stream later (it finds the worker Busy and does nothing).
+    let run = match jobs::lock_scheduled_on(&mut tx, worker.id).await? {
+        Some(mut job) if worker.reserved_job_id == Some(job.id) => {
+            Some(hodei_placement::assign(&mut tx, &mut job, &mut worker, &state.actor).await?)
+        }
+        _ => None,
+    };
     hodei_store::commit(tx).await?;
-    tracing::info!(worker_id = %worker.id, pid = ?request.pid, "worker registered and ready");
+    tracing::info!(worker_id = %worker.id, pid = ?request.pid, with_job = run.is_some(), "worker registered and ready");
     Ok(Registered {
         worker_id: worker.id,
         heartbeat_interval_ms: state.heartbeat_interval_ms,
         max_jobs: worker.max_jobs,
+        run,
     })
 }
