@@ -25,6 +25,11 @@ async fn faulty_system() -> System {
 
 /// Submit `JOBS` jobs that each take a little while, retried if their worker is lost.
 async fn submit_batch(system: &System, tag: &str) -> Vec<Uuid> {
+    submit_jobs_of(system, tag, "0.3").await
+}
+
+/// Submit `JOBS` jobs that each sleep `seconds`, retried if their worker is lost.
+async fn submit_jobs_of(system: &System, tag: &str, seconds: &str) -> Vec<Uuid> {
     let policy = JobPolicy {
         retry: RetryPolicy {
             max_attempts: 5,
@@ -36,7 +41,7 @@ async fn submit_batch(system: &System, tag: &str) -> Vec<Uuid> {
     };
     let requests: Vec<_> = (0..JOBS)
         .map(|i| {
-            let mut request = job("sh", &["-c", &format!("sleep 0.3; echo {tag}-{i}")]);
+            let mut request = job("sh", &["-c", &format!("sleep {seconds}; echo {tag}-{i}")]);
             request.policy = policy.clone();
             request
         })
@@ -261,7 +266,20 @@ async fn a_failing_provider_opens_its_circuit_jobs_wait_and_drain_when_it_recove
             providers().await[0]["circuit"] == "Open"
         })
         .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Past a probe that failed (the circuit opened again) rather than a fixed pause.
+    system
+        .wait_for(
+            "a failed probe to reopen the circuit",
+            Duration::from_secs(30),
+            || async {
+                system
+                    .log_of("provider-manager")
+                    .matches("circuit open: work waits")
+                    .count()
+                    >= 2
+            },
+        )
+        .await;
     for id in &jobs {
         let state = system.get(*id).await.unwrap().state;
         assert!(
@@ -351,27 +369,7 @@ async fn two_instances_of_every_service_share_the_work_and_handle_no_job_twice()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_agents_in_the_middle_of_their_jobs_loses_no_job() {
     let system = faulty_system().await;
-    let policy = JobPolicy {
-        retry: RetryPolicy {
-            max_attempts: 5,
-            initial_backoff_ms: 100,
-            retry_on: vec![RetryOn::Lost],
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let requests: Vec<_> = (0..JOBS)
-        .map(|i| {
-            let mut request = job("sh", &["-c", &format!("sleep 1.5; echo agent-{i}")]);
-            request.policy = policy.clone();
-            request
-        })
-        .collect();
-    let jobs: Vec<Uuid> = join_all(requests.iter().map(|r| system.submit(r)))
-        .await
-        .into_iter()
-        .map(|a| a.unwrap().job_id)
-        .collect();
+    let jobs = submit_jobs_of(&system, "agent", "1.5").await;
     system
         .wait_for(
             "agents to be running jobs",

@@ -248,30 +248,16 @@ impl Worker {
         let from = self.transition(WorkerState::Ready)?;
         self.last_heartbeat_at = Some(self.updated_at);
         self.deadline_at = Some(self.updated_at + lost_after);
-        Ok(vec![
-            self.event(
-                actor,
-                &WorkerRegistered {
-                    worker_id: self.id,
-                    pid,
-                    hostname,
-                },
-            ),
-            self.event(
-                actor,
-                &WorkerReady {
-                    worker_id: self.id,
-                    from,
-                },
-            ),
-            self.event(
-                actor,
-                &WorkerReadyForJob {
-                    worker_id: self.id,
-                    reserved_for: self.reserved_job_id,
-                },
-            ),
-        ])
+        let registered = self.event(
+            actor,
+            &WorkerRegistered {
+                worker_id: self.id,
+                pid,
+                hostname,
+            },
+        );
+        let [ready, for_job] = self.ready_events(from, actor);
+        Ok(vec![registered, ready, for_job])
     }
 
     /// Ready -> Busy with a job.
@@ -295,7 +281,12 @@ impl Worker {
         let from = self.transition(WorkerState::Ready)?;
         self.current_job_id = None;
         self.reserved_job_id = None;
-        Ok(vec![
+        Ok(self.ready_events(from, actor).to_vec())
+    }
+
+    /// It is Ready (coming from `from`) and waits for a job: its reserved one, if any.
+    fn ready_events(&self, from: WorkerState, actor: &Actor) -> [DomainEvent; 2] {
+        [
             self.event(
                 actor,
                 &WorkerReady {
@@ -307,10 +298,10 @@ impl Worker {
                 actor,
                 &WorkerReadyForJob {
                     worker_id: self.id,
-                    reserved_for: None,
+                    reserved_for: self.reserved_job_id,
                 },
             ),
-        ])
+        ]
     }
 
     /// Its job `job_id` left the worker. A pool worker whose agent reported the end itself

@@ -79,10 +79,27 @@ pub struct Connections {
     pub js: JetStream,
 }
 
-/// Start-up of every service that writes state changes: PostgreSQL (schema brought up to
-/// date), NATS (streams ensured), `/metrics` and `/healthz` on `metrics_port` unless
-/// configured, and the publisher of its commits ([`direct`]).
+/// Start-up of every service that writes state changes: [`connect_only`], and the
+/// publisher of its commits ([`direct`]).
 pub async fn connect(
+    common: &hodei_runtime::CommonArgs,
+    service: &str,
+    db_pool_size: u32,
+    metrics_port: u16,
+    shutdown: &hodei_runtime::Shutdown,
+) -> anyhow::Result<Connections> {
+    let connections = connect_only(common, service, db_pool_size, metrics_port, shutdown).await?;
+    direct::install(
+        connections.js.clone(),
+        connections.pool.clone(),
+        shutdown.clone(),
+    );
+    Ok(connections)
+}
+
+/// Start-up of every service: PostgreSQL (schema brought up to date), NATS (streams ensured),
+/// `/metrics` and `/healthz` on `metrics_port` unless configured.
+pub async fn connect_only(
     common: &hodei_runtime::CommonArgs,
     service: &str,
     db_pool_size: u32,
@@ -103,6 +120,5 @@ pub async fn connect(
             shutdown.clone(),
         )
         .await?;
-    direct::install(js.clone(), pool.clone(), shutdown.clone());
     Ok(Connections { pool, client, js })
 }

@@ -63,8 +63,12 @@ impl Breaker {
 
     /// May a create be tried now? If not, how long to wait.
     pub fn allow(&self) -> Result<(), Duration> {
+        self.allow_at(Instant::now())
+    }
+
+    /// [`Breaker::allow`] at `now` (tests step the clock instead of sleeping).
+    fn allow_at(&self, now: Instant) -> Result<(), Duration> {
         let mut inner = self.inner.lock().expect("breaker lock");
-        let now = Instant::now();
         match inner.state {
             CircuitState::Closed => Ok(()),
             CircuitState::Open => match inner.open_until {
@@ -86,6 +90,11 @@ impl Breaker {
     }
 
     pub fn record(&self, success: bool) {
+        self.record_at(success, Instant::now())
+    }
+
+    /// [`Breaker::record`] at `now`.
+    fn record_at(&self, success: bool, now: Instant) {
         let mut inner = self.inner.lock().expect("breaker lock");
         inner.probing = false;
         if success {
@@ -106,7 +115,7 @@ impl Breaker {
                 inner.open_for = (inner.open_for * 2).min(self.max_open);
             }
             inner.state = CircuitState::Open;
-            inner.open_until = Some(Instant::now() + inner.open_for);
+            inner.open_until = Some(now + inner.open_for);
             tracing::error!(
                 circuit = %self.name,
                 failures = inner.consecutive_failures,
@@ -152,26 +161,33 @@ mod tests {
     #[test]
     fn it_opens_after_the_threshold_probes_once_and_closes_on_success() {
         let breaker = Breaker::new("p", 3, Duration::from_millis(30));
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
         for _ in 0..2 {
-            assert!(breaker.allow().is_ok());
-            breaker.record(false);
+            assert!(breaker.allow_at(t0).is_ok());
+            breaker.record_at(false, t0);
         }
         assert_eq!(breaker.view().circuit, CircuitState::Closed);
-        breaker.record(false);
+        breaker.record_at(false, t0);
         assert_eq!(breaker.view().circuit, CircuitState::Open);
-        assert!(breaker.allow().is_err(), "requests wait while open");
-        std::thread::sleep(Duration::from_millis(40));
-        assert!(breaker.allow().is_ok(), "one probe after the window");
-        assert!(breaker.allow().is_err(), "and only one");
-        breaker.record(false);
+        assert_eq!(
+            breaker.allow_at(at(10)),
+            Err(Duration::from_millis(20)),
+            "requests wait while open, told how long"
+        );
+        assert!(
+            breaker.allow_at(at(30)).is_ok(),
+            "one probe after the window"
+        );
+        assert!(breaker.allow_at(at(30)).is_err(), "and only one");
+        breaker.record_at(false, at(30));
         assert_eq!(breaker.view().circuit, CircuitState::Open);
         assert!(
-            breaker.view().retry_in_ms.unwrap() > 30,
-            "the window doubles"
+            breaker.allow_at(at(30 + 59)).is_err(),
+            "the window doubles: still open 59 ms after the failed probe"
         );
-        std::thread::sleep(Duration::from_millis(70));
-        assert!(breaker.allow().is_ok());
-        breaker.record(true);
+        assert!(breaker.allow_at(at(30 + 60)).is_ok());
+        breaker.record_at(true, at(30 + 60));
         assert_eq!(breaker.view().circuit, CircuitState::Closed);
         assert_eq!(breaker.view().consecutive_failures, 0);
     }

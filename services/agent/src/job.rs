@@ -81,11 +81,6 @@ async fn execute(
     if let Some(dir) = &job.working_dir {
         command.current_dir(dir);
     }
-    let report = |kind: &str| match kind {
-        "started" => subjects::agent_started(worker_id),
-        _ => subjects::agent_finished(worker_id),
-    };
-    let msg_id = |kind: &str| format!("{worker_id}.{}.{}.{kind}", job.job_id, job.attempt);
     let logs = LogShipper::new(js.clone(), job.job_id, job.attempt);
 
     let mut child = match command.spawn() {
@@ -95,17 +90,7 @@ async fn execute(
             tracing::warn!(%error, "job could not start");
             ack().await;
             logs.finish(0, None).await;
-            let finished = finished(worker_id, &job, None, Some(error));
-            let answer = reports::send(
-                client,
-                js,
-                report("finished"),
-                msg_id("finished"),
-                &job.correlation_id,
-                &finished,
-            )
-            .await;
-            log_answer("finished", answer);
+            report_finished(client, js, worker_id, &job, None, Some(error)).await;
             return Ok(());
         }
     };
@@ -120,8 +105,8 @@ async fn execute(
     match reports::send(
         client,
         js,
-        report("started"),
-        msg_id("started"),
+        subjects::agent_started(worker_id),
+        format!("{worker_id}.{}.{}.started", job.job_id, job.attempt),
         &job.correlation_id,
         &started,
     )
@@ -185,34 +170,37 @@ async fn execute(
     tracing::info!(?exit_code, ?error, "job ended");
     let batches = logs.seq;
     logs.finish(batches, exit_code).await;
-    let finished = finished(worker_id, &job, exit_code, error);
-    let answer = reports::send(
-        client,
-        js,
-        report("finished"),
-        msg_id("finished"),
-        &job.correlation_id,
-        &finished,
-    )
-    .await;
-    log_answer("finished", answer);
+    report_finished(client, js, worker_id, &job, exit_code, error).await;
     Ok(())
 }
 
-fn finished(
+/// Report how the attempt ended (retried until answered or refused; the answer is logged).
+async fn report_finished(
+    client: &Client,
+    js: &JetStream,
     worker_id: Uuid,
     job: &RunJob,
     exit_code: Option<i32>,
     error: Option<String>,
-) -> JobFinished {
-    JobFinished {
+) {
+    let finished = JobFinished {
         schema_version: hodei_protocol::SCHEMA_VERSION,
         worker_id,
         job_id: job.job_id,
         attempt: job.attempt,
         exit_code,
         error,
-    }
+    };
+    let answer = reports::send(
+        client,
+        js,
+        subjects::agent_finished(worker_id),
+        format!("{worker_id}.{}.{}.finished", job.job_id, job.attempt),
+        &job.correlation_id,
+        &finished,
+    )
+    .await;
+    log_answer("finished", answer);
 }
 
 fn log_answer(

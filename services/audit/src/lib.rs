@@ -31,66 +31,41 @@ pub(crate) struct State {
 }
 
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
-    use anyhow::Context;
-    let pool = hodei_store::connect_and_migrate(&config.common.database_url, config.db_pool_size)
-        .await
-        .context("connecting to PostgreSQL")?;
-    let (client, js) =
-        hodei_messaging::connect_and_ensure_streams(&config.common.nats_url, SERVICE)
-            .await
-            .context("connecting to NATS")?;
-    config
-        .common
-        .serve_metrics(
-            9615,
-            vec![hodei_store::health(&pool), hodei_messaging::health(&client)],
-            shutdown.clone(),
-        )
-        .await?;
+    // Writes no state changes of its own: no publisher after commit.
+    let hodei_outbox::Connections { pool, client, js } = hodei_outbox::connect_only(
+        &config.common,
+        SERVICE,
+        config.db_pool_size,
+        9615,
+        &shutdown,
+    )
+    .await?;
     let state = State {
         pool,
         js: js.clone(),
     };
-    let query = {
-        let state = state.clone();
-        api::serve(
-            client.clone(),
-            subjects::API_AUDIT_QUERY,
-            "hodei-audit",
-            shutdown.clone(),
-            move |req, _| handlers::query::handle(state.clone(), req),
-        )
-    };
-    let dlq = {
-        let serve = |subject: &'static str| {
-            (
+    // Each API: its subject, answered by a handler taking the state and the request.
+    macro_rules! serve {
+        ($subject:expr, $handler:path) => {{
+            let state = state.clone();
+            api::serve(
                 client.clone(),
-                subject,
+                $subject,
                 "hodei-audit",
                 shutdown.clone(),
-                state.clone(),
+                move |req, _| $handler(state.clone(), req),
             )
-        };
-        let (c, s, q, d, st) = serve(subjects::API_DLQ_LIST);
-        let list = api::serve(c, s, q, d, move |req, _| {
-            handlers::dlq::list(st.clone(), req)
-        });
-        let (c, s, q, d, st) = serve(subjects::API_DLQ_SHOW);
-        let show = api::serve(c, s, q, d, move |req, _| {
-            handlers::dlq::show(st.clone(), req)
-        });
-        let (c, s, q, d, st) = serve(subjects::API_DLQ_REPLAY);
-        let replay = api::serve(c, s, q, d, move |req, _| {
-            handlers::dlq::replay(st.clone(), req)
-        });
-        let (c, s, q, d, st) = serve(subjects::API_DLQ_DISCARD);
-        let discard = api::serve(c, s, q, d, move |req, _| {
-            handlers::dlq::discard(st.clone(), req)
-        });
-        async move {
-            let (a, b, c, d) = tokio::join!(list, show, replay, discard);
-            a.and(b).and(c).and(d)
-        }
+        }};
+    }
+    let apis = async {
+        let (query, list, show, replay, discard) = tokio::join!(
+            serve!(subjects::API_AUDIT_QUERY, handlers::query::handle),
+            serve!(subjects::API_DLQ_LIST, handlers::dlq::list),
+            serve!(subjects::API_DLQ_SHOW, handlers::dlq::show),
+            serve!(subjects::API_DLQ_REPLAY, handlers::dlq::replay),
+            serve!(subjects::API_DLQ_DISCARD, handlers::dlq::discard),
+        );
+        query.and(list).and(show).and(replay).and(discard)
     };
     let record = consumer::run_batched(
         js.clone(),
@@ -99,9 +74,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         shutdown.clone(),
         |batch| handlers::record::handle(state.clone(), batch),
     );
-    let (query, dlq, ()) = tokio::join!(query, dlq, record);
-    query?;
-    dlq?;
+    let (apis, ()) = tokio::join!(apis, record);
+    apis?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -216,6 +216,16 @@ async fn main() -> ExitCode {
     }
 }
 
+/// Print `value` as JSON (`--json`) or with its human form; success.
+fn shown<T: serde::Serialize + ?Sized>(json: bool, value: &T, human: fn(&T)) -> ExitCode {
+    if json {
+        output::json(value);
+    } else {
+        human(value);
+    }
+    ExitCode::SUCCESS
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let client = async_nats::ConnectOptions::new()
         .name("hodei-cli")
@@ -255,12 +265,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
             )
             .await?;
-            if cli.json {
-                output::json(&job);
-            } else {
-                output::job_details(&job);
-            }
-            Ok(ExitCode::SUCCESS)
+            Ok(shown(cli.json, &job, output::job_details))
         }
         Command::List {
             state,
@@ -277,12 +282,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
             )
             .await?;
-            if cli.json {
-                output::json(&page);
-            } else {
-                output::jobs_table(&page);
-            }
-            Ok(ExitCode::SUCCESS)
+            Ok(shown(cli.json, &page, output::jobs_table))
         }
         Command::Logs { job_id, follow } => {
             let js = async_nats::jetstream::new(client.clone());
@@ -304,12 +304,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
             )
             .await?;
-            if cli.json {
-                output::json(&page);
-            } else {
-                output::workers_table(&page);
-            }
-            Ok(ExitCode::SUCCESS)
+            Ok(shown(cli.json, &page, output::workers_table))
         }
         Command::Audit(a) => {
             let query = AuditQuery {
@@ -324,22 +319,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 cursor: a.cursor,
             };
             let page: Page<AuditEntry> = ask(call(subjects::API_AUDIT_QUERY), &query).await?;
-            if cli.json {
-                output::json(&page);
-            } else {
-                output::audit_table(&page);
-            }
-            Ok(ExitCode::SUCCESS)
+            Ok(shown(cli.json, &page, output::audit_table))
         }
         Command::Providers => {
             let providers: Vec<serde_json::Value> =
                 ask(call(subjects::API_PROVIDERS_LIST), &serde_json::json!({})).await?;
-            if cli.json {
-                output::json(&providers);
-            } else {
-                output::providers_table(&providers);
-            }
-            Ok(ExitCode::SUCCESS)
+            Ok(shown(
+                cli.json,
+                providers.as_slice(),
+                output::providers_table,
+            ))
         }
         Command::Cancel { job_id, reason } => {
             let job: JobView = ask(

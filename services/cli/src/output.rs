@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use hodei_protocol::api::{AuditEntry, JobView, Page, WorkerView};
 use uuid::Uuid;
 
-pub fn json<T: serde::Serialize>(value: &T) {
+pub fn json<T: serde::Serialize + ?Sized>(value: &T) {
     println!(
         "{}",
         serde_json::to_string_pretty(value).expect("serializable")

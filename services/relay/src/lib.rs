@@ -11,7 +11,6 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
 use hodei_messaging::JetStream;
 use hodei_runtime::{CommonArgs, Shutdown};
 use hodei_store::outbox;
@@ -62,43 +61,15 @@ pub struct Config {
 }
 
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
-    let pool = hodei_store::connect_and_migrate(&config.common.database_url, 4)
-        .await
-        .context("connecting to PostgreSQL")?;
-    let (client, js) =
-        hodei_messaging::connect_and_ensure_streams(&config.common.nats_url, SERVICE)
-            .await
-            .context("connecting to NATS")?;
-    config
-        .common
-        .serve_metrics(
-            9610,
-            vec![hodei_store::health(&pool), hodei_messaging::health(&client)],
-            shutdown.clone(),
-        )
-        .await?;
+    // Writes no state changes of its own: no publisher after commit.
+    let hodei_outbox::Connections { pool, js, .. } =
+        hodei_outbox::connect_only(&config.common, SERVICE, 4, 9610, &shutdown).await?;
     register_outbox_gauges(&pool);
     // A term lasts as long as the connection holding the lock: after PostgreSQL restarts, the
     // lock is gone with it, and this relay stands for election again instead of publishing
     // beside a new leader.
-    while let Some(mut leader) = become_leader(&pool, &shutdown).await {
+    while let Some((mut leader, mut listener)) = become_leader(&pool, &shutdown).await {
         tracing::info!("this relay is now the active one");
-        // Only the active relay listens (a standby would pile notifications up).
-        let mut listener = match listen(&pool).await {
-            Ok(listener) => listener,
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for outbox notifications; trying again");
-                drop(leader);
-                if shutdown
-                    .guard(tokio::time::sleep(Duration::from_secs(1)))
-                    .await
-                    .is_none()
-                {
-                    break;
-                }
-                continue;
-            }
-        };
         let housekeeping = (config.maintenance_secs > 0).then(|| {
             tokio::spawn(housekeep(
                 pool.clone(),
@@ -146,15 +117,16 @@ async fn housekeep(pool: PgPool, every: Duration, retention: Duration) {
     }
 }
 
-async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
-    let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen(outbox::NOTIFY_CHANNEL).await?;
-    Ok(listener)
-}
+/// After a database error, the relay tries again this much later.
+const PAUSE: Duration = Duration::from_secs(1);
 
-/// Take the relay lock on a connection of its own (waiting while another relay holds it),
-/// retrying while PostgreSQL cannot be reached; `None` once shut down.
-async fn become_leader(pool: &PgPool, shutdown: &Shutdown) -> Option<sqlx::PgConnection> {
+/// Take the relay lock on a connection of its own (waiting while another relay holds it) and
+/// listen for wake-ups (only the active relay listens: a standby would pile notifications
+/// up), retrying while PostgreSQL cannot be reached; `None` once shut down.
+async fn become_leader(
+    pool: &PgPool,
+    shutdown: &Shutdown,
+) -> Option<(sqlx::PgConnection, PgListener)> {
     tracing::info!("waiting to become the active relay");
     loop {
         let attempt = async {
@@ -163,15 +135,16 @@ async fn become_leader(pool: &PgPool, shutdown: &Shutdown) -> Option<sqlx::PgCon
                 .bind(RELAY_LOCK)
                 .execute(&mut leader)
                 .await?;
-            Ok::<_, sqlx::Error>(leader)
+            let mut listener = PgListener::connect_with(pool).await?;
+            listener.listen(outbox::NOTIFY_CHANNEL).await?;
+            Ok::<_, sqlx::Error>((leader, listener))
         };
         match shutdown.guard(attempt).await? {
-            Ok(leader) => return Some(leader),
+            Ok(elected) => return Some(elected),
             Err(error) => {
-                tracing::warn!(%error, "cannot take the relay lock; trying again");
-                shutdown
-                    .guard(tokio::time::sleep(Duration::from_secs(1)))
-                    .await?;
+                // A lock taken on a connection that is then dropped is released with it.
+                tracing::warn!(%error, "cannot take the relay lock or listen; trying again");
+                shutdown.guard(tokio::time::sleep(PAUSE)).await?;
             }
         }
     }
@@ -192,6 +165,7 @@ async fn lead(
         if sqlx::query("SELECT 1").execute(&mut *leader).await.is_err() {
             return false;
         }
+        let mut failed = false;
         loop {
             match relay_batch(pool, js, config.batch, grace, config.max_attempts).await {
                 Ok(0) => break,
@@ -201,13 +175,7 @@ async fn lead(
                         error = format!("{error:#}"),
                         "relaying failed; retrying after a pause"
                     );
-                    if shutdown
-                        .guard(tokio::time::sleep(Duration::from_secs(1)))
-                        .await
-                        .is_none()
-                    {
-                        return true;
-                    }
+                    failed = true;
                     break;
                 }
             }
@@ -215,18 +183,22 @@ async fn lead(
         // Nothing is notified per commit (the writers publish their own rows): sleep until
         // the oldest pending row is due, at most a sweep; a writer that could not publish
         // wakes the relay at once.
-        let wait = match pool.acquire().await {
-            Ok(mut conn) => match outbox::next_due(&mut conn, grace).await {
-                // A due row the batch left (held back behind an earlier row of its
-                // aggregate that waits out a retry) must not make this loop spin.
-                Ok(Some(at)) => (at - chrono::Utc::now())
-                    .to_std()
-                    .unwrap_or_default()
-                    .clamp(Duration::from_millis(50), sweep),
-                Ok(None) => sweep,
-                Err(_) => Duration::from_secs(1),
-            },
-            Err(_) => Duration::from_secs(1),
+        let wait = if failed {
+            PAUSE
+        } else {
+            match pool.acquire().await {
+                Ok(mut conn) => match outbox::next_due(&mut conn, grace).await {
+                    // A due row the batch left (held back behind an earlier row of its
+                    // aggregate that waits out a retry) must not make this loop spin.
+                    Ok(Some(at)) => (at - chrono::Utc::now())
+                        .to_std()
+                        .unwrap_or_default()
+                        .clamp(Duration::from_millis(50), sweep),
+                    Ok(None) => sweep,
+                    Err(_) => PAUSE,
+                },
+                Err(_) => PAUSE,
+            }
         };
         tokio::select! {
             _ = shutdown.wait() => return true,
