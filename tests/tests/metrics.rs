@@ -2,16 +2,7 @@
 
 use std::time::Duration;
 
-use hodei_tests::{http_get, job, prometheus_value, System};
-
-const SERVICES: [&str; 6] = [
-    "relay",
-    "scheduler",
-    "dispatcher",
-    "registry",
-    "provider-manager",
-    "audit",
-];
+use hodei_tests::{http_get, job, prometheus_value, System, SERVICES};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_as_prometheus_text_and_move_when_jobs_run() {
