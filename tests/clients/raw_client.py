@@ -5,6 +5,11 @@ This script is the proof that the contract is enough: it was written from
 docs/asyncapi.yaml alone, without the Rust code, and it speaks the raw NATS text
 protocol (INFO/CONNECT/PING/PONG/SUB/PUB/MSG/HMSG) with the standard library only.
 
+It authenticates as the docs' security section says: the server's INFO carries a
+nonce; CONNECT sends the user JWT of the `.creds` file and the nonce signed with its
+nkey seed (Ed25519; the `nkeys` package signs, nothing else is used from it). Replies
+come to the credential's own inbox prefix, `_INBOX.<credential name>`.
+
 It submits `sh -c 'echo raw client says hi; exit 7'` on hodei.api.jobs.submit,
 follows the job on hodei.events.job.<job_id>.> and hodei.api.jobs.get until the
 job is in a terminal state (Succeeded, Failed, Cancelled, Timeout), and prints one
@@ -12,9 +17,11 @@ JSON line: {"job_id": ..., "state": ..., "exit_code": ..., "correlation_id": ...
 Exit status 0 on success; on any error or timeout the reason goes to stderr and
 the exit status is 1.
 
-Usage: python3 tests/clients/raw_client.py --nats-url nats://127.0.0.1:4222 [--timeout 30]
+Usage: python3 tests/clients/raw_client.py --nats-url nats://127.0.0.1:4222 \
+           --creds submitter.creds [--timeout 30]
 """
 import argparse
+import base64
 import json
 import socket
 import sys
@@ -34,7 +41,7 @@ class ClientError(Exception):
 class Nats:
     """A minimal NATS client: one socket, a read buffer, and the protocol's text ops."""
 
-    def __init__(self, url, deadline):
+    def __init__(self, url, deadline, creds=None):
         parsed = urlparse(url)
         self.sock = socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 4222), timeout=5)
         self.buf = b""
@@ -43,9 +50,16 @@ class Nats:
         info = self._line(deadline)
         if not info.startswith(b"INFO "):
             raise ClientError(f"expected INFO from the server, got {info[:80]!r}")
-        if not json.loads(info[5:]).get("headers", False):
+        server = json.loads(info[5:])
+        if not server.get("headers", False):
             raise ClientError("the server does not support headers (NATS 2.2 or later is needed)")
         connect = {"verbose": False, "pedantic": False, "headers": True, "name": "raw-client"}
+        if creds is not None:
+            jwt, seed = creds
+            import nkeys  # Ed25519 over the nkey seed
+            signature = nkeys.from_seed(seed.encode()).sign(server["nonce"].encode())
+            connect["jwt"] = jwt
+            connect["sig"] = base64.urlsafe_b64encode(signature).decode().rstrip("=")
         self._send(b"CONNECT " + json.dumps(connect).encode() + b"\r\nPING\r\n")
         while self._op(deadline) != "PONG":
             pass
@@ -170,10 +184,24 @@ def ends_job(msg):
     return event_type == "JobStatusChanged" and (event.get("payload") or {}).get("to") in TERMINAL
 
 
-def run(url, timeout):
+def read_creds(path):
+    """(user JWT, nkey seed, credential name) of a standard NATS .creds file."""
+    lines = [line.strip() for line in open(path, encoding="utf-8")]
+    def after(marker):
+        at = next(i for i, line in enumerate(lines) if line.startswith(marker))
+        return next(line for line in lines[at + 1:] if line)
+    jwt = after("-----BEGIN NATS USER JWT")
+    seed = after("-----BEGIN USER NKEY SEED")
+    body = jwt.split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    return jwt, seed, claims["name"]
+
+
+def run(url, timeout, creds_path):
     deadline = time.monotonic() + timeout
-    nc = Nats(url, deadline)
-    inbox = f"_INBOX.{uuid.uuid4().hex}"
+    jwt, seed, name = read_creds(creds_path)
+    nc = Nats(url, deadline, (jwt, seed))
+    inbox = f"_INBOX.{name}.{uuid.uuid4().hex}"
     nc.subscribe(f"{inbox}.*")
     job_id = call(nc, inbox, "hodei.api.jobs.submit", JOB, deadline)["job_id"]
     nc.subscribe(f"hodei.events.job.{job_id}.>")
@@ -194,10 +222,11 @@ def run(url, timeout):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    parser.add_argument("--creds", required=True, help="a submitter's .creds file")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds for the whole run")
     args = parser.parse_args()
     try:
-        run(args.nats_url, args.timeout)
+        run(args.nats_url, args.timeout, args.creds)
     except TimeoutError:
         print(f"raw_client: timed out after {args.timeout:g} s", file=sys.stderr)
         return 1

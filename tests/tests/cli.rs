@@ -7,6 +7,7 @@ use hodei_tests::{binary, System};
 
 fn hodei(system: &System, args: &[&str]) -> std::process::Output {
     Command::new(binary("hodei"))
+        .env("HODEI_NATS_CREDS", system.operator_creds())
         .arg("--nats-url")
         .arg(&system.nats.url)
         .args(args)
@@ -28,8 +29,10 @@ async fn hodei_run_streams_the_output_and_exits_with_the_jobs_code() {
         ]
         .map(String::from);
         let url = system.nats.url.clone();
+        let creds = system.operator_creds();
         move || {
             Command::new(binary("hodei"))
+                .env("HODEI_NATS_CREDS", creds)
                 .arg("--nats-url")
                 .arg(url)
                 .args(args)
@@ -189,7 +192,8 @@ async fn hodei_run_streams_the_output_and_exits_with_the_jobs_code() {
     // Like any filter, `hodei` ends quietly when its reader stops reading.
     let piped = tokio::task::spawn_blocking({
         let command = format!(
-            "{} --nats-url {} run -- seq 1 200000 | head -n 2",
+            "HODEI_NATS_CREDS={} {} --nats-url {} run -- seq 1 200000 | head -n 2",
+            system.operator_creds().display(),
             binary("hodei").display(),
             system.nats.url
         );
@@ -209,10 +213,12 @@ async fn hodei_run_streams_the_output_and_exits_with_the_jobs_code() {
 async fn hodei_applies_policies_cancels_jobs_and_manages_dead_letters() {
     let system = System::start().await;
     let url = system.nats.url.clone();
+    let creds = system.operator_creds();
     let run = |args: Vec<&'static str>| {
-        let url = url.clone();
+        let (url, creds) = (url.clone(), creds.clone());
         tokio::task::spawn_blocking(move || {
             Command::new(binary("hodei"))
+                .env("HODEI_NATS_CREDS", creds)
                 .arg("--nats-url")
                 .arg(url)
                 .args(args)

@@ -246,6 +246,7 @@ async fn refused_reports_are_answered_with_typed_errors_change_nothing_and_are_l
         schema_version: 1,
         worker_id,
         token: "guess".into(),
+        instance: None,
         pid: None,
         hostname: None,
     };

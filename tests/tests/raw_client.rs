@@ -1,5 +1,6 @@
 //! A client that is not the CLI: `tests/clients/raw_client.py` speaks only the raw NATS text
-//! protocol and the JSON of `docs/asyncapi.yaml`, submits a job and reads its result.
+//! protocol and the JSON of `docs/asyncapi.yaml`, authenticates with a submitter `.creds`
+//! file as the document's security section says, submits a job and reads its result.
 
 use std::time::Duration;
 
@@ -12,9 +13,14 @@ async fn a_client_speaking_only_raw_nats_and_the_documented_json_runs_a_job() {
     let system = System::start().await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/raw_client.py");
     let url = system.nats.url.clone();
-    let run = Command::new("python3")
+    let creds = system.submitter_creds();
+    let python = std::env::var("HODEI_PYTHON").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../.hodei/venv/bin/python").to_owned()
+    });
+    let run = Command::new(python)
         .arg(script)
-        .args(["--nats-url", &url, "--timeout", "60"])
+        .args(["--nats-url", &url, "--timeout", "60", "--creds"])
+        .arg(&creds)
         .kill_on_drop(true)
         .output();
     let out = tokio::time::timeout(Duration::from_secs(90), run)

@@ -19,6 +19,16 @@ use serde_json::json;
 
 pub use roles::{inbox_prefix, permissions, worker_consumer, Permissions, Role};
 
+/// The control plane's services: each connects as its own user (`creds/<name>.creds`).
+pub const SERVICES: [&str; 6] = [
+    "relay",
+    "scheduler",
+    "dispatcher",
+    "registry",
+    "provider-manager",
+    "audit",
+];
+
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     #[error("{path}: {source}")]
@@ -104,7 +114,12 @@ impl Signer {
     }
 
     /// A `.creds` file for a new user `name` with `role`, valid for `ttl` (`None`: no expiry).
-    pub fn mint(&self, name: &str, role: &Role, ttl: Option<Duration>) -> Result<String, AuthError> {
+    pub fn mint(
+        &self,
+        name: &str,
+        role: &Role,
+        ttl: Option<Duration>,
+    ) -> Result<String, AuthError> {
         if !roles::valid_name(name) {
             return Err(AuthError::Invalid(format!(
                 "credential name {name:?}: use letters, digits, '-' and '_' (at most 64)"
@@ -306,10 +321,7 @@ mod tests {
         assert!(creds.contains("-----BEGIN USER NKEY SEED-----\nSU"));
         // The same folder loads the same keys.
         let again = Authority::init(&dir).unwrap();
-        assert_eq!(
-            again.account.public_key(),
-            authority.account.public_key()
-        );
+        assert_eq!(again.account.public_key(), authority.account.public_key());
         assert!(authority
             .signer()
             .mint("no spaces", &Role::Submitter, None)

@@ -16,7 +16,10 @@ pub enum Role {
     Operator,
     /// One worker's agent: its own reports and heartbeats, its own command consumer, the
     /// logs of the job it was provisioned for (`job_id`), its own inbox.
-    Worker { worker_id: Uuid, job_id: Option<Uuid> },
+    Worker {
+        worker_id: Uuid,
+        job_id: Option<Uuid>,
+    },
 }
 
 impl Role {
@@ -93,9 +96,7 @@ pub fn permissions(role: &Role, name: &str) -> Permissions {
             let stream = "HODEI_WORKER_CMDS";
             let mut publish = vec![
                 format!("hodei.agent.{worker_id}.>"),
-                format!(
-                    "$JS.API.CONSUMER.CREATE.{stream}.{consumer}.hodei.worker.{worker_id}.cmd"
-                ),
+                format!("$JS.API.CONSUMER.CREATE.{stream}.{consumer}.hodei.worker.{worker_id}.cmd"),
                 format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"),
                 format!("$JS.API.CONSUMER.INFO.{stream}.{consumer}"),
                 format!("$JS.API.CONSUMER.DELETE.{stream}.{consumer}"),

@@ -225,26 +225,34 @@ impl Worker {
     }
 
     /// The agent registers with its bootstrap token, which is spent: Connecting -> Ready.
+    /// `session_hash` (the hash of the token with the agent's instance value) replaces the
+    /// token's hash: a registration asked again is answered (with no change) only when it
+    /// comes from that same agent; the bare token is refused from now on.
     /// `lost_after`: how long it may go without a heartbeat before it is declared lost.
     pub fn register(
         &mut self,
         presented_token_hash: &str,
+        session_hash: Option<&str>,
         pid: Option<u32>,
         hostname: Option<String>,
         lost_after: std::time::Duration,
         actor: &Actor,
     ) -> Result<Vec<DomainEvent>> {
-        let token_ok = self
-            .token_hash
-            .as_deref()
-            .is_some_and(|kept| constant_time_eq(kept.as_bytes(), presented_token_hash.as_bytes()));
-        match (token_ok, self.state) {
-            (true, WorkerState::Connecting) => {}
-            // The agent's retry of the registration that made it Ready (its answer was lost),
-            // and that may already have given it its reserved job.
-            (true, WorkerState::Ready | WorkerState::Busy) => return Ok(Vec::new()),
+        let kept_is = |presented: &str| {
+            self.token_hash
+                .as_deref()
+                .is_some_and(|kept| constant_time_eq(kept.as_bytes(), presented.as_bytes()))
+        };
+        match self.state {
+            WorkerState::Connecting if kept_is(presented_token_hash) => {}
+            // The same agent's retry of the registration that made it Ready (its answer was
+            // lost), and that may already have given it its reserved job.
+            WorkerState::Ready | WorkerState::Busy if session_hash.is_some_and(kept_is) => {
+                return Ok(Vec::new())
+            }
             _ => return Err(DomainError::InvalidBootstrapToken { worker_id: self.id }),
         }
+        self.token_hash = session_hash.map(str::to_owned);
         let from = self.transition(WorkerState::Ready)?;
         self.last_heartbeat_at = Some(self.updated_at);
         self.deadline_at = Some(self.updated_at + lost_after);
@@ -538,8 +546,14 @@ mod tests {
             }
             // Registering spends the token: only from Connecting, and through the table.
             let mut worker = worker_in(from);
-            let registered =
-                worker.register("hash", None, None, std::time::Duration::from_secs(15), &a);
+            let registered = worker.register(
+                "hash",
+                Some("s"),
+                None,
+                None,
+                std::time::Duration::from_secs(15),
+                &a,
+            );
             let changed = registered.as_ref().is_ok_and(|events| !events.is_empty());
             assert_eq!(
                 changed,
@@ -557,39 +571,45 @@ mod tests {
     #[test]
     fn the_bootstrap_token_is_checked_then_spent() {
         let a = Actor::service("t");
+        let lost = std::time::Duration::from_secs(15);
         let mut worker = worker_in(Connecting);
         assert_eq!(
-            worker.register("wrong", None, None, std::time::Duration::from_secs(15), &a),
+            worker.register("wrong", Some("session"), None, None, lost, &a),
             Err(DomainError::InvalidBootstrapToken {
                 worker_id: worker.id
             })
         );
         assert_eq!(worker.state, Connecting);
         let events = worker
-            .register(
-                "hash",
-                Some(7),
-                None,
-                std::time::Duration::from_secs(15),
-                &a,
-            )
+            .register("hash", Some("session"), Some(7), None, lost, &a)
             .unwrap();
         let types: Vec<_> = events.iter().map(|e| e.event_type.as_str()).collect();
         assert_eq!(
             types,
             ["WorkerRegistered", "WorkerReady", "WorkerReadyForJob"]
         );
-        let again = worker
-            .register("hash", None, None, std::time::Duration::from_secs(15), &a)
-            .unwrap();
         assert!(
-            again.is_empty(),
-            "the same registration again changes nothing"
+            worker
+                .register("hash", Some("session"), None, None, lost, &a)
+                .unwrap()
+                .is_empty(),
+            "the same agent asking again changes nothing"
         );
+        assert!(
+            worker
+                .register("hash", Some("another agent"), None, None, lost, &a)
+                .is_err(),
+            "the spent token with another instance is refused"
+        );
+        assert!(
+            worker.register("hash", None, None, None, lost, &a).is_err(),
+            "the spent token alone is refused"
+        );
+        assert_eq!(worker.state, Ready);
         worker.assign(Uuid::nil(), &a).unwrap();
         assert!(
             worker
-                .register("hash", None, None, std::time::Duration::from_secs(15), &a)
+                .register("hash", Some("session"), None, None, lost, &a)
                 .unwrap()
                 .is_empty(),
             "asked again once it has its job (the answer with the job was lost): nothing changes"
@@ -597,9 +617,9 @@ mod tests {
         worker.terminate("done".into(), &a).unwrap();
         assert!(
             worker
-                .register("hash", None, None, std::time::Duration::from_secs(15), &a)
+                .register("hash", Some("session"), None, None, lost, &a)
                 .is_err(),
-            "a spent token is refused"
+            "nothing registers a worker being torn down"
         );
         assert_eq!(worker.state, Terminating);
     }

@@ -15,6 +15,8 @@ use serde::de::DeserializeOwned;
 pub use async_nats::{Client, HeaderMap as Headers};
 pub use jetstream::Context as JetStream;
 
+use std::path::Path;
+
 pub type Result<T, E = MessagingError> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +33,8 @@ pub enum MessagingError {
     },
     #[error("{0}")]
     Api(#[from] ApiError),
+    #[error("NATS credentials {0}")]
+    Credentials(String),
 }
 
 /// `map_err(nats("what we were doing"))`
@@ -76,14 +80,43 @@ pub mod streams {
 }
 
 /// Connect to NATS; waits for the server if it is not up yet, and reconnects for ever.
-pub async fn connect(url: &str, name: &str) -> Result<Client> {
-    async_nats::ConnectOptions::new()
-        .name(name)
+/// With `creds` (a standard `.creds` file), the connection authenticates as that user and
+/// takes the inbox prefix its permissions allow (`_INBOX.<user name>`).
+pub async fn connect(url: &str, name: &str, creds: Option<&Path>) -> Result<Client> {
+    options(name, creds)
+        .await?
         .retry_on_initial_connect()
-        .connection_timeout(std::time::Duration::from_secs(5))
         .connect(url)
         .await
         .map_err(nats(format!("connecting to NATS at {url}")))
+}
+
+/// Connect options for `name`, authenticated with `creds` when given.
+pub async fn options(name: &str, creds: Option<&Path>) -> Result<async_nats::ConnectOptions> {
+    let mut options = match creds {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| MessagingError::Credentials(format!("{}: {e}", path.display())))?;
+            let user = hodei_auth::jwt::jwt_of_creds(&text)
+                .and_then(hodei_auth::jwt::claims)
+                .map_err(|e| MessagingError::Credentials(format!("{}: {e}", path.display())))?;
+            let mut options = async_nats::ConnectOptions::with_credentials(&text)
+                .map_err(|e| MessagingError::Credentials(format!("{}: {e}", path.display())))?;
+            if let Some(user) = user["name"].as_str() {
+                options = options.custom_inbox_prefix(hodei_auth::inbox_prefix(user));
+            }
+            options
+        }
+        None => async_nats::ConnectOptions::new(),
+    };
+    options = options
+        .name(name)
+        .connection_timeout(std::time::Duration::from_secs(5));
+    // TLS: a `tls://` URL requires it; a private CA is named by HODEI_NATS_CA.
+    if let Some(ca) = std::env::var_os("HODEI_NATS_CA") {
+        options = options.add_root_certificates(ca.into()).require_tls(true);
+    }
+    Ok(options)
 }
 
 /// Create every stream of `nats/`, or bring an existing one to its definition.
@@ -228,9 +261,13 @@ pub fn health(client: &Client) -> hodei_runtime::http::HealthCheck {
 
 /// Connect and make sure every stream exists; what every service does at start-up.
 /// A server that is up but not answering JetStream yet is retried with backoff for a minute.
-pub async fn connect_and_ensure_streams(url: &str, name: &str) -> Result<(Client, JetStream)> {
+pub async fn connect_and_ensure_streams(
+    url: &str,
+    name: &str,
+    creds: Option<&Path>,
+) -> Result<(Client, JetStream)> {
     use backon::BackoffBuilder;
-    let client = connect(url, name).await?;
+    let client = connect(url, name, creds).await?;
     let js = jetstream::new(client.clone());
     let mut delays = backon::ExponentialBuilder::default()
         .with_min_delay(std::time::Duration::from_millis(100))

@@ -110,9 +110,13 @@ pub async fn connect_only(
     let pool = hodei_store::connect_and_migrate(&common.database_url, db_pool_size)
         .await
         .context("connecting to PostgreSQL")?;
-    let (client, js) = hodei_messaging::connect_and_ensure_streams(&common.nats_url, service)
-        .await
-        .context("connecting to NATS")?;
+    let (client, js) = hodei_messaging::connect_and_ensure_streams(
+        &common.nats_url,
+        service,
+        common.nats_creds.as_deref(),
+    )
+    .await
+    .context("connecting to NATS")?;
     common
         .serve_metrics(
             metrics_port,

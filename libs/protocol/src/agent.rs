@@ -15,6 +15,12 @@ pub struct RegisterWorker {
     pub schema_version: u32,
     pub worker_id: Uuid,
     pub token: String,
+    /// A random value the agent process makes at start and never shows: the bootstrap token
+    /// is spent by the first registration, and a registration asked again (its answer was
+    /// lost) is answered only when it carries the same token *and* the same instance, that
+    /// is, only to the agent that registered. Any other is refused and changes nothing.
+    #[serde(default)]
+    pub instance: Option<String>,
     #[serde(default)]
     pub pid: Option<u32>,
     #[serde(default)]
@@ -25,6 +31,10 @@ pub struct RegisterWorker {
 pub struct Registered {
     pub worker_id: Uuid,
     pub heartbeat_interval_ms: u64,
+    /// After this long without its control plane (NATS unreachable), the agent kills its job
+    /// and exits: by then the registry has declared it lost and its job may run elsewhere.
+    #[serde(default)]
+    pub lost_after_ms: Option<u64>,
     /// How many jobs the agent runs before it exits: 1 for an ephemeral worker, more for a
     /// warm-pool worker, which waits for its next job on the same command subject.
     #[serde(default = "one")]

@@ -20,6 +20,12 @@ pub struct CommonArgs {
     #[arg(long, env = "HODEI_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
 
+    /// NATS credentials of this service (a standard `.creds` file: its JWT and nkey seed).
+    /// `scripts/up.sh` makes one per service under `.hodei/nats/creds/`. Use `tls://` in the
+    /// URL for TLS; `HODEI_NATS_CA` names a CA file to trust.
+    #[arg(long, env = "HODEI_NATS_CREDS")]
+    pub nats_creds: Option<std::path::PathBuf>,
+
     /// PostgreSQL URL. The password, if any, is never logged.
     #[arg(
         long,

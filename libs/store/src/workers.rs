@@ -263,3 +263,13 @@ pub async fn next_due(pool: &PgPool) -> Result<Option<DateTime<Utc>>> {
             .await?;
     Ok(at)
 }
+
+/// Those of `ids` that are workers not yet Terminated (by primary key).
+pub async fn live_among(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<Uuid>> {
+    let rows: Vec<(Uuid,)> =
+        sqlx::query_as("SELECT id FROM workers WHERE id = ANY($1) AND state <> 'Terminated'")
+            .bind(ids)
+            .fetch_all(pool)
+            .await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
+}

@@ -24,154 +24,254 @@ const MAX_LINE_BYTES: usize = 16 * 1024;
 const MAX_BATCH_LINES: usize = 512;
 const MAX_BATCH_BYTES: usize = 256 * 1024;
 
-pub async fn run(
-    client: &Client,
-    js: &JetStream,
-    worker_id: Uuid,
-    job: RunJob,
-    command_message: Option<&jetstream::Message>,
-    parent: opentelemetry::Context,
-    shutdown: Shutdown,
-) -> anyhow::Result<()> {
-    let span = tracing::info_span!(
-        "run",
-        otel.name = "run job",
-        job_id = %job.job_id,
-        correlation_id = %job.correlation_id,
-        trace_id = tracing::field::Empty,
-    );
-    context::adopt(&span, parent);
-    execute(client, js, worker_id, job, command_message, shutdown)
-        .instrument(span)
-        .await
+/// Who a job runs as and with which limits; its environment is built from an allow-list.
+pub struct Runner {
+    /// uid, gid and home of the jobs' user, when the agent runs as root and drops to it.
+    user: Option<(u32, u32, String)>,
+    /// An error that fails every job (the configured user does not exist).
+    refused: Option<String>,
+    max_open_files: u64,
+    max_processes: u64,
+    /// The agent's LANG and TZ (the only settings of its own a job inherits).
+    locale: Vec<(&'static str, String)>,
 }
 
-async fn execute(
-    client: &Client,
-    js: &JetStream,
-    worker_id: Uuid,
-    job: RunJob,
-    command_message: Option<&jetstream::Message>,
-    shutdown: Shutdown,
-) -> anyhow::Result<()> {
-    let ack = || async {
-        if let Some(message) = command_message {
-            let _ = message.ack().await;
-        }
-    };
-    let mut command = Command::new(&job.command);
-    command
-        .args(&job.args)
-        .envs(&job.env)
-        .env("HODEI_JOB_ID", job.job_id.to_string())
-        .env("HODEI_CORRELATION_ID", &job.correlation_id)
-        .env_remove("HODEI_BOOTSTRAP_TOKEN")
-        .env_remove("TRACEPARENT")
-        .env_remove("TRACESTATE")
-        // A traced program continues the job's trace from here.
-        .envs(
-            context::current()
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+impl Runner {
+    pub fn new(config: &crate::Config) -> anyhow::Result<Runner> {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let (user, refused) = if !root || config.job_user == "root" {
+            (None, None)
+        } else {
+            match lookup_user(&config.job_user) {
+                Some(user) => (Some(user), None),
+                None => (
+                    None,
+                    Some(format!(
+                        "the jobs' user {} does not exist (scripts/setup.sh creates hodei-job; \
+                         HODEI_JOB_USER names another)",
+                        config.job_user
+                    )),
+                ),
+            }
+        };
+        Ok(Runner {
+            user,
+            refused,
+            max_open_files: config.job_max_open_files,
+            max_processes: config.job_max_processes,
+            locale: ["LANG", "TZ"]
                 .into_iter()
-                .map(|(name, value)| (name.to_ascii_uppercase(), value)),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    if let Some(dir) = &job.working_dir {
-        command.current_dir(dir);
+                .filter_map(|name| Some((name, std::env::var(name).ok()?)))
+                .collect(),
+        })
     }
-    let logs = LogShipper::new(js.clone(), job.job_id, job.attempt);
 
-    let mut child = match command.spawn() {
-        Ok(child) => child,
-        Err(error) => {
-            let error = format!("cannot start `{}`: {error}", job.command);
-            tracing::warn!(%error, "job could not start");
-            ack().await;
-            logs.finish(0, None).await;
-            report_finished(client, js, worker_id, &job, None, Some(error)).await;
-            return Ok(());
-        }
-    };
-    let pid = child.id();
-    let started = JobStarted {
-        schema_version: hodei_protocol::SCHEMA_VERSION,
-        worker_id,
-        job_id: job.job_id,
-        attempt: job.attempt,
-        pid,
-    };
-    match reports::send(
-        client,
-        js,
-        subjects::agent_started(worker_id),
-        format!("{worker_id}.{}.{}.started", job.job_id, job.attempt),
-        &job.correlation_id,
-        &started,
-    )
-    .await
-    {
-        Err(error) if !error.code.is_transient() => {
-            tracing::warn!(code = error.code.as_str(), message = %error.message, "start refused; killing the job");
-            let _ = child.kill().await;
-            ack().await;
-            return Ok(());
-        }
-        answer => log_answer("started", answer),
-    }
-    // The start is on record: from here a redelivered RunJob must not run the job again.
-    ack().await;
-    tracing::info!(pid, command = %job.command, "job running");
-
-    let (lines_tx, lines_rx) = mpsc::channel::<LogLine>(4096);
-    let stdout = tokio::spawn(read_lines(
-        child.stdout.take().expect("stdout is piped"),
-        LogStream::Stdout,
-        lines_tx.clone(),
-    ));
-    let stderr = tokio::spawn(read_lines(
-        child.stderr.take().expect("stderr is piped"),
-        LogStream::Stderr,
-        lines_tx,
-    ));
-    let shipping = tokio::spawn(logs.ship(lines_rx));
-
-    let status = tokio::select! {
-        status = child.wait() => status,
-        _ = shutdown.wait() => {
-            tracing::warn!("agent stopping; killing the job");
-            let _ = child.kill().await;
-            child.wait().await
-        }
-    };
-    // Output still buffered in the pipes is read; a grandchild that keeps them open is not
-    // waited for long.
-    for reader in [stdout, stderr] {
-        let abort = reader.abort_handle();
-        if tokio::time::timeout(Duration::from_secs(2), reader)
+    #[allow(clippy::too_many_arguments)]
+    pub async fn run(
+        &self,
+        client: &Client,
+        js: &JetStream,
+        worker_id: Uuid,
+        job: RunJob,
+        command_message: Option<&jetstream::Message>,
+        parent: opentelemetry::Context,
+        shutdown: Shutdown,
+    ) -> anyhow::Result<()> {
+        let span = tracing::info_span!(
+            "run",
+            otel.name = "run job",
+            job_id = %job.job_id,
+            correlation_id = %job.correlation_id,
+            trace_id = tracing::field::Empty,
+        );
+        context::adopt(&span, parent);
+        self.execute(client, js, worker_id, job, command_message, shutdown)
+            .instrument(span)
             .await
-            .is_err()
-        {
-            abort.abort();
-        }
     }
-    let logs = shipping.await.expect("the log shipper does not panic");
-    let (exit_code, error) = match &status {
-        Ok(status) => match status.code() {
-            Some(code) => (Some(code), None),
-            None => (
-                None,
-                Some(format!("the job was ended by a signal ({status})")),
-            ),
-        },
-        Err(e) => (None, Some(format!("cannot wait for the job: {e}"))),
-    };
-    tracing::info!(?exit_code, ?error, "job ended");
-    let batches = logs.seq;
-    logs.finish(batches, exit_code).await;
-    report_finished(client, js, worker_id, &job, exit_code, error).await;
-    Ok(())
+
+    /// The job's command: nothing of the agent's environment but PATH, LANG and TZ, then the
+    /// job's own `env`, its ids and its trace context; as the jobs' user, with limits, in a
+    /// process group of its own.
+    fn command(&self, job: &RunJob) -> Command {
+        let mut command = Command::new(&job.command);
+        let home = match &self.user {
+            Some((_, _, home)) if home != "/nonexistent" && !home.is_empty() => home.clone(),
+            Some(_) => "/tmp".to_owned(),
+            None => std::env::var("HOME").unwrap_or_else(|_| "/tmp".into()),
+        };
+        command
+            .args(&job.args)
+            .env_clear()
+            .env("PATH", DEFAULT_PATH)
+            .env("HOME", home)
+            .envs(self.locale.iter().map(|(k, v)| (k, v)))
+            .envs(&job.env)
+            .env("HODEI_JOB_ID", job.job_id.to_string())
+            .env("HODEI_ATTEMPT", job.attempt.to_string())
+            .env("HODEI_CORRELATION_ID", &job.correlation_id)
+            // A traced program continues the job's trace from here.
+            .envs(
+                context::current()
+                    .into_iter()
+                    .map(|(name, value)| (name.to_ascii_uppercase(), value)),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        if let Some((uid, gid, _)) = self.user {
+            command.uid(uid).gid(gid);
+        }
+        let (nofile, nproc) = (self.max_open_files, self.max_processes);
+        // SAFETY: only async-signal-safe calls (setrlimit) between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                let limit = |resource, value: u64| {
+                    let rlimit = libc::rlimit {
+                        rlim_cur: value,
+                        rlim_max: value,
+                    };
+                    if libc::setrlimit(resource, &rlimit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                };
+                limit(libc::RLIMIT_CORE, 0)?;
+                if nofile > 0 {
+                    limit(libc::RLIMIT_NOFILE, nofile)?;
+                }
+                if nproc > 0 {
+                    limit(libc::RLIMIT_NPROC, nproc)?;
+                }
+                Ok(())
+            });
+        }
+        if let Some(dir) = &job.working_dir {
+            command.current_dir(dir);
+        }
+        command
+    }
+
+    async fn execute(
+        &self,
+        client: &Client,
+        js: &JetStream,
+        worker_id: Uuid,
+        job: RunJob,
+        command_message: Option<&jetstream::Message>,
+        shutdown: Shutdown,
+    ) -> anyhow::Result<()> {
+        let ack = || async {
+            if let Some(message) = command_message {
+                let _ = message.ack().await;
+            }
+        };
+        let mut command = self.command(&job);
+        let logs = LogShipper::new(js.clone(), job.job_id, job.attempt);
+
+        let spawned = match &self.refused {
+            Some(refused) => Err(refused.clone()),
+            None => command
+                .spawn()
+                .map_err(|error| format!("cannot start `{}`: {error}", job.command)),
+        };
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(error) => {
+                tracing::warn!(%error, "job could not start");
+                ack().await;
+                logs.finish(0, None).await;
+                report_finished(client, js, worker_id, &job, None, Some(error)).await;
+                return Ok(());
+            }
+        };
+        let pid = child.id();
+        let started = JobStarted {
+            schema_version: hodei_protocol::SCHEMA_VERSION,
+            worker_id,
+            job_id: job.job_id,
+            attempt: job.attempt,
+            pid,
+        };
+        match reports::send(
+            client,
+            js,
+            subjects::agent_started(worker_id),
+            format!("{worker_id}.{}.{}.started", job.job_id, job.attempt),
+            &job.correlation_id,
+            &started,
+        )
+        .await
+        {
+            Err(error) if !error.code.is_transient() => {
+                tracing::warn!(code = error.code.as_str(), message = %error.message, "start refused; killing the job");
+                let _ = child.kill().await;
+                ack().await;
+                return Ok(());
+            }
+            answer => log_answer("started", answer),
+        }
+        // The start is on record: from here a redelivered RunJob must not run the job again.
+        ack().await;
+        tracing::info!(pid, command = %job.command, "job running");
+
+        let (lines_tx, lines_rx) = mpsc::channel::<LogLine>(4096);
+        let stdout = tokio::spawn(read_lines(
+            child.stdout.take().expect("stdout is piped"),
+            LogStream::Stdout,
+            lines_tx.clone(),
+        ));
+        let stderr = tokio::spawn(read_lines(
+            child.stderr.take().expect("stderr is piped"),
+            LogStream::Stderr,
+            lines_tx,
+        ));
+        let shipping = tokio::spawn(logs.ship(lines_rx));
+
+        let status = tokio::select! {
+            status = child.wait() => status,
+            _ = shutdown.wait() => {
+                tracing::warn!("agent stopping; killing the job");
+                let _ = child.kill().await;
+                child.wait().await
+            }
+        };
+        // Whatever the job left behind (daemons, `setsid` children: they are ours, as the
+        // agent is a child subreaper) ends with it.
+        kill_descendants();
+        // Output still buffered in the pipes is read; a grandchild that keeps them open is not
+        // waited for long.
+        for reader in [stdout, stderr] {
+            let abort = reader.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(2), reader)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+        let logs = shipping.await.expect("the log shipper does not panic");
+        let (exit_code, error) = match &status {
+            Ok(status) => match status.code() {
+                Some(code) => (Some(code), None),
+                None => (
+                    None,
+                    Some(format!("the job was ended by a signal ({status})")),
+                ),
+            },
+            Err(e) => (None, Some(format!("cannot wait for the job: {e}"))),
+        };
+        tracing::info!(?exit_code, ?error, "job ended");
+        let batches = logs.seq;
+        logs.finish(batches, exit_code).await;
+        report_finished(client, js, worker_id, &job, exit_code, error).await;
+        Ok(())
+    }
 }
 
 /// Report how the attempt ended (retried until answered or refused; the answer is logged).
@@ -323,4 +423,105 @@ impl LogShipper {
         }
         tracing::error!(seq = batch.seq, lines = batch.lines.len(), "log batch lost");
     }
+}
+
+/// uid, gid and home directory of `name`.
+fn lookup_user(name: &str) -> Option<(u32, u32, String)> {
+    let name = std::ffi::CString::new(name).ok()?;
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 4096];
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwnam_r writes into pwd and buf, which outlive the call.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            name.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 || found.is_null() {
+        return None;
+    }
+    // SAFETY: pw_dir points into buf, NUL-terminated, when getpwnam_r succeeded.
+    let home = unsafe { std::ffi::CStr::from_ptr(pwd.pw_dir) }
+        .to_string_lossy()
+        .into_owned();
+    Some((pwd.pw_uid, pwd.pw_gid, home))
+}
+
+/// Make the agent the reaper of every orphan below it: a job's process that double-forks or
+/// calls `setsid` is still the agent's descendant, so it is found and ended with the job.
+pub fn become_subreaper() {
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) only sets a flag of this process.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot become a child subreaper");
+    }
+}
+
+/// SIGKILL every descendant of this process (found through /proc), until none is left, and
+/// reap the orphans that were handed to us. Called once the job's own process has been
+/// waited for, so no exit status anyone waits for is taken.
+pub fn kill_descendants() {
+    let me = std::process::id() as i32;
+    for _ in 0..50 {
+        let descendants = descendants_of(me);
+        if descendants.is_empty() {
+            return;
+        }
+        for pid in &descendants {
+            // SAFETY: kill(2) and a non-blocking waitpid(2) of our own descendants.
+            unsafe {
+                libc::kill(*pid, libc::SIGKILL);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        for pid in &descendants {
+            unsafe {
+                libc::waitpid(*pid, std::ptr::null_mut(), libc::WNOHANG);
+            }
+        }
+    }
+    tracing::warn!("processes of the job survived SIGKILL");
+}
+
+/// Live (not zombie) descendants of `root`.
+fn descendants_of(root: i32) -> Vec<i32> {
+    let mut parents = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // pid (comm) state ppid ...: comm may hold spaces and parentheses.
+            let mut fields = stat.rsplit(')').next().unwrap_or("").split_whitespace();
+            let state = fields.next().unwrap_or("");
+            let Some(ppid) = fields.next().and_then(|p| p.parse::<i32>().ok()) else {
+                continue;
+            };
+            parents.push((pid, ppid, state == "Z"));
+        }
+    }
+    let mut found = vec![root];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(
+            parents
+                .iter()
+                .filter(|(pid, ppid, _)| *ppid == parent && !found.contains(pid))
+                .map(|(pid, _, _)| *pid)
+                .collect::<Vec<_>>(),
+        );
+        i += 1;
+    }
+    found
+        .into_iter()
+        .skip(1)
+        .filter(|pid| !parents.iter().any(|(p, _, zombie)| p == pid && *zombie))
+        .collect()
 }

@@ -38,6 +38,29 @@ pub struct Config {
     #[arg(long, env = "HODEI_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
 
+    /// This worker's own NATS credential (a `.creds` file the provider minted for it); read
+    /// at start and then removed.
+    #[arg(long, env = "HODEI_NATS_CREDS")]
+    pub nats_creds: Option<std::path::PathBuf>,
+
+    /// When the agent runs as root, jobs run as this user (its uid, gid and home); `root`
+    /// keeps them as root.
+    #[arg(long, env = "HODEI_JOB_USER", default_value = "hodei-job")]
+    pub job_user: String,
+
+    /// Limit on the open files of a job's processes (RLIMIT_NOFILE).
+    #[arg(long, env = "HODEI_JOB_MAX_OPEN_FILES", default_value_t = 4096)]
+    pub job_max_open_files: u64,
+
+    /// Limit on the processes of the jobs' user (RLIMIT_NPROC; 0 leaves it as it is).
+    #[arg(long, env = "HODEI_JOB_MAX_PROCESSES", default_value_t = 4096)]
+    pub job_max_processes: u64,
+
+    /// Seconds a stopping agent (SIGTERM, or its control plane gone) gives its job and its
+    /// last reports before it kills everything it started and exits.
+    #[arg(long, env = "HODEI_AGENT_STOP_GRACE_SECS", default_value_t = 3)]
+    pub stop_grace_secs: u64,
+
     /// Seconds to wait for a job after registering before giving up and exiting.
     #[arg(long, env = "HODEI_AGENT_IDLE_TIMEOUT_SECS", default_value_t = 300)]
     pub idle_timeout_secs: u64,
@@ -56,10 +79,69 @@ impl std::fmt::Debug for Config {
     }
 }
 
-pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+/// Run the agent until its jobs are done or it is stopped: SIGTERM, or its control plane out
+/// of reach for its lost window. Stopping kills the job; whatever it still has not finished
+/// `stop_grace_secs` later is abandoned, and nothing the job started outlives the agent.
+pub async fn run(config: Config, signals: Shutdown) -> anyhow::Result<()> {
+    job::become_subreaper();
+    let (trigger, shutdown) = Shutdown::new();
+    let (connected_tx, connected) = tokio::sync::watch::channel(true);
+    let grace = Duration::from_secs(config.stop_grace_secs);
+    let stopping = {
+        let (signals, trigger, shutdown) = (signals.clone(), trigger.clone(), shutdown.clone());
+        async move {
+            tokio::select! {
+                _ = signals.wait() => tracing::info!("stopping: the job is killed"),
+                _ = shutdown.wait() => {}
+            }
+            trigger.trigger();
+            tokio::time::sleep(grace).await;
+        }
+    };
+    let result = tokio::select! {
+        result = agent(config, shutdown, trigger, connected_tx, connected) => result,
+        () = stopping => Err(anyhow::anyhow!("stopped before the job's end was reported")),
+    };
+    job::kill_descendants();
+    result
+}
+
+async fn agent(
+    config: Config,
+    shutdown: Shutdown,
+    trigger: hodei_runtime::ShutdownTrigger,
+    connected_tx: tokio::sync::watch::Sender<bool>,
+    connected: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let worker_id = config.worker_id;
-    let client =
-        hodei_messaging::connect(&config.nats_url, &format!("hodei-agent-{worker_id}")).await?;
+    let runner = job::Runner::new(&config)?;
+    let client = hodei_messaging::options(
+        &format!("hodei-agent-{worker_id}"),
+        config.nats_creds.as_deref(),
+    )
+    .await?
+    .event_callback(move |event| {
+        let connected_tx = connected_tx.clone();
+        async move {
+            match event {
+                async_nats::Event::Connected => {
+                    connected_tx.send_replace(true);
+                }
+                async_nats::Event::Disconnected => {
+                    connected_tx.send_replace(false);
+                }
+                _ => {}
+            }
+        }
+    })
+    .retry_on_initial_connect()
+    .connect(&config.nats_url)
+    .await
+    .map_err(nats(format!("connecting to NATS at {}", config.nats_url)))?;
+    if let Some(creds) = &config.nats_creds {
+        // Held in memory from here (reconnections use that copy); nobody needs the file.
+        let _ = std::fs::remove_file(creds);
+    }
     let js = jetstream::new(client.clone());
 
     // Commands wait in their stream, so the command consumer and the registration (after
@@ -68,6 +150,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         let consumer: jetstream::consumer::PullConsumer = js
             .create_consumer_on_stream(
                 pull::Config {
+                    // Named, so that its creation names the filter in the API subject, which
+                    // is all a worker's credential allows.
+                    name: Some(hodei_auth::worker_consumer(worker_id)),
                     filter_subject: subjects::worker_cmd(worker_id),
                     ack_policy: jetstream::consumer::AckPolicy::Explicit,
                     ack_wait: Duration::from_secs(60),
@@ -89,6 +174,11 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         schema_version: hodei_protocol::SCHEMA_VERSION,
         worker_id,
         token: config.token.clone(),
+        instance: Some(format!(
+            "{}{}",
+            Uuid::new_v4().simple(),
+            Uuid::new_v4().simple()
+        )),
         pid: Some(std::process::id()),
         hostname: std::env::var("HOSTNAME").ok(),
     };
@@ -115,6 +205,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let (commands, mut messages) = commands?;
     let registered = registered?;
     tracing::info!(%worker_id, "registered");
+    if let Some(lost_after) = registered.lost_after_ms.map(Duration::from_millis) {
+        tokio::spawn(watchdog(connected, lost_after, trigger));
+    }
     let heartbeats = tokio::spawn(heartbeat(
         client.clone(),
         worker_id,
@@ -136,7 +229,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
                 .into_iter()
                 .collect::<Vec<_>>(),
         );
-        result = job::run(&client, &js, worker_id, run, None, parent, shutdown.clone()).await;
+        result = runner
+            .run(&client, &js, worker_id, run, None, parent, shutdown.clone())
+            .await;
         jobs_left -= 1;
     }
     while jobs_left > 0 && result.is_ok() && !shutdown.is_triggered() {
@@ -163,22 +258,23 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         }
         ran = Some((run.job_id, run.attempt));
         let parent = hodei_messaging::trace::parent_of(message.headers.as_ref());
-        result = job::run(
-            &client,
-            &js,
-            worker_id,
-            run,
-            Some(&message),
-            parent,
-            shutdown.clone(),
-        )
-        .await;
+        result = runner
+            .run(
+                &client,
+                &js,
+                worker_id,
+                run,
+                Some(&message),
+                parent,
+                shutdown.clone(),
+            )
+            .await;
         jobs_left -= 1;
     }
     heartbeats.abort();
-    if let Ok(stream) = js.get_stream(streams::WORKER_CMDS).await {
-        let _ = stream.delete_consumer(&commands.cached_info().name).await;
-    }
+    let _ = js
+        .delete_consumer_from_stream(&commands.cached_info().name, streams::WORKER_CMDS)
+        .await;
     client.flush().await.ok();
     result
 }
@@ -243,6 +339,33 @@ async fn register(
             },
             other => return other,
         }
+    }
+}
+
+/// Once NATS has been out of reach for `lost_after`, the registry has declared this worker
+/// lost and its job may be retried elsewhere: stop, which kills the job.
+async fn watchdog(
+    mut connected: tokio::sync::watch::Receiver<bool>,
+    lost_after: Duration,
+    trigger: hodei_runtime::ShutdownTrigger,
+) {
+    loop {
+        if connected.wait_for(|up| !*up).await.is_err() {
+            return;
+        }
+        tracing::warn!(?lost_after, "disconnected from NATS");
+        if tokio::time::timeout(lost_after, connected.wait_for(|up| *up))
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                ?lost_after,
+                "the control plane was out of reach for the lost window; killing the job and exiting"
+            );
+            trigger.trigger();
+            return;
+        }
+        tracing::info!("reconnected to NATS");
     }
 }
 

@@ -33,9 +33,18 @@ struct Cli {
         long,
         global = true,
         env = "HODEI_NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
+        default_value = DEFAULT_NATS_URL
     )]
     nats_url: String,
+
+    /// NATS credentials (a `.creds` file: a submitter's or an operator's, see `hodei auth`).
+    #[arg(long, global = true, env = "HODEI_NATS_CREDS")]
+    creds: Option<std::path::PathBuf>,
+
+    /// A NATS context (`~/.config/nats/context/NAME.json`, as the `nats` CLI writes it): its
+    /// `url` and `creds` are used unless --nats-url or --creds are given.
+    #[arg(long, global = true, env = "NATS_CONTEXT")]
+    context: Option<String>,
 
     /// Print JSON (one document per command) instead of tables.
     #[arg(long, global = true)]
@@ -103,6 +112,54 @@ enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// Keys and credentials of an installation (works offline, on the state folder).
+    Auth {
+        #[command(subcommand)]
+        command: AuthCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuthCommand {
+    /// Create (once) the operator, the accounts and every service's and role's credential
+    /// under DIR, and write DIR/nats-server.conf; running it again changes nothing that exists.
+    Init {
+        /// The state folder (keys and credentials: never commit it).
+        #[arg(long, default_value = ".hodei/nats")]
+        dir: std::path::PathBuf,
+        /// Address nats-server listens on.
+        #[arg(long, default_value = "127.0.0.1:4222")]
+        listen: String,
+        /// JetStream's store.
+        #[arg(long, default_value = ".hodei/nats/store")]
+        store_dir: std::path::PathBuf,
+    },
+    /// Make a credential for another client: a `submitter` (submit, get, list, cancel,
+    /// follow) or an `operator` (also workers, providers, audit, dead letters). Its inbox
+    /// prefix is `_INBOX.<NAME>`: set it in clients that are not `hodei`.
+    Creds {
+        /// submitter or operator.
+        #[arg(long)]
+        role: ClientRole,
+        /// The credential's name: letters, digits, '-' and '_'.
+        #[arg(long)]
+        name: String,
+        /// Valid for this many seconds (default: no expiry).
+        #[arg(long)]
+        ttl_secs: Option<u64>,
+        /// The state folder made by `hodei auth init`.
+        #[arg(long, default_value = ".hodei/nats")]
+        dir: std::path::PathBuf,
+        /// Where to write it (owner-only); printed to stdout when not given.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ClientRole {
+    Submitter,
+    Operator,
 }
 
 #[derive(Subcommand)]
@@ -226,10 +283,15 @@ fn shown<T: serde::Serialize + ?Sized>(json: bool, value: &T, human: fn(&T)) -> 
     ExitCode::SUCCESS
 }
 
-async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let client = async_nats::ConnectOptions::new()
-        .name("hodei-cli")
-        .connection_timeout(Duration::from_secs(5))
+async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Auth { command } = &cli.command {
+        return auth(command);
+    }
+    if let Some(name) = cli.context.clone() {
+        apply_context(&mut cli, &name)?;
+    }
+    let client = hodei_messaging::options("hodei-cli", cli.creds.as_deref())
+        .await?
         .connect(&cli.nats_url)
         .await
         .with_context(|| format!("cannot reach NATS at {}", cli.nats_url))?;
@@ -420,7 +482,85 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Auth { .. } => unreachable!("answered before connecting"),
     }
+}
+
+const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+
+/// Take the URL and credentials of a NATS context where the command line gave none.
+fn apply_context(cli: &mut Cli, name: &str) -> anyhow::Result<()> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    let config = std::env::var_os("XDG_CONFIG_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(&home).join(".config"));
+    let path = config
+        .join("nats")
+        .join("context")
+        .join(format!("{name}.json"));
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading NATS context {}", path.display()))?;
+    let context: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("NATS context {} is not JSON", path.display()))?;
+    if let Some(url) = context["url"].as_str().filter(|u| !u.is_empty()) {
+        if cli.nats_url == DEFAULT_NATS_URL {
+            cli.nats_url = url.to_owned();
+        }
+    }
+    if let Some(creds) = context["creds"].as_str().filter(|c| !c.is_empty()) {
+        cli.creds.get_or_insert_with(|| creds.into());
+    }
+    Ok(())
+}
+
+/// `hodei auth init|creds`: on the state folder, without NATS.
+fn auth(command: &AuthCommand) -> anyhow::Result<ExitCode> {
+    use hodei_auth::{Authority, Role};
+    match command {
+        AuthCommand::Init {
+            dir,
+            listen,
+            store_dir,
+        } => {
+            let authority = Authority::init(dir)?;
+            for service in hodei_auth::SERVICES {
+                authority.ensure_creds(service, &Role::Service)?;
+            }
+            authority.ensure_creds("submitter", &Role::Submitter)?;
+            authority.ensure_creds("operator", &Role::Operator)?;
+            let conf = dir.join("nats-server.conf");
+            let store_dir = std::path::absolute(store_dir)?;
+            authority.write_server_conf(&conf, listen, &store_dir, "")?;
+            println!("{}", conf.display());
+        }
+        AuthCommand::Creds {
+            role,
+            name,
+            ttl_secs,
+            dir,
+            out,
+        } => {
+            let authority = Authority::init(dir)?;
+            let role = match role {
+                ClientRole::Submitter => Role::Submitter,
+                ClientRole::Operator => Role::Operator,
+            };
+            let ttl = ttl_secs.map(Duration::from_secs);
+            match out {
+                Some(path) => {
+                    authority.signer().write_creds(path, name, &role, ttl)?;
+                    eprintln!(
+                        "wrote {} ({} {name}; inbox prefix {})",
+                        path.display(),
+                        role.as_str(),
+                        hodei_auth::inbox_prefix(name)
+                    );
+                }
+                None => print!("{}", authority.signer().mint(name, &role, ttl)?),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Every audit entry of one correlation id, page after page.

@@ -47,6 +47,27 @@ pub struct Config {
     #[arg(long, env = "HODEI_PROVIDER_CIRCUIT_OPEN_MS", default_value_t = 2000)]
     pub circuit_open_ms: u64,
 
+    /// The account signing key that mints each worker's own NATS credential (`signer.json`
+    /// of `hodei auth init`). Without it agents connect without credentials, which only an
+    /// unauthenticated nats-server accepts.
+    #[arg(long, env = "HODEI_WORKER_SIGNER")]
+    pub worker_signer: Option<PathBuf>,
+
+    /// Where workers' credential files are written (owner-only, removed by the agent once
+    /// read and at teardown).
+    #[arg(long, env = "HODEI_WORKER_CREDS_DIR")]
+    pub worker_creds_dir: Option<PathBuf>,
+
+    /// How long a warm-pool worker's credential is valid (seconds); an ephemeral worker's is
+    /// valid for its job's schedule-to-start and execution timeouts plus five minutes.
+    #[arg(long, env = "HODEI_POOL_CREDENTIAL_TTL_SECS", default_value_t = 6 * 3600)]
+    pub pool_credential_ttl_secs: u64,
+
+    /// cgroup v2 directory under which each worker gets a cgroup of its own (`off`: none).
+    /// By default `hodei` in the unified hierarchy, when the machine has one.
+    #[arg(long, env = "HODEI_CGROUP_ROOT")]
+    pub cgroup_root: Option<String>,
+
     /// Largest number of database connections.
     #[arg(long, env = "HODEI_DB_POOL_SIZE", default_value_t = 10)]
     pub db_pool_size: u32,
@@ -57,6 +78,9 @@ pub(crate) struct State<P> {
     pub actor: Actor,
     pub provider: P,
     pub breaker: hodei_runtime::breaker::Breaker,
+    /// Mints each worker's credential; None on an unauthenticated server.
+    pub signer: Option<hodei_auth::Signer>,
+    pub pool_credential_ttl: std::time::Duration,
 }
 
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
@@ -80,11 +104,25 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         &shutdown,
     )
     .await?;
+    let signer = match &config.worker_signer {
+        Some(path) => Some(
+            hodei_auth::Signer::load(path)
+                .with_context(|| format!("loading the worker signer {}", path.display()))?,
+        ),
+        None => {
+            tracing::warn!("no HODEI_WORKER_SIGNER: agents connect without credentials");
+            None
+        }
+    };
     let provider = ProcessProvider::new(
         agent_bin,
         config.agent_nats_url.unwrap_or(config.common.nats_url),
         std::time::Duration::from_secs(config.stop_grace_secs),
-    );
+        config
+            .worker_creds_dir
+            .unwrap_or_else(|| std::env::temp_dir().join("hodei-worker-creds")),
+        providers::process::cgroup_root(config.cgroup_root.as_deref()),
+    )?;
     let breaker = hodei_runtime::breaker::Breaker::new(
         &format!("provider:{}", provider.name()),
         config.circuit_threshold,
@@ -95,7 +133,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         actor: Actor::service(SERVICE),
         provider,
         breaker,
+        signer,
+        pool_credential_ttl: std::time::Duration::from_secs(config.pool_credential_ttl_secs),
     });
+    handlers::destroy::reconcile(&state).await;
     let providers = {
         let state = state.clone();
         hodei_messaging::api::serve(

@@ -704,9 +704,7 @@ async fn measure_floor(system: &System, options: &Options) -> anyhow::Result<Flo
     let payload = bytes::Bytes::from(vec![b'x'; 256]);
 
     // NATS: an echo responder on a connection of its own, as a service would be.
-    let responder = async_nats::connect(&system.nats.url)
-        .await
-        .context("connect the echo responder")?;
+    let responder = system.nats.connect().await;
     let mut echo = responder.subscribe("hodei-bench.echo").await?;
     responder.flush().await?;
     let echo_task = tokio::spawn(async move {
@@ -869,7 +867,12 @@ async fn measure_floor(system: &System, options: &Options) -> anyhow::Result<Flo
         // `connect` returns before the connection is up (it retries the first connect in
         // the background): the first request carries the handshake, as it does in the agent.
         let t = Instant::now();
-        let client = hodei_messaging::connect(&system.nats.url, "hodei-bench").await?;
+        let client = hodei_messaging::connect(
+            &system.nats.url,
+            "hodei-bench",
+            Some(&system.nats.harness_creds()),
+        )
+        .await?;
         let js = async_nats::jetstream::new(client.clone());
         let stream =
             tokio::time::timeout(Duration::from_secs(5), js.get_stream("HODEI_WORKER_CMDS"))

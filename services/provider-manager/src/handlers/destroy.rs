@@ -8,7 +8,7 @@ use hodei_messaging::consumer::{Delivery, Outcome};
 use hodei_protocol::{ApiError, ErrorCode};
 use hodei_store::{outbox, resources, workers, StoreError};
 
-use crate::providers::Provider;
+use crate::providers::{Provider, Teardown};
 use crate::State;
 
 pub async fn handle<P: Provider>(state: Arc<State<P>>, delivery: Delivery) -> Outcome {
@@ -32,7 +32,7 @@ async fn destroy<P: Provider>(state: &State<P>, delivery: &Delivery) -> Result<(
         let mut conn = state.pool.acquire().await.map_err(StoreError::from)?;
         resources::find(&mut conn, worker_id).await?
     };
-    state
+    let teardown = state
         .provider
         .destroy(worker_id, resource_id.as_deref())
         .await
@@ -42,6 +42,9 @@ async fn destroy<P: Provider>(state: &State<P>, delivery: &Delivery) -> Result<(
                 format!("destroying worker {worker_id}: {e}"),
             )
         })?;
+    if let Teardown::Unconfirmed(why) = &teardown {
+        tracing::warn!(%worker_id, why, "teardown not confirmed");
+    }
     let mut tx = hodei_store::begin(&state.pool).await?;
     let Some(mut worker) = workers::lock(&mut tx, worker_id).await? else {
         return Err(ApiError::not_found(format!(
@@ -58,4 +61,28 @@ async fn destroy<P: Provider>(state: &State<P>, delivery: &Delivery) -> Result<(
     hodei_store::commit(tx).await?;
     tracing::info!(%worker_id, "worker destroyed");
     Ok(())
+}
+
+/// At start: whatever the provider still holds of workers that are Terminated or unknown
+/// (this service was killed while destroying them, or before it recorded them) is destroyed.
+pub async fn reconcile<P: Provider>(state: &State<P>) {
+    let leftovers = state.provider.leftovers();
+    if leftovers.is_empty() {
+        return;
+    }
+    let live: Vec<uuid::Uuid> = match workers::live_among(&state.pool, &leftovers).await {
+        Ok(live) => live,
+        Err(error) => {
+            tracing::warn!(%error, "cannot reconcile the provider's leftovers now");
+            return;
+        }
+    };
+    for worker_id in leftovers.into_iter().filter(|id| !live.contains(id)) {
+        match state.provider.destroy(worker_id, None).await {
+            Ok(_) => tracing::info!(%worker_id, "removed what was left of an ended worker"),
+            Err(error) => {
+                tracing::warn!(%worker_id, %error, "cannot remove an ended worker's leftovers")
+            }
+        }
+    }
 }

@@ -51,6 +51,10 @@ async fn provision<P: Provider>(state: &State<P>, delivery: &Delivery) -> Result
         state.breaker.record(true);
         return Ok(());
     }
+    let creds = match &state.signer {
+        Some(signer) => Some(mint_credential(state, signer, &worker).await?),
+        None => None,
+    };
     let provisioned = worker.provisioned(hash_token(&token), &state.actor)?;
     workers::update(&mut tx, &mut worker).await?;
     outbox::append_events(&mut tx, &[provisioned]).await?;
@@ -61,6 +65,7 @@ async fn provision<P: Provider>(state: &State<P>, delivery: &Delivery) -> Result
         token,
         correlation_id: worker.correlation_id.clone(),
         trace_context: hodei_runtime::telemetry::context::current(),
+        creds,
     };
     match state.provider.create(spec).await {
         Ok(resource_id) => {
@@ -75,6 +80,34 @@ async fn provision<P: Provider>(state: &State<P>, delivery: &Delivery) -> Result
             give_up(state, worker.id, error.to_string()).await
         }
     }
+}
+
+/// The worker's own credential: only its subjects, its command consumer, its inbox and the
+/// logs of the job it is provisioned for; valid for as long as that job may take.
+async fn mint_credential<P: Provider>(
+    state: &State<P>,
+    signer: &hodei_auth::Signer,
+    worker: &hodei_domain::Worker,
+) -> Result<String, ApiError> {
+    let job_id = worker.reserved_job_id.filter(|_| !worker.pooled);
+    let ttl = match job_id {
+        Some(job_id) => match jobs::get(&state.pool, job_id).await? {
+            Some(job) => {
+                job.policy.schedule_to_start()
+                    + job.policy.execution()
+                    + std::time::Duration::from_secs(300)
+            }
+            None => state.pool_credential_ttl,
+        },
+        None => state.pool_credential_ttl,
+    };
+    let role = hodei_auth::Role::Worker {
+        worker_id: worker.id,
+        job_id,
+    };
+    signer
+        .mint(&worker.id.to_string(), &role, Some(ttl))
+        .map_err(|e| ApiError::internal(format!("minting the worker's credential: {e}")))
 }
 
 /// The worker could not be created: it ends, and the job that waits for it is requeued

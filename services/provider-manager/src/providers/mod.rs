@@ -15,6 +15,19 @@ pub struct WorkerSpec {
     pub correlation_id: String,
     /// W3C trace context (`traceparent`, `tracestate`) the agent continues.
     pub trace_context: std::collections::HashMap<String, String>,
+    /// The worker's own NATS credential (`.creds` text), minted for it alone; the provider
+    /// hands it over without putting it in an environment or on a command line.
+    pub creds: Option<String>,
+}
+
+/// How sure a provider is that nothing of a destroyed worker runs any more.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Teardown {
+    /// Everything the worker started is gone (its job may safely run again elsewhere).
+    Confirmed,
+    /// The provider did what it could but cannot prove it (why): a job of that worker must
+    /// not be retried automatically.
+    Unconfirmed(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,5 +49,11 @@ pub trait Provider: Send + Sync + 'static {
         &self,
         worker_id: Uuid,
         resource_id: Option<&str>,
-    ) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    ) -> impl Future<Output = Result<Teardown, ProviderError>> + Send;
+
+    /// Workers of which the provider still holds something (found without this instance's
+    /// memory: after a restart too).
+    fn leftovers(&self) -> Vec<Uuid> {
+        Vec::new()
+    }
 }

@@ -1,8 +1,12 @@
 //! The process provider: each worker is a `hodei-agent` child process in a process group of
-//! its own, so destroying the worker also ends whatever its job started.
+//! its own and, where the machine allows it, in a cgroup (v2) of its own named by the
+//! worker's id. Destroying the worker kills the whole cgroup (`cgroup.kill`), so everything
+//! its job started ends, even after the agent died and this service restarted; without
+//! cgroups the process group is killed, and a worker this instance does not know cannot be
+//! confirmed gone.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,24 +15,92 @@ use tokio::process::Command;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::{Provider, ProviderError, WorkerSpec};
+use super::{Provider, ProviderError, Teardown, WorkerSpec};
+
+/// Variables of this service an agent may inherit (logging, tracing, the jobs' settings);
+/// nothing else of the service's environment (its database URL, its credentials) reaches it.
+const AGENT_ENV: [&str; 8] = [
+    "PATH",
+    "LANG",
+    "TZ",
+    "RUST_LOG",
+    "HODEI_LOG_FORMAT",
+    "HODEI_JOB_",
+    "HODEI_AGENT_",
+    "OTEL_",
+];
 
 pub struct ProcessProvider {
     agent_bin: PathBuf,
     nats_url: String,
     grace: Duration,
+    /// Where each worker's credential file is written (owner-only) for its agent to read.
+    creds_dir: PathBuf,
+    /// The cgroup (v2) under which each worker gets `<worker id>/`; None without cgroups.
+    cgroups: Option<PathBuf>,
     /// Live children of this instance: process group id, and whether the agent has exited.
     children: Arc<Mutex<HashMap<Uuid, (i32, watch::Receiver<bool>)>>>,
 }
 
+/// The cgroup v2 hierarchy under which workers get their cgroups: `setting` if given (`off`:
+/// none), else `hodei` in the unified hierarchy when it is writable.
+pub fn cgroup_root(setting: Option<&str>) -> Option<PathBuf> {
+    match setting {
+        Some("off") => None,
+        Some(path) => Some(PathBuf::from(path)),
+        None => ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+            .into_iter()
+            .map(Path::new)
+            .find(|base| base.join("cgroup.controllers").is_file())
+            .map(|base| base.join("hodei")),
+    }
+}
+
 impl ProcessProvider {
-    pub fn new(agent_bin: PathBuf, nats_url: String, grace: Duration) -> Self {
-        ProcessProvider {
+    pub fn new(
+        agent_bin: PathBuf,
+        nats_url: String,
+        grace: Duration,
+        creds_dir: PathBuf,
+        cgroups: Option<PathBuf>,
+    ) -> Result<Self, ProviderError> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&creds_dir)
+            .map_err(|e| ProviderError(format!("{}: {e}", creds_dir.display())))?;
+        let cgroups = match cgroups {
+            Some(root) => match std::fs::create_dir_all(&root) {
+                Ok(()) => {
+                    tracing::info!(cgroup = %root.display(), "each worker runs in a cgroup of its own");
+                    Some(root)
+                }
+                Err(error) => {
+                    tracing::warn!(cgroup = %root.display(), %error, "no cgroups: workers are tracked by process group only");
+                    None
+                }
+            },
+            None => None,
+        };
+        Ok(ProcessProvider {
             agent_bin,
             nats_url,
             grace,
+            creds_dir,
+            cgroups,
             children: Default::default(),
-        }
+        })
+    }
+
+    fn cgroup_of(&self, worker_id: Uuid) -> Option<PathBuf> {
+        self.cgroups
+            .as_ref()
+            .map(|root| root.join(worker_id.to_string()))
+    }
+
+    fn creds_path(&self, worker_id: Uuid) -> PathBuf {
+        self.creds_dir.join(format!("{worker_id}.creds"))
     }
 }
 
@@ -37,6 +109,42 @@ fn signal_group(pgid: i32, signal: i32) {
     unsafe {
         libc::kill(-pgid, signal);
     }
+}
+
+/// Kill everything in a worker's cgroup and remove it: Ok once it is empty (or was never
+/// there).
+async fn kill_cgroup(cgroup: &Path) -> Result<(), ProviderError> {
+    if !cgroup.is_dir() {
+        return Ok(());
+    }
+    let err =
+        |what: &str, e: std::io::Error| ProviderError(format!("{what} {}: {e}", cgroup.display()));
+    for _ in 0..500 {
+        let populated = std::fs::read_to_string(cgroup.join("cgroup.events"))
+            .map(|events| events.lines().any(|l| l == "populated 1"))
+            .map_err(|e| err("reading", e))?;
+        if !populated {
+            return match std::fs::remove_dir(cgroup) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(err("removing", e)),
+            };
+        }
+        if let Err(error) = std::fs::write(cgroup.join("cgroup.kill"), "1") {
+            // Kernels before 5.14 have no cgroup.kill: signal each member.
+            let procs = std::fs::read_to_string(cgroup.join("cgroup.procs"))
+                .map_err(|_| err("killing", error))?;
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                // SAFETY: kill(2) of a process in the worker's cgroup.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Err(ProviderError(format!(
+        "processes of {} survived cgroup.kill for 5 s",
+        cgroup.display()
+    )))
 }
 
 /// SIGKILL what is left of a reaped agent's process group (its job's processes). The kernel
@@ -74,8 +182,16 @@ impl Provider for ProcessProvider {
     }
 
     async fn create(&self, spec: WorkerSpec) -> Result<String, ProviderError> {
-        let mut child = Command::new(&self.agent_bin)
-            .env("HODEI_WORKER_ID", spec.worker_id.to_string())
+        let worker_id = spec.worker_id;
+        let mut command = Command::new(&self.agent_bin);
+        command
+            .env_clear()
+            .envs(std::env::vars().filter(|(name, _)| {
+                AGENT_ENV.iter().any(|allowed| {
+                    name == allowed || (allowed.ends_with('_') && name.starts_with(allowed))
+                })
+            }))
+            .env("HODEI_WORKER_ID", worker_id.to_string())
             .env("HODEI_BOOTSTRAP_TOKEN", &spec.token)
             .env("HODEI_NATS_URL", &self.nats_url)
             .env("HODEI_CORRELATION_ID", &spec.correlation_id)
@@ -85,11 +201,43 @@ impl Provider for ProcessProvider {
                     .map(|(name, value)| (name.to_ascii_uppercase(), value)),
             )
             .stdin(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .map_err(|e| {
-                ProviderError(format!("cannot start {}: {e}", self.agent_bin.display()))
-            })?;
+            .process_group(0);
+        if let Some(creds) = &spec.creds {
+            let path = self.creds_path(worker_id);
+            hodei_auth::write_private(&path, creds).map_err(|e| ProviderError(e.to_string()))?;
+            command.env("HODEI_NATS_CREDS", &path);
+        }
+        if let Some(cgroup) = self.cgroup_of(worker_id) {
+            std::fs::create_dir_all(&cgroup)
+                .map_err(|e| ProviderError(format!("creating {}: {e}", cgroup.display())))?;
+            let procs = std::ffi::CString::new(
+                cgroup
+                    .join("cgroup.procs")
+                    .into_os_string()
+                    .into_encoded_bytes(),
+            )
+            .map_err(|_| ProviderError("cgroup path with a NUL byte".into()))?;
+            // SAFETY: only open/write/close (async-signal-safe) between fork and exec; the
+            // agent enters its cgroup before it runs, so nothing it starts escapes it.
+            unsafe {
+                command.pre_exec(move || {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                    libc::close(fd);
+                    if written != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command.spawn().map_err(|e| {
+            let _ = std::fs::remove_file(self.creds_path(worker_id));
+            ProviderError(format!("cannot start {}: {e}", self.agent_bin.display()))
+        })?;
         let pid = child
             .id()
             .ok_or_else(|| ProviderError("the agent exited at once".into()))?;
@@ -97,8 +245,7 @@ impl Provider for ProcessProvider {
         self.children
             .lock()
             .expect("children lock")
-            .insert(spec.worker_id, (pid as i32, exited_rx));
-        let worker_id = spec.worker_id;
+            .insert(worker_id, (pid as i32, exited_rx));
         tokio::spawn(async move {
             match child.wait().await {
                 Ok(status) => tracing::info!(%worker_id, pid, %status, "agent exited"),
@@ -108,7 +255,7 @@ impl Provider for ProcessProvider {
             // the agent in its process group, and destroy ends them.
             exited_tx.send_replace(true);
         });
-        tracing::info!(worker_id = %spec.worker_id, pid, "agent started");
+        tracing::info!(%worker_id, pid, "agent started");
         Ok(pid.to_string())
     }
 
@@ -116,47 +263,83 @@ impl Provider for ProcessProvider {
         &self,
         worker_id: Uuid,
         resource_id: Option<&str>,
-    ) -> Result<(), ProviderError> {
+    ) -> Result<Teardown, ProviderError> {
+        let _ = std::fs::remove_file(self.creds_path(worker_id));
         let known = self
             .children
             .lock()
             .expect("children lock")
             .get(&worker_id)
             .cloned();
-        let Some((pgid, mut exited)) = known else {
-            // Not ours (or already reaped): end whatever is left of its process group, but
-            // only if that pid is still this worker's agent (pids are reused).
-            if let Some(pgid) = resource_id
-                .and_then(|r| r.parse::<i32>().ok())
-                .filter(|p| *p > 1)
-            {
-                if is_agent_of(pgid, worker_id) {
-                    signal_group(pgid, libc::SIGKILL);
+        if let Some((pgid, mut exited)) = known.clone() {
+            // Ask the agent first: it kills its job and reports how it ended.
+            if !*exited.borrow() {
+                signal_group(pgid, libc::SIGTERM);
+                if !exited_within(&mut exited, self.grace).await {
+                    tracing::warn!(%worker_id, pgid, "agent ignored SIGTERM; killing it");
                 }
             }
-            return Ok(());
-        };
-        if !*exited.borrow() {
-            signal_group(pgid, libc::SIGTERM);
-            if !exited_within(&mut exited, self.grace).await {
-                tracing::warn!(%worker_id, pgid, "agent ignored SIGTERM; killing it");
+        }
+        let teardown = match self.cgroup_of(worker_id) {
+            // Every process of the worker is in its cgroup, whoever started it and whatever
+            // became of the agent: once it is empty, nothing of the worker runs.
+            Some(cgroup) => {
+                kill_cgroup(&cgroup).await?;
+                Teardown::Confirmed
             }
-        }
-        // The agent is gone or going; nothing its job started may outlive the worker.
-        if !*exited.borrow() {
-            signal_group(pgid, libc::SIGKILL);
-        }
-        let died = exited_within(&mut exited, Duration::from_secs(5)).await;
-        kill_orphans(pgid);
+            None => match &known {
+                Some((pgid, exited)) => {
+                    let mut exited = exited.clone();
+                    if !*exited.borrow() {
+                        signal_group(*pgid, libc::SIGKILL);
+                    }
+                    let died = exited_within(&mut exited, Duration::from_secs(5)).await;
+                    kill_orphans(*pgid);
+                    if !died {
+                        return Err(ProviderError(format!(
+                            "agent of worker {worker_id} (pid {pgid}) did not die"
+                        )));
+                    }
+                    Teardown::Unconfirmed(
+                        "without cgroups, processes that left the agent's process group cannot be found"
+                            .into(),
+                    )
+                }
+                None => {
+                    // Not ours (another instance, or before a restart): end its process
+                    // group, but only if that pid is still this worker's agent.
+                    if let Some(pgid) = resource_id
+                        .and_then(|r| r.parse::<i32>().ok())
+                        .filter(|p| *p > 1)
+                    {
+                        if is_agent_of(pgid, worker_id) {
+                            signal_group(pgid, libc::SIGKILL);
+                        }
+                    }
+                    Teardown::Unconfirmed(format!(
+                        "worker {worker_id} was not started by this instance and there are no cgroups"
+                    ))
+                }
+            },
+        };
         self.children
             .lock()
             .expect("children lock")
             .remove(&worker_id);
-        if !died {
-            return Err(ProviderError(format!(
-                "agent of worker {worker_id} (pid {pgid}) did not die"
-            )));
-        }
-        Ok(())
+        Ok(teardown)
+    }
+
+    fn leftovers(&self) -> Vec<Uuid> {
+        let Some(root) = &self.cgroups else {
+            return Vec::new();
+        };
+        std::fs::read_dir(root)
+            .map(|dir| {
+                dir.flatten()
+                    .filter(|e| e.path().is_dir())
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 }

@@ -29,8 +29,14 @@ pub async fn handle(
     let mut worker = workers::lock(&mut tx, request.worker_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("there is no worker {}", request.worker_id)))?;
+    // The token is spent here; the agent's instance value binds any repeat to this agent.
+    let session_hash = request
+        .instance
+        .as_deref()
+        .map(|instance| hash_token(&format!("{}/{instance}", request.token)));
     let events = worker.register(
         &hash_token(&request.token),
+        session_hash.as_deref(),
         request.pid,
         request.hostname,
         state.lost_after,
@@ -52,6 +58,7 @@ pub async fn handle(
         return Ok(Registered {
             worker_id: worker.id,
             heartbeat_interval_ms: state.heartbeat_interval_ms,
+            lost_after_ms: Some(state.lost_after.as_millis() as u64),
             max_jobs: worker.max_jobs,
             run,
         });
@@ -72,6 +79,7 @@ pub async fn handle(
     Ok(Registered {
         worker_id: worker.id,
         heartbeat_interval_ms: state.heartbeat_interval_ms,
+        lost_after_ms: Some(state.lost_after.as_millis() as u64),
         max_jobs: worker.max_jobs,
         run,
     })
