@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Stop the services started by scripts/up.sh (SIGTERM, then SIGKILL after 10 s).
-# NATS and PostgreSQL are left running.
+# Stop the services and the nats-server started by scripts/up.sh (SIGTERM, then SIGKILL
+# after 10 s). PostgreSQL is left running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for pidfile in .hodei/run/*.pid; do
+for pidfile in $(ls .hodei/run/*.pid 2>/dev/null | grep -v nats-server) .hodei/run/nats-server.pid; do
   [ -f "$pidfile" ] || continue
   pid=$(cat "$pidfile")
   if kill -0 "$pid" 2>/dev/null; then

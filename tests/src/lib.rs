@@ -191,6 +191,14 @@ impl NatsServer {
             .expect("connect to the test's nats-server")
     }
 
+    /// What the server logged (first start and restarts).
+    pub fn log(&self) -> String {
+        ["nats.log", "nats-restarted.log"]
+            .iter()
+            .map(|name| std::fs::read_to_string(self.dir.join(name)).unwrap_or_default())
+            .collect()
+    }
+
     /// Connect with the harness's service credential.
     pub async fn connect(&self) -> async_nats::Client {
         self.connect_as("test-harness", &self.harness_creds()).await

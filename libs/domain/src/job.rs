@@ -177,6 +177,9 @@ pub struct Job {
     pub deadline_at: Option<DateTime<Utc>>,
     /// A retried job waits in Pending until then before it is queued again.
     pub not_before: Option<DateTime<Utc>>,
+    /// A job whose worker was lost waits, too, until the provider confirms that nothing of
+    /// that worker runs any more (so its process can never run twice at once).
+    pub fenced_by: Option<Uuid>,
     /// Optimistic concurrency: the version the row had when it was loaded.
     pub version: i64,
     pub created_at: DateTime<Utc>,
@@ -202,6 +205,7 @@ impl Job {
             start_by,
             deadline_at: Some(start_by),
             not_before: None,
+            fenced_by: None,
             id,
             state: JobState::Pending,
             attempt: 1,
@@ -434,7 +438,10 @@ impl Job {
         jitter: f64,
         actor: &Actor,
     ) -> Result<Vec<DomainEvent>> {
-        if self.state == JobState::Pending && self.not_before.is_some_and(|at| at <= now) {
+        if self.state == JobState::Pending
+            && self.fenced_by.is_none()
+            && self.not_before.is_some_and(|at| at <= now)
+        {
             return Ok(vec![self.release(actor)?]);
         }
         if self.deadline_at.is_none_or(|at| at > now) {
@@ -444,6 +451,17 @@ impl Job {
             format!("{what} within {} ms", limit.as_millis())
         };
         match self.state {
+            JobState::Pending if self.fenced_by.is_some() => {
+                let worker_id = self.fenced_by.take().expect("fenced");
+                Ok(vec![self.fail(
+                    None,
+                    format!(
+                        "its lost worker {worker_id} was never confirmed gone; the job is not \
+                         retried automatically"
+                    ),
+                    actor,
+                )?])
+            }
             JobState::Pending => {
                 Ok(vec![self.time_out(
                     late("not started", self.policy.schedule_to_start()),
@@ -489,14 +507,58 @@ impl Job {
         let reason = format!("worker {worker_id} was lost");
         if self.state.can_retry() && self.policy.retry.retries(self.attempt, RetryOn::Lost) {
             let backoff = self.policy.retry.backoff(self.attempt, jitter);
-            return self.retry(reason, backoff, actor);
+            let mut events = self.retry(
+                format!("{reason}; retried once its teardown is confirmed"),
+                backoff,
+                actor,
+            )?;
+            // Not queued yet, whatever the backoff: the lost worker may still be running the
+            // job. Its confirmed teardown releases it ([`Job::worker_gone`]).
+            events.retain(|event| event.event_type != "JobQueued");
+            self.not_before.get_or_insert(self.updated_at);
+            self.fenced_by = Some(worker_id);
+            return Ok(events);
         }
         Ok(vec![self.fail(None, reason, actor)?])
+    }
+
+    /// The provider has torn down the worker this job waited for. `confirmed`: nothing of it
+    /// runs (the job may run again: queued now, or when its backoff ends); otherwise the job
+    /// fails, as nobody can tell whether its first run is still going.
+    pub fn worker_gone(
+        &mut self,
+        worker_id: Uuid,
+        confirmed: Result<(), String>,
+        actor: &Actor,
+    ) -> Result<Vec<DomainEvent>> {
+        if self.fenced_by != Some(worker_id) || self.state != JobState::Pending {
+            return Ok(Vec::new());
+        }
+        self.fenced_by = None;
+        match confirmed {
+            Ok(()) if self.not_before.is_some_and(|at| at <= Utc::now()) => {
+                Ok(vec![self.release(actor)?])
+            }
+            // Released by the monitor when its backoff ends.
+            Ok(()) => {
+                self.updated_at = Utc::now();
+                Ok(Vec::new())
+            }
+            Err(why) => Ok(vec![self.fail(
+                None,
+                format!(
+                    "worker {worker_id} was lost and its teardown could not be confirmed ({why}); \
+                     the job is not retried automatically"
+                ),
+                actor,
+            )?]),
+        }
     }
 
     fn ended(&mut self) {
         self.deadline_at = None;
         self.not_before = None;
+        self.fenced_by = None;
     }
 
     /// Named transition: an assignment that never ran goes back to Pending, next attempt,
@@ -864,6 +926,67 @@ mod tests {
                 .is_err(),
             "only for the job's own worker"
         );
+    }
+
+    #[test]
+    fn a_job_of_a_lost_worker_runs_again_only_once_that_worker_is_confirmed_gone() {
+        let actor = Actor::service("test");
+        let lost = Uuid::nil();
+        let mut job = job_in(Running);
+        job.policy.retry.max_attempts = 3;
+        let events = job.worker_lost(lost, 0.5, &actor).unwrap();
+        assert!(
+            events.iter().all(|e| e.event_type != "JobQueued"),
+            "not queued while the lost worker may still run it"
+        );
+        assert_eq!(job.fenced_by, Some(lost));
+        let far = Utc::now() + chrono::Duration::days(1);
+        let before_deadline = job.start_by - chrono::Duration::seconds(1);
+        assert!(
+            job.expire(before_deadline.min(far), 0.5, &actor)
+                .unwrap()
+                .is_empty(),
+            "its backoff ending does not release it"
+        );
+        assert!(job
+            .worker_gone(Uuid::now_v7(), Ok(()), &actor)
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            job.fenced_by,
+            Some(lost),
+            "only its own worker's teardown counts"
+        );
+        job.not_before = Some(Utc::now() - chrono::Duration::seconds(1));
+        let released = job.worker_gone(lost, Ok(()), &actor).unwrap();
+        assert_eq!(released[0].event_type, "JobQueued");
+        assert_eq!((job.fenced_by, job.not_before), (None, None));
+
+        // A teardown nobody can confirm fails the job: never an automatic second run.
+        let mut job = job_in(Running);
+        job.policy.retry.max_attempts = 3;
+        job.worker_lost(lost, 0.5, &actor).unwrap();
+        job.worker_gone(lost, Err("no cgroups".into()), &actor)
+            .unwrap();
+        assert_eq!(job.state, Failed);
+        assert!(job
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("could not be confirmed"));
+
+        // Nor does waiting past its start deadline run it: it fails and says why.
+        let mut job = job_in(Running);
+        job.policy.retry.max_attempts = 3;
+        job.worker_lost(lost, 0.5, &actor).unwrap();
+        let late = job.start_by + chrono::Duration::seconds(1);
+        job.expire(late, 0.5, &actor).unwrap();
+        assert_eq!(job.state, Failed);
+        assert!(job
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("never confirmed gone"));
     }
 
     #[test]

@@ -107,9 +107,19 @@ pub async fn connect_only(
     shutdown: &hodei_runtime::Shutdown,
 ) -> anyhow::Result<Connections> {
     use anyhow::Context;
-    let pool = hodei_store::connect_and_migrate(&common.database_url, db_pool_size)
-        .await
-        .context("connecting to PostgreSQL")?;
+    use hodei_runtime::Migrate;
+    let pool = match common.migrate {
+        Migrate::No => hodei_store::connect(&common.database_url, db_pool_size).await,
+        Migrate::Yes | Migrate::Only => {
+            hodei_store::connect_and_migrate(&common.database_url, db_pool_size).await
+        }
+    }
+    .context("connecting to PostgreSQL")?;
+    if common.migrate == Migrate::Only {
+        tracing::info!("migrations applied; exiting (HODEI_MIGRATE=only)");
+        pool.close().await;
+        std::process::exit(0);
+    }
     let (client, js) = hodei_messaging::connect_and_ensure_streams(
         &common.nats_url,
         service,

@@ -38,6 +38,11 @@ pub struct CommonArgs {
     #[arg(long, env = "HODEI_LOG_FORMAT", default_value = "human")]
     pub log_format: LogFormat,
 
+    /// Schema migrations at start: `yes` (apply what is missing), `no` (the database's owner
+    /// applies them; the service's role needs no DDL right), `only` (apply, then exit).
+    #[arg(long, env = "HODEI_MIGRATE", default_value = "yes")]
+    pub migrate: Migrate,
+
     /// Address of /metrics (Prometheus) and /healthz; each service has its own default port
     /// on 127.0.0.1 (relay 9610, scheduler 9611, dispatcher 9612, registry 9613,
     /// provider-manager 9614, audit 9615). Port 0 picks a free one (the log says which).
@@ -61,6 +66,13 @@ impl CommonArgs {
             .await
             .with_context(|| format!("serving metrics on {addr}"))
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Migrate {
+    Yes,
+    No,
+    Only,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -22,6 +22,7 @@ struct JobRow {
     start_by: DateTime<Utc>,
     deadline_at: Option<DateTime<Utc>>,
     not_before: Option<DateTime<Utc>>,
+    fenced_by: Option<Uuid>,
     version: i64,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
@@ -45,6 +46,7 @@ impl TryFrom<JobRow> for Job {
             start_by: row.start_by,
             deadline_at: row.deadline_at,
             not_before: row.not_before,
+            fenced_by: row.fenced_by,
             version: row.version,
             created_at: row.created_at,
             updated_at: row.updated_at,
@@ -55,7 +57,8 @@ impl TryFrom<JobRow> for Job {
 macro_rules! columns {
     () => {
         "id, state, spec, attempt, worker_id, exit_code, error, correlation_id, \
-         idempotency_key, policy, start_by, deadline_at, not_before, version, created_at, updated_at"
+         idempotency_key, policy, start_by, deadline_at, not_before, fenced_by, version, created_at, \
+         updated_at"
     };
 }
 const COLUMNS: &str = columns!();
@@ -76,19 +79,25 @@ pub const NEXT_PENDING_SQL: &str = concat!(
 /// Overdue deadlines and finished backoffs ([`due`]).
 pub const DUE_SQL: &str = "(SELECT id, deadline_at AS due FROM jobs WHERE deadline_at <= now() ORDER BY deadline_at LIMIT $1) \
                            UNION ALL \
-                           (SELECT id, not_before AS due FROM jobs WHERE not_before <= now() ORDER BY not_before LIMIT $1) \
+                           (SELECT id, not_before AS due FROM jobs WHERE not_before <= now() AND fenced_by IS NULL ORDER BY not_before LIMIT $1) \
                            ORDER BY due LIMIT $1";
 /// When the job monitor must look next ([`next_due`]).
 pub const NEXT_DUE_SQL: &str = "SELECT least((SELECT min(deadline_at) FROM jobs WHERE deadline_at IS NOT NULL), \
-                                              (SELECT min(not_before) FROM jobs WHERE not_before IS NOT NULL))";
+                                              (SELECT min(not_before) FROM jobs WHERE not_before IS NOT NULL AND fenced_by IS NULL))";
+/// Jobs that wait for a lost worker's teardown ([`lock_fenced_by`]).
+pub const FENCED_BY_SQL: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM jobs WHERE fenced_by = $1 FOR UPDATE"
+);
 
 /// Insert a new job. Returns false (and writes nothing) when its idempotency key is taken.
 pub async fn insert(conn: &mut PgConnection, job: &Job) -> Result<bool> {
     let result = sqlx::query(
         "INSERT INTO jobs (id, state, spec, attempt, worker_id, exit_code, error, correlation_id, \
                            idempotency_key, version, created_at, updated_at, policy, priority, start_by, \
-                           deadline_at, not_before) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+                           deadline_at, not_before, fenced_by) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
          ON CONFLICT (idempotency_key) DO NOTHING",
     )
     .bind(job.id)
@@ -108,6 +117,7 @@ pub async fn insert(conn: &mut PgConnection, job: &Job) -> Result<bool> {
     .bind(job.start_by)
     .bind(job.deadline_at)
     .bind(job.not_before)
+    .bind(job.fenced_by)
     .execute(conn)
     .await?;
     Ok(result.rows_affected() == 1)
@@ -118,7 +128,7 @@ pub async fn update(conn: &mut PgConnection, job: &mut Job) -> Result<()> {
     let result = sqlx::query(
         "UPDATE jobs SET state = $2, attempt = $3, worker_id = $4, exit_code = $5, error = $6, \
                          updated_at = $7, version = version + 1, start_by = $9, deadline_at = $10, \
-                         not_before = $11 \
+                         not_before = $11, fenced_by = $12 \
          WHERE id = $1 AND version = $8",
     )
     .bind(job.id)
@@ -132,6 +142,7 @@ pub async fn update(conn: &mut PgConnection, job: &mut Job) -> Result<()> {
     .bind(job.start_by)
     .bind(job.deadline_at)
     .bind(job.not_before)
+    .bind(job.fenced_by)
     .execute(conn)
     .await?;
     if result.rows_affected() != 1 {
@@ -171,6 +182,15 @@ pub async fn lock_scheduled_on(conn: &mut PgConnection, worker_id: Uuid) -> Resu
         .fetch_optional(conn)
         .await?;
     row.map(Job::try_from).transpose()
+}
+
+/// The jobs that wait for worker `worker_id`'s teardown to be confirmed, locked.
+pub async fn lock_fenced_by(conn: &mut PgConnection, worker_id: Uuid) -> Result<Vec<Job>> {
+    let rows: Vec<JobRow> = sqlx::query_as(FENCED_BY_SQL)
+        .bind(worker_id)
+        .fetch_all(conn)
+        .await?;
+    rows.into_iter().map(Job::try_from).collect()
 }
 
 /// The next Pending job (highest priority, then oldest) that is not waiting out a retry's

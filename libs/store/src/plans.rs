@@ -26,6 +26,11 @@ pub const HOT_QUERIES: &[HotQuery] = &[
         args: "('00000000-0000-0000-0000-000000000000')",
     },
     HotQuery {
+        name: "jobs fenced by a lost worker (teardown)",
+        sql: jobs::FENCED_BY_SQL,
+        args: "('00000000-0000-0000-0000-000000000000')",
+    },
+    HotQuery {
         name: "jobs due (job monitor)",
         sql: jobs::DUE_SQL,
         args: "(100)",

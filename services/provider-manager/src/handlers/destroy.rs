@@ -6,7 +6,7 @@ use hodei_domain::events::WorkerTerminating;
 use hodei_domain::{DomainEvent, WorkerState};
 use hodei_messaging::consumer::{Delivery, Outcome};
 use hodei_protocol::{ApiError, ErrorCode};
-use hodei_store::{outbox, resources, workers, StoreError};
+use hodei_store::{jobs, outbox, resources, workers, StoreError};
 
 use crate::providers::{Provider, Teardown};
 use crate::State;
@@ -54,9 +54,19 @@ async fn destroy<P: Provider>(state: &State<P>, delivery: &Delivery) -> Result<(
     if worker.state != WorkerState::Terminating {
         return Ok(());
     }
-    let terminated = worker.terminated(&state.actor)?;
+    let mut events = vec![worker.terminated(&state.actor)?];
     workers::update(&mut tx, &mut worker).await?;
-    outbox::append_events(&mut tx, &[terminated]).await?;
+    // A job that waited for this worker to be gone (it was lost) may run again now, or,
+    // if nobody can say its first run is over, fails.
+    let confirmed = match &teardown {
+        Teardown::Confirmed => Ok(()),
+        Teardown::Unconfirmed(why) => Err(why.clone()),
+    };
+    for mut job in jobs::lock_fenced_by(&mut tx, worker_id).await? {
+        events.extend(job.worker_gone(worker_id, confirmed.clone(), &state.actor)?);
+        jobs::update(&mut tx, &mut job).await?;
+    }
+    outbox::append_events(&mut tx, &events).await?;
     resources::forget(&mut tx, worker_id).await?;
     hodei_store::commit(tx).await?;
     tracing::info!(%worker_id, "worker destroyed");
