@@ -574,7 +574,11 @@ impl System {
             // PostgreSQL with its default 100 connections: keep each service's pool small.
             ("HODEI_DB_POOL_SIZE", "3"),
         ];
-        let cgroup = test_cgroup();
+        let cgroup = test_cgroup().filter(|_| {
+            !extra_env
+                .iter()
+                .any(|(k, v)| *k == "HODEI_CGROUP_ROOT" && *v == "off")
+        });
         if let Some(cgroup) = &cgroup {
             env.push(("HODEI_CGROUP_ROOT", cgroup.to_str().expect("a UTF-8 path")));
         }

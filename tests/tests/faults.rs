@@ -467,3 +467,139 @@ async fn deleted_consumers_are_recreated_and_lose_no_job() {
         "the consumer loop noticed and reopened"
     );
 }
+
+/// One run of a job as its own process recorded it: when it started and when it was last
+/// seen alive (it writes a line every second, so a run killed -9 ends there).
+#[derive(Debug)]
+struct Run {
+    start: u128,
+    last: u128,
+    finished: bool,
+}
+
+fn runs_of(dir: &std::path::Path, job_id: Uuid) -> Vec<Run> {
+    let mut runs: Vec<Run> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&job_id.to_string()))
+        .map(|e| {
+            let text = std::fs::read_to_string(e.path()).unwrap();
+            let stamps: Vec<(String, u128)> = text
+                .lines()
+                .filter_map(|l| {
+                    let (what, at) = l.split_once(' ')?;
+                    Some((what.to_owned(), at.trim().parse().ok()?))
+                })
+                .collect();
+            Run {
+                start: stamps.first().map(|s| s.1).unwrap_or(0),
+                last: stamps.last().map(|s| s.1).unwrap_or(0),
+                finished: stamps.iter().any(|s| s.0 == "end"),
+            }
+        })
+        .collect();
+    runs.sort_by_key(|r| r.start);
+    runs
+}
+
+/// 200 jobs of 20–30 s whose processes record their own runs; agents are killed -9 (their
+/// jobs' processes left running), agents are frozen past the lost window, and the
+/// provider-manager is killed -9 and restarted while they run. A lost worker's job runs
+/// again only once that worker is gone: no two runs of one job overlap, every job succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_two_runs_of_one_job_overlap_when_workers_are_lost() {
+    let mut system = System::start_with(&[
+        ("HODEI_HEARTBEAT_INTERVAL_MS", "500"),
+        ("HODEI_WORKER_LOST_AFTER_MS", "3000"),
+        ("HODEI_WORKER_CONNECT_TIMEOUT_MS", "30000"),
+        ("HODEI_MONITOR_INTERVAL_MS", "200"),
+        ("HODEI_MAX_WORKERS", "250"),
+    ])
+    .await;
+    let dir = std::env::temp_dir().join(format!("hodei-runs-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // The jobs run as an unprivileged user: they may write here, and only add their own files.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let policy = JobPolicy {
+        retry: RetryPolicy {
+            max_attempts: 5,
+            initial_backoff_ms: 100,
+            retry_on: vec![RetryOn::Lost],
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let requests: Vec<_> = (0..200)
+        .map(|i| {
+            let seconds = 20 + i % 11;
+            let script = format!(
+                "f={}/$HODEI_JOB_ID.$HODEI_ATTEMPT.$$; echo \"start $(date +%s%N)\" >> $f; \
+                 i=0; while [ $i -lt {seconds} ]; do echo \"alive $(date +%s%N)\" >> $f; \
+                 sleep 1; i=$((i+1)); done; echo \"end $(date +%s%N)\" >> $f",
+                dir.display()
+            );
+            let mut request = job("sh", &["-c", &script]);
+            request.policy = policy.clone();
+            request
+        })
+        .collect();
+    let jobs: Vec<Uuid> = join_all(requests.iter().map(|r| system.submit(r)))
+        .await
+        .into_iter()
+        .map(|a| a.expect("accepted").job_id)
+        .collect();
+    system
+        .wait_for("most jobs running", Duration::from_secs(120), || async {
+            system.agent_pids().len() >= 150
+        })
+        .await;
+    let agents = system.agent_pids();
+    let (killed, frozen) = (&agents[..5], &agents[5..10]);
+    for pid in killed {
+        // SAFETY: kill(2) of agents this test's system started; their jobs run on.
+        unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+    }
+    for pid in frozen {
+        // SAFETY: as above; frozen, they send no heartbeat and do nothing for their jobs.
+        unsafe { libc::kill(*pid as i32, libc::SIGSTOP) };
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let manager = system.service("provider-manager").pid();
+    // SAFETY: kill(2) of a service this test started.
+    unsafe { libc::kill(manager as i32, libc::SIGKILL) };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    system.restart("provider-manager");
+    // Past the lost window, thaw whatever of the frozen agents is still there.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for pid in frozen {
+        // SAFETY: as above.
+        unsafe { libc::kill(*pid as i32, libc::SIGCONT) };
+    }
+
+    system
+        .wait_until_settled(&jobs, Duration::from_secs(240))
+        .await;
+    let mut retried = 0;
+    for job_id in &jobs {
+        let job = system.get(*job_id).await.unwrap();
+        assert_eq!(job.state, JobState::Succeeded, "job {job_id}: {:?}", job.error);
+        let runs = runs_of(&dir, *job_id);
+        assert!(runs.last().is_some_and(|r| r.finished), "job {job_id}: {runs:?}");
+        for pair in runs.windows(2) {
+            assert!(
+                pair[1].start > pair[0].last,
+                "job {job_id} ran twice at once: {runs:?}"
+            );
+        }
+        retried += usize::from(runs.len() > 1);
+    }
+    assert!(retried >= 5, "the lost workers' jobs ran again ({retried})");
+    system
+        .wait_for("no worker process left", Duration::from_secs(30), || async {
+            system.live_agents().is_empty()
+        })
+        .await;
+    eprintln!("200 jobs, {retried} ran more than once, never two runs at once");
+    let _ = std::fs::remove_dir_all(&dir);
+}

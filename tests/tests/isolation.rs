@@ -1,0 +1,172 @@
+//! Jobs hold no keys of the control plane and cannot outlive their worker: the environment
+//! is an allow-list, the process runs unprivileged, whatever it starts (`setsid`, double
+//! forks) ends with it, and an agent without its control plane kills its job and exits.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use hodei_domain::JobState;
+use hodei_tests::{alive, binary, job, System};
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Whether this test runs as root (the provider then starts jobs as `hodei-job`).
+fn root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_sees_only_its_allowed_environment_and_runs_unprivileged() {
+    let system = System::start_with(&[("HODEI_SENTINEL_SECRET", "do-not-leak-me")]).await;
+    let url = system.nats.url.clone();
+    let creds = system.submitter_creds();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(binary("hodei"))
+            .env("HODEI_NATS_CREDS", &creds)
+            .args(["--nats-url", &url, "run", "-e", "MINE=kept", "--", "env"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let names: Vec<&str> = stdout
+        .lines()
+        .filter_map(|line| line.split_once('=').map(|(name, _)| name))
+        .collect();
+    let allowed = [
+        "PATH",
+        "HOME",
+        "LANG",
+        "TZ",
+        "MINE",
+        "HODEI_JOB_ID",
+        "HODEI_ATTEMPT",
+        "HODEI_CORRELATION_ID",
+        "TRACEPARENT",
+        "TRACESTATE",
+    ];
+    for name in &names {
+        assert!(allowed.contains(name), "the job got {name}:\n{stdout}");
+    }
+    for needed in ["PATH", "HOME", "MINE", "HODEI_JOB_ID", "HODEI_ATTEMPT", "HODEI_CORRELATION_ID"] {
+        assert!(names.contains(&needed), "the job lacks {needed}:\n{stdout}");
+    }
+    assert!(!stdout.contains("do-not-leak-me"));
+    assert!(!stdout.contains("BEGIN NATS USER JWT") && !stdout.contains("postgres://"));
+
+    let who = system.submit(&job("id", &["-u"])).await.unwrap().job_id;
+    system
+        .wait_until_settled(&[who], Duration::from_secs(30))
+        .await;
+    let uid: u32 = system
+        .logs_first_line(who)
+        .await
+        .expect("id printed its uid")
+        .trim()
+        .parse()
+        .unwrap();
+    if root() {
+        assert_ne!(uid, 0, "a job started by a root provider does not run as root");
+    }
+}
+
+/// The pids a job printed, one per line, once it has printed `count` of them.
+async fn printed_pids(system: &System, job_id: uuid::Uuid, count: usize) -> Vec<u32> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let stream = system.js.get_stream("HODEI_LOGS").await.unwrap();
+        let mut pids = Vec::new();
+        let mut seq = 1;
+        while let Ok(message) = stream
+            .get_first_raw_message_by_subject(hodei_protocol::subjects::logs(job_id), seq)
+            .await
+        {
+            seq = message.sequence + 1;
+            let batch: hodei_protocol::logs::LogBatch =
+                serde_json::from_slice(&message.payload).unwrap();
+            pids.extend(batch.lines.iter().filter_map(|l| l.line.trim().parse::<u32>().ok()));
+        }
+        if pids.len() >= count {
+            return pids;
+        }
+        assert!(Instant::now() < deadline, "job {job_id} printed {pids:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn gone(pids: &[u32], within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if pids.iter().all(|pid| !alive(*pid)) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Processes a job moved out of its process group and session (`setsid`, a double fork)
+/// end when the job is cancelled. Without cgroups (as here) only the agent, a child
+/// subreaper, can find them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_job_hides_with_setsid_and_double_forks_ends_at_cancel() {
+    let system = System::start_with(&[("HODEI_CGROUP_ROOT", "off")]).await;
+    let script = "setsid sh -c 'echo $$; exec sleep 300' & \
+                  (setsid sh -c 'echo $$; exec sleep 301' &) ; \
+                  echo $$; sleep 302";
+    let job_id = system
+        .submit(&job("sh", &["-c", script]))
+        .await
+        .unwrap()
+        .job_id;
+    let pids = printed_pids(&system, job_id, 3).await;
+    assert!(pids.iter().all(|pid| alive(*pid)), "{pids:?} run");
+    system.cancel(job_id).await.unwrap();
+    system
+        .wait_until_settled(&[job_id], Duration::from_secs(30))
+        .await;
+    assert_eq!(system.get(job_id).await.unwrap().state, JobState::Cancelled);
+    assert!(
+        gone(&pids, Duration::from_secs(10)).await,
+        "processes of a cancelled job outlived it: {:?}",
+        pids.iter().filter(|p| alive(**p)).collect::<Vec<_>>()
+    );
+}
+
+/// With its nats-server gone, an agent kills its job and exits within its lost window and
+/// its grace, instead of running on for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_without_its_control_plane_kills_its_job_and_exits() {
+    let mut system = System::start_with(&[
+        ("HODEI_WORKER_LOST_AFTER_MS", "2000"),
+        ("HODEI_HEARTBEAT_INTERVAL_MS", "300"),
+    ])
+    .await;
+    let job_id = system
+        .submit(&job("sh", &["-c", "echo $$; exec sleep 300"]))
+        .await
+        .unwrap()
+        .job_id;
+    let job_pid = printed_pids(&system, job_id, 1).await[0];
+    let agents = system.agent_pids();
+    assert_eq!(agents.len(), 1, "one agent runs the job");
+    // The services go first, so that nobody tears the worker down: only the agent itself
+    // can end the job now.
+    for service in &mut system.services {
+        service.stop(Duration::from_secs(10));
+    }
+    assert!(alive(job_pid) && alive(agents[0]));
+    let lost_at = Instant::now();
+    system.nats.kill();
+    // Lost window 2 s, grace 3 s, and room for a loaded machine.
+    assert!(
+        gone(&[job_pid, agents[0]], Duration::from_secs(15)).await,
+        "the agent and its job still run {:?} after NATS went away",
+        lost_at.elapsed()
+    );
+}
