@@ -514,6 +514,9 @@ async fn no_two_runs_of_one_job_overlap_when_workers_are_lost() {
         ("HODEI_WORKER_CONNECT_TIMEOUT_MS", "30000"),
         ("HODEI_MONITOR_INTERVAL_MS", "200"),
         ("HODEI_MAX_WORKERS", "250"),
+        // A frozen agent holds its teardown for this long before its cgroup is killed:
+        // without the fence, its job would run again meanwhile.
+        ("HODEI_AGENT_STOP_GRACE_SECS", "10"),
     ])
     .await;
     let dir = std::env::temp_dir().join(format!("hodei-runs-{}", Uuid::new_v4().simple()));
@@ -564,14 +567,16 @@ async fn no_two_runs_of_one_job_overlap_when_workers_are_lost() {
         // SAFETY: as above; frozen, they send no heartbeat and do nothing for their jobs.
         unsafe { libc::kill(*pid as i32, libc::SIGSTOP) };
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Past the lost window, while the provider-manager waits for the frozen agents to stop,
+    // it is killed -9 (it held the only record of their processes in memory) and restarted.
+    tokio::time::sleep(Duration::from_secs(6)).await;
     let manager = system.service("provider-manager").pid();
     // SAFETY: kill(2) of a service this test started.
     unsafe { libc::kill(manager as i32, libc::SIGKILL) };
     tokio::time::sleep(Duration::from_secs(1)).await;
     system.restart("provider-manager");
-    // Past the lost window, thaw whatever of the frozen agents is still there.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Thaw whatever of the frozen agents is still there.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     for pid in frozen {
         // SAFETY: as above.
         unsafe { libc::kill(*pid as i32, libc::SIGCONT) };
