@@ -481,7 +481,11 @@ fn runs_of(dir: &std::path::Path, job_id: Uuid) -> Vec<Run> {
     let mut runs: Vec<Run> = std::fs::read_dir(dir)
         .unwrap()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&job_id.to_string()))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&job_id.to_string())
+        })
         .map(|e| {
             let text = std::fs::read_to_string(e.path()).unwrap();
             let stamps: Vec<(String, u128)> = text
@@ -588,9 +592,17 @@ async fn no_two_runs_of_one_job_overlap_when_workers_are_lost() {
     let mut retried = 0;
     for job_id in &jobs {
         let job = system.get(*job_id).await.unwrap();
-        assert_eq!(job.state, JobState::Succeeded, "job {job_id}: {:?}", job.error);
+        assert_eq!(
+            job.state,
+            JobState::Succeeded,
+            "job {job_id}: {:?}",
+            job.error
+        );
         let runs = runs_of(&dir, *job_id);
-        assert!(runs.last().is_some_and(|r| r.finished), "job {job_id}: {runs:?}");
+        assert!(
+            runs.last().is_some_and(|r| r.finished),
+            "job {job_id}: {runs:?}"
+        );
         for pair in runs.windows(2) {
             assert!(
                 pair[1].start > pair[0].last,
@@ -601,9 +613,11 @@ async fn no_two_runs_of_one_job_overlap_when_workers_are_lost() {
     }
     assert!(retried >= 5, "the lost workers' jobs ran again ({retried})");
     system
-        .wait_for("no worker process left", Duration::from_secs(30), || async {
-            system.live_agents().is_empty()
-        })
+        .wait_for(
+            "no worker process left",
+            Duration::from_secs(30),
+            || async { system.live_agents().is_empty() },
+        )
         .await;
     eprintln!("200 jobs, {retried} ran more than once, never two runs at once");
     let _ = std::fs::remove_dir_all(&dir);

@@ -53,7 +53,14 @@ async fn a_job_sees_only_its_allowed_environment_and_runs_unprivileged() {
     for name in &names {
         assert!(allowed.contains(name), "the job got {name}:\n{stdout}");
     }
-    for needed in ["PATH", "HOME", "MINE", "HODEI_JOB_ID", "HODEI_ATTEMPT", "HODEI_CORRELATION_ID"] {
+    for needed in [
+        "PATH",
+        "HOME",
+        "MINE",
+        "HODEI_JOB_ID",
+        "HODEI_ATTEMPT",
+        "HODEI_CORRELATION_ID",
+    ] {
         assert!(names.contains(&needed), "the job lacks {needed}:\n{stdout}");
     }
     assert!(!stdout.contains("do-not-leak-me"));
@@ -71,7 +78,10 @@ async fn a_job_sees_only_its_allowed_environment_and_runs_unprivileged() {
         .parse()
         .unwrap();
     if root() {
-        assert_ne!(uid, 0, "a job started by a root provider does not run as root");
+        assert_ne!(
+            uid, 0,
+            "a job started by a root provider does not run as root"
+        );
     }
 }
 
@@ -89,7 +99,12 @@ async fn printed_pids(system: &System, job_id: uuid::Uuid, count: usize) -> Vec<
             seq = message.sequence + 1;
             let batch: hodei_protocol::logs::LogBatch =
                 serde_json::from_slice(&message.payload).unwrap();
-            pids.extend(batch.lines.iter().filter_map(|l| l.line.trim().parse::<u32>().ok()));
+            pids.extend(
+                batch
+                    .lines
+                    .iter()
+                    .filter_map(|l| l.line.trim().parse::<u32>().ok()),
+            );
         }
         if pids.len() >= count {
             return pids;

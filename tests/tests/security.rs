@@ -396,3 +396,179 @@ async fn a_spent_bootstrap_token_is_refused() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A job's environment values are secrets: after the job they are nowhere in plaintext
+/// (the stored spec, the outbox, the audit log, the streams, the logs, the metrics), and
+/// `dlq show` masks them. A dead letter replays only into the stream it came from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_secrets_are_kept_nowhere_after_the_job_and_replays_stay_in_their_stream() {
+    use hodei_protocol::api::{DeadLetter, DeadLetterRef, ListDeadLetters, Page};
+    let system = System::start().await;
+    let secret = format!("s3cret-{}", Uuid::new_v4().simple());
+    let mut request = job("sh", &["-c", "test -n \"$API_TOKEN\""]);
+    request.env = [("API_TOKEN".to_owned(), secret.clone())].into();
+    let job_id = system.submit(&request).await.unwrap().job_id;
+    system
+        .wait_until_settled(&[job_id], Duration::from_secs(30))
+        .await;
+    let ended = system.get(job_id).await.unwrap();
+    assert_eq!(
+        ended.state,
+        JobState::Succeeded,
+        "the job had its secret: {ended:?}"
+    );
+
+    // A durable submission no scheduler can read (an unknown field), dead-lettered, with a
+    // secret in its environment.
+    let unreadable = serde_json::json!({
+        "schema_version": 1,
+        "command": "true",
+        "env": {"API_TOKEN": secret},
+        "no_such_field": 1,
+    });
+    system
+        .js
+        .publish_with_headers(
+            subjects::JOBS_SUBMIT,
+            hodei_messaging::message_headers("secret-refused", None),
+            serde_json::to_vec(&unreadable).unwrap().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let list = || async {
+        hodei_messaging::api::request::<_, Page<DeadLetter>>(
+            &system.client,
+            subjects::API_DLQ_LIST,
+            None,
+            &ListDeadLetters {
+                schema_version: 1,
+                limit: Some(100),
+                cursor: None,
+            },
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap()
+        .items
+    };
+    system
+        .wait_for(
+            "the refused submission in the DLQ",
+            Duration::from_secs(30),
+            || async { !list().await.is_empty() },
+        )
+        .await;
+    let dead = list().await.remove(0);
+    assert!(
+        !dead.reason.contains(&secret),
+        "the reason holds the secret"
+    );
+    let shown: DeadLetter = hodei_messaging::api::request(
+        &system.client,
+        subjects::API_DLQ_SHOW,
+        None,
+        &DeadLetterRef {
+            schema_version: 1,
+            seq: dead.seq,
+            actor: None,
+        },
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let shown_text = serde_json::to_string(&shown).unwrap();
+    assert!(
+        !shown_text.contains(&secret),
+        "dlq show prints the secret: {shown_text}"
+    );
+    assert!(shown_text.contains("API_TOKEN"), "the name is shown");
+
+    // Nowhere in the database...
+    for (table, column) in [
+        ("jobs", "spec"),
+        ("outbox_events", "payload"),
+        ("outbox_events", "metadata"),
+        ("audit_log", "payload"),
+    ] {
+        let (found,): (i64,) = sqlx::query_as(&format!(
+            "SELECT count(*) FROM {table} WHERE {column}::text LIKE '%' || $1 || '%'"
+        ))
+        .bind(&secret)
+        .fetch_one(&system.pool)
+        .await
+        .unwrap();
+        assert_eq!(found, 0, "{table}.{column} holds the secret");
+    }
+    // ...nor in the streams the job went through (the refused submission is a dead letter)...
+    for name in [
+        "HODEI_EVENTS",
+        "HODEI_WORKER_CMDS",
+        "HODEI_AGENT",
+        "HODEI_LOGS",
+    ] {
+        let mut stream = system.js.get_stream(name).await.unwrap();
+        let info = stream.info().await.unwrap();
+        for seq in info.state.first_sequence..=info.state.last_sequence {
+            if let Ok(message) = stream.get_raw_message(seq).await {
+                assert!(
+                    !String::from_utf8_lossy(&message.payload).contains(&secret),
+                    "{name} #{seq} holds the secret"
+                );
+            }
+        }
+    }
+    // ...nor in any log or metric.
+    for service in hodei_tests::SERVICES {
+        assert!(
+            !system.log_of(service).contains(&secret),
+            "{service} logged it"
+        );
+        let (_, metrics) = hodei_tests::http_get(&system.metrics_base(service), "/metrics").await;
+        assert!(!metrics.contains(&secret), "{service}'s metrics hold it");
+    }
+
+    // A dead letter whose headers point outside its own stream is not replayed there.
+    let forged = format!("hodei.events.job.{}.JobCompleted", Uuid::now_v7());
+    let mut headers = hodei_messaging::message_headers("forged-dead-letter", None);
+    headers.insert("Hodei-Dlq-Stream", "HODEI_SUBMISSIONS");
+    headers.insert("Hodei-Dlq-Subject", forged.as_str());
+    headers.insert("Hodei-Dlq-Reason", "test");
+    let seq = system
+        .js
+        .publish_with_headers(
+            "hodei.dlq.HODEI_SUBMISSIONS.scheduler-submissions",
+            headers,
+            "{}".into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .sequence;
+    let replay: Result<DeadLetter, ApiError> = hodei_messaging::api::request(
+        &system.client,
+        subjects::API_DLQ_REPLAY,
+        None,
+        &DeadLetterRef {
+            schema_version: 1,
+            seq,
+            actor: Some("mallory".into()),
+        },
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(replay.unwrap_err().code, ErrorCode::Conflict);
+    assert!(
+        system
+            .js
+            .get_stream("HODEI_EVENTS")
+            .await
+            .unwrap()
+            .get_last_raw_message_by_subject(&forged)
+            .await
+            .is_err(),
+        "nothing was published on {forged}"
+    );
+}

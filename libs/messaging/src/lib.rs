@@ -119,6 +119,38 @@ pub async fn options(name: &str, creds: Option<&Path>) -> Result<async_nats::Con
     Ok(options)
 }
 
+/// Whether `subject` matches the NATS subject filter `filter` (`*` one token, `>` the rest).
+pub fn subject_matches(filter: &str, subject: &str) -> bool {
+    let mut subject = subject.split('.');
+    for token in filter.split('.') {
+        match (token, subject.next()) {
+            (">", Some(_)) => return true,
+            (_, None) => return false,
+            ("*", Some(_)) => {}
+            (expected, Some(actual)) if expected == actual => {}
+            _ => return false,
+        }
+    }
+    subject.next().is_none()
+}
+
+/// The subjects of stream `name` as `nats/` defines it (empty for an unknown stream).
+pub fn stream_subjects(name: &str) -> Vec<String> {
+    STREAMS
+        .iter()
+        .find(|(stream, _)| *stream == name)
+        .and_then(|(_, definition)| serde_json::from_str::<serde_json::Value>(definition).ok())
+        .and_then(|definition| {
+            definition["subjects"].as_array().map(|subjects| {
+                subjects
+                    .iter()
+                    .filter_map(|s| s.as_str().map(str::to_owned))
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
 /// Create every stream of `nats/`, or bring an existing one to its definition.
 pub async fn ensure_streams(js: &JetStream) -> Result<()> {
     for (name, definition) in STREAMS {
@@ -198,6 +230,30 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ApiError> {
 
 pub fn encode<T: serde::Serialize>(value: &T) -> Bytes {
     Bytes::from(serde_json::to_vec(value).expect("protocol types always serialize"))
+}
+
+#[cfg(test)]
+mod subject_tests {
+    use super::*;
+
+    #[test]
+    fn filters_match_as_nats_matches_them() {
+        assert!(subject_matches(
+            "hodei.events.>",
+            "hodei.events.job.x.JobQueued"
+        ));
+        assert!(!subject_matches("hodei.events.>", "hodei.events"));
+        assert!(subject_matches("hodei.worker.*.cmd", "hodei.worker.w.cmd"));
+        assert!(!subject_matches(
+            "hodei.worker.*.cmd",
+            "hodei.worker.w.cmd.x"
+        ));
+        assert!(!subject_matches(
+            "hodei.jobs.submit",
+            "hodei.api.jobs.submit"
+        ));
+        assert_eq!(stream_subjects("HODEI_SUBMISSIONS"), ["hodei.jobs.submit"]);
+    }
 }
 
 #[cfg(test)]

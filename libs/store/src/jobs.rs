@@ -128,7 +128,13 @@ pub async fn update(conn: &mut PgConnection, job: &mut Job) -> Result<()> {
     let result = sqlx::query(
         "UPDATE jobs SET state = $2, attempt = $3, worker_id = $4, exit_code = $5, error = $6, \
                          updated_at = $7, version = version + 1, start_by = $9, deadline_at = $10, \
-                         not_before = $11, fenced_by = $12 \
+                         not_before = $11, fenced_by = $12, \
+                         spec = CASE WHEN $2 IN ('Succeeded', 'Failed', 'Cancelled', 'Timeout') \
+                                      AND spec->'env' <> '{}'::jsonb \
+                                     THEN jsonb_set(spec, '{env}', \
+                                          (SELECT coalesce(jsonb_object_agg(key, ''), '{}'::jsonb) \
+                                           FROM jsonb_object_keys(spec->'env') AS key)) \
+                                     ELSE spec END \
          WHERE id = $1 AND version = $8",
     )
     .bind(job.id)
@@ -153,6 +159,10 @@ pub async fn update(conn: &mut PgConnection, job: &mut Job) -> Result<()> {
         });
     }
     job.version += 1;
+    if job.state.is_terminal() {
+        // As the row now holds it: an ended job keeps its environment's names only.
+        job.spec.env.values_mut().for_each(String::clear);
+    }
     Ok(())
 }
 

@@ -150,16 +150,29 @@ impl Outgoing {
     }
 }
 
+/// What marking a row published also does: a command's job environment (its values may be
+/// secrets) is no longer needed once the command is in its stream, and is blanked (the
+/// names stay).
+macro_rules! published {
+    () => {
+        "status = 'published', published_at = now(), attempts = attempts + 1, last_error = NULL, \
+         payload = CASE WHEN kind = 'command' AND payload->'env' <> '{}'::jsonb \
+                        THEN jsonb_set(payload, '{env}', (SELECT coalesce(jsonb_object_agg(key, ''), '{}'::jsonb) \
+                                                          FROM jsonb_object_keys(payload->'env') AS key)) \
+                        ELSE payload END"
+    };
+}
+
 /// Mark rows published by event id, unless the relay (or another publisher) did first.
 pub async fn mark_published_events(conn: &mut PgConnection, event_ids: &[Uuid]) -> Result<u64> {
     if event_ids.is_empty() {
         return Ok(0);
     }
-    let result = sqlx::query(
-        "UPDATE outbox_events SET status = 'published', published_at = now(), \
-                attempts = attempts + 1, last_error = NULL \
-         WHERE event_id = ANY($1) AND status = 'pending'",
-    )
+    let result = sqlx::query(concat!(
+        "UPDATE outbox_events SET ",
+        published!(),
+        " WHERE event_id = ANY($1) AND status = 'pending'"
+    ))
     .bind(event_ids)
     .execute(conn)
     .await?;
@@ -241,11 +254,11 @@ pub async fn mark_published(conn: &mut PgConnection, ids: &[i64]) -> Result<()> 
     if ids.is_empty() {
         return Ok(());
     }
-    sqlx::query(
-        "UPDATE outbox_events SET status = 'published', published_at = now(), \
-                attempts = attempts + 1, last_error = NULL \
-         WHERE id = ANY($1)",
-    )
+    sqlx::query(concat!(
+        "UPDATE outbox_events SET ",
+        published!(),
+        " WHERE id = ANY($1)"
+    ))
     .bind(ids)
     .execute(conn)
     .await?;

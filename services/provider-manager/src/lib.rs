@@ -81,6 +81,7 @@ pub(crate) struct State<P> {
     /// Mints each worker's credential; None on an unauthenticated server.
     pub signer: Option<hodei_auth::Signer>,
     pub pool_credential_ttl: std::time::Duration,
+    pub js: hodei_messaging::JetStream,
 }
 
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
@@ -135,6 +136,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         breaker,
         signer,
         pool_credential_ttl: std::time::Duration::from_secs(config.pool_credential_ttl_secs),
+        js: js.clone(),
     });
     handlers::destroy::reconcile(&state).await;
     let providers = {

@@ -63,11 +63,48 @@ fn view(message: &StreamMessage, with_payload: bool) -> DeadLetter {
         stored_at,
         size: message.payload.len(),
         payload: with_payload.then(|| {
-            serde_json::from_slice(&message.payload).unwrap_or_else(|_| {
+            let mut payload = serde_json::from_slice(&message.payload).unwrap_or_else(|_| {
                 serde_json::Value::String(String::from_utf8_lossy(&message.payload).into_owned())
-            })
+            });
+            mask_env(&mut payload);
+            payload
         }),
     }
+}
+
+/// A job's environment values may be secrets: shown as `***` wherever an `env` object is.
+fn mask_env(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            for (key, inner) in map.iter_mut() {
+                match inner {
+                    Value::Object(env) if key == "env" => {
+                        for secret in env.values_mut() {
+                            *secret = Value::String("***".into());
+                        }
+                    }
+                    other => mask_env(other),
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(mask_env),
+        _ => {}
+    }
+}
+
+/// The streams a dead letter of `source` may go back to: its own stream, or for an outbox
+/// row the streams the outbox writes to.
+fn replay_allowed(source: &str, subject: &str) -> bool {
+    let streams: &[&str] = match source {
+        "outbox" => &[streams::EVENTS, streams::WORKER_CMDS],
+        stream => &[stream],
+    };
+    streams.iter().any(|stream| {
+        hodei_messaging::stream_subjects(stream)
+            .iter()
+            .any(|filter| hodei_messaging::subject_matches(filter, subject))
+    })
 }
 
 pub async fn list(state: State, request: ListDeadLetters) -> Result<Page<DeadLetter>, ApiError> {
@@ -119,6 +156,16 @@ pub async fn replay(state: State, request: DeadLetterRef) -> Result<DeadLetter, 
         return Err(ApiError::new(
             ErrorCode::Conflict,
             "the dead letter does not say where it came from",
+        ));
+    }
+    if !replay_allowed(&dead.source, &dead.original_subject) {
+        tracing::warn!(seq = dead.seq, subject = %dead.original_subject, source = %dead.source, "replay refused: the subject is not one of its stream's");
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!(
+                "dead letter {} would be replayed to {}, which is not a subject of {}",
+                dead.seq, dead.original_subject, dead.source
+            ),
         ));
     }
     let mut map = async_nats::HeaderMap::new();

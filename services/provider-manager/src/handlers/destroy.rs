@@ -70,7 +70,31 @@ async fn destroy<P: Provider>(state: &State<P>, delivery: &Delivery) -> Result<(
     resources::forget(&mut tx, worker_id).await?;
     hodei_store::commit(tx).await?;
     tracing::info!(%worker_id, "worker destroyed");
+    forget_commands(state, worker_id).await;
     Ok(())
+}
+
+/// A worker's commands carry its jobs' environments: once it is gone nobody reads them, and
+/// they leave its stream (an ephemeral agent gets its job in its registration and never
+/// reads the durable copy).
+async fn forget_commands<P: Provider>(state: &State<P>, worker_id: uuid::Uuid) {
+    let stream = state
+        .js
+        .get_stream_no_info(hodei_messaging::streams::WORKER_CMDS)
+        .await;
+    let purged = match stream {
+        Ok(stream) => stream
+            .purge()
+            .filter(hodei_protocol::subjects::worker_cmd(worker_id))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(error) = purged {
+        // Not lost: the stream's max age removes them within a day.
+        tracing::warn!(%worker_id, %error, "cannot purge the worker's commands");
+    }
 }
 
 /// At start: whatever the provider still holds of workers that are Terminated or unknown
