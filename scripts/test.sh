@@ -12,8 +12,29 @@ fi
 
 # The system tests run the service binaries: build them first.
 cargo build --workspace --bins
+started=$(date +%s)
+status=0
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-fail-fast "$@"
+  cargo nextest run --workspace --no-fail-fast "$@" || status=$?
 else
-  cargo test --workspace --no-fail-fast "$@"
+  cargo test --workspace --no-fail-fast "$@" || status=$?
 fi
+
+# Nothing of the suite may outlive it: no agent, no job process (they run in the tests'
+# cgroups, hodei-test-*, or as the jobs' user).
+left=""
+for pid in $(pgrep -f 'hodei-agent' || true); do
+  age=$(ps -o etimes= -p "$pid" 2>/dev/null | tr -d ' ')
+  [ -n "$age" ] && [ "$age" -le $(( $(date +%s) - started + 1 )) ] && left="$left $pid"
+done
+for cgroup in /sys/fs/cgroup/unified/hodei-test-* /sys/fs/cgroup/hodei-test-*; do
+  [ -d "$cgroup" ] || continue
+  members=$(find "$cgroup" -name cgroup.procs -exec cat {} + 2>/dev/null | tr '\n' ' ')
+  [ -n "${members// /}" ] && left="$left $members"
+done
+if [ -n "${left// /}" ]; then
+  echo "[test] processes of the suite are still alive:$left" >&2
+  ps -o pid,user,etimes,args -p "$(echo $left | tr ' ' ',')" >&2 || true
+  status=1
+fi
+exit "$status"

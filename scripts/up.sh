@@ -69,9 +69,11 @@ for service in relay scheduler dispatcher registry provider-manager audit; do
     echo "[up] $service already running (pid $(cat "$pidfile"))"
     continue
   fi
-  signer=()
-  [ "$service" = provider-manager ] && signer=(HODEI_WORKER_SIGNER="$NATS_DIR/signer.json")
-  env HODEI_NATS_CREDS="$NATS_DIR/creds/$service.creds" "${signer[@]}" \
+  own=()
+  [ "$service" = provider-manager ] && own=(HODEI_WORKER_SIGNER="$NATS_DIR/signer.json")
+  # The relay's housekeeping VACUUMs the tables it churns: PostgreSQL 15 lets only their owner.
+  [ "$service" = relay ] && own=(HODEI_DATABASE_URL="$OWNER_URL")
+  env HODEI_NATS_CREDS="$NATS_DIR/creds/$service.creds" "${own[@]}" \
     setsid "$BIN/hodei-$service" >>"$STATE/logs/$service.log" 2>&1 </dev/null &
   echo $! >"$pidfile"
   echo "[up] started $service (pid $!), log $STATE/logs/$service.log"

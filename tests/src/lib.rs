@@ -176,9 +176,10 @@ impl NatsServer {
             .expect("write a test credential")
     }
 
-    /// A credential of a service, for the harness's own checks (streams, consumers).
+    /// The harness's own credential (admin: it inspects streams and consumers, and plays
+    /// parts no client may).
     pub fn harness_creds(&self) -> PathBuf {
-        self.creds("test-harness", &hodei_auth::Role::Service)
+        self.creds("test-harness", &hodei_auth::Role::Admin)
     }
 
     /// Connect as `name` with the credential at `creds`.
@@ -356,9 +357,14 @@ impl Drop for PgCluster {
     }
 }
 
-/// A database of the test's own on the shared PostgreSQL, dropped at the end.
+/// A database of the test's own on the shared PostgreSQL, dropped at the end, as `up.sh`
+/// makes one: owned by a role of its own (who ran the migrations), with a second role that
+/// has only the grants the services use. No service connects as a superuser.
 pub struct Database {
+    /// The owner's URL (migrations, the relay's housekeeping, the tests' own queries).
     pub url: String,
+    /// The services' role: SELECT, INSERT, UPDATE, DELETE, and no DDL.
+    pub app_url: String,
     name: String,
     admin_url: String,
 }
@@ -375,23 +381,47 @@ impl Database {
 
     pub async fn create_on(admin_url: String) -> Database {
         let name = format!("hodei_test_{}", Uuid::new_v4().simple());
+        let password = Uuid::new_v4().simple().to_string();
         let admin = PgPool::connect(&admin_url)
             .await
             .unwrap_or_else(|e| panic!("cannot reach {admin_url}: {e}"));
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&admin)
-            .await
-            .expect("create the test database");
+        for statement in [
+            format!("CREATE ROLE {name}_owner LOGIN PASSWORD '{password}'"),
+            format!("CREATE ROLE {name}_app LOGIN PASSWORD '{password}'"),
+            format!("CREATE DATABASE {name} OWNER {name}_owner"),
+        ] {
+            sqlx::query(&statement)
+                .execute(&admin)
+                .await
+                .unwrap_or_else(|e| panic!("{statement}: {e}"));
+        }
         admin.close().await;
-        let base = admin_url
-            .rsplit_once('/')
-            .map(|(base, _)| base)
-            .unwrap_or(&admin_url);
-        Database {
-            url: format!("{base}/{name}"),
+        let (scheme, rest) = admin_url.split_once("://").expect("a URL");
+        let host = rest.rsplit_once('@').map(|(_, h)| h).unwrap_or(rest);
+        let host = host.split_once('/').map(|(h, _)| h).unwrap_or(host);
+        let url_of = |role: &str| format!("{scheme}://{name}_{role}:{password}@{host}/{name}");
+        let database = Database {
+            url: url_of("owner"),
+            app_url: url_of("app"),
             name,
             admin_url,
+        };
+        let owner = hodei_store::connect_and_migrate(&database.url, 1)
+            .await
+            .expect("migrate the test database as its owner");
+        let app = format!("{}_app", database.name);
+        for statement in [
+            format!("GRANT USAGE ON SCHEMA public TO {app}"),
+            format!("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {app}"),
+            format!("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {app}"),
+        ] {
+            sqlx::query(&statement)
+                .execute(&owner)
+                .await
+                .unwrap_or_else(|e| panic!("{statement}: {e}"));
         }
+        owner.close().await;
+        database
     }
 }
 
@@ -406,9 +436,13 @@ impl Drop for Database {
                 .unwrap();
             runtime.block_on(async {
                 if let Ok(admin) = PgPool::connect(&admin_url).await {
-                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .execute(&admin)
-                        .await;
+                    for statement in [
+                        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+                        format!("DROP ROLE IF EXISTS {name}_app"),
+                        format!("DROP ROLE IF EXISTS {name}_owner"),
+                    ] {
+                        let _ = sqlx::query(&statement).execute(&admin).await;
+                    }
                     admin.close().await;
                 }
             })
@@ -442,6 +476,12 @@ pub fn service_env(
                 .map(|(k, v)| (k.to_string(), v.to_string())),
         )
         .collect();
+    all.retain(|(k, _)| k != "HODEI_TEST_OWNER_DATABASE_URL");
+    if name == "relay" {
+        // The relay's housekeeping VACUUMs its tables: PostgreSQL 15 lets only their owner.
+        all.retain(|(k, _)| k != "HODEI_DATABASE_URL");
+        all.push(("HODEI_DATABASE_URL".into(), db_owner_url(env)));
+    }
     let creds = nats.creds(name, &hodei_auth::Role::Service);
     all.push(("HODEI_NATS_CREDS".into(), creds.display().to_string()));
     if name == "provider-manager" {
@@ -449,6 +489,14 @@ pub fn service_env(
         all.push(("HODEI_WORKER_SIGNER".into(), signer.display().to_string()));
     }
     all
+}
+
+/// The database owner's URL of a system's environment (HODEI_TEST_OWNER_DATABASE_URL).
+fn db_owner_url(env: &[(String, String)]) -> String {
+    env.iter()
+        .find(|(k, _)| k == "HODEI_TEST_OWNER_DATABASE_URL")
+        .map(|(_, v)| v.clone())
+        .expect("the system's environment names the owner's URL")
 }
 
 /// A cgroup (v2) of the test's own for its workers, when the machine has cgroups.
@@ -568,7 +616,10 @@ impl System {
         let log_dir = temp_dir("hodei-logs");
         let mut env = vec![
             ("HODEI_NATS_URL", nats.url.as_str()),
-            ("HODEI_DATABASE_URL", db.url.as_str()),
+            // The services' role has no DDL right: the owner migrated (Database::create).
+            ("HODEI_DATABASE_URL", db.app_url.as_str()),
+            ("HODEI_MIGRATE", "no"),
+            ("HODEI_TEST_OWNER_DATABASE_URL", db.url.as_str()),
             ("HODEI_METRICS_ADDR", "127.0.0.1:0"),
             // Tests run side by side (and fault tests run twelve services) on one shared
             // PostgreSQL with its default 100 connections: keep each service's pool small.

@@ -51,9 +51,13 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AuthError + '_ {
 
 /// Write a file readable by its owner only (keys and credentials).
 pub fn write_private(path: &Path, contents: &str) -> Result<(), AuthError> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(io(parent))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(io(parent))?;
     }
     let tmp = path.with_extension("tmp");
     let mut file = std::fs::OpenOptions::new()

@@ -10,6 +10,9 @@ pub enum Role {
     /// relay): the only ones that publish events and worker commands, answer the API
     /// subjects and manage streams and consumers.
     Service,
+    /// Everything, for the test harness and benchmarks that inspect the system from the
+    /// outside; never a client's or a service's role.
+    Admin,
     /// Submit, get, list and cancel jobs; follow a job's events and logs.
     Submitter,
     /// Everything a submitter may, plus workers, providers, audit and dead letters.
@@ -26,6 +29,7 @@ impl Role {
     pub fn as_str(&self) -> &'static str {
         match self {
             Role::Service => "service",
+            Role::Admin => "admin",
             Role::Submitter => "submitter",
             Role::Operator => "operator",
             Role::Worker { .. } => "worker",
@@ -70,10 +74,42 @@ const FOLLOWED_STREAMS: [&str; 2] = ["HODEI_EVENTS", "HODEI_LOGS"];
 pub fn permissions(role: &Role, name: &str) -> Permissions {
     let own_inbox = format!("{}.>", inbox_prefix(name));
     match role {
-        Role::Service => Permissions {
+        Role::Admin => Permissions {
             publish: vec![">".into()],
             subscribe: vec![">".into()],
         },
+        Role::Service => {
+            // Every service: JetStream (its streams and durable consumers), the subjects
+            // the outbox writes to, dead letters, and answers to any inbox (replies, and
+            // the answers to agents' reports).
+            let publish = [
+                "$JS.API.>",
+                "$JS.ACK.>",
+                "$JS.FC.>",
+                "hodei.events.>",
+                "hodei.worker.*.cmd",
+                "hodei.dlq.>",
+                "_INBOX.>",
+            ];
+            // The subjects it answers, as each service's queue group.
+            let serves: &[&str] = match name {
+                "scheduler" => &CLIENT_APIS,
+                "registry" => &[
+                    "hodei.agent.*.register",
+                    "hodei.agent.*.heartbeat",
+                    "hodei.api.workers.list",
+                ],
+                "audit" => &["hodei.api.audit.query", "hodei.api.dlq.>"],
+                "provider-manager" => &["hodei.api.providers.list"],
+                _ => &[],
+            };
+            Permissions {
+                publish: publish.iter().map(|s| s.to_string()).collect(),
+                subscribe: std::iter::once(own_inbox)
+                    .chain(serves.iter().map(|s| s.to_string()))
+                    .collect(),
+            }
+        }
         Role::Submitter | Role::Operator => {
             let mut publish: Vec<String> = CLIENT_APIS.iter().map(|s| s.to_string()).collect();
             publish.push("hodei.jobs.submit".into());

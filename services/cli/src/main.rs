@@ -292,6 +292,13 @@ async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
     }
     let client = hodei_messaging::options("hodei-cli", cli.creds.as_deref())
         .await?
+        .event_callback(|event| async move {
+            if let async_nats::Event::ServerError(error) = event {
+                if let Ok(mut refusals) = REFUSALS.lock() {
+                    refusals.push(error.to_string());
+                }
+            }
+        })
         .connect(&cli.nats_url)
         .await
         .with_context(|| format!("cannot reach NATS at {}", cli.nats_url))?;
@@ -592,7 +599,26 @@ async fn ask<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
 ) -> anyhow::Result<Resp> {
     request(&client, subject, None, body, timeout)
         .await
-        .map_err(|e| anyhow::anyhow!("{} ({})", e.message, e.code.as_str()))
+        .map_err(|e| match refused(subject) {
+            Some(violation) => anyhow::anyhow!(
+                "{subject} is not allowed for this credential (the server said: {violation}); \
+                 it needs an operator's credential (FORBIDDEN)"
+            ),
+            None => anyhow::anyhow!("{} ({})", e.message, e.code.as_str()),
+        })
+}
+
+/// The server's permission refusals on this connection (a request it refused is dropped
+/// and would otherwise look like a timeout).
+static REFUSALS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn refused(subject: &str) -> Option<String> {
+    REFUSALS
+        .lock()
+        .ok()?
+        .iter()
+        .find(|refusal| refusal.contains(subject))
+        .cloned()
 }
 
 async fn submit(
