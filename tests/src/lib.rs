@@ -888,6 +888,16 @@ impl System {
         .await;
     }
 
+    /// Wait until every job of this system is in a terminal state and its worker Terminated.
+    pub async fn wait_all_settled(&self, limit: Duration) {
+        let ids: Vec<(Uuid,)> = sqlx::query_as("SELECT id FROM jobs")
+            .fetch_all(&self.pool)
+            .await
+            .expect("list the jobs");
+        let ids: Vec<Uuid> = ids.into_iter().map(|(id,)| id).collect();
+        self.wait_until_settled(&ids, limit).await;
+    }
+
     /// Agent processes (`hodei-agent`) of this system that are alive.
     pub fn agent_pids(&self) -> Vec<u32> {
         self.live_agents()
@@ -983,6 +993,7 @@ impl Drop for System {
         }
         let mut left = self.live_agents();
         if !left.is_empty() {
+            eprintln!("processes still alive after the services stopped: {left:?}; NATS goes away now");
             self.nats.kill();
             let lost_after = self
                 .env

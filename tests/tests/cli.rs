@@ -207,6 +207,28 @@ async fn hodei_run_streams_the_output_and_exits_with_the_jobs_code() {
         "{}",
         text(&piped.stderr)
     );
+    // The job goes on without its reader; its agent ends with it.
+    system.wait_all_settled(Duration::from_secs(60)).await;
+
+    // A submitter's credential may not touch dead letters: the server refuses, hodei says so.
+    let forbidden = tokio::task::spawn_blocking({
+        let (url, creds) = (system.nats.url.clone(), system.submitter_creds());
+        move || {
+            Command::new(binary("hodei"))
+                .env("HODEI_NATS_CREDS", creds)
+                .args(["--nats-url", &url, "--timeout-secs", "2", "dlq", "list"])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(forbidden.status.code(), Some(3));
+    assert!(
+        text(&forbidden.stderr).contains("FORBIDDEN"),
+        "{}",
+        text(&forbidden.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
