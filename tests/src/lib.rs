@@ -21,14 +21,7 @@ use hodei_protocol::{subjects, ApiError};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-pub const SERVICES: [&str; 6] = [
-    "relay",
-    "scheduler",
-    "dispatcher",
-    "registry",
-    "provider-manager",
-    "audit",
-];
+pub use hodei_auth::SERVICES;
 
 /// Where the service binaries are: `HODEI_BIN_DIR`, else `target/<profile>/` of the running
 /// executable: a test runs from `target/<profile>/deps/`, a binary of this crate (such as

@@ -49,8 +49,14 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AuthError + '_ {
     }
 }
 
-/// Write a file readable by its owner only (keys and credentials).
+/// Write a file readable by its owner only (keys and credentials), synced to disk.
 pub fn write_private(path: &Path, contents: &str) -> Result<(), AuthError> {
+    write_owner_only(path, contents, true)
+}
+
+/// Write a file readable by its owner only; `sync`: wait until it is on disk (keys), or not
+/// (a worker's credential, which nothing needs after a crash).
+pub fn write_owner_only(path: &Path, contents: &str, sync: bool) -> Result<(), AuthError> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     if let Some(parent) = path.parent() {
         std::fs::DirBuilder::new()
@@ -68,7 +74,9 @@ pub fn write_private(path: &Path, contents: &str) -> Result<(), AuthError> {
         .open(&tmp)
         .map_err(io(&tmp))?;
     file.write_all(contents.as_bytes()).map_err(io(&tmp))?;
-    file.sync_all().map_err(io(&tmp))?;
+    if sync {
+        file.sync_all().map_err(io(&tmp))?;
+    }
     std::fs::rename(&tmp, path).map_err(io(path))
 }
 
