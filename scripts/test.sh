@@ -10,8 +10,10 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked >&2 || true
 fi
 
-# The system tests run the service binaries: build them first.
+# The system tests run the service binaries: build them first, and the images and static
+# agent of the Docker provider's tests.
 cargo build --workspace --bins
+scripts/images.sh >&2
 started=$(date +%s)
 status=0
 if cargo nextest --version >/dev/null 2>&1; then

@@ -81,6 +81,8 @@ pub struct NatsServer {
     pub port: u16,
     dir: PathBuf,
     bin: String,
+    /// The address it listens on: loopback, or every address when containers reach it.
+    host: &'static str,
     pub authority: hodei_auth::Authority,
 }
 
@@ -101,6 +103,11 @@ pub fn nats_server_bin() -> String {
 impl NatsServer {
     /// Start on a free port; a port taken between choosing and binding is retried.
     pub fn start() -> NatsServer {
+        NatsServer::start_on("127.0.0.1")
+    }
+
+    /// Start listening on `host` (`0.0.0.0` for a server containers reach).
+    pub fn start_on(host: &'static str) -> NatsServer {
         let bin = nats_server_bin();
         let dir = temp_dir("hodei-nats");
         let authority =
@@ -108,7 +115,7 @@ impl NatsServer {
         for _ in 0..5 {
             let port = free_port();
             let log_path = dir.join("nats.log");
-            let mut child = NatsServer::spawn(&bin, &authority, &dir, port, &log_path);
+            let mut child = NatsServer::spawn(&bin, &authority, &dir, host, port, &log_path);
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 if let Ok(Some(_)) = child.try_wait() {
@@ -122,6 +129,7 @@ impl NatsServer {
                         port,
                         dir,
                         bin,
+                        host,
                         authority,
                     };
                 }
@@ -139,12 +147,13 @@ impl NatsServer {
         bin: &str,
         authority: &hodei_auth::Authority,
         dir: &Path,
+        host: &str,
         port: u16,
         log_path: &Path,
     ) -> Child {
         let conf = dir.join("nats-server.conf");
         authority
-            .write_server_conf(&conf, &format!("127.0.0.1:{port}"), &dir.join("store"), "")
+            .write_server_conf(&conf, &format!("{host}:{port}"), &dir.join("store"), "")
             .expect("write the server's configuration");
         Command::new(bin)
             .arg("-c")
@@ -208,7 +217,14 @@ impl NatsServer {
         std::thread::sleep(down);
         let log_path = self.dir.join("nats-restarted.log");
         let _ = std::fs::remove_file(&log_path);
-        self.child = NatsServer::spawn(&self.bin, &self.authority, &self.dir, self.port, &log_path);
+        self.child = NatsServer::spawn(
+            &self.bin,
+            &self.authority,
+            &self.dir,
+            self.host,
+            self.port,
+            &log_path,
+        );
         let deadline = Instant::now() + Duration::from_secs(20);
         while !std::fs::read_to_string(&log_path)
             .unwrap_or_default()
@@ -575,6 +591,8 @@ pub struct System {
     env: Vec<(String, String)>,
     /// The cgroup under which this system's workers run (every agent and job process).
     pub cgroup: Option<PathBuf>,
+    /// The Docker network and container label of this system, with the Docker provider.
+    pub docker: Option<DockerNet>,
     pub client: async_nats::Client,
     pub js: async_nats::jetstream::Context,
     pub pool: PgPool,
@@ -600,8 +618,20 @@ impl System {
         System::start_on(Some(PgCluster::start()), extra_env).await
     }
 
+    /// Start with the Docker provider on the real engine: a network of the test's own, a
+    /// nats-server containers reach through it, and every container labelled as the test's
+    /// (none may be left at the end).
+    pub async fn start_with_docker(extra_env: &[(&str, &str)]) -> System {
+        System::start_full(None, true, extra_env).await
+    }
+
     async fn start_on(pg: Option<PgCluster>, extra_env: &[(&str, &str)]) -> System {
-        let nats = NatsServer::start();
+        System::start_full(pg, false, extra_env).await
+    }
+
+    async fn start_full(pg: Option<PgCluster>, docker: bool, extra_env: &[(&str, &str)]) -> System {
+        let nats = NatsServer::start_on(if docker { "0.0.0.0" } else { "127.0.0.1" });
+        let docker = docker.then(DockerNet::create);
         let db = match &pg {
             Some(cluster) => Database::create_on(cluster.admin_url.clone()).await,
             None => Database::create().await,
@@ -618,6 +648,10 @@ impl System {
             // PostgreSQL with its default 100 connections: keep each service's pool small.
             ("HODEI_DB_POOL_SIZE", "3"),
         ];
+        let docker_env = docker.as_ref().map(|net| net.env(nats.port));
+        if let Some(docker_env) = &docker_env {
+            env.extend(docker_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        }
         let cgroup = test_cgroup().filter(|_| {
             !extra_env
                 .iter()
@@ -641,6 +675,7 @@ impl System {
             services,
             env,
             cgroup,
+            docker,
             js,
             client,
             pool: sqlx::postgres::PgPoolOptions::new()
@@ -936,6 +971,93 @@ impl System {
     }
 }
 
+/// A Docker network of a test's own, and the label (`hodei.owner`) its containers carry.
+pub struct DockerNet {
+    pub name: String,
+    /// The host's address on the network: where containers reach the test's nats-server.
+    pub gateway: String,
+}
+
+fn docker(args: &[&str]) -> std::process::Output {
+    Command::new("docker")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run docker {args:?}: {e}"))
+}
+
+impl DockerNet {
+    fn create() -> DockerNet {
+        let name = format!("hodei-test-{}", Uuid::new_v4().simple());
+        let created = docker(&["network", "create", "--label", "hodei.test=1", &name]);
+        assert!(
+            created.status.success(),
+            "docker network create: {}",
+            String::from_utf8_lossy(&created.stderr)
+        );
+        let inspected = docker(&[
+            "network",
+            "inspect",
+            "-f",
+            "{{(index .IPAM.Config 0).Gateway}}",
+            &name,
+        ]);
+        let gateway = String::from_utf8_lossy(&inspected.stdout).trim().to_owned();
+        assert!(!gateway.is_empty(), "the network {name} has a gateway");
+        DockerNet { name, gateway }
+    }
+
+    /// The provider-manager's settings for this network.
+    fn env(&self, nats_port: u16) -> Vec<(String, String)> {
+        let agent = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/static/hodei-agent");
+        assert!(
+            Path::new(agent).is_file(),
+            "{agent} is missing: run scripts/images.sh (scripts/test.sh does)"
+        );
+        [
+            (
+                "HODEI_DOCKER_SOCKET",
+                "unix:///var/run/docker.sock".to_owned(),
+            ),
+            ("HODEI_DOCKER_AGENT_BIN", agent.to_owned()),
+            (
+                "HODEI_DOCKER_NATS_URL",
+                format!("nats://{}:{nats_port}", self.gateway),
+            ),
+            ("HODEI_DOCKER_NETWORK", self.name.clone()),
+            ("HODEI_DOCKER_OWNER", self.name.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    /// The test's containers (running or not), by id.
+    pub fn containers(&self) -> Vec<String> {
+        let listed = docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=hodei.owner={}", self.name),
+        ]);
+        String::from_utf8_lossy(&listed.stdout)
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Remove the test's containers and network; returns the containers that were left.
+    fn remove(&self) -> Vec<String> {
+        let left = self.containers();
+        if !left.is_empty() {
+            let mut args = vec!["rm", "-f"];
+            args.extend(left.iter().map(String::as_str));
+            docker(&args);
+        }
+        docker(&["network", "rm", &self.name]);
+        left
+    }
+}
+
 /// Live processes in `cgroup` and the cgroups below it.
 pub fn cgroup_members(cgroup: &Path) -> Vec<u32> {
     let mut pids = Vec::new();
@@ -986,7 +1108,9 @@ impl Drop for System {
         }
         let mut left = self.live_agents();
         if !left.is_empty() {
-            eprintln!("processes still alive after the services stopped: {left:?}; NATS goes away now");
+            eprintln!(
+                "processes still alive after the services stopped: {left:?}; NATS goes away now"
+            );
             self.nats.kill();
             let lost_after = self
                 .env
@@ -1004,6 +1128,11 @@ impl Drop for System {
         if let Some(cgroup) = &self.cgroup {
             remove_cgroup(cgroup);
         }
+        let containers_left = self
+            .docker
+            .as_ref()
+            .map(|net| net.remove())
+            .unwrap_or_default();
         for pid in &left {
             // SAFETY: kill(2) of a process of this test (found above) that outlived it.
             unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
@@ -1013,6 +1142,10 @@ impl Drop for System {
             assert!(
                 left.is_empty(),
                 "processes of this test outlived it (agents that did not exit without their control plane): {left:?}"
+            );
+            assert!(
+                containers_left.is_empty(),
+                "containers of this test outlived it: {containers_left:?}"
             );
         } else {
             eprintln!("service logs kept in {}", self.log_dir.display());

@@ -119,6 +119,30 @@ pub struct JobSpec {
     pub working_dir: Option<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// A container image to run in (the Docker provider); none: a local process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// What the job's worker gets; none: the provider's defaults.
+    #[serde(default, skip_serializing_if = "Resources::is_empty")]
+    pub resources: Resources,
+}
+
+/// CPU and memory of a job's worker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// Thousandths of a CPU (1000: one CPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_millis: Option<u32>,
+    /// Memory limit in MiB; a job that exceeds it is killed and fails, saying so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u32>,
+}
+
+impl Resources {
+    pub fn is_empty(&self) -> bool {
+        self.cpu_millis.is_none() && self.memory_mb.is_none()
+    }
 }
 
 impl JobSpec {
@@ -137,7 +161,8 @@ impl JobSpec {
             .chain(&self.args)
             .chain(self.env.iter().flat_map(|(k, v)| [k, v]))
             .chain(&self.working_dir)
-            .chain(self.labels.iter().flat_map(|(k, v)| [k, v]));
+            .chain(self.labels.iter().flat_map(|(k, v)| [k, v]))
+            .chain(&self.image);
         let mut total = 0;
         for s in strings {
             if s.contains('\0') {
@@ -153,6 +178,19 @@ impl JobSpec {
         }
         if let Some(key) = self.env.keys().find(|k| k.is_empty() || k.contains('=')) {
             return invalid(format!("environment name '{key}' is empty or contains '='"));
+        }
+        if let Some(image) = &self.image {
+            if image.is_empty() || image.len() > 255 || image.contains(char::is_whitespace) {
+                return invalid(format!(
+                    "image '{image}' must be 1 to 255 characters without spaces"
+                ));
+            }
+        }
+        if self.resources.cpu_millis == Some(0) || self.resources.memory_mb == Some(0) {
+            return invalid("resources must be more than zero".into());
+        }
+        if self.resources.memory_mb.is_some_and(|mb| mb < 6) {
+            return invalid("a memory limit is at least 6 MiB".into());
         }
         Ok(())
     }

@@ -14,6 +14,6 @@ pub mod worker;
 
 pub use error::{DomainError, Result};
 pub use events::{Actor, AggregateType, DomainEvent, EventPayload};
-pub use job::{Job, JobSpec, JobState};
+pub use job::{Job, JobSpec, JobState, Resources};
 pub use policy::{JobPolicy, RetryOn, RetryPolicy};
 pub use worker::{Purpose, Worker, WorkerFault, WorkerState};

@@ -65,7 +65,8 @@ pub fn run_job_of(job: &Job) -> RunJob {
 /// it that worker now. Returns whether it did. Without a free ready worker (no warm pool,
 /// or all busy) it costs one index lookup and takes no lock: the dispatcher places the job.
 pub async fn assign_on_accept(tx: &mut Tx, job: &mut Job, actor: &Actor) -> Result<bool, ApiError> {
-    if !workers::any_free_ready(tx).await? {
+    // A job in a container gets a container of its own (the dispatcher requests it).
+    if job.spec.image.is_some() || !workers::any_free_ready(tx).await? {
         return Ok(false);
     }
     hodei_store::placement_lock(tx).await?;

@@ -154,6 +154,12 @@ pub struct SubmitJob {
     pub working_dir: Option<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// A container image to run the job in (the Docker provider); none: a local process.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// CPU (`cpu_millis`) and memory (`memory_mb`) of the job's worker.
+    #[serde(default)]
+    pub resources: hodei_domain::Resources,
     /// The same key twice makes one job. On the stream, `Nats-Msg-Id` serves when this is absent.
     #[serde(default)]
     pub idempotency_key: Option<String>,
@@ -170,6 +176,8 @@ impl SubmitJob {
             env: self.env.clone(),
             working_dir: self.working_dir.clone(),
             labels: self.labels.clone(),
+            image: self.image.clone(),
+            resources: self.resources,
         }
     }
 }
@@ -225,6 +233,9 @@ pub struct JobView {
     pub args: Vec<String>,
     pub working_dir: Option<String>,
     pub labels: BTreeMap<String, String>,
+    /// The container image it runs in, if any.
+    #[serde(default)]
+    pub image: Option<String>,
     pub attempt: u32,
     pub worker_id: Option<Uuid>,
     pub exit_code: Option<i32>,
@@ -247,6 +258,7 @@ impl From<&hodei_domain::Job> for JobView {
             args: job.spec.args.clone(),
             working_dir: job.spec.working_dir.clone(),
             labels: job.spec.labels.clone(),
+            image: job.spec.image.clone(),
             attempt: job.attempt,
             worker_id: job.worker_id,
             exit_code: job.exit_code,
@@ -372,7 +384,7 @@ macro_rules! current_version_default {
 }
 
 current_version_default! {
-    SubmitJob { command, args, env, working_dir, labels, idempotency_key, policy },
+    SubmitJob { command, args, env, working_dir, labels, image, resources, idempotency_key, policy },
     ListJobs { state, limit, cursor },
     ListWorkers { state, limit, cursor },
     AuditQuery { correlation_id, event_type, aggregate_id, actor, from, to, limit, cursor }

@@ -23,13 +23,14 @@ pub async fn record(
     Ok(())
 }
 
-pub async fn find(conn: &mut PgConnection, worker_id: Uuid) -> Result<Option<String>> {
-    let row: Option<(String,)> =
-        sqlx::query_as("SELECT resource_id FROM provider_resources WHERE worker_id = $1")
+/// The provider and its resource id of a worker.
+pub async fn find(conn: &mut PgConnection, worker_id: Uuid) -> Result<Option<(String, String)>> {
+    Ok(
+        sqlx::query_as("SELECT provider, resource_id FROM provider_resources WHERE worker_id = $1")
             .bind(worker_id)
             .fetch_optional(conn)
-            .await?;
-    Ok(row.map(|(id,)| id))
+            .await?,
+    )
 }
 
 pub async fn forget(conn: &mut PgConnection, worker_id: Uuid) -> Result<()> {

@@ -172,6 +172,7 @@ impl Runner {
             }
         };
         let mut command = self.command(&job);
+        let oom_before = oom_kills();
         let logs = LogShipper::new(js.clone(), job.job_id, job.attempt);
 
         let spawned = match &self.refused {
@@ -259,6 +260,12 @@ impl Runner {
         let (exit_code, error) = match &status {
             Ok(status) => match status.code() {
                 Some(code) => (Some(code), None),
+                None if oom_kills() > oom_before => (
+                    None,
+                    Some(format!(
+                        "the job exceeded its memory limit and was killed ({status}, OOM)"
+                    )),
+                ),
                 None => (
                     None,
                     Some(format!("the job was ended by a signal ({status})")),
@@ -524,4 +531,20 @@ fn descendants_of(root: i32) -> Vec<i32> {
         .skip(1)
         .filter(|pid| !parents.iter().any(|(p, _, zombie)| p == pid && *zombie))
         .collect()
+}
+
+/// How many processes the kernel's OOM killer ended in this agent's memory cgroup (v2
+/// `memory.events`, or v1 `memory.oom_control`; 0 when neither can be read).
+fn oom_kills() -> u64 {
+    [
+        "/sys/fs/cgroup/memory.events",
+        "/sys/fs/cgroup/memory/memory.oom_control",
+    ]
+    .iter()
+    .find_map(|path| {
+        let text = std::fs::read_to_string(path).ok()?;
+        text.lines()
+            .find_map(|line| line.strip_prefix("oom_kill ")?.trim().parse().ok())
+    })
+    .unwrap_or(0)
 }

@@ -31,8 +31,18 @@ pub struct Config {
     pub worker_id: Uuid,
 
     /// One-time bootstrap token, given by the provider; spent at registration.
-    #[arg(long, env = "HODEI_BOOTSTRAP_TOKEN", hide_env_values = true)]
-    pub token: String,
+    #[arg(
+        long,
+        env = "HODEI_BOOTSTRAP_TOKEN",
+        hide_env_values = true,
+        required_unless_present = "token_file"
+    )]
+    pub token: Option<String>,
+
+    /// A file holding the bootstrap token (a container's mounted secrets), instead of
+    /// HODEI_BOOTSTRAP_TOKEN.
+    #[arg(long, env = "HODEI_BOOTSTRAP_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
 
     /// NATS server URL.
     #[arg(long, env = "HODEI_NATS_URL", default_value = "nats://127.0.0.1:4222")]
@@ -115,6 +125,14 @@ async fn agent(
 ) -> anyhow::Result<()> {
     let worker_id = config.worker_id;
     let runner = job::Runner::new(&config)?;
+    let token = match (&config.token, &config.token_file) {
+        (Some(token), _) => token.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading the bootstrap token {}", path.display()))?
+            .trim()
+            .to_owned(),
+        (None, None) => anyhow::bail!("no bootstrap token (HODEI_BOOTSTRAP_TOKEN or _FILE)"),
+    };
     let client = hodei_messaging::options(
         &format!("hodei-agent-{worker_id}"),
         config.nats_creds.as_deref(),
@@ -173,7 +191,7 @@ async fn agent(
     let registration = RegisterWorker {
         schema_version: hodei_protocol::SCHEMA_VERSION,
         worker_id,
-        token: config.token.clone(),
+        token,
         instance: Some(format!(
             "{}{}",
             Uuid::new_v4().simple(),

@@ -217,6 +217,15 @@ struct JobArgs {
     /// Higher runs first when jobs wait for workers (-1000 to 1000).
     #[arg(long, allow_hyphen_values = true)]
     priority: Option<i32>,
+    /// Run in a container of this image (the Docker provider) instead of a local process.
+    #[arg(long)]
+    image: Option<String>,
+    /// CPU for the job, in thousandths of a CPU (1000: one CPU).
+    #[arg(long)]
+    cpu_millis: Option<u32>,
+    /// Memory limit in MiB; a job that exceeds it fails, saying so.
+    #[arg(long)]
+    memory_mb: Option<u32>,
     /// The command and its arguments, after `--`.
     #[arg(required = true, last = true)]
     command: Vec<String>,
@@ -636,6 +645,11 @@ async fn submit(
         env: args.env.into_iter().collect::<BTreeMap<_, _>>(),
         working_dir: args.workdir,
         labels: args.label.into_iter().collect(),
+        image: args.image,
+        resources: hodei_domain::Resources {
+            cpu_millis: args.cpu_millis,
+            memory_mb: args.memory_mb,
+        },
         idempotency_key: args.key,
         policy: policy_of(
             &args.start_timeout,

@@ -68,16 +68,57 @@ pub struct Config {
     #[arg(long, env = "HODEI_CGROUP_ROOT")]
     pub cgroup_root: Option<String>,
 
+    /// The Docker Engine's socket (`unix:///var/run/docker.sock`): jobs that name an image
+    /// run in containers there. Without it, such jobs fail (no provider can run them).
+    #[arg(long, env = "HODEI_DOCKER_SOCKET")]
+    pub docker_socket: Option<String>,
+
+    /// The statically linked agent bind-mounted into containers (scripts/static-agent.sh).
+    #[arg(
+        long,
+        env = "HODEI_DOCKER_AGENT_BIN",
+        default_value = "target/static/hodei-agent"
+    )]
+    pub docker_agent_bin: PathBuf,
+
+    /// NATS URL as containers reach it; by default the agents' URL.
+    #[arg(long, env = "HODEI_DOCKER_NATS_URL")]
+    pub docker_nats_url: Option<String>,
+
+    /// Docker network containers join.
+    #[arg(long, env = "HODEI_DOCKER_NETWORK", default_value = "bridge")]
+    pub docker_network: String,
+
+    /// uid:gid a container's processes run as (never root).
+    #[arg(long, env = "HODEI_DOCKER_USER", default_value = "65534:65534")]
+    pub docker_user: String,
+
+    /// CPU of a container whose job asks for none (thousandths of a CPU).
+    #[arg(long, env = "HODEI_DOCKER_DEFAULT_CPU_MILLIS", default_value_t = 1000)]
+    pub docker_default_cpu_millis: u32,
+
+    /// Memory limit of a container whose job asks for none (MiB).
+    #[arg(long, env = "HODEI_DOCKER_DEFAULT_MEMORY_MB", default_value_t = 512)]
+    pub docker_default_memory_mb: u32,
+
+    /// Label value (`hodei.owner`) on this installation's containers; reconciling removes
+    /// only containers that carry it.
+    #[arg(long, env = "HODEI_DOCKER_OWNER", default_value = "hodei")]
+    pub docker_owner: String,
+
+    /// Seconds between two reconciliations of what the providers hold with the workers.
+    #[arg(long, env = "HODEI_RECONCILE_SECS", default_value_t = 30)]
+    pub reconcile_secs: u64,
+
     /// Largest number of database connections.
     #[arg(long, env = "HODEI_DB_POOL_SIZE", default_value_t = 10)]
     pub db_pool_size: u32,
 }
 
-pub(crate) struct State<P> {
+pub(crate) struct State {
     pub pool: PgPool,
     pub actor: Actor,
-    pub provider: P,
-    pub breaker: hodei_runtime::breaker::Breaker,
+    pub providers: providers::Providers,
     /// Mints each worker's credential; None on an unauthenticated server.
     pub signer: Option<hodei_auth::Signer>,
     pub pool_credential_ttl: std::time::Duration,
@@ -115,30 +156,84 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             None
         }
     };
-    let provider = ProcessProvider::new(
+    let process = ProcessProvider::new(
         agent_bin,
-        config.agent_nats_url.unwrap_or(config.common.nats_url),
+        config
+            .agent_nats_url
+            .clone()
+            .unwrap_or_else(|| config.common.nats_url.clone()),
         std::time::Duration::from_secs(config.stop_grace_secs),
         config
             .worker_creds_dir
+            .clone()
             .unwrap_or_else(|| std::env::temp_dir().join("hodei-worker-creds")),
         providers::process::cgroup_root(config.cgroup_root.as_deref()),
     )?;
-    let breaker = hodei_runtime::breaker::Breaker::new(
-        &format!("provider:{}", provider.name()),
-        config.circuit_threshold,
-        std::time::Duration::from_millis(config.circuit_open_ms),
-    );
+    let breaker = |name: &str| {
+        hodei_runtime::breaker::Breaker::new(
+            &format!("provider:{name}"),
+            config.circuit_threshold,
+            std::time::Duration::from_millis(config.circuit_open_ms),
+        )
+    };
+    let docker = match &config.docker_socket {
+        Some(socket) => {
+            let agent_bin = std::path::absolute(&config.docker_agent_bin)?;
+            anyhow::ensure!(
+                agent_bin.is_file(),
+                "the static agent {} does not exist (scripts/static-agent.sh builds it)",
+                agent_bin.display()
+            );
+            let settings = providers::docker::DockerSettings {
+                socket: socket.clone(),
+                agent_bin,
+                nats_url: config
+                    .docker_nats_url
+                    .clone()
+                    .or_else(|| config.agent_nats_url.clone())
+                    .unwrap_or_else(|| config.common.nats_url.clone()),
+                network: config.docker_network.clone(),
+                secrets_dir: config
+                    .worker_creds_dir
+                    .clone()
+                    .unwrap_or_else(|| std::env::temp_dir().join("hodei-worker-creds"))
+                    .join("containers"),
+                user: config.docker_user.clone(),
+                default_cpu_millis: config.docker_default_cpu_millis,
+                default_memory_mb: config.docker_default_memory_mb,
+                owner: config.docker_owner.clone(),
+            };
+            let docker = providers::docker::DockerProvider::connect(settings).await?;
+            tracing::info!(socket, "docker provider ready");
+            Some((docker, breaker("docker")))
+        }
+        None => None,
+    };
     let state = Arc::new(State {
         pool,
         actor: Actor::service(SERVICE),
-        provider,
-        breaker,
+        providers: providers::Providers {
+            process,
+            process_breaker: breaker("process"),
+            docker,
+        },
         signer,
         pool_credential_ttl: std::time::Duration::from_secs(config.pool_credential_ttl_secs),
         js: js.clone(),
     });
-    handlers::destroy::reconcile(&state).await;
+    let reconciling = {
+        let state = state.clone();
+        let every = std::time::Duration::from_secs(config.reconcile_secs.max(1));
+        let shutdown = shutdown.clone();
+        async move {
+            loop {
+                handlers::destroy::reconcile(&state).await;
+                if shutdown.guard(tokio::time::sleep(every)).await.is_none() {
+                    return;
+                }
+            }
+        }
+    };
     let providers = {
         let state = state.clone();
         hodei_messaging::api::serve(
@@ -147,13 +242,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             "hodei-provider-manager",
             shutdown.clone(),
             move |_: serde_json::Value, _| {
-                let view = state.breaker.view();
-                let provider = state.provider.name();
-                async move {
-                    let mut view = serde_json::to_value(view).expect("serializable");
-                    view["provider"] = provider.into();
-                    Ok::<_, hodei_protocol::ApiError>(vec![view])
-                }
+                let views = state.providers.views();
+                async move { Ok::<_, hodei_protocol::ApiError>(views) }
             },
         )
     };
@@ -180,7 +270,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         shutdown.clone(),
         |delivery| handlers::destroy::handle(state.clone(), delivery),
     );
-    let (providers, (), ()) = tokio::join!(providers, requests, terminations);
+    let (providers, (), (), ()) = tokio::join!(providers, requests, terminations, reconciling);
     providers?;
     tracing::info!("stopped");
     Ok(())

@@ -22,9 +22,15 @@ pub(crate) async fn place_pending(state: &State, limit: usize) -> Result<usize, 
             break;
         };
         let waited = chrono::Utc::now() - job.updated_at;
-        if let Some(mut worker) = workers::lock_free_ready(&mut tx).await? {
+        // A job in a container gets a container of its own: never a warm-pool process.
+        let in_container = job.spec.image.is_some();
+        let free = match in_container {
+            true => None,
+            false => workers::lock_free_ready(&mut tx).await?,
+        };
+        if let Some(mut worker) = free {
             send_job(&mut tx, &mut job, &mut worker, &state.actor).await?;
-        } else if state.warm_pool.is_none() && room(&mut tx, state).await? > 0 {
+        } else if (in_container || state.warm_pool.is_none()) && room(&mut tx, state).await? > 0 {
             schedule_on_new_worker(&mut tx, state, &mut job).await?;
         } else {
             tracing::debug!(job_id = %job.id, "no free worker and no room for one; the job waits");

@@ -47,7 +47,10 @@ async fn dispatch(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
         outbox::append_events(&mut tx, &[event]).await?;
         tracing::info!(worker_id = %worker.id, "pool worker torn down: no warm pool any more");
     } else if let Some(mut job) = jobs::lock_next_pending(&mut tx).await? {
-        send_job(&mut tx, &mut job, &mut worker, &state.actor).await?;
+        // A job in a container waits for a container of its own, not this pool process.
+        if job.spec.image.is_none() {
+            send_job(&mut tx, &mut job, &mut worker, &state.actor).await?;
+        }
     }
     hodei_store::commit(tx).await?;
     Ok(())

@@ -8,15 +8,15 @@ use hodei_messaging::consumer::{Delivery, Outcome};
 use hodei_protocol::{ApiError, ErrorCode};
 use hodei_store::{jobs, outbox, resources, workers, StoreError};
 
-use crate::providers::{Provider, Teardown};
+use crate::providers::Teardown;
 use crate::State;
 
-pub async fn handle<P: Provider>(state: Arc<State<P>>, delivery: Delivery) -> Outcome {
+pub async fn handle(state: Arc<State>, delivery: Delivery) -> Outcome {
     Outcome::from_result(destroy(&state, &delivery).await)
 }
 
 #[tracing::instrument(name = "destroy", skip_all)]
-async fn destroy<P: Provider>(state: &State<P>, delivery: &Delivery) -> Result<(), ApiError> {
+async fn destroy(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
     let event: DomainEvent = delivery.decode()?;
     let terminating: WorkerTerminating = match event.decode() {
         Some(Ok(terminating)) => terminating,
@@ -28,13 +28,17 @@ async fn destroy<P: Provider>(state: &State<P>, delivery: &Delivery) -> Result<(
         }
     };
     let worker_id = terminating.worker_id;
-    let resource_id = {
+    let resource = {
         let mut conn = state.pool.acquire().await.map_err(StoreError::from)?;
         resources::find(&mut conn, worker_id).await?
     };
+    let (provider, resource_id) = match &resource {
+        Some((provider, id)) => (Some(provider.as_str()), Some(id.as_str())),
+        None => (None, None),
+    };
     let teardown = state
-        .provider
-        .destroy(worker_id, resource_id.as_deref())
+        .providers
+        .destroy(provider, worker_id, resource_id)
         .await
         .map_err(|e| {
             ApiError::new(
@@ -77,7 +81,7 @@ async fn destroy<P: Provider>(state: &State<P>, delivery: &Delivery) -> Result<(
 /// A worker's commands carry its jobs' environments: once it is gone nobody reads them, and
 /// they leave its stream (an ephemeral agent gets its job in its registration and never
 /// reads the durable copy).
-async fn forget_commands<P: Provider>(state: &State<P>, worker_id: uuid::Uuid) {
+async fn forget_commands(state: &State, worker_id: uuid::Uuid) {
     let stream = state
         .js
         .get_stream_no_info(hodei_messaging::streams::WORKER_CMDS)
@@ -97,22 +101,28 @@ async fn forget_commands<P: Provider>(state: &State<P>, worker_id: uuid::Uuid) {
     }
 }
 
-/// At start: whatever the provider still holds of workers that are Terminated or unknown
-/// (this service was killed while destroying them, or before it recorded them) is destroyed.
-pub async fn reconcile<P: Provider>(state: &State<P>) {
-    let leftovers = state.provider.leftovers();
+/// At start and then periodically: whatever a provider still holds of workers that are
+/// Terminated or unknown (this service was killed while destroying them, or before it
+/// recorded them) is destroyed.
+pub async fn reconcile(state: &State) {
+    let leftovers = state.providers.leftovers().await;
     if leftovers.is_empty() {
         return;
     }
-    let live: Vec<uuid::Uuid> = match workers::live_among(&state.pool, &leftovers).await {
+    let ids: Vec<uuid::Uuid> = leftovers.iter().map(|(id, _)| *id).collect();
+    let live: Vec<uuid::Uuid> = match workers::live_among(&state.pool, &ids).await {
         Ok(live) => live,
         Err(error) => {
             tracing::warn!(%error, "cannot reconcile the provider's leftovers now");
             return;
         }
     };
-    for worker_id in leftovers.into_iter().filter(|id| !live.contains(id)) {
-        match state.provider.destroy(worker_id, None).await {
+    for (worker_id, provider) in leftovers.into_iter().filter(|(id, _)| !live.contains(id)) {
+        match state
+            .providers
+            .destroy(Some(provider), worker_id, None)
+            .await
+        {
             Ok(_) => tracing::info!(%worker_id, "removed what was left of an ended worker"),
             Err(error) => {
                 tracing::warn!(%worker_id, %error, "cannot remove an ended worker's leftovers")

@@ -13,21 +13,27 @@ use hodei_protocol::ApiError;
 use hodei_store::{hash_token, jobs, outbox, resources, workers, StoreError};
 use uuid::Uuid;
 
-use crate::providers::{Provider, WorkerSpec};
+use crate::providers::{docker::IMAGE_NOT_FOUND, Kind, WorkerSpec};
 use crate::State;
 
-pub async fn handle<P: Provider>(state: Arc<State<P>>, delivery: Delivery) -> Outcome {
-    if let Err(wait) = state.breaker.allow() {
-        return Outcome::Retry {
-            after: wait,
-            reason: format!("provider {} circuit is open", state.provider.name()),
-        };
+pub async fn handle(state: Arc<State>, delivery: Delivery) -> Outcome {
+    match provision(&state, &delivery).await {
+        Ok(Some(wait)) => Outcome::Retry {
+            after: wait.0,
+            reason: format!("provider {} circuit is open", wait.1),
+        },
+        Ok(None) => Outcome::Done,
+        Err(error) => Outcome::from_result::<()>(Err(error)),
     }
-    Outcome::from_result(provision(&state, &delivery).await)
 }
 
+/// Provision the requested worker; `Some((wait, provider))` when that provider's circuit is
+/// open (the request waits).
 #[tracing::instrument(name = "provision", skip_all)]
-async fn provision<P: Provider>(state: &State<P>, delivery: &Delivery) -> Result<(), ApiError> {
+async fn provision(
+    state: &State,
+    delivery: &Delivery,
+) -> Result<Option<(std::time::Duration, &'static str)>, ApiError> {
     let event: DomainEvent = delivery.decode()?;
     let request: WorkerProvisioningRequested = match event.decode() {
         Some(Ok(request)) => request,
@@ -38,6 +44,17 @@ async fn provision<P: Provider>(state: &State<P>, delivery: &Delivery) -> Result
             )))
         }
     };
+    // The job decides the provider (its image), the resources and how long the worker's
+    // credential lives.
+    let job = match request.for_job.filter(|_| !request.pooled) {
+        Some(job_id) => jobs::get(&state.pool, job_id).await?,
+        None => None,
+    };
+    let image = job.as_ref().and_then(|job| job.spec.image.clone());
+    let kind = Kind::of(image.as_deref());
+    if let Some(Err(wait)) = state.providers.breaker(kind).map(|b| b.allow()) {
+        return Ok(Some((wait, kind.name())));
+    }
     let token = format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
     let mut tx = hodei_store::begin(&state.pool).await?;
     let Some(mut worker) = workers::lock(&mut tx, request.worker_id).await? else {
@@ -48,11 +65,10 @@ async fn provision<P: Provider>(state: &State<P>, delivery: &Delivery) -> Result
     };
     if worker.state != WorkerState::Creating {
         tracing::debug!(worker_id = %worker.id, state = %worker.state, "already provisioned; nothing to do");
-        state.breaker.record(true);
-        return Ok(());
+        return Ok(None);
     }
     let creds = match &state.signer {
-        Some(signer) => Some(mint_credential(state, signer, &worker).await?),
+        Some(signer) => Some(mint_credential(state, signer, &worker, job.as_ref())?),
         None => None,
     };
     let provisioned = worker.provisioned(hash_token(&token), &state.actor)?;
@@ -66,44 +82,56 @@ async fn provision<P: Provider>(state: &State<P>, delivery: &Delivery) -> Result
         correlation_id: worker.correlation_id.clone(),
         trace_context: hodei_runtime::telemetry::context::current(),
         creds,
+        job_id: job.as_ref().map(|job| job.id),
+        image,
+        resources: job
+            .as_ref()
+            .map(|job| job.spec.resources)
+            .unwrap_or_default(),
     };
-    match state.provider.create(spec).await {
+    let breaker = state.providers.breaker(kind);
+    match state.providers.create(kind, spec).await {
         Ok(resource_id) => {
-            state.breaker.record(true);
+            breaker.inspect(|b| b.record(true));
             let mut conn = state.pool.acquire().await.map_err(StoreError::from)?;
-            resources::record(&mut conn, worker.id, state.provider.name(), &resource_id).await?;
-            Ok(())
+            resources::record(&mut conn, worker.id, kind.name(), &resource_id).await?;
+            Ok(None)
+        }
+        Err(error) if error.0.starts_with(IMAGE_NOT_FOUND) => {
+            // The engine answered: the provider is fine, the job cannot run. No retry.
+            breaker.inspect(|b| b.record(true));
+            tracing::warn!(worker_id = %worker.id, %error, "the job's image does not exist");
+            give_up(state, worker.id, error.to_string(), true).await?;
+            Ok(None)
         }
         Err(error) => {
-            state.breaker.record(false);
+            breaker.inspect(|b| b.record(false));
             tracing::error!(worker_id = %worker.id, %error, "provisioning failed");
-            give_up(state, worker.id, error.to_string()).await
+            give_up(state, worker.id, error.to_string(), false).await?;
+            Ok(None)
         }
     }
 }
 
 /// The worker's own credential: only its subjects, its command consumer, its inbox and the
 /// logs of the job it is provisioned for; valid for as long as that job may take.
-async fn mint_credential<P: Provider>(
-    state: &State<P>,
+fn mint_credential(
+    state: &State,
     signer: &hodei_auth::Signer,
     worker: &hodei_domain::Worker,
+    job: Option<&hodei_domain::Job>,
 ) -> Result<String, ApiError> {
-    let job_id = worker.reserved_job_id.filter(|_| !worker.pooled);
-    let ttl = match job_id {
-        Some(job_id) => match jobs::get(&state.pool, job_id).await? {
-            Some(job) => {
-                job.policy.schedule_to_start()
-                    + job.policy.execution()
-                    + std::time::Duration::from_secs(300)
-            }
-            None => state.pool_credential_ttl,
-        },
+    let ttl = match job {
+        Some(job) => {
+            job.policy.schedule_to_start()
+                + job.policy.execution()
+                + std::time::Duration::from_secs(300)
+        }
         None => state.pool_credential_ttl,
     };
     let role = hodei_auth::Role::Worker {
         worker_id: worker.id,
-        job_id,
+        job_id: job.map(|job| job.id),
     };
     signer
         .mint(&worker.id.to_string(), &role, Some(ttl))
@@ -111,11 +139,13 @@ async fn mint_credential<P: Provider>(
 }
 
 /// The worker could not be created: it ends, and the job that waits for it is requeued
-/// (it gets another worker; its schedule-to-start deadline still bounds the wait).
-async fn give_up<P: Provider>(
-    state: &State<P>,
+/// (it gets another worker; its schedule-to-start deadline still bounds the wait), or, when
+/// `fatal` (its image does not exist), fails with the provider's reason.
+async fn give_up(
+    state: &State,
     worker_id: Uuid,
     error: String,
+    fatal: bool,
 ) -> Result<(), ApiError> {
     let mut tx = hodei_store::begin(&state.pool).await?;
     let Some(mut worker) = workers::lock(&mut tx, worker_id).await? else {
@@ -126,10 +156,14 @@ async fn give_up<P: Provider>(
     workers::update(&mut tx, &mut worker).await?;
     if let Some(mut job) = jobs::lock_scheduled_on(&mut tx, worker_id).await? {
         if job.state == JobState::Scheduled {
-            events.extend(job.requeue(
-                format!("no worker could be provisioned: {error}"),
-                &state.actor,
-            )?);
+            if fatal {
+                events.push(job.fail(None, error, &state.actor)?);
+            } else {
+                events.extend(job.requeue(
+                    format!("no worker could be provisioned: {error}"),
+                    &state.actor,
+                )?);
+            }
             jobs::update(&mut tx, &mut job).await?;
         }
     }

@@ -1,5 +1,6 @@
 //! Providers create and destroy the resource a worker runs in.
 
+pub mod docker;
 pub mod process;
 
 use std::future::Future;
@@ -18,6 +19,11 @@ pub struct WorkerSpec {
     /// The worker's own NATS credential (`.creds` text), minted for it alone; the provider
     /// hands it over without putting it in an environment or on a command line.
     pub creds: Option<String>,
+    /// The job it is provisioned for (none: a warm-pool worker).
+    pub job_id: Option<Uuid>,
+    /// The job's container image (the Docker provider); none: a local process.
+    pub image: Option<String>,
+    pub resources: hodei_domain::Resources,
 }
 
 /// How sure a provider is that nothing of a destroyed worker runs any more.
@@ -55,5 +61,114 @@ pub trait Provider: Send + Sync + 'static {
     /// memory: after a restart too).
     fn leftovers(&self) -> Vec<Uuid> {
         Vec::new()
+    }
+}
+
+/// Which provider a worker needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Process,
+    Docker,
+}
+
+impl Kind {
+    pub fn of(image: Option<&str>) -> Kind {
+        if image.is_some() {
+            Kind::Docker
+        } else {
+            Kind::Process
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Process => "process",
+            Kind::Docker => "docker",
+        }
+    }
+}
+
+/// The providers of this provider-manager, each behind its own circuit breaker: the process
+/// provider always, the Docker provider when configured.
+pub struct Providers {
+    pub process: process::ProcessProvider,
+    pub process_breaker: hodei_runtime::breaker::Breaker,
+    pub docker: Option<(docker::DockerProvider, hodei_runtime::breaker::Breaker)>,
+}
+
+impl Providers {
+    pub fn breaker(&self, kind: Kind) -> Option<&hodei_runtime::breaker::Breaker> {
+        match kind {
+            Kind::Process => Some(&self.process_breaker),
+            Kind::Docker => self.docker.as_ref().map(|(_, breaker)| breaker),
+        }
+    }
+
+    pub async fn create(&self, kind: Kind, spec: WorkerSpec) -> Result<String, ProviderError> {
+        match (kind, &self.docker) {
+            (Kind::Process, _) => self.process.create(spec).await,
+            (Kind::Docker, Some((docker, _))) => docker.create(spec).await,
+            (Kind::Docker, None) => Err(ProviderError(
+                "this provider-manager has no docker provider (HODEI_DOCKER_SOCKET)".into(),
+            )),
+        }
+    }
+
+    /// Destroy the worker wherever it is: with `provider` as recorded, or (nothing recorded:
+    /// the provider-manager died between creating and recording) in every provider.
+    pub async fn destroy(
+        &self,
+        provider: Option<&str>,
+        worker_id: Uuid,
+        resource_id: Option<&str>,
+    ) -> Result<Teardown, ProviderError> {
+        let docker = self.docker.as_ref().map(|(docker, _)| docker);
+        match (provider, docker) {
+            (Some("docker"), Some(docker)) => docker.destroy(worker_id, resource_id).await,
+            (Some("docker"), None) => Ok(Teardown::Unconfirmed(
+                "its container's provider is not configured here".into(),
+            )),
+            (Some(_), _) => self.process.destroy(worker_id, resource_id).await,
+            (None, Some(docker)) => {
+                docker.destroy(worker_id, None).await?;
+                self.process.destroy(worker_id, None).await
+            }
+            (None, None) => self.process.destroy(worker_id, None).await,
+        }
+    }
+
+    /// Workers of which any provider still holds something, with that provider.
+    pub async fn leftovers(&self) -> Vec<(Uuid, &'static str)> {
+        let mut all: Vec<(Uuid, &'static str)> = self
+            .process
+            .leftovers()
+            .into_iter()
+            .map(|id| (id, "process"))
+            .collect();
+        if let Some((docker, _)) = &self.docker {
+            match docker.containers().await {
+                Ok(ids) => all.extend(ids.into_iter().map(|id| (id, "docker"))),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot list the docker provider's containers")
+                }
+            }
+        }
+        all
+    }
+
+    /// Each provider with the state of its circuit (`hodei.api.providers.list`).
+    pub fn views(&self) -> Vec<serde_json::Value> {
+        let mut views = vec![(Kind::Process, &self.process_breaker)];
+        if let Some((_, breaker)) = &self.docker {
+            views.push((Kind::Docker, breaker));
+        }
+        views
+            .into_iter()
+            .map(|(kind, breaker)| {
+                let mut view = serde_json::to_value(breaker.view()).expect("serializable");
+                view["provider"] = kind.name().into();
+                view
+            })
+            .collect()
     }
 }

@@ -204,7 +204,8 @@ impl Provider for ProcessProvider {
             .process_group(0);
         if let Some(creds) = &spec.creds {
             let path = self.creds_path(worker_id);
-            hodei_auth::write_owner_only(&path, creds, false).map_err(|e| ProviderError(e.to_string()))?;
+            hodei_auth::write_owner_only(&path, creds, false)
+                .map_err(|e| ProviderError(e.to_string()))?;
             command.env("HODEI_NATS_CREDS", &path);
         }
         if let Some(cgroup) = self.cgroup_of(worker_id) {
