@@ -458,7 +458,14 @@ impl Job {
             return self.retry(reason, backoff, actor);
         }
         Ok(vec![match exit_code {
-            Some(code) => self.complete(worker_id, code, actor)?,
+            Some(code) => {
+                let completed = self.complete(worker_id, code, actor)?;
+                // A failure's reason, when the agent knows one (its memory limit, say).
+                if code != 0 {
+                    self.error = error;
+                }
+                completed
+            }
             None => self.fail(
                 Some(worker_id),
                 error.unwrap_or_else(|| "the job ended without an exit code".into()),

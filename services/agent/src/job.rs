@@ -257,18 +257,17 @@ impl Runner {
             }
         }
         let logs = shipping.await.expect("the log shipper does not panic");
+        // The kernel's OOM killer may have ended the job or one of its processes.
+        let oom = (oom_kills() > oom_before)
+            .then(|| "the job exceeded its memory limit: a process was killed (OOM)".to_owned());
         let (exit_code, error) = match &status {
             Ok(status) => match status.code() {
-                Some(code) => (Some(code), None),
-                None if oom_kills() > oom_before => (
-                    None,
-                    Some(format!(
-                        "the job exceeded its memory limit and was killed ({status}, OOM)"
-                    )),
-                ),
+                Some(code) => (Some(code), oom.filter(|_| code != 0)),
                 None => (
                     None,
-                    Some(format!("the job was ended by a signal ({status})")),
+                    Some(
+                        oom.unwrap_or_else(|| format!("the job was ended by a signal ({status})")),
+                    ),
                 ),
             },
             Err(e) => (None, Some(format!("cannot wait for the job: {e}"))),

@@ -260,16 +260,16 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let requests = consumer::run(js.clone(), provisioning, shutdown.clone(), |delivery| {
         handlers::provision::handle(state.clone(), delivery)
     });
-    let terminations = consumer::run(
-        js.clone(),
-        ConsumerConfig::new(
-            streams::EVENTS,
-            "provider-manager-termination",
-            Some(subjects::events_of_type("worker", "WorkerTerminating")),
-        ),
-        shutdown.clone(),
-        |delivery| handlers::destroy::handle(state.clone(), delivery),
+    // A teardown is never given up (what the worker runs must end): no delivery limit.
+    let mut termination = ConsumerConfig::new(
+        streams::EVENTS,
+        "provider-manager-termination",
+        Some(subjects::events_of_type("worker", "WorkerTerminating")),
     );
+    termination.max_deliver = -1;
+    let terminations = consumer::run(js.clone(), termination, shutdown.clone(), |delivery| {
+        handlers::destroy::handle(state.clone(), delivery)
+    });
     let (providers, (), (), ()) = tokio::join!(providers, requests, terminations, reconciling);
     providers?;
     tracing::info!("stopped");

@@ -8,15 +8,27 @@ use hodei_messaging::consumer::{Delivery, Outcome};
 use hodei_protocol::{ApiError, ErrorCode};
 use hodei_store::{jobs, outbox, resources, workers, StoreError};
 
-use crate::providers::Teardown;
+use crate::providers::{Kind, Teardown};
 use crate::State;
 
 pub async fn handle(state: Arc<State>, delivery: Delivery) -> Outcome {
-    Outcome::from_result(destroy(&state, &delivery).await)
+    match destroy(&state, &delivery).await {
+        Ok(Some(wait)) => Outcome::Retry {
+            after: wait,
+            reason: "provider docker circuit is open".into(),
+        },
+        Ok(None) => Outcome::Done,
+        Err(error) => Outcome::from_result::<()>(Err(error)),
+    }
 }
 
+/// Destroy the worker's resource and record it Terminated; `Some(wait)` while its provider's
+/// circuit is open (the teardown waits: it is never given up).
 #[tracing::instrument(name = "destroy", skip_all)]
-async fn destroy(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
+async fn destroy(
+    state: &State,
+    delivery: &Delivery,
+) -> Result<Option<std::time::Duration>, ApiError> {
     let event: DomainEvent = delivery.decode()?;
     let terminating: WorkerTerminating = match event.decode() {
         Some(Ok(terminating)) => terminating,
@@ -36,16 +48,24 @@ async fn destroy(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
         Some((provider, id)) => (Some(provider.as_str()), Some(id.as_str())),
         None => (None, None),
     };
-    let teardown = state
+    let breaker = match provider {
+        Some("docker") => state.providers.breaker(Kind::Docker),
+        _ => None,
+    };
+    if let Some(Err(wait)) = breaker.map(|b| b.allow()) {
+        return Ok(Some(wait));
+    }
+    let destroyed = state
         .providers
         .destroy(provider, worker_id, resource_id)
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                ErrorCode::Unavailable,
-                format!("destroying worker {worker_id}: {e}"),
-            )
-        })?;
+        .await;
+    breaker.inspect(|b| b.record(destroyed.is_ok()));
+    let teardown = destroyed.map_err(|e| {
+        ApiError::new(
+            ErrorCode::Unavailable,
+            format!("destroying worker {worker_id}: {e}"),
+        )
+    })?;
     if let Teardown::Unconfirmed(why) = &teardown {
         tracing::warn!(%worker_id, why, "teardown not confirmed");
     }
@@ -56,7 +76,7 @@ async fn destroy(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
         )));
     };
     if worker.state != WorkerState::Terminating {
-        return Ok(());
+        return Ok(None);
     }
     let mut events = vec![worker.terminated(&state.actor)?];
     workers::update(&mut tx, &mut worker).await?;
@@ -75,7 +95,7 @@ async fn destroy(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
     hodei_store::commit(tx).await?;
     tracing::info!(%worker_id, "worker destroyed");
     forget_commands(state, worker_id).await;
-    Ok(())
+    Ok(None)
 }
 
 /// A worker's commands carry its jobs' environments: once it is gone nobody reads them, and
