@@ -412,3 +412,83 @@ async fn an_engine_that_does_not_answer_opens_the_circuit_and_jobs_wait() {
     drop(system);
     drop(proxy);
 }
+
+/// Placement by labels and resources: a job whose selector no provider has is refused at
+/// submission; a container job whose memory is taken waits Pending (and `get` says why),
+/// then runs once the job holding it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_by_selector_and_resources() {
+    let system = System::start_with_docker(&[
+        ("HODEI_DOCKER_MEMORY_MB", "600"),
+        ("HODEI_PROCESS_LABELS", "provider=process,zone=here"),
+    ])
+    .await;
+    // The provider-manager records its offers at start; the scheduler reads them.
+    system
+        .wait_for("the providers' offers", Duration::from_secs(30), || async {
+            let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM provider_offers")
+                .fetch_one(&system.pool)
+                .await
+                .unwrap();
+            n == 2
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await; // the scheduler's view is 2 s old at most
+    let mut nowhere = job("true", &[]);
+    nowhere.selector = BTreeMap::from([("gpu".to_owned(), "a100".to_owned())]);
+    let refused = system.submit(&nowhere).await.unwrap_err();
+    assert_eq!(
+        refused.code,
+        hodei_protocol::ErrorCode::NoProvider,
+        "{refused:?}"
+    );
+    assert!(refused.message.contains("gpu=a100"), "{refused:?}");
+    let mut too_big = in_container("true", &[]);
+    too_big.resources.memory_mb = Some(4096);
+    assert_eq!(
+        system.submit(&too_big).await.unwrap_err().code,
+        hodei_protocol::ErrorCode::NoProvider
+    );
+    let mut here = job("true", &[]);
+    here.selector = BTreeMap::from([("zone".to_owned(), "here".to_owned())]);
+    let here = system.submit(&here).await.unwrap().job_id;
+
+    let mut first = in_container("sh", &["-c", "sleep 3; echo first"]);
+    first.resources.memory_mb = Some(400);
+    let first = system.submit(&first).await.unwrap().job_id;
+    system
+        .wait_for("the first to run", Duration::from_secs(60), || async {
+            system
+                .get(first)
+                .await
+                .is_ok_and(|j| j.state == JobState::Running)
+        })
+        .await;
+    let mut second = in_container("sh", &["-c", "echo second"]);
+    second.resources.memory_mb = Some(400);
+    let second = system.submit(&second).await.unwrap().job_id;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let waiting = system.get(second).await.unwrap();
+    assert_eq!(
+        waiting.state,
+        JobState::Pending,
+        "it waits for memory: {waiting:?}"
+    );
+    assert!(
+        waiting
+            .waiting_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("capacity")),
+        "{waiting:?}"
+    );
+    system
+        .wait_until_settled(&[here, first, second], Duration::from_secs(60))
+        .await;
+    for job_id in [here, first, second] {
+        assert_eq!(system.get(job_id).await.unwrap().state, JobState::Succeeded);
+    }
+    assert_eq!(
+        system.logs_first_line(second).await.as_deref(),
+        Some("second")
+    );
+}

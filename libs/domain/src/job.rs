@@ -122,6 +122,9 @@ pub struct JobSpec {
     /// A container image to run in (the Docker provider); none: a local process.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// Labels its provider must have (every one of them).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub selector: BTreeMap<String, String>,
     /// What the job's worker gets; none: the provider's defaults.
     #[serde(default, skip_serializing_if = "Resources::is_empty")]
     pub resources: Resources,
@@ -162,7 +165,8 @@ impl JobSpec {
             .chain(self.env.iter().flat_map(|(k, v)| [k, v]))
             .chain(&self.working_dir)
             .chain(self.labels.iter().flat_map(|(k, v)| [k, v]))
-            .chain(&self.image);
+            .chain(&self.image)
+            .chain(self.selector.iter().flat_map(|(k, v)| [k, v]));
         let mut total = 0;
         for s in strings {
             if s.contains('\0') {

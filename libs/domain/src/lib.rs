@@ -9,11 +9,13 @@
 pub mod error;
 pub mod events;
 pub mod job;
+pub mod offer;
 pub mod policy;
 pub mod worker;
 
 pub use error::{DomainError, Result};
 pub use events::{Actor, AggregateType, DomainEvent, EventPayload};
 pub use job::{Job, JobSpec, JobState, Resources};
+pub use offer::{satisfiable, ProviderOffer};
 pub use policy::{JobPolicy, RetryOn, RetryPolicy};
 pub use worker::{Purpose, Worker, WorkerFault, WorkerState};

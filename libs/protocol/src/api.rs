@@ -65,6 +65,8 @@ pub enum ErrorCode {
     JobNotHeldByWorker,
     WorkerMismatch,
     InvalidBootstrapToken,
+    /// No provider can ever run the job (its selector, image or resources).
+    NoProvider,
     Conflict,
     Unavailable,
     Internal,
@@ -83,6 +85,7 @@ impl ErrorCode {
             ErrorCode::JobNotHeldByWorker => "JOB_NOT_HELD_BY_WORKER",
             ErrorCode::WorkerMismatch => "WORKER_MISMATCH",
             ErrorCode::InvalidBootstrapToken => "INVALID_BOOTSTRAP_TOKEN",
+            ErrorCode::NoProvider => "NO_PROVIDER",
             ErrorCode::Conflict => "CONFLICT",
             ErrorCode::Unavailable => "UNAVAILABLE",
             ErrorCode::Internal => "INTERNAL",
@@ -160,6 +163,10 @@ pub struct SubmitJob {
     /// CPU (`cpu_millis`) and memory (`memory_mb`) of the job's worker.
     #[serde(default)]
     pub resources: hodei_domain::Resources,
+    /// Labels the job's provider must have; a job no provider can ever run is refused
+    /// (`NO_PROVIDER`).
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
     /// The same key twice makes one job. On the stream, `Nats-Msg-Id` serves when this is absent.
     #[serde(default)]
     pub idempotency_key: Option<String>,
@@ -178,6 +185,7 @@ impl SubmitJob {
             labels: self.labels.clone(),
             image: self.image.clone(),
             resources: self.resources,
+            selector: self.selector.clone(),
         }
     }
 }
@@ -233,6 +241,9 @@ pub struct JobView {
     pub args: Vec<String>,
     pub working_dir: Option<String>,
     pub labels: BTreeMap<String, String>,
+    /// Why a Pending job waits (`hodei get` shows it); none once it is placed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_reason: Option<String>,
     /// The container image it runs in, if any.
     #[serde(default)]
     pub image: Option<String>,
@@ -259,6 +270,7 @@ impl From<&hodei_domain::Job> for JobView {
             working_dir: job.spec.working_dir.clone(),
             labels: job.spec.labels.clone(),
             image: job.spec.image.clone(),
+            waiting_reason: None,
             attempt: job.attempt,
             worker_id: job.worker_id,
             exit_code: job.exit_code,
@@ -384,7 +396,7 @@ macro_rules! current_version_default {
 }
 
 current_version_default! {
-    SubmitJob { command, args, env, working_dir, labels, image, resources, idempotency_key, policy },
+    SubmitJob { command, args, env, working_dir, labels, image, resources, selector, idempotency_key, policy },
     ListJobs { state, limit, cursor },
     ListWorkers { state, limit, cursor },
     AuditQuery { correlation_id, event_type, aggregate_id, actor, from, to, limit, cursor }

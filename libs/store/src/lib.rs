@@ -9,6 +9,7 @@
 pub mod audit;
 pub mod jobs;
 pub mod maintenance;
+pub mod offers;
 pub mod outbox;
 pub mod plans;
 pub mod resources;

@@ -226,6 +226,10 @@ struct JobArgs {
     /// Memory limit in MiB; a job that exceeds it fails, saying so.
     #[arg(long)]
     memory_mb: Option<u32>,
+    /// A label its provider must have, NAME=VALUE (repeatable); a job no provider can run is
+    /// refused (NO_PROVIDER).
+    #[arg(long = "select", value_parser = key_value)]
+    selector: Vec<(String, String)>,
     /// The command and its arguments, after `--`.
     #[arg(required = true, last = true)]
     command: Vec<String>,
@@ -646,6 +650,7 @@ async fn submit(
         working_dir: args.workdir,
         labels: args.label.into_iter().collect(),
         image: args.image,
+        selector: args.selector.into_iter().collect(),
         resources: hodei_domain::Resources {
             cpu_millis: args.cpu_millis,
             memory_mb: args.memory_mb,

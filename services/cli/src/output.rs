@@ -78,6 +78,8 @@ pub fn job_details(job: &JobView) {
     let rows = [
         ("job", job.job_id.to_string()),
         ("state", job.state.to_string()),
+        ("waiting", opt(&job.waiting_reason)),
+        ("image", opt(&job.image)),
         (
             "command",
             std::iter::once(&job.command)

@@ -98,13 +98,26 @@ pub struct Config {
     pub docker_default_cpu_millis: u32,
 
     /// Memory limit of a container whose job asks for none (MiB).
-    #[arg(long, env = "HODEI_DOCKER_DEFAULT_MEMORY_MB", default_value_t = 512)]
+    #[arg(long, env = "HODEI_DOCKER_DEFAULT_MEMORY_MB", default_value_t = hodei_domain::offer::DEFAULT_CONTAINER_MEMORY_MB)]
     pub docker_default_memory_mb: u32,
+
+    /// Memory (MiB) the Docker provider offers in all (default: the engine's): container
+    /// jobs wait while what they ask for is taken.
+    #[arg(long, env = "HODEI_DOCKER_MEMORY_MB")]
+    pub docker_memory_mb: Option<u32>,
 
     /// Label value (`hodei.owner`) on this installation's containers; reconciling removes
     /// only containers that carry it.
     #[arg(long, env = "HODEI_DOCKER_OWNER", default_value = "hodei")]
     pub docker_owner: String,
+
+    /// Labels of the process provider (`key=value,key=value`); jobs select providers by them.
+    #[arg(long, env = "HODEI_PROCESS_LABELS", default_value = "provider=process")]
+    pub process_labels: String,
+
+    /// Labels of the Docker provider.
+    #[arg(long, env = "HODEI_DOCKER_LABELS", default_value = "provider=docker")]
+    pub docker_labels: String,
 
     /// Seconds between two reconciliations of what the providers hold with the workers.
     #[arg(long, env = "HODEI_RECONCILE_SECS", default_value_t = 30)]
@@ -125,9 +138,72 @@ pub(crate) struct State {
     pub js: hodei_messaging::JetStream,
 }
 
+/// `key=value,key=value` as labels.
+fn labels_of(text: &str) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| anyhow::anyhow!("label {pair:?} is not key=value"))
+        })
+        .collect()
+}
+
+/// This machine's CPUs (thousandths) and memory (MiB).
+fn host_capacity() -> (u32, u32) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    let memory_kb: u64 = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            info.lines().find_map(|l| {
+                l.strip_prefix("MemTotal:")?
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+        })
+        .unwrap_or(1024 * 1024);
+    (cpus * 1000, (memory_kb / 1024) as u32)
+}
+
+/// Record what each provider offers (labels and capacity), so that the scheduler refuses
+/// jobs none can run and the dispatcher keeps jobs waiting while capacity is taken.
+async fn advertise(state: &State, config: &Config) -> anyhow::Result<()> {
+    let (cpu_millis, memory_mb) = host_capacity();
+    let mut offers = vec![hodei_domain::ProviderOffer {
+        provider: "process".into(),
+        labels: labels_of(&config.process_labels)?,
+        cpu_millis,
+        memory_mb,
+    }];
+    if let Some((docker, _)) = &state.providers.docker {
+        let (cpu_millis, engine_mb) = docker.capacity().await.unwrap_or((cpu_millis, memory_mb));
+        let memory_mb = config.docker_memory_mb.unwrap_or(engine_mb);
+        offers.push(hodei_domain::ProviderOffer {
+            provider: "docker".into(),
+            labels: labels_of(&config.docker_labels)?,
+            cpu_millis,
+            memory_mb,
+        });
+    }
+    let mut conn = state.pool.acquire().await?;
+    for offer in &offers {
+        hodei_store::offers::advertise(&mut conn, offer).await?;
+        tracing::info!(provider = offer.provider, labels = ?offer.labels, offer.cpu_millis, offer.memory_mb, "provider offered");
+    }
+    let names: Vec<&str> = offers.iter().map(|o| o.provider.as_str()).collect();
+    hodei_store::offers::keep_only(&mut conn, &names).await?;
+    Ok(())
+}
+
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     use anyhow::Context;
-    let agent_bin = match config.agent_bin {
+    let agent_bin = match config.agent_bin.clone() {
         Some(path) => path,
         None => std::env::current_exe()
             .context("locating this binary")?
@@ -221,6 +297,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         pool_credential_ttl: std::time::Duration::from_secs(config.pool_credential_ttl_secs),
         js: js.clone(),
     });
+    advertise(&state, &config).await?;
     let reconciling = {
         let state = state.clone();
         let every = std::time::Duration::from_secs(config.reconcile_secs.max(1));

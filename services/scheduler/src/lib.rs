@@ -32,11 +32,17 @@ pub struct Config {
     pub monitor_interval_ms: u64,
 }
 
+/// How long the providers' offers are taken as they were read.
+pub(crate) const OFFERS_FRESH_FOR: std::time::Duration = std::time::Duration::from_secs(2);
+
 #[derive(Clone)]
 pub(crate) struct State {
     pub pool: PgPool,
     pub client: Client,
     pub actor: Actor,
+    /// What the providers offer, read again when older than a few seconds.
+    pub offers:
+        std::sync::Arc<tokio::sync::Mutex<(std::time::Instant, Vec<hodei_domain::ProviderOffer>)>>,
 }
 
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
@@ -62,6 +68,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         pool,
         client: client.clone(),
         actor: Actor::service(SERVICE),
+        offers: std::sync::Arc::new(tokio::sync::Mutex::new((
+            std::time::Instant::now() - OFFERS_FRESH_FOR,
+            Vec::new(),
+        ))),
     };
     let monitor = tokio::spawn(monitor::run(
         state.pool.clone(),

@@ -30,6 +30,9 @@ pub(crate) async fn place_pending(state: &State, limit: usize) -> Result<usize, 
         };
         if let Some(mut worker) = free {
             send_job(&mut tx, &mut job, &mut worker, &state.actor).await?;
+        } else if in_container && !container_fits(&mut tx, &job).await? {
+            tracing::debug!(job_id = %job.id, "the docker provider's memory is taken; the job waits");
+            break;
         } else if (in_container || state.warm_pool.is_none()) && room(&mut tx, state).await? > 0 {
             schedule_on_new_worker(&mut tx, state, &mut job).await?;
         } else {
@@ -110,6 +113,23 @@ async fn pool_surplus(conn: &mut Tx, state: &State) -> Result<u32, ApiError> {
 async fn room(conn: &mut Tx, state: &State) -> Result<u32, ApiError> {
     let live = workers::count_live(conn).await?;
     Ok(state.max_workers.saturating_sub(live.workers))
+}
+
+/// Whether the container job `job` fits in what the docker provider has left (its offer's
+/// memory less what placed container jobs hold). Without an offer, it fits.
+async fn container_fits(conn: &mut Tx, job: &hodei_domain::Job) -> Result<bool, ApiError> {
+    let (capacity,): (Option<i32>,) =
+        sqlx::query_as("SELECT max(memory_mb) FROM provider_offers WHERE provider = 'docker'")
+            .fetch_one(&mut **conn)
+            .await
+            .map_err(hodei_store::StoreError::from)?;
+    let Some(capacity) = capacity else {
+        return Ok(true);
+    };
+    let default = hodei_domain::offer::DEFAULT_CONTAINER_MEMORY_MB as i32;
+    let used = hodei_store::offers::docker_memory_in_use(conn, default).await?;
+    let wants = job.spec.resources.memory_mb.map_or(default, |mb| mb as i32);
+    Ok(used + i64::from(wants) <= i64::from(capacity))
 }
 
 /// Pending -> Scheduled on a worker requested for this job alone (Creating), reserved for it.

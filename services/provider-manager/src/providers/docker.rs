@@ -12,8 +12,7 @@ use std::path::PathBuf;
 use bollard::errors::Error as DockerError;
 use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, InspectContainerOptions, ListContainersOptionsBuilder,
-    RemoveContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
 };
 use bollard::Docker;
 use uuid::Uuid;
@@ -159,14 +158,12 @@ impl DockerProvider {
             .collect())
     }
 
-    /// Whether the container of `worker_id` was killed for exceeding its memory.
-    pub async fn oom_killed(&self, worker_id: Uuid) -> bool {
-        self.docker
-            .inspect_container(&name_of(worker_id), None::<InspectContainerOptions>)
-            .await
-            .ok()
-            .and_then(|c| c.state?.oom_killed)
-            .unwrap_or(false)
+    /// The engine's CPUs (thousandths) and memory (MiB).
+    pub async fn capacity(&self) -> Option<(u32, u32)> {
+        let info = self.docker.info().await.ok()?;
+        let cpus = u32::try_from(info.ncpu?).ok()?;
+        let memory = u64::try_from(info.mem_total?).ok()? / (1024 * 1024);
+        Some((cpus * 1000, memory as u32))
     }
 }
 

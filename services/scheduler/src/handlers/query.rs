@@ -8,12 +8,62 @@ use crate::State;
 
 pub async fn get(state: State, request: GetJob) -> Result<JobView, ApiError> {
     match jobs::get(&state.pool, request.job_id).await? {
-        Some(job) => Ok(JobView::from(&job)),
+        Some(job) => {
+            let mut view = JobView::from(&job);
+            view.waiting_reason = waiting_reason(&state, &job).await?;
+            Ok(view)
+        }
         None => Err(ApiError::not_found(format!(
             "there is no job {}",
             request.job_id
         ))),
     }
+}
+
+/// Why a Pending job waits, from what holds it now.
+async fn waiting_reason(
+    state: &State,
+    job: &hodei_domain::Job,
+) -> Result<Option<String>, ApiError> {
+    if job.state != hodei_domain::JobState::Pending {
+        return Ok(None);
+    }
+    if let Some(worker_id) = job.fenced_by {
+        return Ok(Some(format!(
+            "waiting until its lost worker {worker_id} is confirmed gone"
+        )));
+    }
+    if let Some(at) = job.not_before {
+        return Ok(Some(format!(
+            "waiting for its retry at {}",
+            at.to_rfc3339()
+        )));
+    }
+    if job.spec.image.is_some() {
+        let offers = hodei_store::offers::all(&state.pool).await?;
+        if let Some(docker) = offers.iter().find(|o| o.provider == "docker") {
+            let default = hodei_domain::offer::DEFAULT_CONTAINER_MEMORY_MB as i32;
+            let mut conn = state
+                .pool
+                .acquire()
+                .await
+                .map_err(hodei_store::StoreError::from)?;
+            let used = hodei_store::offers::docker_memory_in_use(&mut conn, default).await?;
+            let wants = job
+                .spec
+                .resources
+                .memory_mb
+                .map_or(default as i64, i64::from);
+            if used + wants > i64::from(docker.memory_mb) {
+                return Ok(Some(format!(
+                    "waiting for capacity: the docker provider has {used} of {} MiB in use and \
+                     the job needs {wants}",
+                    docker.memory_mb
+                )));
+            }
+        }
+    }
+    Ok(Some("waiting for a worker".into()))
 }
 
 pub async fn list(state: State, request: ListJobs) -> Result<Page<JobView>, ApiError> {

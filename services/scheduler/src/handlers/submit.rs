@@ -7,7 +7,7 @@ use hodei_domain::Job;
 use hodei_messaging::api::{respond, RequestContext};
 use hodei_messaging::consumer::{Delivery, Outcome};
 use hodei_protocol::api::{SubmitAccepted, SubmitJob};
-use hodei_protocol::{headers, new_correlation_id, trace_id_of, ApiError};
+use hodei_protocol::{headers, new_correlation_id, trace_id_of, ApiError, ErrorCode};
 use hodei_store::{jobs, outbox};
 use uuid::Uuid;
 
@@ -93,9 +93,16 @@ async fn submit(
             return Ok(accepted(&existing, false));
         }
     }
+    let spec = request.spec();
+    if let Err(why) = hodei_domain::satisfiable(&offers(state).await?, &spec) {
+        return Err(ApiError::new(
+            ErrorCode::NoProvider,
+            format!("no provider can run this job: {why}"),
+        ));
+    }
     let (job, events) = Job::submit(
         Uuid::now_v7(),
-        request.spec(),
+        spec,
         request.policy.clone(),
         correlation_id,
         idempotency_key,
@@ -125,6 +132,18 @@ async fn submit(
     hodei_store::commit(tx).await?;
     tracing::info!(job_id = %job.id, correlation_id = %job.correlation_id, command = %job.spec.command, placed, "job accepted");
     Ok(accepted(&job, true))
+}
+
+/// The providers' offers, at most a few seconds old.
+async fn offers(state: &State) -> Result<Vec<hodei_domain::ProviderOffer>, ApiError> {
+    let mut cached = state.offers.lock().await;
+    if cached.0.elapsed() >= crate::OFFERS_FRESH_FOR {
+        *cached = (
+            std::time::Instant::now(),
+            hodei_store::offers::all(&state.pool).await?,
+        );
+    }
+    Ok(cached.1.clone())
 }
 
 fn accepted(job: &Job, created: bool) -> SubmitAccepted {

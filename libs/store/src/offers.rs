@@ -1,0 +1,65 @@
+//! The `provider_offers` table: each provider's labels and capacity.
+
+use hodei_domain::ProviderOffer;
+use sqlx::{PgConnection, PgPool};
+
+use crate::Result;
+
+/// Record (or replace) what a provider offers.
+pub async fn advertise(conn: &mut PgConnection, offer: &ProviderOffer) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO provider_offers (provider, labels, cpu_millis, memory_mb) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (provider) DO UPDATE SET labels = EXCLUDED.labels, cpu_millis = EXCLUDED.cpu_millis, \
+                                              memory_mb = EXCLUDED.memory_mb, updated_at = now()",
+    )
+    .bind(&offer.provider)
+    .bind(sqlx::types::Json(&offer.labels))
+    .bind(offer.cpu_millis as i32)
+    .bind(offer.memory_mb as i32)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Forget the offers of providers that are not among `providers` (no longer configured).
+pub async fn keep_only(conn: &mut PgConnection, providers: &[&str]) -> Result<()> {
+    sqlx::query("DELETE FROM provider_offers WHERE provider <> ALL($1)")
+        .bind(providers)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+pub async fn all(pool: &PgPool) -> Result<Vec<ProviderOffer>> {
+    let rows: Vec<(
+        String,
+        sqlx::types::Json<std::collections::BTreeMap<String, String>>,
+        i32,
+        i32,
+    )> = sqlx::query_as(
+        "SELECT provider, labels, cpu_millis, memory_mb FROM provider_offers ORDER BY provider",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(provider, labels, cpu, memory)| ProviderOffer {
+            provider,
+            labels: labels.0,
+            cpu_millis: cpu.max(0) as u32,
+            memory_mb: memory.max(0) as u32,
+        })
+        .collect())
+}
+
+/// Memory (MiB) the placed container jobs hold (`default_mb` for a job that asked for none).
+pub async fn docker_memory_in_use(conn: &mut PgConnection, default_mb: i32) -> Result<i64> {
+    let (used,): (Option<i64>,) = sqlx::query_as(
+        "SELECT sum(coalesce((spec->'resources'->>'memory_mb')::int, $1))::int8 FROM jobs \
+         WHERE state IN ('Assigned', 'Scheduled', 'Running') AND spec ? 'image'",
+    )
+    .bind(default_mb)
+    .fetch_one(conn)
+    .await?;
+    Ok(used.unwrap_or(0))
+}
