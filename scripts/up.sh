@@ -63,6 +63,19 @@ fi
 export HODEI_MIGRATE=no
 export HODEI_WORKER_CREDS_DIR=$PWD/$STATE/run/worker-creds
 
+# --- Docker: jobs with an image run in containers (images built here, no registry) -------
+DOCKER=""
+if [ -S /var/run/docker.sock ] && docker info >/dev/null 2>&1; then
+  echo "[up] docker engine found: building the images and the static agent (scripts/images.sh)"
+  scripts/images.sh >/dev/null
+  DOCKER=1
+  export HODEI_DOCKER_SOCKET=unix:///var/run/docker.sock
+  export HODEI_DOCKER_AGENT_BIN=$PWD/target/static/hodei-agent
+  # NATS listens on loopback here: containers share the host's network to reach it.
+  export HODEI_DOCKER_NETWORK=host
+  export HODEI_DOCKER_NATS_URL=$HODEI_NATS_URL
+fi
+
 for service in relay scheduler dispatcher registry provider-manager audit; do
   pidfile=$STATE/run/$service.pid
   if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
@@ -93,6 +106,10 @@ echo "----------------------------------------------------------------------"
 set +e
 "$BIN/hodei" run -e GREETING="Hello from Hodei" -- sh -c 'echo "$GREETING: job $HODEI_JOB_ID on $(uname -n)"; echo "correlation id $HODEI_CORRELATION_ID"; ls / | head -3'
 code=$?
+if [ -n "$DOCKER" ]; then
+  echo "[up] and one in a container: hodei run --image hodei/job-base:latest -- ..."
+  "$BIN/hodei" run --image hodei/job-base:latest --memory-mb 128 -- sh -c 'echo "in a container of $(. /etc/os-release; echo $PRETTY_NAME) as uid $(id -u)"' || code=$?
+fi
 set -e
 echo "----------------------------------------------------------------------"
 echo "[up] the job exited with $code. Its audit trail:"
