@@ -76,7 +76,10 @@ fn temp_dir(prefix: &str) -> PathBuf {
 /// accounts of its own, made with `hodei-auth` as `hodei auth init` makes them), on a free
 /// loopback port. There is no unauthenticated mode.
 pub struct NatsServer {
-    child: Child,
+    /// The server process (none for a cluster in containers).
+    child: Option<Child>,
+    /// The nodes of a cluster in containers.
+    pub cluster: Option<NatsNodes>,
     pub url: String,
     pub port: u16,
     dir: PathBuf,
@@ -124,7 +127,8 @@ impl NatsServer {
                 let log = std::fs::read_to_string(&log_path).unwrap_or_default();
                 if log.contains("Server is ready") {
                     return NatsServer {
-                        child,
+                        child: Some(child),
+                        cluster: None,
                         url: format!("nats://127.0.0.1:{port}"),
                         port,
                         dir,
@@ -189,7 +193,7 @@ impl NatsServer {
         hodei_messaging::options(name, Some(creds))
             .await
             .expect("read the credential")
-            .connect(&self.url)
+            .connect(hodei_messaging::servers(&self.url).expect("NATS URLs"))
             .await
             .expect("connect to the test's nats-server")
     }
@@ -208,23 +212,123 @@ impl NatsServer {
     }
 }
 
+/// What a system's NATS is.
+enum Nats {
+    Single,
+    Cluster,
+}
+
+/// A three-node nats-server cluster in containers on a private network of its own.
+pub struct NatsNodes {
+    pub network: String,
+    /// Container names, node 1 to 3.
+    pub containers: Vec<String>,
+    /// Each node's address on the network.
+    pub addresses: Vec<String>,
+}
+
 impl NatsServer {
+    /// Three nats-server nodes (hodei/nats:2.15.1, scripts/images.sh) in containers on a
+    /// private Docker network, clustered, with JetStream and the same authentication as a
+    /// single test server; `url` lists the three. The test can kill a node or cut it off
+    /// (`docker network disconnect`).
+    pub fn start_cluster() -> NatsServer {
+        let dir = temp_dir("hodei-nats-cluster");
+        let authority =
+            hodei_auth::Authority::init(&dir.join("auth")).expect("make the test's keys");
+        let id = Uuid::new_v4().simple().to_string()[..10].to_owned();
+        let network = format!("hodei-test-nats-{id}");
+        let created = docker(&["network", "create", "--label", "hodei.test=1", &network]);
+        assert!(
+            created.status.success(),
+            "{}",
+            String::from_utf8_lossy(&created.stderr)
+        );
+        let names: Vec<String> = (1..=3).map(|n| format!("hodei-test-{id}-n{n}")).collect();
+        let routes = names
+            .iter()
+            .map(|name| format!("nats://{name}:6222"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut addresses = Vec::new();
+        for (n, name) in names.iter().enumerate() {
+            let conf = dir.join(format!("n{}.conf", n + 1));
+            authority
+                .write_server_conf(
+                    &conf,
+                    "0.0.0.0:4222",
+                    Path::new("/data"),
+                    &format!(
+                        "server_name: n{}\ncluster {{ name: hodei, listen: \"0.0.0.0:6222\", routes: [{routes}] }}",
+                        n + 1
+                    ),
+                )
+                .expect("write a node's configuration");
+            // The container's server reads it as root; the file is owner-only.
+            let run = docker(&[
+                "run",
+                "-d",
+                "--name",
+                name,
+                "--network",
+                &network,
+                "--label",
+                "hodei.test=1",
+                "-v",
+                &format!("{}:/etc/nats.conf:ro", conf.display()),
+                "hodei/nats:2.15.1",
+                "-c",
+                "/etc/nats.conf",
+            ]);
+            assert!(
+                run.status.success(),
+                "docker run {name} (scripts/images.sh builds hodei/nats): {}",
+                String::from_utf8_lossy(&run.stderr)
+            );
+            let ip = docker(&[
+                "inspect",
+                "-f",
+                &format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}"),
+                name,
+            ]);
+            addresses.push(String::from_utf8_lossy(&ip.stdout).trim().to_owned());
+        }
+        let url = addresses
+            .iter()
+            .map(|ip| format!("nats://{ip}:4222"))
+            .collect::<Vec<_>>()
+            .join(",");
+        NatsServer {
+            child: None,
+            cluster: Some(NatsNodes {
+                network,
+                containers: names,
+                addresses,
+            }),
+            url,
+            port: 4222,
+            dir,
+            bin: String::new(),
+            host: "0.0.0.0",
+            authority,
+        }
+    }
+
     /// Kill the server (SIGKILL) and start it again on the same port with the same store,
     /// after `down` — a restart as clients see it.
     pub fn restart(&mut self, down: Duration) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
         std::thread::sleep(down);
         let log_path = self.dir.join("nats-restarted.log");
         let _ = std::fs::remove_file(&log_path);
-        self.child = NatsServer::spawn(
+        self.child = Some(NatsServer::spawn(
             &self.bin,
             &self.authority,
             &self.dir,
             self.host,
             self.port,
             &log_path,
-        );
+        ));
         let deadline = Instant::now() + Duration::from_secs(20);
         while !std::fs::read_to_string(&log_path)
             .unwrap_or_default()
@@ -239,17 +343,29 @@ impl NatsServer {
         }
     }
 
-    /// Kill the server for good (SIGKILL).
+    /// Kill the server for good (SIGKILL); every node of a cluster.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(nodes) = &self.cluster {
+            for node in &nodes.containers {
+                docker(&["kill", node]);
+            }
+        }
     }
 }
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
+        if let Some(nodes) = self.cluster.take() {
+            for node in &nodes.containers {
+                docker(&["rm", "-f", node]);
+            }
+            docker(&["network", "rm", &nodes.network]);
+        }
         if std::thread::panicking() {
             eprintln!("nats-server store and log kept in {}", self.dir.display());
         } else {
@@ -622,15 +738,28 @@ impl System {
     /// nats-server containers reach through it, and every container labelled as the test's
     /// (none may be left at the end).
     pub async fn start_with_docker(extra_env: &[(&str, &str)]) -> System {
-        System::start_full(None, true, extra_env).await
+        System::start_full(None, Nats::Single, true, extra_env).await
+    }
+
+    /// Start against a three-node NATS cluster in containers ([`NatsServer::start_cluster`]).
+    pub async fn start_with_nats_cluster(extra_env: &[(&str, &str)]) -> System {
+        System::start_full(None, Nats::Cluster, false, extra_env).await
     }
 
     async fn start_on(pg: Option<PgCluster>, extra_env: &[(&str, &str)]) -> System {
-        System::start_full(pg, false, extra_env).await
+        System::start_full(pg, Nats::Single, false, extra_env).await
     }
 
-    async fn start_full(pg: Option<PgCluster>, docker: bool, extra_env: &[(&str, &str)]) -> System {
-        let nats = NatsServer::start_on(if docker { "0.0.0.0" } else { "127.0.0.1" });
+    async fn start_full(
+        pg: Option<PgCluster>,
+        nats: Nats,
+        docker: bool,
+        extra_env: &[(&str, &str)],
+    ) -> System {
+        let nats = match nats {
+            Nats::Cluster => NatsServer::start_cluster(),
+            Nats::Single => NatsServer::start_on(if docker { "0.0.0.0" } else { "127.0.0.1" }),
+        };
         let docker = docker.then(DockerNet::create);
         let db = match &pg {
             Some(cluster) => Database::create_on(cluster.admin_url.clone()).await,
@@ -839,6 +968,16 @@ impl System {
             Duration::from_secs(30),
         )
         .await
+    }
+
+    /// Submit every request at once; the ids of the accepted jobs, in order (each must be
+    /// accepted).
+    pub async fn submit_all(&self, requests: &[SubmitJob]) -> Vec<Uuid> {
+        futures::future::join_all(requests.iter().map(|r| self.submit(r)))
+            .await
+            .into_iter()
+            .map(|accepted| accepted.expect("submission accepted").job_id)
+            .collect()
     }
 
     pub async fn get(&self, job_id: Uuid) -> Result<JobView, ApiError> {
@@ -1255,6 +1394,19 @@ impl System {
             }
         }
     }
+}
+
+/// The lines of one output stream of a job's log batches, in order.
+pub fn lines_of(
+    batches: &[hodei_protocol::logs::LogBatch],
+    stream: hodei_protocol::logs::LogStream,
+) -> Vec<String> {
+    batches
+        .iter()
+        .flat_map(|b| &b.lines)
+        .filter(|l| l.stream == stream)
+        .map(|l| l.line.clone())
+        .collect()
 }
 
 /// A plain HTTP/1.1 GET: (status code, body).

@@ -7,11 +7,14 @@ use std::process::Command;
 use uuid::Uuid;
 
 fn compose(project: &str, args: &[&str]) -> std::process::Output {
-    Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/compose.sh"))
-        .args(args)
-        .env("COMPOSE_PROJECT_NAME", project)
-        .output()
-        .expect("run scripts/compose.sh")
+    Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../scripts/compose.sh"
+    ))
+    .args(args)
+    .env("COMPOSE_PROJECT_NAME", project)
+    .output()
+    .expect("run scripts/compose.sh")
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -32,7 +35,10 @@ impl Drop for Project {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_compose_runs_hodei_and_the_documented_command_prints_a_jobs_output() {
-    let project = Project(format!("hodeitest{}", &Uuid::new_v4().simple().to_string()[..12]));
+    let project = Project(format!(
+        "hodeitest{}",
+        &Uuid::new_v4().simple().to_string()[..12]
+    ));
     let name = project.0.clone();
     let up = tokio::task::spawn_blocking({
         let name = name.clone();
@@ -81,13 +87,26 @@ async fn docker_compose_runs_hodei_and_the_documented_command_prints_a_jobs_outp
     );
     drop(project);
     let left = Command::new("docker")
-        .args(["ps", "-aq", "--filter", &format!("label=hodei.owner={name}")])
+        .args([
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=hodei.owner={name}"),
+        ])
         .output()
         .unwrap();
     assert!(text(&left.stdout).trim().is_empty(), "job containers left");
     let services = Command::new("docker")
-        .args(["ps", "-aq", "--filter", &format!("label=com.docker.compose.project={name}")])
+        .args([
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=com.docker.compose.project={name}"),
+        ])
         .output()
         .unwrap();
-    assert!(text(&services.stdout).trim().is_empty(), "compose containers left");
+    assert!(
+        text(&services.stdout).trim().is_empty(),
+        "compose containers left"
+    );
 }

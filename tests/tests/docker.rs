@@ -5,7 +5,6 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use futures::future::join_all;
 use hodei_domain::JobState;
 use hodei_protocol::api::AuditQuery;
 use hodei_protocol::logs::LogStream;
@@ -61,11 +60,7 @@ async fn fifty_jobs_in_containers_end_right_with_their_logs_and_leave_no_contain
             }
         })
         .collect();
-    let ids: Vec<Uuid> = join_all(requests.iter().map(|r| system.submit(r)))
-        .await
-        .into_iter()
-        .map(|a| a.expect("accepted").job_id)
-        .collect();
+    let ids: Vec<Uuid> = system.submit_all(&requests).await;
     system
         .wait_until_settled(&ids, Duration::from_secs(300))
         .await;
@@ -74,14 +69,7 @@ async fn fifty_jobs_in_containers_end_right_with_their_logs_and_leave_no_contain
     for (i, job_id) in ids.iter().enumerate() {
         let job = system.get(*job_id).await.unwrap();
         let batches = system.logs_of(*job_id).await;
-        let lines = |stream: LogStream| -> Vec<String> {
-            batches
-                .iter()
-                .flat_map(|b| &b.lines)
-                .filter(|l| l.stream == stream)
-                .map(|l| l.line.clone())
-                .collect()
-        };
+        let lines = |stream: LogStream| hodei_tests::lines_of(&batches, stream);
         match i % 3 {
             0 => {
                 assert_eq!(job.state, JobState::Succeeded, "{job:?}");
@@ -253,11 +241,7 @@ async fn cancel_and_a_killed_provider_manager_leave_no_container() {
     let requests: Vec<_> = (0..6)
         .map(|i| in_container("sh", &["-c", &format!("sleep 3; echo done {i}")]))
         .collect();
-    let jobs: Vec<Uuid> = join_all(requests.iter().map(|r| system.submit(r)))
-        .await
-        .into_iter()
-        .map(|a| a.unwrap().job_id)
-        .collect();
+    let jobs: Vec<Uuid> = system.submit_all(&requests).await;
     system
         .wait_for("containers running", Duration::from_secs(60), || async {
             running() >= 3
@@ -355,11 +339,7 @@ async fn an_engine_that_does_not_answer_opens_the_circuit_and_jobs_wait() {
     let requests: Vec<_> = (0..3)
         .map(|i| in_container("sh", &["-c", &format!("echo back {i}")]))
         .collect();
-    let waiting: Vec<Uuid> = join_all(requests.iter().map(|r| system.submit(r)))
-        .await
-        .into_iter()
-        .map(|a| a.unwrap().job_id)
-        .collect();
+    let waiting: Vec<Uuid> = system.submit_all(&requests).await;
     let circuit = || async {
         let views: Vec<serde_json::Value> = hodei_messaging::api::request(
             &system.client,

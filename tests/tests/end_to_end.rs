@@ -134,14 +134,7 @@ async fn fifty_jobs_submitted_at_once_end_right_with_complete_logs_and_a_full_au
         let last = batches.last().unwrap();
         assert!(last.eof);
         assert_eq!(last.exit_code, Some(want.exit_code));
-        let lines = |stream: LogStream| -> Vec<String> {
-            batches
-                .iter()
-                .flat_map(|b| &b.lines)
-                .filter(|l| l.stream == stream)
-                .map(|l| l.line.clone())
-                .collect()
-        };
+        let lines = |stream: LogStream| hodei_tests::lines_of(&batches, stream);
         assert_eq!(lines(LogStream::Stdout), want.stdout, "stdout of {job_id}");
         assert_eq!(lines(LogStream::Stderr), want.stderr, "stderr of {job_id}");
 

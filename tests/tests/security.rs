@@ -33,7 +33,7 @@ async fn client_as(
                 }
             }
         })
-        .connect(&system.nats.url)
+        .connect(hodei_messaging::servers(&system.nats.url).unwrap())
         .await
         .expect("an authenticated client connects");
     (client, rx)
@@ -147,7 +147,7 @@ async fn hostile_clients_are_refused_and_change_nothing() {
     // No credentials: the server refuses the connection.
     let anonymous = async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(2))
-        .connect(&system.nats.url)
+        .connect(hodei_messaging::servers(&system.nats.url).unwrap())
         .await;
     assert!(
         anonymous.is_err(),
@@ -277,7 +277,7 @@ async fn hostile_clients_are_refused_and_change_nothing() {
     let late = hodei_messaging::options("expired", Some(&expired))
         .await
         .unwrap()
-        .connect(&system.nats.url)
+        .connect(hodei_messaging::servers(&system.nats.url).unwrap())
         .await;
     assert!(late.is_err(), "an expired credential is refused");
 

@@ -35,6 +35,8 @@ pub enum MessagingError {
     Api(#[from] ApiError),
     #[error("NATS credentials {0}")]
     Credentials(String),
+    #[error("{0}")]
+    Url(String),
 }
 
 /// `map_err(nats("what we were doing"))`
@@ -86,9 +88,22 @@ pub async fn connect(url: &str, name: &str, creds: Option<&Path>) -> Result<Clie
     options(name, creds)
         .await?
         .retry_on_initial_connect()
-        .connect(url)
+        .connect(servers(url)?)
         .await
         .map_err(nats(format!("connecting to NATS at {url}")))
+}
+
+/// The servers of a NATS URL, which may list several, comma-separated (every node of a
+/// cluster): `nats://a:4222,nats://b:4222`.
+pub fn servers(url: &str) -> Result<Vec<async_nats::ServerAddr>> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse::<async_nats::ServerAddr>()
+                .map_err(|e| MessagingError::Url(format!("NATS URL {u}: {e}")))
+        })
+        .collect()
 }
 
 /// Connect options for `name`, authenticated with `creds` when given.
@@ -109,9 +124,12 @@ pub async fn options(name: &str, creds: Option<&Path>) -> Result<async_nats::Con
         }
         None => async_nats::ConnectOptions::new(),
     };
+    // Pings every few seconds: a server that went silent (a node cut off from the network)
+    // is noticed, and left for another node, in seconds rather than minutes.
     options = options
         .name(name)
-        .connection_timeout(std::time::Duration::from_secs(5));
+        .connection_timeout(std::time::Duration::from_secs(5))
+        .ping_interval(std::time::Duration::from_secs(5));
     // TLS: a `tls://` URL requires it; a private CA is named by HODEI_NATS_CA.
     if let Some(ca) = std::env::var_os("HODEI_NATS_CA") {
         options = options.add_root_certificates(ca.into()).require_tls(true);
@@ -152,10 +170,14 @@ pub fn stream_subjects(name: &str) -> Vec<String> {
 }
 
 /// Create every stream of `nats/`, or bring an existing one to its definition.
-pub async fn ensure_streams(js: &JetStream) -> Result<()> {
+/// `replicas` overrides the definitions' `num_replicas` (3 on a three-node cluster).
+pub async fn ensure_streams(js: &JetStream, replicas: Option<usize>) -> Result<()> {
     for (name, definition) in STREAMS {
-        let config: jetstream::stream::Config = serde_json::from_str(definition)
+        let mut config: jetstream::stream::Config = serde_json::from_str(definition)
             .map_err(|source| MessagingError::StreamDefinition { name, source })?;
+        if let Some(replicas) = replicas {
+            config.num_replicas = replicas;
+        }
         js.create_or_update_stream(config)
             .await
             .map_err(nats(format!("creating stream {name}")))?;
@@ -321,6 +343,7 @@ pub async fn connect_and_ensure_streams(
     url: &str,
     name: &str,
     creds: Option<&Path>,
+    replicas: Option<usize>,
 ) -> Result<(Client, JetStream)> {
     use backon::BackoffBuilder;
     let client = connect(url, name, creds).await?;
@@ -333,7 +356,7 @@ pub async fn connect_and_ensure_streams(
         .without_max_times()
         .build();
     loop {
-        match ensure_streams(&js).await {
+        match ensure_streams(&js, replicas).await {
             Ok(()) => return Ok((client, js)),
             Err(error) => match delays.next() {
                 Some(delay) => {

@@ -124,6 +124,7 @@ pub async fn connect_only(
         &common.nats_url,
         service,
         common.nats_creds.as_deref(),
+        common.stream_replicas,
     )
     .await
     .context("connecting to NATS")?;

@@ -26,6 +26,11 @@ pub struct CommonArgs {
     #[arg(long, env = "HODEI_NATS_CREDS")]
     pub nats_creds: Option<std::path::PathBuf>,
 
+    /// Replicas of every stream (default: as `nats/*.json` says, 1); 3 on a three-node
+    /// cluster. NATS URLs may list every node, comma-separated.
+    #[arg(long, env = "HODEI_STREAM_REPLICAS")]
+    pub stream_replicas: Option<usize>,
+
     /// PostgreSQL URL. The password, if any, is never logged.
     #[arg(
         long,

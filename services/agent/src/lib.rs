@@ -153,7 +153,7 @@ async fn agent(
         }
     })
     .retry_on_initial_connect()
-    .connect(&config.nats_url)
+    .connect(hodei_messaging::servers(&config.nats_url)?)
     .await
     .map_err(nats(format!("connecting to NATS at {}", config.nats_url)))?;
     if let Some(creds) = &config.nats_creds {
@@ -165,8 +165,10 @@ async fn agent(
     // Commands wait in their stream, so the command consumer and the registration (after
     // which RunJob may come) can be set up at once: two round trips overlap.
     let commands = async {
-        let consumer: jetstream::consumer::PullConsumer = js
-            .create_consumer_on_stream(
+        use backon::Retryable;
+        // Retried while JetStream cannot answer yet (a cluster electing a new leader, say).
+        let create = || async {
+            js.create_consumer_on_stream(
                 pull::Config {
                     // Named, so that its creation names the filter in the API subject, which
                     // is all a worker's credential allows.
@@ -179,6 +181,20 @@ async fn agent(
                 },
                 streams::WORKER_CMDS,
             )
+            .await
+        };
+        let consumer: jetstream::consumer::PullConsumer = create
+            .retry(
+                backon::ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(100))
+                    .with_max_delay(Duration::from_secs(2))
+                    .with_jitter()
+                    .with_total_delay(Some(Duration::from_secs(60)))
+                    .without_max_times(),
+            )
+            .notify(|error, delay| {
+                tracing::warn!(%error, ?delay, "command consumer not created yet; retrying")
+            })
             .await
             .map_err(nats("creating the command consumer"))?;
         let messages = consumer

@@ -312,7 +312,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         })
-        .connect(&cli.nats_url)
+        .connect(hodei_messaging::servers(&cli.nats_url)?)
         .await
         .with_context(|| format!("cannot reach NATS at {}", cli.nats_url))?;
     let timeout = Duration::from_secs(cli.timeout_secs);
