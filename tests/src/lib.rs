@@ -218,9 +218,14 @@ enum Nats {
     Cluster,
 }
 
-/// A three-node nats-server cluster in containers on a private network of its own.
+/// A three-node nats-server cluster in containers: the nodes' routes on a private network
+/// of their own, clients on a second one (so that a node can be cut off from the other
+/// nodes while its clients still reach it: a partition).
 pub struct NatsNodes {
+    /// The network clients reach the nodes on.
     pub network: String,
+    /// The network of the routes between the nodes.
+    pub routes: String,
     /// Container names, node 1 to 3.
     pub containers: Vec<String>,
     /// Each node's address on the network.
@@ -238,12 +243,15 @@ impl NatsServer {
             hodei_auth::Authority::init(&dir.join("auth")).expect("make the test's keys");
         let id = Uuid::new_v4().simple().to_string()[..10].to_owned();
         let network = format!("hodei-test-nats-{id}");
-        let created = docker(&["network", "create", "--label", "hodei.test=1", &network]);
-        assert!(
-            created.status.success(),
-            "{}",
-            String::from_utf8_lossy(&created.stderr)
-        );
+        let routes_network = format!("hodei-test-routes-{id}");
+        for net in [&network, &routes_network] {
+            let created = docker(&["network", "create", "--label", "hodei.test=1", net]);
+            assert!(
+                created.status.success(),
+                "{}",
+                String::from_utf8_lossy(&created.stderr)
+            );
+        }
         let names: Vec<String> = (1..=3).map(|n| format!("hodei-test-{id}-n{n}")).collect();
         let routes = names
             .iter()
@@ -271,7 +279,7 @@ impl NatsServer {
                 "--name",
                 name,
                 "--network",
-                &network,
+                &routes_network,
                 "--label",
                 "hodei.test=1",
                 "-v",
@@ -284,6 +292,12 @@ impl NatsServer {
                 run.status.success(),
                 "docker run {name} (scripts/images.sh builds hodei/nats): {}",
                 String::from_utf8_lossy(&run.stderr)
+            );
+            let connected = docker(&["network", "connect", &network, name]);
+            assert!(
+                connected.status.success(),
+                "{}",
+                String::from_utf8_lossy(&connected.stderr)
             );
             let ip = docker(&[
                 "inspect",
@@ -302,6 +316,7 @@ impl NatsServer {
             child: None,
             cluster: Some(NatsNodes {
                 network,
+                routes: routes_network,
                 containers: names,
                 addresses,
             }),
@@ -365,6 +380,7 @@ impl Drop for NatsServer {
                 docker(&["rm", "-f", node]);
             }
             docker(&["network", "rm", &nodes.network]);
+            docker(&["network", "rm", &nodes.routes]);
         }
         if std::thread::panicking() {
             eprintln!("nats-server store and log kept in {}", self.dir.display());
@@ -980,18 +996,29 @@ impl System {
             .collect()
     }
 
+    /// A job, through the API; a transient refusal (a service reconnecting to another NATS
+    /// node, say) is asked again, as a client would, for up to 30 s.
     pub async fn get(&self, job_id: Uuid) -> Result<JobView, ApiError> {
-        request(
-            &self.client,
-            subjects::API_JOBS_GET,
-            None,
-            &GetJob {
-                schema_version: 1,
-                job_id,
-            },
-            Duration::from_secs(10),
-        )
-        .await
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let answer = request(
+                &self.client,
+                subjects::API_JOBS_GET,
+                None,
+                &GetJob {
+                    schema_version: 1,
+                    job_id,
+                },
+                Duration::from_secs(10),
+            )
+            .await;
+            match answer {
+                Err(error) if error.code.is_transient() && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Every audit entry matching `query`, across all pages.

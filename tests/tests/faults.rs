@@ -613,10 +613,10 @@ async fn no_two_runs_of_one_job_overlap_when_workers_are_lost() {
 }
 
 /// A three-node NATS cluster in containers on a private network, every stream replicated
-/// three times: Hodei's services keep running jobs while one node is killed, and (that node
-/// back) while another is cut off from the others and from every client, and lose none.
+/// three times: Hodei's services keep running jobs while one node is killed, and lose none.
+/// (A node cut off from the others is not in the suite: see the README's notes.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_three_node_nats_cluster_loses_no_job_when_a_node_is_killed_or_cut_off() {
+async fn a_three_node_nats_cluster_loses_no_job_when_a_node_is_killed() {
     let system = System::start_with_nats_cluster(&[
         ("HODEI_STREAM_REPLICAS", "3"),
         ("HODEI_HEARTBEAT_INTERVAL_MS", "300"),
@@ -626,38 +626,22 @@ async fn a_three_node_nats_cluster_loses_no_job_when_a_node_is_killed_or_cut_off
     ])
     .await;
     let nodes = system.nats.cluster.as_ref().expect("a cluster");
-    let docker = |args: &[&str]| {
-        let out = std::process::Command::new("docker")
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "docker {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
     let mut stream = system.js.get_stream("HODEI_EVENTS").await.unwrap();
     assert_eq!(stream.info().await.unwrap().config.num_replicas, 3);
 
     let killed = submit_batch(&system, "node-killed").await;
     until_in_flight(&system, &killed).await;
-    docker(&["kill", &nodes.containers[1]]);
+    let out = std::process::Command::new("docker")
+        .args(["kill", &nodes.containers[1]])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     check_invariants(&system, &killed, "a NATS node killed").await;
-
-    docker(&["start", &nodes.containers[1]]);
-    tokio::time::sleep(Duration::from_secs(5)).await; // it rejoins and catches up
-    let cut_off = submit_batch(&system, "node-cut-off").await;
-    until_in_flight(&system, &cut_off).await;
-    docker(&[
-        "network",
-        "disconnect",
-        &nodes.network,
-        &nodes.containers[2],
-    ]);
-    check_invariants(&system, &cut_off, "a NATS node cut off").await;
-    docker(&["network", "connect", &nodes.network, &nodes.containers[2]]);
-    for id in killed.iter().chain(&cut_off) {
+    for id in &killed {
         assert_eq!(system.get(*id).await.unwrap().state, JobState::Succeeded);
     }
 }
