@@ -689,6 +689,12 @@ impl Service {
         self.child.id()
     }
 
+    /// kill -9, and reap it: when this returns the process is gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// SIGTERM, and wait up to `grace` for it to exit by itself; returns its exit status if
     /// it did (it is killed otherwise).
     pub fn stop(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
@@ -1082,6 +1088,36 @@ impl System {
         .await;
     }
 
+    /// Wait until no agent or job process of this system is alive.
+    pub async fn wait_workers_gone(&self) {
+        self.wait_for(
+            "no worker process left",
+            Duration::from_secs(30),
+            || async { self.live_agents().is_empty() },
+        )
+        .await;
+    }
+
+    /// Wait until each of `workers` is in `state`.
+    pub async fn wait_workers_in(&self, workers: &[Uuid], state: &str) {
+        self.wait_for(
+            &format!("workers {state}"),
+            Duration::from_secs(60),
+            || async {
+                let (n,): (i64,) = sqlx::query_as(
+                    "SELECT count(*) FROM workers WHERE id = ANY($1) AND state = $2",
+                )
+                .bind(workers)
+                .bind(state)
+                .fetch_one(&self.pool)
+                .await
+                .unwrap_or((-1,));
+                n == workers.len() as i64
+            },
+        )
+        .await;
+    }
+
     /// Wait until every job of this system is in a terminal state and its worker Terminated.
     pub async fn wait_all_settled(&self, limit: Duration) {
         let ids: Vec<(Uuid,)> = sqlx::query_as("SELECT id FROM jobs")
@@ -1317,6 +1353,15 @@ impl Drop for System {
             eprintln!("service logs kept in {}", self.log_dir.display());
         }
     }
+}
+
+/// The worker an agent process is (from its environment).
+pub fn worker_of_agent(pid: u32) -> Option<Uuid> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    environ
+        .split(|b| *b == 0)
+        .find_map(|var| var.strip_prefix(b"HODEI_WORKER_ID="))
+        .and_then(|id| std::str::from_utf8(id).ok()?.parse().ok())
 }
 
 /// Whether a process is alive (a zombie is not).

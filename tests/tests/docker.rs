@@ -247,10 +247,7 @@ async fn cancel_and_a_killed_provider_manager_leave_no_container() {
             running() >= 3
         })
         .await;
-    let manager = system.service("provider-manager").pid();
-    // SAFETY: kill(2) of a service this test started.
-    unsafe { libc::kill(manager as i32, libc::SIGKILL) };
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    system.service("provider-manager").kill();
     system.restart("provider-manager");
     system
         .wait_until_settled(&jobs, Duration::from_secs(120))
@@ -413,7 +410,6 @@ async fn placement_by_selector_and_resources() {
             n == 2
         })
         .await;
-    tokio::time::sleep(Duration::from_secs(3)).await; // the scheduler's view is 2 s old at most
     let mut nowhere = job("true", &[]);
     nowhere.selector = BTreeMap::from([("gpu".to_owned(), "a100".to_owned())]);
     let refused = system.submit(&nowhere).await.unwrap_err();
@@ -447,7 +443,18 @@ async fn placement_by_selector_and_resources() {
     let mut second = in_container("sh", &["-c", "echo second"]);
     second.resources.memory_mb = Some(400);
     let second = system.submit(&second).await.unwrap().job_id;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Once the dispatcher has handled everything queued, the job is still not placed.
+    system
+        .wait_for(
+            "the dispatcher to catch up",
+            Duration::from_secs(30),
+            || async {
+                system
+                    .consumer_caught_up("HODEI_EVENTS", "dispatcher-job-queued")
+                    .await
+            },
+        )
+        .await;
     let waiting = system.get(second).await.unwrap();
     assert_eq!(
         waiting.state,

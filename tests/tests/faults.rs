@@ -175,13 +175,7 @@ async fn check_invariants(system: &System, job_ids: &[Uuid], what: &str) {
             succeeded += 1;
         }
     }
-    system
-        .wait_for(
-            "no worker process left",
-            Duration::from_secs(30),
-            || async { system.live_agents().is_empty() },
-        )
-        .await;
+    system.wait_workers_gone().await;
     eprintln!(
         "{what}: {} jobs, {succeeded} succeeded, {} failed after exhausting their attempts",
         job_ids.len(),
@@ -560,16 +554,18 @@ async fn no_two_runs_of_one_job_overlap_when_workers_are_lost() {
         // SAFETY: as above; frozen, they send no heartbeat and do nothing for their jobs.
         unsafe { libc::kill(*pid as i32, libc::SIGSTOP) };
     }
+    let frozen_workers: Vec<Uuid> = frozen
+        .iter()
+        .filter_map(|pid| hodei_tests::worker_of_agent(*pid))
+        .collect();
+    assert_eq!(frozen_workers.len(), frozen.len());
     // Past the lost window, while the provider-manager waits for the frozen agents to stop,
     // it is killed -9 (it held the only record of their processes in memory) and restarted.
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    let manager = system.service("provider-manager").pid();
-    // SAFETY: kill(2) of a service this test started.
-    unsafe { libc::kill(manager as i32, libc::SIGKILL) };
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    system.wait_workers_in(&frozen_workers, "Terminating").await;
+    system.service("provider-manager").kill();
     system.restart("provider-manager");
-    // Thaw whatever of the frozen agents is still there.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Thaw whatever of the frozen agents is still there, once the new instance tore them down.
+    system.wait_workers_in(&frozen_workers, "Terminated").await;
     for pid in frozen {
         // SAFETY: as above.
         unsafe { libc::kill(*pid as i32, libc::SIGCONT) };
@@ -601,13 +597,7 @@ async fn no_two_runs_of_one_job_overlap_when_workers_are_lost() {
         retried += usize::from(runs.len() > 1);
     }
     assert!(retried >= 5, "the lost workers' jobs ran again ({retried})");
-    system
-        .wait_for(
-            "no worker process left",
-            Duration::from_secs(30),
-            || async { system.live_agents().is_empty() },
-        )
-        .await;
+    system.wait_workers_gone().await;
     eprintln!("200 jobs, {retried} ran more than once, never two runs at once");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -112,7 +112,7 @@ pub async fn run(config: Config, signals: Shutdown) -> anyhow::Result<()> {
         result = agent(config, shutdown, trigger, connected_tx, connected) => result,
         () = stopping => Err(anyhow::anyhow!("stopped before the job's end was reported")),
     };
-    job::kill_descendants();
+    tokio::task::block_in_place(job::kill_descendants);
     result
 }
 

@@ -137,7 +137,8 @@ async fn submit(
 /// The providers' offers, at most a few seconds old.
 async fn offers(state: &State) -> Result<Vec<hodei_domain::ProviderOffer>, ApiError> {
     let mut cached = state.offers.lock().await;
-    if cached.0.elapsed() >= crate::OFFERS_FRESH_FOR {
+    // Until a provider-manager has recorded its offers there is nothing to keep: read again.
+    if cached.1.is_empty() || cached.0.elapsed() >= crate::OFFERS_FRESH_FOR {
         *cached = (
             std::time::Instant::now(),
             hodei_store::offers::all(&state.pool).await?,
