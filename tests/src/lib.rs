@@ -219,8 +219,8 @@ enum Nats {
 }
 
 /// A three-node nats-server cluster in containers: the nodes' routes on a private network
-/// of their own, clients on a second one (so that a node can be cut off from the other
-/// nodes while its clients still reach it: a partition).
+/// of their own, clients on a second one. A node can be killed (`docker kill`) or cut off
+/// from everyone ([`NatsNodes::cut_off`]).
 pub struct NatsNodes {
     /// The network clients reach the nodes on.
     pub network: String,
@@ -230,6 +230,38 @@ pub struct NatsNodes {
     pub containers: Vec<String>,
     /// Each node's address on the network.
     pub addresses: Vec<String>,
+}
+
+impl NatsNodes {
+    /// Cut node `n` (0-based) off the network: every packet in or out of its network
+    /// namespace but loopback is dropped, as in a partition (no reset, no error: peers and
+    /// clients see silence). `heal` undoes it.
+    pub fn cut_off(&self, n: usize) {
+        self.filter(n, "-I");
+    }
+
+    /// Let node `n` reach the network again.
+    pub fn heal(&self, n: usize) {
+        self.filter(n, "-D");
+    }
+
+    fn filter(&self, n: usize, action: &str) {
+        let pid = docker(&["inspect", "-f", "{{.State.Pid}}", &self.containers[n]]);
+        let pid = String::from_utf8_lossy(&pid.stdout).trim().to_owned();
+        for chain in ["INPUT", "OUTPUT"] {
+            let interface = if chain == "INPUT" { "-i" } else { "-o" };
+            let out = Command::new("nsenter")
+                .args(["-t", &pid, "-n", "iptables", action, chain, "!", interface])
+                .args(["lo", "-j", "DROP"])
+                .output()
+                .expect("run nsenter and iptables (Debian's util-linux and iptables)");
+            assert!(
+                out.status.success(),
+                "iptables {action} {chain} in node {n}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
 }
 
 impl NatsServer {
