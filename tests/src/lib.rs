@@ -219,8 +219,8 @@ enum Nats {
 }
 
 /// A three-node nats-server cluster in containers: the nodes' routes on a private network
-/// of their own, clients on a second one. A node can be killed (`docker kill`) or cut off
-/// from everyone ([`NatsNodes::cut_off`]).
+/// of their own, clients on a second one. A node can be killed (`docker kill`) or
+/// partitioned from the others while its clients still reach it ([`NatsNodes::partition`]).
 pub struct NatsNodes {
     /// The network clients reach the nodes on.
     pub network: String,
@@ -233,14 +233,14 @@ pub struct NatsNodes {
 }
 
 impl NatsNodes {
-    /// Cut node `n` (0-based) off the network: every packet in or out of its network
-    /// namespace but loopback is dropped, as in a partition (no reset, no error: peers and
-    /// clients see silence). `heal` undoes it.
-    pub fn cut_off(&self, n: usize) {
+    /// Partition node `n` (0-based) from the other nodes: every packet of the cluster's
+    /// routes (port 6222) into or out of its network namespace is dropped, with no reset and
+    /// no error, while its clients still reach it. `heal` undoes it.
+    pub fn partition(&self, n: usize) {
         self.filter(n, "-I");
     }
 
-    /// Let node `n` reach the network again.
+    /// Join node `n` to the others again.
     pub fn heal(&self, n: usize) {
         self.filter(n, "-D");
     }
@@ -248,11 +248,17 @@ impl NatsNodes {
     fn filter(&self, n: usize, action: &str) {
         let pid = docker(&["inspect", "-f", "{{.State.Pid}}", &self.containers[n]]);
         let pid = String::from_utf8_lossy(&pid.stdout).trim().to_owned();
-        for chain in ["INPUT", "OUTPUT"] {
-            let interface = if chain == "INPUT" { "-i" } else { "-o" };
+        for (chain, port) in [
+            ("INPUT", "--dport"),
+            ("INPUT", "--sport"),
+            ("OUTPUT", "--dport"),
+            ("OUTPUT", "--sport"),
+        ] {
             let out = Command::new("nsenter")
-                .args(["-t", &pid, "-n", "iptables", action, chain, "!", interface])
-                .args(["lo", "-j", "DROP"])
+                .args([
+                    "-t", &pid, "-n", "iptables", action, chain, "-p", "tcp", port,
+                ])
+                .args(["6222", "-j", "DROP"])
                 .output()
                 .expect("run nsenter and iptables (Debian's util-linux and iptables)");
             assert!(
@@ -854,6 +860,17 @@ impl System {
             .collect();
         let client = nats.connect().await;
         let js = async_nats::jetstream::new(client.clone());
+        // The harness leaves a partitioned NATS node as the services do; the task ends with
+        // the test's runtime.
+        let servers = hodei_messaging::servers(&nats.url).map_or(1, |s| s.len());
+        tokio::spawn({
+            let (trigger, shutdown) = hodei_runtime::Shutdown::new();
+            let js = js.clone();
+            async move {
+                let _running = trigger;
+                hodei_messaging::keep_jetstream_reachable(js, servers, shutdown).await
+            }
+        });
         let system = System {
             services,
             env,

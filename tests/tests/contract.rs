@@ -395,3 +395,119 @@ async fn every_service_stops_cleanly_on_sigterm() {
         );
     }
 }
+
+/// Ask every instance listening on a `$SRV` subject; the answers of `expected` instances.
+async fn ask_all(
+    client: &async_nats::Client,
+    subject: &str,
+    expected: usize,
+) -> Vec<serde_json::Value> {
+    let inbox = client.new_inbox();
+    let mut answers = client.subscribe(inbox.clone()).await.unwrap();
+    client
+        .publish_with_reply(subject.to_owned(), inbox, bytes::Bytes::new())
+        .await
+        .unwrap();
+    let mut found = Vec::new();
+    while found.len() < expected {
+        let answer = tokio::time::timeout(Duration::from_secs(10), answers.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{subject}: {} answers of {expected}: {found:?}",
+                    found.len()
+                )
+            })
+            .unwrap();
+        found.push(serde_json::from_slice(&answer.payload).unwrap());
+    }
+    found
+}
+
+/// Every service that answers requests is a NATS micro service: `$SRV.PING` finds each (as
+/// `nats micro ls` does), `$SRV.INFO` lists its endpoints on the subjects of the AsyncAPI
+/// document, and `$SRV.STATS` counts the requests each answered and, in `data.refused`,
+/// those it refused; an operator's credential may ask.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_service_is_listed_by_the_nats_micro_api() {
+    let system = System::start().await;
+    let operator_creds = system.nats.creds("ops", &hodei_auth::Role::Operator);
+    let operator = system.nats.connect_as("ops", &operator_creds).await;
+    let id = system.submit(&job("true", &[])).await.unwrap().job_id;
+    system
+        .wait_until_settled(&[id], Duration::from_secs(60))
+        .await;
+    system.wait_workers_gone().await;
+    system
+        .client
+        .request(subjects::API_JOBS_SUBMIT, "{not json".into())
+        .await
+        .unwrap();
+
+    let expected: [(&str, &[&str]); 4] = [
+        (
+            "hodei-scheduler",
+            &[
+                subjects::API_JOBS_SUBMIT,
+                subjects::API_JOBS_GET,
+                subjects::API_JOBS_LIST,
+                subjects::API_JOBS_CANCEL,
+            ],
+        ),
+        (
+            "hodei-registry",
+            &["hodei.agent.*.register", subjects::API_WORKERS_LIST],
+        ),
+        (
+            "hodei-audit",
+            &[
+                subjects::API_AUDIT_QUERY,
+                subjects::API_DLQ_LIST,
+                subjects::API_DLQ_SHOW,
+                subjects::API_DLQ_REPLAY,
+                subjects::API_DLQ_DISCARD,
+            ],
+        ),
+        ("hodei-provider-manager", &[subjects::API_PROVIDERS_LIST]),
+    ];
+    let pings = ask_all(&operator, "$SRV.PING", expected.len()).await;
+    let mut names: Vec<&str> = pings.iter().map(|p| p["name"].as_str().unwrap()).collect();
+    names.sort();
+    let mut want: Vec<&str> = expected.iter().map(|(name, _)| *name).collect();
+    want.sort();
+    assert_eq!(names, want, "{pings:?}");
+
+    for (name, endpoints) in expected {
+        let info = &ask_all(&operator, &format!("$SRV.INFO.{name}"), 1).await[0];
+        assert_eq!(info["type"], "io.nats.micro.v1.info_response");
+        let mut subjects: Vec<&str> = info["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["subject"].as_str().unwrap())
+            .collect();
+        subjects.sort();
+        let mut want = endpoints.to_vec();
+        want.sort();
+        assert_eq!(subjects, want, "{name}: {info}");
+        assert!(
+            info["endpoints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|e| e["queue_group"] == name),
+            "{name} answers in its queue group: {info}"
+        );
+    }
+
+    let stats = &ask_all(&operator, "$SRV.STATS.hodei-scheduler", 1).await[0];
+    let submit = stats["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["subject"] == subjects::API_JOBS_SUBMIT)
+        .unwrap_or_else(|| panic!("jobs-submit in {stats}"));
+    assert_eq!(submit["name"], "jobs-submit");
+    assert_eq!(submit["num_requests"], 2, "{submit}");
+    assert_eq!(submit["data"]["refused"], 1, "{submit}");
+}

@@ -604,8 +604,9 @@ async fn no_two_runs_of_one_job_overlap_when_workers_are_lost() {
 
 /// A three-node NATS cluster in containers on a private network, every stream replicated
 /// three times: Hodei's services keep running jobs while one node is killed, and (that node
-/// back) while another is cut off from the others and from its clients (a partition: its
-/// packets dropped, no error), and lose none.
+/// back) while another is cut off from the other nodes (a partition: the routes' packets
+/// dropped, no error) but not from its clients, and lose none. Clients of the cut-off node
+/// leave it when JetStream stops answering there (`stay_on_a_serving_node`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_three_node_nats_cluster_loses_no_job_when_a_node_is_killed_or_cut_off() {
     let system = System::start_with_nats_cluster(&[
@@ -626,27 +627,39 @@ async fn a_three_node_nats_cluster_loses_no_job_when_a_node_is_killed_or_cut_off
         .args(["kill", &nodes.containers[1]])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     check_invariants(&system, &killed, "a NATS node killed").await;
 
     let out = std::process::Command::new("docker")
         .args(["start", &nodes.containers[1]])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     system
-        .wait_for("the node back in the cluster", Duration::from_secs(60), || async {
-            let Ok(info) = system.js.get_stream("HODEI_EVENTS").await else {
-                return false;
-            };
-            let cluster = info.cached_info().cluster.clone().unwrap_or_default();
-            cluster.replicas.len() == 2 && cluster.replicas.iter().all(|r| r.current)
-        })
+        .wait_for(
+            "the node back in the cluster",
+            Duration::from_secs(60),
+            || async {
+                let Ok(info) = system.js.get_stream("HODEI_EVENTS").await else {
+                    return false;
+                };
+                let cluster = info.cached_info().cluster.clone().unwrap_or_default();
+                cluster.replicas.len() == 2 && cluster.replicas.iter().all(|r| r.current)
+            },
+        )
         .await;
 
     let cut_off = submit_batch(&system, "node-cut-off").await;
     until_in_flight(&system, &cut_off).await;
-    nodes.cut_off(2);
+    nodes.partition(2);
     check_invariants(&system, &cut_off, "a NATS node cut off").await;
     nodes.heal(2);
     for id in killed.iter().chain(&cut_off) {

@@ -103,10 +103,13 @@ pub fn permissions(role: &Role, name: &str) -> Permissions {
                 "provider-manager" => &["hodei.api.providers.list"],
                 _ => &[],
             };
+            // Services that answer requests are NATS micro services: they answer
+            // `$SRV.PING|INFO|STATS` (discovery) too.
+            let discovery = (!serves.is_empty()).then_some("$SRV.>");
             Permissions {
                 publish: publish.iter().map(|s| s.to_string()).collect(),
                 subscribe: std::iter::once(own_inbox)
-                    .chain(serves.iter().map(|s| s.to_string()))
+                    .chain(serves.iter().chain(&discovery).map(|s| s.to_string()))
                     .collect(),
             }
         }
@@ -115,6 +118,8 @@ pub fn permissions(role: &Role, name: &str) -> Permissions {
             publish.push("hodei.jobs.submit".into());
             if *role == Role::Operator {
                 publish.extend(OPERATOR_APIS.iter().map(|s| s.to_string()));
+                // `nats micro ls|info|stats`: which services run, and their counters.
+                publish.push("$SRV.>".into());
             }
             for stream in FOLLOWED_STREAMS {
                 publish.push(format!("$JS.API.STREAM.INFO.{stream}"));
@@ -159,4 +164,22 @@ pub fn valid_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_operators_ask_the_micro_api_and_only_serving_services_answer_it() {
+        let srv = |perms: &[String]| perms.iter().any(|s| s.starts_with("$SRV"));
+        assert!(srv(&permissions(&Role::Operator, "ops").publish));
+        assert!(!srv(&permissions(&Role::Submitter, "ci").publish));
+        for name in ["scheduler", "registry", "audit", "provider-manager"] {
+            assert!(srv(&permissions(&Role::Service, name).subscribe), "{name}");
+        }
+        for name in ["dispatcher", "relay"] {
+            assert!(!srv(&permissions(&Role::Service, name).subscribe), "{name}");
+        }
+    }
 }

@@ -106,6 +106,81 @@ pub fn servers(url: &str) -> Result<Vec<async_nats::ServerAddr>> {
         .collect()
 }
 
+/// How often [`stay_on_a_serving_node`] asks JetStream, and how long each answer may take.
+const SERVING_PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+/// Failed probes in a row after which the client leaves its node.
+const SERVING_PROBE_FAILURES: u32 = 3;
+
+/// Keep the client on a NATS node that can serve JetStream. NATS' own pings check only the
+/// path to the node: a node cut off from the rest of its cluster (a partition) still answers
+/// them, so its clients would stay on it while every stream request times out. Every 2 s
+/// `probe` asks JetStream something (the account's information for a service, its own
+/// consumer for an agent); after three failures in a row, while connected, the client
+/// reconnects, to another server of its list. Runs until shutdown; with a single server
+/// there is nowhere else to go and it does nothing.
+pub async fn stay_on_a_serving_node<P, F>(
+    client: Client,
+    servers: usize,
+    mut probe: P,
+    shutdown: hodei_runtime::Shutdown,
+) where
+    P: FnMut() -> F,
+    F: std::future::Future<Output = std::result::Result<(), String>>,
+{
+    if servers < 2 {
+        return;
+    }
+    let mut failures = 0;
+    while shutdown
+        .guard(tokio::time::sleep(SERVING_PROBE_EVERY))
+        .await
+        .is_some()
+    {
+        if client.connection_state() != async_nats::connection::State::Connected {
+            failures = 0;
+            continue;
+        }
+        let error = match tokio::time::timeout(SERVING_PROBE_EVERY, probe()).await {
+            Ok(Ok(())) => {
+                failures = 0;
+                continue;
+            }
+            Ok(Err(error)) => error,
+            Err(_) => "no answer".to_owned(),
+        };
+        failures += 1;
+        tracing::warn!(%error, failures, "JetStream does not answer on this NATS node");
+        if failures >= SERVING_PROBE_FAILURES {
+            tracing::warn!(
+                server = %client.server_info().server_name,
+                "leaving a NATS node that cannot serve JetStream"
+            );
+            if let Err(error) = client.force_reconnect().await {
+                tracing::warn!(%error, "cannot reconnect");
+            }
+            failures = 0;
+        }
+    }
+}
+
+/// [`stay_on_a_serving_node`] for a service: the probe is the account's JetStream information.
+pub async fn keep_jetstream_reachable(
+    js: JetStream,
+    servers: usize,
+    shutdown: hodei_runtime::Shutdown,
+) {
+    let probe = || {
+        let js = js.clone();
+        async move {
+            js.query_account()
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    };
+    stay_on_a_serving_node(js.client(), servers, probe, shutdown).await
+}
+
 /// Connect options for `name`, authenticated with `creds` when given.
 pub async fn options(name: &str, creds: Option<&Path>) -> Result<async_nats::ConnectOptions> {
     let mut options = match creds {

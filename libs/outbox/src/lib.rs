@@ -128,6 +128,12 @@ pub async fn connect_only(
     )
     .await
     .context("connecting to NATS")?;
+    let servers = hodei_messaging::servers(&common.nats_url)?.len();
+    tokio::spawn(hodei_messaging::keep_jetstream_reachable(
+        js.clone(),
+        servers,
+        shutdown.clone(),
+    ));
     common
         .serve_metrics(
             metrics_port,

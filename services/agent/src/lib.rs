@@ -133,6 +133,8 @@ async fn agent(
             .to_owned(),
         (None, None) => anyhow::bail!("no bootstrap token (HODEI_BOOTSTRAP_TOKEN or _FILE)"),
     };
+    let servers_list = hodei_messaging::servers(&config.nats_url)?;
+    let servers = servers_list.len();
     let client = hodei_messaging::options(
         &format!("hodei-agent-{worker_id}"),
         config.nats_creds.as_deref(),
@@ -153,7 +155,7 @@ async fn agent(
         }
     })
     .retry_on_initial_connect()
-    .connect(hodei_messaging::servers(&config.nats_url)?)
+    .connect(servers_list)
     .await
     .map_err(nats(format!("connecting to NATS at {}", config.nats_url)))?;
     if let Some(creds) = &config.nats_creds {
@@ -242,6 +244,22 @@ async fn agent(
     if let Some(lost_after) = registered.lost_after_ms.map(Duration::from_millis) {
         tokio::spawn(watchdog(connected, lost_after, trigger));
     }
+    // A partitioned NATS node answers pings but not JetStream: leave it (the probe is the
+    // agent's own consumer, the one JetStream request its credential allows without effect).
+    tokio::spawn({
+        let (consumer, shutdown) = (commands.clone(), shutdown.clone());
+        let probe = move || {
+            let consumer = consumer.clone();
+            async move {
+                consumer
+                    .get_info()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        };
+        hodei_messaging::stay_on_a_serving_node(client.clone(), servers, probe, shutdown)
+    });
     let heartbeats = tokio::spawn(heartbeat(
         client.clone(),
         worker_id,

@@ -44,17 +44,20 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         pool,
         js: js.clone(),
     };
+    let service = api::Service::start(
+        client.clone(),
+        "hodei-audit",
+        "Answers the audit log and the dead letters",
+        "hodei-audit",
+    )
+    .await?;
     // Each API: its subject, answered by a handler taking the state and the request.
     macro_rules! serve {
         ($subject:expr, $handler:path) => {{
             let state = state.clone();
-            api::serve(
-                client.clone(),
-                $subject,
-                "hodei-audit",
-                shutdown.clone(),
-                move |req, _| $handler(state.clone(), req),
-            )
+            service.serve($subject, shutdown.clone(), move |req, _| {
+                $handler(state.clone(), req)
+            })
         }};
     }
     let apis = async {
@@ -76,6 +79,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     );
     let (apis, ()) = tokio::join!(apis, record);
     apis?;
+    service.stop().await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -311,12 +311,17 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             }
         }
     };
+    let service = hodei_messaging::api::Service::start(
+        client.clone(),
+        "hodei-provider-manager",
+        "Provisions and tears down workers; lists its providers",
+        "hodei-provider-manager",
+    )
+    .await?;
     let providers = {
         let state = state.clone();
-        hodei_messaging::api::serve(
-            client.clone(),
+        service.serve(
             hodei_protocol::subjects::API_PROVIDERS_LIST,
-            "hodei-provider-manager",
             shutdown.clone(),
             move |_: serde_json::Value, _| {
                 let views = state.providers.views();
@@ -349,6 +354,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     });
     let (providers, (), (), ()) = tokio::join!(providers, requests, terminations, reconciling);
     providers?;
+    service.stop().await;
     tracing::info!("stopped");
     Ok(())
 }

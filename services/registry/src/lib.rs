@@ -76,23 +76,25 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         std::time::Duration::from_millis(config.monitor_interval_ms),
         shutdown.clone(),
     ));
-    let queue = "hodei-registry";
+    let service = api::Service::start(
+        client.clone(),
+        "hodei-registry",
+        "Registers workers, takes their heartbeats, lists them",
+        "hodei-registry",
+    )
+    .await?;
     let register = {
         let state = state.clone();
-        api::serve(
-            client.clone(),
+        service.serve(
             "hodei.agent.*.register",
-            queue,
             shutdown.clone(),
             move |req, ctx| handlers::register::handle(state.clone(), req, ctx),
         )
     };
     let workers = {
         let state = state.clone();
-        api::serve(
-            client.clone(),
+        service.serve(
             subjects::API_WORKERS_LIST,
-            queue,
             shutdown.clone(),
             move |req, _| handlers::list::handle(state.clone(), req),
         )
@@ -113,6 +115,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     register?;
     workers?;
     heartbeats?;
+    service.stop().await;
     tracing::info!("stopped");
     Ok(())
 }

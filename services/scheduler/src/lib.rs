@@ -84,43 +84,37 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
 }
 
 async fn serve(state: State, js: JetStream, shutdown: Shutdown) -> anyhow::Result<()> {
-    let queue = "hodei-scheduler";
+    let service = api::Service::start(
+        state.client.clone(),
+        "hodei-scheduler",
+        "Accepts jobs, answers what they are, cancels them",
+        "hodei-scheduler",
+    )
+    .await?;
     let submit = {
         let state = state.clone();
-        api::serve(
-            state.client.clone(),
+        service.serve(
             subjects::API_JOBS_SUBMIT,
-            queue,
             shutdown.clone(),
             move |req, ctx| handlers::submit::from_api(state.clone(), req, ctx),
         )
     };
     let get = {
         let state = state.clone();
-        api::serve(
-            state.client.clone(),
-            subjects::API_JOBS_GET,
-            queue,
-            shutdown.clone(),
-            move |req, _| handlers::query::get(state.clone(), req),
-        )
+        service.serve(subjects::API_JOBS_GET, shutdown.clone(), move |req, _| {
+            handlers::query::get(state.clone(), req)
+        })
     };
     let list = {
         let state = state.clone();
-        api::serve(
-            state.client.clone(),
-            subjects::API_JOBS_LIST,
-            queue,
-            shutdown.clone(),
-            move |req, _| handlers::query::list(state.clone(), req),
-        )
+        service.serve(subjects::API_JOBS_LIST, shutdown.clone(), move |req, _| {
+            handlers::query::list(state.clone(), req)
+        })
     };
     let cancel = {
         let state = state.clone();
-        api::serve(
-            state.client.clone(),
+        service.serve(
             subjects::API_JOBS_CANCEL,
-            queue,
             shutdown.clone(),
             move |req, _| handlers::cancel::handle(state.clone(), req),
         )
@@ -143,6 +137,7 @@ async fn serve(state: State, js: JetStream, shutdown: Shutdown) -> anyhow::Resul
     cancel?;
     get?;
     list?;
+    service.stop().await;
     tracing::info!("stopped");
     Ok(())
 }
