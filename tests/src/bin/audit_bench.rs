@@ -24,16 +24,6 @@ use hodei_store::audit;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
-const USAGE: &str = "\
-usage: hodei-audit-bench [--rows N] [--repeat N] [--out FILE] [--admin-url URL] [--seed N]
-
-  --rows N         audit rows to load (default 1000000)
-  --repeat N       timed queries per kind, each with another key (default 200)
-  --out FILE       append the results, the machine and the command line to FILE (markdown)
-  --admin-url URL  a database on the server to create the benchmark's own from
-                   (default $HODEI_TEST_ADMIN_DATABASE_URL, else postgres://postgres@127.0.0.1:5432/postgres)
-  --seed N         seed of the choice of keys (default 1)";
-
 /// The life of a job as the audit log records it: event type, aggregate, actor (`agent` is the
 /// job's worker, `worker:<id>`), milliseconds after the job was created, and whether the job's
 /// own run time comes before it.
@@ -65,62 +55,54 @@ const SERVICES: [&str; 4] = ["scheduler", "dispatcher", "registry", "provider-ma
 const FIRST_EVENT: &str = "2026-10-01T00:00:00Z";
 const SPAN_MS: u64 = 30 * 24 * 3600 * 1000;
 
+/// Load the audit log with `--rows` events of jobs' lives and time every kind of audit query
+/// (by correlation id, event type, time range, actor), with each query's plan.
+#[derive(clap::Parser)]
+#[command(name = "hodei-audit-bench")]
 struct Options {
+    /// Audit rows to load (at least 13: one job's life).
+    #[arg(long, value_name = "N", default_value = "1000000", value_parser = rows)]
     rows: u64,
+    /// Timed queries per kind, each with another key.
+    #[arg(long, value_name = "N", default_value = "200", value_parser = repeat)]
     repeat: usize,
+    /// Append the results, the machine and the command line to FILE (markdown).
+    #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
+    /// A database on the server to create the benchmark's own from (default
+    /// $HODEI_TEST_ADMIN_DATABASE_URL, else postgres://postgres@127.0.0.1:5432/postgres).
+    #[arg(long, value_name = "URL", default_value_t = hodei_tests::admin_url(), hide_default_value = true)]
     admin_url: String,
+    /// Seed of the choice of keys.
+    #[arg(long, value_name = "N", default_value = "1", value_parser = number::<u64>)]
     seed: u64,
 }
 
-impl Options {
-    fn parse(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
-        let mut options = Options {
-            rows: 1_000_000,
-            repeat: 200,
-            out: None,
-            admin_url: hodei_tests::admin_url(),
-            seed: 1,
-        };
-        fn number<T: std::str::FromStr>(flag: &str, value: Option<String>) -> Result<T, String> {
-            let value = value.ok_or_else(|| format!("{flag} needs a value"))?;
-            value
-                .replace(['_', ','], "")
-                .parse()
-                .map_err(|_| format!("{flag}: not a number: {value}"))
-        }
-        while let Some(arg) = args.next() {
-            match arg.as_str() {
-                "--rows" => options.rows = number("--rows", args.next())?,
-                "--repeat" => options.repeat = number("--repeat", args.next())?,
-                "--seed" => options.seed = number("--seed", args.next())?,
-                "--out" => options.out = Some(args.next().ok_or("--out needs a file")?.into()),
-                "--admin-url" => {
-                    options.admin_url = args.next().ok_or("--admin-url needs a URL")?
-                }
-                "-h" | "--help" => return Err(String::new()),
-                other => return Err(format!("unknown argument: {other}")),
-            }
-        }
-        if options.rows < 13 || options.repeat == 0 {
-            return Err("--rows must be at least 13 and --repeat at least 1".into());
-        }
-        Ok(options)
+/// A number, with `_` or `,` allowed between digits (`10_000_000`).
+fn number<T: std::str::FromStr>(value: &str) -> Result<T, String> {
+    value
+        .replace(['_', ','], "")
+        .parse()
+        .map_err(|_| format!("not a number: {value}"))
+}
+
+fn rows(value: &str) -> Result<u64, String> {
+    match number(value)? {
+        n if n < 13 => Err("at least 13 rows (one job's life)".into()),
+        n => Ok(n),
+    }
+}
+
+fn repeat(value: &str) -> Result<usize, String> {
+    match number(value)? {
+        0 => Err("at least 1".into()),
+        n => Ok(n),
     }
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let options = match Options::parse(std::env::args().skip(1)) {
-        Ok(options) => options,
-        Err(message) => {
-            if !message.is_empty() {
-                eprintln!("hodei-audit-bench: {message}");
-            }
-            eprintln!("{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
+    let options = <Options as clap::Parser>::parse();
     let name = format!("hodei_bench_{}", Uuid::new_v4().simple());
     let admin = match PgPool::connect(&options.admin_url).await {
         Ok(admin) => admin,

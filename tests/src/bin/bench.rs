@@ -40,7 +40,7 @@
 //!
 //! ```sh
 //! cargo build --release --workspace --bins
-//! target/release/hodei-bench --out bench-results.md
+//! target/release/hodei-bench --out bench-results.md --json bench-results.json
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
@@ -58,33 +58,6 @@ use hodei_domain::DomainEvent;
 use hodei_tests::{job, System};
 use uuid::Uuid;
 
-const USAGE: &str = "\
-usage: hodei-bench [--cold N] [--throughput N] [--in-flight N] [--floor N] [--spawn N]
-                   [--warm N] [--pool N] [--warm-throughput N] [--pool-throughput N]
-                   [--backlog N] [--backlog-pool N]
-                   [--warmup N] [--deadline SECS] [--out FILE] [--keep-logs DIR]
-
-  --cold N              cold jobs, one at a time (default 500)
-  --throughput N        trivial jobs for the throughput run on ephemeral workers (default 5000)
-  --in-flight N         submissions in flight at once in the throughput and backlog runs
-                        (default 256)
-  --floor N             samples of each network/database floor measurement (default 1000)
-  --spawn N             samples of the process-spawn floor (default 200)
-  --warm N              jobs one at a time on a warm pool (default 500)
-  --pool N              warm pool of the warm latency run (default 2)
-  --warm-throughput N   trivial jobs for the throughput run on a warm pool (default 5000)
-  --pool-throughput N   warm pool of the warm throughput run (default 8)
-  --backlog N           jobs queued with no capacity, then drained by a warm pool (default 50000)
-  --backlog-pool N      warm pool that drains the backlog (default 8)
-  --warmup N            jobs run first and not counted in the cold and warm runs (default 5)
-  --deadline SECS       longest time each phase may take (default 900)
-  --out FILE            also write the report (markdown) to FILE
-  --keep-logs DIR       copy the services' (and agents') logs to DIR before shutting down
-                        (the dispatcher's before each restart as dispatcher.<n>.err)
-
-A count of 0 skips its phase (--cold, --throughput, --warm, --warm-throughput, --backlog).
-The service binaries are taken from $HODEI_BIN_DIR, else from beside this executable.";
-
 const TERMINAL: [&str; 4] = ["Succeeded", "Failed", "Cancelled", "Timeout"];
 const OPEN_JOB: [&str; 4] = ["Pending", "Assigned", "Scheduled", "Running"];
 const OPEN_WORKER: [&str; 6] = [
@@ -96,102 +69,92 @@ const OPEN_WORKER: [&str; 6] = [
     "Terminating",
 ];
 
+/// Measure Hodei against the machine's own floor: latency of cold and warm jobs, throughput
+/// on ephemeral workers and on a warm pool, a backlog drained, memory and CPU per job.
+///
+/// A count of 0 skips its phase (--cold, --throughput, --warm, --warm-throughput, --backlog).
+/// The service binaries are taken from $HODEI_BIN_DIR, else from beside this executable.
+#[derive(clap::Parser)]
+#[command(name = "hodei-bench")]
 struct Options {
+    /// Cold jobs, one at a time.
+    #[arg(long, value_name = "N", default_value = "500", value_parser = count)]
     cold: usize,
+    /// Trivial jobs for the throughput run on ephemeral workers.
+    #[arg(long, value_name = "N", default_value = "5000", value_parser = count)]
     throughput: usize,
+    /// Submissions in flight at once in the throughput and backlog runs.
+    #[arg(long, value_name = "N", default_value = "256", value_parser = at_least_one)]
     in_flight: usize,
+    /// Samples of each network/database floor measurement.
+    #[arg(long, value_name = "N", default_value = "1000", value_parser = at_least_one)]
     floor: usize,
+    /// Samples of the process-spawn floor.
+    #[arg(long, value_name = "N", default_value = "200", value_parser = at_least_one)]
     spawn: usize,
+    /// Jobs one at a time on a warm pool.
+    #[arg(long, value_name = "N", default_value = "500", value_parser = count)]
     warm: usize,
+    /// Warm pool of the warm latency run.
+    #[arg(long, value_name = "N", default_value = "2", value_parser = pool)]
     pool: u32,
+    /// Trivial jobs for the throughput run on a warm pool.
+    #[arg(long, value_name = "N", default_value = "5000", value_parser = count)]
     warm_throughput: usize,
+    /// Warm pool of the warm throughput run.
+    #[arg(long, value_name = "N", default_value = "8", value_parser = pool)]
     pool_throughput: u32,
+    /// Jobs queued with no capacity, then drained by a warm pool.
+    #[arg(long, value_name = "N", default_value = "50000", value_parser = count)]
     backlog: usize,
+    /// Warm pool that drains the backlog.
+    #[arg(long, value_name = "N", default_value = "8", value_parser = pool)]
     backlog_pool: u32,
+    /// Jobs run first and not counted in the cold and warm runs.
+    #[arg(long, value_name = "N", default_value = "5", value_parser = count)]
     warmup: usize,
+    /// Longest time each phase may take, in seconds.
+    #[arg(long, value_name = "SECS", default_value = "900", value_parser = seconds)]
     deadline: Duration,
+    /// Also write the report (markdown) to FILE.
+    #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
+    /// Also write the run's figures as JSON to FILE (cold_p50_ms, warm_jobs_per_s,
+    /// cpu_ms_per_job_warm, all_succeeded, floor_nats_rtt_ms, ...).
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Copy the services' (and agents') logs to DIR before shutting down (the dispatcher's
+    /// before each restart as dispatcher.<n>.err).
+    #[arg(long, value_name = "DIR")]
     keep_logs: Option<PathBuf>,
 }
 
-impl Options {
-    fn parse(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
-        let mut o = Options {
-            cold: 500,
-            throughput: 5000,
-            in_flight: 256,
-            floor: 1000,
-            spawn: 200,
-            warm: 500,
-            pool: 2,
-            warm_throughput: 5000,
-            pool_throughput: 8,
-            backlog: 50_000,
-            backlog_pool: 8,
-            warmup: 5,
-            deadline: Duration::from_secs(900),
-            out: None,
-            keep_logs: None,
-        };
-        fn number(flag: &str, value: Option<String>) -> Result<usize, String> {
-            let value = value.ok_or_else(|| format!("{flag} needs a value"))?;
-            value
-                .replace(['_', ','], "")
-                .parse()
-                .map_err(|_| format!("{flag}: not a number: {value}"))
-        }
-        fn pool(flag: &str, value: Option<String>) -> Result<u32, String> {
-            u32::try_from(number(flag, value)?).map_err(|_| format!("{flag}: too big"))
-        }
-        while let Some(arg) = args.next() {
-            match arg.as_str() {
-                "--cold" => o.cold = number("--cold", args.next())?,
-                "--throughput" => o.throughput = number("--throughput", args.next())?,
-                "--in-flight" => o.in_flight = number("--in-flight", args.next())?,
-                "--floor" => o.floor = number("--floor", args.next())?,
-                "--spawn" => o.spawn = number("--spawn", args.next())?,
-                "--warm" => o.warm = number("--warm", args.next())?,
-                "--pool" => o.pool = pool("--pool", args.next())?,
-                "--warm-throughput" => {
-                    o.warm_throughput = number("--warm-throughput", args.next())?
-                }
-                "--pool-throughput" => o.pool_throughput = pool("--pool-throughput", args.next())?,
-                "--backlog" => o.backlog = number("--backlog", args.next())?,
-                "--backlog-pool" => o.backlog_pool = pool("--backlog-pool", args.next())?,
-                "--warmup" => o.warmup = number("--warmup", args.next())?,
-                "--deadline" => {
-                    o.deadline = Duration::from_secs(number("--deadline", args.next())? as u64)
-                }
-                "--out" => o.out = Some(args.next().ok_or("--out needs a file")?.into()),
-                "--keep-logs" => {
-                    o.keep_logs = Some(args.next().ok_or("--keep-logs needs a folder")?.into())
-                }
-                "-h" | "--help" => return Err(String::new()),
-                other => return Err(format!("unknown argument: {other}")),
-            }
-        }
-        if o.in_flight == 0 || o.floor == 0 || o.spawn == 0 {
-            return Err("--in-flight, --floor and --spawn must be at least 1".into());
-        }
-        if o.pool == 0 || o.pool_throughput == 0 || o.backlog_pool == 0 {
-            return Err("--pool, --pool-throughput and --backlog-pool must be at least 1".into());
-        }
-        Ok(o)
+/// A count, with `_` or `,` allowed between digits (`50_000`).
+fn count(value: &str) -> Result<usize, String> {
+    value
+        .replace(['_', ','], "")
+        .parse()
+        .map_err(|_| format!("not a number: {value}"))
+}
+
+fn at_least_one(value: &str) -> Result<usize, String> {
+    match count(value)? {
+        0 => Err("must be at least 1".into()),
+        n => Ok(n),
     }
+}
+
+fn pool(value: &str) -> Result<u32, String> {
+    u32::try_from(at_least_one(value)?).map_err(|_| format!("too big: {value}"))
+}
+
+fn seconds(value: &str) -> Result<Duration, String> {
+    Ok(Duration::from_secs(count(value)? as u64))
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let options = match Options::parse(std::env::args().skip(1)) {
-        Ok(options) => options,
-        Err(message) => {
-            if !message.is_empty() {
-                eprintln!("hodei-bench: {message}");
-            }
-            eprintln!("{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
+    let options = <Options as clap::Parser>::parse();
     eprintln!(
         "starting nats-server, a database and the six services from {}",
         hodei_tests::bin_dir().display()
@@ -225,8 +188,16 @@ async fn main() -> ExitCode {
     }
     drop(system);
     match outcome {
-        Ok(report) => {
+        Ok((report, figures)) => {
             println!("{report}");
+            if let Some(path) = &options.json {
+                let text = serde_json::to_string_pretty(&figures).expect("figures serialize");
+                if let Err(error) = std::fs::write(path, text + "\n") {
+                    eprintln!("hodei-bench: cannot write {}: {error}", path.display());
+                    return ExitCode::FAILURE;
+                }
+                eprintln!("figures written to {}", path.display());
+            }
             if let Some(out) = &options.out {
                 if let Err(error) = std::fs::write(out, &report) {
                     eprintln!("hodei-bench: cannot write {}: {error}", out.display());
@@ -289,7 +260,10 @@ struct Results {
     memory: Memory,
 }
 
-async fn bench(system: &mut System, options: &Options) -> anyhow::Result<String> {
+async fn bench(
+    system: &mut System,
+    options: &Options,
+) -> anyhow::Result<(String, serde_json::Value)> {
     let machine = Machine::describe(system).await?;
     let mut services = service_pids(system);
     let provider_manager = services
@@ -500,7 +474,75 @@ async fn bench(system: &mut System, options: &Options) -> anyhow::Result<String>
     };
     let mut s = String::new();
     report(&mut s, options, &results)?;
-    Ok(s)
+    Ok((s, figures(options, &results)))
+}
+
+/// The run's figures, machine-readable (`--json`): latency of submit → process start, jobs/s
+/// of the throughput runs, CPU ms per job of every process together in those runs, whether
+/// every job of every phase succeeded, and the floor. A phase not run gives nulls.
+fn figures(options: &Options, r: &Results) -> serde_json::Value {
+    let start = |p: &Option<LatencyPhase>| {
+        p.as_ref()
+            .and_then(|p| Summary::of(&p.profile.to_process_start))
+    };
+    let (cold, warm) = (start(&r.cold), start(&r.warm));
+    let rate = |p: &Option<ThroughputPhase>| {
+        let t = &p.as_ref()?.run;
+        t.all_terminal_secs.map(|secs| t.accepted as f64 / secs)
+    };
+    let cpu_per_job = |p: &Option<ThroughputPhase>| {
+        let p = p.as_ref()?;
+        let c = &p.cpu;
+        let all = c.control_plane() + c.agents + c.nats + c.postgres.values().sum::<f64>();
+        (p.run.accepted > 0).then(|| all * 1000.0 / p.run.accepted as f64)
+    };
+    let latency_ok = |p: &Option<LatencyPhase>| {
+        p.as_ref().is_none_or(|p| {
+            p.run.incomplete.is_none()
+                && p.run.timed_out == 0
+                && p.run.jobs.len() == p.run.requested
+        })
+    };
+    let throughput_ok = |p: &Option<ThroughputPhase>| {
+        p.as_ref().is_none_or(|p| {
+            let t = &p.run;
+            t.incomplete.is_none() && t.accepted == t.jobs && t.succeeded == t.accepted
+        })
+    };
+    let backlog_ok = r.backlog.as_ref().is_none_or(|b| {
+        b.incomplete.is_none()
+            && b.accepted == b.requested
+            && b.drain
+                .as_ref()
+                .is_some_and(|d| d.incomplete.is_none() && d.succeeded == b.accepted)
+    });
+    let floor = |x: &Option<Summary>| x.map(|x| x.p50);
+    serde_json::json!({
+        "cold_p50_ms": cold.map(|x| x.p50),
+        "cold_p99_ms": cold.map(|x| x.p99),
+        "warm_p50_ms": warm.map(|x| x.p50),
+        "warm_p99_ms": warm.map(|x| x.p99),
+        "ephemeral_jobs_per_s": rate(&r.throughput),
+        "warm_jobs_per_s": rate(&r.warm_throughput),
+        "cpu_ms_per_job_ephemeral": cpu_per_job(&r.throughput),
+        "cpu_ms_per_job_warm": cpu_per_job(&r.warm_throughput),
+        "all_succeeded": latency_ok(&r.cold)
+            && latency_ok(&r.warm)
+            && throughput_ok(&r.throughput)
+            && throughput_ok(&r.warm_throughput)
+            && backlog_ok,
+        "floor_nats_rtt_ms": floor(&r.floor.nats_round_trip),
+        "floor_js_publish_ms": floor(&r.floor.jetstream_publish),
+        "floor_pg_commit_ms": floor(&r.floor.postgres_commit),
+        "floor_spawn_ms": floor(&r.floor.spawn_true),
+        "jobs": {
+            "cold": options.cold,
+            "warm": options.warm,
+            "throughput": options.throughput,
+            "warm_throughput": options.warm_throughput,
+            "backlog": options.backlog,
+        },
+    })
 }
 
 /// The services' names and pids, in the harness' order (a restarted service has a new pid).
