@@ -163,6 +163,11 @@ pub async fn stay_on_a_serving_node<P, F>(
     }
 }
 
+/// Whether a JetStream error says that the node has no cluster to serve from (10008).
+pub fn cluster_unavailable(error: &async_nats::jetstream::Error) -> bool {
+    error.error_code() == async_nats::jetstream::ErrorCode::CLUSTER_NOT_AVAILABLE
+}
+
 /// [`stay_on_a_serving_node`] for a service: the probe is the account's JetStream information.
 pub async fn keep_jetstream_reachable(
     js: JetStream,
@@ -172,10 +177,15 @@ pub async fn keep_jetstream_reachable(
     let probe = || {
         let js = js.clone();
         async move {
-            js.query_account()
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+            use async_nats::jetstream::context::AccountErrorKind;
+            match js.query_account().await {
+                Ok(_) => Ok(()),
+                // JetStream answered, even if with a refusal: the node serves it.
+                Err(e) => match e.kind() {
+                    AccountErrorKind::JetStream(j) if !cluster_unavailable(&j) => Ok(()),
+                    _ => Err(e.to_string()),
+                },
+            }
         }
     };
     stay_on_a_serving_node(js.client(), servers, probe, shutdown).await

@@ -11,22 +11,13 @@ use uuid::Uuid;
 
 /// Give `job` to `worker`: the worker goes Busy, the job goes Assigned unless it was already
 /// Scheduled on this worker, and the RunJob command joins the events in the outbox.
-#[tracing::instrument(name = "assign", skip_all, fields(job_id = %job.id, worker_id = %worker.id))]
 pub async fn assign(
     conn: &mut Tx,
     job: &mut Job,
     worker: &mut Worker,
     actor: &Actor,
 ) -> Result<RunJob, ApiError> {
-    let mut events: Vec<DomainEvent> = Vec::with_capacity(2);
-    if job.state == hodei_domain::JobState::Pending {
-        events.push(job.assign(worker.id, actor)?);
-    }
-    events.push(worker.assign(job.id, actor)?);
-    jobs::update(conn, job).await?;
-    workers::update(conn, worker).await?;
-    outbox::append_events(conn, &events).await?;
-    let run = WorkerCommand::RunJob(run_job_of(job));
+    let run = WorkerCommand::RunJob(assign_in_answer(conn, job, worker, actor).await?);
     let WorkerCommand::RunJob(body) = &run;
     outbox::append_command(
         conn,
@@ -43,6 +34,27 @@ pub async fn assign(
     tracing::info!(job_id = %job.id, worker_id = %worker.id, attempt = job.attempt, "job sent to worker");
     let WorkerCommand::RunJob(body) = run;
     Ok(body)
+}
+
+/// [`assign`] for a worker that gets its job in the answer to its registration: the same
+/// changes and events, without the RunJob copy on the worker's command subject, which that
+/// agent would never read (a registration asked again is answered with the job again).
+#[tracing::instrument(name = "assign", skip_all, fields(job_id = %job.id, worker_id = %worker.id))]
+pub async fn assign_in_answer(
+    conn: &mut Tx,
+    job: &mut Job,
+    worker: &mut Worker,
+    actor: &Actor,
+) -> Result<RunJob, ApiError> {
+    let mut events: Vec<DomainEvent> = Vec::with_capacity(2);
+    if job.state == hodei_domain::JobState::Pending {
+        events.push(job.assign(worker.id, actor)?);
+    }
+    events.push(worker.assign(job.id, actor)?);
+    jobs::update(conn, job).await?;
+    workers::update(conn, worker).await?;
+    outbox::append_events(conn, &events).await?;
+    Ok(run_job_of(job))
 }
 
 /// The command that runs `job`'s current attempt.

@@ -251,11 +251,16 @@ async fn agent(
         let probe = move || {
             let consumer = consumer.clone();
             async move {
-                consumer
-                    .get_info()
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
+                use jetstream::context::ConsumerInfoErrorKind as Kind;
+                match consumer.get_info().await {
+                    Ok(_) => Ok(()),
+                    // JetStream answered (an idle consumer expires: that is an answer too).
+                    Err(e) => match e.kind() {
+                        Kind::NotFound | Kind::StreamNotFound | Kind::InvalidName => Ok(()),
+                        Kind::JetStream(j) if !hodei_messaging::cluster_unavailable(&j) => Ok(()),
+                        _ => Err(e.to_string()),
+                    },
+                }
             }
         };
         hodei_messaging::stay_on_a_serving_node(client.clone(), servers, probe, shutdown)

@@ -65,12 +65,16 @@ pub async fn handle(
     }
     workers::update(&mut tx, &mut worker).await?;
     outbox::append_events(&mut tx, &events).await?;
-    // A worker provisioned for one job gets it now, in this transaction and in the answer:
-    // the dispatcher would otherwise assign it on WorkerReadyForJob, one round through the
-    // stream later (it finds the worker Busy and does nothing).
+    // A worker provisioned for one job gets it now, in this transaction and in the answer
+    // (not also on its command subject): the dispatcher would otherwise assign it on
+    // WorkerReadyForJob, one round through the stream later (it finds the worker Busy and
+    // does nothing).
     let run = match jobs::lock_scheduled_on(&mut tx, worker.id).await? {
         Some(mut job) if worker.reserved_job_id == Some(job.id) => {
-            Some(hodei_placement::assign(&mut tx, &mut job, &mut worker, &state.actor).await?)
+            Some(
+                hodei_placement::assign_in_answer(&mut tx, &mut job, &mut worker, &state.actor)
+                    .await?,
+            )
         }
         _ => None,
     };
