@@ -5,7 +5,9 @@
 //! methods (405 with `Allow`) and closing connections on shutdown are done by code that
 //! many others use and review, not by ours. `/healthz` answers 200 `ok` when every check
 //! passes and 503 with the first failing check's reason otherwise, or when the checks take
-//! longer than [`HEALTH_TIMEOUT`]. Any other path is 404.
+//! longer than [`HEALTH_TIMEOUT`]. Any other path is 404. There is no connection limit or
+//! request timeout beyond hyper's own limits on a request head: the port is for a scraper
+//! and a probe on loopback or a private network (the default address is 127.0.0.1).
 //!
 //! [`start`] binds first (port 0 picks a free port; the log line and the returned address
 //! say which) and serves in the background until shutdown, when it stops accepting at once
