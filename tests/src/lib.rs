@@ -863,14 +863,11 @@ impl System {
         // The harness leaves a partitioned NATS node as the services do; the task ends with
         // the test's runtime.
         let servers = hodei_messaging::servers(&nats.url).map_or(1, |s| s.len());
-        tokio::spawn({
-            let (trigger, shutdown) = hodei_runtime::Shutdown::new();
-            let js = js.clone();
-            async move {
-                let _running = trigger;
-                hodei_messaging::keep_jetstream_reachable(js, servers, shutdown).await
-            }
-        });
+        tokio::spawn(hodei_messaging::keep_jetstream_reachable(
+            js.clone(),
+            servers,
+            hodei_runtime::Shutdown::new(),
+        ));
         let system = System {
             services,
             env,

@@ -50,16 +50,19 @@ pub struct Service {
     inner: async_nats::service::Service,
     client: Client,
     refusals: Refusals,
+    metrics: crate::Metrics,
 }
 
 impl Service {
     /// Register `name` (`hodei-scheduler`, ...) with the version of this build; every
-    /// endpoint answers in the queue group `queue_group`.
+    /// endpoint answers in the queue group `queue_group` and counts its refusals in
+    /// `metrics` (`hodei_refusals_total{code}`) as well as in its stats.
     pub async fn start(
         client: Client,
         name: &str,
         description: &str,
         queue_group: &str,
+        metrics: &crate::Metrics,
     ) -> crate::Result<Service> {
         let refusals = Refusals::default();
         let counts = refusals.clone();
@@ -83,6 +86,7 @@ impl Service {
             inner,
             client,
             refusals,
+            metrics: metrics.clone(),
         })
     }
 
@@ -117,11 +121,12 @@ impl Service {
         tracing::info!(subject, endpoint = %name, "serving");
         let permits = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
         let mut tasks = tokio::task::JoinSet::new();
-        while let Some(Some(request)) = shutdown.guard(requests.next()).await {
+        while let Some(Some(request)) = shutdown.run_until_cancelled(requests.next()).await {
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 break;
             };
-            let (handler, refused) = (handler.clone(), refused.clone());
+            let (handler, refused, metrics) =
+                (handler.clone(), refused.clone(), self.metrics.clone());
             let message = &request.message;
             let span = tracing::info_span!(
                 "request",
@@ -148,7 +153,7 @@ impl Service {
                     };
                     if let Err(error) = &result {
                         refused.fetch_add(1, Ordering::Relaxed);
-                        log_refusal(error);
+                        metrics.refused(error);
                     }
                     if message.reply.is_some() {
                         let (headers, payload) = reply_of(result);
@@ -200,13 +205,8 @@ fn subject_pattern(subject: &str) -> String {
         .join(".")
 }
 
-pub fn log_refusal(error: &ApiError) {
-    hodei_runtime::metrics::counter(
-        "hodei_refusals_total",
-        "Requests and messages refused, by error code",
-        &[("code", error.code.as_str())],
-    )
-    .inc();
+/// Log a refusal: as an error when it is transient trouble, a warning otherwise.
+pub(crate) fn log_refusal(error: &ApiError) {
     if error.code.is_transient() {
         tracing::error!(code = error.code.as_str(), message = %error.message, "request failed");
     } else {

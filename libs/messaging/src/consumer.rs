@@ -17,6 +17,7 @@ use hodei_runtime::Shutdown;
 use serde::de::DeserializeOwned;
 use tracing::Instrument;
 
+use crate::metrics::ConsumerCounters;
 use crate::{header, JetStream};
 
 /// What the loop does with a message once its handler returns.
@@ -28,6 +29,9 @@ pub enum Outcome {
     Retry { after: Duration, reason: String },
     /// Can never be handled (malformed, unknown): dead-letter it and terminate.
     Reject { reason: String },
+    /// Refused for good (a forbidden transition, an unknown id): handling it again would be
+    /// refused again, so it is counted by its code, logged and acknowledged.
+    Refused(ApiError),
 }
 
 impl Outcome {
@@ -44,8 +48,7 @@ impl Outcome {
     }
 
     /// The usual mapping of a handler's result: malformed input is rejected (dead letter),
-    /// transient trouble is retried, and a refusal (forbidden transition, unknown id) is
-    /// logged and acknowledged, since handling it again would be refused again.
+    /// transient trouble is retried, and anything else is [`Outcome::Refused`].
     pub fn from_result<T>(result: Result<T, ApiError>) -> Outcome {
         use hodei_protocol::ErrorCode::*;
         match result {
@@ -53,10 +56,7 @@ impl Outcome {
             Err(error) => match error.code {
                 BadRequest | PayloadTooLarge | UnsupportedSchemaVersion => Outcome::reject(error),
                 code if code.is_transient() => Outcome::retry(error),
-                _ => {
-                    crate::api::log_refusal(&error);
-                    Outcome::Done
-                }
+                _ => Outcome::Refused(error),
             },
         }
     }
@@ -108,16 +108,23 @@ impl ConsumerConfig {
     }
 }
 
-/// Run `handler` on every message of the consumer until shutdown. In-flight handling finishes
-/// before this returns; unacknowledged messages stay in the stream for the next run.
-pub async fn run<H, F>(js: JetStream, config: ConsumerConfig, shutdown: Shutdown, mut handler: H)
-where
+/// Run `handler` on every message of the consumer until shutdown, counting into `metrics`.
+/// In-flight handling finishes before this returns; unacknowledged messages stay in the
+/// stream for the next run.
+pub async fn run<H, F>(
+    js: JetStream,
+    config: ConsumerConfig,
+    metrics: &crate::Metrics,
+    shutdown: Shutdown,
+    mut handler: H,
+) where
     H: FnMut(Delivery) -> F,
     F: Future<Output = Outcome>,
 {
+    let counters = metrics.consumer(&config.durable);
     while let Some(mut messages) = open_until_shutdown(&js, &config, &shutdown).await {
         loop {
-            let Some(next) = shutdown.guard(messages.next()).await else {
+            let Some(next) = shutdown.run_until_cancelled(messages.next()).await else {
                 return;
             };
             let message = match next {
@@ -131,7 +138,7 @@ where
                     break;
                 }
             };
-            handle(&js, &config, message, &mut handler).await;
+            handle(&js, &config, &counters, message, &mut handler).await;
         }
     }
 }
@@ -143,7 +150,7 @@ async fn open_until_shutdown(
     shutdown: &Shutdown,
 ) -> Option<pull::Stream> {
     let mut backoff = new_backoff();
-    while !shutdown.is_triggered() {
+    while !shutdown.is_cancelled() {
         match open(js, config).await {
             Ok(messages) => {
                 tracing::info!(consumer = %config.durable, stream = config.stream, "consuming");
@@ -152,7 +159,9 @@ async fn open_until_shutdown(
             Err(error) => {
                 let delay = backoff.next().unwrap_or(Duration::from_secs(10));
                 tracing::warn!(consumer = %config.durable, %error, ?delay, "cannot open consumer; retrying");
-                shutdown.guard(tokio::time::sleep(delay)).await;
+                shutdown
+                    .run_until_cancelled(tokio::time::sleep(delay))
+                    .await;
             }
         }
     }
@@ -190,15 +199,16 @@ async fn open(js: &JetStream, config: &ConsumerConfig) -> Result<pull::Stream, a
 async fn handle<H, F>(
     js: &JetStream,
     config: &ConsumerConfig,
+    counters: &ConsumerCounters,
     message: jetstream::Message,
     handler: &mut H,
 ) where
     H: FnMut(Delivery) -> F,
     F: Future<Output = Outcome>,
 {
-    let (delivery, span) = prepare(config, &message);
+    let (delivery, span) = prepare(config, counters, &message);
     let outcome = handler(delivery).instrument(span.clone()).await;
-    settle(js, config, &message, outcome, &span).await;
+    settle(js, config, counters, &message, outcome, &span).await;
 }
 
 /// Run `handler` on batches of messages until shutdown: a batch is every message already
@@ -209,6 +219,7 @@ pub async fn run_batched<H, F>(
     js: JetStream,
     config: ConsumerConfig,
     max_batch: usize,
+    metrics: &crate::Metrics,
     shutdown: Shutdown,
     mut handler: H,
 ) where
@@ -216,9 +227,10 @@ pub async fn run_batched<H, F>(
     F: Future<Output = Vec<Outcome>>,
 {
     use futures::FutureExt;
+    let counters = metrics.consumer(&config.durable);
     while let Some(mut messages) = open_until_shutdown(&js, &config, &shutdown).await {
         'stream: loop {
-            let Some(first) = shutdown.guard(messages.next()).await else {
+            let Some(first) = shutdown.run_until_cancelled(messages.next()).await else {
                 return;
             };
             let mut batch = Vec::with_capacity(max_batch);
@@ -228,12 +240,12 @@ pub async fn run_batched<H, F>(
                     Some(Ok(message)) => batch.push(message),
                     Some(Err(error)) => {
                         tracing::warn!(consumer = %config.durable, %error, "consumer stream failed; reopening");
-                        settle_batch(&js, &config, batch, &mut handler).await;
+                        settle_batch(&js, &config, &counters, batch, &mut handler).await;
                         break 'stream;
                     }
                     None => {
                         tracing::warn!(consumer = %config.durable, "consumer stream ended; reopening");
-                        settle_batch(&js, &config, batch, &mut handler).await;
+                        settle_batch(&js, &config, &counters, batch, &mut handler).await;
                         break 'stream;
                     }
                 }
@@ -245,7 +257,7 @@ pub async fn run_batched<H, F>(
                     None => break,
                 }
             }
-            settle_batch(&js, &config, batch, &mut handler).await;
+            settle_batch(&js, &config, &counters, batch, &mut handler).await;
         }
     }
 }
@@ -253,6 +265,7 @@ pub async fn run_batched<H, F>(
 async fn settle_batch<H, F>(
     js: &JetStream,
     config: &ConsumerConfig,
+    counters: &ConsumerCounters,
     batch: Vec<jetstream::Message>,
     handler: &mut H,
 ) where
@@ -263,20 +276,24 @@ async fn settle_batch<H, F>(
         return;
     }
     let prepared: Vec<(Delivery, tracing::Span)> =
-        batch.iter().map(|m| prepare(config, m)).collect();
+        batch.iter().map(|m| prepare(config, counters, m)).collect();
     let spans: Vec<tracing::Span> = prepared.iter().map(|(_, span)| span.clone()).collect();
     let mut outcomes = handler(prepared).await.into_iter();
     for (message, span) in batch.iter().zip(&spans) {
         let outcome = outcomes
             .next()
             .unwrap_or_else(|| Outcome::retry("the batch handler gave no outcome for it"));
-        settle(js, config, message, outcome, span).await;
+        settle(js, config, counters, message, outcome, span).await;
     }
 }
 
 /// The message as handlers see it, and the span its handling runs in (a child of the trace
 /// context the message carries).
-fn prepare(config: &ConsumerConfig, message: &jetstream::Message) -> (Delivery, tracing::Span) {
+fn prepare(
+    config: &ConsumerConfig,
+    counters: &ConsumerCounters,
+    message: &jetstream::Message,
+) -> (Delivery, tracing::Span) {
     let (delivered, stream_sequence) = message
         .info()
         .map(|info| (info.delivered, info.stream_sequence))
@@ -303,12 +320,7 @@ fn prepare(config: &ConsumerConfig, message: &jetstream::Message) -> (Delivery, 
         crate::trace::parent_of(delivery.headers.as_ref()),
     );
     if delivered > 1 {
-        hodei_runtime::metrics::counter(
-            "hodei_consumer_redeliveries_total",
-            "Messages delivered again",
-            &[("consumer", &config.durable)],
-        )
-        .inc();
+        counters.redelivered.inc();
     }
     (delivery, span)
 }
@@ -317,6 +329,7 @@ fn prepare(config: &ConsumerConfig, message: &jetstream::Message) -> (Delivery, 
 async fn settle(
     js: &JetStream,
     config: &ConsumerConfig,
+    counters: &ConsumerCounters,
     message: &jetstream::Message,
     outcome: Outcome,
     span: &tracing::Span,
@@ -333,20 +346,18 @@ async fn settle(
         }
         outcome => outcome,
     };
-    let kind = match &outcome {
-        Outcome::Done => "done",
-        Outcome::Retry { .. } => "retry",
-        Outcome::Reject { .. } => "rejected",
+    match &outcome {
+        Outcome::Done | Outcome::Refused(_) => counters.done.inc(),
+        Outcome::Retry { .. } => counters.retry.inc(),
+        Outcome::Reject { .. } => counters.rejected.inc(),
     };
-    hodei_runtime::metrics::counter(
-        "hodei_consumer_messages_total",
-        "Messages handled, by consumer and outcome",
-        &[("consumer", &config.durable), ("outcome", kind)],
-    )
-    .inc();
     let _entered = span.enter();
     let acked = match outcome {
         Outcome::Done => message.ack().await,
+        Outcome::Refused(error) => {
+            counters.metrics.refused(&error);
+            message.ack().await
+        }
         Outcome::Retry { after, reason } => {
             tracing::warn!(%reason, ?after, "handling failed; the message will be redelivered");
             message.ack_with(AckKind::Nak(Some(after))).await
@@ -359,12 +370,7 @@ async fn settle(
                     .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
                     .await
             } else {
-                hodei_runtime::metrics::counter(
-                    "hodei_dead_letters_total",
-                    "Messages moved to HODEI_DLQ",
-                    &[("consumer", &config.durable)],
-                )
-                .inc();
+                counters.dead_lettered.inc();
                 message.ack_with(AckKind::Term).await
             }
         }

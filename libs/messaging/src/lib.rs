@@ -4,7 +4,10 @@
 
 pub mod api;
 pub mod consumer;
+mod metrics;
 pub mod trace;
+
+pub use metrics::Metrics;
 
 use async_nats::jetstream;
 use async_nats::HeaderMap;
@@ -132,7 +135,7 @@ pub async fn stay_on_a_serving_node<P, F>(
     }
     let mut failures = 0;
     while shutdown
-        .guard(tokio::time::sleep(SERVING_PROBE_EVERY))
+        .run_until_cancelled(tokio::time::sleep(SERVING_PROBE_EVERY))
         .await
         .is_some()
     {
@@ -409,7 +412,7 @@ mod tests {
 }
 
 /// Health check: the NATS connection is up.
-pub fn health(client: &Client) -> hodei_runtime::http::HealthCheck {
+pub fn health(client: &Client) -> hodei_runtime::endpoint::HealthCheck {
     let client = client.clone();
     std::sync::Arc::new(move || {
         let state = client.connection_state();

@@ -10,6 +10,10 @@
 use hodei_messaging::JetStream;
 use hodei_runtime::Shutdown;
 use hodei_store::outbox::{self, Outgoing};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
 use sqlx::PgPool;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -35,25 +39,73 @@ struct Acked {
     failed: bool,
 }
 
-/// Install the publisher for this process's commits (see [`hodei_store::on_commit`]).
-pub fn install(js: JetStream, pool: PgPool, shutdown: Shutdown) {
+/// What the publisher counts.
+#[derive(Debug, Clone)]
+struct Metrics {
+    events: Family<EventLabels, Counter>,
+    skipped: Counter,
+    publish_delay: Histogram,
+    published: Counter,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    event_type: String,
+}
+
+impl Metrics {
+    fn register(metrics: &mut hodei_runtime::metrics::Metrics) -> Metrics {
+        Metrics {
+            events: metrics.counter_family(
+                "hodei_events_total",
+                "Domain events (state transitions) written to the outbox, by type",
+            ),
+            skipped: metrics.counter(
+                "hodei_outbox_direct_skipped_total",
+                "Committed transactions whose rows were left to the relay (publisher busy or stopped)",
+            ),
+            publish_delay: metrics.latency_histogram(
+                "hodei_outbox_publish_delay_seconds",
+                "From a commit to the stream's ack of its outbox rows, published by the committing service",
+            ),
+            published: metrics.counter(
+                "hodei_outbox_published_total",
+                "Outbox rows published to JetStream",
+            ),
+        }
+    }
+}
+
+/// Install the publisher for this process's commits (see [`hodei_store::on_commit`]), its
+/// metrics registered in `metrics`. It also counts the domain events each commit made
+/// durable (`hodei_events_total`).
+pub fn install(
+    js: JetStream,
+    pool: PgPool,
+    metrics: &mut hodei_runtime::metrics::Metrics,
+    shutdown: Shutdown,
+) {
+    let metrics = Metrics::register(metrics);
     let (sender, receiver) = mpsc::channel::<(Instant, Vec<Outgoing>)>(QUEUE);
     let skipped = Arc::new(AtomicBool::new(false));
     let skipping = skipped.clone();
+    let (events, skipped_total) = (metrics.events.clone(), metrics.skipped.clone());
     hodei_store::on_commit(move |rows| {
+        for row in rows.iter().filter(|row| row.is_event()) {
+            events
+                .get_or_create(&EventLabels {
+                    event_type: row.event_type.clone(),
+                })
+                .inc();
+        }
         if sender.try_send((Instant::now(), rows)).is_err() {
             // The relay is woken once the publisher is free again.
             skipping.store(true, Ordering::Relaxed);
-            hodei_runtime::metrics::counter(
-                "hodei_outbox_direct_skipped_total",
-                "Committed transactions whose rows were left to the relay (publisher busy or stopped)",
-                &[],
-            )
-            .inc();
+            skipped_total.inc();
         }
     });
     let (marks, marker) = mpsc::channel::<Acked>(64);
-    tokio::spawn(run(js, marks, receiver, skipped, shutdown));
+    tokio::spawn(run(js, metrics, marks, receiver, skipped, shutdown));
     tokio::spawn(mark(pool, marker));
 }
 
@@ -94,12 +146,13 @@ async fn mark(pool: PgPool, mut acked: mpsc::Receiver<Acked>) {
 
 async fn run(
     js: JetStream,
+    metrics: Metrics,
     marks: mpsc::Sender<Acked>,
     mut receiver: mpsc::Receiver<(Instant, Vec<Outgoing>)>,
     skipped: Arc<AtomicBool>,
     shutdown: Shutdown,
 ) {
-    while let Some(Some((committed, first))) = shutdown.guard(receiver.recv()).await {
+    while let Some(Some((committed, first))) = shutdown.run_until_cancelled(receiver.recv()).await {
         let mut rows = first;
         while rows.len() < BATCH {
             match receiver.try_recv() {
@@ -107,7 +160,7 @@ async fn run(
                 Err(_) => break,
             }
         }
-        let mut acked = publish_batch(&js, &rows, committed).await;
+        let mut acked = publish_batch(&js, &metrics, &rows, committed).await;
         acked.failed |= skipped.swap(false, Ordering::Relaxed);
         if marks.send(acked).await.is_err() {
             break;
@@ -116,7 +169,12 @@ async fn run(
 }
 
 /// `committed`: when the oldest transaction of the batch committed.
-async fn publish_batch(js: &JetStream, rows: &[Outgoing], committed: Instant) -> Acked {
+async fn publish_batch(
+    js: &JetStream,
+    metrics: &Metrics,
+    rows: &[Outgoing],
+    committed: Instant,
+) -> Acked {
     let started = Instant::now();
     let mut acks = Vec::with_capacity(rows.len());
     for row in rows {
@@ -138,25 +196,16 @@ async fn publish_batch(js: &JetStream, rows: &[Outgoing], committed: Instant) ->
         }
     }
     let acked = Instant::now();
-    hodei_runtime::metrics::histogram(
-        "hodei_outbox_publish_delay_seconds",
-        "From a commit to the stream's ack of its outbox rows, published by the committing service",
-        &[],
-        hodei_runtime::metrics::DEFAULT_LATENCY_BUCKETS,
-    )
-    .observe_duration(acked - committed);
+    metrics
+        .publish_delay
+        .observe((acked - committed).as_secs_f64());
     tracing::debug!(
         rows = rows.len(),
         queued_us = (started - committed).as_micros() as u64,
         publish_us = (acked - started).as_micros() as u64,
         "published after commit"
     );
-    hodei_runtime::metrics::counter(
-        "hodei_outbox_published_total",
-        "Outbox rows published to JetStream",
-        &[],
-    )
-    .add(published.len() as u64);
+    metrics.published.inc_by(published.len() as u64);
     Acked {
         event_ids: published,
         failed: failed > 0,

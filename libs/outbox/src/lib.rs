@@ -80,30 +80,31 @@ pub struct Connections {
 }
 
 /// Start-up of every service that writes state changes: [`connect_only`], and the
-/// publisher of its commits ([`direct`]).
+/// publisher of its commits ([`direct`]), which registers its metrics in `metrics`.
 pub async fn connect(
     common: &hodei_runtime::CommonArgs,
     service: &str,
     db_pool_size: u32,
-    metrics_port: u16,
+    metrics: &mut hodei_runtime::metrics::Metrics,
     shutdown: &hodei_runtime::Shutdown,
 ) -> anyhow::Result<Connections> {
-    let connections = connect_only(common, service, db_pool_size, metrics_port, shutdown).await?;
+    let connections = connect_only(common, service, db_pool_size, shutdown).await?;
     direct::install(
         connections.js.clone(),
         connections.pool.clone(),
+        metrics,
         shutdown.clone(),
     );
     Ok(connections)
 }
 
-/// Start-up of every service: PostgreSQL (schema brought up to date), NATS (streams ensured),
-/// `/metrics` and `/healthz` on `metrics_port` unless configured.
+/// Start-up of every service: PostgreSQL (schema brought up to date) and NATS (streams
+/// ensured; a node that cannot serve JetStream is left until shutdown). Then
+/// [`Connections::serve_metrics`], once the service has registered its metrics.
 pub async fn connect_only(
     common: &hodei_runtime::CommonArgs,
     service: &str,
     db_pool_size: u32,
-    metrics_port: u16,
     shutdown: &hodei_runtime::Shutdown,
 ) -> anyhow::Result<Connections> {
     use anyhow::Context;
@@ -134,12 +135,29 @@ pub async fn connect_only(
         servers,
         shutdown.clone(),
     ));
-    common
-        .serve_metrics(
-            metrics_port,
-            vec![hodei_store::health(&pool), hodei_messaging::health(&client)],
-            shutdown.clone(),
-        )
-        .await?;
     Ok(Connections { pool, client, js })
+}
+
+impl Connections {
+    /// Serve `metrics` on `/metrics`, and `/healthz` (PostgreSQL answers, NATS is
+    /// connected), on `metrics_port` unless configured, until shutdown.
+    pub async fn serve_metrics(
+        &self,
+        common: &hodei_runtime::CommonArgs,
+        metrics_port: u16,
+        metrics: hodei_runtime::metrics::Metrics,
+        shutdown: &hodei_runtime::Shutdown,
+    ) -> anyhow::Result<std::net::SocketAddr> {
+        common
+            .serve_metrics(
+                metrics_port,
+                metrics,
+                vec![
+                    hodei_store::health(&self.pool),
+                    hodei_messaging::health(&self.client),
+                ],
+                shutdown.clone(),
+            )
+            .await
+    }
 }

@@ -6,7 +6,31 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use serde::Serialize;
+
+use crate::metrics::Metrics;
+
+/// The `hodei_circuit_state{circuit}` gauges of a process's breakers: 0 closed, 1 half-open,
+/// 2 open. Register once, hand a clone to each [`Breaker::new`].
+#[derive(Debug, Clone)]
+pub struct CircuitGauges(Family<CircuitLabels, Gauge>);
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CircuitLabels {
+    circuit: String,
+}
+
+impl CircuitGauges {
+    pub fn register(metrics: &mut Metrics) -> CircuitGauges {
+        CircuitGauges(metrics.gauge_family(
+            "hodei_circuit_state",
+            "Circuit breakers (providers, dispatch): 0 closed, 1 half-open, 2 open",
+        ))
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum CircuitState {
@@ -27,6 +51,8 @@ struct Inner {
 #[derive(Debug)]
 pub struct Breaker {
     name: String,
+    /// This breaker's series of `hodei_circuit_state`.
+    state_gauge: Gauge,
     threshold: u32,
     base_open: Duration,
     max_open: Duration,
@@ -44,10 +70,13 @@ pub struct BreakerView {
 }
 
 impl Breaker {
-    /// `name` labels logs and the `hodei_circuit_state{circuit}` gauge.
-    pub fn new(name: &str, threshold: u32, base_open: Duration) -> Self {
+    /// `name` labels logs and this breaker's series of `gauges` (closed, 0, from now on).
+    pub fn new(name: &str, threshold: u32, base_open: Duration, gauges: &CircuitGauges) -> Self {
         Breaker {
             name: name.to_owned(),
+            state_gauge: gauges.0.get_or_create_owned(&CircuitLabels {
+                circuit: name.to_owned(),
+            }),
             threshold: threshold.max(1),
             base_open,
             max_open: Duration::from_secs(60).max(base_open),
@@ -127,17 +156,11 @@ impl Breaker {
     }
 
     fn gauge(&self, state: CircuitState) {
-        let value = match state {
-            CircuitState::Closed => 0.0,
-            CircuitState::HalfOpen => 1.0,
-            CircuitState::Open => 2.0,
-        };
-        crate::metrics::gauge(
-            "hodei_circuit_state",
-            "Circuit breakers (providers, dispatch): 0 closed, 1 half-open, 2 open",
-            &[("circuit", &self.name)],
-        )
-        .set(value);
+        self.state_gauge.set(match state {
+            CircuitState::Closed => 0,
+            CircuitState::HalfOpen => 1,
+            CircuitState::Open => 2,
+        });
     }
 
     pub fn view(&self) -> BreakerView {
@@ -160,7 +183,11 @@ mod tests {
 
     #[test]
     fn it_opens_after_the_threshold_probes_once_and_closes_on_success() {
-        let breaker = Breaker::new("p", 3, Duration::from_millis(30));
+        let mut metrics = Metrics::new();
+        let gauges = CircuitGauges::register(&mut metrics);
+        let breaker = Breaker::new("p", 3, Duration::from_millis(30), &gauges);
+        let gauge = |breaker: &Breaker| breaker.state_gauge.get();
+        assert_eq!(gauge(&breaker), 0);
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
         for _ in 0..2 {
@@ -170,6 +197,7 @@ mod tests {
         assert_eq!(breaker.view().circuit, CircuitState::Closed);
         breaker.record_at(false, t0);
         assert_eq!(breaker.view().circuit, CircuitState::Open);
+        assert_eq!(gauge(&breaker), 2);
         assert_eq!(
             breaker.allow_at(at(10)),
             Err(Duration::from_millis(20)),
@@ -180,6 +208,7 @@ mod tests {
             "one probe after the window"
         );
         assert!(breaker.allow_at(at(30)).is_err(), "and only one");
+        assert_eq!(gauge(&breaker), 1);
         breaker.record_at(false, at(30));
         assert_eq!(breaker.view().circuit, CircuitState::Open);
         assert!(
@@ -190,5 +219,6 @@ mod tests {
         breaker.record_at(true, at(30 + 60));
         assert_eq!(breaker.view().circuit, CircuitState::Closed);
         assert_eq!(breaker.view().consecutive_failures, 0);
+        assert_eq!(gauge(&breaker), 0);
     }
 }

@@ -1,12 +1,13 @@
-//! What every Hodei process does the same way: its common settings, logging, and graceful
-//! shutdown on SIGTERM or SIGINT.
+//! What every Hodei process does the same way: its common settings, logging, metrics and
+//! health endpoint, and graceful shutdown on SIGTERM or SIGINT.
 
-pub mod http;
+pub mod endpoint;
 pub mod metrics;
 
 use std::future::Future;
+use std::pin::Pin;
 
-use tokio::sync::watch;
+pub use tokio_util::sync::CancellationToken;
 
 pub mod breaker;
 pub mod sweep;
@@ -56,18 +57,20 @@ pub struct CommonArgs {
 }
 
 impl CommonArgs {
-    /// Serve /metrics and /healthz (on `metrics_addr`, or 127.0.0.1:`default_port`).
+    /// Serve `metrics` on /metrics and `checks` on /healthz, at `metrics_addr` or
+    /// 127.0.0.1:`default_port`, until shutdown ([`endpoint::start`]).
     pub async fn serve_metrics(
         &self,
         default_port: u16,
-        checks: Vec<http::HealthCheck>,
+        metrics: metrics::Metrics,
+        checks: Vec<endpoint::HealthCheck>,
         shutdown: Shutdown,
     ) -> anyhow::Result<std::net::SocketAddr> {
         use anyhow::Context;
         let addr = self
             .metrics_addr
             .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], default_port)));
-        http::start(addr, checks, shutdown)
+        endpoint::start(addr, metrics, checks, shutdown)
             .await
             .with_context(|| format!("serving metrics on {addr}"))
     }
@@ -97,7 +100,7 @@ where
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let result = runtime.block_on(async move { body(Shutdown::on_signals()).await });
+    let result = runtime.block_on(async move { body(shutdown_on_signals()).await });
     if let Err(error) = &result {
         tracing::error!(error = format!("{error:#}"), "stopped with an error");
     }
@@ -120,66 +123,25 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// Tells every task that the process is stopping. Cheap to clone.
-#[derive(Clone)]
-pub struct Shutdown {
-    rx: watch::Receiver<bool>,
-}
+/// A boxed, sendable future: the same type as `futures::future::BoxFuture`, so a closure
+/// ending in `.boxed()` fits, without this crate depending on `futures`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// The side that triggers a [`Shutdown`].
-#[derive(Clone)]
-pub struct ShutdownTrigger {
-    tx: std::sync::Arc<watch::Sender<bool>>,
-}
+/// Tells every task that the process is stopping: tokio-util's [`CancellationToken`], under
+/// the name that says what it is for here. Cheap to clone; `cancel` stops every clone,
+/// `cancelled` waits for it, `run_until_cancelled` runs work until it ends or shutdown.
+pub type Shutdown = CancellationToken;
 
-impl ShutdownTrigger {
-    pub fn trigger(&self) {
-        self.tx.send_replace(true);
-    }
-}
-
-impl Shutdown {
-    pub fn new() -> (ShutdownTrigger, Shutdown) {
-        let (tx, rx) = watch::channel(false);
-        (
-            ShutdownTrigger {
-                tx: std::sync::Arc::new(tx),
-            },
-            Shutdown { rx },
-        )
-    }
-
-    /// A shutdown triggered by SIGTERM or SIGINT.
-    pub fn on_signals() -> Shutdown {
-        let (trigger, shutdown) = Shutdown::new();
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            tracing::info!("shutdown requested");
-            trigger.trigger();
-        });
-        shutdown
-    }
-
-    pub fn is_triggered(&self) -> bool {
-        *self.rx.borrow()
-    }
-
-    /// Resolves once shutdown is triggered (at once if it already was).
-    pub async fn wait(&self) {
-        let mut rx = self.rx.clone();
-        // An error means every trigger is gone: nothing can stop us any more, so wait forever.
-        if rx.wait_for(|stop| *stop).await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
-
-    /// Run `work` until it ends or shutdown is triggered, whichever is first.
-    pub async fn guard<F: Future>(&self, work: F) -> Option<F::Output> {
-        tokio::select! {
-            output = work => Some(output),
-            _ = self.wait() => None,
-        }
-    }
+/// A shutdown cancelled on SIGTERM or SIGINT.
+pub fn shutdown_on_signals() -> Shutdown {
+    let shutdown = Shutdown::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested");
+        trigger.cancel();
+    });
+    shutdown
 }
 
 async fn wait_for_signal() {
@@ -189,21 +151,6 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {},
         _ = int.recv() => {},
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_are_redacted_from_urls() {
-        assert_eq!(
-            redact_url("postgres://u:secret@h:5432/db"),
-            "postgres://u:***@h:5432/db"
-        );
-        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
     }
 }
 
@@ -223,4 +170,19 @@ fn uuid_like_random() -> u64 {
             .as_nanos(),
     );
     hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted_from_urls() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+    }
 }

@@ -26,7 +26,7 @@ pub async fn run<T, Due, DueFut, Next, NextFut, Handle, HandleFut>(
     Handle: Fn(T) -> HandleFut,
     HandleFut: Future<Output = Result<(), String>>,
 {
-    while !shutdown.is_triggered() {
+    while !shutdown.is_cancelled() {
         match due().await {
             Ok(items) => {
                 let full = items.len() >= batch;
@@ -50,7 +50,7 @@ pub async fn run<T, Due, DueFut, Next, NextFut, Handle, HandleFut>(
             _ => max_sleep,
         };
         shutdown
-            .guard(tokio::time::sleep(sleep.max(Duration::from_millis(5))))
+            .run_until_cancelled(tokio::time::sleep(sleep.max(Duration::from_millis(5))))
             .await;
     }
 }

@@ -128,7 +128,7 @@ pub fn hash_token(token: &str) -> String {
 }
 
 /// Health check: the database answers.
-pub fn health(pool: &PgPool) -> hodei_runtime::http::HealthCheck {
+pub fn health(pool: &PgPool) -> hodei_runtime::endpoint::HealthCheck {
     let pool = pool.clone();
     std::sync::Arc::new(move || {
         let pool = pool.clone();
@@ -228,36 +228,33 @@ impl From<StoreError> for hodei_protocol::ApiError {
 /// Register a gauge `metric{state}` counting the rows of `table` (jobs or workers) in each of
 /// `states`, computed when /metrics is scraped.
 pub fn register_state_gauges(
+    metrics: &mut hodei_runtime::metrics::Metrics,
     pool: &PgPool,
     table: &'static str,
     metric: &'static str,
     help: &'static str,
     states: Vec<&'static str>,
 ) {
+    use hodei_runtime::metrics::Sample;
     let pool = pool.clone();
-    hodei_runtime::metrics::register_collector(metric, move || {
+    metrics.gauges_on_scrape(table, &[(metric, help)], move || {
         let (pool, states) = (pool.clone(), states.clone());
         Box::pin(async move {
             let sql = format!("SELECT state, count(*) FROM {table} GROUP BY state");
             let counts: Vec<(String, i64)> = sqlx::query_as(&sql)
                 .fetch_all(&pool)
                 .await
-                .unwrap_or_default();
-            states
+                .map_err(|e| format!("counting {table} by state: {e}"))?;
+            Ok(states
                 .iter()
                 .map(|state| {
                     let n = counts
                         .iter()
                         .find(|(s, _)| s == state)
                         .map_or(0, |(_, n)| *n);
-                    hodei_runtime::metrics::Sample::gauge(
-                        metric,
-                        help,
-                        &[("state", state)],
-                        n as f64,
-                    )
+                    Sample::new(metric, vec![("state", (*state).to_owned())], n as f64)
                 })
-                .collect()
+                .collect())
         })
     });
 }

@@ -58,12 +58,6 @@ pub async fn append_events(tx: &mut crate::Tx, events: &[DomainEvent]) -> Result
     for event in events {
         // A span event on the current span: each state change shows in the job's trace.
         tracing::info!(event_type = %event.event_type, aggregate_id = %event.aggregate_id, "event recorded");
-        hodei_runtime::metrics::counter(
-            "hodei_events_total",
-            "Domain events (state transitions) written to the outbox, by type",
-            &[("event_type", &event.event_type)],
-        )
-        .inc();
     }
     tx.outgoing.extend(rows);
     Ok(())
@@ -111,6 +105,12 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
+    /// Whether the row is a domain event (published under `hodei.events.>`, as
+    /// `DomainEvent::subject` says) rather than a command to a worker.
+    pub fn is_event(&self) -> bool {
+        self.subject.starts_with("hodei.events.")
+    }
+
     /// A row written now: the trace context is the current span's.
     fn new(
         event_id: Uuid,

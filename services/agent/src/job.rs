@@ -236,7 +236,7 @@ impl Runner {
 
         let status = tokio::select! {
             status = child.wait() => status,
-            _ = shutdown.wait() => {
+            _ = shutdown.cancelled() => {
                 tracing::warn!("agent stopping; killing the job");
                 let _ = child.kill().await;
                 child.wait().await

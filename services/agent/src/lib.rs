@@ -94,22 +94,22 @@ impl std::fmt::Debug for Config {
 /// `stop_grace_secs` later is abandoned, and nothing the job started outlives the agent.
 pub async fn run(config: Config, signals: Shutdown) -> anyhow::Result<()> {
     job::become_subreaper();
-    let (trigger, shutdown) = Shutdown::new();
+    // Stopped by a signal (the parent) or by the agent itself (its watchdog).
+    let shutdown = signals.child_token();
     let (connected_tx, connected) = tokio::sync::watch::channel(true);
     let grace = Duration::from_secs(config.stop_grace_secs);
     let stopping = {
-        let (signals, trigger, shutdown) = (signals.clone(), trigger.clone(), shutdown.clone());
+        let shutdown = shutdown.clone();
         async move {
             tokio::select! {
-                _ = signals.wait() => tracing::info!("stopping: the job is killed"),
-                _ = shutdown.wait() => {}
+                _ = signals.cancelled() => tracing::info!("stopping: the job is killed"),
+                _ = shutdown.cancelled() => {}
             }
-            trigger.trigger();
             tokio::time::sleep(grace).await;
         }
     };
     let result = tokio::select! {
-        result = agent(config, shutdown, trigger, connected_tx, connected) => result,
+        result = agent(config, shutdown, connected_tx, connected) => result,
         () = stopping => Err(anyhow::anyhow!("stopped before the job's end was reported")),
     };
     tokio::task::block_in_place(job::kill_descendants);
@@ -119,7 +119,6 @@ pub async fn run(config: Config, signals: Shutdown) -> anyhow::Result<()> {
 async fn agent(
     config: Config,
     shutdown: Shutdown,
-    trigger: hodei_runtime::ShutdownTrigger,
     connected_tx: tokio::sync::watch::Sender<bool>,
     connected: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -242,7 +241,7 @@ async fn agent(
     let registered = registered?;
     tracing::info!(%worker_id, "registered");
     if let Some(lost_after) = registered.lost_after_ms.map(Duration::from_millis) {
-        tokio::spawn(watchdog(connected, lost_after, trigger));
+        tokio::spawn(watchdog(connected, lost_after, shutdown.clone()));
     }
     // A partitioned NATS node answers pings but not JetStream: leave it (the probe is the
     // agent's own consumer, the one JetStream request its credential allows without effect).
@@ -291,7 +290,7 @@ async fn agent(
             .await;
         jobs_left -= 1;
     }
-    while jobs_left > 0 && result.is_ok() && !shutdown.is_triggered() {
+    while jobs_left > 0 && result.is_ok() && !shutdown.is_cancelled() {
         let message = match next_command(&mut messages, idle, &shutdown).await {
             Ok(Some(message)) => message,
             Ok(None) => break,
@@ -350,7 +349,7 @@ async fn next_command(
             None => Ok(messages.next().await),
         }
     };
-    match shutdown.guard(next).await {
+    match shutdown.run_until_cancelled(next).await {
         None => {
             tracing::info!("stopped while waiting for a job");
             Ok(None)
@@ -404,7 +403,7 @@ async fn register(
 async fn watchdog(
     mut connected: tokio::sync::watch::Receiver<bool>,
     lost_after: Duration,
-    trigger: hodei_runtime::ShutdownTrigger,
+    shutdown: Shutdown,
 ) {
     loop {
         if connected.wait_for(|up| !*up).await.is_err() {
@@ -419,7 +418,7 @@ async fn watchdog(
                 ?lost_after,
                 "the control plane was out of reach for the lost window; killing the job and exiting"
             );
-            trigger.trigger();
+            shutdown.cancel();
             return;
         }
         tracing::info!("reconnected to NATS");

@@ -32,14 +32,14 @@ pub(crate) struct State {
 
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     // Writes no state changes of its own: no publisher after commit.
-    let hodei_outbox::Connections { pool, client, js } = hodei_outbox::connect_only(
-        &config.common,
-        SERVICE,
-        config.db_pool_size,
-        9615,
-        &shutdown,
-    )
-    .await?;
+    let connections =
+        hodei_outbox::connect_only(&config.common, SERVICE, config.db_pool_size, &shutdown).await?;
+    let mut metrics = hodei_runtime::metrics::Metrics::new();
+    let messaging = hodei_messaging::Metrics::register(&mut metrics);
+    connections
+        .serve_metrics(&config.common, 9615, metrics, &shutdown)
+        .await?;
+    let hodei_outbox::Connections { pool, client, js } = connections;
     let state = State {
         pool,
         js: js.clone(),
@@ -49,6 +49,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         "hodei-audit",
         "Answers the audit log and the dead letters",
         "hodei-audit",
+        &messaging,
     )
     .await?;
     // Each API: its subject, answered by a handler taking the state and the request.
@@ -74,6 +75,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         js.clone(),
         ConsumerConfig::new(streams::EVENTS, "audit", None),
         handlers::record::MAX_BATCH,
+        &messaging,
         shutdown.clone(),
         |batch| handlers::record::handle(state.clone(), batch),
     );

@@ -75,6 +75,8 @@ pub(crate) struct State {
     /// Opens after consecutive failures to place jobs (the database unreachable, ...): jobs
     /// then wait, their messages redelivered after the open window, instead of failing.
     pub breaker: std::sync::Arc<hodei_runtime::breaker::Breaker>,
+    /// `hodei_dispatch_latency_seconds`: from a job becoming Pending to the job placed.
+    pub dispatch_latency: prometheus_client::metrics::histogram::Histogram,
     pub max_workers: u32,
     pub warm_pool: Option<WarmPool>,
 }
@@ -87,14 +89,25 @@ pub(crate) struct WarmPool {
 
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     use anyhow::Context;
-    let hodei_outbox::Connections { pool, js, .. } = hodei_outbox::connect(
+    let mut metrics = hodei_runtime::metrics::Metrics::new();
+    let messaging = hodei_messaging::Metrics::register(&mut metrics);
+    let circuits = hodei_runtime::breaker::CircuitGauges::register(&mut metrics);
+    let dispatch_latency = metrics.latency_histogram(
+        "hodei_dispatch_latency_seconds",
+        "From a job becoming Pending to the job placed on a worker",
+    );
+    let connections = hodei_outbox::connect(
         &config.common,
         SERVICE,
         config.db_pool_size,
-        9612,
+        &mut metrics,
         &shutdown,
     )
     .await?;
+    connections
+        .serve_metrics(&config.common, 9612, metrics, &shutdown)
+        .await?;
+    let hodei_outbox::Connections { pool, js, .. } = connections;
     let state = State {
         pool,
         actor: Actor::service(SERVICE),
@@ -104,7 +117,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             "dispatch",
             config.circuit_threshold,
             std::time::Duration::from_millis(config.circuit_open_ms),
+            &circuits,
         )),
+        dispatch_latency,
         max_workers: config.max_workers,
         warm_pool: (config.warm_pool_size > 0).then_some(WarmPool {
             size: config.warm_pool_size,
@@ -142,6 +157,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             "dispatcher-job-queued",
             Some(subjects::events_of_type("job", "JobQueued")),
         )),
+        &messaging,
         shutdown.clone(),
         |delivery| handlers::job_queued::handle(state.clone(), delivery),
     );
@@ -152,6 +168,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             "dispatcher-worker-ready",
             Some(subjects::events_of_type("worker", "WorkerReadyForJob")),
         )),
+        &messaging,
         shutdown.clone(),
         |delivery| handlers::worker_ready::handle(state.clone(), delivery),
     );
@@ -162,6 +179,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             "dispatcher-worker-terminated",
             Some(subjects::events_of_type("worker", "WorkerTerminated")),
         )),
+        &messaging,
         shutdown.clone(),
         |delivery| handlers::worker_terminated::handle(state.clone(), delivery),
     );

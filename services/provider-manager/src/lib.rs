@@ -214,14 +214,21 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         "the agent binary {} does not exist (set HODEI_AGENT_BIN)",
         agent_bin.display()
     );
-    let hodei_outbox::Connections { pool, client, js } = hodei_outbox::connect(
+    let mut metrics = hodei_runtime::metrics::Metrics::new();
+    let messaging = hodei_messaging::Metrics::register(&mut metrics);
+    let circuits = hodei_runtime::breaker::CircuitGauges::register(&mut metrics);
+    let connections = hodei_outbox::connect(
         &config.common,
         SERVICE,
         config.db_pool_size,
-        9614,
+        &mut metrics,
         &shutdown,
     )
     .await?;
+    connections
+        .serve_metrics(&config.common, 9614, metrics, &shutdown)
+        .await?;
+    let hodei_outbox::Connections { pool, client, js } = connections;
     let signer = match &config.worker_signer {
         Some(path) => Some(
             hodei_auth::Signer::load(path)
@@ -250,6 +257,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             &format!("provider:{name}"),
             config.circuit_threshold,
             std::time::Duration::from_millis(config.circuit_open_ms),
+            &circuits,
         )
     };
     let docker = match &config.docker_socket {
@@ -305,7 +313,11 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         async move {
             loop {
                 handlers::destroy::reconcile(&state).await;
-                if shutdown.guard(tokio::time::sleep(every)).await.is_none() {
+                if shutdown
+                    .run_until_cancelled(tokio::time::sleep(every))
+                    .await
+                    .is_none()
+                {
                     return;
                 }
             }
@@ -316,6 +328,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         "hodei-provider-manager",
         "Provisions and tears down workers; lists its providers",
         "hodei-provider-manager",
+        &messaging,
     )
     .await?;
     let providers = {
@@ -339,9 +352,13 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         )),
     );
     provisioning.max_deliver = -1;
-    let requests = consumer::run(js.clone(), provisioning, shutdown.clone(), |delivery| {
-        handlers::provision::handle(state.clone(), delivery)
-    });
+    let requests = consumer::run(
+        js.clone(),
+        provisioning,
+        &messaging,
+        shutdown.clone(),
+        |delivery| handlers::provision::handle(state.clone(), delivery),
+    );
     // A teardown is never given up (what the worker runs must end): no delivery limit.
     let mut termination = ConsumerConfig::new(
         streams::EVENTS,
@@ -349,9 +366,13 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         Some(subjects::events_of_type("worker", "WorkerTerminating")),
     );
     termination.max_deliver = -1;
-    let terminations = consumer::run(js.clone(), termination, shutdown.clone(), |delivery| {
-        handlers::destroy::handle(state.clone(), delivery)
-    });
+    let terminations = consumer::run(
+        js.clone(),
+        termination,
+        &messaging,
+        shutdown.clone(),
+        |delivery| handlers::destroy::handle(state.clone(), delivery),
+    );
     let (providers, (), (), ()) = tokio::join!(providers, requests, terminations, reconciling);
     providers?;
     service.stop().await;

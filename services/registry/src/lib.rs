@@ -47,16 +47,19 @@ pub(crate) struct State {
 }
 
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
-    let hodei_outbox::Connections { pool, client, js } = hodei_outbox::connect(
+    let mut metrics = hodei_runtime::metrics::Metrics::new();
+    let messaging = hodei_messaging::Metrics::register(&mut metrics);
+    let connections = hodei_outbox::connect(
         &config.common,
         SERVICE,
         config.db_pool_size,
-        9613,
+        &mut metrics,
         &shutdown,
     )
     .await?;
     hodei_store::register_state_gauges(
-        &pool,
+        &mut metrics,
+        &connections.pool,
         "workers",
         "hodei_workers",
         "Workers by state",
@@ -65,6 +68,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             .map(|s| s.as_str())
             .collect(),
     );
+    connections
+        .serve_metrics(&config.common, 9613, metrics, &shutdown)
+        .await?;
+    let hodei_outbox::Connections { pool, client, js } = connections;
     let state = State {
         pool,
         actor: Actor::service(SERVICE),
@@ -81,6 +88,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         "hodei-registry",
         "Registers workers, takes their heartbeats, lists them",
         "hodei-registry",
+        &messaging,
     )
     .await?;
     let register = {
@@ -107,6 +115,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             "registry-job-events",
             Some("hodei.events.job.>".into()),
         ),
+        &messaging,
         shutdown.clone(),
         |delivery| handlers::job_ended::handle(state.clone(), delivery),
     );

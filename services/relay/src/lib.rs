@@ -12,8 +12,12 @@
 use std::time::Duration;
 
 use hodei_messaging::JetStream;
+use hodei_runtime::metrics::{Metrics, Sample};
 use hodei_runtime::{CommonArgs, Shutdown};
 use hodei_store::outbox;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 
@@ -60,11 +64,48 @@ pub struct Config {
     pub outbox_retention_secs: u64,
 }
 
+/// What the relay counts.
+#[derive(Debug, Clone)]
+pub struct RelayMetrics {
+    published: Counter,
+    publish_failures: Counter,
+    /// `hodei_dead_letters_total{consumer="relay"}`.
+    dead_lettered: Counter,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConsumerLabels {
+    consumer: &'static str,
+}
+
+impl RelayMetrics {
+    pub fn register(metrics: &mut Metrics) -> RelayMetrics {
+        let dead_letters: Family<ConsumerLabels, Counter> =
+            metrics.counter_family("hodei_dead_letters_total", "Messages moved to HODEI_DLQ");
+        RelayMetrics {
+            published: metrics.counter(
+                "hodei_outbox_published_total",
+                "Outbox rows published to JetStream",
+            ),
+            publish_failures: metrics.counter(
+                "hodei_outbox_publish_failures_total",
+                "Failed attempts to publish an outbox row",
+            ),
+            dead_lettered: dead_letters.get_or_create_owned(&ConsumerLabels { consumer: "relay" }),
+        }
+    }
+}
+
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     // Writes no state changes of its own: no publisher after commit.
-    let hodei_outbox::Connections { pool, js, .. } =
-        hodei_outbox::connect_only(&config.common, SERVICE, 4, 9610, &shutdown).await?;
-    register_outbox_gauges(&pool);
+    let connections = hodei_outbox::connect_only(&config.common, SERVICE, 4, &shutdown).await?;
+    let mut metrics = Metrics::new();
+    let relay_metrics = RelayMetrics::register(&mut metrics);
+    register_outbox_gauges(&mut metrics, &connections.pool);
+    connections
+        .serve_metrics(&config.common, 9610, metrics, &shutdown)
+        .await?;
+    let hodei_outbox::Connections { pool, js, .. } = connections;
     // A term lasts as long as the connection holding the lock: after PostgreSQL restarts, the
     // lock is gone with it, and this relay stands for election again instead of publishing
     // beside a new leader.
@@ -77,7 +118,16 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
                 Duration::from_secs(config.outbox_retention_secs),
             ))
         });
-        let stopped = lead(&pool, &js, &config, &mut leader, &mut listener, &shutdown).await;
+        let stopped = lead(
+            &pool,
+            &js,
+            &config,
+            &relay_metrics,
+            &mut leader,
+            &mut listener,
+            &shutdown,
+        )
+        .await;
         if let Some(housekeeping) = housekeeping {
             housekeeping.abort();
         }
@@ -139,12 +189,14 @@ async fn become_leader(
             listener.listen(outbox::NOTIFY_CHANNEL).await?;
             Ok::<_, sqlx::Error>((leader, listener))
         };
-        match shutdown.guard(attempt).await? {
+        match shutdown.run_until_cancelled(attempt).await? {
             Ok(elected) => return Some(elected),
             Err(error) => {
                 // A lock taken on a connection that is then dropped is released with it.
                 tracing::warn!(%error, "cannot take the relay lock or listen; trying again");
-                shutdown.guard(tokio::time::sleep(PAUSE)).await?;
+                shutdown
+                    .run_until_cancelled(tokio::time::sleep(PAUSE))
+                    .await?;
             }
         }
     }
@@ -155,6 +207,7 @@ async fn lead(
     pool: &PgPool,
     js: &JetStream,
     config: &Config,
+    metrics: &RelayMetrics,
     leader: &mut sqlx::PgConnection,
     listener: &mut PgListener,
     shutdown: &Shutdown,
@@ -167,7 +220,7 @@ async fn lead(
         }
         let mut failed = false;
         loop {
-            match relay_batch(pool, js, config.batch, grace, config.max_attempts).await {
+            match relay_batch(pool, js, metrics, config.batch, grace, config.max_attempts).await {
                 Ok(0) => break,
                 Ok(n) => tracing::debug!(published = n, "batch published"),
                 Err(error) => {
@@ -201,7 +254,7 @@ async fn lead(
             }
         };
         tokio::select! {
-            _ = shutdown.wait() => return true,
+            _ = shutdown.cancelled() => return true,
             notified = listener.recv() => {
                 if let Err(error) = notified {
                     tracing::warn!(%error, "notification listener failed; it reconnects");
@@ -213,46 +266,43 @@ async fn lead(
     }
 }
 
-/// `hodei_outbox_depth` and `hodei_outbox_lag_seconds` (age of the oldest unpublished row).
-fn register_outbox_gauges(pool: &PgPool) {
-    use hodei_runtime::metrics::Sample;
+const DEPTH: &str = "hodei_outbox_depth";
+const LAG: &str = "hodei_outbox_lag_seconds";
+
+/// `hodei_outbox_depth` and `hodei_outbox_lag_seconds` (age of the oldest unpublished row),
+/// computed when /metrics is scraped.
+fn register_outbox_gauges(metrics: &mut Metrics, pool: &PgPool) {
     let pool = pool.clone();
-    hodei_runtime::metrics::register_collector("outbox", move || {
-        let pool = pool.clone();
-        Box::pin(async move {
-            let row: Option<(i64, Option<f64>)> = sqlx::query_as(
-                "SELECT count(*), EXTRACT(EPOCH FROM now() - min(created_at))::float8 \
-                 FROM outbox_events WHERE status = 'pending'",
-            )
-            .fetch_optional(&pool)
-            .await
-            .ok()
-            .flatten();
-            let (depth, lag) = row
-                .map(|(d, l)| (d as f64, l.unwrap_or(0.0)))
-                .unwrap_or((f64::NAN, f64::NAN));
-            vec![
-                Sample::gauge(
-                    "hodei_outbox_depth",
-                    "Outbox rows waiting to be published",
-                    &[],
-                    depth,
-                ),
-                Sample::gauge(
-                    "hodei_outbox_lag_seconds",
-                    "Age of the oldest unpublished outbox row",
-                    &[],
-                    lag,
-                ),
-            ]
-        })
-    });
+    metrics.gauges_on_scrape(
+        "outbox",
+        &[
+            (DEPTH, "Outbox rows waiting to be published"),
+            (LAG, "Age of the oldest unpublished outbox row"),
+        ],
+        move || {
+            let pool = pool.clone();
+            Box::pin(async move {
+                let (depth, lag): (i64, Option<f64>) = sqlx::query_as(
+                    "SELECT count(*), EXTRACT(EPOCH FROM now() - min(created_at))::float8 \
+                     FROM outbox_events WHERE status = 'pending'",
+                )
+                .fetch_one(&pool)
+                .await
+                .map_err(|e| format!("measuring the outbox: {e}"))?;
+                Ok(vec![
+                    Sample::new(DEPTH, vec![], depth as f64),
+                    Sample::new(LAG, vec![], lag.unwrap_or(0.0)),
+                ])
+            })
+        },
+    );
 }
 
 /// Publish one batch of pending rows; returns how many were published.
 pub async fn relay_batch(
     pool: &PgPool,
     js: &JetStream,
+    metrics: &RelayMetrics,
     batch: i64,
     grace: Duration,
     max_attempts: i32,
@@ -290,29 +340,14 @@ pub async fn relay_batch(
         }
     }
     outbox::mark_published(&mut tx, &published).await?;
-    hodei_runtime::metrics::counter(
-        "hodei_outbox_published_total",
-        "Outbox rows published to JetStream",
-        &[],
-    )
-    .add(published.len() as u64);
+    metrics.published.inc_by(published.len() as u64);
     for (row, error) in &failures {
-        hodei_runtime::metrics::counter(
-            "hodei_outbox_publish_failures_total",
-            "Failed attempts to publish an outbox row",
-            &[],
-        )
-        .inc();
+        metrics.publish_failures.inc();
         if row.attempts + 1 >= max_attempts
             && hodei_outbox::dead_letter(js, &row.message, error).await
         {
             tracing::error!(event_id = %row.message.event_id, subject = %row.message.subject, attempts = row.attempts + 1, %error, "outbox row is dead; copied to HODEI_DLQ");
-            hodei_runtime::metrics::counter(
-                "hodei_dead_letters_total",
-                "Messages moved to HODEI_DLQ",
-                &[("consumer", "relay")],
-            )
-            .inc();
+            metrics.dead_lettered.inc();
             outbox::mark_dead(&mut tx, row.id, error).await?;
         } else {
             let retry_in = backoff(row.attempts);

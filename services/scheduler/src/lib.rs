@@ -46,16 +46,19 @@ pub(crate) struct State {
 }
 
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
-    let hodei_outbox::Connections { pool, client, js } = hodei_outbox::connect(
+    let mut metrics = hodei_runtime::metrics::Metrics::new();
+    let messaging = hodei_messaging::Metrics::register(&mut metrics);
+    let connections = hodei_outbox::connect(
         &config.common,
         SERVICE,
         config.db_pool_size,
-        9611,
+        &mut metrics,
         &shutdown,
     )
     .await?;
     hodei_store::register_state_gauges(
-        &pool,
+        &mut metrics,
+        &connections.pool,
         "jobs",
         "hodei_jobs",
         "Jobs by state",
@@ -64,6 +67,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             .map(|s| s.as_str())
             .collect(),
     );
+    connections
+        .serve_metrics(&config.common, 9611, metrics, &shutdown)
+        .await?;
+    let hodei_outbox::Connections { pool, client, js } = connections;
     let state = State {
         pool,
         client: client.clone(),
@@ -78,17 +85,23 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         std::time::Duration::from_millis(config.monitor_interval_ms),
         shutdown.clone(),
     ));
-    let served = serve(state, js, shutdown).await;
+    let served = serve(state, js, &messaging, shutdown).await;
     let _ = monitor.await;
     served
 }
 
-async fn serve(state: State, js: JetStream, shutdown: Shutdown) -> anyhow::Result<()> {
+async fn serve(
+    state: State,
+    js: JetStream,
+    metrics: &hodei_messaging::Metrics,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
     let service = api::Service::start(
         state.client.clone(),
         "hodei-scheduler",
         "Accepts jobs, answers what they are, cancels them",
         "hodei-scheduler",
+        metrics,
     )
     .await?;
     let submit = {
@@ -122,12 +135,14 @@ async fn serve(state: State, js: JetStream, shutdown: Shutdown) -> anyhow::Resul
     let submissions = consumer::run(
         js.clone(),
         ConsumerConfig::new(streams::SUBMISSIONS, "scheduler-submissions", None),
+        metrics,
         shutdown.clone(),
         |delivery| handlers::submit::from_stream(state.clone(), delivery),
     );
     let reports = consumer::run(
         js.clone(),
         ConsumerConfig::new(streams::AGENT, "scheduler-reports", None),
+        metrics,
         shutdown.clone(),
         |delivery| handlers::reports::handle(state.clone(), delivery),
     );

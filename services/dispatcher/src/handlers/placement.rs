@@ -40,7 +40,9 @@ pub(crate) async fn place_pending(state: &State, limit: usize) -> Result<usize, 
             break;
         }
         hodei_store::commit(tx).await?;
-        observe_dispatch_latency(waited);
+        state
+            .dispatch_latency
+            .observe(waited.to_std().unwrap_or_default().as_secs_f64());
         placed += 1;
     }
     Ok(placed)
@@ -154,14 +156,4 @@ async fn schedule_on_new_worker(
     outbox::append_events(conn, &[scheduled, requested]).await?;
     tracing::info!(job_id = %job.id, worker_id = %worker.id, provider = %state.provider, "no free worker; one requested");
     Ok(())
-}
-
-fn observe_dispatch_latency(waited: chrono::TimeDelta) {
-    hodei_runtime::metrics::histogram(
-        "hodei_dispatch_latency_seconds",
-        "From a job becoming Pending to the job placed on a worker",
-        &[],
-        hodei_runtime::metrics::DEFAULT_LATENCY_BUCKETS,
-    )
-    .observe_duration(waited.to_std().unwrap_or_default());
 }

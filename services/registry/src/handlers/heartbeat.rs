@@ -13,7 +13,7 @@ pub async fn run(state: State, client: Client, shutdown: Shutdown) -> hodei_mess
         .queue_subscribe("hodei.agent.*.heartbeat", "hodei-registry".to_owned())
         .await
         .map_err(nats("subscribing to heartbeats"))?;
-    while let Some(Some(message)) = shutdown.guard(beats.next()).await {
+    while let Some(Some(message)) = shutdown.run_until_cancelled(beats.next()).await {
         let beat: Heartbeat = match decode(&message.payload) {
             Ok(beat) => beat,
             Err(error) => {
