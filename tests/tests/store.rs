@@ -1,7 +1,7 @@
 //! The persistence rules, against a real PostgreSQL database of the test's own.
 
 use hodei_domain::{Actor, Job, JobSpec};
-use hodei_store::{audit, jobs, outbox, StoreError};
+use hodei_store::{audit, jobs, outbox, Store, StoreError};
 use hodei_tests::Database;
 use sqlx::postgres::PgListener;
 use uuid::Uuid;
@@ -77,7 +77,7 @@ async fn outbox_rows_are_read_in_order_after_their_grace_and_a_publisher_can_wak
     let mut listener = PgListener::connect_with(&pool).await.unwrap();
     listener.listen(outbox::NOTIFY_CHANNEL).await.unwrap();
     let (job, events) = new_job(None);
-    let mut tx = hodei_store::begin(&pool).await.unwrap();
+    let mut tx = Store::new(pool.clone()).begin().await.unwrap();
     jobs::insert(&mut tx, &job).await.unwrap();
     outbox::append_events(&mut tx, &events).await.unwrap();
     outbox::append_events(&mut tx, &events[..0]).await.unwrap();
@@ -162,22 +162,25 @@ async fn an_event_is_audited_once_however_often_it_arrives() {
     assert_eq!(end, None);
 }
 
-/// The rows of a committed transaction reach the process's publisher, once; a transaction
-/// rolled back hands nothing over.
+/// The rows of a committed transaction reach the store's publisher, once; a transaction
+/// rolled back hands nothing over, and a store without a publisher leaves them to the relay.
 #[tokio::test]
 async fn committed_outbox_rows_are_handed_to_the_publisher_and_rolled_back_ones_are_not() {
     let (_db, pool) = migrated().await;
     let (sender, receiver) = std::sync::mpsc::channel();
-    hodei_store::on_commit(move |rows| sender.send(rows).unwrap());
+    let sender = std::sync::Mutex::new(sender);
+    let store = Store::new(pool.clone()).publishing_to(std::sync::Arc::new(move |rows| {
+        sender.lock().unwrap().send(rows).unwrap()
+    }));
 
     let (job, events) = new_job(None);
-    let mut tx = hodei_store::begin(&pool).await.unwrap();
+    let mut tx = store.begin().await.unwrap();
     jobs::insert(&mut tx, &job).await.unwrap();
     outbox::append_events(&mut tx, &events).await.unwrap();
     drop(tx);
     assert!(receiver.try_recv().is_err(), "a rollback publishes nothing");
 
-    let mut tx = hodei_store::begin(&pool).await.unwrap();
+    let mut tx = store.begin().await.unwrap();
     jobs::insert(&mut tx, &job).await.unwrap();
     outbox::append_events(&mut tx, &events).await.unwrap();
     hodei_store::commit(tx).await.unwrap();
@@ -190,6 +193,19 @@ async fn committed_outbox_rows_are_handed_to_the_publisher_and_rolled_back_ones_
     let payload: hodei_domain::DomainEvent = serde_json::from_str(&rows[0].payload).unwrap();
     assert_eq!(payload, events[0]);
     assert!(receiver.try_recv().is_err(), "once");
+
+    let (other, events) = new_job(None);
+    let mut tx = Store::new(pool.clone()).begin().await.unwrap();
+    tx.save(&mut other.clone(), &[]).await.unwrap_err();
+    drop(tx);
+    let mut tx = Store::new(pool.clone()).begin().await.unwrap();
+    jobs::insert(&mut tx, &other).await.unwrap();
+    outbox::append_events(&mut tx, &events).await.unwrap();
+    hodei_store::commit(tx).await.unwrap();
+    assert!(
+        receiver.try_recv().is_err(),
+        "another store's commits are not this publisher's"
+    );
 }
 
 /// A backlog of 50,000 pending jobs over 100,000 ended ones, 20,000 ended workers and

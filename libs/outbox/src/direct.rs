@@ -76,21 +76,22 @@ impl Metrics {
     }
 }
 
-/// Install the publisher for this process's commits (see [`hodei_store::on_commit`]), its
-/// metrics registered in `metrics`. It also counts the domain events each commit made
-/// durable (`hodei_events_total`).
-pub fn install(
+/// Start the publisher of this process's commits and give what a [`hodei_store::Store`]
+/// hands each commit's rows to ([`hodei_store::Store::publishing_to`]), its metrics
+/// registered in `metrics`. It also counts the domain events each commit made durable
+/// (`hodei_events_total`).
+pub fn start(
     js: JetStream,
     pool: PgPool,
     metrics: &mut hodei_runtime::metrics::Metrics,
     shutdown: Shutdown,
-) {
+) -> hodei_store::AfterCommit {
     let metrics = Metrics::register(metrics);
     let (sender, receiver) = mpsc::channel::<(Instant, Vec<Outgoing>)>(QUEUE);
     let skipped = Arc::new(AtomicBool::new(false));
     let skipping = skipped.clone();
     let (events, skipped_total) = (metrics.events.clone(), metrics.skipped.clone());
-    hodei_store::on_commit(move |rows| {
+    let publisher: hodei_store::AfterCommit = Arc::new(move |rows| {
         for row in rows.iter().filter(|row| row.is_event()) {
             events
                 .get_or_create(&EventLabels {
@@ -107,6 +108,7 @@ pub fn install(
     let (marks, marker) = mpsc::channel::<Acked>(64);
     tokio::spawn(run(js, metrics, marks, receiver, skipped, shutdown));
     tokio::spawn(mark(pool, marker));
+    publisher
 }
 
 /// Mark what was published, in batches; ends when the publisher has ended.

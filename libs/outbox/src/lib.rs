@@ -74,7 +74,7 @@ pub async fn publish(
 
 /// What a service that writes state changes holds once it has started.
 pub struct Connections {
-    pub pool: sqlx::PgPool,
+    pub store: hodei_store::Store,
     pub client: hodei_messaging::Client,
     pub js: JetStream,
 }
@@ -89,13 +89,16 @@ pub async fn connect(
     shutdown: &hodei_runtime::Shutdown,
 ) -> anyhow::Result<Connections> {
     let connections = connect_only(common, service, db_pool_size, shutdown).await?;
-    direct::install(
+    let publisher = direct::start(
         connections.js.clone(),
-        connections.pool.clone(),
+        connections.store.pool().clone(),
         metrics,
         shutdown.clone(),
     );
-    Ok(connections)
+    Ok(Connections {
+        store: connections.store.publishing_to(publisher),
+        ..connections
+    })
 }
 
 /// Start-up of every service: PostgreSQL (schema brought up to date) and NATS (streams
@@ -135,7 +138,11 @@ pub async fn connect_only(
         servers,
         shutdown.clone(),
     ));
-    Ok(Connections { pool, client, js })
+    Ok(Connections {
+        store: hodei_store::Store::new(pool),
+        client,
+        js,
+    })
 }
 
 impl Connections {
@@ -153,7 +160,7 @@ impl Connections {
                 metrics_port,
                 metrics,
                 vec![
-                    hodei_store::health(&self.pool),
+                    hodei_store::health(self.store.pool()),
                     hodei_messaging::health(&self.client),
                 ],
                 shutdown.clone(),

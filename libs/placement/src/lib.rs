@@ -46,14 +46,14 @@ pub async fn assign_in_answer(
     worker: &mut Worker,
     actor: &Actor,
 ) -> Result<RunJob, ApiError> {
-    let mut events: Vec<DomainEvent> = Vec::with_capacity(2);
-    if job.state == hodei_domain::JobState::Pending {
-        events.push(job.assign(worker.id, actor)?);
-    }
-    events.push(worker.assign(job.id, actor)?);
-    jobs::update(conn, job).await?;
-    workers::update(conn, worker).await?;
-    outbox::append_events(conn, &events).await?;
+    // The job's change is written first, then the worker's (one commit).
+    let assigned: Vec<DomainEvent> = match job.state {
+        hodei_domain::JobState::Pending => vec![job.assign(worker.id, actor)?],
+        _ => Vec::new(),
+    };
+    let busy = worker.assign(job.id, actor)?;
+    conn.save(job, &assigned).await?;
+    conn.save(worker, &[busy]).await?;
     Ok(run_job_of(job))
 }
 

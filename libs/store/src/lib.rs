@@ -1,10 +1,11 @@
 //! Persistence of Hodei in PostgreSQL: one module per table, every SQL string in it.
 //!
-//! Functions take `&mut PgConnection` so that the caller owns the transaction: a state change
-//! loads its aggregate(s) `FOR UPDATE`, applies a domain method, writes the new state with a
-//! version check ([`jobs::update`], [`workers::update`]) and appends the resulting events and
-//! commands to the outbox ([`outbox`]) before it commits. The relay ([`outbox::relay_batch`])
-//! and the audit log ([`audit`]) read what those transactions wrote.
+//! Every state change goes one way: [`Store::begin`], lock the aggregate(s) `FOR UPDATE`,
+//! apply a domain method, [`Tx::save`] (the new state with a version check, and the events
+//! the method raised appended to the outbox), [`commit`], which hands the rows to the store's
+//! publisher once they are durable; [`change_job`] is that sequence for one job. Functions
+//! take `&mut PgConnection` so that the caller owns the transaction. The relay
+//! ([`outbox::relay_batch`]) and the audit log ([`audit`]) read what those transactions wrote.
 
 pub mod audit;
 pub mod jobs;
@@ -142,17 +143,101 @@ pub fn health(pool: &PgPool) -> hodei_runtime::endpoint::HealthCheck {
     })
 }
 
-/// A transaction that collects the outbox rows it writes ([`outbox::append_events`],
+/// What receives the outbox rows of each committed transaction (a publisher that sends them
+/// to JetStream at once). It must not block: rows it cannot take stay pending and the relay
+/// publishes them.
+pub type AfterCommit = std::sync::Arc<dyn Fn(Vec<outbox::Outgoing>) + Send + Sync>;
+
+/// The database of a service, and what its commits hand their outbox rows to. Every state
+/// change begins here ([`Store::begin`], or [`change_job`] for the common case). It derefs
+/// to the pool for queries that change nothing.
+#[derive(Clone)]
+pub struct Store {
+    pool: PgPool,
+    after_commit: Option<AfterCommit>,
+}
+
+impl Store {
+    /// A store whose committed rows are left to the relay.
+    pub fn new(pool: PgPool) -> Store {
+        Store {
+            pool,
+            after_commit: None,
+        }
+    }
+
+    /// The same store, its committed rows handed to `publisher` at once.
+    pub fn publishing_to(self, publisher: AfterCommit) -> Store {
+        Store {
+            after_commit: Some(publisher),
+            ..self
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub async fn begin(&self) -> Result<Tx> {
+        Ok(Tx {
+            inner: self.pool.begin().await?,
+            outgoing: Vec::new(),
+            after_commit: self.after_commit.clone(),
+        })
+    }
+}
+
+impl std::ops::Deref for Store {
+    type Target = PgPool;
+    fn deref(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// An aggregate with a row of its own and a version: what [`Tx::save`] writes.
+pub trait Aggregate: Send {
+    /// Write the new state, if the row still has the version it was loaded with.
+    fn write(
+        &mut self,
+        conn: &mut PgConnection,
+    ) -> impl std::future::Future<Output = Result<()>> + Send;
+}
+
+impl Aggregate for hodei_domain::Job {
+    async fn write(&mut self, conn: &mut PgConnection) -> Result<()> {
+        jobs::update(conn, self).await
+    }
+}
+
+impl Aggregate for hodei_domain::Worker {
+    async fn write(&mut self, conn: &mut PgConnection) -> Result<()> {
+        workers::update(conn, self).await
+    }
+}
+
+/// A transaction that collects the outbox rows it writes ([`Tx::save`],
 /// [`outbox::append_command`]). It derefs to the connection, so every store function takes
-/// it; [`commit`] hands the rows to the process's publisher once they are durable.
+/// it; [`commit`] hands the rows to the store's publisher once they are durable.
 pub struct Tx {
     inner: Transaction<'static, Postgres>,
     outgoing: Vec<outbox::Outgoing>,
+    after_commit: Option<AfterCommit>,
 }
 
 impl Tx {
     pub fn connection(&mut self) -> &mut PgConnection {
         &mut self.inner
+    }
+
+    /// Write a changed aggregate (version-checked: a concurrent change fails the whole
+    /// transaction) and append the events its domain method raised to the outbox.
+    pub async fn save(
+        &mut self,
+        aggregate: &mut impl Aggregate,
+        events: &[hodei_domain::DomainEvent],
+    ) -> Result<()> {
+        aggregate.write(&mut self.inner).await?;
+        outbox::append_events(self, events).await
     }
 }
 
@@ -169,37 +254,43 @@ impl std::ops::DerefMut for Tx {
     }
 }
 
-pub async fn begin(pool: &PgPool) -> Result<Tx> {
-    Ok(Tx {
-        inner: pool.begin().await?,
-        outgoing: Vec::new(),
-    })
-}
-
-type AfterCommit = Box<dyn Fn(Vec<outbox::Outgoing>) + Send + Sync>;
-static AFTER_COMMIT: std::sync::OnceLock<AfterCommit> = std::sync::OnceLock::new();
-
-/// Install what receives the outbox rows of every committed transaction of this process (a
-/// publisher that sends them to JetStream at once). It must not block: rows it cannot take
-/// stay pending and the relay publishes them. Without one, the relay publishes everything.
-pub fn on_commit(hook: impl Fn(Vec<outbox::Outgoing>) + Send + Sync + 'static) {
-    if AFTER_COMMIT.set(Box::new(hook)).is_err() {
-        tracing::warn!("an after-commit publisher is installed already; keeping the first");
-    }
-}
-
 /// Commit a state change (its own span, so traces show the time spent persisting); then the
 /// rows written are durable and handed to the publisher.
 #[tracing::instrument(name = "persist", skip_all)]
 pub async fn commit(tx: Tx) -> Result<()> {
-    let Tx { inner, outgoing } = tx;
+    let Tx {
+        inner,
+        outgoing,
+        after_commit,
+    } = tx;
     inner.commit().await?;
-    if !outgoing.is_empty() {
-        if let Some(hook) = AFTER_COMMIT.get() {
-            hook(outgoing);
-        }
+    if let (false, Some(publish)) = (outgoing.is_empty(), after_commit) {
+        publish(outgoing);
     }
     Ok(())
+}
+
+/// The one way to change one job: begin, lock it, apply `change` (a domain method, which
+/// returns the events it raised), save it with its events, commit. `Ok(None)` when there is
+/// no such job; an error from `change` changes nothing.
+pub async fn change_job<E>(
+    store: &Store,
+    id: Uuid,
+    change: impl FnOnce(
+        &mut hodei_domain::Job,
+    ) -> std::result::Result<Vec<hodei_domain::DomainEvent>, E>,
+) -> std::result::Result<Option<hodei_domain::Job>, E>
+where
+    E: From<StoreError>,
+{
+    let mut tx = store.begin().await?;
+    let Some(mut job) = jobs::lock(&mut tx, id).await? else {
+        return Ok(None);
+    };
+    let events = change(&mut job)?;
+    tx.save(&mut job, &events).await?;
+    commit(tx).await?;
+    Ok(Some(job))
 }
 
 /// Connect and bring the schema up to date; what every service does at start-up.

@@ -162,6 +162,31 @@ async fn agent(
         let _ = std::fs::remove_file(creds);
     }
     let js = jetstream::new(client.clone());
+    // A partitioned NATS node answers pings but not JetStream (nor the registry): leave it.
+    // The probe asks for the agent's own consumer, the one JetStream request its credential
+    // allows without effect; "not found" (before it is made, or once it expired idle) is an
+    // answer too.
+    tokio::spawn({
+        let (js, shutdown) = (js.clone(), shutdown.clone());
+        let consumer = hodei_auth::worker_consumer(worker_id);
+        let probe = move || {
+            let (js, consumer) = (js.clone(), consumer.clone());
+            async move {
+                use jetstream::stream::ConsumerErrorKind as Kind;
+                let asked = js
+                    .get_consumer_from_stream::<pull::Config, _, _>(&consumer, streams::WORKER_CMDS)
+                    .await;
+                match asked {
+                    Ok(_) => Ok(()),
+                    Err(e) => match e.kind() {
+                        Kind::JetStream(j) if !hodei_messaging::cluster_unavailable(&j) => Ok(()),
+                        _ => Err(e.to_string()),
+                    },
+                }
+            }
+        };
+        hodei_messaging::stay_on_a_serving_node(client.clone(), servers, probe, shutdown)
+    });
 
     // Commands wait in their stream, so the command consumer and the registration (after
     // which RunJob may come) can be set up at once: two round trips overlap.
@@ -243,27 +268,6 @@ async fn agent(
     if let Some(lost_after) = registered.lost_after_ms.map(Duration::from_millis) {
         tokio::spawn(watchdog(connected, lost_after, shutdown.clone()));
     }
-    // A partitioned NATS node answers pings but not JetStream: leave it (the probe is the
-    // agent's own consumer, the one JetStream request its credential allows without effect).
-    tokio::spawn({
-        let (consumer, shutdown) = (commands.clone(), shutdown.clone());
-        let probe = move || {
-            let consumer = consumer.clone();
-            async move {
-                use jetstream::context::ConsumerInfoErrorKind as Kind;
-                match consumer.get_info().await {
-                    Ok(_) => Ok(()),
-                    // JetStream answered (an idle consumer expires: that is an answer too).
-                    Err(e) => match e.kind() {
-                        Kind::NotFound | Kind::StreamNotFound | Kind::InvalidName => Ok(()),
-                        Kind::JetStream(j) if !hodei_messaging::cluster_unavailable(&j) => Ok(()),
-                        _ => Err(e.to_string()),
-                    },
-                }
-            }
-        };
-        hodei_messaging::stay_on_a_serving_node(client.clone(), servers, probe, shutdown)
-    });
     let heartbeats = tokio::spawn(heartbeat(
         client.clone(),
         worker_id,

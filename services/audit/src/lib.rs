@@ -8,7 +8,6 @@ use hodei_messaging::consumer::{self, ConsumerConfig};
 use hodei_messaging::{api, streams};
 use hodei_protocol::subjects;
 use hodei_runtime::{CommonArgs, Shutdown};
-use sqlx::PgPool;
 
 pub const SERVICE: &str = "audit";
 
@@ -26,7 +25,7 @@ pub struct Config {
 
 #[derive(Clone)]
 pub(crate) struct State {
-    pub pool: PgPool,
+    pub store: hodei_store::Store,
     pub js: hodei_messaging::JetStream,
 }
 
@@ -39,9 +38,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     connections
         .serve_metrics(&config.common, 9615, metrics, &shutdown)
         .await?;
-    let hodei_outbox::Connections { pool, client, js } = connections;
+    let hodei_outbox::Connections { store, client, js } = connections;
     let state = State {
-        pool,
+        store,
         js: js.clone(),
     };
     let service = api::Service::start(

@@ -12,7 +12,6 @@ use hodei_messaging::consumer::{self, ConsumerConfig};
 use hodei_messaging::streams;
 use hodei_protocol::subjects;
 use hodei_runtime::{CommonArgs, Shutdown};
-use sqlx::PgPool;
 
 pub const SERVICE: &str = "dispatcher";
 
@@ -68,7 +67,7 @@ pub struct Config {
 
 #[derive(Clone)]
 pub(crate) struct State {
-    pub pool: PgPool,
+    pub store: hodei_store::Store,
     pub actor: Actor,
     pub provider: String,
     pub connect_timeout: std::time::Duration,
@@ -107,9 +106,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     connections
         .serve_metrics(&config.common, 9612, metrics, &shutdown)
         .await?;
-    let hodei_outbox::Connections { pool, js, .. } = connections;
+    let hodei_outbox::Connections { store, js, .. } = connections;
     let state = State {
-        pool,
+        store,
         actor: Actor::service(SERVICE),
         provider: config.provider,
         connect_timeout: std::time::Duration::from_millis(config.worker_connect_timeout_ms),

@@ -13,7 +13,6 @@ use hodei_messaging::consumer::{self, ConsumerConfig};
 use hodei_messaging::streams;
 use hodei_protocol::subjects;
 use hodei_runtime::{CommonArgs, Shutdown};
-use sqlx::PgPool;
 
 pub use providers::{process::ProcessProvider, Provider};
 
@@ -129,7 +128,7 @@ pub struct Config {
 }
 
 pub(crate) struct State {
-    pub pool: PgPool,
+    pub store: hodei_store::Store,
     pub actor: Actor,
     pub providers: providers::Providers,
     /// Mints each worker's credential; None on an unauthenticated server.
@@ -191,7 +190,7 @@ async fn advertise(state: &State, config: &Config) -> anyhow::Result<()> {
             memory_mb,
         });
     }
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = state.store.acquire().await?;
     for offer in &offers {
         hodei_store::offers::advertise(&mut conn, offer).await?;
         tracing::info!(provider = offer.provider, labels = ?offer.labels, offer.cpu_millis, offer.memory_mb, "provider offered");
@@ -228,7 +227,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     connections
         .serve_metrics(&config.common, 9614, metrics, &shutdown)
         .await?;
-    let hodei_outbox::Connections { pool, client, js } = connections;
+    let hodei_outbox::Connections { store, client, js } = connections;
     let signer = match &config.worker_signer {
         Some(path) => Some(
             hodei_auth::Signer::load(path)
@@ -294,7 +293,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         None => None,
     };
     let state = Arc::new(State {
-        pool,
+        store,
         actor: Actor::service(SERVICE),
         providers: providers::Providers {
             process,

@@ -10,7 +10,6 @@ use hodei_messaging::consumer::{self, ConsumerConfig};
 use hodei_messaging::{api, streams};
 use hodei_protocol::subjects;
 use hodei_runtime::{CommonArgs, Shutdown};
-use sqlx::PgPool;
 
 pub const SERVICE: &str = "registry";
 
@@ -40,7 +39,7 @@ pub struct Config {
 
 #[derive(Clone)]
 pub(crate) struct State {
-    pub pool: PgPool,
+    pub store: hodei_store::Store,
     pub actor: Actor,
     pub heartbeat_interval_ms: u64,
     pub lost_after: std::time::Duration,
@@ -59,7 +58,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     .await?;
     hodei_store::register_state_gauges(
         &mut metrics,
-        &connections.pool,
+        connections.store.pool(),
         "workers",
         "hodei_workers",
         "Workers by state",
@@ -71,15 +70,15 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     connections
         .serve_metrics(&config.common, 9613, metrics, &shutdown)
         .await?;
-    let hodei_outbox::Connections { pool, client, js } = connections;
+    let hodei_outbox::Connections { store, client, js } = connections;
     let state = State {
-        pool,
+        store,
         actor: Actor::service(SERVICE),
         heartbeat_interval_ms: config.heartbeat_interval_ms,
         lost_after: std::time::Duration::from_millis(config.worker_lost_after_ms),
     };
     let monitor = tokio::spawn(monitor::run(
-        state.pool.clone(),
+        state.store.clone(),
         std::time::Duration::from_millis(config.monitor_interval_ms),
         shutdown.clone(),
     ));

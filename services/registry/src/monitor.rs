@@ -6,13 +6,12 @@ use std::time::Duration;
 
 use hodei_domain::{Actor, DomainEvent, WorkerFault};
 use hodei_runtime::Shutdown;
-use hodei_store::{jobs, outbox, workers, StoreError};
-use sqlx::PgPool;
+use hodei_store::{jobs, workers, Store, StoreError};
 use uuid::Uuid;
 
 const BATCH: usize = 200;
 
-pub async fn run(pool: PgPool, max_sleep: Duration, shutdown: Shutdown) {
+pub async fn run(store: Store, max_sleep: Duration, shutdown: Shutdown) {
     let actor = Actor::service("registry-monitor");
     hodei_runtime::sweep::run(
         "workers",
@@ -20,15 +19,15 @@ pub async fn run(pool: PgPool, max_sleep: Duration, shutdown: Shutdown) {
         max_sleep,
         shutdown,
         || async {
-            workers::due(&pool, BATCH as i64)
+            workers::due(&store, BATCH as i64)
                 .await
                 .map_err(|e| e.to_string())
         },
-        || async { workers::next_due(&pool).await.map_err(|e| e.to_string()) },
+        || async { workers::next_due(&store).await.map_err(|e| e.to_string()) },
         |worker_id| {
-            let (pool, actor) = (&pool, &actor);
+            let (store, actor) = (&store, &actor);
             async move {
-                expire(pool, worker_id, actor)
+                expire(store, worker_id, actor)
                     .await
                     .map_err(|e| e.to_string())
             }
@@ -37,9 +36,9 @@ pub async fn run(pool: PgPool, max_sleep: Duration, shutdown: Shutdown) {
     .await;
 }
 
-#[tracing::instrument(name = "worker timeout", skip(pool, actor))]
-async fn expire(pool: &PgPool, worker_id: Uuid, actor: &Actor) -> Result<(), StoreError> {
-    let mut tx = hodei_store::begin(&pool).await?;
+#[tracing::instrument(name = "worker timeout", skip(store, actor))]
+async fn expire(store: &Store, worker_id: Uuid, actor: &Actor) -> Result<(), StoreError> {
+    let mut tx = store.begin().await?;
     let Some(mut worker) = workers::lock(&mut tx, worker_id).await? else {
         return Ok(());
     };
@@ -52,7 +51,7 @@ async fn expire(pool: &PgPool, worker_id: Uuid, actor: &Actor) -> Result<(), Sto
             return Ok(());
         }
     };
-    let mut events: Vec<DomainEvent> = vec![terminating];
+    let mut moved_on: Option<(hodei_domain::Job, Vec<DomainEvent>)> = None;
     if let (Some(job_id), true) = (job_id, fault != WorkerFault::TeardownOverdue) {
         if let Some(mut job) = jobs::lock(&mut tx, job_id).await? {
             let outcome = if job.worker_id != Some(worker_id) || job.state.is_terminal() {
@@ -67,10 +66,7 @@ async fn expire(pool: &PgPool, worker_id: Uuid, actor: &Actor) -> Result<(), Sto
                 }
             };
             match outcome {
-                Ok(job_events) if !job_events.is_empty() => {
-                    jobs::update(&mut tx, &mut job).await?;
-                    events.extend(job_events);
-                }
+                Ok(job_events) if !job_events.is_empty() => moved_on = Some((job, job_events)),
                 Ok(_) => {}
                 Err(error) => {
                     tracing::warn!(%job_id, %error, "the job of the worker could not be moved on")
@@ -78,8 +74,10 @@ async fn expire(pool: &PgPool, worker_id: Uuid, actor: &Actor) -> Result<(), Sto
             }
         }
     }
-    workers::update(&mut tx, &mut worker).await?;
-    outbox::append_events(&mut tx, &events).await?;
+    tx.save(&mut worker, &[terminating]).await?;
+    if let Some((mut job, events)) = moved_on {
+        tx.save(&mut job, &events).await?;
+    }
     hodei_store::commit(tx).await?;
     tracing::warn!(%worker_id, ?fault, job_id = ?job_id, "worker timed out and is torn down");
     Ok(())

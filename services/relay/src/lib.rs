@@ -101,11 +101,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let connections = hodei_outbox::connect_only(&config.common, SERVICE, 4, &shutdown).await?;
     let mut metrics = Metrics::new();
     let relay_metrics = RelayMetrics::register(&mut metrics);
-    register_outbox_gauges(&mut metrics, &connections.pool);
+    register_outbox_gauges(&mut metrics, connections.store.pool());
     connections
         .serve_metrics(&config.common, 9610, metrics, &shutdown)
         .await?;
-    let hodei_outbox::Connections { pool, js, .. } = connections;
+    let hodei_outbox::Connections { store, js, .. } = connections;
+    let pool = store.pool().clone();
     // A term lasts as long as the connection holding the lock: after PostgreSQL restarts, the
     // lock is gone with it, and this relay stands for election again instead of publishing
     // beside a new leader.

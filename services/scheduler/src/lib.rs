@@ -11,7 +11,6 @@ use hodei_messaging::consumer::{self, ConsumerConfig};
 use hodei_messaging::{api, streams, JetStream};
 use hodei_protocol::subjects;
 use hodei_runtime::{CommonArgs, Shutdown};
-use sqlx::PgPool;
 
 pub const SERVICE: &str = "scheduler";
 
@@ -37,7 +36,7 @@ pub(crate) const OFFERS_FRESH_FOR: std::time::Duration = std::time::Duration::fr
 
 #[derive(Clone)]
 pub(crate) struct State {
-    pub pool: PgPool,
+    pub store: hodei_store::Store,
     pub client: Client,
     pub actor: Actor,
     /// What the providers offer, read again when older than a few seconds.
@@ -58,7 +57,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     .await?;
     hodei_store::register_state_gauges(
         &mut metrics,
-        &connections.pool,
+        connections.store.pool(),
         "jobs",
         "hodei_jobs",
         "Jobs by state",
@@ -70,9 +69,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     connections
         .serve_metrics(&config.common, 9611, metrics, &shutdown)
         .await?;
-    let hodei_outbox::Connections { pool, client, js } = connections;
+    let hodei_outbox::Connections { store, client, js } = connections;
     let state = State {
-        pool,
+        store,
         client: client.clone(),
         actor: Actor::service(SERVICE),
         offers: std::sync::Arc::new(tokio::sync::Mutex::new((
@@ -81,7 +80,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         ))),
     };
     let monitor = tokio::spawn(monitor::run(
-        state.pool.clone(),
+        state.store.clone(),
         std::time::Duration::from_millis(config.monitor_interval_ms),
         shutdown.clone(),
     ));

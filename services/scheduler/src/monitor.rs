@@ -7,13 +7,12 @@ use std::time::Duration;
 
 use hodei_domain::Actor;
 use hodei_runtime::Shutdown;
-use hodei_store::{jobs, outbox, StoreError};
-use sqlx::PgPool;
+use hodei_store::{jobs, Store, StoreError};
 use uuid::Uuid;
 
 const BATCH: usize = 200;
 
-pub async fn run(pool: PgPool, max_sleep: Duration, shutdown: Shutdown) {
+pub async fn run(store: Store, max_sleep: Duration, shutdown: Shutdown) {
     let actor = Actor::service("scheduler-monitor");
     hodei_runtime::sweep::run(
         "jobs",
@@ -21,22 +20,26 @@ pub async fn run(pool: PgPool, max_sleep: Duration, shutdown: Shutdown) {
         max_sleep,
         shutdown,
         || async {
-            jobs::due(&pool, BATCH as i64)
+            jobs::due(&store, BATCH as i64)
                 .await
                 .map_err(|e| e.to_string())
         },
-        || async { jobs::next_due(&pool).await.map_err(|e| e.to_string()) },
+        || async { jobs::next_due(&store).await.map_err(|e| e.to_string()) },
         |job_id| {
-            let (pool, actor) = (&pool, &actor);
-            async move { expire(pool, job_id, actor).await.map_err(|e| e.to_string()) }
+            let (store, actor) = (&store, &actor);
+            async move {
+                expire(store, job_id, actor)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
         },
     )
     .await;
 }
 
-#[tracing::instrument(name = "state timeout", skip(pool, actor))]
-async fn expire(pool: &PgPool, job_id: Uuid, actor: &Actor) -> Result<(), StoreError> {
-    let mut tx = hodei_store::begin(&pool).await?;
+#[tracing::instrument(name = "state timeout", skip(store, actor))]
+async fn expire(store: &Store, job_id: Uuid, actor: &Actor) -> Result<(), StoreError> {
+    let mut tx = store.begin().await?;
     let Some(mut job) = jobs::lock(&mut tx, job_id).await? else {
         return Ok(());
     };
@@ -49,8 +52,7 @@ async fn expire(pool: &PgPool, job_id: Uuid, actor: &Actor) -> Result<(), StoreE
             return Ok(());
         }
     };
-    jobs::update(&mut tx, &mut job).await?;
-    outbox::append_events(&mut tx, &events).await?;
+    tx.save(&mut job, &events).await?;
     hodei_store::commit(tx).await?;
     tracing::info!(%job_id, %from, to = %job.state, event = %events[0].event_type, "state timeout applied");
     Ok(())

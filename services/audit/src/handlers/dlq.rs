@@ -244,6 +244,6 @@ async fn record<P: EventPayload>(
     );
     let correlation_id = header(message, headers::CORRELATION_ID);
     let event = DomainEvent::new(Uuid::now_v7(), &correlation_id, &actor, payload);
-    hodei_store::audit::record(&state.pool, &[event]).await?;
+    hodei_store::audit::record(&state.store, &[event]).await?;
     Ok(())
 }

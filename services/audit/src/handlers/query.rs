@@ -20,6 +20,6 @@ pub async fn handle(state: State, query: AuditQuery) -> Result<Page<AuditEntry>,
             "`cursor` must be the next_cursor of a previous page",
         ));
     }
-    let (items, next_cursor) = hodei_store::audit::query(&state.pool, &query).await?;
+    let (items, next_cursor) = hodei_store::audit::query(&state.store, &query).await?;
     Ok(Page { items, next_cursor })
 }

@@ -24,7 +24,7 @@ pub async fn handle(state: State, batch: Vec<(Delivery, tracing::Span)>) -> Vec<
         .iter()
         .filter_map(|event| event.as_ref().ok().cloned())
         .collect();
-    let written = hodei_store::audit::record(&state.pool, &events)
+    let written = hodei_store::audit::record(&state.store, &events)
         .await
         .map_err(ApiError::from);
     drop(spans);

@@ -16,7 +16,7 @@ use crate::State;
 pub(crate) async fn place_pending(state: &State, limit: usize) -> Result<usize, ApiError> {
     let mut placed = 0;
     while placed < limit {
-        let mut tx = hodei_store::begin(&state.pool).await?;
+        let mut tx = state.store.begin().await?;
         hodei_store::placement_lock(&mut tx).await?;
         let Some(mut job) = jobs::lock_next_pending(&mut tx).await? else {
             break;
@@ -52,15 +52,14 @@ pub(crate) async fn place_pending(state: &State, limit: usize) -> Result<usize, 
 /// pool is smaller than the pool workers alive (it was shrunk or turned off), tear idle
 /// surplus workers down (busy ones go when their job ends).
 pub(crate) async fn replenish_pool(state: &State) -> Result<u32, ApiError> {
-    let mut tx = hodei_store::begin(&state.pool).await?;
+    let mut tx = state.store.begin().await?;
     hodei_store::placement_lock(&mut tx).await?;
     let surplus = pool_surplus(&mut tx, state).await?;
     if surplus > 0 {
         let mut torn_down = 0;
         for mut worker in workers::lock_idle_pooled(&mut tx, surplus).await? {
             let event = worker.terminate("the warm pool shrank".into(), &state.actor)?;
-            workers::update(&mut tx, &mut worker).await?;
-            outbox::append_events(&mut tx, &[event]).await?;
+            tx.save(&mut worker, &[event]).await?;
             torn_down += 1;
         }
         hodei_store::commit(tx).await?;
@@ -152,8 +151,7 @@ async fn schedule_on_new_worker(
         &state.actor,
     );
     workers::insert(conn, &worker).await?;
-    jobs::update(conn, job).await?;
-    outbox::append_events(conn, &[scheduled, requested]).await?;
+    conn.save(job, &[scheduled, requested]).await?;
     tracing::info!(job_id = %job.id, worker_id = %worker.id, provider = %state.provider, "no free worker; one requested");
     Ok(())
 }

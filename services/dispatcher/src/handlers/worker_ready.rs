@@ -5,7 +5,7 @@ use hodei_domain::events::WorkerReadyForJob;
 use hodei_domain::WorkerState;
 use hodei_messaging::consumer::{Delivery, Outcome};
 use hodei_protocol::ApiError;
-use hodei_store::{jobs, outbox, workers};
+use hodei_store::{jobs, workers};
 
 use super::{payload_of, send_job};
 use crate::State;
@@ -17,7 +17,7 @@ pub async fn handle(state: State, delivery: Delivery) -> Outcome {
 #[tracing::instrument(name = "dispatch decision", skip_all)]
 async fn dispatch(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
     let ready: WorkerReadyForJob = payload_of(delivery)?;
-    let mut tx = hodei_store::begin(&state.pool).await?;
+    let mut tx = state.store.begin().await?;
     hodei_store::placement_lock(&mut tx).await?;
     let Some(mut worker) = workers::lock(&mut tx, ready.worker_id).await? else {
         return Err(ApiError::not_found(format!(
@@ -36,15 +36,13 @@ async fn dispatch(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
             "the job it was provisioned for no longer waits".into(),
             &state.actor,
         )?;
-        workers::update(&mut tx, &mut worker).await?;
-        outbox::append_events(&mut tx, &[event]).await?;
+        tx.save(&mut worker, &[event]).await?;
         tracing::info!(worker_id = %worker.id, "reserved job gone; worker torn down");
     } else if worker.pooled && state.warm_pool.is_none() {
         // The pool was turned off. (A pool made smaller tears its idle surplus down at the
         // dispatcher's start; busy members retire after their share of jobs.)
         let event = worker.terminate("the warm pool was turned off".into(), &state.actor)?;
-        workers::update(&mut tx, &mut worker).await?;
-        outbox::append_events(&mut tx, &[event]).await?;
+        tx.save(&mut worker, &[event]).await?;
         tracing::info!(worker_id = %worker.id, "pool worker torn down: no warm pool any more");
     } else if let Some(mut job) = jobs::lock_next_pending(&mut tx).await? {
         // A job in a container waits for a container of its own, not this pool process.

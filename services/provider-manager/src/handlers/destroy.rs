@@ -6,7 +6,7 @@ use hodei_domain::events::WorkerTerminating;
 use hodei_domain::{DomainEvent, WorkerState};
 use hodei_messaging::consumer::{Delivery, Outcome};
 use hodei_protocol::{ApiError, ErrorCode};
-use hodei_store::{jobs, outbox, resources, workers, StoreError};
+use hodei_store::{jobs, resources, workers, StoreError};
 
 use crate::providers::{Kind, Teardown};
 use crate::State;
@@ -41,7 +41,7 @@ async fn destroy(
     };
     let worker_id = terminating.worker_id;
     let resource = {
-        let mut conn = state.pool.acquire().await.map_err(StoreError::from)?;
+        let mut conn = state.store.acquire().await.map_err(StoreError::from)?;
         resources::find(&mut conn, worker_id).await?
     };
     let (provider, resource_id) = match &resource {
@@ -69,7 +69,7 @@ async fn destroy(
     if let Teardown::Unconfirmed(why) = &teardown {
         tracing::warn!(%worker_id, why, "teardown not confirmed");
     }
-    let mut tx = hodei_store::begin(&state.pool).await?;
+    let mut tx = state.store.begin().await?;
     let Some(mut worker) = workers::lock(&mut tx, worker_id).await? else {
         return Err(ApiError::not_found(format!(
             "there is no worker {worker_id}"
@@ -78,8 +78,8 @@ async fn destroy(
     if worker.state != WorkerState::Terminating {
         return Ok(None);
     }
-    let mut events = vec![worker.terminated(&state.actor)?];
-    workers::update(&mut tx, &mut worker).await?;
+    let terminated = worker.terminated(&state.actor)?;
+    tx.save(&mut worker, &[terminated]).await?;
     // A job that waited for this worker to be gone (it was lost) may run again now, or,
     // if nobody can say its first run is over, fails.
     let confirmed = match &teardown {
@@ -87,10 +87,9 @@ async fn destroy(
         Teardown::Unconfirmed(why) => Err(why.clone()),
     };
     for mut job in jobs::lock_fenced_by(&mut tx, worker_id).await? {
-        events.extend(job.worker_gone(worker_id, confirmed.clone(), &state.actor)?);
-        jobs::update(&mut tx, &mut job).await?;
+        let events = job.worker_gone(worker_id, confirmed.clone(), &state.actor)?;
+        tx.save(&mut job, &events).await?;
     }
-    outbox::append_events(&mut tx, &events).await?;
     resources::forget(&mut tx, worker_id).await?;
     hodei_store::commit(tx).await?;
     tracing::info!(%worker_id, "worker destroyed");
@@ -130,7 +129,7 @@ pub async fn reconcile(state: &State) {
         return;
     }
     let ids: Vec<uuid::Uuid> = leftovers.iter().map(|(id, _)| *id).collect();
-    let live: Vec<uuid::Uuid> = match workers::live_among(&state.pool, &ids).await {
+    let live: Vec<uuid::Uuid> = match workers::live_among(&state.store, &ids).await {
         Ok(live) => live,
         Err(error) => {
             tracing::warn!(%error, "cannot reconcile the provider's leftovers now");

@@ -10,7 +10,7 @@ use hodei_domain::events::WorkerProvisioningRequested;
 use hodei_domain::{DomainEvent, JobState, WorkerState};
 use hodei_messaging::consumer::{Delivery, Outcome};
 use hodei_protocol::ApiError;
-use hodei_store::{hash_token, jobs, outbox, resources, workers, StoreError};
+use hodei_store::{hash_token, jobs, resources, workers, StoreError};
 use uuid::Uuid;
 
 use crate::providers::{docker::IMAGE_NOT_FOUND, Kind, WorkerSpec};
@@ -47,7 +47,7 @@ async fn provision(
     // The job decides the provider (its image), the resources and how long the worker's
     // credential lives.
     let job = match request.for_job.filter(|_| !request.pooled) {
-        Some(job_id) => jobs::get(&state.pool, job_id).await?,
+        Some(job_id) => jobs::get(&state.store, job_id).await?,
         None => None,
     };
     let image = job.as_ref().and_then(|job| job.spec.image.clone());
@@ -56,7 +56,7 @@ async fn provision(
         return Ok(Some((wait, kind.name())));
     }
     let token = format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
-    let mut tx = hodei_store::begin(&state.pool).await?;
+    let mut tx = state.store.begin().await?;
     let Some(mut worker) = workers::lock(&mut tx, request.worker_id).await? else {
         return Err(ApiError::not_found(format!(
             "there is no worker {}",
@@ -72,8 +72,7 @@ async fn provision(
         None => None,
     };
     let provisioned = worker.provisioned(hash_token(&token), &state.actor)?;
-    workers::update(&mut tx, &mut worker).await?;
-    outbox::append_events(&mut tx, &[provisioned]).await?;
+    tx.save(&mut worker, &[provisioned]).await?;
     hodei_store::commit(tx).await?;
 
     let spec = WorkerSpec {
@@ -93,7 +92,7 @@ async fn provision(
     match state.providers.create(kind, spec).await {
         Ok(resource_id) => {
             breaker.inspect(|b| b.record(true));
-            let mut conn = state.pool.acquire().await.map_err(StoreError::from)?;
+            let mut conn = state.store.acquire().await.map_err(StoreError::from)?;
             resources::record(&mut conn, worker.id, kind.name(), &resource_id).await?;
             Ok(None)
         }
@@ -147,27 +146,28 @@ async fn give_up(
     error: String,
     fatal: bool,
 ) -> Result<(), ApiError> {
-    let mut tx = hodei_store::begin(&state.pool).await?;
+    let mut tx = state.store.begin().await?;
     let Some(mut worker) = workers::lock(&mut tx, worker_id).await? else {
         return Ok(());
     };
-    let mut events = vec![worker.provisioning_failed(error.clone(), &state.actor)?];
-    events.push(worker.terminated(&state.actor)?);
-    workers::update(&mut tx, &mut worker).await?;
+    let events = [
+        worker.provisioning_failed(error.clone(), &state.actor)?,
+        worker.terminated(&state.actor)?,
+    ];
+    tx.save(&mut worker, &events).await?;
     if let Some(mut job) = jobs::lock_scheduled_on(&mut tx, worker_id).await? {
         if job.state == JobState::Scheduled {
-            if fatal {
-                events.push(job.fail(None, error, &state.actor)?);
+            let events = if fatal {
+                vec![job.fail(None, error, &state.actor)?]
             } else {
-                events.extend(job.requeue(
+                job.requeue(
                     format!("no worker could be provisioned: {error}"),
                     &state.actor,
-                )?);
-            }
-            jobs::update(&mut tx, &mut job).await?;
+                )?
+            };
+            tx.save(&mut job, &events).await?;
         }
     }
-    outbox::append_events(&mut tx, &events).await?;
     hodei_store::commit(tx).await?;
     Ok(())
 }

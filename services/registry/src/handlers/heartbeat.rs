@@ -27,7 +27,7 @@ pub async fn run(state: State, client: Client, shutdown: Shutdown) -> hodei_mess
         }
         let now = chrono::Utc::now();
         match hodei_store::workers::record_heartbeat(
-            &state.pool,
+            &state.store,
             beat.worker_id,
             now,
             now + state.lost_after,

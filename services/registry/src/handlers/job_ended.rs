@@ -5,7 +5,7 @@
 use hodei_domain::{Actor, DomainEvent, JobState, WorkerState};
 use hodei_messaging::consumer::{Delivery, Outcome};
 use hodei_protocol::ApiError;
-use hodei_store::{outbox, workers};
+use hodei_store::workers;
 use uuid::Uuid;
 
 use crate::State;
@@ -50,7 +50,7 @@ async fn tear_down(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
     let Some((job_id, worker_id, why)) = ended(&event) else {
         return Ok(());
     };
-    let mut tx = hodei_store::begin(&state.pool).await?;
+    let mut tx = state.store.begin().await?;
     let Some(mut worker) = workers::lock(&mut tx, worker_id).await? else {
         return Err(ApiError::not_found(format!(
             "job {job_id} ended on unknown worker {worker_id}"
@@ -62,8 +62,7 @@ async fn tear_down(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
     if events.is_empty() {
         return Ok(());
     }
-    workers::update(&mut tx, &mut worker).await?;
-    outbox::append_events(&mut tx, &events).await?;
+    tx.save(&mut worker, &events).await?;
     hodei_store::commit(tx).await?;
     if worker.state == WorkerState::Ready {
         tracing::info!(%worker_id, %job_id, jobs_run = worker.jobs_run, max_jobs = worker.max_jobs, "job ended; pool worker ready for the next one");

@@ -7,9 +7,13 @@ use crate::State;
 
 pub async fn handle(state: State, request: ListWorkers) -> Result<Page<WorkerView>, ApiError> {
     let limit = request.limit.unwrap_or(50).clamp(1, 500);
-    let (workers, next_cursor) =
-        hodei_store::workers::list(&state.pool, request.state, limit, request.cursor.as_deref())
-            .await?;
+    let (workers, next_cursor) = hodei_store::workers::list(
+        &state.store,
+        request.state,
+        limit,
+        request.cursor.as_deref(),
+    )
+    .await?;
     Ok(Page {
         items: workers.iter().map(WorkerView::from).collect(),
         next_cursor,

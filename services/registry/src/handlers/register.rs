@@ -5,7 +5,7 @@ use hodei_domain::Actor;
 use hodei_messaging::api::RequestContext;
 use hodei_protocol::agent::{RegisterWorker, Registered};
 use hodei_protocol::{subjects, ApiError, ErrorCode};
-use hodei_store::{hash_token, jobs, outbox, workers};
+use hodei_store::{hash_token, jobs, workers};
 
 use crate::State;
 
@@ -25,7 +25,7 @@ pub async fn handle(
             ),
         ));
     }
-    let mut tx = hodei_store::begin(&state.pool).await?;
+    let mut tx = state.store.begin().await?;
     let mut worker = workers::lock(&mut tx, request.worker_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("there is no worker {}", request.worker_id)))?;
@@ -47,7 +47,7 @@ pub async fn handle(
         // job it was given then, if any.
         let run = match (worker.reserved_job_id, worker.current_job_id) {
             (Some(reserved), Some(current)) if reserved == current => {
-                jobs::get(&state.pool, current)
+                jobs::get(&state.store, current)
                     .await?
                     .filter(|job| !job.state.is_terminal())
                     .map(|job| hodei_placement::run_job_of(&job))
@@ -63,19 +63,15 @@ pub async fn handle(
             run,
         });
     }
-    workers::update(&mut tx, &mut worker).await?;
-    outbox::append_events(&mut tx, &events).await?;
+    tx.save(&mut worker, &events).await?;
     // A worker provisioned for one job gets it now, in this transaction and in the answer
     // (not also on its command subject): the dispatcher would otherwise assign it on
     // WorkerReadyForJob, one round through the stream later (it finds the worker Busy and
     // does nothing).
     let run = match jobs::lock_scheduled_on(&mut tx, worker.id).await? {
-        Some(mut job) if worker.reserved_job_id == Some(job.id) => {
-            Some(
-                hodei_placement::assign_in_answer(&mut tx, &mut job, &mut worker, &state.actor)
-                    .await?,
-            )
-        }
+        Some(mut job) if worker.reserved_job_id == Some(job.id) => Some(
+            hodei_placement::assign_in_answer(&mut tx, &mut job, &mut worker, &state.actor).await?,
+        ),
         _ => None,
     };
     hodei_store::commit(tx).await?;

@@ -4,7 +4,6 @@
 use hodei_domain::Actor;
 use hodei_protocol::api::{CancelJob, JobView};
 use hodei_protocol::ApiError;
-use hodei_store::{jobs, outbox};
 
 use crate::State;
 
@@ -16,14 +15,12 @@ pub async fn handle(state: State, request: CancelJob) -> Result<JobView, ApiErro
     if reason.len() > 1024 {
         return Err(ApiError::bad_request("reason must be at most 1024 bytes"));
     }
-    let mut tx = hodei_store::begin(&state.pool).await?;
-    let mut job = jobs::lock(&mut tx, request.job_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("there is no job {}", request.job_id)))?;
-    let event = job.cancel(reason, &Actor::service(crate::SERVICE))?;
-    jobs::update(&mut tx, &mut job).await?;
-    outbox::append_events(&mut tx, &[event]).await?;
-    hodei_store::commit(tx).await?;
+    let actor = Actor::service(crate::SERVICE);
+    let job = hodei_store::change_job(&state.store, request.job_id, |job| {
+        Ok::<_, ApiError>(vec![job.cancel(reason, &actor)?])
+    })
+    .await?
+    .ok_or_else(|| ApiError::not_found(format!("there is no job {}", request.job_id)))?;
     tracing::info!(job_id = %job.id, "job cancelled");
     Ok(JobView::from(&job))
 }

@@ -7,7 +7,7 @@ use hodei_store::jobs;
 use crate::State;
 
 pub async fn get(state: State, request: GetJob) -> Result<JobView, ApiError> {
-    match jobs::get(&state.pool, request.job_id).await? {
+    match jobs::get(&state.store, request.job_id).await? {
         Some(job) => {
             let mut view = JobView::from(&job);
             view.waiting_reason = waiting_reason(&state, &job).await?;
@@ -40,11 +40,11 @@ async fn waiting_reason(
         )));
     }
     if job.spec.image.is_some() {
-        let offers = hodei_store::offers::all(&state.pool).await?;
+        let offers = hodei_store::offers::all(&state.store).await?;
         if let Some(docker) = offers.iter().find(|o| o.provider == "docker") {
             let default = hodei_domain::offer::DEFAULT_CONTAINER_MEMORY_MB as i32;
             let mut conn = state
-                .pool
+                .store
                 .acquire()
                 .await
                 .map_err(hodei_store::StoreError::from)?;
@@ -68,8 +68,13 @@ async fn waiting_reason(
 
 pub async fn list(state: State, request: ListJobs) -> Result<Page<JobView>, ApiError> {
     let limit = request.limit.unwrap_or(50).clamp(1, 500);
-    let (jobs, next_cursor) =
-        jobs::list(&state.pool, request.state, limit, request.cursor.as_deref()).await?;
+    let (jobs, next_cursor) = jobs::list(
+        &state.store,
+        request.state,
+        limit,
+        request.cursor.as_deref(),
+    )
+    .await?;
     Ok(Page {
         items: jobs.iter().map(JobView::from).collect(),
         next_cursor,

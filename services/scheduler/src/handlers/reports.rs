@@ -9,7 +9,6 @@ use hodei_messaging::api::respond;
 use hodei_messaging::consumer::{Delivery, Outcome};
 use hodei_protocol::agent::{JobFinished, JobStarted, ReportAccepted};
 use hodei_protocol::{headers, subjects, ApiError, ErrorCode};
-use hodei_store::{jobs, outbox};
 use uuid::Uuid;
 
 use crate::State;
@@ -57,14 +56,11 @@ async fn apply(state: &State, delivery: &Delivery) -> Result<ReportAccepted, Api
         ));
     }
     let actor = Actor::worker(worker_id);
-    let mut tx = hodei_store::begin(&state.pool).await?;
-    let mut job = jobs::lock(&mut tx, job_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("there is no job {job_id}")))?;
-    let events = apply_to(&mut job, worker_id, report, &actor)?;
-    jobs::update(&mut tx, &mut job).await?;
-    outbox::append_events(&mut tx, &events).await?;
-    hodei_store::commit(tx).await?;
+    let job = hodei_store::change_job(&state.store, job_id, |job| {
+        apply_to(job, worker_id, report, &actor)
+    })
+    .await?
+    .ok_or_else(|| ApiError::not_found(format!("there is no job {job_id}")))?;
     Ok(ReportAccepted {
         job_id,
         state: job.state,

@@ -85,7 +85,7 @@ async fn submit(
             ));
         }
         let mut conn = state
-            .pool
+            .store
             .acquire()
             .await
             .map_err(hodei_store::StoreError::from)?;
@@ -109,13 +109,13 @@ async fn submit(
         &state.actor,
     )?;
     tracing::Span::current().record("job_id", tracing::field::display(job.id));
-    let mut tx = hodei_store::begin(&state.pool).await?;
+    let mut tx = state.store.begin().await?;
     if !jobs::insert(&mut tx, &job).await? {
         // Another submission with the same key won the race: answer with its job.
         drop(tx);
         let key = job.idempotency_key.as_deref().unwrap_or_default();
         let mut conn = state
-            .pool
+            .store
             .acquire()
             .await
             .map_err(hodei_store::StoreError::from)?;
@@ -141,7 +141,7 @@ async fn offers(state: &State) -> Result<Vec<hodei_domain::ProviderOffer>, ApiEr
     if cached.1.is_empty() || cached.0.elapsed() >= crate::OFFERS_FRESH_FOR {
         *cached = (
             std::time::Instant::now(),
-            hodei_store::offers::all(&state.pool).await?,
+            hodei_store::offers::all(&state.store).await?,
         );
     }
     Ok(cached.1.clone())
