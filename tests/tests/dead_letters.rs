@@ -186,3 +186,100 @@ async fn an_outbox_row_that_cannot_be_published_is_marked_dead_without_holding_u
     );
     assert!(system.log_of("relay").contains("outbox row is dead"));
 }
+
+/// A batch with one event the database refuses (a NUL in its correlation id) records every
+/// other event of the batch and dead-letters only that one, from the audit service alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_one_poison_event_records_the_others_and_dead_letters_only_it() {
+    use hodei_domain::{Actor, Job, JobSpec};
+    let mut system = System::start().await;
+    // The audit service is away while the events arrive: they wait, and it reads them as one
+    // batch when it is back.
+    for service in system.services.iter_mut().filter(|s| s.name == "audit") {
+        service.stop(Duration::from_secs(10));
+    }
+    let submitted = |correlation_id: &str| {
+        Job::submit(
+            Uuid::now_v7(),
+            JobSpec {
+                command: "true".into(),
+                ..Default::default()
+            },
+            Default::default(),
+            correlation_id.into(),
+            None,
+            &Actor::service("test"),
+        )
+        .unwrap()
+        .1
+    };
+    let mut events = Vec::new();
+    for i in 0..5 {
+        events.extend(submitted(&format!("corr-good-{i}")));
+    }
+    let poison = submitted("corr-\u{0}-poison").remove(0);
+    events.insert(3, poison.clone());
+    for event in &events {
+        system
+            .js
+            .publish_with_headers(
+                format!(
+                    "hodei.events.job.{}.{}",
+                    event.aggregate_id, event.event_type
+                ),
+                message_headers(&event.event_id.to_string(), None),
+                serde_json::to_vec(event).unwrap().into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    system.restart("audit");
+
+    let recorded = || async {
+        let (n,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM audit_log WHERE event_id = ANY($1)")
+                .bind(events.iter().map(|e| e.event_id).collect::<Vec<_>>())
+                .fetch_one(&system.pool)
+                .await
+                .unwrap();
+        n
+    };
+    system
+        .wait_for(
+            "the good events recorded",
+            Duration::from_secs(30),
+            || async { recorded().await == events.len() as i64 - 1 },
+        )
+        .await;
+    system
+        .wait_for(
+            "the poison dead-lettered",
+            Duration::from_secs(30),
+            || async {
+                dead_letters(&system)
+                    .await
+                    .iter()
+                    .any(|d| d.consumer == "audit")
+            },
+        )
+        .await;
+    let dead: Vec<DeadLetter> = dead_letters(&system)
+        .await
+        .into_iter()
+        .filter(|d| d.consumer == "audit")
+        .collect();
+    assert_eq!(dead.len(), 1, "only the poison: {dead:?}");
+    assert!(
+        dead[0]
+            .original_subject
+            .contains(&poison.aggregate_id.to_string()),
+        "{dead:?}"
+    );
+    assert!(dead[0].reason.contains("refuses this event"), "{dead:?}");
+    assert_eq!(recorded().await, events.len() as i64 - 1);
+    assert!(system
+        .log_of("audit")
+        .contains("recording its events one at a time"));
+}

@@ -1,5 +1,6 @@
 //! Every event of HODEI_EVENTS: store it once; a redelivery finds it stored and changes nothing.
-//! Events waiting together are stored in one INSERT.
+//! Events waiting together are stored in one INSERT; a batch the database refuses is
+//! stored one event at a time, so that only the event refused is dead-lettered.
 
 use hodei_domain::DomainEvent;
 use hodei_messaging::consumer::{Delivery, Outcome};
@@ -24,23 +25,52 @@ pub async fn handle(state: State, batch: Vec<(Delivery, tracing::Span)>) -> Vec<
         .iter()
         .filter_map(|event| event.as_ref().ok().cloned())
         .collect();
-    let written = hodei_store::audit::record(&state.store, &events)
-        .await
-        .map_err(ApiError::from);
-    drop(spans);
-    if let Ok(new) = &written {
-        tracing::debug!(
-            events = events.len(),
-            new,
-            "recorded (events already recorded are skipped)"
-        );
+    let mut written = match hodei_store::audit::record(&state.store, &events).await {
+        Ok(new) => {
+            tracing::debug!(
+                events = events.len(),
+                new,
+                "recorded (events already recorded are skipped)"
+            );
+            events.iter().map(|_| Outcome::Done).collect()
+        }
+        Err(error) if error.is_transient() => {
+            let error = ApiError::from(error);
+            events
+                .iter()
+                .map(|_| Outcome::from_result::<()>(Err(error.clone())))
+                .collect()
+        }
+        // One event the database refuses must not hold up the others: each alone, so that
+        // only the one refused is dead-lettered.
+        Err(error) => {
+            tracing::warn!(%error, events = events.len(), "the batch was refused; recording its events one at a time");
+            one_at_a_time(&state, &events).await
+        }
     }
+    .into_iter();
+    drop(spans);
     decoded
         .into_iter()
-        .map(|event| match (event, &written) {
-            (Err(error), _) => Outcome::from_result::<()>(Err(error)),
-            (Ok(_), Ok(_)) => Outcome::Done,
-            (Ok(_), Err(error)) => Outcome::from_result::<()>(Err(error.clone())),
+        .map(|event| match event {
+            Err(error) => Outcome::from_result::<()>(Err(error)),
+            Ok(_) => written
+                .next()
+                .unwrap_or_else(|| Outcome::retry("no outcome for the event")),
         })
         .collect()
+}
+
+async fn one_at_a_time(state: &State, events: &[DomainEvent]) -> Vec<Outcome> {
+    let mut outcomes = Vec::with_capacity(events.len());
+    for event in events {
+        outcomes.push(
+            match hodei_store::audit::record(&state.store, std::slice::from_ref(event)).await {
+                Ok(_) => Outcome::Done,
+                Err(error) if error.is_transient() => Outcome::retry(error),
+                Err(error) => Outcome::reject(format!("the audit log refuses this event: {error}")),
+            },
+        );
+    }
+    outcomes
 }
