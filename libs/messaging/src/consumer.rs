@@ -193,7 +193,28 @@ async fn open(js: &JetStream, config: &ConsumerConfig) -> Result<pull::Stream, a
             },
         )
         .await?;
-    Ok(consumer.messages().await?)
+    Ok(pull_stream(&consumer).await?)
+}
+
+/// How long a pull request waits for messages: a request left on a node that is gone or cut
+/// off is replaced after this (and a few seconds), whatever happened to it.
+const PULL_EXPIRES: Duration = Duration::from_secs(10);
+/// The server says it is alive this often while there is nothing to deliver; two missed in
+/// a row end the stream, and the loop opens it again.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(4);
+
+/// The messages of `consumer`, pulled with short requests and heartbeats, so that a request
+/// lost with a NATS node (a node killed, or partitioned from the others) stalls it seconds,
+/// not minutes. Every consumer loop (and the agent's commands) reads through this.
+pub async fn pull_stream(
+    consumer: &jetstream::consumer::PullConsumer,
+) -> Result<pull::Stream, jetstream::consumer::StreamError> {
+    consumer
+        .stream()
+        .expires(PULL_EXPIRES)
+        .heartbeat(PULL_HEARTBEAT)
+        .messages()
+        .await
 }
 
 async fn handle<H, F>(

@@ -223,8 +223,7 @@ async fn agent(
             })
             .await
             .map_err(nats("creating the command consumer"))?;
-        let messages = consumer
-            .messages()
+        let messages = hodei_messaging::consumer::pull_stream(&consumer)
             .await
             .map_err(nats("reading commands"))?;
         Ok::<_, anyhow::Error>((consumer, messages))
@@ -345,12 +344,25 @@ async fn next_command(
     idle: Option<Duration>,
     shutdown: &Shutdown,
 ) -> anyhow::Result<Option<jetstream::Message>> {
+    use jetstream::consumer::pull::MessagesErrorKind;
+    // Missed heartbeats (a NATS node gone, its pull request with it) are waited out: the
+    // stream pulls again once its request expires.
+    let next = async {
+        loop {
+            match messages.next().await {
+                Some(Err(error)) if error.kind() == MessagesErrorKind::MissingHeartbeat => {
+                    tracing::warn!("no heartbeat from the command stream; pulling again");
+                }
+                other => return other,
+            }
+        }
+    };
     let next = async {
         match idle {
-            Some(idle) => tokio::time::timeout(idle, messages.next())
+            Some(idle) => tokio::time::timeout(idle, next)
                 .await
                 .map_err(|_| anyhow::anyhow!("no job arrived within {idle:?}")),
-            None => Ok(messages.next().await),
+            None => Ok(next.await),
         }
     };
     match shutdown.run_until_cancelled(next).await {
