@@ -232,6 +232,52 @@ async fn handle<H, F>(
     settle(js, config, counters, &message, outcome, &span).await;
 }
 
+/// [`run`], with up to `limit` messages handled at once (in this task): for handlers that
+/// wait on something outside (a worker's teardown waits for its agent to stop), so that one
+/// slow message does not hold up the others. Each message is settled when its handler ends.
+pub async fn run_concurrently<H, F>(
+    js: JetStream,
+    config: ConsumerConfig,
+    limit: usize,
+    metrics: &crate::Metrics,
+    shutdown: Shutdown,
+    handler: H,
+) where
+    H: Fn(Delivery) -> F,
+    F: Future<Output = Outcome>,
+{
+    use futures::stream::FuturesUnordered;
+    let counters = metrics.consumer(&config.durable);
+    let (js_ref, config_ref, counters_ref, handler_ref) = (&js, &config, &counters, &handler);
+    while let Some(mut messages) = open_until_shutdown(&js, &config, &shutdown).await {
+        let mut in_flight = FuturesUnordered::new();
+        let reopen = loop {
+            tokio::select! {
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+                next = messages.next(), if in_flight.len() < limit.max(1) => match next {
+                    Some(Ok(message)) => in_flight.push(async move {
+                        let mut handler = handler_ref;
+                        handle(js_ref, config_ref, counters_ref, message, &mut handler).await
+                    }),
+                    Some(Err(error)) => {
+                        tracing::warn!(consumer = %config.durable, %error, "consumer stream failed; reopening");
+                        break true;
+                    }
+                    None => {
+                        tracing::warn!(consumer = %config.durable, "consumer stream ended; reopening");
+                        break true;
+                    }
+                },
+                () = shutdown.cancelled() => break false,
+            }
+        };
+        while in_flight.next().await.is_some() {}
+        if !reopen {
+            return;
+        }
+    }
+}
+
 /// Run `handler` on batches of messages until shutdown: a batch is every message already
 /// waiting (up to `max_batch`) once one arrives, so that a backlog is written in few round
 /// trips while a lone message is handled at once. The handler answers an outcome per message,

@@ -127,6 +127,9 @@ pub struct Config {
     pub db_pool_size: u32,
 }
 
+/// Workers torn down at once, at most.
+const TEARDOWNS_AT_ONCE: usize = 32;
+
 pub(crate) struct State {
     pub store: hodei_store::Store,
     pub actor: Actor,
@@ -365,9 +368,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         Some(subjects::events_of_type("worker", "WorkerTerminating")),
     );
     termination.max_deliver = -1;
-    let terminations = consumer::run(
+    // Each teardown may wait for its agent to stop (up to its grace): many at once, so that
+    // agents slow to stop (their NATS node gone) do not hold up the others.
+    let terminations = consumer::run_concurrently(
         js.clone(),
         termination,
+        TEARDOWNS_AT_ONCE,
         &messaging,
         shutdown.clone(),
         |delivery| handlers::destroy::handle(state.clone(), delivery),
