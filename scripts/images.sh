@@ -72,7 +72,7 @@ fi
 # Rebuilt every time (cheap: only changed binaries are copied again).
 if [ -x target/debug/hodei-scheduler ]; then
   context=$(mktemp -d /tmp/hodei-services-image.XXXXXX)
-  for bin in hodei hodei-agent hodei-audit hodei-dispatcher hodei-provider-manager hodei-registry hodei-relay hodei-scheduler; do
+  for bin in hodei hodei-agent hodei-audit hodei-dispatcher hodei-provider-manager hodei-registry hodei-relay hodei-scheduler hodei-trace-sink; do
     cp target/debug/$bin "$context/"
   done
   cp images/services.Dockerfile "$context/Dockerfile"

@@ -2,6 +2,7 @@
 //! built here, keys made, services up), then the README's command prints a job's output,
 //! for a process job and for a container job; `scripts/compose.sh down` leaves nothing.
 
+use std::collections::HashSet;
 use std::process::Command;
 
 use uuid::Uuid;
@@ -85,6 +86,37 @@ async fn docker_compose_runs_hodei_and_the_documented_command_prints_a_jobs_outp
         "{}",
         text(&container.stderr)
     );
+    // The services and the agents export their spans to the compose file's trace receiver
+    // (hodei-trace-sink, where no Jaeger image can be built): a job is one trace there, from
+    // the scheduler's acceptance to the agent's run.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let logs = compose(&name, &["logs", "--no-color", "traces"]);
+        let mut services_by_trace: std::collections::HashMap<String, HashSet<String>> =
+            Default::default();
+        for line in text(&logs.stdout).lines() {
+            let Some(json) = line.find('{').map(|i| &line[i..]) else {
+                continue;
+            };
+            if let Ok(span) = serde_json::from_str::<serde_json::Value>(json) {
+                services_by_trace
+                    .entry(span["trace_id"].as_str().unwrap_or_default().to_owned())
+                    .or_default()
+                    .insert(span["service"].as_str().unwrap_or_default().to_owned());
+            }
+        }
+        let one_trace = services_by_trace
+            .values()
+            .any(|s| s.contains("hodei-scheduler") && s.contains("hodei-agent"));
+        if one_trace {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no trace from the scheduler to the agent in the receiver's log: {services_by_trace:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
     drop(project);
     let left = Command::new("docker")
         .args([
