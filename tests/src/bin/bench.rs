@@ -131,10 +131,7 @@ struct Options {
 
 /// A count, with `_` or `,` allowed between digits (`50_000`).
 fn count(value: &str) -> Result<usize, String> {
-    value
-        .replace(['_', ','], "")
-        .parse()
-        .map_err(|_| format!("not a number: {value}"))
+    hodei_tests::parse_number(value)
 }
 
 fn at_least_one(value: &str) -> Result<usize, String> {
