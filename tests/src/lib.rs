@@ -1346,8 +1346,13 @@ impl Drop for System {
             // SAFETY: kill(2) of a process of this test (found above) that outlived it.
             unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
         }
+        let keep = std::env::var_os("HODEI_TEST_KEEP_LOGS").is_some();
         if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.log_dir);
+            if keep {
+                eprintln!("service logs kept in {}", self.log_dir.display());
+            } else {
+                let _ = std::fs::remove_dir_all(&self.log_dir);
+            }
             assert!(
                 left.is_empty(),
                 "processes of this test outlived it (agents that did not exit without their control plane): {left:?}"

@@ -188,25 +188,30 @@ pub async fn count_live(conn: &mut PgConnection) -> Result<Live> {
     })
 }
 
-/// Liveness is recorded on the row (and moves the deadline of a Ready or Busy worker to
-/// `lost_at`); it is not a state change and emits no event.
-pub async fn record_heartbeat(
+/// Liveness is recorded on the rows of the workers that sent a heartbeat (and moves the
+/// deadline of a Ready, Busy or Draining worker to `lost_at`): one statement for a batch, its
+/// rows locked in id order (two registries' batches never deadlock). It is not a state change
+/// and emits no event. Returns how many workers it recorded (unknown and ended ones are not).
+pub async fn record_heartbeats(
     pool: &PgPool,
-    id: Uuid,
+    ids: &[Uuid],
     at: DateTime<Utc>,
     lost_at: DateTime<Utc>,
-) -> Result<bool> {
+) -> Result<u64> {
     let result = sqlx::query(
-        "UPDATE workers SET last_heartbeat_at = $2, \
-                deadline_at = CASE WHEN state IN ('Ready', 'Busy', 'Draining') THEN $3 ELSE deadline_at END \
-         WHERE id = $1 AND state <> 'Terminated'",
+        "WITH beating AS ( \
+             SELECT id FROM workers WHERE id = ANY($1) AND state <> 'Terminated' \
+             ORDER BY id FOR UPDATE) \
+         UPDATE workers w SET last_heartbeat_at = $2, \
+                deadline_at = CASE WHEN w.state IN ('Ready', 'Busy', 'Draining') THEN $3 ELSE w.deadline_at END \
+         FROM beating WHERE w.id = beating.id",
     )
-    .bind(id)
+    .bind(ids)
     .bind(at)
     .bind(lost_at)
     .execute(pool)
     .await?;
-    Ok(result.rows_affected() == 1)
+    Ok(result.rows_affected())
 }
 
 pub async fn list(
