@@ -479,3 +479,4 @@ async fn placement_by_selector_and_resources() {
         Some("second")
     );
 }
+

@@ -83,6 +83,21 @@ async fn a_job_sees_only_its_allowed_environment_and_runs_unprivileged() {
             "a job started by a root provider does not run as root"
         );
     }
+
+    // Over a memory limit, the kernel kills the job (and what it started), not its agent.
+    let score = job(
+        "sh",
+        &["-c", "echo $(cat /proc/self/oom_score_adj) $(cat /proc/$PPID/oom_score_adj)"],
+    );
+    let score = system.submit(&score).await.unwrap().job_id;
+    system
+        .wait_until_settled(&[score], Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        system.logs_first_line(score).await.as_deref(),
+        Some("1000 0"),
+        "the job's OOM score adjustment, then its agent's"
+    );
 }
 
 /// The pids a job printed, one per line, once it has printed `count` of them.

@@ -128,7 +128,8 @@ impl Runner {
             command.uid(uid).gid(gid);
         }
         let (nofile, nproc) = (self.max_open_files, self.max_processes);
-        // SAFETY: only async-signal-safe calls (setrlimit) between fork and exec.
+        // SAFETY: only async-signal-safe calls (setrlimit, prctl, open, write, close) between
+        // fork and exec.
         unsafe {
             command.pre_exec(move || {
                 let limit = |resource, value: u64| {
@@ -142,6 +143,16 @@ impl Runner {
                     Ok(())
                 };
                 limit(libc::RLIMIT_CORE, 0)?;
+                // Over a memory limit, the kernel kills the job, never its agent (which then
+                // reports why). Dropping root made the process undumpable and its /proc
+                // files root's: dumpable again (as exec would make it anyway), it may raise
+                // its own score. Best effort: a kernel without the file still runs the job.
+                libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0);
+                let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY);
+                if fd >= 0 {
+                    libc::write(fd, b"1000".as_ptr().cast(), 4);
+                    libc::close(fd);
+                }
                 if nofile > 0 {
                     limit(libc::RLIMIT_NOFILE, nofile)?;
                 }

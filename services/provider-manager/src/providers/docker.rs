@@ -3,8 +3,9 @@
 //! container's first process: the statically linked `hodei-agent`, bind-mounted read-only,
 //! so any image works unchanged. Its credential and bootstrap token come in a folder mounted
 //! for that container only (never in its environment or arguments). The container has the
-//! job's CPU and memory, no host environment, no capabilities, no new privileges, the labels
-//! `hodei.worker_id` and `hodei.job_id`, and is removed at teardown.
+//! job's CPU and memory (and the agent's, [`AGENT_MEMORY_MB`]), no host environment, no
+//! capabilities, no new privileges, the labels `hodei.worker_id` and `hodei.job_id`, and is
+//! removed at teardown.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -22,6 +23,10 @@ use super::{Provider, ProviderError, Teardown, WorkerSpec};
 /// Where the agent and its secrets are inside every container.
 const AGENT_IN_CONTAINER: &str = "/hodei/hodei-agent";
 const SECRETS_IN_CONTAINER: &str = "/run/hodei";
+/// Memory the container has beyond its job's, for the agent beside it (its resident pages,
+/// mostly its own binary's, are charged to the container): a job that fills its limit does
+/// not push the agent's out, and the agent reports the OOM kill.
+const AGENT_MEMORY_MB: u32 = 32;
 
 /// Settings of the Docker provider.
 #[derive(Debug, Clone)]
@@ -205,7 +210,7 @@ impl Provider for DockerProvider {
         if let Some(job_id) = spec.job_id {
             labels.insert("hodei.job_id".to_owned(), job_id.to_string());
         }
-        let memory = i64::from(memory_mb) * 1024 * 1024;
+        let memory = i64::from(memory_mb + AGENT_MEMORY_MB) * 1024 * 1024;
         let body = ContainerCreateBody {
             image: Some(image.clone()),
             entrypoint: Some(vec![AGENT_IN_CONTAINER.to_owned()]),
