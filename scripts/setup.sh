@@ -21,6 +21,9 @@ command -v cargo >/dev/null || { log "Rust (cargo) is required: https://rustup.r
 command -v cc >/dev/null || apt_install build-essential
 command -v python3 >/dev/null || apt_install python3
 command -v psql >/dev/null || apt_install postgresql postgresql-client
+# The cluster's partition test cuts a NATS node's routes inside its network namespace.
+command -v nsenter >/dev/null || apt_install util-linux
+command -v iptables >/dev/null || apt_install iptables
 
 # --- PostgreSQL on 127.0.0.1:5432 -------------------------------------------------------
 if ! pg_isready -q -h 127.0.0.1 -p 5432; then

@@ -219,7 +219,8 @@ enum Nats {
 }
 
 /// A three-node nats-server cluster in containers: the nodes' routes on a private network
-/// of their own, clients on a second one. A test can kill a node (`docker kill`).
+/// of their own, clients on a second one. A node can be killed (`docker kill`) or
+/// partitioned from the others while its clients still reach it ([`NatsNodes::partition`]).
 pub struct NatsNodes {
     /// The network clients reach the nodes on.
     pub network: String,
@@ -229,6 +230,44 @@ pub struct NatsNodes {
     pub containers: Vec<String>,
     /// Each node's address on the network.
     pub addresses: Vec<String>,
+}
+
+impl NatsNodes {
+    /// Partition node `n` (0-based) from the other nodes: every packet of the cluster's
+    /// routes (port 6222) into or out of its network namespace is dropped, with no reset and
+    /// no error, while its clients still reach it. `heal` undoes it.
+    pub fn partition(&self, n: usize) {
+        self.filter(n, "-I");
+    }
+
+    /// Join node `n` to the others again.
+    pub fn heal(&self, n: usize) {
+        self.filter(n, "-D");
+    }
+
+    fn filter(&self, n: usize, action: &str) {
+        let pid = docker(&["inspect", "-f", "{{.State.Pid}}", &self.containers[n]]);
+        let pid = String::from_utf8_lossy(&pid.stdout).trim().to_owned();
+        for (chain, port) in [
+            ("INPUT", "--dport"),
+            ("INPUT", "--sport"),
+            ("OUTPUT", "--dport"),
+            ("OUTPUT", "--sport"),
+        ] {
+            let out = Command::new("nsenter")
+                .args([
+                    "-t", &pid, "-n", "iptables", action, chain, "-p", "tcp", port,
+                ])
+                .args(["6222", "-j", "DROP"])
+                .output()
+                .expect("run nsenter and iptables (Debian's util-linux and iptables)");
+            assert!(
+                out.status.success(),
+                "iptables {action} {chain} in node {n}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
 }
 
 impl NatsServer {
@@ -826,6 +865,7 @@ impl System {
         let servers = hodei_messaging::servers(&nats.url).map_or(1, |s| s.len());
         tokio::spawn(hodei_messaging::keep_jetstream_reachable(
             js.clone(),
+            "tests",
             servers,
             hodei_runtime::Shutdown::new(),
         ));

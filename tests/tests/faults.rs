@@ -646,3 +646,21 @@ async fn a_three_node_nats_cluster_loses_no_job_when_a_node_is_killed() {
         assert_eq!(system.get(*id).await.unwrap().state, JobState::Succeeded);
     }
 }
+
+/// The same cluster while a node is partitioned from the other two (its routes' packets
+/// dropped, no error) but not from its clients: the clients leave it when JetStream stops
+/// serving there (a service's probe is a publish a quorum must store; an agent's, its own
+/// consumer), and no job is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_nats_cluster_loses_no_job_when_a_node_is_partitioned() {
+    let system = start_on_a_nats_cluster().await;
+    let nodes = system.nats.cluster.as_ref().expect("a cluster");
+    let cut_off = submit_batch(&system, "node-cut-off").await;
+    until_in_flight(&system, &cut_off).await;
+    nodes.partition(2);
+    check_invariants(&system, &cut_off, "a NATS node cut off").await;
+    nodes.heal(2);
+    for id in &cut_off {
+        assert_eq!(system.get(*id).await.unwrap().state, JobState::Succeeded);
+    }
+}

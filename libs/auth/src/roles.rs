@@ -80,7 +80,7 @@ pub fn permissions(role: &Role, name: &str) -> Permissions {
         },
         Role::Service => {
             // Every service: JetStream (its streams and durable consumers), the subjects
-            // the outbox writes to, dead letters, and answers to any inbox (replies, and
+            // the outbox writes to, dead letters, its probes of JetStream, and answers to any inbox (replies, and
             // the answers to agents' reports).
             let publish = [
                 "$JS.API.>",
@@ -89,6 +89,7 @@ pub fn permissions(role: &Role, name: &str) -> Permissions {
                 "hodei.events.>",
                 "hodei.worker.*.cmd",
                 "hodei.dlq.>",
+                "hodei.probe.>",
                 "_INBOX.>",
             ];
             // The subjects it answers, as each service's queue group.

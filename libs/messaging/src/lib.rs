@@ -73,6 +73,10 @@ pub const STREAMS: &[(&str, &str)] = &[
     ),
     ("HODEI_LOGS", include_str!("../../../nats/HODEI_LOGS.json")),
     ("HODEI_DLQ", include_str!("../../../nats/HODEI_DLQ.json")),
+    (
+        "HODEI_PROBE",
+        include_str!("../../../nats/HODEI_PROBE.json"),
+    ),
 ];
 
 pub mod streams {
@@ -82,6 +86,7 @@ pub mod streams {
     pub const AGENT: &str = "HODEI_AGENT";
     pub const LOGS: &str = "HODEI_LOGS";
     pub const DLQ: &str = "HODEI_DLQ";
+    pub const PROBE: &str = "HODEI_PROBE";
 }
 
 /// Connect to NATS; waits for the server if it is not up yet, and reconnects for ever.
@@ -117,8 +122,8 @@ const SERVING_PROBE_FAILURES: u32 = 3;
 /// Keep the client on a NATS node that can serve JetStream. NATS' own pings check only the
 /// path to the node: a node cut off from the rest of its cluster (a partition) still answers
 /// them, so its clients would stay on it while every stream request times out. Every 2 s
-/// `probe` asks JetStream something (the account's information for a service, its own
-/// consumer for an agent); after three failures in a row, while connected, the client
+/// `probe` asks JetStream something (a service publishes to a replicated stream, an agent
+/// asks for its own consumer); after three failures in a row, while connected, the client
 /// reconnects, to another server of its list. Runs until shutdown; with a single server
 /// there is nowhere else to go and it does nothing.
 pub async fn stay_on_a_serving_node<P, F>(
@@ -171,27 +176,29 @@ pub fn cluster_unavailable(error: &async_nats::jetstream::Error) -> bool {
     error.error_code() == async_nats::jetstream::ErrorCode::CLUSTER_NOT_AVAILABLE
 }
 
-/// [`stay_on_a_serving_node`] for a service: the probe is the account's JetStream information.
-pub async fn keep_jetstream_reachable(
+/// [`stay_on_a_serving_node`] for the service `name`: the probe is a publish to
+/// HODEI_PROBE (`hodei.probe.<name>`), which is acknowledged only once a quorum of the
+/// stream's replicas stored it, as every publish of the service is. A node cut off from the
+/// others answers what it can answer alone (the account's information, say); not this.
+pub fn keep_jetstream_reachable(
     js: JetStream,
+    name: &str,
     servers: usize,
     shutdown: hodei_runtime::Shutdown,
-) {
-    let probe = || {
-        let js = js.clone();
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let subject = format!("hodei.probe.{name}");
+    let client = js.client();
+    let probe = move || {
+        let (js, subject) = (js.clone(), subject.clone());
         async move {
-            use async_nats::jetstream::context::AccountErrorKind;
-            match js.query_account().await {
-                Ok(_) => Ok(()),
-                // JetStream answered, even if with a refusal: the node serves it.
-                Err(e) => match e.kind() {
-                    AccountErrorKind::JetStream(j) if !cluster_unavailable(&j) => Ok(()),
-                    _ => Err(e.to_string()),
-                },
-            }
+            let ack = js
+                .publish(subject, Bytes::new())
+                .await
+                .map_err(|e| e.to_string())?;
+            ack.await.map(drop).map_err(|e| e.to_string())
         }
     };
-    stay_on_a_serving_node(js.client(), servers, probe, shutdown).await
+    stay_on_a_serving_node(client, servers, probe, shutdown)
 }
 
 /// Connect options for `name`, authenticated with `creds` when given.

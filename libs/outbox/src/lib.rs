@@ -135,6 +135,7 @@ pub async fn connect_only(
     let servers = hodei_messaging::servers(&common.nats_url)?.len();
     tokio::spawn(hodei_messaging::keep_jetstream_reachable(
         js.clone(),
+        service,
         servers,
         shutdown.clone(),
     ));

@@ -299,6 +299,9 @@ fn register_outbox_gauges(metrics: &mut Metrics, pool: &PgPool) {
     );
 }
 
+/// The longest a batch may take to be sent and acknowledged.
+const BATCH_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Publish one batch of pending rows; returns how many were published.
 pub async fn relay_batch(
     pool: &PgPool,
@@ -314,18 +317,34 @@ pub async fn relay_batch(
         return Ok(0);
     }
     // Send the whole batch, then collect the acks: one round trip per batch, order kept.
-    let mut acks = Vec::with_capacity(rows.len());
-    for row in &rows {
-        acks.push(hodei_outbox::publish(js, &row.message, "relay publish").await);
-    }
+    // The batch holds its rows' locks (writers marking their own rows wait on them), so it
+    // is bounded as a whole: a row without an answer by then has failed and is retried.
+    let sent = async {
+        let mut acks = Vec::with_capacity(rows.len());
+        for row in &rows {
+            acks.push(hodei_outbox::publish(js, &row.message, "relay publish").await);
+        }
+        let mut results = Vec::with_capacity(rows.len());
+        for ack in acks {
+            results.push(match ack {
+                Ok(future) => future.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(error) => Err(error),
+            });
+        }
+        results
+    };
+    let results = match tokio::time::timeout(BATCH_TIMEOUT, sent).await {
+        Ok(results) => results,
+        Err(_) => {
+            tracing::error!(rows = rows.len(), "the batch was not acknowledged in time");
+            let error = format!("not acknowledged within {} s", BATCH_TIMEOUT.as_secs());
+            rows.iter().map(|_| Err(error.clone())).collect()
+        }
+    };
     let mut published = Vec::with_capacity(rows.len());
     let mut failures = Vec::new();
     let mut held_back = std::collections::HashSet::new();
-    for (row, ack) in rows.iter().zip(acks) {
-        let result = match ack {
-            Ok(future) => future.await.map(|_| ()).map_err(|e| e.to_string()),
-            Err(error) => Err(error),
-        };
+    for (row, result) in rows.iter().zip(results) {
         if held_back.contains(&row.aggregate_id) {
             // An earlier row of this aggregate failed: this one must not overtake it. If it
             // reached the stream anyway, its re-publish is dropped as a duplicate (same
