@@ -479,4 +479,3 @@ async fn placement_by_selector_and_resources() {
         Some("second")
     );
 }
-

@@ -87,7 +87,10 @@ async fn a_job_sees_only_its_allowed_environment_and_runs_unprivileged() {
     // Over a memory limit, the kernel kills the job (and what it started), not its agent.
     let score = job(
         "sh",
-        &["-c", "echo $(cat /proc/self/oom_score_adj) $(cat /proc/$PPID/oom_score_adj)"],
+        &[
+            "-c",
+            "echo $(cat /proc/self/oom_score_adj) $(cat /proc/$PPID/oom_score_adj)",
+        ],
     );
     let score = system.submit(&score).await.unwrap().job_id;
     system

@@ -80,8 +80,8 @@ pub fn permissions(role: &Role, name: &str) -> Permissions {
         },
         Role::Service => {
             // Every service: JetStream (its streams and durable consumers), the subjects
-            // the outbox writes to, dead letters, its probes of JetStream, and answers to any inbox (replies, and
-            // the answers to agents' reports).
+            // the outbox writes to, dead letters, its probes of JetStream, and answers to
+            // any inbox (replies, and the answers to agents' reports).
             let publish = [
                 "$JS.API.>",
                 "$JS.ACK.>",

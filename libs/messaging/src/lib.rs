@@ -86,7 +86,6 @@ pub mod streams {
     pub const AGENT: &str = "HODEI_AGENT";
     pub const LOGS: &str = "HODEI_LOGS";
     pub const DLQ: &str = "HODEI_DLQ";
-    pub const PROBE: &str = "HODEI_PROBE";
 }
 
 /// Connect to NATS; waits for the server if it is not up yet, and reconnects for ever.

@@ -28,8 +28,13 @@ pub async fn run(state: State, client: Client, shutdown: Shutdown) -> hodei_mess
             continue;
         }
         let now = chrono::Utc::now();
-        match hodei_store::workers::record_heartbeats(&state.store, &ids, now, now + state.lost_after)
-            .await
+        match hodei_store::workers::record_heartbeats(
+            &state.store,
+            &ids,
+            now,
+            now + state.lost_after,
+        )
+        .await
         {
             Ok(recorded) => tracing::trace!(
                 beats = ids.len(),
