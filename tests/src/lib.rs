@@ -39,6 +39,22 @@ pub fn bin_dir() -> PathBuf {
     }
 }
 
+/// What one job on an ephemeral worker raises: its registration gives the worker the job, so
+/// no WorkerReady or WorkerReadyForJob (nothing needs them).
+pub const EVENTS_OF_A_JOB: [&str; 11] = [
+    "JobCreated",
+    "JobQueued",
+    "JobAssigned",
+    "WorkerProvisioningRequested",
+    "WorkerProvisioned",
+    "WorkerRegistered",
+    "WorkerStatusChanged",
+    "JobStatusChanged",
+    "JobCompleted",
+    "WorkerTerminating",
+    "WorkerTerminated",
+];
+
 pub fn binary(name: &str) -> PathBuf {
     let path = bin_dir().join(name);
     assert!(

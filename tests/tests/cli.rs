@@ -3,7 +3,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use hodei_tests::{binary, System};
+use hodei_tests::{binary, System, EVENTS_OF_A_JOB};
 
 fn hodei(system: &System, args: &[&str]) -> std::process::Output {
     Command::new(binary("hodei"))
@@ -125,17 +125,17 @@ async fn hodei_run_streams_the_output_and_exits_with_the_jobs_code() {
         .collect();
     assert_eq!(
         steps.len(),
-        13,
-        "the job's timeline has its thirteen steps:\n{timeline}"
+        EVENTS_OF_A_JOB.len(),
+        "the job's timeline has a step per event:\n{timeline}"
     );
     assert!(
-        steps[0].contains("JobCreated") && steps[12].contains("WorkerTerminated"),
+        steps[0].contains("JobCreated") && steps[steps.len() - 1].contains("WorkerTerminated"),
         "{timeline}"
     );
     let traced: serde_json::Value =
         serde_json::from_slice(&hodei(&system, &["--json", "trace", &job_id]).stdout).unwrap();
     let traced = traced.as_array().unwrap();
-    assert_eq!(traced.len(), 13);
+    assert_eq!(traced.len(), EVENTS_OF_A_JOB.len());
     assert!(
         traced
             .iter()
@@ -145,8 +145,8 @@ async fn hodei_run_streams_the_output_and_exits_with_the_jobs_code() {
     let by_correlation = text(&hodei(&system, &["audit", "--correlation-id", &correlation]).stdout);
     assert_eq!(
         by_correlation.lines().count(),
-        14,
-        "a header and thirteen events:\n{by_correlation}"
+        1 + EVENTS_OF_A_JOB.len(),
+        "a header and a line per event:\n{by_correlation}"
     );
     let by_type: serde_json::Value = serde_json::from_slice(
         &hodei(

@@ -61,22 +61,6 @@ fn mix(i: usize) -> Expected {
     }
 }
 
-const EVENTS_OF_A_JOB: [&str; 13] = [
-    "JobCreated",
-    "JobQueued",
-    "JobAssigned",
-    "WorkerProvisioningRequested",
-    "WorkerProvisioned",
-    "WorkerRegistered",
-    "WorkerReady",
-    "WorkerReadyForJob",
-    "WorkerStatusChanged",
-    "JobStatusChanged",
-    "JobCompleted",
-    "WorkerTerminating",
-    "WorkerTerminated",
-];
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_jobs_submitted_at_once_end_right_with_complete_logs_and_a_full_audit_trail() {
     let system = System::start().await;
@@ -146,7 +130,11 @@ async fn fifty_jobs_submitted_at_once_end_right_with_complete_logs_and_a_full_au
             })
             .await;
         let types: Vec<&str> = trail.iter().map(|e| e.event_type.as_str()).collect();
-        assert_eq!(types, EVENTS_OF_A_JOB, "audit trail of {job_id}");
+        assert_eq!(
+            types,
+            hodei_tests::EVENTS_OF_A_JOB,
+            "audit trail of {job_id}"
+        );
         // The worker made for the job got it in its registration, from the registry, not one
         // round through the stream later from the dispatcher.
         let busy = trail

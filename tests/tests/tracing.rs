@@ -185,7 +185,7 @@ async fn a_job_without_trace_context_gets_a_generated_correlation_id_everywhere(
                 })
                 .await
                 .len()
-                == 13
+                == hodei_tests::EVENTS_OF_A_JOB.len()
         })
         .await;
     let (other,): (i64,) =

@@ -18,4 +18,4 @@ pub use events::{Actor, AggregateType, DomainEvent, EventPayload};
 pub use job::{Job, JobSpec, JobState, Resources};
 pub use offer::{satisfiable, ProviderOffer};
 pub use policy::{JobPolicy, RetryOn, RetryPolicy};
-pub use worker::{Purpose, Worker, WorkerFault, WorkerState};
+pub use worker::{Purpose, Registration, Worker, WorkerFault, WorkerState};

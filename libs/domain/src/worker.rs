@@ -131,6 +131,31 @@ pub enum Purpose {
     Pool { max_jobs: u32 },
 }
 
+/// What a registration raised: the worker is registered, and either waits for its job
+/// ([`Registration::waiting`]: the dispatcher is told it is ready) or is given it in the
+/// same transaction ([`Registration::given_its_job`]: nothing needs to hear it was ready).
+#[derive(Debug, Clone, PartialEq)]
+#[must_use]
+pub struct Registration {
+    registered: DomainEvent,
+    ready: [DomainEvent; 2],
+}
+
+impl Registration {
+    /// WorkerRegistered, WorkerReady, WorkerReadyForJob: the dispatcher gives the worker a
+    /// job (its reserved one, or a pending one for a pool worker) or tears it down.
+    pub fn waiting(self) -> Vec<DomainEvent> {
+        let [ready, for_job] = self.ready;
+        vec![self.registered, ready, for_job]
+    }
+
+    /// WorkerRegistered alone: the worker is given its job (Ready -> Busy, with an event of
+    /// its own) before the registration commits.
+    pub fn given_its_job(self) -> Vec<DomainEvent> {
+        vec![self.registered]
+    }
+}
+
 impl Worker {
     /// A worker asked of a provider, in Creating; it must register within `connect_timeout`.
     pub fn request(
@@ -237,7 +262,7 @@ impl Worker {
         hostname: Option<String>,
         lost_after: std::time::Duration,
         actor: &Actor,
-    ) -> Result<Vec<DomainEvent>> {
+    ) -> Result<Option<Registration>> {
         let kept_is = |presented: &str| {
             self.token_hash
                 .as_deref()
@@ -248,7 +273,7 @@ impl Worker {
             // The same agent's retry of the registration that made it Ready (its answer was
             // lost), and that may already have given it its reserved job.
             WorkerState::Ready | WorkerState::Busy if session_hash.is_some_and(kept_is) => {
-                return Ok(Vec::new())
+                return Ok(None)
             }
             _ => return Err(DomainError::InvalidBootstrapToken { worker_id: self.id }),
         }
@@ -264,8 +289,8 @@ impl Worker {
                 hostname,
             },
         );
-        let [ready, for_job] = self.ready_events(from, actor);
-        Ok(vec![registered, ready, for_job])
+        let ready = self.ready_events(from, actor);
+        Ok(Some(Registration { registered, ready }))
     }
 
     /// Ready -> Busy with a job.
@@ -554,7 +579,7 @@ mod tests {
                 std::time::Duration::from_secs(15),
                 &a,
             );
-            let changed = registered.as_ref().is_ok_and(|events| !events.is_empty());
+            let changed = registered.as_ref().is_ok_and(Option::is_some);
             assert_eq!(
                 changed,
                 from == Connecting && from.can_transition_to(Ready),
@@ -582,19 +607,23 @@ mod tests {
             })
         );
         assert_eq!(worker.state, Connecting);
-        let events = worker
+        let registration = worker
             .register("hash", Some("session"), Some(7), None, lost, &a)
-            .unwrap();
-        let types: Vec<_> = events.iter().map(|e| e.event_type.as_str()).collect();
+            .unwrap()
+            .expect("the first registration changes the worker");
+        let types = |events: Vec<DomainEvent>| -> Vec<String> {
+            events.into_iter().map(|e| e.event_type).collect()
+        };
         assert_eq!(
-            types,
+            types(registration.clone().waiting()),
             ["WorkerRegistered", "WorkerReady", "WorkerReadyForJob"]
         );
+        assert_eq!(types(registration.given_its_job()), ["WorkerRegistered"]);
         assert!(
             worker
                 .register("hash", Some("session"), None, None, lost, &a)
                 .unwrap()
-                .is_empty(),
+                .is_none(),
             "the same agent asking again changes nothing"
         );
         assert!(
@@ -613,7 +642,7 @@ mod tests {
             worker
                 .register("hash", Some("session"), None, None, lost, &a)
                 .unwrap()
-                .is_empty(),
+                .is_none(),
             "asked again once it has its job (the answer with the job was lost): nothing changes"
         );
         worker.terminate("done".into(), &a).unwrap();

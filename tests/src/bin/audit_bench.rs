@@ -1,7 +1,7 @@
 //! `hodei-audit-bench`: how fast the audit API's queries are over a large audit log.
 //!
 //! It creates a database of its own (`hodei_bench_<random>`) on the PostgreSQL server, runs the
-//! migrations, loads `--rows` audit rows shaped like real ones (13 events per job under the
+//! migrations, loads `--rows` audit rows shaped like real ones (11 events per job under the
 //! job's correlation id, the actors that cause them, a month of time, small payloads) in one
 //! `INSERT ... SELECT` from `generate_series`, and then times every kind of query the audit API
 //! answers through `hodei_store::audit::query`, the code path the audit service runs. It prints
@@ -27,7 +27,7 @@ use uuid::Uuid;
 /// The life of a job as the audit log records it: event type, aggregate, actor (`agent` is the
 /// job's worker, `worker:<id>`), milliseconds after the job was created, and whether the job's
 /// own run time comes before it.
-const STEPS: [(&str, &str, &str, u32, bool); 13] = [
+const STEPS: [(&str, &str, &str, u32, bool); 11] = [
     ("JobCreated", "job", "scheduler", 0, false),
     ("JobQueued", "job", "scheduler", 2, false),
     ("JobAssigned", "job", "dispatcher", 9, false),
@@ -40,8 +40,6 @@ const STEPS: [(&str, &str, &str, u32, bool); 13] = [
     ),
     ("WorkerProvisioned", "worker", "provider-manager", 48, false),
     ("WorkerRegistered", "worker", "agent", 310, false),
-    ("WorkerReady", "worker", "registry", 312, false),
-    ("WorkerReadyForJob", "worker", "dispatcher", 315, false),
     ("WorkerStatusChanged", "worker", "registry", 321, false),
     ("JobStatusChanged", "job", "agent", 335, false),
     ("JobCompleted", "job", "agent", 335, true),
@@ -60,7 +58,7 @@ const SPAN_MS: u64 = 30 * 24 * 3600 * 1000;
 #[derive(clap::Parser)]
 #[command(name = "hodei-audit-bench")]
 struct Options {
-    /// Audit rows to load (at least 13: one job's life).
+    /// Audit rows to load (at least one job's life).
     #[arg(long, value_name = "N", default_value = "1000000", value_parser = rows)]
     rows: u64,
     /// Timed queries per kind, each with another key.
@@ -80,7 +78,9 @@ struct Options {
 
 fn rows(value: &str) -> Result<u64, String> {
     match hodei_tests::parse_number(value)? {
-        n if n < 13 => Err("at least 13 rows (one job's life)".into()),
+        n if n < STEPS.len() as u64 => {
+            Err(format!("at least {} rows (one job's life)", STEPS.len()))
+        }
         n => Ok(n),
     }
 }
@@ -756,9 +756,10 @@ async fn report(
     writeln!(s, "- client: `hodei-audit-bench`, {profile} build, through `hodei_store::audit::query` (one connection at a time)")?;
     writeln!(
         s,
-        "- data: {} rows (~13 per job under one correlation id, 30 days), loaded in {:.0} s; table {table_size}, \
+        "- data: {} rows (~{} per job under one correlation id, 30 days), loaded in {:.0} s; table {table_size}, \
          indexes {index_size}; `VACUUM ANALYZE` before measuring",
         with_commas(options.rows),
+        STEPS.len(),
         load_time.as_secs_f64()
     )?;
     writeln!(

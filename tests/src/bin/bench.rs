@@ -1210,7 +1210,8 @@ const PROCESS_START: &str = "process start (job's clock)";
 const CAUSED_BY: [(&str, &[&str]); 8] = [
     ("WorkerProvisioningRequested", &["JobQueued"]),
     ("WorkerProvisioned", &["WorkerProvisioningRequested"]),
-    // On an ephemeral worker, its WorkerReadyForJob; on a Ready pool worker, the JobQueued.
+    // On a pool worker, its WorkerReadyForJob or the JobQueued; an ephemeral worker is made
+    // Busy by its registration (a request: see ASSIGNED_BY_REQUEST).
     (
         "WorkerStatusChanged → Busy",
         &["WorkerReadyForJob", "JobQueued"],
@@ -1225,6 +1226,10 @@ const CAUSED_BY: [(&str, &[&str]); 8] = [
     // A pool worker released for the next job.
     ("WorkerReady", &["JobCompleted → Succeeded"]),
 ];
+
+/// A step after which what follows was caused by a request, not by the outbox: the
+/// registration that gave an ephemeral worker its job.
+const ASSIGNED_BY_REQUEST: &str = "WorkerRegistered";
 
 type AuditRow = (
     String,
@@ -1418,7 +1423,8 @@ async fn profile_jobs(system: &System, run: &Latency) -> anyhow::Result<Profile>
                 t[..i]
                     .iter()
                     .rev()
-                    .find(|s| causes.contains(&s.label.as_str()))
+                    .find(|s| causes.contains(&s.label.as_str()) || s.label == ASSIGNED_BY_REQUEST)
+                    .filter(|s| s.label != ASSIGNED_BY_REQUEST)
                     .and_then(|s| s.relayed)
             };
             // The process start has no transaction: its "begin" is the start itself.

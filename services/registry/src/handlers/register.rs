@@ -5,7 +5,7 @@ use hodei_domain::Actor;
 use hodei_messaging::api::RequestContext;
 use hodei_protocol::agent::{RegisterWorker, Registered};
 use hodei_protocol::{subjects, ApiError, ErrorCode};
-use hodei_store::{hash_token, jobs, workers};
+use hodei_store::{hash_token, jobs, outbox, workers};
 
 use crate::State;
 
@@ -34,7 +34,7 @@ pub async fn handle(
         .instance
         .as_deref()
         .map(|instance| hash_token(&format!("{}/{instance}", request.token)));
-    let events = worker.register(
+    let registration = worker.register(
         &hash_token(&request.token),
         session_hash.as_deref(),
         request.pid,
@@ -42,7 +42,7 @@ pub async fn handle(
         state.lost_after,
         &Actor::worker(worker.id),
     )?;
-    if events.is_empty() {
+    let Some(registration) = registration else {
         // A registration asked again (its answer was lost): answered as before, with the
         // job it was given then, if any.
         let run = match (worker.reserved_job_id, worker.current_job_id) {
@@ -62,17 +62,25 @@ pub async fn handle(
             max_jobs: worker.max_jobs,
             run,
         });
-    }
-    tx.save(&mut worker, &events).await?;
-    // A worker provisioned for one job gets it now, in this transaction and in the answer
-    // (not also on its command subject): the dispatcher would otherwise assign it on
-    // WorkerReadyForJob, one round through the stream later (it finds the worker Busy and
-    // does nothing).
+    };
+    // A worker provisioned for one job that still waits for it gets it now, in this
+    // transaction and in the answer (not also on its command subject), and nobody is told
+    // it was ready: the dispatcher would otherwise look at it on WorkerReadyForJob, one
+    // round through the stream later, only to find it Busy. (Worker, then job: the lock
+    // order of every placement.)
     let run = match jobs::lock_scheduled_on(&mut tx, worker.id).await? {
-        Some(mut job) if worker.reserved_job_id == Some(job.id) => Some(
-            hodei_placement::assign_in_answer(&mut tx, &mut job, &mut worker, &state.actor).await?,
-        ),
-        _ => None,
+        Some(mut job) if worker.reserved_job_id == Some(job.id) => {
+            // The worker's row is written once, Busy, by the assignment.
+            outbox::append_events(&mut tx, &registration.given_its_job()).await?;
+            Some(
+                hodei_placement::assign_in_answer(&mut tx, &mut job, &mut worker, &state.actor)
+                    .await?,
+            )
+        }
+        _ => {
+            tx.save(&mut worker, &registration.waiting()).await?;
+            None
+        }
     };
     hodei_store::commit(tx).await?;
     tracing::info!(worker_id = %worker.id, pid = ?request.pid, with_job = run.is_some(), "worker registered and ready");
