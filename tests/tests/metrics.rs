@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use hodei_tests::{http_get, job, prometheus_value, System, SERVICES};
+use hodei_tests::{http_get, job, prometheus_value, System, EVENTS_OF_A_JOB, SERVICES};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_as_prometheus_text_and_move_when_jobs_run() {
@@ -26,6 +26,8 @@ async fn metrics_parse_as_prometheus_text_and_move_when_jobs_run() {
         before.push(scrape(service).await);
     }
 
+    // The events of the three jobs.
+    const EVENTS: usize = 3 * EVENTS_OF_A_JOB.len();
     let mut ids = Vec::new();
     for code in [0, 0, 3] {
         ids.push(
@@ -45,7 +47,7 @@ async fn metrics_parse_as_prometheus_text_and_move_when_jobs_run() {
                 .fetch_one(&system.pool)
                 .await
                 .unwrap();
-            n == 39
+            n == EVENTS as i64
         })
         .await;
 
@@ -74,7 +76,7 @@ async fn metrics_parse_as_prometheus_text_and_move_when_jobs_run() {
         (
             "audit",
             r#"hodei_consumer_messages_total{consumer="audit",outcome="done"}"#,
-            39.0,
+            EVENTS as f64,
         ),
     ];
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -96,7 +98,7 @@ async fn metrics_parse_as_prometheus_text_and_move_when_jobs_run() {
             .all(|((was, now), (_, series, want))| {
                 *now == *want && (series.ends_with("depth") || *was == 0.0)
             });
-        // Every service publishes its own commits, the relay what they left: 39 events, some
+        // Every service publishes its own commits, the relay what they left: every event, some
         // perhaps twice (the stream keeps one); the jobs reach their workers in the answers
         // to their registrations, with no RunJob command.
         let published: f64 = SERVICES
@@ -107,7 +109,7 @@ async fn metrics_parse_as_prometheus_text_and_move_when_jobs_run() {
                     - prometheus_value(&before[i], "hodei_outbox_published_total")
             })
             .sum();
-        if all_moved && published >= 39.0 {
+        if all_moved && published >= EVENTS as f64 {
             return;
         }
         if std::time::Instant::now() > deadline {

@@ -244,3 +244,76 @@ async fn no_hot_query_scans_jobs_or_the_outbox_with_a_big_backlog() {
         assert!(whole.is_empty(), "{name} scans {whole:?}:\n{plan}");
     }
 }
+
+/// A batch of changes is one transaction; when the database refuses one of them (here an
+/// event whose text PostgreSQL cannot store), the transaction fails and each change is made
+/// alone: the others are saved with their events, the refused one changes nothing, and a
+/// change the domain refuses (an ended job cancelled again) is that change's error only.
+#[tokio::test]
+async fn a_batch_of_changes_with_one_the_database_refuses_saves_all_the_others() {
+    use hodei_store::Change;
+    let (_db, pool) = migrated().await;
+    let store = Store::new(pool.clone());
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let (job, _) = new_job(None);
+        jobs::insert(&mut *pool.acquire().await.unwrap(), &job)
+            .await
+            .unwrap();
+        ids.push(job.id);
+    }
+    // Job 3 is already cancelled: cancelling it again is refused by its state machine.
+    hodei_store::change(&store, ids[3], |job: &mut Job| {
+        Ok::<_, StoreError>(vec![job
+            .cancel("before".into(), &Actor::service("t"))
+            .unwrap()])
+    })
+    .await
+    .unwrap();
+    let reasons = ["a", "b", "poison \u{0}", "d", "e"];
+    let changes: Vec<Change<&str>> = ids
+        .iter()
+        .zip(reasons)
+        .map(|(id, reason)| Change {
+            id: *id,
+            input: reason,
+            span: tracing::Span::none(),
+        })
+        .chain(std::iter::once(Change {
+            id: Uuid::now_v7(),
+            input: "no such job",
+            span: tracing::Span::none(),
+        }))
+        .collect();
+    let outcomes = hodei_store::change_many(&store, &changes, |job: &mut Job, reason: &str| {
+        Ok::<_, hodei_protocol::ApiError>(
+            vec![job.cancel(reason.to_owned(), &Actor::service("t"))?],
+        )
+    })
+    .await;
+    let summary: Vec<&str> = outcomes
+        .iter()
+        .map(|outcome| match outcome {
+            Ok(Some(_)) => "saved",
+            Ok(None) => "none",
+            Err(_) => "error",
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        ["saved", "saved", "error", "error", "saved", "none"],
+        "{outcomes:?}"
+    );
+    for (i, id) in ids.iter().enumerate() {
+        let job = jobs::get(&pool, *id).await.unwrap().unwrap();
+        let cancelled = job.state == hodei_domain::JobState::Cancelled;
+        assert_eq!(cancelled, i != 2, "job {i}: {:?}", job.state);
+        let (events,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM outbox_events WHERE aggregate_id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(events, if i == 2 { 0 } else { 1 }, "job {i}'s events");
+    }
+}

@@ -21,7 +21,7 @@ use crate::metrics::ConsumerCounters;
 use crate::{header, JetStream};
 
 /// What the loop does with a message once its handler returns.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Outcome {
     /// Handled (or refused for good with an answer): acknowledge.
     Done,

@@ -3,8 +3,9 @@
 //! Every state change goes one way: [`Store::begin`], lock the aggregate(s) `FOR UPDATE`,
 //! apply a domain method, [`Tx::save`] (the new state with a version check, and the events
 //! the method raised appended to the outbox), [`commit`], which hands the rows to the store's
-//! publisher once they are durable; [`change_job`] is that sequence for one job. Functions
-//! take `&mut PgConnection` so that the caller owns the transaction. The relay
+//! publisher once they are durable. [`change`] is that sequence for one aggregate, and
+//! [`change_many`] for a batch of independent changes in one transaction. Functions take
+//! `&mut PgConnection` so that the caller owns the transaction. The relay
 //! ([`outbox::relay_batch`]) and the audit log ([`audit`]) read what those transactions wrote.
 
 pub mod audit;
@@ -149,7 +150,7 @@ pub fn health(pool: &PgPool) -> hodei_runtime::endpoint::HealthCheck {
 pub type AfterCommit = std::sync::Arc<dyn Fn(Vec<outbox::Outgoing>) + Send + Sync>;
 
 /// The database of a service, and what its commits hand their outbox rows to. Every state
-/// change begins here ([`Store::begin`], or [`change_job`] for the common case). It derefs
+/// change begins here ([`Store::begin`], or [`change`] for the common case). It derefs
 /// to the pool for queries that change nothing.
 #[derive(Clone)]
 pub struct Store {
@@ -194,8 +195,15 @@ impl std::ops::Deref for Store {
     }
 }
 
-/// An aggregate with a row of its own and a version: what [`Tx::save`] writes.
-pub trait Aggregate: Send {
+/// An aggregate with a row of its own and a version: what [`Tx::save`] writes and
+/// [`change`] locks.
+pub trait Aggregate: Send + Sized {
+    /// Load it and lock its row for the rest of the transaction; `None` when there is none.
+    fn lock(
+        conn: &mut PgConnection,
+        id: Uuid,
+    ) -> impl std::future::Future<Output = Result<Option<Self>>> + Send;
+
     /// Write the new state, if the row still has the version it was loaded with.
     fn write(
         &mut self,
@@ -204,12 +212,18 @@ pub trait Aggregate: Send {
 }
 
 impl Aggregate for hodei_domain::Job {
+    async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Self>> {
+        jobs::lock(conn, id).await
+    }
     async fn write(&mut self, conn: &mut PgConnection) -> Result<()> {
         jobs::update(conn, self).await
     }
 }
 
 impl Aggregate for hodei_domain::Worker {
+    async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Self>> {
+        workers::lock(conn, id).await
+    }
     async fn write(&mut self, conn: &mut PgConnection) -> Result<()> {
         workers::update(conn, self).await
     }
@@ -270,27 +284,114 @@ pub async fn commit(tx: Tx) -> Result<()> {
     Ok(())
 }
 
-/// The one way to change one job: begin, lock it, apply `change` (a domain method, which
-/// returns the events it raised), save it with its events, commit. `Ok(None)` when there is
-/// no such job; an error from `change` changes nothing.
-pub async fn change_job<E>(
+/// The one way to change one aggregate: begin, lock it, apply `change` (a domain method,
+/// which returns the events it raised), save it with its events, commit. `Ok(None)` when
+/// there is no such aggregate; an error from `change`, or a change that raises no event,
+/// writes nothing.
+pub async fn change<A, E>(
     store: &Store,
     id: Uuid,
-    change: impl FnOnce(
-        &mut hodei_domain::Job,
-    ) -> std::result::Result<Vec<hodei_domain::DomainEvent>, E>,
-) -> std::result::Result<Option<hodei_domain::Job>, E>
+    change: impl FnOnce(&mut A) -> std::result::Result<Vec<hodei_domain::DomainEvent>, E>,
+) -> std::result::Result<Option<A>, E>
 where
+    A: Aggregate,
     E: From<StoreError>,
 {
     let mut tx = store.begin().await?;
-    let Some(mut job) = jobs::lock(&mut tx, id).await? else {
+    let Some(mut aggregate) = A::lock(&mut tx, id).await? else {
         return Ok(None);
     };
-    let events = change(&mut job)?;
-    tx.save(&mut job, &events).await?;
+    let events = change(&mut aggregate)?;
+    if events.is_empty() {
+        return Ok(Some(aggregate));
+    }
+    tx.save(&mut aggregate, &events).await?;
     commit(tx).await?;
-    Ok(Some(job))
+    Ok(Some(aggregate))
+}
+
+/// One of the independent changes [`change_many`] makes: the aggregate's id, what to apply
+/// to it, and the span its handling is traced in (its message's).
+pub struct Change<T> {
+    pub id: Uuid,
+    pub input: T,
+    pub span: tracing::Span,
+}
+
+/// [`change`] for many independent changes at once, in one transaction and one commit
+/// (group commit: what a consumer does with a batch of messages). Each change has its own
+/// outcome, in order: one its aggregate refuses (an error from `change`, which writes
+/// nothing) is that one's error, and the others are saved. If the transaction itself fails
+/// (a version conflict, a deadlock, the database), every change is made again alone, so
+/// that one change never fails its neighbours.
+pub async fn change_many<A, T, E, F>(
+    store: &Store,
+    changes: &[Change<T>],
+    change: F,
+) -> Vec<std::result::Result<Option<A>, E>>
+where
+    A: Aggregate,
+    T: Clone,
+    E: From<StoreError>,
+    F: Fn(&mut A, T) -> std::result::Result<Vec<hodei_domain::DomainEvent>, E>,
+{
+    use tracing::Instrument;
+    if changes.len() > 1 {
+        match change_together(store, changes, &change).await {
+            Ok(outcomes) => return outcomes,
+            Err(error) => tracing::warn!(
+                %error,
+                changes = changes.len(),
+                "a batch's transaction failed; making its changes one at a time"
+            ),
+        }
+    }
+    let mut outcomes = Vec::with_capacity(changes.len());
+    for one in changes {
+        let outcome = self::change(store, one.id, |aggregate| {
+            change(aggregate, one.input.clone())
+        })
+        .instrument(one.span.clone())
+        .await;
+        outcomes.push(outcome);
+    }
+    outcomes
+}
+
+async fn change_together<A, T, E, F>(
+    store: &Store,
+    changes: &[Change<T>],
+    change: &F,
+) -> Result<Vec<std::result::Result<Option<A>, E>>>
+where
+    A: Aggregate,
+    T: Clone,
+    F: Fn(&mut A, T) -> std::result::Result<Vec<hodei_domain::DomainEvent>, E>,
+{
+    use tracing::Instrument;
+    let mut tx = store.begin().await?;
+    let mut outcomes = Vec::with_capacity(changes.len());
+    for one in changes {
+        let outcome = async {
+            let Some(mut aggregate) = A::lock(&mut tx, one.id).await? else {
+                return Ok::<_, StoreError>(Ok(None));
+            };
+            match change(&mut aggregate, one.input.clone()) {
+                Ok(events) => {
+                    if !events.is_empty() {
+                        tx.save(&mut aggregate, &events).await?;
+                    }
+                    Ok(Ok(Some(aggregate)))
+                }
+                Err(refused) => Ok(Err(refused)),
+            }
+        }
+        .instrument(one.span.clone())
+        .await?;
+        outcomes.push(outcome);
+    }
+    commit(tx).instrument(changes[0].span.clone()).await?;
+    Ok(outcomes)
 }
 
 /// Connect and bring the schema up to date; what every service does at start-up.

@@ -188,9 +188,10 @@ async fn agent(
         hodei_messaging::stay_on_a_serving_node(client.clone(), servers, probe, shutdown)
     });
 
-    // Commands wait in their stream, so the command consumer and the registration (after
-    // which RunJob may come) can be set up at once: two round trips overlap.
-    let commands = async {
+    // The command consumer is made only when a command can come: a worker given its one job
+    // in the registration's answer never reads the command stream. (Commands wait in their
+    // stream, so making it after registering loses none.)
+    let commands_consumer = || async {
         use backon::Retryable;
         // Retried while JetStream cannot answer yet (a cluster electing a new leader, say).
         let create = || async {
@@ -260,9 +261,7 @@ async fn agent(
             .await
             .context("registering")
     };
-    let (commands, registered) = tokio::join!(commands, registering);
-    let (commands, mut messages) = commands?;
-    let registered = registered?;
+    let registered = registering.await?;
     tracing::info!(%worker_id, "registered");
     if let Some(lost_after) = registered.lost_after_ms.map(Duration::from_millis) {
         tokio::spawn(watchdog(connected, lost_after, shutdown.clone()));
@@ -293,8 +292,13 @@ async fn agent(
             .await;
         jobs_left -= 1;
     }
+    let mut commands = None;
     while jobs_left > 0 && result.is_ok() && !shutdown.is_cancelled() {
-        let message = match next_command(&mut messages, idle, &shutdown).await {
+        let messages = match &mut commands {
+            Some((_, messages)) => messages,
+            None => &mut commands.insert(commands_consumer().await?).1,
+        };
+        let message = match next_command(messages, idle, &shutdown).await {
             Ok(Some(message)) => message,
             Ok(None) => break,
             Err(error) => {
@@ -331,9 +335,11 @@ async fn agent(
         jobs_left -= 1;
     }
     heartbeats.abort();
-    let _ = js
-        .delete_consumer_from_stream(&commands.cached_info().name, streams::WORKER_CMDS)
-        .await;
+    if let Some((consumer, _)) = commands {
+        let _ = js
+            .delete_consumer_from_stream(&consumer.cached_info().name, streams::WORKER_CMDS)
+            .await;
+    }
     client.flush().await.ok();
     result
 }

@@ -149,16 +149,17 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         config.max_deliver = -1;
         config
     };
-    let queued = consumer::run(
+    let queued = consumer::run_batched(
         js.clone(),
         unlimited(ConsumerConfig::new(
             streams::EVENTS,
             "dispatcher-job-queued",
             Some(subjects::events_of_type("job", "JobQueued")),
         )),
+        handlers::job_queued::MAX_BATCH,
         &messaging,
         shutdown.clone(),
-        |delivery| handlers::job_queued::handle(state.clone(), delivery),
+        |batch| handlers::job_queued::handle(state.clone(), batch),
     );
     let ready = consumer::run(
         js.clone(),

@@ -107,16 +107,17 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         )
     };
     let heartbeats = handlers::heartbeat::run(state.clone(), client.clone(), shutdown.clone());
-    let teardown = consumer::run(
+    let teardown = consumer::run_batched(
         js.clone(),
         ConsumerConfig::new(
             streams::EVENTS,
             "registry-job-events",
             Some("hodei.events.job.>".into()),
         ),
+        handlers::job_ended::MAX_BATCH,
         &messaging,
         shutdown.clone(),
-        |delivery| handlers::job_ended::handle(state.clone(), delivery),
+        |batch| handlers::job_ended::handle(state.clone(), batch),
     );
     let (register, workers, heartbeats, ()) = tokio::join!(register, workers, heartbeats, teardown);
     let _ = monitor.await;

@@ -138,12 +138,13 @@ async fn serve(
         shutdown.clone(),
         |delivery| handlers::submit::from_stream(state.clone(), delivery),
     );
-    let reports = consumer::run(
+    let reports = consumer::run_batched(
         js.clone(),
         ConsumerConfig::new(streams::AGENT, "scheduler-reports", None),
+        handlers::reports::MAX_BATCH,
         metrics,
         shutdown.clone(),
-        |delivery| handlers::reports::handle(state.clone(), delivery),
+        |batch| handlers::reports::handle(state.clone(), batch),
     );
     let (submit, get, list, cancel, (), ()) =
         tokio::join!(submit, get, list, cancel, submissions, reports);

@@ -10,18 +10,52 @@ use uuid::Uuid;
 use super::send_job;
 use crate::State;
 
+/// Most placements made in one transaction.
+const MAX_PLACEMENTS_PER_TRANSACTION: usize = 64;
+
 /// Place pending jobs, highest priority then oldest first, while a free ready worker waits or
 /// (without a warm pool) a new worker fits within the capacity; at most `limit` of them.
-/// Returns how many were placed.
+/// Placements are made in transactions of up to [`MAX_PLACEMENTS_PER_TRANSACTION`] (one
+/// commit for all); a transaction that fails is made again one placement at a time, so that
+/// one job that cannot be placed never holds up the others. Returns how many were placed.
 pub(crate) async fn place_pending(state: &State, limit: usize) -> Result<usize, ApiError> {
     let mut placed = 0;
     while placed < limit {
-        let mut tx = state.store.begin().await?;
-        hodei_store::placement_lock(&mut tx).await?;
+        let wanted = (limit - placed).min(MAX_PLACEMENTS_PER_TRANSACTION);
+        let (n, more) = match place_together(state, wanted).await {
+            Ok(done) => done,
+            Err(error) if wanted > 1 => {
+                tracing::warn!(%error, wanted, "a batch of placements failed; placing one at a time");
+                let mut n = 0;
+                while n < wanted {
+                    match place_together(state, 1).await? {
+                        (1, true) => n += 1,
+                        (m, _) => return Ok(placed + n + m),
+                    }
+                }
+                (n, true)
+            }
+            Err(error) => return Err(error),
+        };
+        placed += n;
+        if !more {
+            break;
+        }
+    }
+    Ok(placed)
+}
+
+/// Up to `limit` placements in one transaction under the placement lock; how many were
+/// made, and whether there may be more to make (every one asked for was made).
+async fn place_together(state: &State, limit: usize) -> Result<(usize, bool), ApiError> {
+    let mut tx = state.store.begin().await?;
+    hodei_store::placement_lock(&mut tx).await?;
+    let mut waited = Vec::with_capacity(limit);
+    while waited.len() < limit {
         let Some(mut job) = jobs::lock_next_pending(&mut tx).await? else {
             break;
         };
-        let waited = chrono::Utc::now() - job.updated_at;
+        let waited_for = chrono::Utc::now() - job.updated_at;
         // A job in a container gets a container of its own: never a warm-pool process.
         let in_container = job.spec.image.is_some();
         let free = match in_container {
@@ -39,13 +73,18 @@ pub(crate) async fn place_pending(state: &State, limit: usize) -> Result<usize, 
             tracing::debug!(job_id = %job.id, "no free worker and no room for one; the job waits");
             break;
         }
-        hodei_store::commit(tx).await?;
+        waited.push(waited_for);
+    }
+    if waited.is_empty() {
+        return Ok((0, false));
+    }
+    hodei_store::commit(tx).await?;
+    for waited in &waited {
         state
             .dispatch_latency
             .observe(waited.to_std().unwrap_or_default().as_secs_f64());
-        placed += 1;
     }
-    Ok(placed)
+    Ok((waited.len(), waited.len() == limit))
 }
 
 /// Provision warm-pool workers until the pool has its size (within the capacity); when the

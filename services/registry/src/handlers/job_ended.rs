@@ -2,16 +2,111 @@
 //! requeued), an ephemeral worker is torn down; a warm-pool worker whose agent reported the
 //! end goes back to Ready until it has run its share of jobs.
 
-use hodei_domain::{Actor, DomainEvent, JobState, WorkerState};
+use hodei_domain::{Actor, DomainEvent, JobState, Worker, WorkerState};
 use hodei_messaging::consumer::{Delivery, Outcome};
 use hodei_protocol::ApiError;
-use hodei_store::workers;
+use hodei_store::Change;
 use uuid::Uuid;
 
 use crate::State;
 
-pub async fn handle(state: State, delivery: Delivery) -> Outcome {
-    Outcome::from_result(tear_down(&state, &delivery).await)
+/// Most job events handled in one transaction.
+pub const MAX_BATCH: usize = 256;
+
+/// The job events waiting together: those by which a job leaves its worker change their
+/// workers in one transaction ([`hodei_store::change_many`]: one at a time if it fails);
+/// the others are acknowledged as they are.
+pub async fn handle(state: State, batch: Vec<(Delivery, tracing::Span)>) -> Vec<Outcome> {
+    let spans: Vec<tracing::Span> = batch
+        .iter()
+        .map(|(_, parent)| tracing::info_span!(parent: parent, "teardown"))
+        .collect();
+    let read: Vec<Result<Option<Leaving>, ApiError>> = batch
+        .iter()
+        .map(|(delivery, _)| Ok(leaving(&delivery.decode()?)))
+        .collect();
+    let changes: Vec<Change<Leaving>> = read
+        .iter()
+        .zip(&spans)
+        .filter_map(|(read, span)| {
+            let leaving = read.as_ref().ok()?.as_ref()?;
+            Some(Change {
+                id: leaving.worker_id,
+                input: leaving.clone(),
+                span: span.clone(),
+            })
+        })
+        .collect();
+    let mut changed = hodei_store::change_many(
+        &state.store,
+        &changes,
+        |worker: &mut Worker, leaving: Leaving| {
+            Ok::<_, ApiError>(worker.job_left(
+                leaving.job_id,
+                leaving.reported_by_worker,
+                &leaving.why,
+                &state.actor,
+            )?)
+        },
+    )
+    .await
+    .into_iter();
+    read.into_iter()
+        .zip(&spans)
+        .map(|(read, span)| {
+            let _entered = span.enter();
+            let result = read.and_then(|leaving| {
+                let Some(leaving) = leaving else {
+                    return Ok(());
+                };
+                let worker = changed
+                    .next()
+                    .unwrap_or_else(|| Err(ApiError::internal("no outcome for the event")))?
+                    .ok_or_else(|| {
+                        ApiError::not_found(format!(
+                            "job {} ended on unknown worker {}",
+                            leaving.job_id, leaving.worker_id
+                        ))
+                    })?;
+                log(&worker, &leaving);
+                Ok(())
+            });
+            Outcome::from_result(result)
+        })
+        .collect()
+}
+
+fn log(worker: &Worker, leaving: &Leaving) {
+    let (worker_id, job_id) = (worker.id, leaving.job_id);
+    match worker.state {
+        WorkerState::Ready if worker.current_job_id.is_none() => {
+            tracing::info!(%worker_id, %job_id, jobs_run = worker.jobs_run, max_jobs = worker.max_jobs, "job ended; pool worker ready for the next one")
+        }
+        WorkerState::Terminating => {
+            tracing::info!(%worker_id, %job_id, "job ended; worker torn down")
+        }
+        _ => {}
+    }
+}
+
+/// A job leaving its worker: which, why, and whether the agent reported the end itself (the
+/// job's process is gone: a pool worker may go on).
+#[derive(Clone)]
+struct Leaving {
+    job_id: Uuid,
+    worker_id: Uuid,
+    why: String,
+    reported_by_worker: bool,
+}
+
+fn leaving(event: &DomainEvent) -> Option<Leaving> {
+    let (job_id, worker_id, why) = ended(event)?;
+    Some(Leaving {
+        job_id,
+        worker_id,
+        why,
+        reported_by_worker: event.actor == Actor::worker(worker_id),
+    })
 }
 
 /// The job and worker of an event by which a job leaves its worker, and why.
@@ -42,32 +137,4 @@ fn ended(event: &DomainEvent) -> Option<(Uuid, Uuid, String)> {
         _ => return None,
     };
     Some((ending.job_id, ending.worker_id?, why))
-}
-
-#[tracing::instrument(name = "teardown", skip_all)]
-async fn tear_down(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
-    let event: DomainEvent = delivery.decode()?;
-    let Some((job_id, worker_id, why)) = ended(&event) else {
-        return Ok(());
-    };
-    let mut tx = state.store.begin().await?;
-    let Some(mut worker) = workers::lock(&mut tx, worker_id).await? else {
-        return Err(ApiError::not_found(format!(
-            "job {job_id} ended on unknown worker {worker_id}"
-        )));
-    };
-    // The agent reported the end itself: the job's process is gone, a pool worker may go on.
-    let reported_by_worker = event.actor == Actor::worker(worker_id);
-    let events = worker.job_left(job_id, reported_by_worker, &why, &state.actor)?;
-    if events.is_empty() {
-        return Ok(());
-    }
-    tx.save(&mut worker, &events).await?;
-    hodei_store::commit(tx).await?;
-    if worker.state == WorkerState::Ready {
-        tracing::info!(%worker_id, %job_id, jobs_run = worker.jobs_run, max_jobs = worker.max_jobs, "job ended; pool worker ready for the next one");
-    } else {
-        tracing::info!(%worker_id, %job_id, "job ended; worker torn down");
-    }
-    Ok(())
 }

@@ -16,9 +16,11 @@ pub async fn handle(state: State, request: CancelJob) -> Result<JobView, ApiErro
         return Err(ApiError::bad_request("reason must be at most 1024 bytes"));
     }
     let actor = Actor::service(crate::SERVICE);
-    let job = hodei_store::change_job(&state.store, request.job_id, |job| {
-        Ok::<_, ApiError>(vec![job.cancel(reason, &actor)?])
-    })
+    let job = hodei_store::change(
+        &state.store,
+        request.job_id,
+        |job: &mut hodei_domain::Job| Ok::<_, ApiError>(vec![job.cancel(reason, &actor)?]),
+    )
     .await?
     .ok_or_else(|| ApiError::not_found(format!("there is no job {}", request.job_id)))?;
     tracing::info!(job_id = %job.id, "job cancelled");

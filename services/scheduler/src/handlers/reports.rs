@@ -9,17 +9,81 @@ use hodei_messaging::api::respond;
 use hodei_messaging::consumer::{Delivery, Outcome};
 use hodei_protocol::agent::{JobFinished, JobStarted, ReportAccepted};
 use hodei_protocol::{headers, subjects, ApiError, ErrorCode};
+use hodei_store::Change;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::State;
 
+/// Most reports applied in one transaction.
+pub const MAX_BATCH: usize = 128;
+
+#[derive(Clone)]
 enum Report {
     Started(JobStarted),
     Finished(JobFinished),
 }
 
-pub async fn handle(state: State, delivery: Delivery) -> Outcome {
-    let result = apply(&state, &delivery).await;
+/// The reports waiting together: each read and checked on its own, then all applied in one
+/// transaction (one commit); a batch whose transaction fails is applied one report at a
+/// time, so that a report only ever fails for what is wrong with it. Each is answered and
+/// settled on its own.
+pub async fn handle(state: State, batch: Vec<(Delivery, tracing::Span)>) -> Vec<Outcome> {
+    let spans: Vec<tracing::Span> = batch
+        .iter()
+        .map(|(_, parent)| tracing::info_span!(parent: parent, "report"))
+        .collect();
+    let read: Vec<Result<(Uuid, Uuid, Report), ApiError>> = batch
+        .iter()
+        .zip(&spans)
+        .map(|((delivery, _), span)| span.in_scope(|| read(delivery)))
+        .collect();
+    let changes: Vec<Change<(Uuid, Report)>> = read
+        .iter()
+        .zip(&spans)
+        .filter_map(|(read, span)| {
+            let (job_id, worker_id, report) = read.as_ref().ok()?;
+            Some(Change {
+                id: *job_id,
+                input: (*worker_id, report.clone()),
+                span: span.clone(),
+            })
+        })
+        .collect();
+    let mut applied = hodei_store::change_many(
+        &state.store,
+        &changes,
+        |job: &mut Job, (worker_id, report)| apply_to(job, worker_id, report),
+    )
+    .await
+    .into_iter();
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for (((delivery, _), read), span) in batch.iter().zip(read).zip(&spans) {
+        let result = read.and_then(|(job_id, _, _)| {
+            let job = applied
+                .next()
+                .unwrap_or_else(|| Err(ApiError::internal("no outcome for the report")))?
+                .ok_or_else(|| ApiError::not_found(format!("there is no job {job_id}")))?;
+            Ok(ReportAccepted {
+                job_id,
+                state: job.state,
+            })
+        });
+        outcomes.push(
+            answer(&state, delivery, result)
+                .instrument(span.clone())
+                .await,
+        );
+    }
+    outcomes
+}
+
+/// Answer the report on its `Hodei-Reply-To`, if it asks for one, and settle it.
+async fn answer(
+    state: &State,
+    delivery: &Delivery,
+    result: Result<ReportAccepted, ApiError>,
+) -> Outcome {
     if let Some(reply_to) = delivery.header(headers::REPLY_TO) {
         if let Err(error) = respond(&state.client, reply_to, result.clone()).await {
             tracing::warn!(%error, "cannot answer the report");
@@ -31,8 +95,9 @@ pub async fn handle(state: State, delivery: Delivery) -> Outcome {
     Outcome::from_result(result)
 }
 
-#[tracing::instrument(name = "report", skip_all)]
-async fn apply(state: &State, delivery: &Delivery) -> Result<ReportAccepted, ApiError> {
+/// The job a report is about, the worker it comes from (the subject's, which must be the
+/// one it names) and what it says.
+fn read(delivery: &Delivery) -> Result<(Uuid, Uuid, Report), ApiError> {
     let worker_id = subjects::worker_id_of(&delivery.subject)
         .ok_or_else(|| ApiError::bad_request(format!("{} names no worker", delivery.subject)))?;
     let report = match delivery.subject.rsplit('.').next() {
@@ -55,24 +120,15 @@ async fn apply(state: &State, delivery: &Delivery) -> Result<ReportAccepted, Api
             format!("worker {worker_id} published a report in the name of worker {claimed}"),
         ));
     }
-    let actor = Actor::worker(worker_id);
-    let job = hodei_store::change_job(&state.store, job_id, |job| {
-        apply_to(job, worker_id, report, &actor)
-    })
-    .await?
-    .ok_or_else(|| ApiError::not_found(format!("there is no job {job_id}")))?;
-    Ok(ReportAccepted {
-        job_id,
-        state: job.state,
-    })
+    Ok((job_id, worker_id, report))
 }
 
 fn apply_to(
     job: &mut Job,
     worker_id: Uuid,
     report: Report,
-    actor: &Actor,
 ) -> Result<Vec<hodei_domain::DomainEvent>, ApiError> {
+    let actor = &Actor::worker(worker_id);
     let events = match report {
         Report::Started(_) => vec![job.start(worker_id, actor)?],
         Report::Finished(JobFinished {
