@@ -68,20 +68,25 @@ async fn a_warm_pool_runs_jobs_on_reused_workers_and_replaces_spent_ones() {
         .await
         .unwrap();
 
-    // Nine jobs, exit codes 0..8: each must end as its own command said.
-    let mut ids = Vec::new();
-    for code in 0..9 {
-        let script = format!("echo job {code}; exit {code}");
-        let accepted = system.submit(&job("sh", &["-c", &script])).await.unwrap();
-        if code == 0 {
-            assert_eq!(
-                accepted.state,
-                JobState::Assigned,
-                "a job accepted while a pool worker waits goes to it in the accepting transaction"
-            );
-        }
-        ids.push(accepted.job_id);
-    }
+    // Nine jobs, exit codes 0..8: each must end as its own command said. The first is
+    // accepted while both pool workers wait; the others at once, so that they queue.
+    let script = |code: i32| format!("echo job {code}; exit {code}");
+    let first = system
+        .submit(&job("sh", &["-c", &script(0)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        first.state,
+        JobState::Assigned,
+        "a job accepted while a pool worker waits goes to it in the accepting transaction"
+    );
+    let mut ids = vec![first.job_id];
+    let requests: Vec<_> = (1..9)
+        .map(|code| job("sh", &["-c", &script(code)]))
+        .collect();
+    let rest =
+        futures::future::join_all(requests.iter().map(|request| system.submit(request))).await;
+    ids.extend(rest.into_iter().map(|accepted| accepted.unwrap().job_id));
     let views = wait_until_ended(&system, &ids).await;
     let mut jobs_per_worker: HashMap<Uuid, usize> = HashMap::new();
     for (code, view) in views.iter().enumerate() {
@@ -144,6 +149,24 @@ async fn a_warm_pool_runs_jobs_on_reused_workers_and_replaces_spent_ones() {
             assert_ne!(state, "Terminated", "a worker with jobs left is kept");
         }
     }
+    // A worker that reports its job's end while jobs wait is given the next one in the
+    // answer to that report: no RunJob command is written for those jobs.
+    assert!(
+        system
+            .log_of("scheduler")
+            .contains("next job given with the report"),
+        "no worker was given its next job with its report"
+    );
+    let (commands,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM outbox_events WHERE kind = 'command'")
+            .fetch_one(&system.pool)
+            .await
+            .unwrap();
+    assert!(
+        commands < ids.len() as i64,
+        "{commands} RunJob commands for {} jobs",
+        ids.len()
+    );
     // Jobs on a ready worker are Assigned, never Scheduled on a worker made for them.
     let assigned = || async {
         system

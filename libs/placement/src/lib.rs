@@ -6,7 +6,7 @@ use hodei_domain::{Actor, DomainEvent, Job, Worker};
 use hodei_protocol::agent::{RunJob, WorkerCommand};
 use hodei_protocol::{subjects, ApiError};
 use hodei_store::outbox::{self, OutboxCommand};
-use hodei_store::{jobs, workers, Tx};
+use hodei_store::{jobs, workers, Store, Tx};
 use uuid::Uuid;
 
 /// Give `job` to `worker`: the worker goes Busy, the job goes Assigned unless it was already
@@ -91,4 +91,55 @@ pub async fn assign_on_accept(tx: &mut Tx, job: &mut Job, actor: &Actor) -> Resu
     };
     assign(tx, job, &mut worker, actor).await?;
     Ok(true)
+}
+
+/// A warm-pool worker that reported the end of `ended` (its job, which has just left it) and
+/// has jobs left takes the next pending job at once, in one transaction: the job goes to the
+/// agent in the answer to its report, with no RunJob command and no WorkerReady /
+/// WorkerReadyForJob (nobody needs to hear that it was free: it is Busy again). `None` when
+/// the worker is not such a worker or no job waits for a pool process; the registry then
+/// releases it or tears it down on the job's event, as for any worker.
+#[tracing::instrument(name = "assign", skip_all, fields(%worker_id))]
+pub async fn next_for_pool_worker(
+    store: &Store,
+    worker_id: Uuid,
+    ended: Uuid,
+    actor: &Actor,
+) -> Result<Option<RunJob>, ApiError> {
+    let goes_on = |worker: &Worker| {
+        worker.pooled
+            && worker.state == hodei_domain::WorkerState::Busy
+            && worker.current_job_id == Some(ended)
+            && worker.jobs_run < worker.max_jobs
+    };
+    // A look without a lock first: most workers are not such workers.
+    if !workers::get(store, worker_id)
+        .await?
+        .is_some_and(|w| goes_on(&w))
+    {
+        return Ok(None);
+    }
+    // The placement lock before the worker's, as every placement takes them.
+    let mut tx = store.begin().await?;
+    hodei_store::placement_lock(&mut tx).await?;
+    let Some(mut worker) = workers::lock(&mut tx, worker_id).await? else {
+        return Ok(None);
+    };
+    if !goes_on(&worker) {
+        return Ok(None);
+    }
+    let Some(mut next) = jobs::lock_next_pending(&mut tx).await? else {
+        return Ok(None);
+    };
+    // A job in a container gets a container of its own: never a warm-pool process.
+    if next.spec.image.is_some() {
+        return Ok(None);
+    }
+    // Busy -> Ready -> Busy in one transaction: the events of the release are not written
+    // (the assignment's WorkerStatusChanged records the change).
+    let _released = worker.job_left(ended, true, "ended", actor)?;
+    let run = assign_in_answer(&mut tx, &mut next, &mut worker, actor).await?;
+    hodei_store::commit(tx).await?;
+    tracing::info!(job_id = %next.id, %worker_id, attempt = next.attempt, "next job given with the report");
+    Ok(Some(run))
 }

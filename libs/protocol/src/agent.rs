@@ -94,6 +94,10 @@ pub struct JobFinished {
 pub struct ReportAccepted {
     pub job_id: Uuid,
     pub state: hodei_domain::JobState,
+    /// For a warm-pool worker that reported its job's end while another job waited: its next
+    /// job, assigned with the report (no RunJob command is written for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<RunJob>,
 }
 
 /// Commands on `hodei.worker.<worker_id>.cmd`, written to the outbox with the change that

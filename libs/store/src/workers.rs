@@ -117,6 +117,13 @@ pub async fn update(conn: &mut PgConnection, worker: &mut Worker) -> Result<()> 
     Ok(())
 }
 
+/// The worker as it is now, without a lock.
+pub async fn get(pool: &sqlx::PgPool, id: Uuid) -> Result<Option<Worker>> {
+    let sql = format!("SELECT {COLUMNS} FROM workers WHERE id = $1");
+    let row: Option<WorkerRow> = sqlx::query_as(&sql).bind(id).fetch_optional(pool).await?;
+    row.map(Worker::try_from).transpose()
+}
+
 pub async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Worker>> {
     let sql = format!("SELECT {COLUMNS} FROM workers WHERE id = $1 FOR UPDATE");
     let row: Option<WorkerRow> = sqlx::query_as(&sql).bind(id).fetch_optional(conn).await?;

@@ -79,7 +79,7 @@ impl Runner {
         command_message: Option<&jetstream::Message>,
         parent: opentelemetry::Context,
         shutdown: Shutdown,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Option<Next>> {
         let span = tracing::info_span!(
             "run",
             otel.name = "run job",
@@ -88,9 +88,15 @@ impl Runner {
             trace_id = tracing::field::Empty,
         );
         context::adopt(&span, parent);
-        self.execute(client, js, worker_id, job, command_message, shutdown)
-            .instrument(span)
-            .await
+        let next = self
+            .execute(client, js, worker_id, job, command_message, shutdown)
+            .instrument(span.clone())
+            .await?;
+        // The next job was handed over in this job's trace: its run continues it.
+        Ok(next.map(|run| Next {
+            run,
+            parent: context::from_fields(&context::of_span(&span).into_iter().collect::<Vec<_>>()),
+        }))
     }
 
     /// The job's command: nothing of the agent's environment but PATH, LANG and TZ, then the
@@ -176,7 +182,7 @@ impl Runner {
         job: RunJob,
         command_message: Option<&jetstream::Message>,
         shutdown: Shutdown,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Option<RunJob>> {
         let ack = || async {
             if let Some(message) = command_message {
                 let _ = message.ack().await;
@@ -198,8 +204,7 @@ impl Runner {
                 tracing::warn!(%error, "job could not start");
                 ack().await;
                 logs.finish(0, None).await;
-                report_finished(client, js, worker_id, &job, None, Some(error)).await;
-                return Ok(());
+                return Ok(report_finished(client, js, worker_id, &job, None, Some(error)).await);
             }
         };
         let pid = child.id();
@@ -224,7 +229,7 @@ impl Runner {
                 tracing::warn!(code = error.code.as_str(), message = %error.message, "start refused; killing the job");
                 let _ = child.kill().await;
                 ack().await;
-                return Ok(());
+                return Ok(None);
             }
             answer => log_answer("started", answer),
         }
@@ -286,12 +291,18 @@ impl Runner {
         tracing::info!(?exit_code, ?error, "job ended");
         let batches = logs.seq;
         logs.finish(batches, exit_code).await;
-        report_finished(client, js, worker_id, &job, exit_code, error).await;
-        Ok(())
+        Ok(report_finished(client, js, worker_id, &job, exit_code, error).await)
     }
 }
 
-/// Report how the attempt ended (retried until answered or refused; the answer is logged).
+/// A job the agent was given with its last report, and the trace its run continues.
+pub struct Next {
+    pub run: RunJob,
+    pub parent: opentelemetry::Context,
+}
+
+/// Report how the attempt ended (retried until answered or refused; the answer is logged);
+/// a warm-pool worker's next job, when the answer brings one.
 async fn report_finished(
     client: &Client,
     js: &JetStream,
@@ -299,7 +310,7 @@ async fn report_finished(
     job: &RunJob,
     exit_code: Option<i32>,
     error: Option<String>,
-) {
+) -> Option<RunJob> {
     let finished = JobFinished {
         schema_version: hodei_protocol::SCHEMA_VERSION,
         worker_id,
@@ -317,7 +328,12 @@ async fn report_finished(
         &finished,
     )
     .await;
+    let next = answer
+        .as_ref()
+        .ok()
+        .and_then(|accepted| accepted.next.clone());
     log_answer("finished", answer);
+    next
 }
 
 fn log_answer(

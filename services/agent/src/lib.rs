@@ -277,62 +277,67 @@ async fn agent(
     let idle = (registered.max_jobs <= 1).then(|| Duration::from_secs(config.idle_timeout_secs));
     let mut result = Ok(());
     let mut jobs_left = registered.max_jobs.max(1);
-    // The job the registration brought (a worker provisioned for it) runs at once; its copy
-    // on the command subject is then skipped.
-    let mut ran: Option<(Uuid, u32)> = None;
-    if let Some(run) = registered.run {
-        ran = Some((run.job_id, run.attempt));
-        let parent = context::from_fields(
+    // A job given in an answer (the registration's, for a worker provisioned for it; a
+    // finished report's, for a warm-pool worker's next job) runs at once; one that comes
+    // again on the command subject is skipped.
+    let mut given = registered.run.map(|run| job::Next {
+        run,
+        parent: context::from_fields(
             &context::of_span(&registered_in)
                 .into_iter()
                 .collect::<Vec<_>>(),
-        );
-        result = runner
-            .run(&client, &js, worker_id, run, None, parent, shutdown.clone())
-            .await;
-        jobs_left -= 1;
-    }
+        ),
+    });
+    let mut ran: Option<(Uuid, u32)> = None;
     let mut commands = None;
-    while jobs_left > 0 && result.is_ok() && !shutdown.is_cancelled() {
-        let messages = match &mut commands {
-            Some((_, messages)) => messages,
-            None => &mut commands.insert(commands_consumer().await?).1,
-        };
-        let message = match next_command(messages, idle, &shutdown).await {
-            Ok(Some(message)) => message,
-            Ok(None) => break,
-            Err(error) => {
-                result = Err(error);
-                break;
+    // (A job given is run even past the agent's count: the control plane assigned it.)
+    while (jobs_left > 0 || given.is_some()) && result.is_ok() && !shutdown.is_cancelled() {
+        let (run, message, parent) = match given.take() {
+            Some(job::Next { run, parent }) => (run, None, parent),
+            None => {
+                let messages = match &mut commands {
+                    Some((_, messages)) => messages,
+                    None => &mut commands.insert(commands_consumer().await?).1,
+                };
+                let message = match next_command(messages, idle, &shutdown).await {
+                    Ok(Some(message)) => message,
+                    Ok(None) => break,
+                    Err(error) => {
+                        result = Err(error);
+                        break;
+                    }
+                };
+                let command: WorkerCommand = match decode(&message.payload) {
+                    Ok(command) => command,
+                    Err(error) => {
+                        let _ = message.ack_with(AckKind::Term).await;
+                        result = Err(anyhow::anyhow!("unreadable command: {error}"));
+                        break;
+                    }
+                };
+                let WorkerCommand::RunJob(run) = command;
+                if ran == Some((run.job_id, run.attempt)) {
+                    let _ = message.ack().await;
+                    continue;
+                }
+                let parent = hodei_messaging::trace::parent_of(message.headers.as_ref());
+                (run, Some(message), parent)
             }
         };
-        let command: WorkerCommand = match decode(&message.payload) {
-            Ok(command) => command,
-            Err(error) => {
-                let _ = message.ack_with(AckKind::Term).await;
-                result = Err(anyhow::anyhow!("unreadable command: {error}"));
-                break;
-            }
-        };
-        let WorkerCommand::RunJob(run) = command;
-        if ran == Some((run.job_id, run.attempt)) {
-            let _ = message.ack().await;
-            continue;
-        }
         ran = Some((run.job_id, run.attempt));
-        let parent = hodei_messaging::trace::parent_of(message.headers.as_ref());
         result = runner
             .run(
                 &client,
                 &js,
                 worker_id,
                 run,
-                Some(&message),
+                message.as_ref(),
                 parent,
                 shutdown.clone(),
             )
-            .await;
-        jobs_left -= 1;
+            .await
+            .map(|next| given = next);
+        jobs_left = jobs_left.saturating_sub(1);
     }
     heartbeats.abort();
     if let Some((consumer, _)) = commands {

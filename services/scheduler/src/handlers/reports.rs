@@ -59,16 +59,14 @@ pub async fn handle(state: State, batch: Vec<(Delivery, tracing::Span)>) -> Vec<
     .into_iter();
     let mut outcomes = Vec::with_capacity(batch.len());
     for (((delivery, _), read), span) in batch.iter().zip(read).zip(&spans) {
-        let result = read.and_then(|(job_id, _, _)| {
-            let job = applied
-                .next()
-                .unwrap_or_else(|| Err(ApiError::internal("no outcome for the report")))?
-                .ok_or_else(|| ApiError::not_found(format!("there is no job {job_id}")))?;
-            Ok(ReportAccepted {
-                job_id,
-                state: job.state,
-            })
-        });
+        let result = match read {
+            Err(error) => Err(error),
+            Ok((job_id, worker_id, report)) => {
+                accepted(&state, &mut applied, job_id, worker_id, report)
+                    .instrument(span.clone())
+                    .await
+            }
+        };
         outcomes.push(
             answer(&state, delivery, result)
                 .instrument(span.clone())
@@ -76,6 +74,42 @@ pub async fn handle(state: State, batch: Vec<(Delivery, tracing::Span)>) -> Vec<
         );
     }
     outcomes
+}
+
+/// What the report's answer says, from the outcome of its change: for a job that left a
+/// warm-pool worker, with the worker's next job when one waits.
+async fn accepted(
+    state: &State,
+    applied: &mut impl Iterator<Item = Result<Option<Job>, ApiError>>,
+    job_id: Uuid,
+    worker_id: Uuid,
+    report: Report,
+) -> Result<ReportAccepted, ApiError> {
+    let job = applied
+        .next()
+        .unwrap_or_else(|| Err(ApiError::internal("no outcome for the report")))?
+        .ok_or_else(|| ApiError::not_found(format!("there is no job {job_id}")))?;
+    // Ended, or retried (Pending again, off the worker).
+    let left_worker = matches!(report, Report::Finished(_)) && job.worker_id != Some(worker_id)
+        || job.state.is_terminal();
+    // The report is applied: a failure to hand over the next job must not undo that (the
+    // registry releases the worker on the job's event, and the dispatcher places the job).
+    let next = match left_worker {
+        true => {
+            hodei_placement::next_for_pool_worker(&state.store, worker_id, job_id, &state.actor)
+                .await
+                .unwrap_or_else(|error| {
+                    tracing::warn!(%error, %worker_id, "no next job given with the report");
+                    None
+                })
+        }
+        false => None,
+    };
+    Ok(ReportAccepted {
+        job_id,
+        state: job.state,
+        next,
+    })
 }
 
 /// Answer the report on its `Hodei-Reply-To`, if it asks for one, and settle it.
