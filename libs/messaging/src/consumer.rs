@@ -9,7 +9,6 @@ use std::future::Future;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, AckKind};
-use backon::BackoffBuilder;
 use bytes::Bytes;
 use futures::StreamExt;
 use hodei_protocol::ApiError;
@@ -149,32 +148,28 @@ async fn open_until_shutdown(
     config: &ConsumerConfig,
     shutdown: &Shutdown,
 ) -> Option<pull::Stream> {
-    let mut backoff = new_backoff();
-    while !shutdown.is_cancelled() {
-        match open(js, config).await {
-            Ok(messages) => {
-                tracing::info!(consumer = %config.durable, stream = config.stream, "consuming");
-                return Some(messages);
-            }
-            Err(error) => {
-                let delay = backoff.next().unwrap_or(Duration::from_secs(10));
-                tracing::warn!(consumer = %config.durable, %error, ?delay, "cannot open consumer; retrying");
-                shutdown
-                    .run_until_cancelled(tokio::time::sleep(delay))
-                    .await;
-            }
+    use backon::Retryable;
+    let opened = (|| open(js, config))
+        .retry(
+            backon::ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_secs(10))
+                .with_jitter()
+                .without_max_times(),
+        )
+        .notify(|error, delay| {
+            tracing::warn!(consumer = %config.durable, %error, ?delay, "cannot open consumer; retrying")
+        });
+    match shutdown.run_until_cancelled(opened).await? {
+        Ok(messages) => {
+            tracing::info!(consumer = %config.durable, stream = config.stream, "consuming");
+            Some(messages)
+        }
+        Err(error) => {
+            tracing::error!(consumer = %config.durable, %error, "gave up opening the consumer");
+            None
         }
     }
-    None
-}
-
-fn new_backoff() -> impl Iterator<Item = Duration> {
-    backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(10))
-        .with_jitter()
-        .without_max_times()
-        .build()
 }
 
 async fn open(js: &JetStream, config: &ConsumerConfig) -> Result<pull::Stream, async_nats::Error> {

@@ -439,26 +439,21 @@ pub async fn connect_and_ensure_streams(
     creds: Option<&Path>,
     replicas: Option<usize>,
 ) -> Result<(Client, JetStream)> {
-    use backon::BackoffBuilder;
+    use backon::Retryable;
     let client = connect(url, name, creds).await?;
     let js = jetstream::new(client.clone());
-    let mut delays = backon::ExponentialBuilder::default()
-        .with_min_delay(std::time::Duration::from_millis(100))
-        .with_max_delay(std::time::Duration::from_secs(5))
-        .with_jitter()
-        .with_total_delay(Some(std::time::Duration::from_secs(60)))
-        .without_max_times()
-        .build();
-    loop {
-        match ensure_streams(&js, replicas).await {
-            Ok(()) => return Ok((client, js)),
-            Err(error) => match delays.next() {
-                Some(delay) => {
-                    tracing::warn!(%error, ?delay, "cannot create the streams yet; retrying");
-                    tokio::time::sleep(delay).await;
-                }
-                None => return Err(error),
-            },
-        }
-    }
+    (|| ensure_streams(&js, replicas))
+        .retry(
+            backon::ExponentialBuilder::default()
+                .with_min_delay(std::time::Duration::from_millis(100))
+                .with_max_delay(std::time::Duration::from_secs(5))
+                .with_jitter()
+                .with_total_delay(Some(std::time::Duration::from_secs(60)))
+                .without_max_times(),
+        )
+        .notify(|error, delay| {
+            tracing::warn!(%error, ?delay, "cannot create the streams yet; retrying")
+        })
+        .await?;
+    Ok((client, js))
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use async_nats::Client;
+use backon::Retryable;
 use hodei_messaging::{encode, message_headers, publish_durable, JetStream};
 use hodei_protocol::agent::{JobFinished, JobStarted, RunJob};
 use hodei_protocol::logs::{LogBatch, LogLine, LogStream};
@@ -438,21 +439,23 @@ impl LogShipper {
         let msg_id = format!("{}.{}.log.{}", self.job_id, self.attempt, self.seq);
         self.seq += 1;
         let subject = subjects::logs(self.job_id);
-        for delay in [0u64, 100, 500, 2000] {
-            tokio::time::sleep(Duration::from_millis(delay)).await;
-            match publish_durable(
+        let payload = encode(&batch);
+        let store = || {
+            publish_durable(
                 &self.js,
                 subject.clone(),
                 message_headers(&msg_id, None),
-                encode(&batch),
+                payload.clone(),
             )
-            .await
-            {
-                Ok(()) => return,
-                Err(error) => {
-                    tracing::warn!(%error, seq = batch.seq, "log batch not stored; retrying")
-                }
-            }
+        };
+        let stored = store
+            .retry(crate::retrying(100, 2_000).with_max_times(3))
+            .notify(|error, delay| {
+                tracing::warn!(%error, seq = batch.seq, ?delay, "log batch not stored; retrying")
+            })
+            .await;
+        if stored.is_ok() {
+            return;
         }
         tracing::error!(seq = batch.seq, lines = batch.lines.len(), "log batch lost");
     }

@@ -212,10 +212,7 @@ async fn agent(
         };
         let consumer: jetstream::consumer::PullConsumer = create
             .retry(
-                backon::ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(100))
-                    .with_max_delay(Duration::from_secs(2))
-                    .with_jitter()
+                retrying(100, 2_000)
                     .with_total_delay(Some(Duration::from_secs(60)))
                     .without_max_times(),
             )
@@ -394,35 +391,36 @@ async fn register(
     client: &async_nats::Client,
     registration: &RegisterWorker,
 ) -> Result<Registered, hodei_protocol::ApiError> {
-    use backon::BackoffBuilder;
+    use backon::Retryable;
     let subject = subjects::agent_register(registration.worker_id);
-    let mut delays = backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(50))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .with_total_delay(Some(Duration::from_secs(120)))
-        .without_max_times()
-        .build();
-    loop {
-        match api::request(
+    let ask = || {
+        api::request(
             client,
             &subject,
             None,
             registration,
             Duration::from_secs(10),
         )
-        .await
-        {
-            Err(error) if error.code.is_transient() => match delays.next() {
-                Some(delay) => {
-                    tracing::warn!(code = error.code.as_str(), message = %error.message, ?delay, "registration not answered; retrying");
-                    tokio::time::sleep(delay).await;
-                }
-                None => return Err(error),
-            },
-            other => return other,
-        }
-    }
+    };
+    ask.retry(
+        retrying(50, 5_000)
+            .with_total_delay(Some(Duration::from_secs(120)))
+            .without_max_times(),
+    )
+    .when(|error| error.code.is_transient())
+    .notify(|error, delay| {
+        tracing::warn!(code = error.code.as_str(), message = %error.message, ?delay, "registration not answered; retrying")
+    })
+    .await
+}
+
+/// Exponential backoff with jitter from `min_ms` to `max_ms`: how the agent retries what the
+/// control plane could not take yet (add a bound: times or total delay).
+fn retrying(min_ms: u64, max_ms: u64) -> backon::ExponentialBuilder {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(min_ms))
+        .with_max_delay(Duration::from_millis(max_ms))
+        .with_jitter()
 }
 
 /// Once NATS has been out of reach for `lost_after`, the registry has declared this worker

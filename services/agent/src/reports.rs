@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use async_nats::Client;
+use backon::Retryable;
 use futures::StreamExt;
 use hodei_messaging::{encode, message_headers, publish_durable, JetStream};
 use hodei_protocol::agent::ReportAccepted;
@@ -28,19 +29,12 @@ pub async fn send<T: Serialize>(
     let mut map = message_headers(&msg_id, Some(correlation_id));
     map.insert(headers::REPLY_TO, inbox.as_str());
     let payload = encode(body);
-    let mut delays = [100u64, 300, 1000, 3000, 10_000].into_iter();
-    loop {
-        match publish_durable(js, subject.clone(), map.clone(), payload.clone()).await {
-            Ok(()) => break,
-            Err(error) => match delays.next() {
-                Some(ms) => {
-                    tracing::warn!(%error, retry_in_ms = ms, "report not stored yet; retrying");
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
-                }
-                None => return Err(ApiError::new(ErrorCode::Unavailable, error.to_string())),
-            },
-        }
-    }
+    let store = || publish_durable(js, subject.clone(), map.clone(), payload.clone());
+    store
+        .retry(crate::retrying(100, 10_000).with_max_times(5))
+        .notify(|error, delay| tracing::warn!(%error, ?delay, "report not stored yet; retrying"))
+        .await
+        .map_err(|error| ApiError::new(ErrorCode::Unavailable, error.to_string()))?;
     match tokio::time::timeout(Duration::from_secs(30), answers.next()).await {
         Ok(Some(message)) => serde_json::from_slice::<Reply<ReportAccepted>>(&message.payload)
             .map_err(|e| ApiError::internal(format!("unreadable answer: {e}")))?
