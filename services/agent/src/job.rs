@@ -523,8 +523,57 @@ pub fn kill_descendants() {
     tracing::warn!("processes of the job survived SIGKILL");
 }
 
-/// Live (not zombie) descendants of `root`.
+/// Live (not zombie) descendants of `root`, from the kernel's list of each task's children
+/// (`/proc/<pid>/task/<tid>/children`): a few reads, where a scan of /proc reads one file per
+/// process on the machine (it was most of a pool agent's CPU per job). A kernel without
+/// those lists gets the scan.
 fn descendants_of(root: i32) -> Vec<i32> {
+    if !std::path::Path::new(&format!("/proc/{root}/task/{root}/children")).exists() {
+        return descendants_by_scan(root);
+    }
+    let mut found: Vec<i32> = Vec::new();
+    let mut next = vec![root];
+    while let Some(pid) = next.pop() {
+        for child in children_of(pid) {
+            if !found.contains(&child) {
+                found.push(child);
+                next.push(child);
+            }
+        }
+    }
+    found.retain(|pid| !is_zombie(*pid));
+    found
+}
+
+/// The children of every thread of `pid`.
+fn children_of(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|child| child.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat_state(&stat) == Some("Z"))
+}
+
+/// The state field of a `/proc/<pid>/stat` line: pid (comm) state ppid ..., where comm may
+/// hold spaces and parentheses.
+fn stat_state(stat: &str) -> Option<&str> {
+    stat.rsplit(')').next()?.split_whitespace().next()
+}
+
+/// [`descendants_of`] by reading every process' parent from /proc.
+fn descendants_by_scan(root: i32) -> Vec<i32> {
     let mut parents = Vec::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for entry in dir.flatten() {
@@ -534,13 +583,16 @@ fn descendants_of(root: i32) -> Vec<i32> {
             let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
                 continue;
             };
-            // pid (comm) state ppid ...: comm may hold spaces and parentheses.
-            let mut fields = stat.rsplit(')').next().unwrap_or("").split_whitespace();
-            let state = fields.next().unwrap_or("");
+            let mut fields = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .skip(1);
             let Some(ppid) = fields.next().and_then(|p| p.parse::<i32>().ok()) else {
                 continue;
             };
-            parents.push((pid, ppid, state == "Z"));
+            parents.push((pid, ppid, stat_state(&stat) == Some("Z")));
         }
     }
     let mut found = vec![root];
@@ -577,4 +629,36 @@ fn oom_kills() -> u64 {
             .find_map(|line| line.strip_prefix("oom_kill ")?.trim().parse().ok())
     })
     .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The children lists and the scan of /proc find the same descendants: a child and the
+    /// grandchild it started.
+    #[test]
+    fn the_childrens_lists_find_what_a_scan_of_proc_finds() {
+        let me = std::process::id() as i32;
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & wait"])
+            .spawn()
+            .expect("sh starts");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while descendants_by_scan(me).len() < 2 {
+            assert!(std::time::Instant::now() < deadline, "sh never started sleep");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut listed = descendants_of(me);
+        let mut scanned = descendants_by_scan(me);
+        listed.sort_unstable();
+        scanned.sort_unstable();
+        assert_eq!(listed, scanned);
+        assert!(listed.contains(&(child.id() as i32)), "{listed:?}");
+        for pid in &listed {
+            // SAFETY: kill(2) of this test's own descendants.
+            unsafe { libc::kill(*pid, libc::SIGKILL) };
+        }
+        child.wait().unwrap();
+    }
 }

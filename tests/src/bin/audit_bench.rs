@@ -164,6 +164,13 @@ async fn bench(options: &Options, url: &str) -> anyhow::Result<Vec<String>> {
         .execute(&pool)
         .await
         .context("VACUUM ANALYZE")?;
+    // The load left gigabytes of dirty pages: written back now, not by the checkpointer while
+    // the queries are timed (a 10,000,000-row run measured its write-back, up to 500 ms per
+    // query, and not the queries). A live audit log grows by a few rows a millisecond.
+    sqlx::raw_sql("CHECKPOINT")
+        .execute(&pool)
+        .await
+        .context("CHECKPOINT")?;
     let vacuum_time = started.elapsed();
     let (table_size, index_size): (String, String) = sqlx::query_as(
         "SELECT pg_size_pretty(pg_table_size('audit_log')), pg_size_pretty(pg_indexes_size('audit_log'))",
@@ -171,7 +178,7 @@ async fn bench(options: &Options, url: &str) -> anyhow::Result<Vec<String>> {
     .fetch_one(&pool)
     .await?;
     eprintln!(
-        "loaded {} rows in {:.1} s, VACUUM ANALYZE {:.1} s; table {table_size}, indexes {index_size}",
+        "loaded {} rows in {:.1} s, VACUUM ANALYZE and CHECKPOINT {:.1} s; table {table_size}, indexes {index_size}",
         options.rows,
         load_time.as_secs_f64(),
         vacuum_time.as_secs_f64()
@@ -757,7 +764,7 @@ async fn report(
     writeln!(
         s,
         "- data: {} rows (~{} per job under one correlation id, 30 days), loaded in {:.0} s; table {table_size}, \
-         indexes {index_size}; `VACUUM ANALYZE` before measuring",
+         indexes {index_size}; `VACUUM ANALYZE` and `CHECKPOINT` before measuring",
         with_commas(options.rows),
         STEPS.len(),
         load_time.as_secs_f64()
