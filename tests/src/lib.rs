@@ -120,6 +120,11 @@ pub fn nats_server_bin() -> String {
 }
 
 impl NatsServer {
+    /// The server's process id (none for a cluster in containers).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Start on a free port; a port taken between choosing and binding is retried.
     pub fn start() -> NatsServer {
         NatsServer::start_on("127.0.0.1")

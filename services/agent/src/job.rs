@@ -525,7 +525,7 @@ pub fn kill_descendants() {
 
 /// Live (not zombie) descendants of `root`, from the kernel's list of each task's children
 /// (`/proc/<pid>/task/<tid>/children`): a few reads, where a scan of /proc reads one file per
-/// process on the machine (it was most of a pool agent's CPU per job). A kernel without
+/// process on the machine (about half of a pool agent's CPU per job, measured with perf). A kernel without
 /// those lists gets the scan.
 fn descendants_of(root: i32) -> Vec<i32> {
     if !std::path::Path::new(&format!("/proc/{root}/task/{root}/children")).exists() {
@@ -646,7 +646,10 @@ mod tests {
             .expect("sh starts");
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while descendants_by_scan(me).len() < 2 {
-            assert!(std::time::Instant::now() < deadline, "sh never started sleep");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sh never started sleep"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         let mut listed = descendants_of(me);

@@ -268,7 +268,7 @@ async fn bench(
         .find(|(n, _)| n == "provider-manager")
         .map(|(_, p)| *p)
         .expect("six services");
-    let nats_pid = nats_server_pid(system.nats.port);
+    let nats_pid = system.nats.pid();
     let mut memory = Memory::default();
     memory.snapshot("at start", &services);
 
@@ -2091,18 +2091,6 @@ fn pids() -> impl Iterator<Item = u32> {
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
 }
 
-fn nats_server_pid(port: u16) -> Option<u32> {
-    let port = port.to_string();
-    pids().find(|pid| {
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        args.first().is_some_and(|a| a.ends_with(b"nats-server"))
-            && args
-                .windows(2)
-                .any(|w| w[0] == b"-p" && w[1] == port.as_bytes())
-    })
-}
-
 /// What the provider-manager's agents have used so far, with their jobs: its reaped children
 /// (cutime + cstime) and its live `hodei-agent` children (their own time and their reaped
 /// jobs'). Between two snapshots an agent that ended moves from the second term to the
@@ -2369,7 +2357,9 @@ impl Machine {
                 .fetch_one(&system.pool)
                 .await?;
         let postgres = format!("{version} (synchronous_commit={sync}, fsync={fsync})");
-        let nats = nats_server_pid(system.nats.port)
+        let nats = system
+            .nats
+            .pid()
             .and_then(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).ok())
             .and_then(|exe| {
                 std::process::Command::new(exe)
