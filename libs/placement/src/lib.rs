@@ -98,7 +98,8 @@ pub async fn assign_on_accept(tx: &mut Tx, job: &mut Job, actor: &Actor) -> Resu
 /// agent in the answer to its report, with no RunJob command and no WorkerReady /
 /// WorkerReadyForJob (nobody needs to hear that it was free: it is Busy again). `None` when
 /// the worker is not such a worker or no job waits for a pool process; the registry then
-/// releases it or tears it down on the job's event, as for any worker.
+/// releases it or tears it down on the job's event, as for any worker. A worker the
+/// registry released first (it raced this) is given the job all the same.
 #[tracing::instrument(name = "assign", skip_all, fields(%worker_id))]
 pub async fn next_for_pool_worker(
     store: &Store,
@@ -106,11 +107,17 @@ pub async fn next_for_pool_worker(
     ended: Uuid,
     actor: &Actor,
 ) -> Result<Option<RunJob>, ApiError> {
+    // Still Busy with the ended job, or already released by the registry on the job's event
+    // (which raced this): either way free for the next job. (If the dispatcher gave it one
+    // first, it is Busy with that one, and keeps it.)
     let goes_on = |worker: &Worker| {
-        worker.pooled
-            && worker.state == hodei_domain::WorkerState::Busy
-            && worker.current_job_id == Some(ended)
-            && worker.jobs_run < worker.max_jobs
+        use hodei_domain::WorkerState::{Busy, Ready};
+        let free = match worker.state {
+            Busy => worker.current_job_id == Some(ended),
+            Ready => worker.current_job_id.is_none(),
+            _ => false,
+        };
+        worker.pooled && free && worker.jobs_run < worker.max_jobs
     };
     // A look without a lock first: most workers are not such workers.
     if !workers::get(store, worker_id)
@@ -137,7 +144,9 @@ pub async fn next_for_pool_worker(
     }
     // Busy -> Ready -> Busy in one transaction: the events of the release are not written
     // (the assignment's WorkerStatusChanged records the change).
-    let _released = worker.job_left(ended, true, "ended", actor)?;
+    if worker.state == hodei_domain::WorkerState::Busy {
+        let _released = worker.job_left(ended, true, "ended", actor)?;
+    }
     let run = assign_in_answer(&mut tx, &mut next, &mut worker, actor).await?;
     hodei_store::commit(tx).await?;
     tracing::info!(job_id = %next.id, %worker_id, attempt = next.attempt, "next job given with the report");
