@@ -119,13 +119,7 @@ pub async fn next_for_pool_worker(
         };
         worker.pooled && free && worker.jobs_run < worker.max_jobs
     };
-    // A look without a lock first: most workers are not such workers.
-    if !workers::get(store, worker_id)
-        .await?
-        .is_some_and(|w| goes_on(&w))
-    {
-        return Ok(None);
-    }
+    // The caller looked first ([`workers::pooled_with_jobs_left`], for its whole batch).
     // The placement lock before the worker's, as every placement takes them.
     let mut tx = store.begin().await?;
     hodei_store::placement_lock(&mut tx).await?;

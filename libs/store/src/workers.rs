@@ -117,11 +117,15 @@ pub async fn update(conn: &mut PgConnection, worker: &mut Worker) -> Result<()> 
     Ok(())
 }
 
-/// The worker as it is now, without a lock.
-pub async fn get(pool: &sqlx::PgPool, id: Uuid) -> Result<Option<Worker>> {
-    let sql = format!("SELECT {COLUMNS} FROM workers WHERE id = $1");
-    let row: Option<WorkerRow> = sqlx::query_as(&sql).bind(id).fetch_optional(pool).await?;
-    row.map(Worker::try_from).transpose()
+/// Which of `ids` are warm-pool workers with jobs left (no lock; one look for a batch).
+pub async fn pooled_with_jobs_left(pool: &sqlx::PgPool, ids: &[Uuid]) -> Result<Vec<Uuid>> {
+    let rows: Vec<(Uuid,)> = sqlx::query_as(
+        "SELECT id FROM workers WHERE id = ANY($1) AND pooled AND jobs_run < max_jobs",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
 }
 
 pub async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Worker>> {

@@ -640,18 +640,20 @@ mod tests {
     #[test]
     fn the_childrens_lists_find_what_a_scan_of_proc_finds() {
         let me = std::process::id() as i32;
+        // `&` forks the grandchild before `echo` runs: once the line is read, both exist.
         let mut child = std::process::Command::new("sh")
-            .args(["-c", "sleep 30 & wait"])
+            .args(["-c", "sleep 30 & echo started; wait"])
+            .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("sh starts");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while descendants_by_scan(me).len() < 2 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "sh never started sleep"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "started");
+        assert_eq!(descendants_by_scan(me).len(), 2, "sh and its sleep");
         let mut listed = descendants_of(me);
         let mut scanned = descendants_by_scan(me);
         listed.sort_unstable();

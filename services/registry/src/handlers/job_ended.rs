@@ -99,18 +99,8 @@ struct Leaving {
     reported_by_worker: bool,
 }
 
+/// The job leaving its worker that `event` tells of, if it tells of one.
 fn leaving(event: &DomainEvent) -> Option<Leaving> {
-    let (job_id, worker_id, why) = ended(event)?;
-    Some(Leaving {
-        job_id,
-        worker_id,
-        why,
-        reported_by_worker: event.actor == Actor::worker(worker_id),
-    })
-}
-
-/// The job and worker of an event by which a job leaves its worker, and why.
-fn ended(event: &DomainEvent) -> Option<(Uuid, Uuid, String)> {
     #[derive(serde::Deserialize)]
     struct Ending {
         job_id: Uuid,
@@ -136,5 +126,11 @@ fn ended(event: &DomainEvent) -> Option<(Uuid, Uuid, String)> {
         (_, Some(to)) if to.is_terminal() => format!("ended {to}"),
         _ => return None,
     };
-    Some((ending.job_id, ending.worker_id?, why))
+    let worker_id = ending.worker_id?;
+    Some(Leaving {
+        job_id: ending.job_id,
+        worker_id,
+        why,
+        reported_by_worker: event.actor == Actor::worker(worker_id),
+    })
 }

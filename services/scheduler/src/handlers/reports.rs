@@ -7,9 +7,9 @@
 use hodei_domain::{Actor, Job};
 use hodei_messaging::api::respond;
 use hodei_messaging::consumer::{Delivery, Outcome};
-use hodei_protocol::agent::{JobFinished, JobStarted, ReportAccepted};
+use hodei_protocol::agent::{JobFinished, JobStarted, ReportAccepted, RunJob};
 use hodei_protocol::{headers, subjects, ApiError, ErrorCode};
-use hodei_store::Change;
+use hodei_store::{workers, Change};
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -57,14 +57,40 @@ pub async fn handle(state: State, batch: Vec<(Delivery, tracing::Span)>) -> Vec<
     )
     .await
     .into_iter();
+    // Each report's job as its change left it, and whether the job left the worker.
+    let accepted: Vec<Result<(Job, Uuid, bool), ApiError>> = read
+        .into_iter()
+        .map(|read| {
+            let (job_id, worker_id, report) = read?;
+            let job = applied
+                .next()
+                .unwrap_or_else(|| Err(ApiError::internal("no outcome for the report")))?
+                .ok_or_else(|| ApiError::not_found(format!("there is no job {job_id}")))?;
+            // Ended, or retried (Pending again, off the worker).
+            let left = matches!(report, Report::Finished(_)) && job.worker_id != Some(worker_id)
+                || job.state.is_terminal();
+            Ok((job, worker_id, left))
+        })
+        .collect();
+    let pooled = pool_workers_left(&state, &accepted).await;
     let mut outcomes = Vec::with_capacity(batch.len());
-    for (((delivery, _), read), span) in batch.iter().zip(read).zip(&spans) {
-        let result = match read {
+    for (((delivery, _), accepted), span) in batch.iter().zip(accepted).zip(&spans) {
+        let result = match accepted {
             Err(error) => Err(error),
-            Ok((job_id, worker_id, report)) => {
-                accepted(&state, &mut applied, job_id, worker_id, report)
-                    .instrument(span.clone())
-                    .await
+            Ok((job, worker_id, left)) => {
+                let next = match left && pooled.contains(&worker_id) {
+                    true => {
+                        next_job(&state, worker_id, job.id)
+                            .instrument(span.clone())
+                            .await
+                    }
+                    false => None,
+                };
+                Ok(ReportAccepted {
+                    job_id: job.id,
+                    state: job.state,
+                    next,
+                })
             }
         };
         outcomes.push(
@@ -76,40 +102,41 @@ pub async fn handle(state: State, batch: Vec<(Delivery, tracing::Span)>) -> Vec<
     outcomes
 }
 
-/// What the report's answer says, from the outcome of its change: for a job that left a
-/// warm-pool worker, with the worker's next job when one waits.
-async fn accepted(
+/// Of the workers whose job left them in this batch, the warm-pool workers with jobs left:
+/// one look for the whole batch (most workers are ephemeral). A failed look gives none: the
+/// registry then releases them on the jobs' events, as for any worker.
+async fn pool_workers_left(
     state: &State,
-    applied: &mut impl Iterator<Item = Result<Option<Job>, ApiError>>,
-    job_id: Uuid,
-    worker_id: Uuid,
-    report: Report,
-) -> Result<ReportAccepted, ApiError> {
-    let job = applied
-        .next()
-        .unwrap_or_else(|| Err(ApiError::internal("no outcome for the report")))?
-        .ok_or_else(|| ApiError::not_found(format!("there is no job {job_id}")))?;
-    // Ended, or retried (Pending again, off the worker).
-    let left_worker = matches!(report, Report::Finished(_)) && job.worker_id != Some(worker_id)
-        || job.state.is_terminal();
-    // The report is applied: a failure to hand over the next job must not undo that (the
-    // registry releases the worker on the job's event, and the dispatcher places the job).
-    let next = match left_worker {
-        true => {
-            hodei_placement::next_for_pool_worker(&state.store, worker_id, job_id, &state.actor)
-                .await
-                .unwrap_or_else(|error| {
-                    tracing::warn!(%error, %worker_id, "no next job given with the report");
-                    None
-                })
-        }
-        false => None,
-    };
-    Ok(ReportAccepted {
-        job_id,
-        state: job.state,
-        next,
-    })
+    accepted: &[Result<(Job, Uuid, bool), ApiError>],
+) -> Vec<Uuid> {
+    let left: Vec<Uuid> = accepted
+        .iter()
+        .filter_map(|a| match a {
+            Ok((_, worker_id, true)) => Some(*worker_id),
+            _ => None,
+        })
+        .collect();
+    if left.is_empty() {
+        return left;
+    }
+    workers::pooled_with_jobs_left(&state.store, &left)
+        .await
+        .unwrap_or_else(|error| {
+            tracing::warn!(%error, "cannot look at the workers; no next job given with these reports");
+            Vec::new()
+        })
+}
+
+/// The next job of a pool worker whose job `ended` left it. The report is applied: a failure
+/// here must not undo that (the registry releases the worker on the job's event, and the
+/// dispatcher places the job).
+async fn next_job(state: &State, worker_id: Uuid, ended: Uuid) -> Option<RunJob> {
+    hodei_placement::next_for_pool_worker(&state.store, worker_id, ended, &state.actor)
+        .await
+        .unwrap_or_else(|error| {
+            tracing::warn!(%error, %worker_id, "no next job given with the report");
+            None
+        })
 }
 
 /// Answer the report on its `Hodei-Reply-To`, if it asks for one, and settle it.
