@@ -203,3 +203,29 @@ async fn an_agent_without_its_control_plane_kills_its_job_and_exits() {
         lost_at.elapsed()
     );
 }
+
+/// With cgroups, an agent is born in its worker's own cgroup (`clone3` into it), and so is
+/// everything it starts: the job's process sees the worker's cgroup as its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_and_its_job_run_in_the_workers_own_cgroup() {
+    let system = System::start().await;
+    let job_id = system
+        .submit(&job("sh", &["-c", "grep '^0::' /proc/self/cgroup"]))
+        .await
+        .unwrap()
+        .job_id;
+    system
+        .wait_until_settled(&[job_id], Duration::from_secs(60))
+        .await;
+    let view = system.get(job_id).await.unwrap();
+    assert_eq!(view.state, JobState::Succeeded, "{view:?}");
+    let worker_id = view.worker_id.expect("a worker ran it");
+    let line = system
+        .logs_first_line(job_id)
+        .await
+        .expect("the job printed its cgroup");
+    assert!(
+        line.starts_with("0::/hodei-test-") && line.ends_with(&format!("/{worker_id}")),
+        "the job ran in {line}, not in its worker's cgroup"
+    );
+}

@@ -514,6 +514,11 @@ fn figures(options: &Options, r: &Results) -> serde_json::Value {
                 .is_some_and(|d| d.incomplete.is_none() && d.succeeded == b.accepted)
     });
     let floor = |x: &Option<Summary>| x.map(|x| x.p50);
+    let audit_p99 = |p: &Option<ThroughputPhase>| p.as_ref()?.run.audit.as_ref().map(|a| a.p99_ms);
+    let audit_keeps_up = [&r.throughput, &r.warm_throughput].into_iter().all(|p| {
+        p.as_ref()
+            .is_none_or(|p| p.run.audit.as_ref().is_some_and(AuditLag::keeps_up))
+    });
     serde_json::json!({
         "cold_p50_ms": cold.map(|x| x.p50),
         "cold_p99_ms": cold.map(|x| x.p99),
@@ -528,6 +533,9 @@ fn figures(options: &Options, r: &Results) -> serde_json::Value {
             && throughput_ok(&r.throughput)
             && throughput_ok(&r.warm_throughput)
             && backlog_ok,
+        "audit_lag_p99_ms_ephemeral": audit_p99(&r.throughput),
+        "audit_lag_p99_ms_warm": audit_p99(&r.warm_throughput),
+        "audit_keeps_up": audit_keeps_up,
         "floor_nats_rtt_ms": floor(&r.floor.nats_round_trip),
         "floor_js_publish_ms": floor(&r.floor.jetstream_publish),
         "floor_pg_commit_ms": floor(&r.floor.postgres_commit),
@@ -1465,7 +1473,79 @@ struct Throughput {
     /// From the first submission until every worker was Terminated (ephemeral workers; pool
     /// workers stay).
     settled_secs: Option<f64>,
+    /// How far behind the phase's events the audit service recorded them.
+    audit: Option<AuditLag>,
     incomplete: Option<String>,
+}
+
+/// The audit service's lag over a throughput phase: each event's `recorded_at` (the audit
+/// row's insert) minus its `occurred_at` (the producing transaction's clock), for every event
+/// that occurred between the first submission and the last job's end. A service that keeps up
+/// has a lag that stays flat from the phase's first fifth to its last; one that falls behind
+/// has a lag that grows with the queue.
+struct AuditLag {
+    events: i64,
+    /// Events a second over the phase (first to last occurrence).
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    first_fifth_p99_ms: f64,
+    last_fifth_p99_ms: f64,
+    /// From the last job's end until every event of the phase was recorded.
+    caught_up_after_ms: Option<f64>,
+}
+
+/// The audit lag of the events that occurred between `from` and `to` (None if none did).
+async fn audit_lag(
+    system: &System,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> anyhow::Result<Option<AuditLag>> {
+    // Polled every 100 ms: this bounds, to that step, how long recording trailed the work.
+    let caught_up_after_ms = wait_audit_caught_up(system, Duration::from_secs(120))
+        .await?
+        .then(|| ((Utc::now() - to).num_milliseconds().max(0)) as f64);
+    type Row = (
+        i64,
+        Option<f64>,
+        Option<f64>,
+        Option<f64>,
+        Option<f64>,
+        Option<f64>,
+        Option<f64>,
+    );
+    let (events, span_s, p50, p99, max, first, last): Row = sqlx::query_as(
+        "WITH e AS ( \
+           SELECT occurred_at, extract(epoch FROM recorded_at - occurred_at) * 1000 AS lag, \
+                  ntile(5) OVER (ORDER BY occurred_at) AS fifth \
+           FROM audit_log WHERE occurred_at BETWEEN $1 AND $2) \
+         SELECT count(*), extract(epoch FROM max(occurred_at) - min(occurred_at))::float8, \
+                (percentile_cont(0.5) WITHIN GROUP (ORDER BY lag))::float8, \
+                (percentile_cont(0.99) WITHIN GROUP (ORDER BY lag))::float8, max(lag)::float8, \
+                (percentile_cont(0.99) WITHIN GROUP (ORDER BY lag) FILTER (WHERE fifth = 1))::float8, \
+                (percentile_cont(0.99) WITHIN GROUP (ORDER BY lag) FILTER (WHERE fifth = 5))::float8 \
+         FROM e",
+    )
+    .bind(from)
+    .bind(to)
+    .fetch_one(&system.pool)
+    .await?;
+    Ok(match (p50, p99, max, first, last) {
+        (Some(p50_ms), Some(p99_ms), Some(max_ms), Some(first), Some(last)) if events > 0 => {
+            Some(AuditLag {
+                events,
+                rate: events as f64 / span_s.unwrap_or(0.0).max(1e-3),
+                p50_ms,
+                p99_ms,
+                max_ms,
+                first_fifth_p99_ms: first,
+                last_fifth_p99_ms: last,
+                caught_up_after_ms,
+            })
+        }
+        _ => None,
+    })
 }
 
 impl Throughput {
@@ -1481,6 +1561,7 @@ impl Throughput {
             succeeded: 0,
             states: Vec::new(),
             settled_secs: None,
+            audit: None,
             incomplete: Some(why),
         }
     }
@@ -1579,6 +1660,10 @@ async fn throughput_run(
         .find(|(state, _)| state == "Succeeded")
         .map_or(0, |(_, n)| *n as usize);
     let last_change = last_terminal_change(system, &ids).await?;
+    let audit = match last_change {
+        Some(to) => audit_lag(system, first_submit, to).await?,
+        None => None,
+    };
     let all_terminal_secs = if terminal == ids.len() {
         last_change.map(|at| between_ms(at, first_submit) / 1000.0)
     } else {
@@ -1621,6 +1706,7 @@ async fn throughput_run(
         succeeded,
         states,
         settled_secs,
+        audit,
         incomplete,
     })
 }
@@ -2528,7 +2614,7 @@ fn report(s: &mut String, options: &Options, r: &Results) -> std::fmt::Result {
         "| measurement | n | p50 | p90 | p99 | max | target | met |"
     )?;
     writeln!(s, "|---|---:|---:|---:|---:|---:|---|---|")?;
-    latency_rows(s, "cold", r.cold.as_ref(), (15.0, 50.0))?;
+    latency_rows(s, "cold", r.cold.as_ref(), (10.0, 25.0))?;
     latency_rows(s, "warm", r.warm.as_ref(), (3.0, 10.0))?;
     writeln!(s)?;
 
@@ -2598,6 +2684,7 @@ fn report(s: &mut String, options: &Options, r: &Results) -> std::fmt::Result {
         }
     )?;
 
+    audit_lag_section(s, r)?;
     memory_and_cpu(s, options, r)?;
     if let Some(backlog) = &r.backlog {
         backlog_section(s, options, backlog)?;
@@ -2704,6 +2791,61 @@ fn throughput_row(
         t.succeeded,
         verdict(rate.is_some_and(|r| r >= target) && t.accepted > 0 && t.succeeded == t.accepted),
     )
+}
+
+/// Whether the audit service kept up with each throughput phase.
+fn audit_lag_section(s: &mut String, r: &Results) -> std::fmt::Result {
+    let phases: Vec<(&str, &AuditLag)> = [
+        ("ephemeral", r.throughput.as_ref()),
+        ("warm pool", r.warm_throughput.as_ref()),
+    ]
+    .into_iter()
+    .filter_map(|(label, p)| Some((label, p?.run.audit.as_ref()?)))
+    .collect();
+    if phases.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        s,
+        "### The audit service during the throughput phases
+"
+    )?;
+    writeln!(
+        s,
+        "Lag: an event's `recorded_at` in the audit log minus its `occurred_at` (the transaction that raised it), \
+         over every event between the phase's first submission and its last job's end. Keeping up means the lag \
+         of the phase's last fifth is no larger than that of its first fifth.\n"
+    )?;
+    writeln!(s, "| phase | events | events/s | lag p50 ms | lag p99 ms | max ms | p99 first fifth | p99 last fifth | all recorded after the last job's end | keeps up |")?;
+    writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")?;
+    for (label, a) in phases {
+        writeln!(
+            s,
+            "| {label} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
+            a.events,
+            a.rate,
+            ms(a.p50_ms),
+            ms(a.p99_ms),
+            ms(a.max_ms),
+            ms(a.first_fifth_p99_ms),
+            ms(a.last_fifth_p99_ms),
+            a.caught_up_after_ms
+                .map(|x| format!("≤ {} ms", ms(x)))
+                .unwrap_or_else(|| "not within 120 s".into()),
+            verdict(a.keeps_up()),
+        )?;
+    }
+    writeln!(s)
+}
+
+impl AuditLag {
+    /// The lag did not grow over the phase (within 50 ms or a factor of 2 of the first fifth's)
+    /// and the audit log was complete soon after the last job ended.
+    fn keeps_up(&self) -> bool {
+        self.last_fifth_p99_ms
+            <= (self.first_fifth_p99_ms * 2.0).max(self.first_fifth_p99_ms + 50.0)
+            && self.caught_up_after_ms.is_some_and(|x| x < 1000.0)
+    }
 }
 
 fn memory_and_cpu(s: &mut String, options: &Options, r: &Results) -> std::fmt::Result {

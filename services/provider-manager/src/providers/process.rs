@@ -5,7 +5,10 @@
 //! cgroups the process group is killed, and a worker this instance does not know cannot be
 //! confirmed gone.
 
+mod into_cgroup;
+
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -102,6 +105,87 @@ impl ProcessProvider {
     fn creds_path(&self, worker_id: Uuid) -> PathBuf {
         self.creds_dir.join(format!("{worker_id}.creds"))
     }
+
+    /// Start the agent of `worker_id` with exactly `env`, in a process group of its own and,
+    /// with cgroups, born in its own cgroup (`clone3`), so that nothing it starts escapes it.
+    /// A kernel without `CLONE_INTO_CGROUP` gets the agent moved into its cgroup between
+    /// fork and exec instead (slower: a migration takes a global lock).
+    fn start_agent(
+        &self,
+        worker_id: Uuid,
+        env: &[(OsString, OsString)],
+    ) -> std::io::Result<Started> {
+        let mut command = Command::new(&self.agent_bin);
+        command
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .process_group(0);
+        let Some(cgroup) = self.cgroup_of(worker_id) else {
+            return Ok(Started::Command(command.spawn()?));
+        };
+        std::fs::create_dir_all(&cgroup)?;
+        match into_cgroup::spawn(&self.agent_bin, env, &cgroup) {
+            Ok(child) => return Ok(Started::InCgroup(child)),
+            Err(error) if into_cgroup::unsupported(&error) => {
+                tracing::debug!(%error, "no clone3 into a cgroup: the agent is moved into its cgroup");
+            }
+            Err(error) => return Err(error),
+        }
+        let procs = std::ffi::CString::new(
+            cgroup
+                .join("cgroup.procs")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "cgroup path with a NUL byte",
+            )
+        })?;
+        // SAFETY: only open/write/close (async-signal-safe) between fork and exec; the
+        // agent enters its cgroup before it runs, so nothing it starts escapes it.
+        unsafe {
+            command.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if written != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(Started::Command(command.spawn()?))
+    }
+}
+
+/// An agent that was started, either way.
+enum Started {
+    InCgroup(into_cgroup::Child),
+    Command(tokio::process::Child),
+}
+
+impl Started {
+    fn pid(&self) -> u32 {
+        match self {
+            Started::InCgroup(child) => child.pid,
+            // A child just spawned and not yet waited for has its id.
+            Started::Command(child) => child.id().unwrap_or_default(),
+        }
+    }
+
+    /// How the agent ended, once it has.
+    async fn wait(self) -> std::io::Result<String> {
+        match self {
+            Started::InCgroup(child) => child.wait().await,
+            Started::Command(mut child) => child.wait().await.map(|status| status.to_string()),
+        }
+    }
 }
 
 fn signal_group(pgid: i32, signal: i32) {
@@ -183,72 +267,40 @@ impl Provider for ProcessProvider {
 
     async fn create(&self, spec: WorkerSpec) -> Result<String, ProviderError> {
         let worker_id = spec.worker_id;
-        let mut command = Command::new(&self.agent_bin);
-        command
-            .env_clear()
-            .envs(std::env::vars().filter(|(name, _)| {
+        let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+            .filter(|(name, _)| {
+                let name = name.to_string_lossy();
                 AGENT_ENV.iter().any(|allowed| {
-                    name == allowed || (allowed.ends_with('_') && name.starts_with(allowed))
+                    name == *allowed || (allowed.ends_with('_') && name.starts_with(allowed))
                 })
-            }))
-            .env("HODEI_WORKER_ID", worker_id.to_string())
-            .env("HODEI_BOOTSTRAP_TOKEN", &spec.token)
-            .env("HODEI_NATS_URL", &self.nats_url)
-            .env("HODEI_CORRELATION_ID", &spec.correlation_id)
-            .envs(
-                spec.trace_context
-                    .iter()
-                    .map(|(name, value)| (name.to_ascii_uppercase(), value)),
-            )
-            .stdin(Stdio::null())
-            .process_group(0);
+            })
+            .collect();
+        let mut set = |name: &str, value: &str| env.push((name.into(), value.into()));
+        set("HODEI_WORKER_ID", &worker_id.to_string());
+        set("HODEI_BOOTSTRAP_TOKEN", &spec.token);
+        set("HODEI_NATS_URL", &self.nats_url);
+        set("HODEI_CORRELATION_ID", &spec.correlation_id);
+        for (name, value) in &spec.trace_context {
+            set(&name.to_ascii_uppercase(), value);
+        }
         if let Some(creds) = &spec.creds {
             let path = self.creds_path(worker_id);
             hodei_auth::write_owner_only(&path, creds, false)
                 .map_err(|e| ProviderError(e.to_string()))?;
-            command.env("HODEI_NATS_CREDS", &path);
+            env.push(("HODEI_NATS_CREDS".into(), path.into()));
         }
-        if let Some(cgroup) = self.cgroup_of(worker_id) {
-            std::fs::create_dir_all(&cgroup)
-                .map_err(|e| ProviderError(format!("creating {}: {e}", cgroup.display())))?;
-            let procs = std::ffi::CString::new(
-                cgroup
-                    .join("cgroup.procs")
-                    .into_os_string()
-                    .into_encoded_bytes(),
-            )
-            .map_err(|_| ProviderError("cgroup path with a NUL byte".into()))?;
-            // SAFETY: only open/write/close (async-signal-safe) between fork and exec; the
-            // agent enters its cgroup before it runs, so nothing it starts escapes it.
-            unsafe {
-                command.pre_exec(move || {
-                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                    if fd < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-                    libc::close(fd);
-                    if written != 1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-        let mut child = command.spawn().map_err(|e| {
+        let started = self.start_agent(worker_id, &env).map_err(|e| {
             let _ = std::fs::remove_file(self.creds_path(worker_id));
             ProviderError(format!("cannot start {}: {e}", self.agent_bin.display()))
         })?;
-        let pid = child
-            .id()
-            .ok_or_else(|| ProviderError("the agent exited at once".into()))?;
+        let pid = started.pid();
         let (exited_tx, exited_rx) = watch::channel(false);
         self.children
             .lock()
             .expect("children lock")
             .insert(worker_id, (pid as i32, exited_rx));
         tokio::spawn(async move {
-            match child.wait().await {
+            match started.wait().await {
                 Ok(status) => tracing::info!(%worker_id, pid, %status, "agent exited"),
                 Err(error) => tracing::warn!(%worker_id, pid, %error, "cannot wait for the agent"),
             }
