@@ -148,6 +148,9 @@ pub struct JobCreated {
     pub idempotency_key: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub policy: crate::policy::JobPolicy,
+    /// Its concurrency limit, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<crate::job::Concurrency>,
 }
 
 /// A job is waiting for a worker (first attempt or a later one).

@@ -128,6 +128,26 @@ pub struct JobSpec {
     /// What the job's worker gets; none: the provider's defaults.
     #[serde(default, skip_serializing_if = "Resources::is_empty")]
     pub resources: Resources,
+    /// At most `max` jobs of `key` are placed at once; none: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<Concurrency>,
+}
+
+/// A concurrency limit: at most `max` jobs with this `key` are placed (Assigned, Scheduled or
+/// Running) at once, across every dispatcher. Each job carries its own `max`; the job next in
+/// line is placed only while fewer than its `max` jobs of its key are placed. A slot is free
+/// again exactly when its job leaves the placed states (it ends, is cancelled, times out, is
+/// requeued or retried, or its worker is lost).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Concurrency {
+    pub key: String,
+    pub max: u32,
+}
+
+impl Concurrency {
+    pub const MAX_KEY_BYTES: usize = 128;
+    pub const MAX_LIMIT: u32 = 100_000;
 }
 
 /// CPU and memory of a job's worker.
@@ -195,6 +215,23 @@ impl JobSpec {
         }
         if self.resources.memory_mb.is_some_and(|mb| mb < 6) {
             return invalid("a memory limit is at least 6 MiB".into());
+        }
+        if let Some(Concurrency { key, max }) = &self.concurrency {
+            if key.is_empty()
+                || key.len() > Concurrency::MAX_KEY_BYTES
+                || key.chars().any(char::is_control)
+            {
+                return invalid(format!(
+                    "a concurrency key is 1 to {} bytes without control characters",
+                    Concurrency::MAX_KEY_BYTES
+                ));
+            }
+            if *max == 0 || *max > Concurrency::MAX_LIMIT {
+                return invalid(format!(
+                    "a concurrency limit is 1 to {}",
+                    Concurrency::MAX_LIMIT
+                ));
+            }
         }
         Ok(())
     }
@@ -270,6 +307,7 @@ impl Job {
             idempotency_key: job.idempotency_key.clone(),
             labels: job.spec.labels.clone(),
             policy: job.policy.clone(),
+            concurrency: job.spec.concurrency.clone(),
         };
         let events = vec![job.event(actor, &created), job.queued_event(actor)];
         Ok((job, events))
@@ -1074,6 +1112,30 @@ mod tests {
             JobSpec {
                 command: "x".into(),
                 args: vec!["y".repeat(JobSpec::MAX_TOTAL_BYTES)],
+                ..Default::default()
+            },
+            JobSpec {
+                command: "x".into(),
+                concurrency: Some(Concurrency {
+                    key: "".into(),
+                    max: 2,
+                }),
+                ..Default::default()
+            },
+            JobSpec {
+                command: "x".into(),
+                concurrency: Some(Concurrency {
+                    key: "k".repeat(129),
+                    max: 2,
+                }),
+                ..Default::default()
+            },
+            JobSpec {
+                command: "x".into(),
+                concurrency: Some(Concurrency {
+                    key: "tenant-42".into(),
+                    max: 0,
+                }),
                 ..Default::default()
             },
         ] {

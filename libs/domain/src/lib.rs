@@ -15,7 +15,7 @@ pub mod worker;
 
 pub use error::{DomainError, Result};
 pub use events::{Actor, AggregateType, DomainEvent, EventPayload};
-pub use job::{Job, JobSpec, JobState, Resources};
+pub use job::{Concurrency, Job, JobSpec, JobState, Resources};
 pub use offer::{satisfiable, ProviderOffer};
 pub use policy::{JobPolicy, RetryOn, RetryPolicy};
 pub use worker::{Purpose, Registration, Worker, WorkerFault, WorkerState};

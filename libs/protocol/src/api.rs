@@ -173,6 +173,9 @@ pub struct SubmitJob {
     /// Timeouts, retries and priority; every field has a default.
     #[serde(default)]
     pub policy: JobPolicy,
+    /// At most `max` jobs of `key` placed at once (`{"key": "tenant-42", "max": 2}`).
+    #[serde(default)]
+    pub concurrency: Option<hodei_domain::Concurrency>,
 }
 
 impl SubmitJob {
@@ -186,6 +189,7 @@ impl SubmitJob {
             image: self.image.clone(),
             resources: self.resources,
             selector: self.selector.clone(),
+            concurrency: self.concurrency.clone(),
         }
     }
 }
@@ -247,6 +251,9 @@ pub struct JobView {
     /// The container image it runs in, if any.
     #[serde(default)]
     pub image: Option<String>,
+    /// Its concurrency limit, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<hodei_domain::Concurrency>,
     pub attempt: u32,
     pub worker_id: Option<Uuid>,
     pub exit_code: Option<i32>,
@@ -270,6 +277,7 @@ impl From<&hodei_domain::Job> for JobView {
             working_dir: job.spec.working_dir.clone(),
             labels: job.spec.labels.clone(),
             image: job.spec.image.clone(),
+            concurrency: job.spec.concurrency.clone(),
             waiting_reason: None,
             attempt: job.attempt,
             worker_id: job.worker_id,
@@ -396,7 +404,7 @@ macro_rules! current_version_default {
 }
 
 current_version_default! {
-    SubmitJob { command, args, env, working_dir, labels, image, resources, selector, idempotency_key, policy },
+    SubmitJob { command, args, env, working_dir, labels, image, resources, selector, idempotency_key, policy, concurrency },
     ListJobs { state, limit, cursor },
     ListWorkers { state, limit, cursor },
     AuditQuery { correlation_id, event_type, aggregate_id, actor, from, to, limit, cursor }

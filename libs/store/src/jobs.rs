@@ -61,6 +61,14 @@ macro_rules! columns {
          updated_at"
     };
 }
+/// [`columns!`] of the row named `j`.
+macro_rules! columns_of_j {
+    () => {
+        "j.id, j.state, j.spec, j.attempt, j.worker_id, j.exit_code, j.error, j.correlation_id, \
+         j.idempotency_key, j.policy, j.start_by, j.deadline_at, j.not_before, j.fenced_by, j.version, \
+         j.created_at, j.updated_at"
+    };
+}
 const COLUMNS: &str = columns!();
 
 /// The job a worker was provisioned for, if it still waits for it ([`lock_scheduled_on`]).
@@ -69,12 +77,36 @@ pub const SCHEDULED_ON_SQL: &str = concat!(
     columns!(),
     " FROM jobs WHERE worker_id = $1 AND state = 'Scheduled' FOR UPDATE"
 );
-/// The head of the queue, locked ([`lock_next_pending`]).
+/// The next job to place, locked ([`lock_next_pending`]): of the keys with waiting jobs
+/// (`concurrency_key`, '' for jobs without one), each key's head by priority then age; of
+/// those whose key has fewer than the head's `max` jobs placed, the highest priority, then
+/// the key with the fewest jobs placed (so keys of equal priority take turns: a key with
+/// 10,000 waiting jobs and one with 10 both progress), then the oldest.
 pub const NEXT_PENDING_SQL: &str = concat!(
-    "SELECT ",
-    columns!(),
-    " FROM jobs WHERE state = 'Pending' AND not_before IS NULL \
-      ORDER BY priority DESC, created_at, id LIMIT 1 FOR UPDATE"
+    "WITH RECURSIVE keys(k) AS ( \
+         (SELECT concurrency_key FROM jobs WHERE state = 'Pending' AND not_before IS NULL \
+          ORDER BY concurrency_key LIMIT 1) \
+         UNION ALL \
+         SELECT (SELECT concurrency_key FROM jobs \
+                 WHERE state = 'Pending' AND not_before IS NULL AND concurrency_key > keys.k \
+                 ORDER BY concurrency_key LIMIT 1) \
+         FROM keys WHERE keys.k IS NOT NULL \
+     ), heads AS MATERIALIZED ( \
+         SELECT h.id, h.priority, h.created_at, h.concurrency_max, \
+                (SELECT count(*) FROM jobs p WHERE p.concurrency_key = keys.k \
+                   AND p.state IN ('Assigned', 'Scheduled', 'Running')) AS placed \
+         FROM keys CROSS JOIN LATERAL ( \
+             SELECT id, priority, created_at, concurrency_max FROM jobs \
+             WHERE concurrency_key = keys.k AND state = 'Pending' AND not_before IS NULL \
+             ORDER BY priority DESC, created_at, id LIMIT 1) h \
+         WHERE keys.k IS NOT NULL \
+     ) \
+     SELECT ",
+    columns_of_j!(),
+    " FROM heads h JOIN jobs j ON j.id = h.id \
+      WHERE j.state = 'Pending' AND j.not_before IS NULL \
+        AND (h.concurrency_max IS NULL OR h.placed < h.concurrency_max) \
+      ORDER BY h.priority DESC, h.placed, h.created_at, h.id LIMIT 1 FOR UPDATE OF j"
 );
 /// Overdue deadlines and finished backoffs ([`due`]).
 pub const DUE_SQL: &str = "(SELECT id, deadline_at AS due FROM jobs WHERE deadline_at <= now() ORDER BY deadline_at LIMIT $1) \
@@ -194,6 +226,18 @@ pub async fn lock_scheduled_on(conn: &mut PgConnection, worker_id: Uuid) -> Resu
     row.map(Job::try_from).transpose()
 }
 
+/// The jobs of concurrency key `key` that are placed (hold its slots), oldest first.
+pub async fn placed_of_key(pool: &PgPool, key: &str) -> Result<Vec<Uuid>> {
+    let ids: Vec<(Uuid,)> = sqlx::query_as(
+        "SELECT id FROM jobs WHERE concurrency_key = $1 \
+           AND state IN ('Assigned', 'Scheduled', 'Running') ORDER BY created_at, id",
+    )
+    .bind(key)
+    .fetch_all(pool)
+    .await?;
+    Ok(ids.into_iter().map(|(id,)| id).collect())
+}
+
 /// The jobs that wait for worker `worker_id`'s teardown to be confirmed, locked.
 pub async fn lock_fenced_by(conn: &mut PgConnection, worker_id: Uuid) -> Result<Vec<Job>> {
     let rows: Vec<JobRow> = sqlx::query_as(FENCED_BY_SQL)
@@ -203,11 +247,12 @@ pub async fn lock_fenced_by(conn: &mut PgConnection, worker_id: Uuid) -> Result<
     rows.into_iter().map(Job::try_from).collect()
 }
 
-/// The next Pending job (highest priority, then oldest) that is not waiting out a retry's
-/// backoff, locked. Call it under [`crate::placement_lock`]: it waits for a row another
+/// The next Pending job to place ([`NEXT_PENDING_SQL`]: highest priority, keys taking
+/// turns, none beyond its key's concurrency limit, then oldest) that is not waiting out a
+/// retry's backoff, locked. Call it under [`crate::placement_lock`]: it waits for a row another
 /// transaction holds (a cancellation) instead of skipping it; a row that no longer matches
 /// once that transaction ends is passed over for the next in the index's order (the lock is
-/// taken below the LIMIT, on rows read in order from `jobs_pending_by_priority`).
+/// taken below the LIMIT, on the keys' heads in order).
 pub async fn lock_next_pending(conn: &mut PgConnection) -> Result<Option<Job>> {
     let row: Option<JobRow> = sqlx::query_as(NEXT_PENDING_SQL)
         .fetch_optional(conn)

@@ -230,6 +230,13 @@ struct JobArgs {
     /// refused (NO_PROVIDER).
     #[arg(long = "select", value_parser = key_value)]
     selector: Vec<(String, String)>,
+    /// Concurrency key (a tenant, a kind of job): with --max-concurrent, at most that many
+    /// jobs of this key are placed at once; waiting keys of equal priority take turns.
+    #[arg(long, requires = "max_concurrent")]
+    concurrency_key: Option<String>,
+    /// The most jobs of --concurrency-key placed (Assigned, Scheduled or Running) at once.
+    #[arg(long, requires = "concurrency_key")]
+    max_concurrent: Option<u32>,
     /// The command and its arguments, after `--`.
     #[arg(required = true, last = true)]
     command: Vec<String>,
@@ -663,6 +670,10 @@ async fn submit(
             args.backoff,
             args.priority,
         ),
+        concurrency: args
+            .concurrency_key
+            .zip(args.max_concurrent)
+            .map(|(key, max)| hodei_domain::Concurrency { key, max }),
         ..SubmitJob::default()
     };
     ask(call, &request).await

@@ -81,6 +81,13 @@ pub fn job_details(job: &JobView) {
         ("waiting", opt(&job.waiting_reason)),
         ("image", opt(&job.image)),
         (
+            "concurrency",
+            job.concurrency
+                .as_ref()
+                .map(|c| format!("key {} (at most {} placed at once)", c.key, c.max))
+                .unwrap_or_else(|| "-".into()),
+        ),
+        (
             "command",
             std::iter::once(&job.command)
                 .chain(&job.args)

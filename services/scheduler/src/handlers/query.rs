@@ -3,6 +3,7 @@
 use hodei_protocol::api::{GetJob, JobView, ListJobs, Page};
 use hodei_protocol::ApiError;
 use hodei_store::jobs;
+use uuid::Uuid;
 
 use crate::State;
 
@@ -38,6 +39,19 @@ async fn waiting_reason(
             "waiting for its retry at {}",
             at.to_rfc3339()
         )));
+    }
+    if let Some(limit) = &job.spec.concurrency {
+        let holders = jobs::placed_of_key(&state.store, &limit.key).await?;
+        if holders.len() >= limit.max as usize {
+            let ids: Vec<String> = holders.iter().map(Uuid::to_string).collect();
+            return Ok(Some(format!(
+                "waiting for a slot of concurrency key '{}': {} of {} placed ({})",
+                limit.key,
+                holders.len(),
+                limit.max,
+                ids.join(", ")
+            )));
+        }
     }
     if job.spec.image.is_some() {
         let offers = hodei_store::offers::all(&state.store).await?;
