@@ -1451,6 +1451,19 @@ pub fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Five attempts, retried (after 100 ms) when the worker is lost.
+pub fn retried_when_lost() -> hodei_domain::JobPolicy {
+    hodei_domain::JobPolicy {
+        retry: hodei_domain::RetryPolicy {
+            max_attempts: 5,
+            initial_backoff_ms: 100,
+            retry_on: vec![hodei_domain::RetryOn::Lost],
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
 pub fn job(command: &str, args: &[&str]) -> SubmitJob {
     SubmitJob {
         schema_version: 1,

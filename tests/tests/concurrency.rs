@@ -8,9 +8,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use hodei_domain::{Concurrency, JobPolicy, JobState, RetryOn, RetryPolicy};
+use hodei_domain::{Concurrency, JobState};
 use hodei_protocol::api::SubmitJob;
-use hodei_tests::{job, System};
+use hodei_tests::{job, retried_when_lost, System};
 use uuid::Uuid;
 
 const PLACED: [&str; 3] = ["Assigned", "Scheduled", "Running"];
@@ -22,15 +22,7 @@ fn keyed(key: &str, max: u32, command: &str, args: &[&str]) -> SubmitJob {
         max,
     });
     // A job whose worker is lost runs again.
-    request.policy = JobPolicy {
-        retry: RetryPolicy {
-            max_attempts: 5,
-            initial_backoff_ms: 100,
-            retry_on: vec![RetryOn::Lost],
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    request.policy = retried_when_lost();
     request
 }
 

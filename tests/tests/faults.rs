@@ -6,9 +6,9 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use futures::future::join_all;
-use hodei_domain::{JobPolicy, JobState, RetryOn, RetryPolicy};
+use hodei_domain::JobState;
 use hodei_protocol::api::{AuditEntry, AuditQuery};
-use hodei_tests::{job, System};
+use hodei_tests::{job, retried_when_lost, System};
 use uuid::Uuid;
 
 const JOBS: usize = 100;
@@ -26,19 +26,6 @@ async fn faulty_system() -> System {
 /// Submit `JOBS` jobs that each take a little while, retried if their worker is lost.
 async fn submit_batch(system: &System, tag: &str) -> Vec<Uuid> {
     submit_jobs_of(system, tag, "0.3").await
-}
-
-/// Five attempts, retried (after 100 ms) when the worker is lost.
-fn retried_when_lost() -> JobPolicy {
-    JobPolicy {
-        retry: RetryPolicy {
-            max_attempts: 5,
-            initial_backoff_ms: 100,
-            retry_on: vec![RetryOn::Lost],
-            ..Default::default()
-        },
-        ..Default::default()
-    }
 }
 
 /// Submit `JOBS` jobs that each sleep `seconds`, retried if their worker is lost.
