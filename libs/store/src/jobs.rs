@@ -226,16 +226,19 @@ pub async fn lock_scheduled_on(conn: &mut PgConnection, worker_id: Uuid) -> Resu
     row.map(Job::try_from).transpose()
 }
 
-/// The jobs of concurrency key `key` that are placed (hold its slots), oldest first.
-pub async fn placed_of_key(pool: &PgPool, key: &str) -> Result<Vec<Uuid>> {
-    let ids: Vec<(Uuid,)> = sqlx::query_as(
-        "SELECT id FROM jobs WHERE concurrency_key = $1 \
-           AND state IN ('Assigned', 'Scheduled', 'Running') ORDER BY created_at, id",
+/// How many jobs of concurrency key `key` are placed (hold its slots), and the oldest
+/// `show` of them.
+pub async fn placed_of_key(pool: &PgPool, key: &str, show: i64) -> Result<(i64, Vec<Uuid>)> {
+    let rows: Vec<(Uuid, i64)> = sqlx::query_as(
+        "SELECT id, count(*) OVER () FROM jobs WHERE concurrency_key = $1 \
+           AND state IN ('Assigned', 'Scheduled', 'Running') ORDER BY created_at, id LIMIT $2",
     )
     .bind(key)
+    .bind(show)
     .fetch_all(pool)
     .await?;
-    Ok(ids.into_iter().map(|(id,)| id).collect())
+    let placed = rows.first().map_or(0, |(_, n)| *n);
+    Ok((placed, rows.into_iter().map(|(id, _)| id).collect()))
 }
 
 /// The jobs that wait for worker `worker_id`'s teardown to be confirmed, locked.

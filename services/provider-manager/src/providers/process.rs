@@ -124,7 +124,9 @@ impl ProcessProvider {
         let Some(cgroup) = self.cgroup_of(worker_id) else {
             return Ok(Started::Command(command.spawn()?));
         };
-        std::fs::create_dir_all(&cgroup)?;
+        std::fs::create_dir_all(&cgroup).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("creating {}: {e}", cgroup.display()))
+        })?;
         match into_cgroup::spawn(&self.agent_bin, env, &cgroup) {
             Ok(child) => return Ok(Started::InCgroup(child)),
             Err(error) if into_cgroup::unsupported(&error) => {
@@ -171,11 +173,11 @@ enum Started {
 }
 
 impl Started {
-    fn pid(&self) -> u32 {
+    /// None if the agent has already been reaped (it exited at once).
+    fn pid(&self) -> Option<u32> {
         match self {
-            Started::InCgroup(child) => child.pid,
-            // A child just spawned and not yet waited for has its id.
-            Started::Command(child) => child.id().unwrap_or_default(),
+            Started::InCgroup(child) => Some(child.pid),
+            Started::Command(child) => child.id(),
         }
     }
 
@@ -293,7 +295,9 @@ impl Provider for ProcessProvider {
             let _ = std::fs::remove_file(self.creds_path(worker_id));
             ProviderError(format!("cannot start {}: {e}", self.agent_bin.display()))
         })?;
-        let pid = started.pid();
+        let pid = started
+            .pid()
+            .ok_or_else(|| ProviderError("the agent exited at once".into()))?;
         let (exited_tx, exited_rx) = watch::channel(false);
         self.children
             .lock()

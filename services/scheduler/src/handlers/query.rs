@@ -41,13 +41,17 @@ async fn waiting_reason(
         )));
     }
     if let Some(limit) = &job.spec.concurrency {
-        let holders = jobs::placed_of_key(&state.store, &limit.key).await?;
-        if holders.len() >= limit.max as usize {
-            let ids: Vec<String> = holders.iter().map(Uuid::to_string).collect();
+        // The holders named, up to ten.
+        const NAMED: usize = 10;
+        let (placed, holders) = jobs::placed_of_key(&state.store, &limit.key, NAMED as i64).await?;
+        if placed >= i64::from(limit.max) {
+            let mut ids: Vec<String> = holders.iter().map(Uuid::to_string).collect();
+            if placed > NAMED as i64 {
+                ids.push(format!("and {} more", placed - NAMED as i64));
+            }
             return Ok(Some(format!(
-                "waiting for a slot of concurrency key '{}': {} of {} placed ({})",
+                "waiting for a slot of concurrency key '{}': {placed} of {} placed ({})",
                 limit.key,
-                holders.len(),
                 limit.max,
                 ids.join(", ")
             )));

@@ -4,9 +4,9 @@
 //! takes the write side of the kernel's global `cgroup_threadgroup_rwsem`, which waits for an
 //! RCU grace period: about 10 ms of every cold job's start on a busy machine. A process
 //! cloned into its cgroup never migrates, so it takes only the read side. The child does
-//! nothing between the clone and `execve` but `setpgid`, `open`/`dup2` of /dev/null and, when
-//! exec fails, writing its errno to a pipe: all async-signal-safe, as a child of a
-//! multi-threaded parent must be.
+//! nothing between the clone and `execve` but `setpgid`, reset its signal mask and SIGPIPE,
+//! `open`/`dup2` /dev/null and, when exec fails, write its errno to a pipe: all
+//! async-signal-safe, as a child of a multi-threaded parent must be.
 
 use std::ffi::{CStr, CString, OsString};
 use std::io;
@@ -42,8 +42,9 @@ pub struct Child {
     pidfd: OwnedFd,
 }
 
-/// Whether `error` from [`spawn`] means this kernel (or a seccomp filter) has no
-/// `clone3`/`CLONE_INTO_CGROUP`, so the caller should start the process another way.
+/// Whether `error` from [`spawn`] means `clone3` itself was refused: this kernel (or a
+/// seccomp filter) has no `clone3`/`CLONE_INTO_CGROUP`, so the caller should start the
+/// process another way. A failed exec is never such an error (it carries no OS code).
 pub fn unsupported(error: &io::Error) -> bool {
     matches!(
         error.raw_os_error(),
@@ -145,7 +146,8 @@ pub fn spawn(program: &Path, env: &[(OsString, OsString)], cgroup: &Path) -> io:
                 libc::WEXITED,
             )
         };
-        return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)));
+        let error = io::Error::from_raw_os_error(i32::from_ne_bytes(errno));
+        return Err(io::Error::new(error.kind(), format!("exec: {error}")));
     }
     Ok(Child {
         pid: pid as u32,
