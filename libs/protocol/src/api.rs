@@ -245,7 +245,9 @@ pub struct JobView {
     pub args: Vec<String>,
     pub working_dir: Option<String>,
     pub labels: BTreeMap<String, String>,
-    /// Why a Pending job waits (`hodei get` shows it); none once it is placed.
+    /// Why the job is where it is, from live state (`hodei explain`): what a Pending job
+    /// waits for, what a placed one waits for or runs on, how an ended one ended. In the
+    /// answer to `hodei.api.jobs.get`, not in lists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting_reason: Option<String>,
     /// The container image it runs in, if any.

@@ -118,14 +118,16 @@ impl Breaker {
         }
     }
 
-    pub fn record(&self, success: bool) {
+    /// Count a success or a failure; whether the circuit opened or closed by it.
+    pub fn record(&self, success: bool) -> bool {
         self.record_at(success, Instant::now())
     }
 
     /// [`Breaker::record`] at `now`.
-    fn record_at(&self, success: bool, now: Instant) {
+    fn record_at(&self, success: bool, now: Instant) -> bool {
         let mut inner = self.inner.lock().expect("breaker lock");
         inner.probing = false;
+        let before = inner.state;
         if success {
             if inner.state != CircuitState::Closed {
                 tracing::info!(circuit = %self.name, "circuit closed: it works again");
@@ -135,7 +137,7 @@ impl Breaker {
             inner.open_for = self.base_open;
             inner.open_until = None;
             self.gauge(CircuitState::Closed);
-            return;
+            return before != CircuitState::Closed;
         }
         inner.consecutive_failures += 1;
         let reopen = inner.state == CircuitState::HalfOpen;
@@ -153,6 +155,7 @@ impl Breaker {
             );
             self.gauge(CircuitState::Open);
         }
+        before != inner.state
     }
 
     fn gauge(&self, state: CircuitState) {

@@ -9,6 +9,7 @@
 //! ([`outbox::relay_batch`]) and the audit log ([`audit`]) read what those transactions wrote.
 
 pub mod audit;
+pub mod capacity;
 pub mod jobs;
 pub mod maintenance;
 pub mod offers;

@@ -63,3 +63,60 @@ pub async fn docker_memory_in_use(conn: &mut PgConnection, default_mb: i32) -> R
     .await?;
     Ok(used.unwrap_or(0))
 }
+
+/// A provider's circuit as the provider-manager last recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Circuit {
+    /// `Closed`, `Open` or `HalfOpen`.
+    pub state: String,
+    pub consecutive_failures: u32,
+    /// While open: when a probe is let through.
+    pub retry_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// The failure that opened it.
+    pub error: Option<String>,
+}
+
+/// Record `provider`'s circuit (when it opens or closes).
+pub async fn record_circuit(
+    conn: &mut PgConnection,
+    provider: &str,
+    circuit: &Circuit,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE provider_offers SET circuit = $2, circuit_failures = $3, circuit_retry_at = $4, \
+             circuit_error = $5 WHERE provider = $1",
+    )
+    .bind(provider)
+    .bind(&circuit.state)
+    .bind(i32::try_from(circuit.consecutive_failures).unwrap_or(i32::MAX))
+    .bind(circuit.retry_at)
+    .bind(&circuit.error)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// `provider`'s circuit, if it made an offer.
+pub async fn circuit_of(pool: &PgPool, provider: &str) -> Result<Option<Circuit>> {
+    let row: Option<CircuitRow> = sqlx::query_as(
+        "SELECT circuit, circuit_failures, circuit_retry_at, circuit_error \
+         FROM provider_offers WHERE provider = $1",
+    )
+    .bind(provider)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|row| Circuit {
+        state: row.circuit,
+        consecutive_failures: row.circuit_failures.max(0) as u32,
+        retry_at: row.circuit_retry_at,
+        error: row.circuit_error,
+    }))
+}
+
+#[derive(sqlx::FromRow)]
+struct CircuitRow {
+    circuit: String,
+    circuit_failures: i32,
+    circuit_retry_at: Option<chrono::DateTime<chrono::Utc>>,
+    circuit_error: Option<String>,
+}

@@ -289,3 +289,23 @@ pub async fn live_among(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<Uuid>> {
             .await?;
     Ok(rows.into_iter().map(|(id,)| id).collect())
 }
+
+/// One worker, unlocked (for views).
+pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<Worker>> {
+    let sql = format!("SELECT {COLUMNS} FROM workers WHERE id = $1");
+    let row: Option<WorkerRow> = sqlx::query_as(&sql).bind(id).fetch_optional(pool).await?;
+    row.map(Worker::try_from).transpose()
+}
+
+/// Workers alive, and of the warm pool's members alive how many are free (Ready, no job).
+pub async fn occupancy(pool: &PgPool) -> Result<(u32, u32, u32)> {
+    let (alive, pool_members, free): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE pooled), \
+                count(*) FILTER (WHERE pooled AND state = 'Ready' AND reserved_job_id IS NULL) \
+         FROM workers WHERE state <> 'Terminated'",
+    )
+    .fetch_one(pool)
+    .await?;
+    let n = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
+    Ok((n(alive), n(pool_members), n(free)))
+}

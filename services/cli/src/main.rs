@@ -66,6 +66,10 @@ enum Command {
     Submit(JobArgs),
     /// Show one job.
     Get { job_id: Uuid },
+    /// Say why a job is where it is, from live state: what it waits for (a retry, a slot of
+    /// its concurrency key, capacity, a free pool worker, its provider or its worker), where
+    /// it runs (worker, since when, last heartbeat), or how it ended.
+    Explain { job_id: Uuid },
     /// List jobs, newest first.
     List {
         /// Only jobs in this state (Pending, Assigned, Scheduled, Running, Succeeded, Failed, Cancelled, Timeout).
@@ -355,6 +359,17 @@ async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
             )
             .await?;
             Ok(shown(cli.json, &job, output::job_details))
+        }
+        Command::Explain { job_id } => {
+            let job: JobView = ask(
+                call(subjects::API_JOBS_GET),
+                &GetJob {
+                    schema_version: 1,
+                    job_id,
+                },
+            )
+            .await?;
+            Ok(shown(cli.json, &job, output::explanation))
         }
         Command::List {
             state,

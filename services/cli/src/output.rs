@@ -74,11 +74,20 @@ pub fn job_summary(job: &JobView) -> String {
     format!("hodei: job {} {}{exit}{error}", job.job_id, job.state)
 }
 
+pub fn explanation(job: &JobView) {
+    println!(
+        "{} {}: {}",
+        job.job_id,
+        job.state,
+        job.waiting_reason.as_deref().unwrap_or("-")
+    );
+}
+
 pub fn job_details(job: &JobView) {
     let rows = [
         ("job", job.job_id.to_string()),
         ("state", job.state.to_string()),
-        ("waiting", opt(&job.waiting_reason)),
+        ("why", opt(&job.waiting_reason)),
         ("image", opt(&job.image)),
         (
             "concurrency",

@@ -132,6 +132,20 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             "the warm pool is larger than the capacity; it holds at most max-workers workers"
         );
     }
+    // What `hodei explain` compares the workers alive with.
+    hodei_store::capacity::record(
+        &mut *state
+            .store
+            .acquire()
+            .await
+            .context("recording the capacity")?,
+        hodei_store::capacity::DispatchSettings {
+            max_workers: state.max_workers,
+            warm_pool_size: config.warm_pool_size,
+        },
+    )
+    .await
+    .context("recording the capacity")?;
     tracing::info!(max_workers = state.max_workers, warm_pool = ?state.warm_pool, provider = %state.provider, "placing jobs");
     // Whatever waited while no dispatcher ran (or with a smaller capacity) is placed now;
     // afterwards events drive placement.

@@ -48,6 +48,7 @@ async fn destroy(
         Some((provider, id)) => (Some(provider.as_str()), Some(id.as_str())),
         None => (None, None),
     };
+    // Only the docker provider's destroys count on its circuit.
     let breaker = match provider {
         Some("docker") => state.providers.breaker(Kind::Docker),
         _ => None,
@@ -59,7 +60,10 @@ async fn destroy(
         .providers
         .destroy(provider, worker_id, resource_id)
         .await;
-    breaker.inspect(|b| b.record(destroyed.is_ok()));
+    if breaker.is_some() {
+        let failure = destroyed.as_ref().err().map(|e| e.to_string());
+        super::count_on_circuit(state, Kind::Docker, failure.as_deref()).await;
+    }
     let teardown = destroyed.map_err(|e| {
         ApiError::new(
             ErrorCode::Unavailable,

@@ -88,23 +88,22 @@ async fn provision(
             .map(|job| job.spec.resources)
             .unwrap_or_default(),
     };
-    let breaker = state.providers.breaker(kind);
     match state.providers.create(kind, spec).await {
         Ok(resource_id) => {
-            breaker.inspect(|b| b.record(true));
+            super::count_on_circuit(state, kind, None).await;
             let mut conn = state.store.acquire().await.map_err(StoreError::from)?;
             resources::record(&mut conn, worker.id, kind.name(), &resource_id).await?;
             Ok(None)
         }
         Err(error) if error.0.starts_with(IMAGE_NOT_FOUND) => {
             // The engine answered: the provider is fine, the job cannot run. No retry.
-            breaker.inspect(|b| b.record(true));
+            super::count_on_circuit(state, kind, None).await;
             tracing::warn!(worker_id = %worker.id, %error, "the job's image does not exist");
             give_up(state, worker.id, error.to_string(), true).await?;
             Ok(None)
         }
         Err(error) => {
-            breaker.inspect(|b| b.record(false));
+            super::count_on_circuit(state, kind, Some(&error.to_string())).await;
             tracing::error!(worker_id = %worker.id, %error, "provisioning failed");
             give_up(state, worker.id, error.to_string(), false).await?;
             Ok(None)
