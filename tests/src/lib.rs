@@ -982,6 +982,17 @@ impl System {
         self.nats.creds("submitter", &hodei_auth::Role::Submitter)
     }
 
+    /// Run the `hodei` CLI against this system as the operator, to its end.
+    pub fn hodei(&self, args: &[&str]) -> std::process::Output {
+        Command::new(binary("hodei"))
+            .env("HODEI_NATS_CREDS", self.operator_creds())
+            .arg("--nats-url")
+            .arg(&self.nats.url)
+            .args(args)
+            .output()
+            .expect("run hodei")
+    }
+
     /// Start a second instance of a service beside the first (logs `<name>-2.err`).
     pub fn add_instance(&mut self, name: &str) {
         let env = service_env(&self.nats, name, &self.env, &[]);

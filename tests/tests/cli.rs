@@ -6,13 +6,7 @@ use std::time::Duration;
 use hodei_tests::{binary, System, EVENTS_OF_A_JOB};
 
 fn hodei(system: &System, args: &[&str]) -> std::process::Output {
-    Command::new(binary("hodei"))
-        .env("HODEI_NATS_CREDS", system.operator_creds())
-        .arg("--nats-url")
-        .arg(&system.nats.url)
-        .args(args)
-        .output()
-        .expect("run hodei")
+    system.hodei(args)
 }
 
 fn text(bytes: &[u8]) -> String {

@@ -1,7 +1,6 @@
 //! `hodei explain JOB` (and the job view's `waiting_reason`): each case is built for real and
 //! its reason read back as an operator reads it.
 
-use std::process::Command;
 use std::time::Duration;
 
 use hodei_domain::{Concurrency, JobState};
@@ -10,13 +9,7 @@ use uuid::Uuid;
 
 /// The reason of `job_id` as `hodei explain` prints it (and as the API gives it).
 fn explain(system: &System, job_id: Uuid) -> String {
-    let out = Command::new(binary("hodei"))
-        .env("HODEI_NATS_CREDS", system.operator_creds())
-        .arg("--nats-url")
-        .arg(&system.nats.url)
-        .args(["explain", &job_id.to_string()])
-        .output()
-        .expect("run hodei explain");
+    let out = system.hodei(&["explain", &job_id.to_string()]);
     assert!(
         out.status.success(),
         "hodei explain: {}",

@@ -55,11 +55,13 @@ pub fn worker_consumer(worker_id: Uuid) -> String {
     format!("worker-{worker_id}")
 }
 
-const CLIENT_APIS: [&str; 4] = [
+const CLIENT_APIS: [&str; 5] = [
     "hodei.api.jobs.submit",
     "hodei.api.jobs.get",
     "hodei.api.jobs.list",
     "hodei.api.jobs.cancel",
+    // A schedule submits jobs on a clock: whoever may submit may schedule.
+    "hodei.api.schedules.*",
 ];
 const OPERATOR_APIS: [&str; 4] = [
     "hodei.api.workers.list",

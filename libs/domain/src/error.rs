@@ -3,6 +3,7 @@
 use uuid::Uuid;
 
 use crate::job::JobState;
+use crate::schedule::ScheduleState;
 use crate::worker::WorkerState;
 
 pub type Result<T, E = DomainError> = std::result::Result<T, E>;
@@ -38,6 +39,16 @@ pub enum DomainError {
 
     #[error("invalid job spec: {0}")]
     InvalidJobSpec(String),
+
+    #[error("invalid schedule: {0}")]
+    InvalidSchedule(String),
+
+    #[error("schedule {schedule_id} cannot go from {from} to {to}")]
+    InvalidScheduleTransition {
+        schedule_id: Uuid,
+        from: ScheduleState,
+        to: ScheduleState,
+    },
 }
 
 impl DomainError {
@@ -51,6 +62,8 @@ impl DomainError {
             DomainError::JobNotHeldByWorker { .. } => "JOB_NOT_HELD_BY_WORKER",
             DomainError::InvalidBootstrapToken { .. } => "INVALID_BOOTSTRAP_TOKEN",
             DomainError::InvalidJobSpec(_) => "INVALID_JOB_SPEC",
+            DomainError::InvalidSchedule(_) => "INVALID_SCHEDULE",
+            DomainError::InvalidScheduleTransition { .. } => "INVALID_SCHEDULE_TRANSITION",
         }
     }
 }

@@ -22,6 +22,7 @@ pub const EVENT_SCHEMA_VERSION: u32 = 1;
 pub enum AggregateType {
     Job,
     Worker,
+    Schedule,
     /// A message of the dead-letter stream, as operators act on it.
     #[serde(rename = "dead_letter")]
     DeadLetter,
@@ -32,6 +33,7 @@ impl AggregateType {
         match self {
             AggregateType::Job => "job",
             AggregateType::Worker => "worker",
+            AggregateType::Schedule => "schedule",
             AggregateType::DeadLetter => "dead_letter",
         }
     }
@@ -132,6 +134,8 @@ catalogue! {
     Worker: WorkerProvisioningRequested, WorkerProvisioned, WorkerProvisioningFailed,
          WorkerRegistered, WorkerReady, WorkerReadyForJob, WorkerStatusChanged, WorkerHeartbeat,
          WorkerTerminating, WorkerTerminated;
+    Schedule: ScheduleCreated, ScheduleFired, ScheduleTickSkipped, ScheduleTicksMissed,
+         SchedulePaused, ScheduleResumed, ScheduleDeleted;
     DeadLetter: DeadLetterReplayed, DeadLetterDiscarded;
 }
 
@@ -222,6 +226,66 @@ pub struct JobRetrying {
     pub reason: String,
     /// When the job is queued again (after its backoff).
     pub retry_at: DateTime<Utc>,
+}
+
+// ----- schedule events -----
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleCreated {
+    pub schedule_id: Uuid,
+    pub name: String,
+    pub trigger: crate::schedule::Trigger,
+    pub overlap: crate::schedule::Overlap,
+    pub catch_up: crate::schedule::CatchUp,
+    pub command: String,
+    pub args: Vec<String>,
+    /// The names of the job's environment (never the values).
+    pub env_keys: Vec<String>,
+    pub next_tick_at: DateTime<Utc>,
+}
+
+/// A tick ran: its job was created (idempotency key `<schedule id>:<tick time>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleFired {
+    pub schedule_id: Uuid,
+    pub tick_at: DateTime<Utc>,
+    pub job_id: Uuid,
+}
+
+/// A tick did not run (its previous run had not ended, ...).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleTickSkipped {
+    pub schedule_id: Uuid,
+    pub tick_at: DateTime<Utc>,
+    pub reason: String,
+}
+
+/// Ticks that passed while no scheduler ran, and did not run (the catch-up policy).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleTicksMissed {
+    pub schedule_id: Uuid,
+    pub first_tick_at: DateTime<Utc>,
+    pub last_tick_at: DateTime<Utc>,
+    pub count: u32,
+    /// The count stopped at its bound: at least this many.
+    pub at_least: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SchedulePaused {
+    pub schedule_id: Uuid,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleResumed {
+    pub schedule_id: Uuid,
+    pub next_tick_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleDeleted {
+    pub schedule_id: Uuid,
+    pub from: crate::schedule::ScheduleState,
 }
 
 // ----- operators' actions on dead letters (recorded by the audit service) -----

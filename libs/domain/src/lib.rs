@@ -11,6 +11,7 @@ pub mod events;
 pub mod job;
 pub mod offer;
 pub mod policy;
+pub mod schedule;
 pub mod worker;
 
 pub use error::{DomainError, Result};
@@ -18,4 +19,5 @@ pub use events::{Actor, AggregateType, DomainEvent, EventPayload};
 pub use job::{Concurrency, Job, JobSpec, JobState, Resources};
 pub use offer::{satisfiable, ProviderOffer};
 pub use policy::{JobPolicy, RetryOn, RetryPolicy};
+pub use schedule::{Schedule, ScheduleState};
 pub use worker::{Purpose, Registration, Worker, WorkerFault, WorkerState};

@@ -61,6 +61,8 @@ pub enum ErrorCode {
     NotFound,
     InvalidJobSpec,
     InvalidJobTransition,
+    InvalidSchedule,
+    InvalidScheduleTransition,
     InvalidWorkerTransition,
     JobNotHeldByWorker,
     WorkerMismatch,
@@ -81,6 +83,8 @@ impl ErrorCode {
             ErrorCode::NotFound => "NOT_FOUND",
             ErrorCode::InvalidJobSpec => "INVALID_JOB_SPEC",
             ErrorCode::InvalidJobTransition => "INVALID_JOB_TRANSITION",
+            ErrorCode::InvalidSchedule => "INVALID_SCHEDULE",
+            ErrorCode::InvalidScheduleTransition => "INVALID_SCHEDULE_TRANSITION",
             ErrorCode::InvalidWorkerTransition => "INVALID_WORKER_TRANSITION",
             ErrorCode::JobNotHeldByWorker => "JOB_NOT_HELD_BY_WORKER",
             ErrorCode::WorkerMismatch => "WORKER_MISMATCH",
@@ -137,6 +141,8 @@ impl From<hodei_domain::DomainError> for ApiError {
             D::JobNotHeldByWorker { .. } => ErrorCode::JobNotHeldByWorker,
             D::InvalidBootstrapToken { .. } => ErrorCode::InvalidBootstrapToken,
             D::InvalidJobSpec(_) => ErrorCode::InvalidJobSpec,
+            D::InvalidSchedule(_) => ErrorCode::InvalidSchedule,
+            D::InvalidScheduleTransition { .. } => ErrorCode::InvalidScheduleTransition,
         };
         ApiError::new(code, err.to_string())
     }

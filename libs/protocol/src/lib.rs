@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod api;
 pub mod logs;
+pub mod schedules;
 
 pub use api::{ApiError, ErrorCode, Reply};
 
@@ -30,6 +31,12 @@ pub mod subjects {
     pub const API_JOBS_GET: &str = "hodei.api.jobs.get";
     pub const API_JOBS_LIST: &str = "hodei.api.jobs.list";
     pub const API_JOBS_CANCEL: &str = "hodei.api.jobs.cancel";
+    pub const API_SCHEDULES_CREATE: &str = "hodei.api.schedules.create";
+    pub const API_SCHEDULES_LIST: &str = "hodei.api.schedules.list";
+    pub const API_SCHEDULES_GET: &str = "hodei.api.schedules.get";
+    pub const API_SCHEDULES_PAUSE: &str = "hodei.api.schedules.pause";
+    pub const API_SCHEDULES_RESUME: &str = "hodei.api.schedules.resume";
+    pub const API_SCHEDULES_DELETE: &str = "hodei.api.schedules.delete";
     pub const API_WORKERS_LIST: &str = "hodei.api.workers.list";
     pub const API_AUDIT_QUERY: &str = "hodei.api.audit.query";
     pub const API_PROVIDERS_LIST: &str = "hodei.api.providers.list";

@@ -1,6 +1,7 @@
 //! The loop of a state-timeout monitor: find what is overdue (one cheap, indexed query),
 //! handle each, then sleep until the next known deadline (at most `max_sleep`, so that
-//! deadlines written by other instances are seen too) or until shutdown.
+//! deadlines written by other instances are seen too), until `wake` is notified (a deadline
+//! this process wrote), or until shutdown.
 
 use std::future::Future;
 use std::time::Duration;
@@ -13,6 +14,7 @@ pub async fn run<T, Due, DueFut, Next, NextFut, Handle, HandleFut>(
     what: &'static str,
     batch: usize,
     max_sleep: Duration,
+    wake: Option<&tokio::sync::Notify>,
     shutdown: Shutdown,
     due: Due,
     next_due: Next,
@@ -49,8 +51,19 @@ pub async fn run<T, Due, DueFut, Next, NextFut, Handle, HandleFut>(
                 .min(max_sleep),
             _ => max_sleep,
         };
-        shutdown
-            .run_until_cancelled(tokio::time::sleep(sleep.max(Duration::from_millis(5))))
-            .await;
+        let sleep = tokio::time::sleep(sleep.max(Duration::from_millis(5)));
+        match wake {
+            Some(wake) => {
+                shutdown
+                    .run_until_cancelled(async {
+                        tokio::select! {
+                            () = sleep => {}
+                            () = wake.notified() => {}
+                        }
+                    })
+                    .await
+            }
+            None => shutdown.run_until_cancelled(sleep).await,
+        };
     }
 }

@@ -211,6 +211,16 @@ pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<Job>> {
     row.map(Job::try_from).transpose()
 }
 
+/// The state of a job, as this connection sees it (a job of its own transaction too).
+pub async fn state_of(conn: &mut PgConnection, id: Uuid) -> Result<Option<JobState>> {
+    let row: Option<(String,)> = sqlx::query_as("SELECT state FROM jobs WHERE id = $1")
+        .bind(id)
+        .fetch_optional(conn)
+        .await?;
+    row.map(|(state,)| state.parse().map_err(corrupt("job state")))
+        .transpose()
+}
+
 pub async fn find_by_idempotency_key(conn: &mut PgConnection, key: &str) -> Result<Option<Job>> {
     let sql = format!("SELECT {COLUMNS} FROM jobs WHERE idempotency_key = $1");
     let row: Option<JobRow> = sqlx::query_as(&sql).bind(key).fetch_optional(conn).await?;

@@ -16,6 +16,7 @@ pub mod offers;
 pub mod outbox;
 pub mod plans;
 pub mod resources;
+pub mod schedules;
 pub mod workers;
 
 use std::time::Duration;
@@ -218,6 +219,15 @@ impl Aggregate for hodei_domain::Job {
     }
     async fn write(&mut self, conn: &mut PgConnection) -> Result<()> {
         jobs::update(conn, self).await
+    }
+}
+
+impl Aggregate for hodei_domain::Schedule {
+    async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Self>> {
+        schedules::lock(conn, id).await
+    }
+    async fn write(&mut self, conn: &mut PgConnection) -> Result<()> {
+        schedules::update(conn, self).await
     }
 }
 

@@ -111,6 +111,12 @@ enum Command {
     },
     /// Providers and the state of their circuit breakers.
     Providers,
+    /// Schedules: a job run on a cron expression or at an interval, each tick's job made
+    /// once (idempotency key `<schedule id>:<tick time>`).
+    Schedule {
+        #[command(subcommand)]
+        command: ScheduleCommand,
+    },
     /// Dead letters: messages a consumer gave up on, outbox rows that could not be published.
     Dlq {
         #[command(subcommand)]
@@ -164,6 +170,54 @@ enum AuthCommand {
 enum ClientRole {
     Submitter,
     Operator,
+}
+
+// Parsed once per run: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand)]
+enum ScheduleCommand {
+    /// Create a schedule that runs the command after `--` on --cron (in --time-zone) or
+    /// --every N seconds; takes the job options of `hodei submit` (but not --key).
+    Create {
+        /// Its name: letters, digits, '-', '_' and '.', unique among schedules not deleted.
+        name: String,
+        /// A cron expression: "MIN HOUR DAY MONTH WEEKDAY", or with seconds first
+        /// ("SEC MIN HOUR DAY MONTH WEEKDAY [YEAR]").
+        #[arg(long, required_unless_present = "every", conflicts_with = "every")]
+        cron: Option<String>,
+        /// The IANA time zone the cron expression is read in (e.g. Europe/Madrid).
+        #[arg(long, default_value = "UTC", requires = "cron")]
+        time_zone: String,
+        /// Run every this many seconds (at least 1), counted from the creation.
+        #[arg(long)]
+        every: Option<f64>,
+        /// A tick while the previous run has not ended: skip it (recorded) or allow it.
+        #[arg(long, default_value = "skip", value_parser = ["skip", "allow"])]
+        overlap: String,
+        /// Ticks missed while no scheduler ran: none run, or the last of them runs.
+        #[arg(long, default_value = "none", value_parser = ["none", "last"])]
+        catch_up: String,
+        #[command(flatten)]
+        job: JobArgs,
+    },
+    /// List schedules, newest first (deleted ones only with --state Deleted).
+    List {
+        /// Only schedules in this state (Active, Paused, Deleted).
+        #[arg(long)]
+        state: Option<hodei_domain::ScheduleState>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// Show one schedule (by id or name).
+    Get { schedule: String },
+    /// Stop a schedule's ticks until it is resumed.
+    Pause { schedule: String },
+    /// Tick again, counting from now (ticks of the pause are not caught up).
+    Resume { schedule: String },
+    /// End a schedule for good (its record and audit trail stay).
+    Delete { schedule: String },
 }
 
 #[derive(Subcommand)]
@@ -451,6 +505,76 @@ async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Schedule { command } => {
+            use hodei_protocol::schedules::{
+                CreateSchedule, ListSchedules, ScheduleRef, ScheduleView,
+            };
+            let one = |schedule: String| ScheduleRef {
+                schema_version: 1,
+                schedule,
+            };
+            let view: ScheduleView = match command {
+                ScheduleCommand::Create {
+                    name,
+                    cron,
+                    time_zone,
+                    every,
+                    overlap,
+                    catch_up,
+                    job,
+                } => {
+                    let trigger = match (cron, every) {
+                        (Some(expression), _) => hodei_domain::schedule::Trigger::Cron {
+                            expression,
+                            time_zone,
+                        },
+                        (None, Some(secs)) => hodei_domain::schedule::Trigger::Interval {
+                            every_ms: (secs * 1000.0).round().max(0.0) as u64,
+                        },
+                        (None, None) => bail!("give --cron or --every"),
+                    };
+                    let request = CreateSchedule {
+                        schema_version: 1,
+                        name,
+                        trigger,
+                        overlap: serde_json::from_value(overlap.into())?,
+                        catch_up: serde_json::from_value(catch_up.into())?,
+                        job: job_of(job)?,
+                    };
+                    ask(call(subjects::API_SCHEDULES_CREATE), &request).await?
+                }
+                ScheduleCommand::List {
+                    state,
+                    limit,
+                    cursor,
+                } => {
+                    let page: Page<ScheduleView> = ask(
+                        call(subjects::API_SCHEDULES_LIST),
+                        &ListSchedules {
+                            schema_version: 1,
+                            state,
+                            limit: Some(limit),
+                            cursor,
+                        },
+                    )
+                    .await?;
+                    return Ok(shown(cli.json, &page, output::schedules_table));
+                }
+                ScheduleCommand::Get { schedule } => {
+                    ask(call(subjects::API_SCHEDULES_GET), &one(schedule)).await?
+                }
+                ScheduleCommand::Pause { schedule } => {
+                    ask(call(subjects::API_SCHEDULES_PAUSE), &one(schedule)).await?
+                }
+                ScheduleCommand::Resume { schedule } => {
+                    ask(call(subjects::API_SCHEDULES_RESUME), &one(schedule)).await?
+                }
+                ScheduleCommand::Delete { schedule } => {
+                    ask(call(subjects::API_SCHEDULES_DELETE), &one(schedule)).await?
+                }
+            };
+            Ok(shown(cli.json, &view, output::schedule_details))
+        }
         Command::Dlq { command } => {
             let dead_letter = |seq, actor| DeadLetterRef {
                 schema_version: 1,
@@ -660,11 +784,16 @@ async fn submit(
     call: (async_nats::Client, &'static str, Duration),
     args: JobArgs,
 ) -> anyhow::Result<SubmitAccepted> {
+    ask(call, &job_of(args)?).await
+}
+
+/// The job the arguments describe.
+fn job_of(args: JobArgs) -> anyhow::Result<SubmitJob> {
     let mut command = args.command.into_iter();
     let Some(program) = command.next() else {
         bail!("no command given after --")
     };
-    let request = SubmitJob {
+    Ok(SubmitJob {
         schema_version: 1,
         command: program,
         args: command.collect(),
@@ -689,9 +818,7 @@ async fn submit(
             .concurrency_key
             .zip(args.max_concurrent)
             .map(|(key, max)| hodei_domain::Concurrency { key, max }),
-        ..SubmitJob::default()
-    };
-    ask(call, &request).await
+    })
 }
 
 fn policy_of(

@@ -332,3 +332,66 @@ pub fn providers_table(providers: &[serde_json::Value]) {
         .collect();
     table(&["PROVIDER", "CIRCUIT", "FAILURES", "PROBE IN (MS)"], rows);
 }
+
+fn trigger(t: &hodei_domain::schedule::Trigger) -> String {
+    match t {
+        hodei_domain::schedule::Trigger::Cron {
+            expression,
+            time_zone,
+        } => format!("cron '{expression}' ({time_zone})"),
+        hodei_domain::schedule::Trigger::Interval { every_ms } => {
+            format!("every {} s", *every_ms as f64 / 1000.0)
+        }
+    }
+}
+
+pub fn schedules_table(page: &Page<hodei_protocol::schedules::ScheduleView>) {
+    let rows = page
+        .items
+        .iter()
+        .map(|s| {
+            vec![
+                s.schedule_id.to_string(),
+                s.name.clone(),
+                s.state.to_string(),
+                trigger(&s.trigger),
+                opt(&s.next_tick_at.as_ref().map(time)),
+                opt(&s.last_job_id),
+            ]
+        })
+        .collect();
+    table(
+        &["SCHEDULE", "NAME", "STATE", "WHEN", "NEXT TICK", "LAST JOB"],
+        rows,
+    );
+    if let Some(cursor) = &page.next_cursor {
+        println!("(more: --cursor '{cursor}')");
+    }
+}
+
+pub fn schedule_details(s: &hodei_protocol::schedules::ScheduleView) {
+    let rows = [
+        ("schedule", s.schedule_id.to_string()),
+        ("name", s.name.clone()),
+        ("state", s.state.to_string()),
+        ("when", trigger(&s.trigger)),
+        ("overlap", format!("{:?}", s.overlap).to_lowercase()),
+        ("catch-up", format!("{:?}", s.catch_up).to_lowercase()),
+        (
+            "command",
+            std::iter::once(&s.command)
+                .chain(&s.args)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
+        ("env", s.env_keys.join(", ")),
+        ("next tick", opt(&s.next_tick_at.as_ref().map(time))),
+        ("last tick", opt(&s.last_tick_at.as_ref().map(time))),
+        ("last job", opt(&s.last_job_id)),
+        ("created", time(&s.created_at)),
+    ];
+    for (name, value) in rows {
+        println!("{name:<11} {value}");
+    }
+}

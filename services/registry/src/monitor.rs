@@ -17,6 +17,7 @@ pub async fn run(store: Store, max_sleep: Duration, shutdown: Shutdown) {
         "workers",
         BATCH,
         max_sleep,
+        None,
         shutdown,
         || async {
             workers::due(&store, BATCH as i64)

@@ -1,9 +1,11 @@
 //! The scheduler owns job submission and the job state machine: it accepts jobs (request/reply
 //! and the durable submission stream, idempotent on the client's key), answers get and list,
-//! and applies the agents' started/finished reports to their jobs.
+//! applies the agents' started/finished reports to their jobs, and owns schedules (their API
+//! and their ticks).
 
 mod handlers;
 mod monitor;
+mod ticker;
 
 use async_nats::Client;
 use hodei_domain::Actor;
@@ -42,6 +44,8 @@ pub(crate) struct State {
     /// What the providers offer, read again when older than a few seconds.
     pub offers:
         std::sync::Arc<tokio::sync::Mutex<(std::time::Instant, Vec<hodei_domain::ProviderOffer>)>>,
+    /// Wakes this instance's ticker when it creates or resumes a schedule.
+    pub ticks: std::sync::Arc<tokio::sync::Notify>,
 }
 
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
@@ -78,14 +82,21 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             std::time::Instant::now() - OFFERS_FRESH_FOR,
             Vec::new(),
         ))),
+        ticks: std::sync::Arc::new(tokio::sync::Notify::new()),
     };
     let monitor = tokio::spawn(monitor::run(
         state.store.clone(),
         std::time::Duration::from_millis(config.monitor_interval_ms),
         shutdown.clone(),
     ));
+    let ticker = tokio::spawn(ticker::run(
+        state.clone(),
+        std::time::Duration::from_millis(config.monitor_interval_ms),
+        shutdown.clone(),
+    ));
     let served = serve(state, js, &messaging, shutdown).await;
     let _ = monitor.await;
+    let _ = ticker.await;
     served
 }
 
@@ -131,6 +142,26 @@ async fn serve(
             move |req, _| handlers::cancel::handle(state.clone(), req),
         )
     };
+    macro_rules! schedule_api {
+        ($subject:expr, $handler:path) => {{
+            let state = state.clone();
+            service.serve($subject, shutdown.clone(), move |req, _| {
+                $handler(state.clone(), req)
+            })
+        }};
+    }
+    let schedules = async {
+        use handlers::schedules as h;
+        let (create, list, get, pause, resume, delete) = tokio::join!(
+            schedule_api!(subjects::API_SCHEDULES_CREATE, h::create),
+            schedule_api!(subjects::API_SCHEDULES_LIST, h::list),
+            schedule_api!(subjects::API_SCHEDULES_GET, h::get),
+            schedule_api!(subjects::API_SCHEDULES_PAUSE, h::pause),
+            schedule_api!(subjects::API_SCHEDULES_RESUME, h::resume),
+            schedule_api!(subjects::API_SCHEDULES_DELETE, h::delete),
+        );
+        create.and(list).and(get).and(pause).and(resume).and(delete)
+    };
     let submissions = consumer::run(
         js.clone(),
         ConsumerConfig::new(streams::SUBMISSIONS, "scheduler-submissions", None),
@@ -146,9 +177,10 @@ async fn serve(
         shutdown.clone(),
         |batch| handlers::reports::handle(state.clone(), batch),
     );
-    let (submit, get, list, cancel, (), ()) =
-        tokio::join!(submit, get, list, cancel, submissions, reports);
+    let (submit, get, list, cancel, schedules, (), ()) =
+        tokio::join!(submit, get, list, cancel, schedules, submissions, reports);
     submit?;
+    schedules?;
     cancel?;
     get?;
     list?;

@@ -18,6 +18,7 @@ pub async fn run(store: Store, max_sleep: Duration, shutdown: Shutdown) {
         "jobs",
         BATCH,
         max_sleep,
+        None,
         shutdown,
         || async {
             jobs::due(&store, BATCH as i64)

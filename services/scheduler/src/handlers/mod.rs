@@ -4,4 +4,5 @@ pub mod cancel;
 pub mod explain;
 pub mod query;
 pub mod reports;
+pub mod schedules;
 pub mod submit;

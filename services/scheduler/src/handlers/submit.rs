@@ -135,7 +135,7 @@ async fn submit(
 }
 
 /// The providers' offers, at most a few seconds old.
-async fn offers(state: &State) -> Result<Vec<hodei_domain::ProviderOffer>, ApiError> {
+pub(crate) async fn offers(state: &State) -> Result<Vec<hodei_domain::ProviderOffer>, ApiError> {
     let mut cached = state.offers.lock().await;
     // Until a provider-manager has recorded its offers there is nothing to keep: read again.
     if cached.1.is_empty() || cached.0.elapsed() >= crate::OFFERS_FRESH_FOR {
