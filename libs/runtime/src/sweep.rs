@@ -10,11 +10,22 @@ use chrono::{DateTime, Utc};
 
 use crate::Shutdown;
 
+/// How a sweep goes: at most `batch` items per look, at most `max_sleep` between looks, and
+/// what wakes it sooner.
+#[derive(Clone, Copy)]
+pub struct Pace<'a> {
+    pub batch: usize,
+    pub max_sleep: Duration,
+    pub wake: Option<&'a tokio::sync::Notify>,
+}
+
 pub async fn run<T, Due, DueFut, Next, NextFut, Handle, HandleFut>(
     what: &'static str,
-    batch: usize,
-    max_sleep: Duration,
-    wake: Option<&tokio::sync::Notify>,
+    Pace {
+        batch,
+        max_sleep,
+        wake,
+    }: Pace<'_>,
     shutdown: Shutdown,
     due: Due,
     next_due: Next,

@@ -15,9 +15,11 @@ pub async fn run(store: Store, max_sleep: Duration, shutdown: Shutdown) {
     let actor = Actor::service("registry-monitor");
     hodei_runtime::sweep::run(
         "workers",
-        BATCH,
-        max_sleep,
-        None,
+        hodei_runtime::sweep::Pace {
+            batch: BATCH,
+            max_sleep,
+            wake: None,
+        },
         shutdown,
         || async {
             workers::due(&store, BATCH as i64)

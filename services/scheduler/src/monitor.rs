@@ -16,9 +16,11 @@ pub async fn run(store: Store, max_sleep: Duration, shutdown: Shutdown) {
     let actor = Actor::service("scheduler-monitor");
     hodei_runtime::sweep::run(
         "jobs",
-        BATCH,
-        max_sleep,
-        None,
+        hodei_runtime::sweep::Pace {
+            batch: BATCH,
+            max_sleep,
+            wake: None,
+        },
         shutdown,
         || async {
             jobs::due(&store, BATCH as i64)

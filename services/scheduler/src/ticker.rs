@@ -25,9 +25,11 @@ pub async fn run(state: State, max_sleep: Duration, shutdown: hodei_runtime::Shu
     let wake = Arc::clone(&state.ticks);
     hodei_runtime::sweep::run(
         "schedules",
-        BATCH,
-        max_sleep,
-        Some(&wake),
+        hodei_runtime::sweep::Pace {
+            batch: BATCH,
+            max_sleep,
+            wake: Some(&wake),
+        },
         shutdown,
         || async {
             schedules::due(&state.store, BATCH as i64)
