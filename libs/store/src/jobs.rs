@@ -273,13 +273,27 @@ pub async fn lock_next_pending(conn: &mut PgConnection) -> Result<Option<Job>> {
     row.map(Job::try_from).transpose()
 }
 
-/// Newest first, optionally of one state; `cursor` is the previous page's `next_cursor`.
+/// Which jobs a list shows: all of them, or those of one state, one concurrency key, with
+/// every one of some labels.
+#[derive(Debug, Clone, Default)]
+pub struct Filter<'a> {
+    pub state: Option<JobState>,
+    pub concurrency_key: Option<&'a str>,
+    pub labels: Option<&'a std::collections::BTreeMap<String, String>>,
+}
+
+/// Newest first, as `filter` says; `cursor` is the previous page's `next_cursor`.
 pub async fn list(
     pool: &PgPool,
-    state: Option<JobState>,
+    filter: Filter<'_>,
     limit: u32,
     cursor: Option<&str>,
 ) -> Result<(Vec<Job>, Option<String>)> {
+    let Filter {
+        state,
+        concurrency_key,
+        labels,
+    } = filter;
     let (at, id) = match cursor.and_then(decode_cursor) {
         Some((at, id)) => (Some(at), Some(id)),
         None => (None, None),
@@ -288,6 +302,8 @@ pub async fn list(
         "SELECT {COLUMNS} FROM jobs \
          WHERE ($1::text IS NULL OR state = $1) \
            AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3)) \
+           AND ($5::text IS NULL OR concurrency_key = $5) \
+           AND ($6::jsonb IS NULL OR spec->'labels' @> $6) \
          ORDER BY created_at DESC, id DESC LIMIT $4"
     );
     let rows: Vec<JobRow> = sqlx::query_as(&sql)
@@ -295,6 +311,8 @@ pub async fn list(
         .bind(at)
         .bind(id)
         .bind(i64::from(limit) + 1)
+        .bind(concurrency_key)
+        .bind(labels.filter(|l| !l.is_empty()).map(sqlx::types::Json))
         .fetch_all(pool)
         .await?;
     let mut jobs = rows

@@ -75,6 +75,12 @@ enum Command {
         /// Only jobs in this state (Pending, Assigned, Scheduled, Running, Succeeded, Failed, Cancelled, Timeout).
         #[arg(long)]
         state: Option<JobState>,
+        /// Only jobs of this concurrency key.
+        #[arg(long)]
+        concurrency_key: Option<String>,
+        /// Only jobs with this label, NAME=VALUE (repeatable: all of them).
+        #[arg(short, long = "label", value_parser = key_value)]
+        label: Vec<(String, String)>,
         #[arg(long, default_value_t = 50)]
         limit: u32,
         /// The next_cursor printed by the previous page.
@@ -427,6 +433,8 @@ async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::List {
             state,
+            concurrency_key,
+            label,
             limit,
             cursor,
         } => {
@@ -435,6 +443,8 @@ async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
                 &ListJobs {
                     schema_version: 1,
                     state,
+                    concurrency_key,
+                    labels: label.into_iter().collect(),
                     limit: Some(limit),
                     cursor,
                 },

@@ -22,13 +22,23 @@ pub async fn get(state: State, request: GetJob) -> Result<JobView, ApiError> {
 
 pub async fn list(state: State, request: ListJobs) -> Result<Page<JobView>, ApiError> {
     let limit = request.limit.unwrap_or(50).clamp(1, 500);
-    let (jobs, next_cursor) = jobs::list(
-        &state.store,
-        request.state,
-        limit,
-        request.cursor.as_deref(),
-    )
-    .await?;
+    if request
+        .concurrency_key
+        .as_ref()
+        .is_some_and(|k| k.len() > 128)
+        || request.labels.len() > 16
+    {
+        return Err(ApiError::bad_request(
+            "filter by a concurrency key of at most 128 bytes and at most 16 labels",
+        ));
+    }
+    let filter = jobs::Filter {
+        state: request.state,
+        concurrency_key: request.concurrency_key.as_deref(),
+        labels: Some(&request.labels),
+    };
+    let (jobs, next_cursor) =
+        jobs::list(&state.store, filter, limit, request.cursor.as_deref()).await?;
     Ok(Page {
         items: jobs.iter().map(JobView::from).collect(),
         next_cursor,

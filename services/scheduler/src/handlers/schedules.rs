@@ -15,7 +15,8 @@ use crate::State;
 #[tracing::instrument(name = "create schedule", skip_all, fields(name = %request.name))]
 pub async fn create(state: State, request: CreateSchedule) -> Result<ScheduleView, ApiError> {
     if request.job.idempotency_key.is_some() {
-        return Err(ApiError::bad_request(
+        return Err(ApiError::new(
+            ErrorCode::InvalidSchedule,
             "a schedule's job has no idempotency_key: each tick's job gets `<schedule id>:<tick time>`",
         ));
     }

@@ -1,0 +1,51 @@
+// Live updates of the console's pages. What is shown comes from the server as escaped HTML
+// (fragments it renders) or is set as text (log lines): nothing is built from raw strings.
+"use strict";
+(function () {
+  const page = document.body.dataset.page;
+
+  function debounce(fn, ms) {
+    let timer = null;
+    return function () {
+      clearTimeout(timer);
+      timer = setTimeout(fn, ms);
+    };
+  }
+
+  async function refresh(id, url) {
+    const response = await fetch(url, { credentials: "same-origin" });
+    if (response.ok) {
+      document.getElementById(id).innerHTML = await response.text();
+    }
+  }
+
+  // Refresh `id` from `url` whenever `events` says something changed (and once it is
+  // connected, for what changed before).
+  function follow(events, id, url) {
+    const update = debounce(function () { refresh(id, url); }, 150);
+    events.onopen = update;
+    events.onmessage = update;
+  }
+
+  if (page === "jobs") {
+    follow(new EventSource("/events/jobs"), "job-rows", "/jobs/rows" + location.search);
+  }
+
+  if (page === "job") {
+    const id = document.getElementById("job").dataset.job;
+    follow(new EventSource("/events/jobs?job=" + encodeURIComponent(id)), "summary",
+      "/jobs/" + encodeURIComponent(id) + "/summary");
+    const logs = document.getElementById("logs");
+    const lines = new EventSource("/jobs/" + encodeURIComponent(id) + "/logs");
+    // The server sends the logs from their start on every connection.
+    lines.onopen = function () { logs.textContent = ""; };
+    lines.onmessage = function (event) {
+      const entry = JSON.parse(event.data);
+      const line = document.createElement("div");
+      line.className = entry.stream;
+      line.textContent = entry.line;
+      logs.appendChild(line);
+    };
+    lines.addEventListener("end", function () { lines.close(); });
+  }
+})();

@@ -1,0 +1,8 @@
+use clap::Parser;
+
+fn main() -> anyhow::Result<()> {
+    let config = hodei_console::Config::parse();
+    hodei_runtime::main("hodei-console", config.log_format, |shutdown| {
+        hodei_console::run(config, shutdown)
+    })
+}

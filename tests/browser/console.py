@@ -1,0 +1,111 @@
+"""The web console in a real headless browser (Debian's chromium, driven by chromedriver).
+
+Run by tests/tests/console.rs, which starts the system and the console:
+
+    console.py BASE_URL OPERATOR_CREDS ARTIFACT_DIR SCHEDULE_NAME
+
+It logs in with the operator's credential and opens the jobs page, prints READY, and reads
+a job id from stdin (the Rust side submits that job through the CLI). Without reloading the
+page it must see the job's row go from Pending to Succeeded; then the job's page must show
+its logs, its explanation and its timeline; then it pauses the schedule from the schedules
+page. Screenshots go to ARTIFACT_DIR. It prints OK when everything held; any failure is an
+exception (exit status 1) that says what was seen.
+"""
+
+import os
+import sys
+import tempfile
+import time
+
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+
+
+def wait(what, check, limit=60.0):
+    deadline = time.time() + limit
+    last = None
+    while time.time() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except Exception as error:  # the page is being replaced: look again
+            last = error
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+def main():
+    base, creds, artifacts, schedule = sys.argv[1:5]
+    os.makedirs(artifacts, exist_ok=True)
+    options = webdriver.ChromeOptions()
+    options.binary_location = os.environ["HODEI_CHROMIUM"]
+    profile = tempfile.mkdtemp(prefix="hodei-console-browser-")
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                     "--disable-gpu", "--window-size=1400,2400", "--no-first-run",
+                     f"--user-data-dir={profile}"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(
+        service=Service(executable_path=os.environ["HODEI_CHROMEDRIVER"]), options=options)
+    try:
+        # Not logged in: the console sends us to its login page.
+        driver.get(base + "/jobs")
+        wait("the login page", lambda: driver.current_url.endswith("/login"))
+        with open(creds) as f:
+            driver.find_element(By.NAME, "creds").send_keys(f.read())
+        driver.find_element(By.ID, "login").click()
+        wait("the jobs page", lambda: driver.current_url.endswith("/jobs")
+             and driver.find_elements(By.ID, "job-rows"))
+        # Give the live updates' event source a moment to connect before the job exists.
+        time.sleep(0.5)
+        print("READY", flush=True)
+
+        job_id = sys.stdin.readline().strip()
+        row = f'tr[data-job="{job_id}"]'
+        seen = []
+
+        def state_of_row():
+            cells = driver.find_elements(By.CSS_SELECTOR, row + " td.state")
+            if cells:
+                state = cells[0].text
+                if not seen or seen[-1] != state:
+                    seen.append(state)
+            return seen and seen[-1] == "Succeeded"
+
+        wait("the job's row to reach Succeeded", state_of_row)
+        assert seen[0] == "Pending", f"the row was first {seen}"
+        print(f"states seen live: {seen}", flush=True)
+        # What the submitter wrote is shown as text, never run.
+        label = driver.find_element(By.CSS_SELECTOR, row + " .label").text
+        assert "<img" in label, label
+        assert driver.execute_script("return window.pwned === undefined"), "markup ran"
+
+        driver.find_element(By.CSS_SELECTOR, row + " a").click()
+        wait("the job's page", lambda: driver.find_elements(By.ID, "logs"))
+        logs = wait("the job's logs", lambda: "console-sees-this" in driver.find_element(
+            By.ID, "logs").text and driver.find_element(By.ID, "logs").text)
+        assert "<b>not bold</b>" in logs, logs
+        assert not driver.find_elements(By.CSS_SELECTOR, "#logs b"), "a log line became markup"
+        wait("the job's state", lambda: driver.find_element(By.ID, "job-state").text == "Succeeded")
+        why = driver.find_element(By.ID, "job-why").text
+        assert why.startswith("succeeded at"), why
+        timeline = driver.find_element(By.ID, "timeline").text
+        for event in ("JobCreated", "JobQueued", "JobCompleted"):
+            assert event in timeline, timeline
+        driver.save_screenshot(os.path.join(artifacts, "console-job.png"))
+
+        driver.get(base + "/schedules")
+        schedule_row = f'tr[data-schedule="{schedule}"]'
+        wait("the schedule", lambda: driver.find_elements(By.CSS_SELECTOR, schedule_row))
+        driver.find_element(By.CSS_SELECTOR, schedule_row + " button.pause").click()
+        wait("the schedule paused", lambda: driver.find_element(
+            By.CSS_SELECTOR, schedule_row + " td.state").text == "Paused")
+        driver.save_screenshot(os.path.join(artifacts, "console-schedules.png"))
+        print("OK", flush=True)
+    finally:
+        driver.quit()
+
+
+if __name__ == "__main__":
+    main()

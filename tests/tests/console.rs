@@ -1,0 +1,151 @@
+//! The web console, in a real headless browser (tests/browser/console.py drives Debian's
+//! chromium through chromedriver): it logs in with the operator's credential, watches a job
+//! that the CLI submits go from Pending to Succeeded with its logs appearing, and pauses a
+//! schedule. Screenshots are kept in target/test-artifacts/console/.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use hodei_protocol::api::AuditQuery;
+use hodei_tests::{free_port, http_get, Service, System};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_shows_a_job_live_with_its_logs_and_pauses_a_schedule() {
+    let system = System::start().await;
+    let created = system.hodei(&[
+        "schedule",
+        "create",
+        "nightly",
+        "--cron",
+        "0 3 * * *",
+        "--",
+        "true",
+    ]);
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+
+    let addr = format!("127.0.0.1:{}", free_port());
+    let env = [
+        ("HODEI_NATS_URL".to_owned(), system.nats.url.clone()),
+        ("HODEI_CONSOLE_ADDR".to_owned(), addr.clone()),
+    ];
+    let mut console = Service::spawn_instance("console", "console", &env, &system.log_dir);
+    let base = format!("http://{addr}");
+    system
+        .wait_for("the console to listen", Duration::from_secs(30), || async {
+            system.log_of("console").contains("console on http://")
+        })
+        .await;
+    let (status, _) = http_get(&base, "/login").await;
+    assert_eq!(status, 200);
+    let (status, _) = http_get(&base, "/jobs").await;
+    assert_eq!(status, 303, "no session: to the login page");
+
+    let artifacts = hodei_tests::bin_dir().join("../test-artifacts/console");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let python = std::env::var("HODEI_PYTHON").expect("HODEI_PYTHON (scripts/setup.sh sets it)");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("browser/console.py");
+    let mut browser = Command::new(python)
+        .arg(&script)
+        .arg(&base)
+        .arg(system.operator_creds())
+        .arg(&artifacts)
+        .arg("nightly")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the browser test");
+    let mut said = BufReader::new(browser.stdout.take().unwrap());
+    let mut line = String::new();
+    said.read_line(&mut line).unwrap();
+    if line.trim() != "READY" {
+        let _ = browser.wait();
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(browser.stderr.as_mut().unwrap(), &mut err);
+        panic!("the browser did not get to the jobs page: {line} {err}");
+    }
+
+    // A job that waits a while (its key's only slot is taken) and then prints, some of it
+    // markup, with a label that is markup too.
+    let holder = system.hodei(&[
+        "submit",
+        "--concurrency-key",
+        "console",
+        "--max-concurrent",
+        "1",
+        "--",
+        "sleep",
+        "3",
+    ]);
+    assert!(holder.status.success());
+    let submitted = system.hodei(&[
+        "submit",
+        "--concurrency-key",
+        "console",
+        "--max-concurrent",
+        "1",
+        "--label",
+        "note=<img src=x onerror=window.pwned=1>",
+        "--",
+        "sh",
+        "-c",
+        "echo console-sees-this; echo '<b>not bold</b>'",
+    ]);
+    assert!(
+        submitted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&submitted.stderr)
+    );
+    let job_id = String::from_utf8_lossy(&submitted.stdout).trim().to_owned();
+    writeln!(browser.stdin.as_mut().unwrap(), "{job_id}").unwrap();
+
+    let outcome = tokio::task::spawn_blocking(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut said, &mut rest);
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(browser.stderr.as_mut().unwrap(), &mut err);
+        (browser.wait().unwrap(), rest, err)
+    });
+    let (status, out, err) = tokio::time::timeout(Duration::from_secs(180), outcome)
+        .await
+        .expect("the browser test ends")
+        .unwrap();
+    assert!(
+        status.success() && out.contains("OK"),
+        "browser: {out}\n{err}"
+    );
+    println!("{out}screenshots in {}", artifacts.display());
+    assert!(artifacts.join("console-job.png").exists());
+
+    // The pause went through the API, as an audited change.
+    let view = system.hodei(&["--json", "schedule", "get", "nightly"]);
+    let view: serde_json::Value = serde_json::from_slice(&view.stdout).unwrap();
+    assert_eq!(view["state"], "Paused");
+    let id: uuid::Uuid = view["schedule_id"].as_str().unwrap().parse().unwrap();
+    system
+        .wait_for(
+            "SchedulePaused in the audit log",
+            Duration::from_secs(20),
+            || async {
+                !system
+                    .audit(AuditQuery {
+                        aggregate_id: Some(id),
+                        event_type: Some("SchedulePaused".into()),
+                        ..Default::default()
+                    })
+                    .await
+                    .is_empty()
+            },
+        )
+        .await;
+    assert!(system
+        .log_of("console")
+        .contains("schedule changed from the console"));
+    console.stop(Duration::from_secs(5));
+    system.wait_all_settled(Duration::from_secs(60)).await;
+}
