@@ -92,6 +92,18 @@ for service in relay scheduler dispatcher registry provider-manager audit; do
   echo "[up] started $service (pid $!), log $STATE/logs/$service.log"
 done
 
+# The web console holds no credential: an operator logs in with theirs.
+CONSOLE_ADDR=${HODEI_CONSOLE_ADDR:-127.0.0.1:8080}
+pidfile=$STATE/run/console.pid
+if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+  echo "[up] console already running (pid $(cat "$pidfile"))"
+else
+  env -u HODEI_NATS_CREDS HODEI_CONSOLE_ADDR="$CONSOLE_ADDR" \
+    setsid "$BIN/hodei-console" >>"$STATE/logs/console.log" 2>&1 </dev/null &
+  echo $! >"$pidfile"
+  echo "[up] started the web console (pid $!) on http://$CONSOLE_ADDR/, log $STATE/logs/console.log"
+fi
+
 # The CLI below acts as the operator role; a submitter's credential is beside it.
 export HODEI_NATS_CREDS=$NATS_DIR/creds/operator.creds
 echo "[up] waiting for the services to answer"
@@ -118,5 +130,6 @@ job=$("$BIN/hodei" list --limit 1 --json | python3 -c 'import json,sys; print(js
 echo
 echo "[up] Hodei is running. Try: HODEI_NATS_CREDS=$NATS_DIR/creds/submitter.creds $BIN/hodei run -- echo hi"
 echo "[up] (operator: $NATS_DIR/creds/operator.creds; another client's credential: $BIN/hodei auth creds --role submitter --name NAME --out FILE)"
+echo "[up] Web console: http://$CONSOLE_ADDR/ (log in with the content of $NATS_DIR/creds/operator.creds)"
 echo "[up] Stop it with: scripts/down.sh"
 exit "$code"
