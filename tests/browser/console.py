@@ -2,9 +2,9 @@
 
 Run by tests/tests/console.rs, which starts the system and the console:
 
-    console.py BASE_URL OPERATOR_CREDS ARTIFACT_DIR SCHEDULE_NAME
+    console.py BASE_URL OPERATOR_CREDS SUBMITTER_CREDS ARTIFACT_DIR SCHEDULE_NAME
 
-It logs in with the operator's credential and opens the jobs page, prints READY, and reads
+A submitter's credential is refused at the login. It logs in with the operator's credential and opens the jobs page, prints READY, and reads
 a job id from stdin (the Rust side submits that job through the CLI). Without reloading the
 page it must see the job's row go from Pending to Succeeded; then the job's page must show
 its logs, its explanation and its timeline; then it pauses the schedule from the schedules
@@ -37,7 +37,7 @@ def wait(what, check, limit=60.0):
 
 
 def main():
-    base, creds, artifacts, schedule = sys.argv[1:5]
+    base, creds, submitter, artifacts, schedule = sys.argv[1:6]
     os.makedirs(artifacts, exist_ok=True)
     options = webdriver.ChromeOptions()
     options.binary_location = os.environ["HODEI_CHROMIUM"]
@@ -52,6 +52,15 @@ def main():
         # Not logged in: the console sends us to its login page.
         driver.get(base + "/jobs")
         wait("the login page", lambda: driver.current_url.endswith("/login"))
+        with open(submitter) as f:
+            submitter_creds = f.read()
+        driver.find_element(By.NAME, "creds").send_keys(submitter_creds)
+        driver.find_element(By.ID, "login").click()
+        refusal = wait("the submitter refused", lambda: driver.find_elements(By.CSS_SELECTOR, ".error")
+                       and driver.find_element(By.CSS_SELECTOR, ".error").text)
+        assert "not an operator" in refusal, refusal
+        seed = [line for line in submitter_creds.splitlines() if line.startswith("SU")][0]
+        assert seed not in driver.page_source, "the pasted seed is not echoed back"
         with open(creds) as f:
             driver.find_element(By.NAME, "creds").send_keys(f.read())
         driver.find_element(By.ID, "login").click()

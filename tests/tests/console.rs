@@ -53,6 +53,7 @@ async fn the_console_shows_a_job_live_with_its_logs_and_pauses_a_schedule() {
         .arg(&script)
         .arg(&base)
         .arg(system.operator_creds())
+        .arg(system.submitter_creds())
         .arg(&artifacts)
         .arg("nightly")
         .stdin(Stdio::piped())

@@ -452,6 +452,12 @@ async fn every_request_service_is_listed_by_the_nats_micro_api() {
                 subjects::API_JOBS_GET,
                 subjects::API_JOBS_LIST,
                 subjects::API_JOBS_CANCEL,
+                subjects::API_SCHEDULES_CREATE,
+                subjects::API_SCHEDULES_LIST,
+                subjects::API_SCHEDULES_GET,
+                subjects::API_SCHEDULES_PAUSE,
+                subjects::API_SCHEDULES_RESUME,
+                subjects::API_SCHEDULES_DELETE,
             ],
         ),
         (

@@ -109,7 +109,7 @@ async fn serve(
     let service = api::Service::start(
         state.client.clone(),
         "hodei-scheduler",
-        "Accepts jobs, answers what they are, cancels them",
+        "Accepts jobs, answers what they are, cancels them, and keeps their schedules",
         "hodei-scheduler",
         metrics,
     )

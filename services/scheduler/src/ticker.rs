@@ -90,14 +90,24 @@ async fn tick(state: &State, schedule_id: Uuid) -> Result<(), ApiError> {
             events.push(schedule.skipped(at, reason, actor));
             continue;
         }
-        let (mut job, job_events) = Job::submit(
+        // A job the domain refuses (its rules changed since the schedule was made) skips
+        // the tick: the schedule goes on, it does not fail again and again.
+        let (mut job, job_events) = match Job::submit(
             Uuid::now_v7(),
             spec,
             schedule.definition.policy.clone(),
             new_correlation_id(),
             Some(schedule.job_key(at)),
             actor,
-        )?;
+        ) {
+            Ok(made) => made,
+            Err(error) => {
+                let reason = format!("its job is refused: {error}");
+                tracing::warn!(%schedule_id, tick = %at, %reason, "tick skipped");
+                events.push(schedule.skipped(at, reason, actor));
+                continue;
+            }
+        };
         if !jobs::insert(&mut tx, &job).await? {
             // Only if the schedule's row and the jobs disagree: the tick has its job.
             events.push(schedule.skipped(at, "its job exists already".into(), actor));
