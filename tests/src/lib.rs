@@ -982,6 +982,16 @@ impl System {
         self.nats.creds("submitter", &hodei_auth::Role::Submitter)
     }
 
+    /// Wait (through the API) until the job is in `state`, or fail after a minute.
+    pub async fn wait_for_state(&self, job_id: Uuid, state: hodei_domain::JobState) {
+        self.wait_for(
+            &format!("job {job_id} to be {state}"),
+            Duration::from_secs(60),
+            || async { self.get(job_id).await.is_ok_and(|j| j.state == state) },
+        )
+        .await;
+    }
+
     /// Run the `hodei` CLI against this system as the operator, to its end.
     pub fn hodei(&self, args: &[&str]) -> std::process::Output {
         Command::new(binary("hodei"))

@@ -40,21 +40,6 @@ async fn wait_reason(system: &System, job_id: Uuid, needle: &str) -> String {
     printed
 }
 
-async fn wait_state(system: &System, job_id: Uuid, state: JobState) {
-    system
-        .wait_for(
-            &format!("{job_id} {state}"),
-            Duration::from_secs(60),
-            || async {
-                system
-                    .get(job_id)
-                    .await
-                    .is_ok_and(|view| view.state == state)
-            },
-        )
-        .await;
-}
-
 /// A script that runs the agent once `go` exists (the agent starts late) or, without write
 /// permission, not at all (the provider fails to start it).
 fn agent_wrapper(dir: &std::path::Path, runnable: bool) -> std::path::PathBuf {
@@ -83,7 +68,7 @@ fn temp_dir(what: &str) -> std::path::PathBuf {
 async fn capacity_a_running_job_and_ended_jobs_are_explained() {
     let system = System::start_with(&[("HODEI_MAX_WORKERS", "1")]).await;
     let long = system.submit(&job("sleep", &["30"])).await.unwrap().job_id;
-    wait_state(&system, long, JobState::Running).await;
+    system.wait_for_state(long, JobState::Running).await;
     let worker = system.get(long).await.unwrap().worker_id.unwrap();
     let running = wait_reason(&system, long, &format!("running on worker {worker} since")).await;
     assert!(running.contains("last heartbeat"), "{running}");
@@ -98,7 +83,7 @@ async fn capacity_a_running_job_and_ended_jobs_are_explained() {
 
     system.cancel(long).await.unwrap();
     wait_reason(&system, long, "cancelled at").await;
-    wait_state(&system, waiting, JobState::Succeeded).await;
+    system.wait_for_state(waiting, JobState::Succeeded).await;
     wait_reason(&system, waiting, "succeeded at").await;
     assert!(explain(&system, waiting).contains("with exit code 0"));
 
@@ -107,7 +92,7 @@ async fn capacity_a_running_job_and_ended_jobs_are_explained() {
         .await
         .unwrap()
         .job_id;
-    wait_state(&system, failing, JobState::Failed).await;
+    system.wait_for_state(failing, JobState::Failed).await;
     wait_reason(&system, failing, "failed at").await;
     assert!(explain(&system, failing).contains("with exit code 3 (attempt 1 of 1)"));
     system.wait_all_settled(Duration::from_secs(60)).await;
@@ -129,7 +114,7 @@ async fn a_full_concurrency_key_and_a_retry_are_explained() {
         .await
         .unwrap()
         .job_id;
-    wait_state(&system, holder, JobState::Running).await;
+    system.wait_for_state(holder, JobState::Running).await;
     let blocked = system.submit(&limited("true", &[])).await.unwrap().job_id;
     wait_reason(
         &system,
@@ -166,7 +151,7 @@ async fn a_full_concurrency_key_and_a_retry_are_explained() {
 async fn a_busy_warm_pool_is_explained() {
     let system = System::start_with(&[("HODEI_WARM_POOL_SIZE", "1")]).await;
     let long = system.submit(&job("sleep", &["30"])).await.unwrap().job_id;
-    wait_state(&system, long, JobState::Running).await;
+    system.wait_for_state(long, JobState::Running).await;
     let waiting = system.submit(&job("true", &[])).await.unwrap().job_id;
     wait_reason(
         &system,
@@ -175,7 +160,7 @@ async fn a_busy_warm_pool_is_explained() {
     )
     .await;
     system.cancel(long).await.unwrap();
-    wait_state(&system, waiting, JobState::Succeeded).await;
+    system.wait_for_state(waiting, JobState::Succeeded).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -207,7 +192,7 @@ async fn a_worker_that_has_not_registered_yet_is_explained() {
     let wrapper = agent_wrapper(&dir, true).display().to_string();
     let system = System::start_with(&[("HODEI_AGENT_BIN", wrapper.as_str())]).await;
     let late = system.submit(&job("true", &[])).await.unwrap().job_id;
-    wait_state(&system, late, JobState::Scheduled).await;
+    system.wait_for_state(late, JobState::Scheduled).await;
     let worker = system.get(late).await.unwrap().worker_id.unwrap();
     wait_reason(
         &system,
@@ -216,7 +201,7 @@ async fn a_worker_that_has_not_registered_yet_is_explained() {
     )
     .await;
     std::fs::write(dir.join("go"), "").unwrap();
-    wait_state(&system, late, JobState::Succeeded).await;
+    system.wait_for_state(late, JobState::Succeeded).await;
     system.wait_all_settled(Duration::from_secs(60)).await;
     let _ = std::fs::remove_dir_all(dir);
 }

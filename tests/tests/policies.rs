@@ -14,16 +14,6 @@ fn with_policy(mut request: SubmitJob, policy: JobPolicy) -> SubmitJob {
     request
 }
 
-async fn wait_for_state(system: &System, job_id: Uuid, state: JobState) {
-    system
-        .wait_for(
-            &format!("job {job_id} to be {state}"),
-            Duration::from_secs(30),
-            || async { system.get(job_id).await.is_ok_and(|j| j.state == state) },
-        )
-        .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_past_its_execution_timeout_ends_in_timeout_with_its_process_gone() {
     let system = System::start().await;
@@ -157,7 +147,7 @@ async fn a_job_that_cannot_start_in_time_times_out_and_cancellation_works_in_eac
         system.cancel(pending.job_id).await.unwrap().state,
         JobState::Cancelled
     );
-    wait_for_state(&system, late.job_id, JobState::Timeout).await;
+    system.wait_for_state(late.job_id, JobState::Timeout).await;
     assert!(system
         .get(late.job_id)
         .await
@@ -173,7 +163,9 @@ async fn a_job_that_cannot_start_in_time_times_out_and_cancellation_works_in_eac
         .is_some());
     system.restart("dispatcher");
     let scheduled = system.submit(&job("true", &[])).await.unwrap();
-    wait_for_state(&system, scheduled.job_id, JobState::Scheduled).await;
+    system
+        .wait_for_state(scheduled.job_id, JobState::Scheduled)
+        .await;
     assert_eq!(
         system.cancel(scheduled.job_id).await.unwrap().state,
         JobState::Cancelled
@@ -186,7 +178,9 @@ async fn a_job_that_cannot_start_in_time_times_out_and_cancellation_works_in_eac
         .await
         .unwrap();
     let pid = system.printed_pid(running.job_id).await;
-    wait_for_state(&system, running.job_id, JobState::Running).await;
+    system
+        .wait_for_state(running.job_id, JobState::Running)
+        .await;
     assert_eq!(
         system.cancel(running.job_id).await.unwrap().state,
         JobState::Cancelled
@@ -246,7 +240,9 @@ async fn an_agent_killed_mid_job_is_declared_lost_and_its_job_retried_on_a_new_w
         .await
         .unwrap();
     let first_pid = system.printed_pid(accepted.job_id).await;
-    wait_for_state(&system, accepted.job_id, JobState::Running).await;
+    system
+        .wait_for_state(accepted.job_id, JobState::Running)
+        .await;
     let agents = system.agent_pids();
     assert_eq!(agents.len(), 1);
     // SAFETY: kill(2) of the agent process this test's system started.

@@ -102,6 +102,19 @@ fn utc() -> String {
     "UTC".into()
 }
 
+impl fmt::Display for Trigger {
+    /// `cron '30 2 * * *' (Europe/Madrid)` or `every 1.5 s`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Trigger::Cron {
+                expression,
+                time_zone,
+            } => write!(f, "cron '{expression}' ({time_zone})"),
+            Trigger::Interval { every_ms } => write!(f, "every {} s", *every_ms as f64 / 1000.0),
+        }
+    }
+}
+
 /// A parsed trigger, to compute ticks with.
 enum Clock {
     Cron(Box<cron::Schedule>, chrono_tz::Tz),

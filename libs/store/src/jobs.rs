@@ -5,7 +5,7 @@ use hodei_domain::{Job, JobPolicy, JobSpec, JobState};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::{corrupt, decode_cursor, encode_cursor, Result, StoreError};
+use crate::{corrupt, Result, StoreError};
 
 #[derive(sqlx::FromRow)]
 struct JobRow {
@@ -294,10 +294,7 @@ pub async fn list(
         concurrency_key,
         labels,
     } = filter;
-    let (at, id) = match cursor.and_then(decode_cursor) {
-        Some((at, id)) => (Some(at), Some(id)),
-        None => (None, None),
-    };
+    let (at, id) = crate::page_start(cursor);
     let sql = format!(
         "SELECT {COLUMNS} FROM jobs \
          WHERE ($1::text IS NULL OR state = $1) \
@@ -315,16 +312,11 @@ pub async fn list(
         .bind(labels.filter(|l| !l.is_empty()).map(sqlx::types::Json))
         .fetch_all(pool)
         .await?;
-    let mut jobs = rows
+    let jobs = rows
         .into_iter()
         .map(Job::try_from)
         .collect::<Result<Vec<_>>>()?;
-    let next = (jobs.len() > limit as usize).then(|| {
-        jobs.truncate(limit as usize);
-        let last = jobs.last().expect("limit is at least 1");
-        encode_cursor(last.created_at, last.id)
-    });
-    Ok((jobs, next))
+    Ok(crate::page_of(jobs, limit, |x| (x.created_at, x.id)))
 }
 
 /// Jobs whose state deadline or retry backoff is over, most overdue first.

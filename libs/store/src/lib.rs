@@ -114,6 +114,31 @@ pub fn encode_cursor(at: chrono::DateTime<chrono::Utc>, id: Uuid) -> String {
     )
 }
 
+/// The `(created_at, id)` a page starts below: `None`s for the first page (or a cursor that
+/// does not parse).
+fn page_start(cursor: Option<&str>) -> (Option<chrono::DateTime<chrono::Utc>>, Option<Uuid>) {
+    match cursor.and_then(decode_cursor) {
+        Some((at, id)) => (Some(at), Some(id)),
+        None => (None, None),
+    }
+}
+
+/// A page of `items`, fetched newest first with one more than `limit`: at most `limit` of
+/// them, and the cursor of the next page when there are more.
+fn page_of<T>(
+    mut items: Vec<T>,
+    limit: u32,
+    key: impl Fn(&T) -> (chrono::DateTime<chrono::Utc>, Uuid),
+) -> (Vec<T>, Option<String>) {
+    let limit = limit.max(1) as usize;
+    let next = (items.len() > limit).then(|| {
+        items.truncate(limit);
+        let (at, id) = key(items.last().expect("at least one item"));
+        encode_cursor(at, id)
+    });
+    (items, next)
+}
+
 pub fn decode_cursor(cursor: &str) -> Option<(chrono::DateTime<chrono::Utc>, Uuid)> {
     let (at, id) = cursor.split_once('|')?;
     Some((

@@ -6,7 +6,7 @@ use hodei_domain::{Schedule, ScheduleState};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::{corrupt, decode_cursor, encode_cursor, Result, StoreError};
+use crate::{corrupt, Result, StoreError};
 
 #[derive(sqlx::FromRow)]
 struct ScheduleRow {
@@ -141,10 +141,7 @@ pub async fn list(
     limit: u32,
     cursor: Option<&str>,
 ) -> Result<(Vec<Schedule>, Option<String>)> {
-    let (at, id) = match cursor.and_then(decode_cursor) {
-        Some((at, id)) => (Some(at), Some(id)),
-        None => (None, None),
-    };
+    let (at, id) = crate::page_start(cursor);
     let sql = format!(
         "SELECT {COLUMNS} FROM schedules \
          WHERE (($1::text IS NULL AND state <> 'Deleted') OR state = $1) \
@@ -158,16 +155,11 @@ pub async fn list(
         .bind(i64::from(limit) + 1)
         .fetch_all(pool)
         .await?;
-    let mut schedules = rows
+    let schedules = rows
         .into_iter()
         .map(Schedule::try_from)
         .collect::<Result<Vec<_>>>()?;
-    let next = (schedules.len() > limit as usize).then(|| {
-        schedules.truncate(limit as usize);
-        let last = schedules.last().expect("limit is at least 1");
-        encode_cursor(last.created_at, last.id)
-    });
-    Ok((schedules, next))
+    Ok(crate::page_of(schedules, limit, |x| (x.created_at, x.id)))
 }
 
 /// Active schedules whose next tick has come, soonest first.

@@ -5,7 +5,7 @@ use hodei_domain::{Worker, WorkerState};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::{corrupt, decode_cursor, encode_cursor, Result, StoreError};
+use crate::{corrupt, Result, StoreError};
 
 #[derive(sqlx::FromRow)]
 struct WorkerRow {
@@ -231,10 +231,7 @@ pub async fn list(
     limit: u32,
     cursor: Option<&str>,
 ) -> Result<(Vec<Worker>, Option<String>)> {
-    let (at, id) = match cursor.and_then(decode_cursor) {
-        Some((at, id)) => (Some(at), Some(id)),
-        None => (None, None),
-    };
+    let (at, id) = crate::page_start(cursor);
     let sql = format!(
         "SELECT {COLUMNS} FROM workers \
          WHERE ($1::text IS NULL OR state = $1) \
@@ -248,16 +245,11 @@ pub async fn list(
         .bind(i64::from(limit) + 1)
         .fetch_all(pool)
         .await?;
-    let mut workers = rows
+    let workers = rows
         .into_iter()
         .map(Worker::try_from)
         .collect::<Result<Vec<_>>>()?;
-    let next = (workers.len() > limit as usize).then(|| {
-        workers.truncate(limit as usize);
-        let last = workers.last().expect("limit is at least 1");
-        encode_cursor(last.created_at, last.id)
-    });
-    Ok((workers, next))
+    Ok(crate::page_of(workers, limit, |x| (x.created_at, x.id)))
 }
 
 /// Workers whose deadline is over, most overdue first.

@@ -410,25 +410,11 @@ async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Get { job_id } => {
-            let job: JobView = ask(
-                call(subjects::API_JOBS_GET),
-                &GetJob {
-                    schema_version: 1,
-                    job_id,
-                },
-            )
-            .await?;
+            let job = get_job(call(subjects::API_JOBS_GET), job_id).await?;
             Ok(shown(cli.json, &job, output::job_details))
         }
         Command::Explain { job_id } => {
-            let job: JobView = ask(
-                call(subjects::API_JOBS_GET),
-                &GetJob {
-                    schema_version: 1,
-                    job_id,
-                },
-            )
-            .await?;
+            let job = get_job(call(subjects::API_JOBS_GET), job_id).await?;
             Ok(shown(cli.json, &job, output::explanation))
         }
         Command::List {
@@ -795,6 +781,20 @@ async fn submit(
     args: JobArgs,
 ) -> anyhow::Result<SubmitAccepted> {
     ask(call, &job_of(args)?).await
+}
+
+async fn get_job(
+    call: (async_nats::Client, &'static str, Duration),
+    job_id: Uuid,
+) -> anyhow::Result<JobView> {
+    ask(
+        call,
+        &GetJob {
+            schema_version: 1,
+            job_id,
+        },
+    )
+    .await
 }
 
 /// The job the arguments describe.

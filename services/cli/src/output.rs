@@ -333,18 +333,6 @@ pub fn providers_table(providers: &[serde_json::Value]) {
     table(&["PROVIDER", "CIRCUIT", "FAILURES", "PROBE IN (MS)"], rows);
 }
 
-fn trigger(t: &hodei_domain::schedule::Trigger) -> String {
-    match t {
-        hodei_domain::schedule::Trigger::Cron {
-            expression,
-            time_zone,
-        } => format!("cron '{expression}' ({time_zone})"),
-        hodei_domain::schedule::Trigger::Interval { every_ms } => {
-            format!("every {} s", *every_ms as f64 / 1000.0)
-        }
-    }
-}
-
 pub fn schedules_table(page: &Page<hodei_protocol::schedules::ScheduleView>) {
     let rows = page
         .items
@@ -354,7 +342,7 @@ pub fn schedules_table(page: &Page<hodei_protocol::schedules::ScheduleView>) {
                 s.schedule_id.to_string(),
                 s.name.clone(),
                 s.state.to_string(),
-                trigger(&s.trigger),
+                s.trigger.to_string(),
                 opt(&s.next_tick_at.as_ref().map(time)),
                 opt(&s.last_job_id),
             ]
@@ -374,7 +362,7 @@ pub fn schedule_details(s: &hodei_protocol::schedules::ScheduleView) {
         ("schedule", s.schedule_id.to_string()),
         ("name", s.name.clone()),
         ("state", s.state.to_string()),
-        ("when", trigger(&s.trigger)),
+        ("when", s.trigger.to_string()),
         ("overlap", format!("{:?}", s.overlap).to_lowercase()),
         ("catch-up", format!("{:?}", s.catch_up).to_lowercase()),
         (

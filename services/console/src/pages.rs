@@ -257,7 +257,7 @@ pub fn schedules(session: &Session, page: &Page<ScheduleView>) -> Markup {
                         tr data-schedule=(s.name) {
                             td { (s.name) }
                             td.state { (s.state) }
-                            td { (trigger(&s.trigger)) }
+                            td { (s.trigger) }
                             td { (std::iter::once(&s.command).chain(&s.args).cloned().collect::<Vec<_>>().join(" ")) }
                             td { (opt(&s.next_tick_at.as_ref().map(time))) }
                             td { @if let Some(job) = s.last_job_id { a href={ "/jobs/" (job) } { (job) } } @else { "-" } }
@@ -274,18 +274,6 @@ pub fn schedules(session: &Session, page: &Page<ScheduleView>) -> Markup {
             }
         },
     )
-}
-
-fn trigger(t: &hodei_domain::schedule::Trigger) -> String {
-    match t {
-        hodei_domain::schedule::Trigger::Cron {
-            expression,
-            time_zone,
-        } => format!("cron {expression} ({time_zone})"),
-        hodei_domain::schedule::Trigger::Interval { every_ms } => {
-            format!("every {} s", *every_ms as f64 / 1000.0)
-        }
-    }
 }
 
 pub fn dead_letters(session: &Session, page: &Page<DeadLetter>) -> Markup {

@@ -96,7 +96,7 @@ impl Sessions {
         let options = async_nats::ConnectOptions::with_credentials(creds)
             .map_err(|_| "that is not a .creds file (paste the whole file)".to_owned())?
             .custom_inbox_prefix(hodei_auth::inbox_prefix(&user))
-            .name(&format!("hodei-console:{user}"))
+            .name(format!("hodei-console:{user}"))
             .connection_timeout(Duration::from_secs(5));
         let servers = hodei_messaging::servers(nats_url).map_err(|e| e.to_string())?;
         let client = options
