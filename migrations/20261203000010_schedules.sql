@@ -22,8 +22,3 @@ CREATE UNIQUE INDEX schedules_live_name ON schedules (name) WHERE state <> 'Dele
 CREATE INDEX schedules_due ON schedules (next_tick_at) WHERE state = 'Active';
 -- Lists, newest first.
 CREATE INDEX schedules_by_creation ON schedules (created_at DESC, id DESC);
-
--- Lists of jobs filtered by concurrency key or labels (`hodei list`, the web console).
-CREATE INDEX jobs_by_key_and_creation ON jobs (concurrency_key, created_at DESC, id DESC)
-    WHERE concurrency_key <> '';
-CREATE INDEX jobs_labels ON jobs USING gin ((spec->'labels') jsonb_path_ops);

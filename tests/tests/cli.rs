@@ -334,3 +334,75 @@ async fn hodei_applies_policies_cancels_jobs_and_manages_dead_letters() {
         "{audited}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hodei_list_filters_by_concurrency_key_and_labels() {
+    let system = System::start().await;
+    let submit = |args: &[&str]| {
+        let out = hodei(&system, args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout).trim().to_owned()
+    };
+    let a = submit(&[
+        "submit",
+        "-l",
+        "team=a",
+        "-l",
+        "tier=gold",
+        "--concurrency-key",
+        "t1",
+        "--max-concurrent",
+        "5",
+        "--",
+        "true",
+    ]);
+    let b = submit(&[
+        "submit",
+        "-l",
+        "team=b",
+        "--concurrency-key",
+        "t1",
+        "--max-concurrent",
+        "5",
+        "--",
+        "true",
+    ]);
+    let c = submit(&["submit", "-l", "team=a", "--", "true"]);
+    let listed = |args: &[&str]| {
+        let mut all = vec!["--json", "list"];
+        all.extend_from_slice(args);
+        let out = hodei(&system, &all);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let page: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut ids: Vec<String> = page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["job_id"].as_str().unwrap().to_owned())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    assert_eq!(
+        listed(&["--concurrency-key", "t1"]),
+        sorted(vec![a.clone(), b.clone()])
+    );
+    assert_eq!(
+        listed(&["--label", "team=a"]),
+        sorted(vec![a.clone(), c.clone()])
+    );
+    assert_eq!(
+        listed(&["--label", "team=a", "--label", "tier=gold"]),
+        vec![a.clone()]
+    );
+    assert_eq!(
+        listed(&["--concurrency-key", "t1", "--label", "team=b"]),
+        vec![b.clone()]
+    );
+    assert!(listed(&["--concurrency-key", "none-such"]).is_empty());
+    system.wait_all_settled(Duration::from_secs(60)).await;
+}

@@ -147,6 +147,10 @@ async fn the_console_shows_a_job_live_with_its_logs_and_pauses_a_schedule() {
     assert!(system
         .log_of("console")
         .contains("schedule changed from the console"));
-    console.stop(Duration::from_secs(5));
+    let stopped = console.stop(Duration::from_secs(5));
+    assert!(
+        stopped.is_some_and(|s| s.success()),
+        "the console stops by itself on SIGTERM: {stopped:?}"
+    );
     system.wait_all_settled(Duration::from_secs(60)).await;
 }

@@ -286,6 +286,9 @@ pub struct ScheduleResumed {
 pub struct ScheduleDeleted {
     pub schedule_id: Uuid,
     pub from: crate::schedule::ScheduleState,
+    /// Why, when it was not on request (its cron expression has no tick left).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 // ----- operators' actions on dead letters (recorded by the audit service) -----

@@ -164,10 +164,13 @@ impl Clock {
     /// The first tick strictly after `t`, if any (a cron expression may have none left).
     fn next_after(&self, t: DateTime<Utc>, anchor: DateTime<Utc>) -> Option<DateTime<Utc>> {
         match self {
+            // At a clock-back change the crate may give the earlier reading of an ambiguous
+            // local time, which is not after `t`: the first that is.
             Clock::Cron(schedule, tz) => schedule
                 .after(&t.with_timezone(tz))
-                .next()
-                .map(|at| at.with_timezone(&Utc)),
+                .take(8)
+                .map(|at| at.with_timezone(&Utc))
+                .find(|at| *at > t),
             Clock::Interval(every) => {
                 // Ticks are anchor + k * every.
                 let elapsed = (t - anchor).num_milliseconds();
@@ -361,9 +364,11 @@ impl Schedule {
             }
             tick = clock.next_after(at, self.anchor_at);
         }
+        // Only once the scan has counted up to now: a partial count's last missed tick is
+        // not the latest (the next pass goes on from there).
         if let (CatchUp::Last, Some(missed), true) = (
             self.definition.catch_up,
-            due.missed.as_mut(),
+            due.missed.as_mut().filter(|m| !m.more),
             due.run.is_empty(),
         ) {
             // The latest missed tick runs late; the rest stay missed.
@@ -443,14 +448,27 @@ impl Schedule {
 
     /// After a pass: the next tick is the first after `due.next_after` (the pass's time, or
     /// the last tick it counted when it stopped at its bound).
-    pub fn advance(&mut self, due: &Due) -> Result<()> {
+    /// A cron expression with no tick left (its years are over) ends the schedule: it is
+    /// deleted, and the returned event says so.
+    pub fn advance(&mut self, due: &Due, actor: &Actor) -> Result<Option<DomainEvent>> {
         if self.state != ScheduleState::Active {
-            return Ok(());
+            return Ok(None);
         }
         let clock = self.definition.trigger.clock()?;
         self.next_tick_at = clock.next_after(due.next_after, self.anchor_at);
         self.touch();
-        Ok(())
+        if self.next_tick_at.is_some() {
+            return Ok(None);
+        }
+        self.transition(ScheduleState::Deleted)?;
+        Ok(Some(self.event(
+            actor,
+            &ScheduleDeleted {
+                schedule_id: self.id,
+                from: ScheduleState::Active,
+                reason: Some("its cron expression has no tick left".into()),
+            },
+        )))
     }
 
     pub fn pause(&mut self, actor: &Actor) -> Result<DomainEvent> {
@@ -467,10 +485,13 @@ impl Schedule {
     /// Active again; ticks count from `now` (those of the pause are not caught up).
     pub fn resume(&mut self, now: DateTime<Utc>, actor: &Actor) -> Result<DomainEvent> {
         let clock = self.definition.trigger.clock()?;
-        self.transition(ScheduleState::Active)?;
         let now = now.trunc_subsecs(3);
+        let next = clock.next_after(now, now).ok_or_else(|| {
+            DomainError::InvalidSchedule("the cron expression never ticks again".into())
+        })?;
+        self.transition(ScheduleState::Active)?;
         self.anchor_at = now;
-        self.next_tick_at = clock.next_after(now, now);
+        self.next_tick_at = Some(next);
         Ok(self.event(
             actor,
             &ScheduleResumed {
@@ -489,6 +510,7 @@ impl Schedule {
             &ScheduleDeleted {
                 schedule_id: self.id,
                 from,
+                reason: None,
             },
         ))
     }
@@ -653,6 +675,42 @@ mod tests {
     }
 
     #[test]
+    fn a_cron_expression_with_no_tick_left_ends_its_schedule() {
+        let actor = Actor::service("t");
+        let now = at("2026-06-01T00:00:00Z");
+        let mut s = schedule(
+            Trigger::Cron {
+                expression: "0 0 9 1 7 * 2026".into(),
+                time_zone: "UTC".into(),
+            },
+            CatchUp::None,
+            now,
+        );
+        let last = at("2026-07-01T09:00:00Z");
+        assert_eq!(s.next_tick_at, Some(last));
+        let due = s.due(last + chrono::TimeDelta::seconds(1)).unwrap();
+        assert_eq!(due.run, vec![last], "the last tick runs");
+        let ended = s.advance(&due, &actor).unwrap().expect("it ends");
+        assert_eq!(ended.event_type, "ScheduleDeleted");
+        assert_eq!((s.state, s.next_tick_at), (ScheduleState::Deleted, None));
+    }
+
+    #[test]
+    fn ticks_in_a_repeated_hour_are_after_the_time_asked() {
+        // Europe/Madrid goes back from 03:00 CEST to 02:00 CET on 2026-10-25.
+        let asked = at("2026-10-25T01:40:00Z"); // 02:40 CET, the second 02:40
+        let s = schedule(
+            Trigger::Cron {
+                expression: "*/15 * * * *".into(),
+                time_zone: "Europe/Madrid".into(),
+            },
+            CatchUp::None,
+            asked,
+        );
+        assert_eq!(s.next_tick_at, Some(at("2026-10-25T01:45:00Z")));
+    }
+
+    #[test]
     fn advancing_pausing_and_resuming() {
         let t0 = at("2026-01-01T00:00:00Z");
         let secs = |n: i64| t0 + chrono::TimeDelta::seconds(n);
@@ -661,7 +719,7 @@ mod tests {
         let due = s
             .due(secs(3) + chrono::TimeDelta::milliseconds(200))
             .unwrap();
-        s.advance(&due).unwrap();
+        assert_eq!(s.advance(&due, &actor).unwrap(), None);
         assert_eq!(s.next_tick_at, Some(secs(4)));
         s.pause(&actor).unwrap();
         assert_eq!(s.next_tick_at, None);

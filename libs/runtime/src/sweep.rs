@@ -39,21 +39,37 @@ pub async fn run<T, Due, DueFut, Next, NextFut, Handle, HandleFut>(
     Handle: Fn(T) -> HandleFut,
     HandleFut: Future<Output = Result<(), String>>,
 {
+    // Passes in a row in which nothing due could be handled: an overdue item that keeps
+    // failing (the database away, ...) is tried again after a growing pause, not at once.
+    let mut failed_passes: u32 = 0;
     while !shutdown.is_cancelled() {
         match due().await {
             Ok(items) => {
                 let full = items.len() >= batch;
+                let (mut handled, mut failed) = (0, 0);
                 for item in items {
                     let name = item.to_string();
-                    if let Err(error) = handle(item).await {
-                        tracing::warn!(what, item = %name, %error, "cannot apply a state timeout; it is tried again");
+                    match handle(item).await {
+                        Ok(()) => handled += 1,
+                        Err(error) => {
+                            failed += 1;
+                            tracing::warn!(what, item = %name, %error, "cannot apply a state timeout; it is tried again");
+                        }
                     }
                 }
-                if full {
+                failed_passes = match (handled, failed) {
+                    (0, 0) => 0,
+                    (0, _) => failed_passes.saturating_add(1),
+                    _ => 0,
+                };
+                if full && failed_passes == 0 {
                     continue;
                 }
             }
-            Err(error) => tracing::warn!(what, %error, "cannot look for overdue deadlines"),
+            Err(error) => {
+                failed_passes = failed_passes.saturating_add(1);
+                tracing::warn!(what, %error, "cannot look for overdue deadlines")
+            }
         }
         let sleep = match next_due().await {
             Ok(Some(at)) => (at - Utc::now())
@@ -61,6 +77,12 @@ pub async fn run<T, Due, DueFut, Next, NextFut, Handle, HandleFut>(
                 .unwrap_or_default()
                 .min(max_sleep),
             _ => max_sleep,
+        };
+        let sleep = match failed_passes {
+            0 => sleep,
+            n => sleep
+                .max(Duration::from_millis(50) * 2u32.saturating_pow(n.min(10) - 1))
+                .min(max_sleep),
         };
         let sleep = tokio::time::sleep(sleep.max(Duration::from_millis(5)));
         match wake {

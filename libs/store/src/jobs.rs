@@ -295,23 +295,38 @@ pub async fn list(
         labels,
     } = filter;
     let (at, id) = crate::page_start(cursor);
-    let sql = format!(
+    let labels = labels.filter(|l| !l.is_empty());
+    // Only the filters given are in the statement, so that its plan (a prepared statement's
+    // generic plan too) can use their indexes: the partial index of keyed jobs needs
+    // `concurrency_key <> ''` written out, the labels' GIN index the containment.
+    let mut sql = format!(
         "SELECT {COLUMNS} FROM jobs \
          WHERE ($1::text IS NULL OR state = $1) \
-           AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3)) \
-           AND ($5::text IS NULL OR concurrency_key = $5) \
-           AND ($6::jsonb IS NULL OR spec->'labels' @> $6) \
-         ORDER BY created_at DESC, id DESC LIMIT $4"
+           AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))"
     );
-    let rows: Vec<JobRow> = sqlx::query_as(&sql)
+    if concurrency_key.is_some() {
+        sql.push_str(" AND concurrency_key <> '' AND concurrency_key = $5");
+    }
+    if labels.is_some() {
+        sql.push_str(if concurrency_key.is_some() {
+            " AND spec->'labels' @> $6"
+        } else {
+            " AND spec->'labels' @> $5"
+        });
+    }
+    sql.push_str(" ORDER BY created_at DESC, id DESC LIMIT $4");
+    let mut query = sqlx::query_as::<_, JobRow>(&sql)
         .bind(state.map(JobState::as_str))
         .bind(at)
         .bind(id)
-        .bind(i64::from(limit) + 1)
-        .bind(concurrency_key)
-        .bind(labels.filter(|l| !l.is_empty()).map(sqlx::types::Json))
-        .fetch_all(pool)
-        .await?;
+        .bind(i64::from(limit) + 1);
+    if let Some(key) = concurrency_key {
+        query = query.bind(key);
+    }
+    if let Some(labels) = labels {
+        query = query.bind(sqlx::types::Json(labels));
+    }
+    let rows: Vec<JobRow> = query.fetch_all(pool).await?;
     let jobs = rows
         .into_iter()
         .map(Job::try_from)

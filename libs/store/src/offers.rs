@@ -5,12 +5,15 @@ use sqlx::{PgConnection, PgPool};
 
 use crate::Result;
 
-/// Record (or replace) what a provider offers.
+/// Record (or replace) what a provider offers, as its provider-manager starts (with its
+/// circuit closed, as a starting breaker is).
 pub async fn advertise(conn: &mut PgConnection, offer: &ProviderOffer) -> Result<()> {
     sqlx::query(
         "INSERT INTO provider_offers (provider, labels, cpu_millis, memory_mb) VALUES ($1, $2, $3, $4) \
          ON CONFLICT (provider) DO UPDATE SET labels = EXCLUDED.labels, cpu_millis = EXCLUDED.cpu_millis, \
-                                              memory_mb = EXCLUDED.memory_mb, updated_at = now()",
+                                              memory_mb = EXCLUDED.memory_mb, updated_at = now(), \
+                                              circuit = 'Closed', circuit_failures = 0, \
+                                              circuit_retry_at = NULL, circuit_error = NULL",
     )
     .bind(&offer.provider)
     .bind(sqlx::types::Json(&offer.labels))

@@ -162,13 +162,15 @@ pub async fn list(
     Ok(crate::page_of(schedules, limit, |x| (x.created_at, x.id)))
 }
 
-/// Active schedules whose next tick has come, soonest first.
-pub async fn due(pool: &PgPool, limit: i64) -> Result<Vec<Uuid>> {
+/// Active schedules whose next tick has come by `now` (the ticker's clock, which decides
+/// what is due), soonest first.
+pub async fn due(pool: &PgPool, now: DateTime<Utc>, limit: i64) -> Result<Vec<Uuid>> {
     let rows: Vec<(Uuid,)> = sqlx::query_as(
-        "SELECT id FROM schedules WHERE state = 'Active' AND next_tick_at <= now() \
+        "SELECT id FROM schedules WHERE state = 'Active' AND next_tick_at <= $2 \
          ORDER BY next_tick_at LIMIT $1",
     )
     .bind(limit)
+    .bind(now)
     .fetch_all(pool)
     .await?;
     Ok(rows.into_iter().map(|(id,)| id).collect())

@@ -4,11 +4,14 @@
 (function () {
   const page = document.body.dataset.page;
 
-  function debounce(fn, ms) {
+  // At most one call per `ms`, the last one always made: a busy cluster's stream of
+  // events still refreshes the page, a few times a second.
+  function throttle(fn, ms) {
     let timer = null;
     return function () {
-      clearTimeout(timer);
-      timer = setTimeout(fn, ms);
+      if (timer === null) {
+        timer = setTimeout(function () { timer = null; fn(); }, ms);
+      }
     };
   }
 
@@ -22,7 +25,7 @@
   // Refresh `id` from `url` whenever `events` says something changed (and once it is
   // connected, for what changed before).
   function follow(events, id, url) {
-    const update = debounce(function () { refresh(id, url); }, 150);
+    const update = throttle(function () { refresh(id, url); }, 250);
     events.onopen = update;
     events.onmessage = update;
   }

@@ -47,6 +47,10 @@ pub struct Config {
     #[arg(long, env = "HODEI_CONSOLE_SESSION_HOURS", default_value_t = 12)]
     pub session_hours: u64,
 
+    /// Mark the session cookie `Secure` (the console is served over https, by a proxy).
+    #[arg(long, env = "HODEI_CONSOLE_SECURE_COOKIE")]
+    pub secure_cookie: bool,
+
     /// Log format: `human` or `json`.
     #[arg(long, env = "HODEI_LOG_FORMAT", default_value = "human")]
     pub log_format: hodei_runtime::LogFormat,
@@ -58,12 +62,31 @@ const API_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) struct App {
     pub sessions: Sessions,
     pub nats_url: String,
+    /// Ends the live streams, so that a stop does not wait for open pages.
+    pub shutdown: hodei_runtime::Shutdown,
+    /// `; Secure` on the session cookie, or nothing.
+    pub cookie_flags: &'static str,
 }
 
 pub async fn run(config: Config, shutdown: hodei_runtime::Shutdown) -> anyhow::Result<()> {
     let app = Arc::new(App {
         sessions: Sessions::new(Duration::from_secs(config.session_hours.max(1) * 3600)),
         nats_url: config.nats_url.clone(),
+        shutdown: shutdown.clone(),
+        cookie_flags: if config.secure_cookie { "; Secure" } else { "" },
+    });
+    // Expired sessions end (and their connections close) within a minute.
+    tokio::spawn({
+        let (app, shutdown) = (Arc::clone(&app), shutdown.clone());
+        async move {
+            while shutdown
+                .run_until_cancelled(tokio::time::sleep(Duration::from_secs(60)))
+                .await
+                .is_some()
+            {
+                app.sessions.reap().await;
+            }
+        }
     });
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
@@ -198,8 +221,9 @@ async fn login(State(app): State<Arc<App>>, Form(form): Form<LoginForm>) -> Resp
         Ok((token, user)) => {
             tracing::info!(%user, "operator logged in");
             let cookie = format!(
-                "{}={token}; HttpOnly; SameSite=Strict; Path=/",
-                session::COOKIE
+                "{}={token}; HttpOnly; SameSite=Strict; Path=/{}",
+                session::COOKIE,
+                app.cookie_flags
             );
             ([(header::SET_COOKIE, cookie)], Redirect::to("/jobs")).into_response()
         }

@@ -14,6 +14,7 @@ use hodei_protocol::logs::{LogBatch, LogStream};
 use serde::Deserialize;
 use uuid::Uuid;
 
+use crate::session::Session;
 use crate::{App, Failure};
 
 #[derive(Deserialize)]
@@ -44,6 +45,7 @@ pub async fn job_events(
         let job_id = message.subject.split('.').nth(3)?.to_owned();
         Some(Ok(Event::default().data(job_id)))
     });
+    let ids = ids.take_until(ends(&app, &session));
     Ok(Sse::new(ids).keep_alive(KeepAlive::default()))
 }
 
@@ -99,6 +101,19 @@ pub async fn logs(
             }
             Some(futures::stream::iter(events))
         })
-        .flatten();
+        .flatten()
+        .take_until(ends(&app, &session));
     Ok(Sse::new(lines).keep_alive(KeepAlive::default()))
+}
+
+/// When a live stream ends: at the console's stop or at its session's expiry.
+fn ends(app: &App, session: &Session) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let stop = app.shutdown.clone().cancelled_owned();
+    let expiry = tokio::time::sleep_until(session.expires.into());
+    async move {
+        tokio::select! {
+            () = stop => {}
+            () = expiry => {}
+        }
+    }
 }

@@ -26,7 +26,7 @@ pub struct Session {
     pub user: String,
     /// Every form of this session carries it.
     pub csrf: String,
-    expires: Instant,
+    pub expires: Instant,
 }
 
 impl Session {
@@ -97,7 +97,9 @@ impl Sessions {
             .map_err(|_| "that is not a .creds file (paste the whole file)".to_owned())?
             .custom_inbox_prefix(hodei_auth::inbox_prefix(&user))
             .name(format!("hodei-console:{user}"))
-            .connection_timeout(Duration::from_secs(5));
+            .connection_timeout(Duration::from_secs(5))
+            // A page's live stream that stalls holds at most this many messages.
+            .subscription_capacity(1024);
         let servers = hodei_messaging::servers(nats_url).map_err(|e| e.to_string())?;
         let client = options
             .connect(servers)
@@ -138,6 +140,24 @@ impl Sessions {
             let _ = session.client.drain().await;
         }
         Ok((token, user))
+    }
+
+    /// End the sessions that have expired, and close their connections.
+    pub async fn reap(&self) {
+        let now = Instant::now();
+        let ended: Vec<Arc<Session>> = {
+            let mut sessions = self.by_token.lock().unwrap_or_else(|e| e.into_inner());
+            let expired: Vec<String> = sessions
+                .iter()
+                .filter(|(_, s)| s.expires <= now)
+                .map(|(t, _)| t.clone())
+                .collect();
+            expired.iter().filter_map(|t| sessions.remove(t)).collect()
+        };
+        for session in ended {
+            tracing::info!(user = %session.user, "session expired");
+            let _ = session.client.drain().await;
+        }
     }
 
     /// The live session of the request's cookie.

@@ -32,7 +32,7 @@ pub async fn run(state: State, max_sleep: Duration, shutdown: hodei_runtime::Shu
         },
         shutdown,
         || async {
-            schedules::due(&state.store, BATCH as i64)
+            schedules::due(&state.store, Utc::now(), BATCH as i64)
                 .await
                 .map_err(|e| e.to_string())
         },
@@ -118,7 +118,10 @@ async fn tick(state: &State, schedule_id: Uuid) -> Result<(), ApiError> {
         tracing::info!(%schedule_id, name = %schedule.name, tick = %at, job_id = %job.id, "schedule fired");
         events.push(schedule.fired(at, job.id, actor));
     }
-    schedule.advance(&due)?;
+    if let Some(ended) = schedule.advance(&due, actor)? {
+        tracing::info!(%schedule_id, name = %schedule.name, "schedule ended: its cron expression has no tick left");
+        events.push(ended);
+    }
     tx.save(&mut schedule, &events).await?;
     hodei_store::commit(tx).await?;
     Ok(())
