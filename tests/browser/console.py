@@ -8,7 +8,8 @@ A submitter's credential is refused at the login. It logs in with the operator's
 a job id from stdin (the Rust side submits that job through the CLI). Without reloading the
 page it must see the job's row go from Pending to Succeeded; then the job's page must show
 its logs, its explanation and its timeline; then it pauses the schedule from the schedules
-page. Screenshots go to ARTIFACT_DIR. It prints OK when everything held; any failure is an
+page. Screenshots go to ARTIFACT_DIR. It prints OK when everything held (and keeps the
+jobs page open until a line on stdin, while the console is stopped); any failure is an
 exception (exit status 1) that says what was seen.
 """
 
@@ -111,7 +112,12 @@ def main():
         wait("the schedule paused", lambda: driver.find_element(
             By.CSS_SELECTOR, schedule_row + " td.state").text == "Paused")
         driver.save_screenshot(os.path.join(artifacts, "console-schedules.png"))
+        # Back on a live page (its event stream open) while the console is stopped.
+        driver.get(base + "/jobs")
+        wait("the jobs page", lambda: driver.find_elements(By.ID, "job-rows"))
+        time.sleep(0.5)
         print("OK", flush=True)
+        sys.stdin.readline()
     finally:
         driver.quit()
 

@@ -105,23 +105,43 @@ async fn the_console_shows_a_job_live_with_its_logs_and_pauses_a_schedule() {
     let job_id = String::from_utf8_lossy(&submitted.stdout).trim().to_owned();
     writeln!(browser.stdin.as_mut().unwrap(), "{job_id}").unwrap();
 
-    let outcome = tokio::task::spawn_blocking(move || {
-        let mut rest = String::new();
-        let _ = std::io::Read::read_to_string(&mut said, &mut rest);
+    // Its report, up to OK (or its end).
+    let reported = tokio::task::spawn_blocking(move || {
+        let mut out = String::new();
+        let mut line = String::new();
+        while said.read_line(&mut line).is_ok_and(|n| n > 0) {
+            out.push_str(&line);
+            if line.trim() == "OK" {
+                break;
+            }
+            line.clear();
+        }
+        (browser, out)
+    });
+    let (mut browser, out) = tokio::time::timeout(Duration::from_secs(180), reported)
+        .await
+        .expect("the browser test reports")
+        .unwrap();
+    if !out.ends_with("OK\n") {
+        let _ = browser.wait();
         let mut err = String::new();
         let _ = std::io::Read::read_to_string(browser.stderr.as_mut().unwrap(), &mut err);
-        (browser.wait().unwrap(), rest, err)
-    });
-    let (status, out, err) = tokio::time::timeout(Duration::from_secs(180), outcome)
-        .await
-        .expect("the browser test ends")
-        .unwrap();
-    assert!(
-        status.success() && out.contains("OK"),
-        "browser: {out}\n{err}"
-    );
+        panic!("browser: {out}\n{err}");
+    }
     println!("{out}screenshots in {}", artifacts.display());
     assert!(artifacts.join("console-job.png").exists());
+
+    // A page with its live stream is open: the console still stops by itself.
+    let stopped = console.stop(Duration::from_secs(5));
+    assert!(
+        stopped.is_some_and(|s| s.success()),
+        "the console stops by itself on SIGTERM with a live page open: {stopped:?}"
+    );
+    writeln!(browser.stdin.as_mut().unwrap(), "done").unwrap();
+    let status = tokio::task::spawn_blocking(move || browser.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success());
 
     // The pause went through the API, as an audited change.
     let view = system.hodei(&["--json", "schedule", "get", "nightly"]);
@@ -147,10 +167,6 @@ async fn the_console_shows_a_job_live_with_its_logs_and_pauses_a_schedule() {
     assert!(system
         .log_of("console")
         .contains("schedule changed from the console"));
-    let stopped = console.stop(Duration::from_secs(5));
-    assert!(
-        stopped.is_some_and(|s| s.success()),
-        "the console stops by itself on SIGTERM: {stopped:?}"
-    );
+
     system.wait_all_settled(Duration::from_secs(60)).await;
 }
