@@ -468,10 +468,24 @@ async fn placement_by_selector_and_resources() {
             .is_some_and(|r| r.contains("capacity")),
         "{waiting:?}"
     );
+    // Placement goes in order: a process job submitted after it waits behind it, and says so.
+    let behind = system.submit(&job("true", &[])).await.unwrap().job_id;
     system
-        .wait_until_settled(&[here, first, second], Duration::from_secs(60))
+        .wait_for(
+            "the job behind to say so",
+            Duration::from_secs(10),
+            || async {
+                let view = system.get(behind).await.unwrap();
+                view.waiting_reason.as_deref().is_some_and(|r| {
+                    r.starts_with(&format!("waiting behind job {second}, the next to place"))
+                })
+            },
+        )
         .await;
-    for job_id in [here, first, second] {
+    system
+        .wait_until_settled(&[here, first, second, behind], Duration::from_secs(60))
+        .await;
+    for job_id in [here, first, second, behind] {
         assert_eq!(system.get(job_id).await.unwrap().state, JobState::Succeeded);
     }
     assert_eq!(

@@ -82,8 +82,10 @@ pub const SCHEDULED_ON_SQL: &str = concat!(
 /// those whose key has fewer than the head's `max` jobs placed, the highest priority, then
 /// the key with the fewest jobs placed (so keys of equal priority take turns: a key with
 /// 10,000 waiting jobs and one with 10 both progress), then the oldest.
-pub const NEXT_PENDING_SQL: &str = concat!(
-    "WITH RECURSIVE keys(k) AS ( \
+macro_rules! next_pending {
+    () => {
+        concat!(
+            "WITH RECURSIVE keys(k) AS ( \
          (SELECT concurrency_key FROM jobs WHERE state = 'Pending' AND not_before IS NULL \
           ORDER BY concurrency_key LIMIT 1) \
          UNION ALL \
@@ -102,12 +104,15 @@ pub const NEXT_PENDING_SQL: &str = concat!(
          WHERE keys.k IS NOT NULL \
      ) \
      SELECT ",
-    columns_of_j!(),
-    " FROM heads h JOIN jobs j ON j.id = h.id \
+            columns_of_j!(),
+            " FROM heads h JOIN jobs j ON j.id = h.id \
       WHERE j.state = 'Pending' AND j.not_before IS NULL \
         AND (h.concurrency_max IS NULL OR h.placed < h.concurrency_max) \
-      ORDER BY h.priority DESC, h.placed, h.created_at, h.id LIMIT 1 FOR UPDATE OF j"
-);
+      ORDER BY h.priority DESC, h.placed, h.created_at, h.id LIMIT 1"
+        )
+    };
+}
+pub const NEXT_PENDING_SQL: &str = concat!(next_pending!(), " FOR UPDATE OF j");
 /// Overdue deadlines and finished backoffs ([`due`]).
 pub const DUE_SQL: &str = "(SELECT id, deadline_at AS due FROM jobs WHERE deadline_at <= now() ORDER BY deadline_at LIMIT $1) \
                            UNION ALL \
@@ -270,6 +275,12 @@ pub async fn lock_next_pending(conn: &mut PgConnection) -> Result<Option<Job>> {
     let row: Option<JobRow> = sqlx::query_as(NEXT_PENDING_SQL)
         .fetch_optional(conn)
         .await?;
+    row.map(Job::try_from).transpose()
+}
+
+/// The job placement takes next ([`lock_next_pending`]), without locking it (for views).
+pub async fn next_pending(pool: &PgPool) -> Result<Option<Job>> {
+    let row: Option<JobRow> = sqlx::query_as(next_pending!()).fetch_optional(pool).await?;
     row.map(Job::try_from).transpose()
 }
 

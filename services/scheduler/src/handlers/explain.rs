@@ -61,24 +61,8 @@ async fn pending(state: &State, job: &Job, now: DateTime<Utc>) -> Result<String,
             ));
         }
     }
-    if job.spec.image.is_some() {
-        if let Some(docker) = offers.iter().find(|o| o.provider == "docker") {
-            let default = hodei_domain::offer::DEFAULT_CONTAINER_MEMORY_MB as i32;
-            let mut conn = state.store.acquire().await.map_err(StoreError::from)?;
-            let used = offers::docker_memory_in_use(&mut conn, default).await?;
-            let wants = job
-                .spec
-                .resources
-                .memory_mb
-                .map_or(default as i64, i64::from);
-            if used + wants > i64::from(docker.memory_mb) {
-                return Ok(format!(
-                    "waiting for capacity: the docker provider has {used} of {} MiB in use and \
-                     the job needs {wants}",
-                    docker.memory_mb
-                ));
-            }
-        }
+    if let Some(short) = docker_shortfall(state, &offers, job).await? {
+        return Ok(format!("waiting for capacity: {short}"));
     }
     let Some(settings) = capacity::get(&state.store).await? else {
         return Ok("waiting for a dispatcher: none has started".into());
@@ -99,10 +83,51 @@ async fn pending(state: &State, job: &Job, now: DateTime<Utc>) -> Result<String,
             settings.max_workers
         ));
     }
+    // Placement goes in order and stops at a container job whose memory is taken: the jobs
+    // behind it wait too.
+    if let Some(next) = jobs::next_pending(&state.store).await? {
+        if next.id != job.id {
+            if let Some(short) = docker_shortfall(state, &offers, &next).await? {
+                return Ok(format!(
+                    "waiting behind job {}, the next to place, which waits for capacity: {short}",
+                    next.id
+                ));
+            }
+        }
+    }
     Ok(format!(
         "waiting to be placed (pending for {}): capacity is free, a dispatcher places it next",
         since(job.updated_at, now)
     ))
+}
+
+/// For a container job whose memory the docker provider does not have free now: what is in
+/// use and what it needs.
+async fn docker_shortfall(
+    state: &State,
+    offers: &[hodei_domain::ProviderOffer],
+    job: &Job,
+) -> Result<Option<String>, ApiError> {
+    if job.spec.image.is_none() {
+        return Ok(None);
+    }
+    let Some(docker) = offers.iter().find(|o| o.provider == "docker") else {
+        return Ok(None);
+    };
+    let default = hodei_domain::offer::DEFAULT_CONTAINER_MEMORY_MB as i32;
+    let mut conn = state.store.acquire().await.map_err(StoreError::from)?;
+    let used = offers::docker_memory_in_use(&mut conn, default).await?;
+    let wants = job
+        .spec
+        .resources
+        .memory_mb
+        .map_or(default as i64, i64::from);
+    Ok((used + wants > i64::from(docker.memory_mb)).then(|| {
+        format!(
+            "the docker provider has {used} of {} MiB in use and the job needs {wants}",
+            docker.memory_mb
+        )
+    }))
 }
 
 /// Scheduled: a worker was requested for this job alone; it waits for the provider to
