@@ -8,7 +8,7 @@ A submitter's credential is refused at the login. It logs in with the operator's
 a job id from stdin (the Rust side submits that job through the CLI). Without reloading the
 page it must see the job's row go from Pending to Succeeded; then the job's page must show
 its logs, its explanation and its timeline; then it pauses the schedule from the schedules
-page. Screenshots go to ARTIFACT_DIR. It prints OK when everything held (and keeps the
+page and discards a dead letter from the dead letters' page. Screenshots go to ARTIFACT_DIR. It prints OK when everything held (and keeps the
 jobs page open until a line on stdin, while the console is stopped); any failure is an
 exception (exit status 1) that says what was seen.
 """
@@ -112,6 +112,19 @@ def main():
         wait("the schedule paused", lambda: driver.find_element(
             By.CSS_SELECTOR, schedule_row + " td.state").text == "Paused")
         driver.save_screenshot(os.path.join(artifacts, "console-schedules.png"))
+
+        # Dead letters: the Rust side made some; discard the first from its page.
+        driver.get(base + "/dlq")
+        rows = wait("the dead letters", lambda: driver.find_elements(By.CSS_SELECTOR, "tr[data-seq]"))
+        before = len(rows)
+        seq = rows[0].get_attribute("data-seq")
+        rows[0].find_element(By.XPATH, ".//form[contains(@action, '/discard')]//button").click()
+        wait("the dead letter gone", lambda: driver.current_url.endswith("/dlq") and not
+             driver.find_elements(By.CSS_SELECTOR, f'tr[data-seq="{seq}"]'))
+        after = len(driver.find_elements(By.CSS_SELECTOR, "tr[data-seq]"))
+        assert after == before - 1, (before, after)
+        print(f"discarded dead letter {seq}", flush=True)
+
         # Back on a live page (its event stream open) while the console is stopped.
         driver.get(base + "/jobs")
         wait("the jobs page", lambda: driver.find_elements(By.ID, "job-rows"))

@@ -28,6 +28,35 @@ async fn the_console_shows_a_job_live_with_its_logs_and_pauses_a_schedule() {
         String::from_utf8_lossy(&created.stderr)
     );
 
+    // A broken event: the consumers of job events dead-letter it (the console discards one).
+    system
+        .js
+        .publish(
+            format!("hodei.events.job.{}.JobQueued", uuid::Uuid::now_v7()),
+            "{broken".into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let dead_letters = || async {
+        hodei_messaging::api::request::<_, hodei_protocol::api::Page<hodei_protocol::api::DeadLetter>>(
+            &system.client,
+            hodei_protocol::subjects::API_DLQ_LIST,
+            None,
+            &serde_json::json!({}),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap()
+        .items
+    };
+    system
+        .wait_for("three dead letters", Duration::from_secs(30), || async {
+            dead_letters().await.len() == 3
+        })
+        .await;
+
     let addr = format!("127.0.0.1:{}", free_port());
     let env = [
         ("HODEI_NATS_URL".to_owned(), system.nats.url.clone()),
@@ -167,6 +196,16 @@ async fn the_console_shows_a_job_live_with_its_logs_and_pauses_a_schedule() {
     assert!(system
         .log_of("console")
         .contains("schedule changed from the console"));
+    // The discard went through the API too, audited as the console's operator.
+    assert_eq!(dead_letters().await.len(), 2);
+    let discarded = system
+        .audit(AuditQuery {
+            event_type: Some("DeadLetterDiscarded".into()),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(discarded.len(), 1);
+    assert_eq!(discarded[0].actor, "console:operator");
 
     system.wait_all_settled(Duration::from_secs(60)).await;
 }

@@ -287,7 +287,7 @@ pub fn dead_letters(session: &Session, page: &Page<DeadLetter>) -> Markup {
                 thead { tr { th { "Seq" } th { "Subject" } th { "Consumer" } th { "Reason" } th { "Stored" } th {} } }
                 tbody {
                     @for d in &page.items {
-                        tr {
+                        tr data-seq=(d.seq) {
                             td { (d.seq) }
                             td { (d.original_subject) }
                             td { (d.consumer) }
