@@ -429,7 +429,7 @@ async fn placement_by_selector_and_resources() {
     here.selector = BTreeMap::from([("zone".to_owned(), "here".to_owned())]);
     let here = system.submit(&here).await.unwrap().job_id;
 
-    let mut first = in_container("sh", &["-c", "sleep 3; echo first"]);
+    let mut first = in_container("sh", &["-c", "sleep 6; echo first"]);
     first.resources.memory_mb = Some(400);
     let first = system.submit(&first).await.unwrap().job_id;
     system
@@ -468,12 +468,26 @@ async fn placement_by_selector_and_resources() {
             .is_some_and(|r| r.contains("capacity")),
         "{waiting:?}"
     );
-    // Placement goes in order: a process job submitted after it waits behind it, and says so.
-    let behind = system.submit(&job("true", &[])).await.unwrap().job_id;
+    // A process job submitted after it is not held up by it: it runs while the container
+    // job still waits.
+    let process = system.submit(&job("true", &[])).await.unwrap().job_id;
+    system
+        .wait_until_settled(&[process], Duration::from_secs(10))
+        .await;
+    assert_eq!(
+        system.get(process).await.unwrap().state,
+        JobState::Succeeded
+    );
+    assert_eq!(system.get(second).await.unwrap().state, JobState::Pending);
+    // A container job behind it waits behind it (placement takes container jobs in order),
+    // and says so.
+    let mut behind = in_container("sh", &["-c", "echo behind"]);
+    behind.resources.memory_mb = Some(64);
+    let behind = system.submit(&behind).await.unwrap().job_id;
     system
         .wait_for(
-            "the job behind to say so",
-            Duration::from_secs(10),
+            "the container job behind to say so",
+            Duration::from_secs(5),
             || async {
                 let view = system.get(behind).await.unwrap();
                 view.waiting_reason.as_deref().is_some_and(|r| {
@@ -485,7 +499,7 @@ async fn placement_by_selector_and_resources() {
     system
         .wait_until_settled(&[here, first, second, behind], Duration::from_secs(60))
         .await;
-    for job_id in [here, first, second, behind] {
+    for job_id in [here, first, second, process, behind] {
         assert_eq!(system.get(job_id).await.unwrap().state, JobState::Succeeded);
     }
     assert_eq!(

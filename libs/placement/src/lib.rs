@@ -82,7 +82,7 @@ pub async fn assign_on_accept(tx: &mut Tx, job: &mut Job, actor: &Actor) -> Resu
         return Ok(false);
     }
     hodei_store::placement_lock(tx).await?;
-    let next = jobs::lock_next_pending(tx).await?;
+    let next = jobs::lock_next_pending(tx, jobs::Kinds::Processes).await?;
     if next.is_none_or(|next| next.id != job.id) {
         return Ok(false);
     }
@@ -129,13 +129,10 @@ pub async fn next_for_pool_worker(
     if !goes_on(&worker) {
         return Ok(None);
     }
-    let Some(mut next) = jobs::lock_next_pending(&mut tx).await? else {
+    // A job in a container gets a container of its own: never a warm-pool process.
+    let Some(mut next) = jobs::lock_next_pending(&mut tx, jobs::Kinds::Processes).await? else {
         return Ok(None);
     };
-    // A job in a container gets a container of its own: never a warm-pool process.
-    if next.spec.image.is_some() {
-        return Ok(None);
-    }
     // Busy -> Ready -> Busy in one transaction: the events of the release are not written
     // (the assignment's WorkerStatusChanged records the change).
     if worker.state == hodei_domain::WorkerState::Busy {

@@ -87,10 +87,12 @@ macro_rules! next_pending {
         concat!(
             "WITH RECURSIVE keys(k) AS ( \
          (SELECT concurrency_key FROM jobs WHERE state = 'Pending' AND not_before IS NULL \
+            AND ($1 = 'any' OR (spec ? 'image') = ($1 = 'container')) \
           ORDER BY concurrency_key LIMIT 1) \
          UNION ALL \
          SELECT (SELECT concurrency_key FROM jobs \
                  WHERE state = 'Pending' AND not_before IS NULL AND concurrency_key > keys.k \
+                   AND ($1 = 'any' OR (spec ? 'image') = ($1 = 'container')) \
                  ORDER BY concurrency_key LIMIT 1) \
          FROM keys WHERE keys.k IS NOT NULL \
      ), heads AS MATERIALIZED ( \
@@ -100,6 +102,7 @@ macro_rules! next_pending {
          FROM keys CROSS JOIN LATERAL ( \
              SELECT id, priority, created_at, concurrency_max FROM jobs \
              WHERE concurrency_key = keys.k AND state = 'Pending' AND not_before IS NULL \
+               AND ($1 = 'any' OR (spec ? 'image') = ($1 = 'container')) \
              ORDER BY priority DESC, created_at, id LIMIT 1) h \
          WHERE keys.k IS NOT NULL \
      ) \
@@ -271,16 +274,42 @@ pub async fn lock_fenced_by(conn: &mut PgConnection, worker_id: Uuid) -> Result<
 /// transaction holds (a cancellation) instead of skipping it; a row that no longer matches
 /// once that transaction ends is passed over for the next in the index's order (the lock is
 /// taken below the LIMIT, on the keys' heads in order).
-pub async fn lock_next_pending(conn: &mut PgConnection) -> Result<Option<Job>> {
+pub async fn lock_next_pending(conn: &mut PgConnection, kinds: Kinds) -> Result<Option<Job>> {
     let row: Option<JobRow> = sqlx::query_as(NEXT_PENDING_SQL)
+        .bind(kinds.as_str())
         .fetch_optional(conn)
         .await?;
     row.map(Job::try_from).transpose()
 }
 
+/// Which pending jobs placement looks at: a warm-pool process takes only jobs without an
+/// image, and once the next container job cannot be placed (its memory is taken), the
+/// process jobs behind it still can (and the other way round).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kinds {
+    Any,
+    /// Jobs without an image.
+    Processes,
+    /// Jobs with an image.
+    Containers,
+}
+
+impl Kinds {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kinds::Any => "any",
+            Kinds::Processes => "process",
+            Kinds::Containers => "container",
+        }
+    }
+}
+
 /// The job placement takes next ([`lock_next_pending`]), without locking it (for views).
-pub async fn next_pending(pool: &PgPool) -> Result<Option<Job>> {
-    let row: Option<JobRow> = sqlx::query_as(next_pending!()).fetch_optional(pool).await?;
+pub async fn next_pending(pool: &PgPool, kinds: Kinds) -> Result<Option<Job>> {
+    let row: Option<JobRow> = sqlx::query_as(next_pending!())
+        .bind(kinds.as_str())
+        .fetch_optional(pool)
+        .await?;
     row.map(Job::try_from).transpose()
 }
 

@@ -51,8 +51,11 @@ async fn place_together(state: &State, limit: usize) -> Result<(usize, bool), Ap
     let mut tx = state.store.begin().await?;
     hodei_store::placement_lock(&mut tx).await?;
     let mut waited = Vec::with_capacity(limit);
+    // Once the next job of one kind cannot be placed, the other kind's jobs behind it still
+    // may be: placement goes on with those alone.
+    let mut kinds = jobs::Kinds::Any;
     while waited.len() < limit {
-        let Some(mut job) = jobs::lock_next_pending(&mut tx).await? else {
+        let Some(mut job) = jobs::lock_next_pending(&mut tx, kinds).await? else {
             break;
         };
         let waited_for = chrono::Utc::now() - job.updated_at;
@@ -66,12 +69,29 @@ async fn place_together(state: &State, limit: usize) -> Result<(usize, bool), Ap
             send_job(&mut tx, &mut job, &mut worker, &state.actor).await?;
         } else if in_container && !container_fits(&mut tx, &job).await? {
             tracing::debug!(job_id = %job.id, "the docker provider's memory is taken; the job waits");
-            break;
+            match kinds {
+                jobs::Kinds::Any => kinds = jobs::Kinds::Processes,
+                _ => break,
+            }
+            continue;
         } else if (in_container || state.warm_pool.is_none()) && room(&mut tx, state).await? > 0 {
             schedule_on_new_worker(&mut tx, state, &mut job).await?;
         } else {
             tracing::debug!(job_id = %job.id, "no free worker and no room for one; the job waits");
-            break;
+            // Without room, no job of either kind gets a new worker; with room but no free
+            // pool worker, container jobs (which get workers of their own) still may.
+            // Without room but with a warm pool, process jobs may still find a free pool
+            // worker behind a container job.
+            match (kinds, in_container) {
+                (jobs::Kinds::Any, false) if state.warm_pool.is_some() => {
+                    kinds = jobs::Kinds::Containers
+                }
+                (jobs::Kinds::Any, true) if state.warm_pool.is_some() => {
+                    kinds = jobs::Kinds::Processes
+                }
+                _ => break,
+            }
+            continue;
         }
         waited.push(waited_for);
     }

@@ -44,11 +44,11 @@ async fn dispatch(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
         let event = worker.terminate("the warm pool was turned off".into(), &state.actor)?;
         tx.save(&mut worker, &[event]).await?;
         tracing::info!(worker_id = %worker.id, "pool worker torn down: no warm pool any more");
-    } else if let Some(mut job) = jobs::lock_next_pending(&mut tx).await? {
+    } else if let Some(mut job) =
         // A job in a container waits for a container of its own, not this pool process.
-        if job.spec.image.is_none() {
-            send_job(&mut tx, &mut job, &mut worker, &state.actor).await?;
-        }
+        jobs::lock_next_pending(&mut tx, jobs::Kinds::Processes).await?
+    {
+        send_job(&mut tx, &mut job, &mut worker, &state.actor).await?;
     }
     hodei_store::commit(tx).await?;
     Ok(())

@@ -83,9 +83,13 @@ async fn pending(state: &State, job: &Job, now: DateTime<Utc>) -> Result<String,
             settings.max_workers
         ));
     }
-    // Placement goes in order and stops at a container job whose memory is taken: the jobs
-    // behind it wait too.
-    if let Some(next) = jobs::next_pending(&state.store).await? {
+    // Placement goes in order and, at a container job whose memory is taken, goes on with
+    // process jobs only: the container jobs behind it wait too.
+    let next = match job.spec.image {
+        Some(_) => jobs::next_pending(&state.store, jobs::Kinds::Containers).await?,
+        None => None,
+    };
+    if let Some(next) = next {
         if next.id != job.id {
             if let Some(short) = docker_shortfall(state, &offers, &next).await? {
                 return Ok(format!(
