@@ -49,6 +49,9 @@ def main():
         options.add_argument(argument)
     driver = webdriver.Chrome(
         service=Service(executable_path=os.environ["HODEI_CHROMEDRIVER"]), options=options)
+
+    def following():
+        return driver.execute_script("return document.body.dataset.live === 'open'")
     try:
         # Not logged in: the console sends us to its login page.
         driver.get(base + "/jobs")
@@ -67,8 +70,8 @@ def main():
         driver.find_element(By.ID, "login").click()
         wait("the jobs page", lambda: driver.current_url.endswith("/jobs")
              and driver.find_elements(By.ID, "job-rows"))
-        # Give the live updates' event source a moment to connect before the job exists.
-        time.sleep(0.5)
+        # The page follows the job events before the job exists.
+        wait("the live updates", following)
         print("READY", flush=True)
 
         job_id = sys.stdin.readline().strip()
@@ -127,8 +130,7 @@ def main():
 
         # Back on a live page (its event stream open) while the console is stopped.
         driver.get(base + "/jobs")
-        wait("the jobs page", lambda: driver.find_elements(By.ID, "job-rows"))
-        time.sleep(0.5)
+        wait("the jobs page following its events", following)
         print("OK", flush=True)
         sys.stdin.readline()
     finally:

@@ -79,10 +79,19 @@ async fn every_tick_makes_one_job_with_two_schedulers_one_killed_and_pause_and_r
     );
     let id = created.schedule_id;
     let started = Instant::now();
-    // Ten seconds with both, then the first is killed at a tick (ticks count from creation).
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    // Ten ticks with both, then the first is killed right after a tick (ticks count from
+    // creation), then ten more with the second alone.
+    system
+        .wait_for("ten ticks", Duration::from_secs(30), || async {
+            ticks_of_jobs(&system, id).await.1 >= 10
+        })
+        .await;
     system.service("scheduler").kill();
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    system
+        .wait_for("twenty ticks", Duration::from_secs(30), || async {
+            ticks_of_jobs(&system, id).await.1 >= 20
+        })
+        .await;
     let paused: ScheduleView = hodei_json(&system, &["schedule", "pause", "every-second"]);
     assert_eq!(paused.state, hodei_domain::ScheduleState::Paused);
     assert_eq!(paused.next_tick_at, None);
@@ -124,7 +133,8 @@ async fn every_tick_makes_one_job_with_two_schedulers_one_killed_and_pause_and_r
         "the first ticked before it was killed"
     );
 
-    // Paused: no tick for three seconds.
+    // Paused: no tick for three seconds. (That nothing happens can only be watched for a
+    // while: the window is the assertion's, not a wait for something.)
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (after_pause, _) = ticks_of_jobs(&system, id).await;
     assert_eq!(

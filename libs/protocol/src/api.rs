@@ -307,6 +307,11 @@ impl From<&hodei_domain::Job> for JobView {
     }
 }
 
+/// The page size a list request asks for: 50 when absent, at most 500 (at least 1).
+pub fn page_size(limit: Option<u32>) -> u32 {
+    limit.unwrap_or(50).clamp(1, 500)
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Page<T> {
     pub items: Vec<T>,

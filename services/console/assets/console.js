@@ -23,10 +23,14 @@
   }
 
   // Refresh `id` from `url` whenever `events` says something changed (and once it is
-  // connected, for what changed before).
+  // connected, for what changed before). `data-live="open"` on the body says the page is
+  // following (what a test waits for).
   function follow(events, id, url) {
     const update = throttle(function () { refresh(id, url); }, 250);
-    events.onopen = update;
+    events.onopen = function () {
+      document.body.dataset.live = "open";
+      update();
+    };
     events.onmessage = update;
   }
 

@@ -157,6 +157,23 @@ async fn style() -> impl IntoResponse {
     )
 }
 
+/// The request's live session: a page asked without one sends the browser to log in.
+pub(crate) struct Operator(pub Arc<Session>);
+
+impl axum::extract::FromRequestParts<Arc<App>> for Operator {
+    type Rejection = Failure;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        app: &Arc<App>,
+    ) -> Result<Self, Failure> {
+        app.sessions
+            .of(&parts.headers)
+            .map(Operator)
+            .ok_or(Failure::Login)
+    }
+}
+
 /// What a page answers when it cannot show what was asked.
 pub(crate) enum Failure {
     /// No session: log in first.
@@ -242,9 +259,9 @@ struct CsrfForm {
 async fn logout(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
+    Operator(session): Operator,
     Form(form): Form<CsrfForm>,
 ) -> Result<Response, Failure> {
-    let session = app.sessions.of(&headers).ok_or(Failure::Login)?;
     session.check_csrf(&form.csrf)?;
     app.sessions.close(&headers).await;
     tracing::info!(user = %session.user, "operator logged out");
@@ -303,21 +320,17 @@ async fn list_jobs(
 }
 
 async fn jobs(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
+    Operator(session): Operator,
     Query(filter): Query<JobFilter>,
 ) -> Result<maud::Markup, Failure> {
-    let session = app.sessions.of(&headers).ok_or(Failure::Login)?;
     let page = list_jobs(&session, &filter).await?;
     Ok(pages::jobs(&session, &filter, &page))
 }
 
 async fn job_rows(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
+    Operator(session): Operator,
     Query(filter): Query<JobFilter>,
 ) -> Result<maud::Markup, Failure> {
-    let session = app.sessions.of(&headers).ok_or(Failure::Login)?;
     Ok(pages::job_rows(&list_jobs(&session, &filter).await?))
 }
 
@@ -355,27 +368,22 @@ async fn job_parts(
 }
 
 async fn job(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
+    Operator(session): Operator,
     Path(job_id): Path<Uuid>,
 ) -> Result<maud::Markup, Failure> {
-    let session = app.sessions.of(&headers).ok_or(Failure::Login)?;
     let (job, trail) = job_parts(&session, job_id).await?;
     Ok(pages::job(&session, &job, &trail))
 }
 
 async fn job_summary(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
+    Operator(session): Operator,
     Path(job_id): Path<Uuid>,
 ) -> Result<maud::Markup, Failure> {
-    let session = app.sessions.of(&headers).ok_or(Failure::Login)?;
     let (job, trail) = job_parts(&session, job_id).await?;
     Ok(pages::job_summary(&job, &trail))
 }
 
-async fn workers(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<maud::Markup, Failure> {
-    let session = app.sessions.of(&headers).ok_or(Failure::Login)?;
+async fn workers(Operator(session): Operator) -> Result<maud::Markup, Failure> {
     let page = ask(
         &session,
         subjects::API_WORKERS_LIST,
@@ -388,11 +396,7 @@ async fn workers(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<maud
     Ok(pages::workers(&session, &page))
 }
 
-async fn schedules(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-) -> Result<maud::Markup, Failure> {
-    let session = app.sessions.of(&headers).ok_or(Failure::Login)?;
+async fn schedules(Operator(session): Operator) -> Result<maud::Markup, Failure> {
     let page = ask(
         &session,
         subjects::API_SCHEDULES_LIST,
@@ -408,12 +412,10 @@ async fn schedules(
 }
 
 async fn schedule_action(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
+    Operator(session): Operator,
     Path((id, action)): Path<(Uuid, String)>,
     Form(form): Form<CsrfForm>,
 ) -> Result<Redirect, Failure> {
-    let session = app.sessions.of(&headers).ok_or(Failure::Login)?;
     session.check_csrf(&form.csrf)?;
     let subject = match action.as_str() {
         "pause" => subjects::API_SCHEDULES_PAUSE,
@@ -433,11 +435,7 @@ async fn schedule_action(
     Ok(Redirect::to("/schedules"))
 }
 
-async fn dead_letters(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-) -> Result<maud::Markup, Failure> {
-    let session = app.sessions.of(&headers).ok_or(Failure::Login)?;
+async fn dead_letters(Operator(session): Operator) -> Result<maud::Markup, Failure> {
     let page = ask(
         &session,
         subjects::API_DLQ_LIST,
@@ -452,12 +450,10 @@ async fn dead_letters(
 }
 
 async fn dead_letter_action(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
+    Operator(session): Operator,
     Path((seq, action)): Path<(u64, String)>,
     Form(form): Form<CsrfForm>,
 ) -> Result<Redirect, Failure> {
-    let session = app.sessions.of(&headers).ok_or(Failure::Login)?;
     session.check_csrf(&form.csrf)?;
     let subject = match action.as_str() {
         "replay" => subjects::API_DLQ_REPLAY,

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::{Stream, StreamExt};
 use hodei_protocol::logs::{LogBatch, LogStream};
@@ -15,7 +14,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::session::Session;
-use crate::{App, Failure};
+use crate::{App, Failure, Operator};
 
 #[derive(Deserialize)]
 pub struct Which {
@@ -27,10 +26,9 @@ pub struct Which {
 /// `data: <job id>` for every job event (of one job, with `?job=`).
 pub async fn job_events(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
+    Operator(session): Operator,
     Query(which): Query<Which>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, Failure> {
-    let session = app.sessions.of(&headers).ok_or(Failure::Login)?;
     let subject = match which.job {
         Some(job_id) => format!("hodei.events.job.{job_id}.>"),
         None => "hodei.events.job.>".to_owned(),
@@ -53,10 +51,9 @@ pub async fn job_events(
 /// after the last.
 pub async fn logs(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
+    Operator(session): Operator,
     Path(job_id): Path<Uuid>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, Failure> {
-    let session = app.sessions.of(&headers).ok_or(Failure::Login)?;
     let unavailable = |e: String| {
         Failure::Api(hodei_protocol::ApiError::new(
             hodei_protocol::ErrorCode::Unavailable,

@@ -108,7 +108,7 @@ fn replay_allowed(source: &str, subject: &str) -> bool {
 }
 
 pub async fn list(state: State, request: ListDeadLetters) -> Result<Page<DeadLetter>, ApiError> {
-    let limit = request.limit.unwrap_or(50).clamp(1, 500) as usize;
+    let limit = hodei_protocol::api::page_size(request.limit) as usize;
     let after = match request.cursor.as_deref() {
         Some(cursor) => cursor
             .parse::<u64>()

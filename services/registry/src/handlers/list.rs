@@ -6,7 +6,7 @@ use hodei_protocol::ApiError;
 use crate::State;
 
 pub async fn handle(state: State, request: ListWorkers) -> Result<Page<WorkerView>, ApiError> {
-    let limit = request.limit.unwrap_or(50).clamp(1, 500);
+    let limit = hodei_protocol::api::page_size(request.limit);
     let (workers, next_cursor) = hodei_store::workers::list(
         &state.store,
         request.state,

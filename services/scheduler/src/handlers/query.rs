@@ -21,7 +21,7 @@ pub async fn get(state: State, request: GetJob) -> Result<JobView, ApiError> {
 }
 
 pub async fn list(state: State, request: ListJobs) -> Result<Page<JobView>, ApiError> {
-    let limit = request.limit.unwrap_or(50).clamp(1, 500);
+    let limit = hodei_protocol::api::page_size(request.limit);
     if request
         .concurrency_key
         .as_ref()

@@ -61,7 +61,7 @@ pub async fn get(state: State, request: ScheduleRef) -> Result<ScheduleView, Api
 }
 
 pub async fn list(state: State, request: ListSchedules) -> Result<Page<ScheduleView>, ApiError> {
-    let limit = request.limit.unwrap_or(50).clamp(1, 500);
+    let limit = hodei_protocol::api::page_size(request.limit);
     let (items, next_cursor) = schedules::list(
         &state.store,
         request.state,
