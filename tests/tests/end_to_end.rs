@@ -177,3 +177,74 @@ async fn fifty_jobs_submitted_at_once_end_right_with_complete_logs_and_a_full_au
             .unwrap();
     assert_eq!(pending, 0);
 }
+
+/// A short job's start goes with its end: its agent sends one report (finished, `started`
+/// set), which the scheduler applies as both changes; a longer job's start is reported on
+/// its own, while it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_job_reports_its_start_with_its_end_and_a_longer_job_reports_its_start_while_it_runs(
+) {
+    use futures::StreamExt;
+    use hodei_protocol::agent::{JobFinished, JobStarted};
+
+    let system = System::start().await;
+    let mut reports = system.client.subscribe("hodei.agent.*.*").await.unwrap();
+    system.client.flush().await.unwrap();
+    let short = system.submit(&job("true", &[])).await.unwrap().job_id;
+    let long = system.submit(&job("sleep", &["0.5"])).await.unwrap().job_id;
+    system
+        .wait_until_settled(&[short, long], Duration::from_secs(60))
+        .await;
+
+    // Every report of the two jobs, as published (the stream deletes them once applied).
+    let mut started = Vec::new();
+    let mut finished = Vec::new();
+    while finished.len() < 2 {
+        let message = tokio::time::timeout(Duration::from_secs(10), reports.next())
+            .await
+            .expect("both jobs' finished reports were published")
+            .unwrap();
+        match message.subject.rsplit('.').next() {
+            Some("started") => {
+                started.push(serde_json::from_slice::<JobStarted>(&message.payload).unwrap())
+            }
+            Some("finished") => {
+                finished.push(serde_json::from_slice::<JobFinished>(&message.payload).unwrap())
+            }
+            _ => {}
+        }
+    }
+    let finished_of = |job_id| finished.iter().find(|f| f.job_id == job_id).unwrap();
+    assert_eq!(
+        started.iter().map(|s| s.job_id).collect::<Vec<_>>(),
+        vec![long],
+        "only the longer job's start is reported on its own"
+    );
+    assert!(finished_of(short).started, "{:?}", finished_of(short));
+    assert!(!finished_of(long).started, "{:?}", finished_of(long));
+
+    // Both went through Running to Succeeded, with every event a job raises.
+    for job_id in [short, long] {
+        assert_eq!(system.get(job_id).await.unwrap().state, JobState::Succeeded);
+        let correlation_id = system.get(job_id).await.unwrap().correlation_id;
+        let query = || AuditQuery {
+            correlation_id: Some(correlation_id.clone()),
+            ..Default::default()
+        };
+        system
+            .wait_for("the job's audit trail", Duration::from_secs(30), || async {
+                system.audit(query()).await.len() == hodei_tests::EVENTS_OF_A_JOB.len()
+            })
+            .await;
+        let trail = system.audit(query()).await;
+        let running = trail
+            .iter()
+            .position(|e| e.event_type == "JobStatusChanged" && e.payload["to"] == "Running")
+            .unwrap_or_else(|| panic!("{job_id} went Running: {trail:?}"));
+        let completed = trail
+            .iter()
+            .position(|e| e.event_type == "JobCompleted")
+            .unwrap();
+        assert!(running < completed, "{trail:?}");
+    }
+}

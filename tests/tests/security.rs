@@ -179,6 +179,7 @@ async fn hostile_clients_are_refused_and_change_nothing() {
         attempt: view.attempt,
         exit_code: Some(0),
         error: None,
+        started: false,
     };
     submitter
         .publish(

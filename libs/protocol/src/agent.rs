@@ -88,6 +88,10 @@ pub struct JobFinished {
     pub exit_code: Option<i32>,
     #[serde(default)]
     pub error: Option<String>,
+    /// The job's start was not reported on its own: it ended so soon after it started (a
+    /// short job) that this one report records both, in one transaction.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub started: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

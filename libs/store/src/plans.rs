@@ -18,7 +18,7 @@ pub const HOT_QUERIES: &[HotQuery] = &[
     HotQuery {
         name: "next pending job (placement)",
         sql: jobs::NEXT_PENDING_SQL,
-        args: "('any')",
+        args: "('any', 4)",
     },
     HotQuery {
         name: "job scheduled on a worker (placement)",

@@ -35,6 +35,9 @@ pub struct Runner {
     max_processes: u64,
     /// The agent's LANG and TZ (the only settings of its own a job inherits).
     locale: Vec<(&'static str, String)>,
+    /// A job that ends this soon after its start is reported once (see
+    /// `Config::report_together_ms`).
+    report_together_within: Option<Duration>,
 }
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -67,6 +70,8 @@ impl Runner {
                 .into_iter()
                 .filter_map(|name| Some((name, std::env::var(name).ok()?)))
                 .collect(),
+            report_together_within: (config.report_together_ms > 0)
+                .then(|| Duration::from_millis(config.report_together_ms)),
         })
     }
 
@@ -205,39 +210,13 @@ impl Runner {
                 tracing::warn!(%error, "job could not start");
                 ack().await;
                 logs.finish(0, None).await;
-                return Ok(report_finished(client, js, worker_id, &job, None, Some(error)).await);
+                return Ok(
+                    report_finished(client, js, worker_id, &job, None, Some(error), false).await,
+                );
             }
         };
         let pid = child.id();
-        let started = JobStarted {
-            schema_version: hodei_protocol::SCHEMA_VERSION,
-            worker_id,
-            job_id: job.job_id,
-            attempt: job.attempt,
-            pid,
-        };
-        match reports::send(
-            client,
-            js,
-            subjects::agent_started(worker_id),
-            format!("{worker_id}.{}.{}.started", job.job_id, job.attempt),
-            &job.correlation_id,
-            &started,
-        )
-        .await
-        {
-            Err(error) if !error.code.is_transient() => {
-                tracing::warn!(code = error.code.as_str(), message = %error.message, "start refused; killing the job");
-                let _ = child.kill().await;
-                ack().await;
-                return Ok(None);
-            }
-            answer => log_answer("started", answer),
-        }
-        // The start is on record: from here a redelivered RunJob must not run the job again.
-        ack().await;
         tracing::info!(pid, command = %job.command, "job running");
-
         let (lines_tx, lines_rx) = mpsc::channel::<LogLine>(4096);
         let stdout = tokio::spawn(read_lines(
             child.stdout.take().expect("stdout is piped"),
@@ -251,13 +230,61 @@ impl Runner {
         ));
         let shipping = tokio::spawn(logs.ship(lines_rx));
 
-        let status = tokio::select! {
-            status = child.wait() => status,
-            _ = shutdown.cancelled() => {
-                tracing::warn!("agent stopping; killing the job");
-                let _ = child.kill().await;
-                child.wait().await
+        // A short job's start goes with its end, in one report.
+        let ended_early = match self.report_together_within {
+            Some(within) => tokio::select! {
+                status = child.wait() => Some(status),
+                _ = tokio::time::sleep(within) => None,
+                _ = shutdown.cancelled() => None,
+            },
+            None => None,
+        };
+        if ended_early.is_none() {
+            let started = JobStarted {
+                schema_version: hodei_protocol::SCHEMA_VERSION,
+                worker_id,
+                job_id: job.job_id,
+                attempt: job.attempt,
+                pid,
+            };
+            match reports::send(
+                client,
+                js,
+                subjects::agent_started(worker_id),
+                format!("{worker_id}.{}.{}.started", job.job_id, job.attempt),
+                &job.correlation_id,
+                &started,
+            )
+            .await
+            {
+                Err(error) if !error.code.is_transient() => {
+                    tracing::warn!(code = error.code.as_str(), message = %error.message, "start refused; killing the job");
+                    let _ = child.kill().await;
+                    for task in [stdout, stderr] {
+                        task.abort();
+                    }
+                    shipping.abort();
+                    ack().await;
+                    return Ok(None);
+                }
+                answer => log_answer("started", answer),
             }
+            // The start is on record: from here a redelivered RunJob must not run the job
+            // again.
+            ack().await;
+        }
+
+        let together = ended_early.is_some();
+        let status = match ended_early {
+            Some(status) => status,
+            None => tokio::select! {
+                status = child.wait() => status,
+                _ = shutdown.cancelled() => {
+                    tracing::warn!("agent stopping; killing the job");
+                    let _ = child.kill().await;
+                    child.wait().await
+                }
+            },
         };
         // Whatever the job left behind (daemons, `setsid` children: they are ours, as the
         // agent is a child subreaper) ends with it.
@@ -292,7 +319,12 @@ impl Runner {
         tracing::info!(?exit_code, ?error, "job ended");
         let batches = logs.seq;
         logs.finish(batches, exit_code).await;
-        Ok(report_finished(client, js, worker_id, &job, exit_code, error).await)
+        let next = report_finished(client, js, worker_id, &job, exit_code, error, together).await;
+        if together {
+            // Start and end are on record together: only now may the command go.
+            ack().await;
+        }
+        Ok(next)
     }
 }
 
@@ -302,8 +334,9 @@ pub struct Next {
     pub parent: opentelemetry::Context,
 }
 
-/// Report how the attempt ended (retried until answered or refused; the answer is logged);
-/// a warm-pool worker's next job, when the answer brings one.
+/// Report how the attempt ended (retried until answered or refused; the answer is logged),
+/// and that it started too when `started` (a short job's one report); a warm-pool worker's
+/// next job, when the answer brings one.
 async fn report_finished(
     client: &Client,
     js: &JetStream,
@@ -311,6 +344,7 @@ async fn report_finished(
     job: &RunJob,
     exit_code: Option<i32>,
     error: Option<String>,
+    started: bool,
 ) -> Option<RunJob> {
     let finished = JobFinished {
         schema_version: hodei_protocol::SCHEMA_VERSION,
@@ -319,6 +353,7 @@ async fn report_finished(
         attempt: job.attempt,
         exit_code,
         error,
+        started,
     };
     let answer = reports::send(
         client,

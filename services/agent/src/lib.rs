@@ -71,6 +71,12 @@ pub struct Config {
     #[arg(long, env = "HODEI_AGENT_STOP_GRACE_SECS", default_value_t = 3)]
     pub stop_grace_secs: u64,
 
+    /// A job that ends within this many milliseconds of its start is reported once, when it
+    /// ends: its start and its end in one report (one transaction, one message fewer). A
+    /// longer job's start is reported this much later. 0 reports every start at once.
+    #[arg(long, env = "HODEI_AGENT_REPORT_TOGETHER_MS", default_value_t = 10)]
+    pub report_together_ms: u64,
+
     /// Seconds to wait for a job after registering before giving up and exiting.
     #[arg(long, env = "HODEI_AGENT_IDLE_TIMEOUT_SECS", default_value_t = 300)]
     pub idle_timeout_secs: u64,

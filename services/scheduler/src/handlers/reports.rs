@@ -1,10 +1,11 @@
 //! `hodei.agent.<worker_id>.started` and `.finished`: a worker's reports about its job.
 //!
 //! A report is applied only if the worker named in the subject is the one in the body and
-//! holds the job, and the job's state machine allows the change. Anything else is refused
+//! holds the job, and the job's state machine allows the change. A short job's finished
+//! report may say that it started too (`started`): both changes are applied together. Anything else is refused
 //! with a typed error (answered on `Hodei-Reply-To`, logged) and changes nothing.
 
-use hodei_domain::{Actor, Job};
+use hodei_domain::{Actor, Job, JobState};
 use hodei_messaging::api::respond;
 use hodei_messaging::consumer::{Delivery, Outcome};
 use hodei_protocol::agent::{JobFinished, JobStarted, ReportAccepted, RunJob};
@@ -193,8 +194,21 @@ fn apply_to(
     let events = match report {
         Report::Started(_) => vec![job.start(worker_id, actor)?],
         Report::Finished(JobFinished {
-            exit_code, error, ..
-        }) => job.finish(worker_id, exit_code, error, hodei_runtime::jitter(), actor)?,
+            exit_code,
+            error,
+            started,
+            ..
+        }) => {
+            // A short job's one report: its start first (unless that is on record already,
+            // as for a report delivered again), then its end, in this one transaction.
+            let start =
+                match started && matches!(job.state, JobState::Assigned | JobState::Scheduled) {
+                    true => Some(job.start(worker_id, actor)?),
+                    false => None,
+                };
+            let ended = job.finish(worker_id, exit_code, error, hodei_runtime::jitter(), actor)?;
+            start.into_iter().chain(ended).collect()
+        }
     };
     Ok(events)
 }
