@@ -104,9 +104,30 @@ pub async fn assign_on_accept(tx: &mut Tx, job: &mut Job, actor: &Actor) -> Resu
 /// the worker is not such a worker or no job waits for a pool process; the registry then
 /// releases it or tears it down on the job's event, as for any worker. A worker the
 /// registry released first (it raced this) is given the job all the same.
+///
+/// The scheduler hands over in the report's own transaction ([`hand_over`]); this is its
+/// way when that transaction failed and the reports were applied one at a time.
 #[tracing::instrument(name = "assign", skip_all, fields(%worker_id))]
 pub async fn next_for_pool_worker(
     store: &Store,
+    worker_id: Uuid,
+    ended: Uuid,
+    actor: &Actor,
+) -> Result<Option<RunJob>, ApiError> {
+    // The caller looked first ([`workers::pooled_with_jobs_left`], for its whole batch).
+    let mut tx = store.begin().await?;
+    hodei_store::placement_lock(&mut tx).await?;
+    let run = hand_over(&mut tx, worker_id, ended, actor).await?;
+    if run.is_some() {
+        hodei_store::commit(tx).await?;
+    }
+    Ok(run)
+}
+
+/// [`next_for_pool_worker`] inside the caller's transaction, which holds the placement lock
+/// (taken before any row lock, as every placement takes it) and commits.
+pub async fn hand_over(
+    tx: &mut Tx,
     worker_id: Uuid,
     ended: Uuid,
     actor: &Actor,
@@ -123,18 +144,14 @@ pub async fn next_for_pool_worker(
         };
         worker.pooled && free && worker.jobs_run < worker.max_jobs
     };
-    // The caller looked first ([`workers::pooled_with_jobs_left`], for its whole batch).
-    // The placement lock before the worker's, as every placement takes them.
-    let mut tx = store.begin().await?;
-    hodei_store::placement_lock(&mut tx).await?;
-    let Some(mut worker) = workers::lock(&mut tx, worker_id).await? else {
+    let Some(mut worker) = workers::lock(tx, worker_id).await? else {
         return Ok(None);
     };
     if !goes_on(&worker) {
         return Ok(None);
     }
     // A job in a container gets a container of its own: never a warm-pool process.
-    let Some(mut next) = jobs::lock_next_pending(&mut tx, jobs::Kinds::Processes).await? else {
+    let Some(mut next) = jobs::lock_next_pending(tx, jobs::Kinds::Processes).await? else {
         return Ok(None);
     };
     // Busy -> Ready -> Busy in one transaction: the events of the release are not written
@@ -142,8 +159,7 @@ pub async fn next_for_pool_worker(
     if worker.state == hodei_domain::WorkerState::Busy {
         let _released = worker.job_left(ended, true, "ended", actor)?;
     }
-    let run = assign_in_answer(&mut tx, &mut next, &mut worker, actor).await?;
-    hodei_store::commit(tx).await?;
+    let run = assign_in_answer(tx, &mut next, &mut worker, actor).await?;
     tracing::info!(job_id = %next.id, %worker_id, attempt = next.attempt, "next job given with the report");
     Ok(Some(run))
 }

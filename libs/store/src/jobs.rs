@@ -312,6 +312,16 @@ impl Kinds {
     }
 }
 
+/// Whether any job for a container waits (an index lookup; no lock).
+pub async fn any_pending_in_containers(conn: &mut PgConnection) -> Result<bool> {
+    let (any,): (bool,) = sqlx::query_as(ANY_PENDING_IN_CONTAINERS_SQL)
+        .fetch_one(conn)
+        .await?;
+    Ok(any)
+}
+pub const ANY_PENDING_IN_CONTAINERS_SQL: &str =
+    "SELECT EXISTS (SELECT 1 FROM jobs WHERE state = 'Pending' AND spec ? 'image')";
+
 /// The job placement takes next ([`lock_next_pending`]), without locking it (for views).
 pub async fn next_pending(pool: &PgPool, kinds: Kinds) -> Result<Option<Job>> {
     match heads(pool, kinds, 1).await?.first() {

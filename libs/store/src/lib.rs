@@ -419,26 +419,41 @@ where
     let mut tx = store.begin().await?;
     let mut outcomes = Vec::with_capacity(changes.len());
     for one in changes {
-        let outcome = async {
-            let Some(mut aggregate) = A::lock(&mut tx, one.id).await? else {
-                return Ok::<_, StoreError>(Ok(None));
-            };
-            match change(&mut aggregate, one.input.clone()) {
-                Ok(events) => {
-                    if !events.is_empty() {
-                        tx.save(&mut aggregate, &events).await?;
-                    }
-                    Ok(Ok(Some(aggregate)))
-                }
-                Err(refused) => Ok(Err(refused)),
-            }
-        }
+        let outcome = change_in(&mut tx, one.id, |aggregate| {
+            change(aggregate, one.input.clone())
+        })
         .instrument(one.span.clone())
         .await?;
         outcomes.push(outcome);
     }
     commit(tx).instrument(changes[0].span.clone()).await?;
     Ok(outcomes)
+}
+
+/// One change of [`change_many`] inside the caller's transaction `tx` (which the caller
+/// commits, with whatever else it writes): lock the aggregate, apply `change`, save it with
+/// its events. The inner result is the aggregate's answer: `Ok(None)` when there is none, the
+/// change's refusal (nothing written), or the aggregate as the change left it.
+pub async fn change_in<A, E>(
+    tx: &mut Tx,
+    id: Uuid,
+    change: impl FnOnce(&mut A) -> std::result::Result<Vec<hodei_domain::DomainEvent>, E>,
+) -> Result<std::result::Result<Option<A>, E>>
+where
+    A: Aggregate,
+{
+    let Some(mut aggregate) = A::lock(tx, id).await? else {
+        return Ok(Ok(None));
+    };
+    match change(&mut aggregate) {
+        Ok(events) => {
+            if !events.is_empty() {
+                tx.save(&mut aggregate, &events).await?;
+            }
+            Ok(Ok(Some(aggregate)))
+        }
+        Err(refused) => Ok(Err(refused)),
+    }
 }
 
 /// Connect and bring the schema up to date; what every service does at start-up.

@@ -21,6 +21,11 @@ pub const HOT_QUERIES: &[HotQuery] = &[
         args: "('any', 4)",
     },
     HotQuery {
+        name: "any container job waiting (placement)",
+        sql: jobs::ANY_PENDING_IN_CONTAINERS_SQL,
+        args: "",
+    },
+    HotQuery {
         name: "job scheduled on a worker (placement)",
         sql: jobs::SCHEDULED_ON_SQL,
         args: "('00000000-0000-0000-0000-000000000000')",

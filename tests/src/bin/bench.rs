@@ -493,6 +493,9 @@ fn figures(options: &Options, r: &Results) -> serde_json::Value {
         let all = c.control_plane() + c.agents + c.nats + c.postgres.values().sum::<f64>();
         (p.run.accepted > 0).then(|| all * 1000.0 / p.run.accepted as f64)
     };
+    // The targets leave the job's own process aside: its `/bin/true`, measured in the floor.
+    let cpu_per_job_without_job =
+        |p: &Option<ThroughputPhase>| Some(cpu_per_job(p)? - r.floor.true_cpu_ms?);
     let latency_ok = |p: &Option<LatencyPhase>| {
         p.as_ref().is_none_or(|p| {
             p.run.incomplete.is_none()
@@ -528,6 +531,9 @@ fn figures(options: &Options, r: &Results) -> serde_json::Value {
         "warm_jobs_per_s": rate(&r.warm_throughput),
         "cpu_ms_per_job_ephemeral": cpu_per_job(&r.throughput),
         "cpu_ms_per_job_warm": cpu_per_job(&r.warm_throughput),
+        "cpu_ms_per_job_ephemeral_without_job": cpu_per_job_without_job(&r.throughput),
+        "cpu_ms_per_job_warm_without_job": cpu_per_job_without_job(&r.warm_throughput),
+        "floor_job_cpu_ms": r.floor.true_cpu_ms,
         "all_succeeded": latency_ok(&r.cold)
             && latency_ok(&r.warm)
             && throughput_ok(&r.throughput)
@@ -735,6 +741,9 @@ struct Floor {
     jetstream_publish: Option<Summary>,
     postgres_commit: Option<Summary>,
     spawn_true: Option<Summary>,
+    /// CPU (user + system) of one `/bin/true` process, the throughput runs' job, from its exec
+    /// to its exit, in ms: what "the job's own process" costs in the CPU per job.
+    true_cpu_ms: Option<f64>,
     /// The parent's clock before spawning `date +%s%N` to the clock the child prints: how late
     /// the cold runs' "process start" can be read, at best.
     spawn_date_start: Option<Summary>,
@@ -852,6 +861,7 @@ async fn measure_floor(system: &System, options: &Options) -> anyhow::Result<Flo
 
     // Processes: tokio's spawn and wait, the calls the agent and the process provider make.
     let mut samples = Vec::with_capacity(options.spawn);
+    let children_before = reaped_children_cpu_seconds();
     for i in 0..options.spawn + 5 {
         let t = Instant::now();
         let status = tokio::time::timeout(
@@ -866,6 +876,10 @@ async fn measure_floor(system: &System, options: &Options) -> anyhow::Result<Flo
         }
     }
     let spawn_true = Summary::of(&samples);
+    // Only the `/bin/true` children end (and are reaped) in that loop.
+    let true_cpu_ms = Some(
+        (reaped_children_cpu_seconds() - children_before) * 1000.0 / (options.spawn + 5) as f64,
+    );
 
     let mut samples = Vec::with_capacity(options.spawn);
     for i in 0..options.spawn + 5 {
@@ -951,6 +965,7 @@ async fn measure_floor(system: &System, options: &Options) -> anyhow::Result<Flo
         jetstream_publish,
         postgres_commit,
         spawn_true,
+        true_cpu_ms,
         spawn_date_start,
         synchronous_commit,
         spawn_agent_help,
@@ -2151,6 +2166,15 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
     )
 }
 
+/// user + system time of this process's children that ended and were waited for, in seconds.
+fn reaped_children_cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
 /// utime + stime of the process itself (not of its reaped children), in seconds.
 fn cpu_seconds(pid: u32) -> Option<f64> {
     stat_seconds(pid, 11, 12)
@@ -2543,6 +2567,12 @@ fn report(s: &mut String, options: &Options, r: &Results) -> std::fmt::Result {
         "| spawn `date +%s%N`: parent's clock before spawn → clock the child prints | {} |\n",
         Summary::cells(floor.spawn_date_start)
     )?;
+    if let Some(true_ms) = floor.true_cpu_ms {
+        writeln!(
+            s,
+            "CPU of one `/bin/true` process (user + system, exec to exit; the throughput runs' job): {true_ms:.3} ms.\n"
+        )?;
+    }
     writeln!(s, "What an agent does before it can register, each piece measured alone on the same system:\n")?;
     writeln!(s, "| operation | n | p50 | p90 | p99 | max |")?;
     writeln!(s, "|---|---:|---:|---:|---:|---:|")?;
@@ -2919,6 +2949,8 @@ fn memory_and_cpu(s: &mut String, options: &Options, r: &Results) -> std::fmt::R
             p.run.jobs.len() + options.warmup
         }
     };
+    // (label, what it used, jobs it ran); the throughput and backlog runs' jobs are
+    // `/bin/true`, whose own CPU the floor measured.
     let mut phases: Vec<(&str, &CpuSnapshot, usize)> = Vec::new();
     if let Some(p) = &r.cold {
         phases.push(("cold", &p.cpu, latency_jobs(p)));
@@ -3004,6 +3036,20 @@ fn memory_and_cpu(s: &mut String, options: &Options, r: &Results) -> std::fmt::R
         )
     )?;
     writeln!(s, "{}", row("all of the above", &|c| all(c)))?;
+    if let Some(true_ms) = r.floor.true_cpu_ms {
+        let cells: String = phases
+            .iter()
+            .map(|(phase, cpu, jobs)| match *phase {
+                "cold" | "warm" => " – |".to_owned(),
+                _ if *jobs == 0 => " – |".to_owned(),
+                _ => format!(" {:.2} |", all(cpu) * 1000.0 / *jobs as f64 - true_ms),
+            })
+            .collect();
+        writeln!(
+            s,
+            "| all of the above but the job's own process (`/bin/true`, {true_ms:.2} ms each in the floor; what the targets count) |{cells}"
+        )?;
+    }
     let ceilings: Vec<String> = phases
         .iter()
         .filter(|(phase, ..)| *phase != "cold" && *phase != "warm")

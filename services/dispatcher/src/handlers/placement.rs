@@ -19,6 +19,9 @@ const MAX_PLACEMENTS_PER_TRANSACTION: usize = 64;
 /// commit for all); a transaction that fails is made again one placement at a time, so that
 /// one job that cannot be placed never holds up the others. Returns how many were placed.
 pub(crate) async fn place_pending(state: &State, limit: usize) -> Result<usize, ApiError> {
+    if !anything_placeable(state).await? {
+        return Ok(0);
+    }
     let mut placed = 0;
     while placed < limit {
         let wanted = (limit - placed).min(MAX_PLACEMENTS_PER_TRANSACTION);
@@ -43,6 +46,24 @@ pub(crate) async fn place_pending(state: &State, limit: usize) -> Result<usize, 
         }
     }
     Ok(placed)
+}
+
+/// Whether a placement may be possible, looked at without the placement lock: with a warm
+/// pool, a process job goes only to a free ready worker, so with none free and no container
+/// job waiting there is nothing to place (and no lock to wait for behind the other
+/// placements). A worker freed, or a container job queued, after this look raises its own
+/// event (WorkerReadyForJob, JobQueued), which places again.
+async fn anything_placeable(state: &State) -> Result<bool, ApiError> {
+    if state.warm_pool.is_none() {
+        return Ok(true);
+    }
+    let mut conn = state
+        .store
+        .acquire()
+        .await
+        .map_err(hodei_store::StoreError::from)?;
+    Ok(workers::any_free_ready(&mut conn).await?
+        || jobs::any_pending_in_containers(&mut conn).await?)
 }
 
 /// Up to `limit` placements in one transaction under the placement lock; how many were

@@ -11,6 +11,8 @@ use hodei_messaging::consumer::{Delivery, Outcome};
 use hodei_protocol::agent::{JobFinished, JobStarted, ReportAccepted, RunJob};
 use hodei_protocol::{headers, subjects, ApiError, ErrorCode};
 use hodei_store::{workers, Change};
+use std::collections::HashMap;
+
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -26,9 +28,12 @@ enum Report {
 }
 
 /// The reports waiting together: each read and checked on its own, then all applied in one
-/// transaction (one commit); a batch whose transaction fails is applied one report at a
-/// time, so that a report only ever fails for what is wrong with it. Each is answered and
-/// settled on its own.
+/// transaction (one commit), with the next job of each warm-pool worker whose job ended in
+/// it (so that the job's end and the worker's next job are heard of together: nobody
+/// releases the worker in between). A batch whose transaction fails is applied one report
+/// at a time, so that a report only ever fails for what is wrong with it, each pool worker
+/// then taking its next job in a transaction of its own. Each is answered and settled on
+/// its own.
 pub async fn handle(state: State, batch: Vec<(Delivery, tracing::Span)>) -> Vec<Outcome> {
     let spans: Vec<tracing::Span> = batch
         .iter()
@@ -51,13 +56,21 @@ pub async fn handle(state: State, batch: Vec<(Delivery, tracing::Span)>) -> Vec<
             })
         })
         .collect();
-    let mut applied = hodei_store::change_many(
-        &state.store,
-        &changes,
-        |job: &mut Job, (worker_id, report)| apply_to(job, worker_id, report),
-    )
-    .await
-    .into_iter();
+    let pooled = pool_workers_reporting_ends(&state, &changes).await;
+    let (applied, handed_over) = match apply_with_hand_overs(&state, &changes, &pooled).await {
+        Ok(done) => done,
+        Err(error) => {
+            tracing::warn!(%error, reports = changes.len(), "a batch's transaction failed; applying its reports one at a time");
+            let applied = hodei_store::change_many(
+                &state.store,
+                &changes,
+                |job: &mut Job, (worker_id, report)| apply_to(job, worker_id, report),
+            )
+            .await;
+            (applied, None)
+        }
+    };
+    let mut applied = applied.into_iter();
     // Each report's job as its change left it, and whether the job left the worker.
     let accepted: Vec<Result<(Job, Uuid, bool), ApiError>> = read
         .into_iter()
@@ -67,25 +80,24 @@ pub async fn handle(state: State, batch: Vec<(Delivery, tracing::Span)>) -> Vec<
                 .next()
                 .unwrap_or_else(|| Err(ApiError::internal("no outcome for the report")))?
                 .ok_or_else(|| ApiError::not_found(format!("there is no job {job_id}")))?;
-            // Ended, or retried (Pending again, off the worker).
-            let left = matches!(report, Report::Finished(_)) && job.worker_id != Some(worker_id)
-                || job.state.is_terminal();
+            let left = left_its_worker(&report, &job, worker_id);
             Ok((job, worker_id, left))
         })
         .collect();
-    let pooled = pool_workers_left(&state, &accepted).await;
+    let mut handed_over = handed_over;
     let mut outcomes = Vec::with_capacity(batch.len());
     for (((delivery, _), accepted), span) in batch.iter().zip(accepted).zip(&spans) {
         let result = match accepted {
             Err(error) => Err(error),
             Ok((job, worker_id, left)) => {
-                let next = match left && pooled.contains(&worker_id) {
-                    true => {
+                let next = match (&mut handed_over, left && pooled.contains(&worker_id)) {
+                    (_, false) => None,
+                    (Some(handed_over), true) => handed_over.remove(&worker_id).flatten(),
+                    (None, true) => {
                         next_job(&state, worker_id, job.id)
                             .instrument(span.clone())
                             .await
                     }
-                    false => None,
                 };
                 Ok(ReportAccepted {
                     job_id: job.id,
@@ -103,24 +115,78 @@ pub async fn handle(state: State, batch: Vec<(Delivery, tracing::Span)>) -> Vec<
     outcomes
 }
 
-/// Of the workers whose job left them in this batch, the warm-pool workers with jobs left:
-/// one look for the whole batch (most workers are ephemeral). A failed look gives none: the
-/// registry then releases them on the jobs' events, as for any worker.
-async fn pool_workers_left(
+/// Whether the job left the reporting worker with this report: it ended, or was retried
+/// (Pending again, off the worker).
+fn left_its_worker(report: &Report, job: &Job, worker_id: Uuid) -> bool {
+    matches!(report, Report::Finished(_)) && job.worker_id != Some(worker_id)
+        || job.state.is_terminal()
+}
+
+/// Every report's change in one transaction, then the next job of each pool worker in
+/// `pooled` whose job left it (the placement lock is taken first when there is one, as every
+/// placement takes it); one commit. The changes' outcomes, and the job each of those
+/// workers was given (`None`: no job waits, or the worker does not go on).
+async fn apply_with_hand_overs(
     state: &State,
-    accepted: &[Result<(Job, Uuid, bool), ApiError>],
-) -> Vec<Uuid> {
-    let left: Vec<Uuid> = accepted
-        .iter()
-        .filter_map(|a| match a {
-            Ok((_, worker_id, true)) => Some(*worker_id),
-            _ => None,
-        })
-        .collect();
-    if left.is_empty() {
-        return left;
+    changes: &[Change<(Uuid, Report)>],
+    pooled: &[Uuid],
+) -> Result<
+    (
+        Vec<Result<Option<Job>, ApiError>>,
+        Option<HashMap<Uuid, Option<RunJob>>>,
+    ),
+    ApiError,
+> {
+    let Some(first) = changes.first() else {
+        return Ok((Vec::new(), Some(HashMap::new())));
+    };
+    let mut tx = state.store.begin().await?;
+    if !pooled.is_empty() {
+        hodei_store::placement_lock(&mut tx).await?;
     }
-    workers::pooled_with_jobs_left(&state.store, &left)
+    let mut outcomes = Vec::with_capacity(changes.len());
+    for one in changes {
+        let (worker_id, report) = &one.input;
+        let outcome = hodei_store::change_in(&mut tx, one.id, |job: &mut Job| {
+            apply_to(job, *worker_id, report.clone())
+        })
+        .instrument(one.span.clone())
+        .await?;
+        outcomes.push(outcome);
+    }
+    let mut handed_over = HashMap::new();
+    for (one, outcome) in changes.iter().zip(&outcomes) {
+        let (worker_id, report) = &one.input;
+        let Ok(Some(job)) = outcome else { continue };
+        if pooled.contains(worker_id) && left_its_worker(report, job, *worker_id) {
+            let next = hodei_placement::hand_over(&mut tx, *worker_id, job.id, &state.actor)
+                .instrument(one.span.clone())
+                .await?;
+            handed_over.insert(*worker_id, next);
+        }
+    }
+    hodei_store::commit(tx)
+        .instrument(first.span.clone())
+        .await?;
+    Ok((outcomes, Some(handed_over)))
+}
+
+/// Of the workers that report their job's end in this batch, the warm-pool workers with jobs
+/// left: one look for the whole batch (most workers are ephemeral). A failed look gives none:
+/// the registry then releases them on the jobs' events, as for any worker.
+async fn pool_workers_reporting_ends(
+    state: &State,
+    changes: &[Change<(Uuid, Report)>],
+) -> Vec<Uuid> {
+    let ending: Vec<Uuid> = changes
+        .iter()
+        .filter(|c| matches!(c.input.1, Report::Finished(_)))
+        .map(|c| c.input.0)
+        .collect();
+    if ending.is_empty() {
+        return ending;
+    }
+    workers::pooled_with_jobs_left(&state.store, &ending)
         .await
         .unwrap_or_else(|error| {
             tracing::warn!(%error, "cannot look at the workers; no next job given with these reports");
@@ -128,9 +194,9 @@ async fn pool_workers_left(
         })
 }
 
-/// The next job of a pool worker whose job `ended` left it. The report is applied: a failure
-/// here must not undo that (the registry releases the worker on the job's event, and the
-/// dispatcher places the job).
+/// The next job of a pool worker whose job `ended` left it, when its report was applied on
+/// its own. The report is applied: a failure here must not undo that (the registry releases
+/// the worker on the job's event, and the dispatcher places the job).
 async fn next_job(state: &State, worker_id: Uuid, ended: Uuid) -> Option<RunJob> {
     hodei_placement::next_for_pool_worker(&state.store, worker_id, ended, &state.actor)
         .await
