@@ -221,6 +221,7 @@ impl Store {
         Ok(Tx {
             inner: self.pool.begin().await?,
             outgoing: Vec::new(),
+            unwritten: Vec::new(),
             after_commit: self.after_commit.clone(),
         })
     }
@@ -281,7 +282,11 @@ impl Aggregate for hodei_domain::Worker {
 /// it; [`commit`] hands the rows to the store's publisher once they are durable.
 pub struct Tx {
     inner: Transaction<'static, Postgres>,
+    /// Every outbox row of the transaction, for the publisher once it commits.
     outgoing: Vec<outbox::Outgoing>,
+    /// Of those, the last ones not yet written: all are written in one INSERT as the
+    /// transaction commits (a handler's several saves cost one statement).
+    unwritten: Vec<outbox::RowOf>,
     after_commit: Option<AfterCommit>,
 }
 
@@ -318,11 +323,13 @@ impl std::ops::DerefMut for Tx {
 /// Commit a state change (its own span, so traces show the time spent persisting); then the
 /// rows written are durable and handed to the publisher.
 #[tracing::instrument(name = "persist", skip_all)]
-pub async fn commit(tx: Tx) -> Result<()> {
+pub async fn commit(mut tx: Tx) -> Result<()> {
+    outbox::flush(&mut tx).await?;
     let Tx {
         inner,
         outgoing,
         after_commit,
+        ..
     } = tx;
     inner.commit().await?;
     if let (false, Some(publish)) = (outgoing.is_empty(), after_commit) {

@@ -21,73 +21,79 @@ pub struct OutboxCommand<'a, P: Serialize> {
     pub payload: &'a P,
 }
 
-/// Append domain events (in the order given) to the outbox of `tx`; once it commits they are
-/// published at once (see [`crate::Tx`]), the relay being the fallback.
+/// Append domain events (in the order given) to the outbox of `tx`; they are written with
+/// every other row of the transaction in one INSERT as it commits ([`crate::commit`]), and
+/// then published at once (see [`crate::Tx`]), the relay being the fallback.
 pub async fn append_events(tx: &mut crate::Tx, events: &[DomainEvent]) -> Result<()> {
-    if events.is_empty() {
-        return Ok(());
-    }
-    let rows: Vec<Outgoing> = events
-        .iter()
-        .map(|event| {
-            Outgoing::new(
-                event.event_id,
-                event.subject(),
-                &event.event_type,
-                serde_json::to_string(event).expect("an event serializes"),
-                &event.correlation_id,
-            )
-        })
-        .collect();
-    let mut insert = QueryBuilder::new(
-        "INSERT INTO outbox_events (event_id, kind, subject, aggregate_type, aggregate_id, \
-                                    event_type, payload, metadata) ",
-    );
-    insert.push_values(events.iter().zip(&rows), |mut row, (event, out)| {
-        row.push_bind(event.event_id)
-            .push_bind("event")
-            .push_bind(&out.subject)
-            .push_bind(event.aggregate_type.as_str())
-            .push_bind(event.aggregate_id)
-            .push_bind(&event.event_type)
-            .push_bind(&out.payload)
-            .push_unseparated("::jsonb")
-            .push_bind(sqlx::types::Json(out.metadata()));
-    });
-    insert.build().execute(tx.connection()).await?;
     for event in events {
+        tx.outgoing.push(Outgoing::new(
+            event.event_id,
+            event.subject(),
+            &event.event_type,
+            serde_json::to_string(event).expect("an event serializes"),
+            &event.correlation_id,
+        ));
+        tx.unwritten.push(RowOf {
+            kind: "event",
+            aggregate_type: event.aggregate_type.as_str(),
+            aggregate_id: event.aggregate_id,
+        });
         // A span event on the current span: each state change shows in the job's trace.
         tracing::info!(event_type = %event.event_type, aggregate_id = %event.aggregate_id, "event recorded");
     }
-    tx.outgoing.extend(rows);
     Ok(())
 }
 
+/// Append a command to one worker to the outbox of `tx` (written as [`append_events`]).
 pub async fn append_command<P: Serialize>(
     tx: &mut crate::Tx,
     command: OutboxCommand<'_, P>,
 ) -> Result<()> {
-    let out = Outgoing::new(
+    tx.outgoing.push(Outgoing::new(
         command.command_id,
         command.subject,
         command.command_type,
         serde_json::to_string(command.payload).expect("a command serializes"),
         command.correlation_id,
-    );
-    sqlx::query(
+    ));
+    tx.unwritten.push(RowOf {
+        kind: "command",
+        aggregate_type: "worker",
+        aggregate_id: command.worker_id,
+    });
+    Ok(())
+}
+
+/// What an appended row is about, beside what [`Outgoing`] carries.
+pub(crate) struct RowOf {
+    kind: &'static str,
+    aggregate_type: &'static str,
+    aggregate_id: Uuid,
+}
+
+/// Write the rows appended to `tx` and not written yet, in the order appended, in one INSERT.
+pub(crate) async fn flush(tx: &mut crate::Tx) -> Result<()> {
+    if tx.unwritten.is_empty() {
+        return Ok(());
+    }
+    let unwritten = std::mem::take(&mut tx.unwritten);
+    let rows = &tx.outgoing[tx.outgoing.len() - unwritten.len()..];
+    let mut insert = QueryBuilder::new(
         "INSERT INTO outbox_events (event_id, kind, subject, aggregate_type, aggregate_id, \
-                                    event_type, payload, metadata) \
-         VALUES ($1, 'command', $2, 'worker', $3, $4, $5::jsonb, $6)",
-    )
-    .bind(out.event_id)
-    .bind(&out.subject)
-    .bind(command.worker_id)
-    .bind(&out.event_type)
-    .bind(&out.payload)
-    .bind(sqlx::types::Json(out.metadata()))
-    .execute(tx.connection())
-    .await?;
-    tx.outgoing.push(out);
+                                    event_type, payload, metadata) ",
+    );
+    insert.push_values(rows.iter().zip(&unwritten), |mut row, (out, of)| {
+        row.push_bind(out.event_id)
+            .push_bind(of.kind)
+            .push_bind(&out.subject)
+            .push_bind(of.aggregate_type)
+            .push_bind(of.aggregate_id)
+            .push_bind(&out.event_type)
+            .push_bind(&out.payload)
+            .push_unseparated("::jsonb")
+            .push_bind(sqlx::types::Json(out.metadata()));
+    });
+    insert.build().execute(&mut *tx.inner).await?;
     Ok(())
 }
 
