@@ -250,9 +250,9 @@ impl Runner {
             match reports::send(
                 client,
                 js,
-                subjects::agent_started(worker_id),
-                format!("{worker_id}.{}.{}.started", job.job_id, job.attempt),
-                &job.correlation_id,
+                worker_id,
+                &job,
+                reports::Kind::Started,
                 &started,
             )
             .await
@@ -358,9 +358,9 @@ async fn report_finished(
     let answer = reports::send(
         client,
         js,
-        subjects::agent_finished(worker_id),
-        format!("{worker_id}.{}.{}.finished", job.job_id, job.attempt),
-        &job.correlation_id,
+        worker_id,
+        job,
+        reports::Kind::Finished,
         &finished,
     )
     .await;

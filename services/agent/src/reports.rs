@@ -7,18 +7,33 @@ use async_nats::Client;
 use backon::Retryable;
 use futures::StreamExt;
 use hodei_messaging::{encode, message_headers, publish_durable, JetStream};
-use hodei_protocol::agent::ReportAccepted;
-use hodei_protocol::{headers, ApiError, ErrorCode, Reply};
+use hodei_protocol::agent::{ReportAccepted, RunJob};
+use hodei_protocol::{headers, subjects, ApiError, ErrorCode, Reply};
 use serde::Serialize;
 
+/// Which report: its subject is `hodei.agent.<worker_id>.<kind>`.
+#[derive(Clone, Copy)]
+pub enum Kind {
+    Started,
+    Finished,
+}
+
+/// Send the report of `kind` about `job` (its message id names the worker, the job, the
+/// attempt and the kind, so that a report sent again is stored once).
 pub async fn send<T: Serialize>(
     client: &Client,
     js: &JetStream,
-    subject: String,
-    msg_id: String,
-    correlation_id: &str,
+    worker_id: uuid::Uuid,
+    job: &RunJob,
+    kind: Kind,
     body: &T,
 ) -> Result<ReportAccepted, ApiError> {
+    let (subject, name) = match kind {
+        Kind::Started => (subjects::agent_started(worker_id), "started"),
+        Kind::Finished => (subjects::agent_finished(worker_id), "finished"),
+    };
+    let msg_id = format!("{worker_id}.{}.{}.{name}", job.job_id, job.attempt);
+    let correlation_id = job.correlation_id.as_str();
     let inbox = client.new_inbox();
     let mut answers = client.subscribe(inbox.clone()).await.map_err(|e| {
         ApiError::new(
