@@ -176,6 +176,26 @@ async fn refused_reports_are_answered_with_typed_errors_change_nothing_and_are_l
     )
     .await;
     assert_eq!(refused(r), ErrorCode::InvalidJobTransition);
+    // The holder reporting on another attempt than the job's (a report delivered again
+    // after a retry).
+    let r = publish_for_answer(
+        &system,
+        subjects::agent_finished(holder),
+        "r2b",
+        encode(&JobFinished {
+            attempt: 2,
+            ..finished(holder, job_id)
+        }),
+    )
+    .await;
+    let error = r
+        .map(|accepted: ReportAccepted| accepted)
+        .expect_err("a report on another attempt is refused");
+    assert_eq!(error.code, ErrorCode::InvalidJobTransition);
+    assert!(
+        error.message.contains("about attempt 2") && error.message.contains("at attempt 1"),
+        "{error:?}"
+    );
     // A worker speaking for another.
     let r = publish_for_answer(
         &system,

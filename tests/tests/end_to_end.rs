@@ -187,11 +187,13 @@ async fn a_short_job_reports_its_start_with_its_end_and_a_longer_job_reports_its
     use futures::StreamExt;
     use hodei_protocol::agent::{JobFinished, JobStarted};
 
-    let system = System::start().await;
+    // A window wide enough that `true` ends within it however loaded the machine is, and
+    // a job longer than it.
+    let system = System::start_with(&[("HODEI_AGENT_REPORT_TOGETHER_MS", "1000")]).await;
     let mut reports = system.client.subscribe("hodei.agent.*.*").await.unwrap();
     system.client.flush().await.unwrap();
     let short = system.submit(&job("true", &[])).await.unwrap().job_id;
-    let long = system.submit(&job("sleep", &["0.5"])).await.unwrap().job_id;
+    let long = system.submit(&job("sleep", &["2"])).await.unwrap().job_id;
     system
         .wait_until_settled(&[short, long], Duration::from_secs(60))
         .await;

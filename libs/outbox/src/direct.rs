@@ -178,21 +178,13 @@ async fn publish_batch(
     committed: Instant,
 ) -> Acked {
     let started = Instant::now();
-    // Commands first (a RunJob starts a job; the events' consumers can wait that long), then
-    // the events, each in commit order: the order that matters is within a stream, and the
-    // two are different streams.
-    let order: Vec<&Outgoing> = rows
-        .iter()
-        .filter(|row| !row.is_event())
-        .chain(rows.iter().filter(|row| row.is_event()))
-        .collect();
     let mut acks = Vec::with_capacity(rows.len());
-    for row in &order {
+    for row in rows {
         acks.push(crate::publish(js, row, "publish").await);
     }
     let mut published: Vec<Uuid> = Vec::with_capacity(rows.len());
     let mut failed = 0usize;
-    for (row, ack) in order.into_iter().zip(acks) {
+    for (row, ack) in rows.iter().zip(acks) {
         let result = match ack {
             Ok(future) => future.await.map(|_| ()).map_err(|e| e.to_string()),
             Err(error) => Err(error),

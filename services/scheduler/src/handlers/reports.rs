@@ -257,6 +257,21 @@ fn apply_to(
     report: Report,
 ) -> Result<Vec<hodei_domain::DomainEvent>, ApiError> {
     let actor = &Actor::worker(worker_id);
+    // A report delivered again after the job was retried (onto the same pool worker, say)
+    // speaks of an attempt that is over.
+    let attempt = match &report {
+        Report::Started(r) => r.attempt,
+        Report::Finished(r) => r.attempt,
+    };
+    if attempt != job.attempt {
+        return Err(ApiError::new(
+            ErrorCode::InvalidJobTransition,
+            format!(
+                "the report is about attempt {attempt} of job {}, which is at attempt {}",
+                job.id, job.attempt
+            ),
+        ));
+    }
     let events = match report {
         Report::Started(_) => vec![job.start(worker_id, actor)?],
         Report::Finished(JobFinished {
