@@ -424,17 +424,41 @@ where
 {
     use tracing::Instrument;
     let mut tx = store.begin().await?;
-    let mut outcomes = Vec::with_capacity(changes.len());
-    for one in changes {
-        let outcome = change_in(&mut tx, one.id, |aggregate| {
-            change(aggregate, one.input.clone())
-        })
-        .instrument(one.span.clone())
-        .await?;
-        outcomes.push(outcome);
-    }
+    let outcomes = change_all_in(&mut tx, changes, change).await?;
     commit(tx).instrument(changes[0].span.clone()).await?;
     Ok(outcomes)
+}
+
+/// Every change of a batch inside the caller's transaction `tx` ([`change_in`] each), their
+/// outcomes in the order given. The aggregates are locked in id order (changes of one
+/// aggregate in the order given), so that two batches of the same kind of aggregate never
+/// wait for each other in a circle.
+pub async fn change_all_in<A, T, E, F>(
+    tx: &mut Tx,
+    changes: &[Change<T>],
+    change: &F,
+) -> Result<Vec<std::result::Result<Option<A>, E>>>
+where
+    A: Aggregate,
+    T: Clone,
+    F: Fn(&mut A, T) -> std::result::Result<Vec<hodei_domain::DomainEvent>, E>,
+{
+    use tracing::Instrument;
+    let mut order: Vec<usize> = (0..changes.len()).collect();
+    order.sort_by_key(|&i| changes[i].id);
+    let mut outcomes: Vec<Option<std::result::Result<Option<A>, E>>> =
+        (0..changes.len()).map(|_| None).collect();
+    for i in order {
+        let one = &changes[i];
+        let outcome = change_in(tx, one.id, |aggregate| change(aggregate, one.input.clone()))
+            .instrument(one.span.clone())
+            .await?;
+        outcomes[i] = Some(outcome);
+    }
+    Ok(outcomes
+        .into_iter()
+        .map(|outcome| outcome.expect("every change was made"))
+        .collect())
 }
 
 /// One change of [`change_many`] inside the caller's transaction `tx` (which the caller

@@ -123,9 +123,11 @@ fn left_its_worker(report: &Report, job: &Job, worker_id: Uuid) -> bool {
 }
 
 /// Every report's change in one transaction, then the next job of each pool worker in
-/// `pooled` whose job left it (the placement lock is taken first when there is one, as every
-/// placement takes it); one commit. The changes' outcomes, and the job each of those
-/// workers was given (`None`: no job waits, or the worker does not go on).
+/// `pooled` whose job left it; one commit. When there is such a worker, the placement lock
+/// is taken first (as every placement takes it), then those workers' rows, then the jobs'
+/// (worker before job, as the registry's monitor takes them for a lost worker). The
+/// changes' outcomes, and the job each of those workers was given (`None`: no job waits, or
+/// the worker does not go on).
 async fn apply_with_hand_overs(
     state: &State,
     changes: &[Change<(Uuid, Report)>],
@@ -143,17 +145,13 @@ async fn apply_with_hand_overs(
     let mut tx = state.store.begin().await?;
     if !pooled.is_empty() {
         hodei_store::placement_lock(&mut tx).await?;
+        workers::lock_all(&mut tx, pooled).await?;
     }
-    let mut outcomes = Vec::with_capacity(changes.len());
-    for one in changes {
-        let (worker_id, report) = &one.input;
-        let outcome = hodei_store::change_in(&mut tx, one.id, |job: &mut Job| {
-            apply_to(job, *worker_id, report.clone())
+    let outcomes =
+        hodei_store::change_all_in(&mut tx, changes, &|job: &mut Job, (worker_id, report)| {
+            apply_to(job, worker_id, report)
         })
-        .instrument(one.span.clone())
         .await?;
-        outcomes.push(outcome);
-    }
     let mut handed_over = HashMap::new();
     for (one, outcome) in changes.iter().zip(&outcomes) {
         let (worker_id, report) = &one.input;
