@@ -352,16 +352,9 @@ where
     E: From<StoreError>,
 {
     let mut tx = store.begin().await?;
-    let Some(mut aggregate) = A::lock(&mut tx, id).await? else {
-        return Ok(None);
-    };
-    let events = change(&mut aggregate)?;
-    if events.is_empty() {
-        return Ok(Some(aggregate));
-    }
-    tx.save(&mut aggregate, &events).await?;
+    let changed = change_in(&mut tx, id, change).await??;
     commit(tx).await?;
-    Ok(Some(aggregate))
+    Ok(changed)
 }
 
 /// One of the independent changes [`change_many`] makes: the aggregate's id, what to apply
@@ -376,8 +369,8 @@ pub struct Change<T> {
 /// (group commit: what a consumer does with a batch of messages). Each change has its own
 /// outcome, in order: one its aggregate refuses (an error from `change`, which writes
 /// nothing) is that one's error, and the others are saved. If the transaction itself fails
-/// (a version conflict, a deadlock, the database), every change is made again alone, so
-/// that one change never fails its neighbours.
+/// (a version conflict, a deadlock, the database), every change is made again alone
+/// ([`change_each`]), so that one change never fails its neighbours.
 pub async fn change_many<A, T, E, F>(
     store: &Store,
     changes: &[Change<T>],
@@ -391,7 +384,13 @@ where
 {
     use tracing::Instrument;
     if changes.len() > 1 {
-        match change_together(store, changes, &change).await {
+        let together = async {
+            let mut tx = store.begin().await?;
+            let outcomes = change_all_in(&mut tx, changes, &change).await?;
+            commit(tx).instrument(changes[0].span.clone()).await?;
+            Ok::<_, StoreError>(outcomes)
+        };
+        match together.await {
             Ok(outcomes) => return outcomes,
             Err(error) => tracing::warn!(
                 %error,
@@ -400,6 +399,23 @@ where
             ),
         }
     }
+    change_each(store, changes, &change).await
+}
+
+/// Each change of a batch alone ([`change`]), in a transaction of its own: a batch's
+/// fallback when its one transaction failed. The outcomes in the order given.
+pub async fn change_each<A, T, E, F>(
+    store: &Store,
+    changes: &[Change<T>],
+    change: &F,
+) -> Vec<std::result::Result<Option<A>, E>>
+where
+    A: Aggregate,
+    T: Clone,
+    E: From<StoreError>,
+    F: Fn(&mut A, T) -> std::result::Result<Vec<hodei_domain::DomainEvent>, E>,
+{
+    use tracing::Instrument;
     let mut outcomes = Vec::with_capacity(changes.len());
     for one in changes {
         let outcome = self::change(store, one.id, |aggregate| {
@@ -412,27 +428,10 @@ where
     outcomes
 }
 
-async fn change_together<A, T, E, F>(
-    store: &Store,
-    changes: &[Change<T>],
-    change: &F,
-) -> Result<Vec<std::result::Result<Option<A>, E>>>
-where
-    A: Aggregate,
-    T: Clone,
-    F: Fn(&mut A, T) -> std::result::Result<Vec<hodei_domain::DomainEvent>, E>,
-{
-    use tracing::Instrument;
-    let mut tx = store.begin().await?;
-    let outcomes = change_all_in(&mut tx, changes, change).await?;
-    commit(tx).instrument(changes[0].span.clone()).await?;
-    Ok(outcomes)
-}
-
-/// Every change of a batch inside the caller's transaction `tx` ([`change_in`] each), their
-/// outcomes in the order given. The aggregates are locked in id order (changes of one
-/// aggregate in the order given), so that two batches of the same kind of aggregate never
-/// wait for each other in a circle.
+/// Every change of a batch inside the caller's transaction `tx` (which the caller commits,
+/// with whatever else it writes), their outcomes in the order given. The aggregates are
+/// locked in id order (changes of one aggregate in the order given), so that two batches of
+/// the same kind of aggregate never wait for each other in a circle.
 pub async fn change_all_in<A, T, E, F>(
     tx: &mut Tx,
     changes: &[Change<T>],
@@ -446,26 +445,22 @@ where
     use tracing::Instrument;
     let mut order: Vec<usize> = (0..changes.len()).collect();
     order.sort_by_key(|&i| changes[i].id);
-    let mut outcomes: Vec<Option<std::result::Result<Option<A>, E>>> =
-        (0..changes.len()).map(|_| None).collect();
+    let mut outcomes = Vec::with_capacity(changes.len());
     for i in order {
         let one = &changes[i];
         let outcome = change_in(tx, one.id, |aggregate| change(aggregate, one.input.clone()))
             .instrument(one.span.clone())
             .await?;
-        outcomes[i] = Some(outcome);
+        outcomes.push((i, outcome));
     }
-    Ok(outcomes
-        .into_iter()
-        .map(|outcome| outcome.expect("every change was made"))
-        .collect())
+    outcomes.sort_by_key(|(i, _)| *i);
+    Ok(outcomes.into_iter().map(|(_, outcome)| outcome).collect())
 }
 
-/// One change of [`change_many`] inside the caller's transaction `tx` (which the caller
-/// commits, with whatever else it writes): lock the aggregate, apply `change`, save it with
-/// its events. The inner result is the aggregate's answer: `Ok(None)` when there is none, the
-/// change's refusal (nothing written), or the aggregate as the change left it.
-pub async fn change_in<A, E>(
+/// One change inside `tx`: lock the aggregate, apply `change`, save it with its events. The
+/// inner result is the aggregate's answer: `Ok(None)` when there is none, the change's
+/// refusal (nothing written), or the aggregate as the change left it.
+async fn change_in<A, E>(
     tx: &mut Tx,
     id: Uuid,
     change: impl FnOnce(&mut A) -> std::result::Result<Vec<hodei_domain::DomainEvent>, E>,

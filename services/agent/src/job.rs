@@ -232,11 +232,10 @@ impl Runner {
 
         // A short job's start goes with its end, in one report.
         let ended_early = match self.report_together_within {
-            Some(within) => tokio::select! {
-                status = child.wait() => Some(status),
-                _ = tokio::time::sleep(within) => None,
-                _ = shutdown.cancelled() => None,
-            },
+            Some(within) => shutdown
+                .run_until_cancelled(tokio::time::timeout(within, child.wait()))
+                .await
+                .and_then(Result::ok),
             None => None,
         };
         if ended_early.is_none() {

@@ -1,9 +1,12 @@
 //! `hodei.agent.<worker_id>.started` and `.finished`: a worker's reports about its job.
 //!
 //! A report is applied only if the worker named in the subject is the one in the body and
-//! holds the job, and the job's state machine allows the change. A short job's finished
-//! report may say that it started too (`started`): both changes are applied together. Anything else is refused
-//! with a typed error (answered on `Hodei-Reply-To`, logged) and changes nothing.
+//! holds the job, the attempt it speaks of is the job's, and the job's state machine allows
+//! the change. A short job's finished report may say that it started too (`started`): both
+//! changes are applied together. Anything else is refused with a typed error (answered on
+//! `Hodei-Reply-To`, logged) and changes nothing.
+
+use std::collections::HashMap;
 
 use hodei_domain::{Actor, Job, JobState};
 use hodei_messaging::api::respond;
@@ -11,8 +14,6 @@ use hodei_messaging::consumer::{Delivery, Outcome};
 use hodei_protocol::agent::{JobFinished, JobStarted, ReportAccepted, RunJob};
 use hodei_protocol::{headers, subjects, ApiError, ErrorCode};
 use hodei_store::{workers, Change};
-use std::collections::HashMap;
-
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -57,55 +58,42 @@ pub async fn handle(state: State, batch: Vec<(Delivery, tracing::Span)>) -> Vec<
         })
         .collect();
     let pooled = pool_workers_reporting_ends(&state, &changes).await;
-    let (applied, handed_over) = match apply_with_hand_overs(&state, &changes, &pooled).await {
+    let (applied, mut handed_over) = match apply_with_hand_overs(&state, &changes, &pooled).await {
         Ok(done) => done,
         Err(error) => {
             tracing::warn!(%error, reports = changes.len(), "a batch's transaction failed; applying its reports one at a time");
-            let applied = hodei_store::change_many(
-                &state.store,
-                &changes,
-                |job: &mut Job, (worker_id, report)| apply_to(job, worker_id, report),
-            )
-            .await;
-            (applied, None)
+            let applied =
+                hodei_store::change_each(
+                    &state.store,
+                    &changes,
+                    &|job: &mut Job, (worker_id, report)| apply_to(job, worker_id, report),
+                )
+                .await;
+            let mut handed_over = HashMap::new();
+            for (one, ended) in leaving_pool_workers(&changes, &applied, &pooled) {
+                let next = next_job(&state, one.input.0, ended)
+                    .instrument(one.span.clone())
+                    .await;
+                handed_over.insert(one.input.0, next);
+            }
+            (applied, handed_over)
         }
     };
     let mut applied = applied.into_iter();
-    // Each report's job as its change left it, and whether the job left the worker.
-    let accepted: Vec<Result<(Job, Uuid, bool), ApiError>> = read
-        .into_iter()
-        .map(|read| {
-            let (job_id, worker_id, report) = read?;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for (((delivery, _), read), span) in batch.iter().zip(read).zip(&spans) {
+        // The report's job as its change left it, and the worker's next job, if it got one.
+        let result = read.and_then(|(job_id, worker_id, _)| {
             let job = applied
                 .next()
                 .unwrap_or_else(|| Err(ApiError::internal("no outcome for the report")))?
                 .ok_or_else(|| ApiError::not_found(format!("there is no job {job_id}")))?;
-            let left = left_its_worker(&report, &job, worker_id);
-            Ok((job, worker_id, left))
-        })
-        .collect();
-    let mut handed_over = handed_over;
-    let mut outcomes = Vec::with_capacity(batch.len());
-    for (((delivery, _), accepted), span) in batch.iter().zip(accepted).zip(&spans) {
-        let result = match accepted {
-            Err(error) => Err(error),
-            Ok((job, worker_id, left)) => {
-                let next = match (&mut handed_over, left && pooled.contains(&worker_id)) {
-                    (_, false) => None,
-                    (Some(handed_over), true) => handed_over.remove(&worker_id).flatten(),
-                    (None, true) => {
-                        next_job(&state, worker_id, job.id)
-                            .instrument(span.clone())
-                            .await
-                    }
-                };
-                Ok(ReportAccepted {
-                    job_id: job.id,
-                    state: job.state,
-                    next,
-                })
-            }
-        };
+            Ok(ReportAccepted {
+                job_id: job.id,
+                state: job.state,
+                next: handed_over.remove(&worker_id).flatten(),
+            })
+        });
         outcomes.push(
             answer(&state, delivery, result)
                 .instrument(span.clone())
@@ -113,6 +101,21 @@ pub async fn handle(state: State, batch: Vec<(Delivery, tracing::Span)>) -> Vec<
         );
     }
     outcomes
+}
+
+/// Of a batch's changes and their outcomes, the reports of the workers in `pooled` whose
+/// job left them, with that job: those that take their next job now.
+fn leaving_pool_workers<'a>(
+    changes: &'a [Change<(Uuid, Report)>],
+    outcomes: &'a [Result<Option<Job>, ApiError>],
+    pooled: &'a [Uuid],
+) -> impl Iterator<Item = (&'a Change<(Uuid, Report)>, Uuid)> + 'a {
+    changes.iter().zip(outcomes).filter_map(|(one, outcome)| {
+        let (worker_id, report) = &one.input;
+        let Ok(Some(job)) = outcome else { return None };
+        (pooled.contains(worker_id) && left_its_worker(report, job, *worker_id))
+            .then_some((one, job.id))
+    })
 }
 
 /// Whether the job left the reporting worker with this report: it ended, or was retried
@@ -135,12 +138,12 @@ async fn apply_with_hand_overs(
 ) -> Result<
     (
         Vec<Result<Option<Job>, ApiError>>,
-        Option<HashMap<Uuid, Option<RunJob>>>,
+        HashMap<Uuid, Option<RunJob>>,
     ),
     ApiError,
 > {
     let Some(first) = changes.first() else {
-        return Ok((Vec::new(), Some(HashMap::new())));
+        return Ok((Vec::new(), HashMap::new()));
     };
     let mut tx = state.store.begin().await?;
     if !pooled.is_empty() {
@@ -153,20 +156,17 @@ async fn apply_with_hand_overs(
         })
         .await?;
     let mut handed_over = HashMap::new();
-    for (one, outcome) in changes.iter().zip(&outcomes) {
-        let (worker_id, report) = &one.input;
-        let Ok(Some(job)) = outcome else { continue };
-        if pooled.contains(worker_id) && left_its_worker(report, job, *worker_id) {
-            let next = hodei_placement::hand_over(&mut tx, *worker_id, job.id, &state.actor)
-                .instrument(one.span.clone())
-                .await?;
-            handed_over.insert(*worker_id, next);
-        }
+    for (one, ended) in leaving_pool_workers(changes, &outcomes, pooled) {
+        let worker_id = one.input.0;
+        let next = hodei_placement::hand_over(&mut tx, worker_id, ended, &state.actor)
+            .instrument(one.span.clone())
+            .await?;
+        handed_over.insert(worker_id, next);
     }
     hodei_store::commit(tx)
         .instrument(first.span.clone())
         .await?;
-    Ok((outcomes, Some(handed_over)))
+    Ok((outcomes, handed_over))
 }
 
 /// Of the workers that report their job's end in this batch, the warm-pool workers with jobs
