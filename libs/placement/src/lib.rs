@@ -75,17 +75,13 @@ pub fn run_job_of(job: &Job) -> RunJob {
 /// Right after `job` was accepted, in the transaction that accepts it: if it is the next job
 /// to place (no job of higher priority or older waits) and a free ready worker waits, give
 /// it that worker now. Returns whether it did. Without a free ready worker (no warm pool,
-/// or all busy) it costs one index lookup and takes no lock; while another placement holds
-/// the placement lock it does not wait for it (the submission would wait behind every
-/// placement in turn): either way the dispatcher places the job on its JobQueued.
+/// or all busy) it costs one index lookup and takes no lock: the dispatcher places the job.
 pub async fn assign_on_accept(tx: &mut Tx, job: &mut Job, actor: &Actor) -> Result<bool, ApiError> {
     // A job in a container gets a container of its own (the dispatcher requests it).
-    if job.spec.image.is_some()
-        || !workers::any_free_ready(tx).await?
-        || !hodei_store::try_placement_lock(tx).await?
-    {
+    if job.spec.image.is_some() || !workers::any_free_ready(tx).await? {
         return Ok(false);
     }
+    hodei_store::placement_lock(tx).await?;
     let next = jobs::lock_next_pending(tx, jobs::Kinds::Processes).await?;
     if next.is_none_or(|next| next.id != job.id) {
         return Ok(false);

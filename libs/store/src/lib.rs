@@ -101,17 +101,6 @@ pub async fn placement_lock(conn: &mut PgConnection) -> Result<()> {
     Ok(())
 }
 
-/// [`placement_lock`] if no other transaction holds it, without waiting: whether it was
-/// taken. For a placement that someone else may make as well (the scheduler's on accept,
-/// which the dispatcher makes on the job's JobQueued otherwise).
-pub async fn try_placement_lock(conn: &mut PgConnection) -> Result<bool> {
-    let (taken,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_xact_lock($1)")
-        .bind(PLACEMENT_LOCK)
-        .fetch_one(conn)
-        .await?;
-    Ok(taken)
-}
-
 fn corrupt(what: &'static str) -> impl Fn(String) -> StoreError {
     move |why| StoreError::Corrupt { what, why }
 }
