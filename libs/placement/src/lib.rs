@@ -82,8 +82,7 @@ pub async fn assign_on_accept(tx: &mut Tx, job: &mut Job, actor: &Actor) -> Resu
         return Ok(false);
     }
     hodei_store::placement_lock(tx).await?;
-    let next = jobs::lock_next_pending(tx, jobs::Kinds::Processes).await?;
-    if next.is_none_or(|next| next.id != job.id) {
+    if !jobs::is_next_pending(tx, jobs::Kinds::Processes, job.id).await? {
         return Ok(false);
     }
     let Some(mut worker) = workers::lock_free_ready(tx).await? else {

@@ -282,6 +282,18 @@ pub async fn lock_next_pending(conn: &mut PgConnection, kinds: Kinds) -> Result<
     Ok(None)
 }
 
+/// Whether the pending job `id`, written by this transaction (so its row is this
+/// transaction's), is the one [`lock_next_pending`] would return: one query when it heads
+/// the queue, as a job accepted into an idle queue does.
+pub async fn is_next_pending(conn: &mut PgConnection, kinds: Kinds, id: Uuid) -> Result<bool> {
+    if heads(&mut *conn, kinds, 1).await?.first() == Some(&id) {
+        return Ok(true);
+    }
+    Ok(lock_next_pending(conn, kinds)
+        .await?
+        .is_some_and(|next| next.id == id))
+}
+
 async fn heads(conn: impl sqlx::PgExecutor<'_>, kinds: Kinds, limit: i64) -> Result<Vec<Uuid>> {
     Ok(sqlx::query_scalar(NEXT_PENDING_SQL)
         .bind(kinds.as_str())

@@ -67,12 +67,25 @@ impl StoreError {
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 
+/// A pooled connection idle for longer than this is pinged before it is used again; one in
+/// steady use is not (a ping is a round trip, on every transaction of a busy service).
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
 /// Connect a pool to `url`. Connecting is retried by the pool on each acquire.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
     let options: PgConnectOptions = url.parse()?;
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IF_IDLE_FOR {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_with(options)
         .await?;
     Ok(pool)

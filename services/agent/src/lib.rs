@@ -194,6 +194,13 @@ async fn agent(
         hodei_messaging::stay_on_a_serving_node(client.clone(), servers, probe, shutdown)
     });
 
+    // A RunJob is pushed here right after the commit that assigned it, ahead of its copy on
+    // the command stream; subscribed before registering, so none can come too early.
+    let mut pushed = client
+        .subscribe(subjects::worker_run(worker_id))
+        .await
+        .map_err(nats("subscribing to pushed commands"))?;
+
     // The command consumer is made only when a command can come: a worker given its one job
     // in the registration's answer never reads the command stream. (Commands wait in their
     // stream, so making it after registering loses none.)
@@ -282,7 +289,7 @@ async fn agent(
     let mut jobs_left = registered.max_jobs.max(1);
     // A job given in an answer (the registration's, for a worker provisioned for it; a
     // finished report's, for a warm-pool worker's next job) runs at once; one that comes
-    // again on the command subject is skipped.
+    // again (pushed, or on the command stream) is skipped.
     let mut given = registered.run.map(|run| job::Next {
         run,
         parent: context::from_fields(
@@ -291,7 +298,7 @@ async fn agent(
                 .collect::<Vec<_>>(),
         ),
     });
-    let mut ran: Option<(Uuid, u32)> = None;
+    let mut ran = Ran::default();
     let mut commands = None;
     // (A job given is run even past the agent's count: the control plane assigned it.)
     while (jobs_left > 0 || given.is_some()) && result.is_ok() && !shutdown.is_cancelled() {
@@ -302,32 +309,49 @@ async fn agent(
                     Some((_, messages)) => messages,
                     None => &mut commands.insert(commands_consumer().await?).1,
                 };
-                let message = match next_command(messages, idle, &shutdown).await {
-                    Ok(Some(message)) => message,
+                let arrived = match next_command(messages, &mut pushed, idle, &shutdown).await {
+                    Ok(Some(arrived)) => arrived,
                     Ok(None) => break,
                     Err(error) => {
                         result = Err(error);
                         break;
                     }
                 };
-                let command: WorkerCommand = match decode(&message.payload) {
-                    Ok(command) => command,
-                    Err(error) => {
+                let (payload, headers) = match &arrived {
+                    Arrived::Pushed(message) => (&message.payload, message.headers.as_ref()),
+                    Arrived::Stored(message) => (&message.payload, message.headers.as_ref()),
+                };
+                let parent = hodei_messaging::trace::parent_of(headers);
+                let command: Result<WorkerCommand, _> = decode(payload);
+                let message = match arrived {
+                    Arrived::Pushed(_) => None,
+                    Arrived::Stored(message) => Some(message),
+                };
+                let command = match (command, message) {
+                    (Ok(command), message) => (command, message),
+                    (Err(error), None) => {
+                        // Its stream copy is the one that counts.
+                        tracing::warn!(%error, "unreadable pushed command; ignored");
+                        continue;
+                    }
+                    (Err(error), Some(message)) => {
                         let _ = message.ack_with(AckKind::Term).await;
                         result = Err(anyhow::anyhow!("unreadable command: {error}"));
                         break;
                     }
                 };
-                let WorkerCommand::RunJob(run) = command;
-                if ran == Some((run.job_id, run.attempt)) {
-                    let _ = message.ack().await;
+                let (WorkerCommand::RunJob(run), message) = command;
+                tracing::debug!(job_id = %run.job_id, attempt = run.attempt, pushed = message.is_none(), "command received");
+                if ran.contains(run.job_id, run.attempt) {
+                    if let Some(message) = message {
+                        let _ = message.ack().await;
+                    }
                     continue;
                 }
-                let parent = hodei_messaging::trace::parent_of(message.headers.as_ref());
-                (run, Some(message), parent)
+                (run, message, parent)
             }
         };
-        ran = Some((run.job_id, run.attempt));
+        ran.insert(run.job_id, run.attempt);
         result = runner
             .run(
                 &client,
@@ -352,22 +376,60 @@ async fn agent(
     result
 }
 
-/// The next command; `None` once shut down. Waiting longer than `idle` (when given) is an error.
+/// A command as it came: pushed over core NATS, or from the command stream (acknowledged
+/// once the job's report is on record).
+enum Arrived {
+    Pushed(async_nats::Message),
+    Stored(jetstream::Message),
+}
+
+/// The jobs (and attempts) this agent ran last: a command's second copy (pushed and stored,
+/// or given in an answer and stored) is skipped. A few suffice: both copies of a command
+/// come within moments of each other, and the agent runs one job at a time.
+#[derive(Default)]
+struct Ran(std::collections::VecDeque<(Uuid, u32)>);
+
+impl Ran {
+    const KEPT: usize = 16;
+
+    fn contains(&self, job_id: Uuid, attempt: u32) -> bool {
+        self.0.contains(&(job_id, attempt))
+    }
+
+    fn insert(&mut self, job_id: Uuid, attempt: u32) {
+        if self.0.len() == Self::KEPT {
+            self.0.pop_front();
+        }
+        self.0.push_back((job_id, attempt));
+    }
+}
+
+/// The next command, pushed or from the stream, whichever comes first; `None` once shut
+/// down. Waiting longer than `idle` (when given) is an error.
 async fn next_command(
     messages: &mut pull::Stream,
+    pushed: &mut async_nats::Subscriber,
     idle: Option<Duration>,
     shutdown: &Shutdown,
-) -> anyhow::Result<Option<jetstream::Message>> {
+) -> anyhow::Result<Option<Arrived>> {
     use jetstream::consumer::pull::MessagesErrorKind;
     // Missed heartbeats (a NATS node gone, its pull request with it) are waited out: the
-    // stream pulls again once its request expires.
+    // stream pulls again once its request expires. Pushes end only with the connection;
+    // the stream still brings every command then.
+    let mut pushes = true;
     let next = async {
         loop {
-            match messages.next().await {
-                Some(Err(error)) if error.kind() == MessagesErrorKind::MissingHeartbeat => {
-                    tracing::warn!("no heartbeat from the command stream; pulling again");
-                }
-                other => return other,
+            tokio::select! {
+                message = pushed.next(), if pushes => match message {
+                    Some(message) => return Some(Ok(Arrived::Pushed(message))),
+                    None => pushes = false,
+                },
+                message = messages.next() => match message {
+                    Some(Err(error)) if error.kind() == MessagesErrorKind::MissingHeartbeat => {
+                        tracing::warn!("no heartbeat from the command stream; pulling again");
+                    }
+                    other => return other.map(|message| message.map(Arrived::Stored)),
+                },
             }
         }
     };
@@ -387,7 +449,7 @@ async fn next_command(
         Some(Err(error)) => Err(error),
         Some(Ok(None)) => anyhow::bail!("the command stream ended"),
         Some(Ok(Some(Err(error)))) => anyhow::bail!("reading commands: {error}"),
-        Some(Ok(Some(Ok(message)))) => Ok(Some(message)),
+        Some(Ok(Some(Ok(arrived)))) => Ok(Some(arrived)),
     }
 }
 
