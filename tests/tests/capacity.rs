@@ -228,16 +228,12 @@ async fn a_warm_pool_runs_jobs_on_reused_workers_and_replaces_spent_ones() {
         .await;
     wait_for_ready_pool(&system, 2).await;
 
-    stop_the_pool(&mut system).await;
-}
-
-/// Turned off, the pool's idle workers are torn down and their agents end.
-async fn stop_the_pool(system: &mut System) {
+    // Turned off, the pool's idle workers are torn down and their agents end.
     system.restart_with("dispatcher", &[("HODEI_WARM_POOL_SIZE", "0")]);
     system
         .wait_for("the pool's workers to end", SETTLE, || async {
             workers_in(
-                system,
+                &system,
                 &["Creating", "Connecting", "Ready", "Busy", "Terminating"],
             )
             .await
@@ -245,83 +241,6 @@ async fn stop_the_pool(system: &mut System) {
                 && system.agent_pids().is_empty()
         })
         .await;
-}
-
-/// A job given to a waiting pool worker is pushed to its agent over core NATS right after
-/// the commit, ahead of its copy on the command stream: the agent runs it once (whichever
-/// copy came first), acknowledges the stream copy, and goes on to its next job.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_for_a_waiting_pool_worker_is_pushed_to_it_and_runs_once() {
-    use futures::StreamExt;
-    let mut system = System::start_with(&[("HODEI_WARM_POOL_SIZE", "1")]).await;
-    wait_for_ready_pool(&system, 1).await;
-    let mut pushes = system.client.subscribe("hodei.worker.*.run").await.unwrap();
-    // The jobs run as the jobs' user: each appends a line to a file of its own per run.
-    let dir = std::env::temp_dir().join(format!("hodei-push-{}", Uuid::new_v4().simple()));
-    std::fs::create_dir(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
-    for n in 0..2 {
-        let runs = dir.join(format!("job-{n}"));
-        let accepted = system
-            .submit(&job(
-                "sh",
-                &["-c", &format!("echo ran >> {}", runs.display())],
-            ))
-            .await
-            .unwrap();
-        assert_eq!(
-            accepted.state,
-            JobState::Assigned,
-            "job {n}: the pool worker waited"
-        );
-        let push = tokio::time::timeout(SETTLE, pushes.next())
-            .await
-            .expect("a RunJob is pushed")
-            .expect("the subscription is open");
-        let command: hodei_protocol::agent::WorkerCommand =
-            serde_json::from_slice(&push.payload).unwrap();
-        let hodei_protocol::agent::WorkerCommand::RunJob(run) = command;
-        assert_eq!(run.job_id, accepted.job_id, "job {n}");
-        let view = &wait_until_ended(&system, &[accepted.job_id]).await[0];
-        assert_eq!(view.state, JobState::Succeeded, "job {n}: {view:?}");
-        assert_eq!(
-            Some(push.subject.as_str()),
-            view.worker_id
-                .map(hodei_protocol::subjects::worker_run)
-                .as_deref(),
-            "job {n}: pushed to the worker it was assigned to"
-        );
-        assert!(
-            push.headers
-                .as_ref()
-                .and_then(|h| h.get("traceparent"))
-                .is_some(),
-            "job {n}: the push carries the job's trace"
-        );
-        // Its stream copy is acknowledged, not run again.
-        system
-            .wait_for("the stream copy to be acknowledged", SETTLE, || async {
-                let mut stream = system.js.get_stream("HODEI_WORKER_CMDS").await.unwrap();
-                stream.info().await.unwrap().state.messages == 0
-            })
-            .await;
-        assert_eq!(
-            std::fs::read_to_string(&runs).unwrap(),
-            "ran\n",
-            "job {n} ran once"
-        );
-        let (commands,): (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM outbox_events WHERE kind = 'command' AND payload->>'job_id' = $1",
-        )
-        .bind(accepted.job_id.to_string())
-        .fetch_one(&system.pool)
-        .await
-        .unwrap();
-        assert_eq!(commands, 1, "job {n}: one RunJob, pushed and stored");
-        wait_for_ready_pool(&system, 1).await;
-    }
-    let _ = std::fs::remove_dir_all(&dir);
-    stop_the_pool(&mut system).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

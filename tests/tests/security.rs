@@ -159,8 +159,6 @@ async fn hostile_clients_are_refused_and_change_nothing() {
         client_as(&system, "hostile-submitter", &system.submitter_creds()).await;
     let _commands = submitter.subscribe("hodei.worker.*.cmd").await.unwrap();
     refused(&mut errors, "hodei.worker.*.cmd").await;
-    let _pushed = submitter.subscribe("hodei.worker.*.run").await.unwrap();
-    refused(&mut errors, "hodei.worker.*.run").await;
     let _inbox = submitter.subscribe("_INBOX.operator.>").await.unwrap();
     refused(&mut errors, "_INBOX.operator.>").await;
     let _queue = submitter
@@ -234,11 +232,6 @@ async fn hostile_clients_are_refused_and_change_nothing() {
         .await
         .unwrap();
     refused(&mut a_errors, &subjects::worker_cmd(victim)).await;
-    let _b_pushed = worker_a
-        .subscribe(subjects::worker_run(victim))
-        .await
-        .unwrap();
-    refused(&mut a_errors, &subjects::worker_run(victim)).await;
     let js = jetstream::new(worker_a.clone());
     let stolen = tokio::time::timeout(
         Duration::from_secs(3),
@@ -271,8 +264,6 @@ async fn hostile_clients_are_refused_and_change_nothing() {
             serde_json::to_vec(&heartbeat).unwrap(),
         ),
         (subjects::logs(running), b"{}".to_vec()),
-        // A command pushed to B as if by a service.
-        (subjects::worker_run(victim), b"{}".to_vec()),
     ] {
         worker_a
             .publish(subject.clone(), body.into())

@@ -17,8 +17,8 @@ pub enum Role {
     Submitter,
     /// Everything a submitter may, plus workers, providers, audit and dead letters.
     Operator,
-    /// One worker's agent: its own reports and heartbeats, its own command consumer and
-    /// pushed commands, the logs of the job it was provisioned for (`job_id`), its own inbox.
+    /// One worker's agent: its own reports and heartbeats, its own command consumer, the
+    /// logs of the job it was provisioned for (`job_id`), its own inbox.
     Worker {
         worker_id: Uuid,
         job_id: Option<Uuid>,
@@ -90,7 +90,6 @@ pub fn permissions(role: &Role, name: &str) -> Permissions {
                 "$JS.FC.>",
                 "hodei.events.>",
                 "hodei.worker.*.cmd",
-                "hodei.worker.*.run",
                 "hodei.dlq.>",
                 "hodei.probe.>",
                 "_INBOX.>",
@@ -155,8 +154,7 @@ pub fn permissions(role: &Role, name: &str) -> Permissions {
             });
             Permissions {
                 publish,
-                // Its own inbox, and the RunJob pushed to it ahead of the command stream.
-                subscribe: vec![own_inbox, format!("hodei.worker.{worker_id}.run")],
+                subscribe: vec![own_inbox],
             }
         }
     }

@@ -2,8 +2,6 @@
 //! commits go to JetStream right after the commit, without waiting for the relay to be
 //! notified and to read them back. Rows are published in commit order, their acks awaited
 //! together, and marked published in one UPDATE for everything acked within a short window.
-//! A RunJob is also pushed to its worker over core NATS before the rows are published
-//! ([`crate::push`]).
 //!
 //! Nothing depends on it for correctness: a row it cannot publish (NATS unreachable, the
 //! process dies after the commit, its queue is full) stays pending, and the relay publishes
@@ -180,15 +178,6 @@ async fn publish_batch(
     committed: Instant,
 ) -> Acked {
     let started = Instant::now();
-    // A RunJob goes to its waiting worker first, over core NATS, ahead of its stream copy
-    // and of the batch's events, which follow it on the same connection at once: the job's
-    // end, reported once its process ran and committed by the scheduler, comes after them.
-    let client = js.client();
-    for row in rows {
-        if let Some(worker_id) = crate::pushed_to(row) {
-            crate::push(&client, row, worker_id).await;
-        }
-    }
     let mut acks = Vec::with_capacity(rows.len());
     for row in rows {
         acks.push(crate::publish(js, row, "publish").await);

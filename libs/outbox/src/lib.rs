@@ -45,39 +45,6 @@ pub async fn publish(
     row: &Outgoing,
     what: &'static str,
 ) -> Result<async_nats::jetstream::context::PublishAckFuture, String> {
-    let (span, map) = traced(row, what);
-    js.publish_with_headers(row.subject.clone(), map, Bytes::from(row.payload.clone()))
-        .instrument(span)
-        .await
-        .map_err(|e| e.to_string())
-}
-
-/// The worker a RunJob row commands, if `row` is one: such a row is also pushed to the worker
-/// over core NATS ([`push`]).
-pub fn pushed_to(row: &Outgoing) -> Option<uuid::Uuid> {
-    (!row.is_event() && row.event_type == "RunJob")
-        .then(|| hodei_protocol::subjects::worker_id_of(&row.subject))
-        .flatten()
-}
-
-/// Push a RunJob row to its worker on `hodei.worker.<id>.run`, ahead of its stream copy
-/// (which stays the durable one: the agent runs whichever comes first, once). No ack: a
-/// push that is lost costs only the time the stream copy takes.
-pub async fn push(client: &async_nats::Client, row: &Outgoing, worker_id: uuid::Uuid) {
-    let (span, map) = traced(row, "push");
-    let subject = hodei_protocol::subjects::worker_run(worker_id);
-    let pushed = client
-        .publish_with_headers(subject, map, Bytes::from(row.payload.clone()))
-        .instrument(span)
-        .await;
-    if let Err(error) = pushed {
-        tracing::debug!(event_id = %row.event_id, %error, "RunJob not pushed; its stream copy will run it");
-    }
-}
-
-/// The span a row goes out in (`what` and its event type name it), child of the transaction
-/// that wrote the row, and the message headers that carry its ids and that span's context.
-fn traced(row: &Outgoing, what: &'static str) -> (tracing::Span, async_nats::HeaderMap) {
     use hodei_runtime::telemetry::context;
     let span = tracing::info_span!(
         "publish",
@@ -99,7 +66,10 @@ fn traced(row: &Outgoing, what: &'static str) -> (tracing::Span, async_nats::Hea
     let mut map = message_headers(&row.event_id.to_string(), row.correlation_id.as_deref());
     map.insert(headers::EVENT_TYPE, row.event_type.as_str());
     hodei_messaging::trace::inject(&mut map, context::of_span(&span));
-    (span, map)
+    js.publish_with_headers(row.subject.clone(), map, Bytes::from(row.payload.clone()))
+        .instrument(span)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// What a service that writes state changes holds once it has started.

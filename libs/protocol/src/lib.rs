@@ -51,12 +51,6 @@ pub mod subjects {
     pub fn worker_cmd(worker_id: Uuid) -> String {
         format!("hodei.worker.{worker_id}.cmd")
     }
-    /// A RunJob pushed to its worker over core NATS right after the commit that assigned it,
-    /// ahead of its durable copy on [`worker_cmd`]: no stream holds this subject, and the
-    /// agent runs whichever copy comes first, once.
-    pub fn worker_run(worker_id: Uuid) -> String {
-        format!("hodei.worker.{worker_id}.run")
-    }
     pub fn agent_register(worker_id: Uuid) -> String {
         format!("hodei.agent.{worker_id}.register")
     }
@@ -80,7 +74,7 @@ pub mod subjects {
     pub fn events_of_type(aggregate: &str, event_type: &str) -> String {
         format!("hodei.events.{aggregate}.*.{event_type}")
     }
-    /// The worker id in `hodei.agent.<id>.<report>` or `hodei.worker.<id>.cmd|run`.
+    /// The worker id in `hodei.agent.<id>.<report>` or `hodei.worker.<id>.cmd`.
     pub fn worker_id_of(subject: &str) -> Option<Uuid> {
         subject.split('.').nth(2)?.parse().ok()
     }
@@ -136,7 +130,6 @@ mod tests {
             Some(id)
         );
         assert_eq!(subjects::worker_id_of(&subjects::worker_cmd(id)), Some(id));
-        assert_eq!(subjects::worker_id_of(&subjects::worker_run(id)), Some(id));
         assert_eq!(subjects::worker_id_of("hodei.agent.nope.started"), None);
     }
 }

@@ -194,13 +194,6 @@ async fn agent(
         hodei_messaging::stay_on_a_serving_node(client.clone(), servers, probe, shutdown)
     });
 
-    // A RunJob is pushed here right after the commit that assigned it, ahead of its copy on
-    // the command stream; subscribed before registering, so none can come too early.
-    let mut pushed = client
-        .subscribe(subjects::worker_run(worker_id))
-        .await
-        .map_err(nats("subscribing to pushed commands"))?;
-
     // The command consumer is made only when a command can come: a worker given its one job
     // in the registration's answer never reads the command stream. (Commands wait in their
     // stream, so making it after registering loses none.)
@@ -289,7 +282,7 @@ async fn agent(
     let mut jobs_left = registered.max_jobs.max(1);
     // A job given in an answer (the registration's, for a worker provisioned for it; a
     // finished report's, for a warm-pool worker's next job) runs at once; one that comes
-    // again (pushed, or on the command stream) is skipped.
+    // again on the command subject is skipped.
     let mut given = registered.run.map(|run| job::Next {
         run,
         parent: context::from_fields(
@@ -309,46 +302,29 @@ async fn agent(
                     Some((_, messages)) => messages,
                     None => &mut commands.insert(commands_consumer().await?).1,
                 };
-                let arrived = match next_command(messages, &mut pushed, idle, &shutdown).await {
-                    Ok(Some(arrived)) => arrived,
+                let message = match next_command(messages, idle, &shutdown).await {
+                    Ok(Some(message)) => message,
                     Ok(None) => break,
                     Err(error) => {
                         result = Err(error);
                         break;
                     }
                 };
-                let (payload, headers) = match &arrived {
-                    Arrived::Pushed(message) => (&message.payload, message.headers.as_ref()),
-                    Arrived::Stored(message) => (&message.payload, message.headers.as_ref()),
-                };
-                let parent = hodei_messaging::trace::parent_of(headers);
-                let command: Result<WorkerCommand, _> = decode(payload);
-                let message = match arrived {
-                    Arrived::Pushed(_) => None,
-                    Arrived::Stored(message) => Some(message),
-                };
-                let command = match (command, message) {
-                    (Ok(command), message) => (command, message),
-                    (Err(error), None) => {
-                        // Its stream copy is the one that counts.
-                        tracing::warn!(%error, "unreadable pushed command; ignored");
-                        continue;
-                    }
-                    (Err(error), Some(message)) => {
+                let command: WorkerCommand = match decode(&message.payload) {
+                    Ok(command) => command,
+                    Err(error) => {
                         let _ = message.ack_with(AckKind::Term).await;
                         result = Err(anyhow::anyhow!("unreadable command: {error}"));
                         break;
                     }
                 };
-                let (WorkerCommand::RunJob(run), message) = command;
-                tracing::debug!(job_id = %run.job_id, attempt = run.attempt, pushed = message.is_none(), "command received");
+                let WorkerCommand::RunJob(run) = command;
                 if ran.contains(run.job_id, run.attempt) {
-                    if let Some(message) = message {
-                        let _ = message.ack().await;
-                    }
+                    let _ = message.ack().await;
                     continue;
                 }
-                (run, message, parent)
+                let parent = hodei_messaging::trace::parent_of(message.headers.as_ref());
+                (run, Some(message), parent)
             }
         };
         ran.insert(run.job_id, run.attempt);
@@ -376,16 +352,9 @@ async fn agent(
     result
 }
 
-/// A command as it came: pushed over core NATS, or from the command stream (acknowledged
-/// once the job's report is on record).
-enum Arrived {
-    Pushed(async_nats::Message),
-    Stored(jetstream::Message),
-}
-
-/// The jobs (and attempts) this agent ran last: a command's second copy (pushed and stored,
-/// or given in an answer and stored) is skipped. A few suffice: both copies of a command
-/// come within moments of each other, and the agent runs one job at a time.
+/// The jobs (and attempts) this agent ran last: a command that comes again (a redelivery
+/// whose ack was lost, the stream copy of a job given in an answer) is skipped, even after
+/// later jobs were given in answers. A few suffice: the agent runs one job at a time.
 #[derive(Default)]
 struct Ran(std::collections::VecDeque<(Uuid, u32)>);
 
@@ -404,32 +373,22 @@ impl Ran {
     }
 }
 
-/// The next command, pushed or from the stream, whichever comes first; `None` once shut
-/// down. Waiting longer than `idle` (when given) is an error.
+/// The next command; `None` once shut down. Waiting longer than `idle` (when given) is an error.
 async fn next_command(
     messages: &mut pull::Stream,
-    pushed: &mut async_nats::Subscriber,
     idle: Option<Duration>,
     shutdown: &Shutdown,
-) -> anyhow::Result<Option<Arrived>> {
+) -> anyhow::Result<Option<jetstream::Message>> {
     use jetstream::consumer::pull::MessagesErrorKind;
     // Missed heartbeats (a NATS node gone, its pull request with it) are waited out: the
-    // stream pulls again once its request expires. Pushes end only with the connection;
-    // the stream still brings every command then.
-    let mut pushes = true;
+    // stream pulls again once its request expires.
     let next = async {
         loop {
-            tokio::select! {
-                message = pushed.next(), if pushes => match message {
-                    Some(message) => return Some(Ok(Arrived::Pushed(message))),
-                    None => pushes = false,
-                },
-                message = messages.next() => match message {
-                    Some(Err(error)) if error.kind() == MessagesErrorKind::MissingHeartbeat => {
-                        tracing::warn!("no heartbeat from the command stream; pulling again");
-                    }
-                    other => return other.map(|message| message.map(Arrived::Stored)),
-                },
+            match messages.next().await {
+                Some(Err(error)) if error.kind() == MessagesErrorKind::MissingHeartbeat => {
+                    tracing::warn!("no heartbeat from the command stream; pulling again");
+                }
+                other => return other,
             }
         }
     };
@@ -449,7 +408,7 @@ async fn next_command(
         Some(Err(error)) => Err(error),
         Some(Ok(None)) => anyhow::bail!("the command stream ended"),
         Some(Ok(Some(Err(error)))) => anyhow::bail!("reading commands: {error}"),
-        Some(Ok(Some(Ok(arrived)))) => Ok(Some(arrived)),
+        Some(Ok(Some(Ok(message)))) => Ok(Some(message)),
     }
 }
 
