@@ -96,10 +96,46 @@ where
     F: FnOnce(Shutdown) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
+    run_on(
+        tokio::runtime::Builder::new_multi_thread(),
+        service,
+        format,
+        body,
+    )
+}
+
+/// [`main`] on one thread: for a process that waits far more than it computes (the worker
+/// agent), where worker threads would only add wake-ups from one thread to another, and
+/// memory that each `fork` of a job copies.
+pub fn main_on_one_thread<F, Fut>(
+    service: &'static str,
+    format: LogFormat,
+    body: F,
+) -> anyhow::Result<()>
+where
+    F: FnOnce(Shutdown) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    run_on(
+        tokio::runtime::Builder::new_current_thread(),
+        service,
+        format,
+        body,
+    )
+}
+
+fn run_on<F, Fut>(
+    mut builder: tokio::runtime::Builder,
+    service: &'static str,
+    format: LogFormat,
+    body: F,
+) -> anyhow::Result<()>
+where
+    F: FnOnce(Shutdown) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
     let telemetry = telemetry::init(service, format);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = builder.enable_all().build()?;
     let result = runtime.block_on(async move { body(shutdown_on_signals()).await });
     if let Err(error) = &result {
         tracing::error!(error = format!("{error:#}"), "stopped with an error");

@@ -287,7 +287,7 @@ impl Runner {
         };
         // Whatever the job left behind (daemons, `setsid` children: they are ours, as the
         // agent is a child subreaper) ends with it.
-        tokio::task::block_in_place(kill_descendants);
+        kill_descendants();
         // Output still buffered in the pipes is read; a grandchild that keeps them open is not
         // waited for long.
         for reader in [stdout, stderr] {
@@ -532,8 +532,9 @@ pub fn become_subreaper() {
 
 /// SIGKILL every descendant of this process (found through /proc), until none is left, and
 /// reap the orphans that were handed to us. Called once the job's own process has been
-/// waited for, so no exit status anyone waits for is taken. It blocks (a few milliseconds
-/// while the kernel ends them): call it through `block_in_place` from async code.
+/// waited for, so no exit status anyone waits for is taken. It blocks the agent's one thread
+/// for as long: a few reads of /proc, or, with descendants left, a few milliseconds while the
+/// kernel ends them.
 pub fn kill_descendants() {
     let me = std::process::id() as i32;
     for _ in 0..50 {

@@ -118,7 +118,7 @@ pub async fn run(config: Config, signals: Shutdown) -> anyhow::Result<()> {
         result = agent(config, shutdown, connected_tx, connected) => result,
         () = stopping => Err(anyhow::anyhow!("stopped before the job's end was reported")),
     };
-    tokio::task::block_in_place(job::kill_descendants);
+    job::kill_descendants();
     result
 }
 
