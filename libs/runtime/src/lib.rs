@@ -89,25 +89,21 @@ pub enum LogFormat {
     Json,
 }
 
-/// Run a process: logs and traces for `service`, a multi-threaded runtime, `body` until it
+/// The threads a process runs its tasks on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threads {
+    /// A worker thread per CPU: the services, which serve many requests at once.
+    PerCpu,
+    /// The calling thread alone: for a process that waits far more than it computes (the
+    /// worker agent), where worker threads would only add wake-ups from one thread to
+    /// another, and memory that each `fork` of a job copies.
+    One,
+}
+
+/// Run a process: logs and traces for `service`, a runtime on `threads`, `body` until it
 /// ends (it gets the shutdown triggered by SIGTERM or SIGINT), then spans flushed within 5 s.
-pub fn main<F, Fut>(service: &'static str, format: LogFormat, body: F) -> anyhow::Result<()>
-where
-    F: FnOnce(Shutdown) -> Fut,
-    Fut: Future<Output = anyhow::Result<()>>,
-{
-    run_on(
-        tokio::runtime::Builder::new_multi_thread(),
-        service,
-        format,
-        body,
-    )
-}
-
-/// [`main`] on one thread: for a process that waits far more than it computes (the worker
-/// agent), where worker threads would only add wake-ups from one thread to another, and
-/// memory that each `fork` of a job copies.
-pub fn main_on_one_thread<F, Fut>(
+pub fn main<F, Fut>(
+    threads: Threads,
     service: &'static str,
     format: LogFormat,
     body: F,
@@ -116,24 +112,10 @@ where
     F: FnOnce(Shutdown) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    run_on(
-        tokio::runtime::Builder::new_current_thread(),
-        service,
-        format,
-        body,
-    )
-}
-
-fn run_on<F, Fut>(
-    mut builder: tokio::runtime::Builder,
-    service: &'static str,
-    format: LogFormat,
-    body: F,
-) -> anyhow::Result<()>
-where
-    F: FnOnce(Shutdown) -> Fut,
-    Fut: Future<Output = anyhow::Result<()>>,
-{
+    let mut builder = match threads {
+        Threads::PerCpu => tokio::runtime::Builder::new_multi_thread(),
+        Threads::One => tokio::runtime::Builder::new_current_thread(),
+    };
     let telemetry = telemetry::init(service, format);
     let runtime = builder.enable_all().build()?;
     let result = runtime.block_on(async move { body(shutdown_on_signals()).await });

@@ -13,7 +13,10 @@ fn main() -> anyhow::Result<()> {
         }
         std::env::remove_var("HODEI_BOOTSTRAP_TOKEN");
     }
-    hodei_runtime::main_on_one_thread("hodei-agent", config.log_format, |shutdown| {
-        hodei_agent::run(config, shutdown)
-    })
+    hodei_runtime::main(
+        hodei_runtime::Threads::One,
+        "hodei-agent",
+        config.log_format,
+        |shutdown| hodei_agent::run(config, shutdown),
+    )
 }
