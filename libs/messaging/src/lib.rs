@@ -223,12 +223,33 @@ pub async fn options(name: &str, creds: Option<&Path>) -> Result<async_nats::Con
     options = options
         .name(name)
         .connection_timeout(std::time::Duration::from_secs(5))
-        .ping_interval(std::time::Duration::from_secs(5));
+        .ping_interval(std::time::Duration::from_secs(5))
+        .reconnect_to_server_callback(|servers, _info| async move { first_connection(&servers) });
     // TLS: a `tls://` URL requires it; a private CA is named by HODEI_NATS_CA.
     if let Some(ca) = std::env::var_os("HODEI_NATS_CA") {
         options = options.add_root_certificates(ca.into()).require_tls(true);
     }
     Ok(options)
+}
+
+/// A client's first connection goes to one of its servers (picked at random, as the default
+/// selection picks) at once. Left to the default, it waits a "delay" of zero first, which the
+/// runtime's timer rounds up to its next millisecond tick: 1.1 ms of every agent's start,
+/// measured. Later connections (a reconnect, a server that failed) keep the default
+/// selection and its backoff.
+fn first_connection(servers: &[async_nats::Server]) -> Option<async_nats::ReconnectToServer> {
+    if servers.is_empty()
+        || servers
+            .iter()
+            .any(|s| s.did_connect || s.failed_attempts > 0)
+    {
+        return None;
+    }
+    let pick = (uuid::Uuid::new_v4().as_u128() % servers.len() as u128) as usize;
+    Some(async_nats::ReconnectToServer {
+        addr: servers[pick].addr.clone(),
+        delay: Some(std::time::Duration::ZERO),
+    })
 }
 
 /// Whether `subject` matches the NATS subject filter `filter` (`*` one token, `>` the rest).

@@ -182,13 +182,10 @@ async fn publish_batch(
     for row in rows {
         acks.push(crate::publish(js, row, "publish").await);
     }
+    let results = crate::acknowledged(acks).await;
     let mut published: Vec<Uuid> = Vec::with_capacity(rows.len());
     let mut failed = 0usize;
-    for (row, ack) in rows.iter().zip(acks) {
-        let result = match ack {
-            Ok(future) => future.await.map(|_| ()).map_err(|e| e.to_string()),
-            Err(error) => Err(error),
-        };
+    for (row, result) in rows.iter().zip(results) {
         match result {
             Ok(()) => published.push(row.event_id),
             Err(error) => {

@@ -72,6 +72,21 @@ pub async fn publish(
         .map_err(|e| e.to_string())
 }
 
+/// The stream's answers to rows published one after the other, awaited together: each
+/// ack's timeout runs from when it is awaited, so awaited in turn, a batch whose acks were
+/// lost (NATS restarting under it) would take its length times the timeout to fail.
+pub async fn acknowledged(
+    acks: Vec<Result<async_nats::jetstream::context::PublishAckFuture, String>>,
+) -> Vec<Result<(), String>> {
+    futures::future::join_all(acks.into_iter().map(|ack| async move {
+        match ack {
+            Ok(future) => future.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(error) => Err(error),
+        }
+    }))
+    .await
+}
+
 /// What a service that writes state changes holds once it has started.
 pub struct Connections {
     pub store: hodei_store::Store,

@@ -324,14 +324,7 @@ pub async fn relay_batch(
         for row in &rows {
             acks.push(hodei_outbox::publish(js, &row.message, "relay publish").await);
         }
-        let mut results = Vec::with_capacity(rows.len());
-        for ack in acks {
-            results.push(match ack {
-                Ok(future) => future.await.map(|_| ()).map_err(|e| e.to_string()),
-                Err(error) => Err(error),
-            });
-        }
-        results
+        hodei_outbox::acknowledged(acks).await
     };
     let results = match tokio::time::timeout(BATCH_TIMEOUT, sent).await {
         Ok(results) => results,
