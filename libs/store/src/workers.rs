@@ -128,30 +128,6 @@ pub async fn pooled_with_jobs_left(pool: &sqlx::PgPool, ids: &[Uuid]) -> Result<
     Ok(rows.into_iter().map(|(id,)| id).collect())
 }
 
-/// Of these (worker, job) pairs, those whose worker exists and holds that job neither as its
-/// current nor as its reserved one, or is ending anyway: the job leaving it changes nothing
-/// ([`Worker::job_left`] does nothing), now or later (a worker takes a job again only as a
-/// new attempt, which its own events tell of). Read without a lock.
-pub async fn not_holding(
-    pool: &sqlx::PgPool,
-    pairs: &[(Uuid, Uuid)],
-) -> Result<std::collections::HashSet<(Uuid, Uuid)>> {
-    let (workers, jobs): (Vec<Uuid>, Vec<Uuid>) = pairs.iter().copied().unzip();
-    let rows: Vec<(Uuid, Uuid)> = sqlx::query_as(
-        "SELECT l.worker_id, l.job_id \
-         FROM unnest($1::uuid[], $2::uuid[]) AS l(worker_id, job_id) \
-         JOIN workers w ON w.id = l.worker_id \
-         WHERE w.state IN ('Terminating', 'Terminated') \
-            OR (w.current_job_id IS DISTINCT FROM l.job_id \
-                AND w.reserved_job_id IS DISTINCT FROM l.job_id)",
-    )
-    .bind(&workers)
-    .bind(&jobs)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows.into_iter().collect())
-}
-
 /// Lock the rows of `ids` (those that exist) for the rest of the transaction, in id order, as
 /// every transaction that locks several workers does: two such never wait for each other in
 /// a circle.

@@ -5,8 +5,7 @@
 use hodei_domain::{Actor, DomainEvent, JobState, Worker, WorkerState};
 use hodei_messaging::consumer::{Delivery, Outcome};
 use hodei_protocol::ApiError;
-use hodei_store::{workers, Change};
-use std::collections::HashSet;
+use hodei_store::Change;
 use uuid::Uuid;
 
 use crate::State;
@@ -15,9 +14,8 @@ use crate::State;
 pub const MAX_BATCH: usize = 256;
 
 /// The job events waiting together: those by which a job leaves its worker change their
-/// workers in one transaction ([`hodei_store::change_many`]: one at a time if it fails),
-/// unless a look without a lock shows the worker no longer holds that job; the others are
-/// acknowledged as they are.
+/// workers in one transaction ([`hodei_store::change_many`]: one at a time if it fails);
+/// the others are acknowledged as they are.
 pub async fn handle(state: State, batch: Vec<(Delivery, tracing::Span)>) -> Vec<Outcome> {
     let spans: Vec<tracing::Span> = batch
         .iter()
@@ -27,29 +25,11 @@ pub async fn handle(state: State, batch: Vec<(Delivery, tracing::Span)>) -> Vec<
         .iter()
         .map(|(delivery, _)| Ok(leaving(&delivery.decode()?)))
         .collect();
-    // Most ends reach a warm-pool worker that already holds its next job (handed over with
-    // the report): nothing to change there, and no transaction to find that out.
-    let pairs: Vec<(Uuid, Uuid)> = read
-        .iter()
-        .filter_map(|read| read.as_ref().ok()?.as_ref())
-        .map(|leaving| (leaving.worker_id, leaving.job_id))
-        .collect();
-    let untouched = match workers::not_holding(&state.store, &pairs).await {
-        Ok(untouched) => untouched,
-        Err(error) => {
-            tracing::warn!(%error, "cannot look at the workers first; changing them all");
-            HashSet::new()
-        }
-    };
-    let untouched_by = |leaving: &Leaving| untouched.contains(&(leaving.worker_id, leaving.job_id));
     let changes: Vec<Change<Leaving>> = read
         .iter()
         .zip(&spans)
         .filter_map(|(read, span)| {
             let leaving = read.as_ref().ok()?.as_ref()?;
-            if untouched_by(leaving) {
-                return None;
-            }
             Some(Change {
                 id: leaving.worker_id,
                 input: leaving.clone(),
@@ -76,7 +56,7 @@ pub async fn handle(state: State, batch: Vec<(Delivery, tracing::Span)>) -> Vec<
         .map(|(read, span)| {
             let _entered = span.enter();
             let result = read.and_then(|leaving| {
-                let Some(leaving) = leaving.filter(|leaving| !untouched_by(leaving)) else {
+                let Some(leaving) = leaving else {
                     return Ok(());
                 };
                 let worker = changed
