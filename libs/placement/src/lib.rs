@@ -112,7 +112,10 @@ pub async fn next_for_pool_worker(
     // The caller looked first ([`workers::pooled_with_jobs_left`], for its whole batch).
     let mut tx = store.begin().await?;
     hodei_store::placement_lock(&mut tx).await?;
-    let run = hand_over(&mut tx, worker_id, ended, actor).await?;
+    let Some(worker) = workers::lock(&mut tx, worker_id).await? else {
+        return Ok(None);
+    };
+    let run = hand_over(&mut tx, worker, ended, actor).await?;
     if run.is_some() {
         hodei_store::commit(tx).await?;
     }
@@ -120,10 +123,11 @@ pub async fn next_for_pool_worker(
 }
 
 /// [`next_for_pool_worker`] inside the caller's transaction, which holds the placement lock
-/// (taken before any row lock, as every placement takes it) and commits.
+/// (taken before any row lock, as every placement takes it), has locked `worker` (read as
+/// locked, in this transaction) and commits.
 pub async fn hand_over(
     tx: &mut Tx,
-    worker_id: Uuid,
+    mut worker: Worker,
     ended: Uuid,
     actor: &Actor,
 ) -> Result<Option<RunJob>, ApiError> {
@@ -139,9 +143,6 @@ pub async fn hand_over(
         };
         worker.pooled && free && worker.jobs_run < worker.max_jobs
     };
-    let Some(mut worker) = workers::lock(tx, worker_id).await? else {
-        return Ok(None);
-    };
     if !goes_on(&worker) {
         return Ok(None);
     }
@@ -155,6 +156,6 @@ pub async fn hand_over(
         let _released = worker.job_left(ended, true, "ended", actor)?;
     }
     let run = assign_in_answer(tx, &mut next, &mut worker, actor).await?;
-    tracing::info!(job_id = %next.id, %worker_id, attempt = next.attempt, "next job given with the report");
+    tracing::info!(job_id = %next.id, worker_id = %worker.id, attempt = next.attempt, "next job given with the report");
     Ok(Some(run))
 }

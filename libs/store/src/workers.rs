@@ -128,15 +128,13 @@ pub async fn pooled_with_jobs_left(pool: &sqlx::PgPool, ids: &[Uuid]) -> Result<
     Ok(rows.into_iter().map(|(id,)| id).collect())
 }
 
-/// Lock the rows of `ids` (those that exist) for the rest of the transaction, in id order, as
-/// every transaction that locks several workers does: two such never wait for each other in
-/// a circle.
-pub async fn lock_all(conn: &mut PgConnection, ids: &[Uuid]) -> Result<()> {
-    sqlx::query("SELECT id FROM workers WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-        .bind(ids)
-        .execute(conn)
-        .await?;
-    Ok(())
+/// The workers of `ids` (those that exist), locked for the rest of the transaction in id
+/// order, as every transaction that locks several workers locks them: two such never wait
+/// for each other in a circle.
+pub async fn lock_all(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Worker>> {
+    let sql = format!("SELECT {COLUMNS} FROM workers WHERE id = ANY($1) ORDER BY id FOR UPDATE");
+    let rows: Vec<WorkerRow> = sqlx::query_as(&sql).bind(ids).fetch_all(conn).await?;
+    rows.into_iter().map(Worker::try_from).collect()
 }
 
 pub async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Worker>> {

@@ -71,6 +71,9 @@ pub async fn handle(state: State, batch: Vec<(Delivery, tracing::Span)>) -> Vec<
                 .await;
             let mut handed_over = HashMap::new();
             for (one, ended) in leaving_pool_workers(&changes, &applied, &pooled) {
+                if handed_over.contains_key(&one.input.0) {
+                    continue;
+                }
                 let next = next_job(&state, one.input.0, ended)
                     .instrument(one.span.clone())
                     .await;
@@ -146,9 +149,14 @@ async fn apply_with_hand_overs(
         return Ok((Vec::new(), HashMap::new()));
     };
     let mut tx = state.store.begin().await?;
+    let mut locked: HashMap<Uuid, hodei_domain::Worker> = HashMap::new();
     if !pooled.is_empty() {
         hodei_store::placement_lock(&mut tx).await?;
-        workers::lock_all(&mut tx, pooled).await?;
+        locked = workers::lock_all(&mut tx, pooled)
+            .await?
+            .into_iter()
+            .map(|worker| (worker.id, worker))
+            .collect();
     }
     let outcomes =
         hodei_store::change_all_in(&mut tx, changes, &|job: &mut Job, (worker_id, report)| {
@@ -158,7 +166,12 @@ async fn apply_with_hand_overs(
     let mut handed_over = HashMap::new();
     for (one, ended) in leaving_pool_workers(changes, &outcomes, pooled) {
         let worker_id = one.input.0;
-        let next = hodei_placement::hand_over(&mut tx, worker_id, ended, &state.actor)
+        // Each worker as locked above (the jobs' changes do not touch its row), handed over
+        // to once: a second report of it in the batch neither gets nor hides its next job.
+        let Some(worker) = locked.remove(&worker_id) else {
+            continue;
+        };
+        let next = hodei_placement::hand_over(&mut tx, worker, ended, &state.actor)
             .instrument(one.span.clone())
             .await?;
         handed_over.insert(worker_id, next);
