@@ -122,6 +122,97 @@ async fn the_same_idempotency_key_twice_makes_one_job() {
         .await;
 }
 
+/// Jobs submitted while the scheduler's transaction runs are accepted together in the next
+/// one. When the database refuses one of them (here a trigger of the test's own), the batch
+/// is accepted one job at a time: only that job is refused, and nothing of it is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_submissions_with_one_the_database_refuses_accepts_the_others() {
+    let system = System::start().await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.spec->>'command' = 'poison' THEN \
+           RAISE EXCEPTION 'the test refuses the poison job'; END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER refuse_poison BEFORE INSERT ON jobs \
+           FOR EACH ROW EXECUTE FUNCTION refuse_poison();",
+    )
+    .execute(&system.pool)
+    .await
+    .unwrap();
+    // Hold every insert into jobs: the first submissions' transaction waits for the lock
+    // while the next ones queue up behind it.
+    let mut hold = system.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE jobs IN SHARE MODE")
+        .execute(&mut *hold)
+        .await
+        .unwrap();
+    let first_requests: Vec<SubmitJob> = (0..3)
+        .map(|i| job("echo", &[&format!("first-{i}")]))
+        .collect();
+    let mut second_requests = vec![job("poison", &[])];
+    second_requests.extend((0..5).map(|i| job("echo", &[&format!("second-{i}")])));
+    let first = futures::future::join_all(first_requests.iter().map(|r| system.submit(r)));
+    let second = async {
+        system
+            .wait_for(
+                "the first transaction to wait for the lock",
+                Duration::from_secs(30),
+                || async {
+                    sqlx::query_as::<_, (i64,)>(
+                        "SELECT count(*) FROM pg_locks \
+                         WHERE relation = 'jobs'::regclass AND NOT granted",
+                    )
+                    .fetch_one(&system.pool)
+                    .await
+                    .unwrap()
+                    .0 == 1
+                },
+            )
+            .await;
+        let second = futures::future::join_all(second_requests.iter().map(|r| system.submit(r)));
+        let release = async {
+            // Long enough for the second submissions to reach the scheduler's queue.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            hold.rollback().await.unwrap();
+        };
+        tokio::join!(second, release).0
+    };
+    let (first, second) = tokio::join!(first, second);
+
+    assert!(first.iter().all(Result::is_ok), "{first:?}");
+    let refused = second[0].as_ref().expect_err("the poison job is refused");
+    assert_eq!(refused.code, ErrorCode::Internal, "{refused:?}");
+    assert!(
+        refused.message.contains("the test refuses the poison job"),
+        "{refused:?}"
+    );
+    let accepted: Vec<Uuid> = first
+        .iter()
+        .chain(&second[1..])
+        .map(|r| r.as_ref().expect("accepted").job_id)
+        .collect();
+    system
+        .wait_until_settled(&accepted, Duration::from_secs(60))
+        .await;
+    for id in &accepted {
+        assert_eq!(
+            system.get(*id).await.unwrap().state,
+            hodei_domain::JobState::Succeeded
+        );
+    }
+    assert_eq!(job_count(&system).await, 8);
+    let poison_events: i64 = sqlx::query_as::<_, (i64,)>(
+        "SELECT count(*) FROM outbox_events WHERE payload::text LIKE '%poison%'",
+    )
+    .fetch_one(&system.pool)
+    .await
+    .unwrap()
+    .0;
+    assert_eq!(poison_events, 0, "nothing of the poison job is written");
+    assert!(system
+        .log_of("scheduler")
+        .contains("a batch's transaction failed; accepting its jobs one at a time"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_reports_are_answered_with_typed_errors_change_nothing_and_are_logged() {
     let system = System::start().await;

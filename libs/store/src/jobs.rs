@@ -123,34 +123,42 @@ pub const FENCED_BY_SQL: &str = concat!(
 
 /// Insert a new job. Returns false (and writes nothing) when its idempotency key is taken.
 pub async fn insert(conn: &mut PgConnection, job: &Job) -> Result<bool> {
-    let result = sqlx::query(
+    Ok(!insert_many(conn, &[job]).await?.is_empty())
+}
+
+/// Insert new jobs in one statement; returns the ids of those inserted (a job whose
+/// idempotency key is taken, by an older job or by one before it in `jobs`, is not).
+pub async fn insert_many(conn: &mut PgConnection, jobs: &[&Job]) -> Result<Vec<Uuid>> {
+    if jobs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut insert = sqlx::QueryBuilder::new(
         "INSERT INTO jobs (id, state, spec, attempt, worker_id, exit_code, error, correlation_id, \
                            idempotency_key, version, created_at, updated_at, policy, priority, start_by, \
-                           deadline_at, not_before, fenced_by) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
-         ON CONFLICT (idempotency_key) DO NOTHING",
-    )
-    .bind(job.id)
-    .bind(job.state.as_str())
-    .bind(sqlx::types::Json(&job.spec))
-    .bind(job.attempt as i32)
-    .bind(job.worker_id)
-    .bind(job.exit_code)
-    .bind(&job.error)
-    .bind(&job.correlation_id)
-    .bind(&job.idempotency_key)
-    .bind(job.version)
-    .bind(job.created_at)
-    .bind(job.updated_at)
-    .bind(sqlx::types::Json(&job.policy))
-    .bind(job.policy.priority)
-    .bind(job.start_by)
-    .bind(job.deadline_at)
-    .bind(job.not_before)
-    .bind(job.fenced_by)
-    .execute(conn)
-    .await?;
-    Ok(result.rows_affected() == 1)
+                           deadline_at, not_before, fenced_by) ",
+    );
+    insert.push_values(jobs, |mut row, job| {
+        row.push_bind(job.id)
+            .push_bind(job.state.as_str())
+            .push_bind(sqlx::types::Json(&job.spec))
+            .push_bind(job.attempt as i32)
+            .push_bind(job.worker_id)
+            .push_bind(job.exit_code)
+            .push_bind(&job.error)
+            .push_bind(&job.correlation_id)
+            .push_bind(&job.idempotency_key)
+            .push_bind(job.version)
+            .push_bind(job.created_at)
+            .push_bind(job.updated_at)
+            .push_bind(sqlx::types::Json(&job.policy))
+            .push_bind(job.policy.priority)
+            .push_bind(job.start_by)
+            .push_bind(job.deadline_at)
+            .push_bind(job.not_before)
+            .push_bind(job.fenced_by);
+    });
+    insert.push(" ON CONFLICT (idempotency_key) DO NOTHING RETURNING id");
+    Ok(insert.build_query_scalar().fetch_all(conn).await?)
 }
 
 /// Write a changed job if nobody changed it since it was loaded; bumps `job.version`.

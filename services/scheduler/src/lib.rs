@@ -46,6 +46,8 @@ pub(crate) struct State {
         std::sync::Arc<tokio::sync::Mutex<(std::time::Instant, Vec<hodei_domain::ProviderOffer>)>>,
     /// Wakes this instance's ticker when it creates or resumes a schedule.
     pub ticks: std::sync::Arc<tokio::sync::Notify>,
+    /// Where new jobs wait for the transaction that accepts them ([`handlers::submit::accept_all`]).
+    pub accepting: tokio::sync::mpsc::Sender<handlers::submit::Submission>,
 }
 
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
@@ -74,6 +76,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         .serve_metrics(&config.common, 9611, metrics, &shutdown)
         .await?;
     let hodei_outbox::Connections { store, client, js } = connections;
+    let (accepting, submissions) = handlers::submit::queue();
     let state = State {
         store,
         client: client.clone(),
@@ -83,7 +86,13 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             Vec::new(),
         ))),
         ticks: std::sync::Arc::new(tokio::sync::Notify::new()),
+        accepting,
     };
+    let acceptor = tokio::spawn(handlers::submit::accept_all(
+        state.clone(),
+        submissions,
+        shutdown.clone(),
+    ));
     let monitor = tokio::spawn(monitor::run(
         state.store.clone(),
         std::time::Duration::from_millis(config.monitor_interval_ms),
@@ -97,6 +106,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let served = serve(state, js, &messaging, shutdown).await;
     let _ = monitor.await;
     let _ = ticker.await;
+    let _ = acceptor.await;
     served
 }
 

@@ -8,7 +8,9 @@ use hodei_messaging::api::{respond, RequestContext};
 use hodei_messaging::consumer::{Delivery, Outcome};
 use hodei_protocol::api::{SubmitAccepted, SubmitJob};
 use hodei_protocol::{headers, new_correlation_id, trace_id_of, ApiError, ErrorCode};
-use hodei_store::{jobs, outbox};
+use hodei_store::{jobs, outbox, workers};
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::State;
@@ -65,7 +67,7 @@ fn correlation_of(traceparent: Option<&str>, correlation_id: Option<&str>) -> St
         .or_else(|| traceparent.and_then(trace_id_of).map(str::to_owned))
         .or_else(|| {
             correlation_id
-                .filter(|c| !c.is_empty() && c.len() <= 128)
+                .filter(|c| !c.is_empty() && c.len() <= 128 && !c.contains('\0'))
                 .map(str::to_owned)
         })
         .unwrap_or_else(new_correlation_id)
@@ -79,22 +81,18 @@ async fn submit(
     correlation_id: String,
 ) -> Result<SubmitAccepted, ApiError> {
     if let Some(key) = &idempotency_key {
-        if key.is_empty() || key.len() > 256 {
+        if key.is_empty() || key.len() > 256 || key.contains('\0') {
             return Err(ApiError::bad_request(
-                "idempotency_key must have 1 to 256 characters",
+                "idempotency_key must have 1 to 256 characters, none of them NUL",
             ));
-        }
-        let mut conn = state
-            .store
-            .acquire()
-            .await
-            .map_err(hodei_store::StoreError::from)?;
-        if let Some(existing) = jobs::find_by_idempotency_key(&mut conn, key).await? {
-            return Ok(accepted(&existing, false));
         }
     }
     let spec = request.spec();
     if let Err(why) = hodei_domain::satisfiable(&offers(state).await?, &spec) {
+        // A submission asked again for a job accepted when a provider could run it.
+        if let Some(existing) = existing(state, idempotency_key.as_deref()).await? {
+            return Ok(accepted(&existing, false));
+        }
         return Err(ApiError::new(
             ErrorCode::NoProvider,
             format!("no provider can run this job: {why}"),
@@ -109,29 +107,163 @@ async fn submit(
         &state.actor,
     )?;
     tracing::Span::current().record("job_id", tracing::field::display(job.id));
-    let mut tx = state.store.begin().await?;
-    if !jobs::insert(&mut tx, &job).await? {
-        // Another submission with the same key won the race: answer with its job.
-        drop(tx);
-        let key = job.idempotency_key.as_deref().unwrap_or_default();
-        let mut conn = state
-            .store
-            .acquire()
-            .await
-            .map_err(hodei_store::StoreError::from)?;
-        let existing = jobs::find_by_idempotency_key(&mut conn, key)
-            .await?
-            .ok_or_else(|| {
-                ApiError::internal("the idempotency key is taken but its job is gone")
-            })?;
-        return Ok(accepted(&existing, false));
+    let (reply, answer) = oneshot::channel();
+    let submission = Submission {
+        job,
+        events,
+        span: tracing::Span::current(),
+        reply,
+    };
+    if state.accepting.send(submission).await.is_err() {
+        return Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "the scheduler is stopping",
+        ));
     }
-    outbox::append_events(&mut tx, &events).await?;
-    let mut job = job;
-    let placed = hodei_placement::assign_on_accept(&mut tx, &mut job, &state.actor).await?;
-    hodei_store::commit(tx).await?;
-    tracing::info!(job_id = %job.id, correlation_id = %job.correlation_id, command = %job.spec.command, placed, "job accepted");
-    Ok(accepted(&job, true))
+    answer.await.unwrap_or_else(|_| {
+        Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "the scheduler is stopping",
+        ))
+    })
+}
+
+/// Most submissions accepted in one transaction.
+const MAX_BATCH: usize = 64;
+
+/// A new job on its way to its transaction, and whom to tell how it went.
+pub(crate) struct Submission {
+    job: Job,
+    events: Vec<hodei_domain::DomainEvent>,
+    span: tracing::Span,
+    reply: oneshot::Sender<Result<SubmitAccepted, ApiError>>,
+}
+
+/// Where submissions wait for their transaction ([`State::accepting`]), bounded.
+pub(crate) fn queue() -> (mpsc::Sender<Submission>, mpsc::Receiver<Submission>) {
+    mpsc::channel(2 * MAX_BATCH)
+}
+
+/// Accept the submissions of `queue` as they come: those that arrive while a transaction
+/// runs are accepted together in the next (group commit: one insert, one outbox insert,
+/// one commit for all). On shutdown the queue takes no more and what it holds is accepted.
+pub(crate) async fn accept_all(
+    state: State,
+    mut queue: mpsc::Receiver<Submission>,
+    shutdown: hodei_runtime::Shutdown,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut closed = false;
+    loop {
+        tokio::select! {
+            taken = queue.recv_many(&mut batch, MAX_BATCH) => {
+                if taken == 0 {
+                    break;
+                }
+                accept(&state, std::mem::take(&mut batch)).await;
+            }
+            () = shutdown.cancelled(), if !closed => {
+                queue.close();
+                closed = true;
+            }
+        }
+    }
+}
+
+/// Accept a batch of new jobs in one transaction; if it fails, each on its own, so that a
+/// submission only ever fails for what is wrong with it.
+async fn accept(state: &State, batch: Vec<Submission>) {
+    let jobs: Vec<(&Job, &[hodei_domain::DomainEvent], &tracing::Span)> = batch
+        .iter()
+        .map(|s| (&s.job, s.events.as_slice(), &s.span))
+        .collect();
+    let results = match accept_in_one(state, &jobs).await {
+        Ok(results) => results,
+        Err(error) if batch.len() > 1 => {
+            tracing::warn!(%error, submissions = batch.len(), "a batch's transaction failed; accepting its jobs one at a time");
+            let mut results = Vec::with_capacity(batch.len());
+            for one in &jobs {
+                results.push(
+                    match accept_in_one(state, std::slice::from_ref(one)).await {
+                        Ok(mut one) => one.remove(0),
+                        Err(error) => Err(error),
+                    },
+                );
+            }
+            results
+        }
+        Err(error) => vec![Err(error)],
+    };
+    for (submission, result) in batch.into_iter().zip(results) {
+        // The submitter may have gone (its request timed out): the job stands all the same.
+        let _ = submission.reply.send(result);
+    }
+}
+
+/// The transaction that accepts `jobs`, with their events; each job that is the next to place
+/// while a warm worker waits goes to it in the same transaction. A job whose idempotency key
+/// was taken (by an older job, or one before it in `jobs`) is answered with the job that has
+/// the key, read after the commit.
+async fn accept_in_one(
+    state: &State,
+    jobs: &[(&Job, &[hodei_domain::DomainEvent], &tracing::Span)],
+) -> Result<Vec<Result<SubmitAccepted, ApiError>>, ApiError> {
+    let mut tx = state.store.begin().await?;
+    let inserted =
+        jobs::insert_many(&mut tx, &jobs.iter().map(|j| j.0).collect::<Vec<_>>()).await?;
+    let mut outcomes = Vec::with_capacity(jobs.len());
+    // Once no warm worker is free, none becomes free in this transaction.
+    let mut worker_may_be_free = true;
+    for &(job, events, span) in jobs {
+        if !inserted.contains(&job.id) {
+            outcomes.push(None);
+            continue;
+        }
+        let mut job = job.clone();
+        let placed = async {
+            outbox::append_events(&mut tx, events).await?;
+            if !worker_may_be_free {
+                return Ok::<_, ApiError>(false);
+            }
+            let placed = hodei_placement::assign_on_accept(&mut tx, &mut job, &state.actor).await?;
+            worker_may_be_free =
+                placed || job.spec.image.is_some() || workers::any_free_ready(&mut tx).await?;
+            Ok(placed)
+        }
+        .instrument(span.clone())
+        .await?;
+        outcomes.push(Some((job, placed)));
+    }
+    hodei_store::commit(tx)
+        .instrument(jobs[0].2.clone())
+        .await?;
+    let mut results = Vec::with_capacity(jobs.len());
+    for (&(job, _, span), outcome) in jobs.iter().zip(outcomes) {
+        results.push(match outcome {
+            Some((job, placed)) => {
+                span.in_scope(|| tracing::info!(job_id = %job.id, correlation_id = %job.correlation_id, command = %job.spec.command, placed, "job accepted"));
+                Ok(accepted(&job, true))
+            }
+            // Another submission with the same key won: answer with its job.
+            None => match existing(state, job.idempotency_key.as_deref()).await {
+                Ok(Some(existing)) => Ok(accepted(&existing, false)),
+                Ok(None) => Err(ApiError::internal("the idempotency key is taken but its job is gone")),
+                Err(error) => Err(error),
+            },
+        });
+    }
+    Ok(results)
+}
+
+/// The job that holds the idempotency key `key`, if any.
+async fn existing(state: &State, key: Option<&str>) -> Result<Option<Job>, ApiError> {
+    let Some(key) = key else { return Ok(None) };
+    let mut conn = state
+        .store
+        .acquire()
+        .await
+        .map_err(hodei_store::StoreError::from)?;
+    Ok(jobs::find_by_idempotency_key(&mut conn, key).await?)
 }
 
 /// The providers' offers, at most a few seconds old.
