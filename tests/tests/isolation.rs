@@ -101,6 +101,50 @@ async fn a_job_sees_only_its_allowed_environment_and_runs_unprivileged() {
         Some("1000 0"),
         "the job's OOM score adjustment, then its agent's"
     );
+
+    // The job's process leads a process group of its own, has the agent's limits for jobs
+    // and no core dumps, none of the agent's supplementary groups, and no signal blocked or
+    // ignored (the agent, a Rust program, ignores SIGPIPE; its job must not).
+    let process = job(
+        "sh",
+        &[
+            "-c",
+            "echo $(cut -d' ' -f5 /proc/$$/stat) $$; \
+             grep -E '^(Max open files|Max processes|Max core file size)' /proc/$$/limits; \
+             grep -E '^(SigBlk|SigIgn|Groups)' /proc/$$/status",
+        ],
+    );
+    let process = system.submit(&process).await.unwrap().job_id;
+    system
+        .wait_until_settled(&[process], Duration::from_secs(30))
+        .await;
+    let lines = hodei_tests::lines_of(
+        &system.logs_of(process).await,
+        hodei_protocol::logs::LogStream::Stdout,
+    );
+    let words = |prefix: &str| -> Vec<String> {
+        let line = lines
+            .iter()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in {lines:?}"));
+        line[prefix.len()..]
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    };
+    let (pgid, pid) = lines[0].split_once(' ').expect("pgid and pid");
+    assert_eq!(pgid, pid, "a process group of its own: {lines:?}");
+    assert_eq!(words("Max open files")[..2], ["4096", "4096"], "{lines:?}");
+    assert_eq!(words("Max processes")[..2], ["4096", "4096"], "{lines:?}");
+    assert_eq!(words("Max core file size")[..2], ["0", "0"], "{lines:?}");
+    assert_eq!(words("SigBlk:"), ["0000000000000000"], "{lines:?}");
+    assert_eq!(words("SigIgn:"), ["0000000000000000"], "{lines:?}");
+    if root() {
+        assert!(
+            words("Groups:").is_empty(),
+            "no supplementary group: {lines:?}"
+        );
+    }
 }
 
 /// The pids a job printed, one per line, once it has printed `count` of them.

@@ -1,6 +1,5 @@
 //! Running the one job: spawn, report started, stream the output, report how it ended.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -13,12 +12,12 @@ use hodei_protocol::{subjects, ErrorCode};
 use hodei_runtime::telemetry::context;
 use hodei_runtime::Shutdown;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::process::Command;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::reports;
+use crate::spawn::Spawn;
 
 /// Longest log line kept; longer ones are cut (and say so).
 const MAX_LINE_BYTES: usize = 16 * 1024;
@@ -40,7 +39,8 @@ pub struct Runner {
     report_together_within: Option<Duration>,
 }
 
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) const DEFAULT_PATH: &str =
+    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 impl Runner {
     pub fn new(config: &crate::Config) -> anyhow::Result<Runner> {
@@ -105,79 +105,44 @@ impl Runner {
         }))
     }
 
-    /// The job's command: nothing of the agent's environment but PATH, LANG and TZ, then the
+    /// The job's process: nothing of the agent's environment but PATH, LANG and TZ, then the
     /// job's own `env`, its ids and its trace context; as the jobs' user, with limits, in a
-    /// process group of its own.
-    fn command(&self, job: &RunJob) -> Command {
-        let mut command = Command::new(&job.command);
+    /// process group of its own ([`Spawn::start`]).
+    fn process_of(&self, job: &RunJob) -> Spawn {
         let home = match &self.user {
             Some((_, _, home)) if home != "/nonexistent" && !home.is_empty() => home.clone(),
             Some(_) => "/tmp".to_owned(),
             None => std::env::var("HOME").unwrap_or_else(|_| "/tmp".into()),
         };
-        command
-            .args(&job.args)
-            .env_clear()
-            .env("PATH", DEFAULT_PATH)
-            .env("HOME", home)
-            .envs(self.locale.iter().map(|(k, v)| (k, v)))
-            .envs(&job.env)
-            .env("HODEI_JOB_ID", job.job_id.to_string())
-            .env("HODEI_ATTEMPT", job.attempt.to_string())
-            .env("HODEI_CORRELATION_ID", &job.correlation_id)
-            // A traced program continues the job's trace from here.
-            .envs(
-                context::current()
-                    .into_iter()
-                    .map(|(name, value)| (name.to_ascii_uppercase(), value)),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
-        if let Some((uid, gid, _)) = self.user {
-            command.uid(uid).gid(gid);
+        let mut env = vec![
+            ("PATH".to_owned(), DEFAULT_PATH.to_owned()),
+            ("HOME".to_owned(), home),
+        ];
+        env.extend(self.locale.iter().map(|(k, v)| (k.to_string(), v.clone())));
+        env.extend(job.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        env.extend([
+            ("HODEI_JOB_ID".to_owned(), job.job_id.to_string()),
+            ("HODEI_ATTEMPT".to_owned(), job.attempt.to_string()),
+            (
+                "HODEI_CORRELATION_ID".to_owned(),
+                job.correlation_id.clone(),
+            ),
+        ]);
+        // A traced program continues the job's trace from here.
+        env.extend(
+            context::current()
+                .into_iter()
+                .map(|(name, value)| (name.to_ascii_uppercase(), value)),
+        );
+        Spawn {
+            program: job.command.clone(),
+            args: job.args.clone(),
+            env,
+            working_dir: job.working_dir.clone(),
+            user: self.user.as_ref().map(|(uid, gid, _)| (*uid, *gid)),
+            max_open_files: self.max_open_files,
+            max_processes: self.max_processes,
         }
-        let (nofile, nproc) = (self.max_open_files, self.max_processes);
-        // SAFETY: only async-signal-safe calls (setrlimit, prctl, open, write, close) between
-        // fork and exec.
-        unsafe {
-            command.pre_exec(move || {
-                let limit = |resource, value: u64| {
-                    let rlimit = libc::rlimit {
-                        rlim_cur: value,
-                        rlim_max: value,
-                    };
-                    if libc::setrlimit(resource, &rlimit) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                };
-                limit(libc::RLIMIT_CORE, 0)?;
-                // Over a memory limit, the kernel kills the job, never its agent (which then
-                // reports why). Dropping root made the process undumpable and its /proc
-                // files root's: dumpable again (as exec would make it anyway), it may raise
-                // its own score. Best effort: a kernel without the file still runs the job.
-                libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0);
-                let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY);
-                if fd >= 0 {
-                    libc::write(fd, b"1000".as_ptr().cast(), 4);
-                    libc::close(fd);
-                }
-                if nofile > 0 {
-                    limit(libc::RLIMIT_NOFILE, nofile)?;
-                }
-                if nproc > 0 {
-                    limit(libc::RLIMIT_NPROC, nproc)?;
-                }
-                Ok(())
-            });
-        }
-        if let Some(dir) = &job.working_dir {
-            command.current_dir(dir);
-        }
-        command
     }
 
     async fn execute(
@@ -194,14 +159,14 @@ impl Runner {
                 let _ = message.ack().await;
             }
         };
-        let mut command = self.command(&job);
+        let process = self.process_of(&job);
         let oom_before = oom_kills();
         let logs = LogShipper::new(js.clone(), job.job_id, job.attempt);
 
         let spawned = match &self.refused {
             Some(refused) => Err(refused.clone()),
-            None => command
-                .spawn()
+            None => process
+                .start()
                 .map_err(|error| format!("cannot start `{}`: {error}", job.command)),
         };
         let mut child = match spawned {
@@ -215,7 +180,7 @@ impl Runner {
                 );
             }
         };
-        let pid = child.id();
+        let pid = Some(child.id());
         tracing::info!(pid, command = %job.command, "job running");
         let (lines_tx, lines_rx) = mpsc::channel::<LogLine>(4096);
         let stdout = tokio::spawn(read_lines(

@@ -6,6 +6,7 @@
 
 mod job;
 mod reports;
+mod spawn;
 
 use std::time::Duration;
 
