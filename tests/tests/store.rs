@@ -317,3 +317,64 @@ async fn a_batch_of_changes_with_one_the_database_refuses_saves_all_the_others()
         assert_eq!(events, if i == 2 { 0 } else { 1 }, "job {i}'s events");
     }
 }
+
+/// Changes of one aggregate in one batch are made in turn, each on what the one before left:
+/// a refused change leaves the job as it was, and the next change of it still applies; the
+/// job is written with every accepted change's events, its version checked throughout.
+#[tokio::test]
+async fn changes_of_one_job_in_a_batch_each_see_the_one_before() {
+    use hodei_store::Change;
+    let (_db, pool) = migrated().await;
+    let store = Store::new(pool.clone());
+    let (job, _) = new_job(None);
+    jobs::insert(&mut *pool.acquire().await.unwrap(), &job)
+        .await
+        .unwrap();
+    let worker = Uuid::now_v7();
+    // Assign, assign again (refused: it is Assigned), start; and a change of another job.
+    let steps = ["assign", "assign", "start", "other"];
+    let other = new_job(None).0;
+    jobs::insert(&mut *pool.acquire().await.unwrap(), &other)
+        .await
+        .unwrap();
+    let changes: Vec<Change<&str>> = steps
+        .iter()
+        .map(|step| Change {
+            id: if *step == "other" { other.id } else { job.id },
+            input: *step,
+            span: tracing::Span::none(),
+        })
+        .collect();
+    let outcomes = hodei_store::change_many(&store, &changes, |job: &mut Job, step: &str| {
+        let actor = Actor::service("t");
+        let event = match step {
+            "start" => job.start(worker, &actor)?,
+            _ => job.assign(worker, &actor)?,
+        };
+        Ok::<_, hodei_protocol::ApiError>(vec![event])
+    })
+    .await;
+    let states: Vec<String> = outcomes
+        .iter()
+        .map(|outcome| match outcome {
+            Ok(Some(job)) => job.state.to_string(),
+            Ok(None) => "none".into(),
+            Err(_) => "refused".into(),
+        })
+        .collect();
+    assert_eq!(
+        states,
+        ["Assigned", "refused", "Running", "Assigned"],
+        "{outcomes:?}"
+    );
+    let stored = jobs::get(&pool, job.id).await.unwrap().unwrap();
+    assert_eq!(stored.state, hodei_domain::JobState::Running);
+    assert_eq!(stored.version, 2, "written once per accepted change");
+    let (events,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM outbox_events WHERE aggregate_id = $1")
+            .bind(job.id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(events, 2, "the assignment's and the start's events");
+}

@@ -211,6 +211,13 @@ pub async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Job>> {
     row.map(Job::try_from).transpose()
 }
 
+/// Load the jobs of `ids` that exist and lock their rows, in id order, in one statement.
+pub async fn lock_all(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Job>> {
+    let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE");
+    let rows: Vec<JobRow> = sqlx::query_as(&sql).bind(ids).fetch_all(conn).await?;
+    rows.into_iter().map(Job::try_from).collect()
+}
+
 pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<Job>> {
     let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = $1");
     let row: Option<JobRow> = sqlx::query_as(&sql).bind(id).fetch_optional(pool).await?;

@@ -238,12 +238,20 @@ impl std::ops::Deref for Store {
 
 /// An aggregate with a row of its own and a version: what [`Tx::save`] writes and
 /// [`change`] locks.
-pub trait Aggregate: Send + Sized {
+pub trait Aggregate: Send + Sized + Clone {
+    fn id(&self) -> Uuid;
+
     /// Load it and lock its row for the rest of the transaction; `None` when there is none.
     fn lock(
         conn: &mut PgConnection,
         id: Uuid,
     ) -> impl std::future::Future<Output = Result<Option<Self>>> + Send;
+
+    /// Load and lock those of `ids` that exist, in id order, in one statement.
+    fn lock_all(
+        conn: &mut PgConnection,
+        ids: &[Uuid],
+    ) -> impl std::future::Future<Output = Result<Vec<Self>>> + Send;
 
     /// Write the new state, if the row still has the version it was loaded with.
     fn write(
@@ -253,8 +261,14 @@ pub trait Aggregate: Send + Sized {
 }
 
 impl Aggregate for hodei_domain::Job {
+    fn id(&self) -> Uuid {
+        self.id
+    }
     async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Self>> {
         jobs::lock(conn, id).await
+    }
+    async fn lock_all(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Self>> {
+        jobs::lock_all(conn, ids).await
     }
     async fn write(&mut self, conn: &mut PgConnection) -> Result<()> {
         jobs::update(conn, self).await
@@ -262,8 +276,14 @@ impl Aggregate for hodei_domain::Job {
 }
 
 impl Aggregate for hodei_domain::Schedule {
+    fn id(&self) -> Uuid {
+        self.id
+    }
     async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Self>> {
         schedules::lock(conn, id).await
+    }
+    async fn lock_all(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Self>> {
+        schedules::lock_all(conn, ids).await
     }
     async fn write(&mut self, conn: &mut PgConnection) -> Result<()> {
         schedules::update(conn, self).await
@@ -271,8 +291,14 @@ impl Aggregate for hodei_domain::Schedule {
 }
 
 impl Aggregate for hodei_domain::Worker {
+    fn id(&self) -> Uuid {
+        self.id
+    }
     async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Self>> {
         workers::lock(conn, id).await
+    }
+    async fn lock_all(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Self>> {
+        workers::lock_all(conn, ids).await
     }
     async fn write(&mut self, conn: &mut PgConnection) -> Result<()> {
         workers::update(conn, self).await
@@ -432,8 +458,9 @@ where
 
 /// Every change of a batch inside the caller's transaction `tx` (which the caller commits,
 /// with whatever else it writes), their outcomes in the order given. The aggregates are
-/// locked in id order (changes of one aggregate in the order given), so that two batches of
-/// the same kind of aggregate never wait for each other in a circle.
+/// locked at once, in id order (so that two batches of the same kind of aggregate never
+/// wait for each other in a circle), and changed in id order (changes of one aggregate in
+/// the order given, each seeing the one before).
 pub async fn change_all_in<A, T, E, F>(
     tx: &mut Tx,
     changes: &[Change<T>],
@@ -445,14 +472,41 @@ where
     F: Fn(&mut A, T) -> std::result::Result<Vec<hodei_domain::DomainEvent>, E>,
 {
     use tracing::Instrument;
+    let mut ids: Vec<Uuid> = changes.iter().map(|c| c.id).collect();
+    ids.sort();
+    ids.dedup();
+    let mut locked: std::collections::HashMap<Uuid, A> = A::lock_all(tx, &ids)
+        .await?
+        .into_iter()
+        .map(|aggregate| (aggregate.id(), aggregate))
+        .collect();
     let mut order: Vec<usize> = (0..changes.len()).collect();
     order.sort_by_key(|&i| changes[i].id);
     let mut outcomes = Vec::with_capacity(changes.len());
     for i in order {
         let one = &changes[i];
-        let outcome = change_in(tx, one.id, |aggregate| change(aggregate, one.input.clone()))
-            .instrument(one.span.clone())
-            .await?;
+        let outcome = match locked.get_mut(&one.id) {
+            None => Ok(None),
+            Some(aggregate) => {
+                // A refused change leaves the aggregate as it was for the next one.
+                let mut changed = aggregate.clone();
+                match one
+                    .span
+                    .in_scope(|| change(&mut changed, one.input.clone()))
+                {
+                    Ok(events) => {
+                        if !events.is_empty() {
+                            tx.save(&mut changed, &events)
+                                .instrument(one.span.clone())
+                                .await?;
+                        }
+                        *aggregate = changed.clone();
+                        Ok(Some(changed))
+                    }
+                    Err(refused) => Err(refused),
+                }
+            }
+        };
         outcomes.push((i, outcome));
     }
     outcomes.sort_by_key(|(i, _)| *i);

@@ -107,6 +107,13 @@ pub async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Schedule>>
     row.map(Schedule::try_from).transpose()
 }
 
+/// Load the schedules of `ids` that exist and lock their rows, in id order, in one statement.
+pub async fn lock_all(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Schedule>> {
+    let sql = format!("SELECT {COLUMNS} FROM schedules WHERE id = ANY($1) ORDER BY id FOR UPDATE");
+    let rows: Vec<ScheduleRow> = sqlx::query_as(&sql).bind(ids).fetch_all(conn).await?;
+    rows.into_iter().map(Schedule::try_from).collect()
+}
+
 /// [`lock`], unless another transaction holds the row (another scheduler is ticking it):
 /// then `None` at once.
 pub async fn lock_unless_held(conn: &mut PgConnection, id: Uuid) -> Result<Option<Schedule>> {

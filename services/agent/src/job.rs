@@ -37,6 +37,8 @@ pub struct Runner {
     /// A job that ends this soon after its start is reported once (see
     /// `Config::report_together_ms`).
     report_together_within: Option<Duration>,
+    /// Where the answers to this agent's reports come.
+    answers: reports::Answers,
 }
 
 pub(crate) const DEFAULT_PATH: &str =
@@ -72,6 +74,7 @@ impl Runner {
                 .collect(),
             report_together_within: (config.report_together_ms > 0)
                 .then(|| Duration::from_millis(config.report_together_ms)),
+            answers: reports::Answers::default(),
         })
     }
 
@@ -175,9 +178,17 @@ impl Runner {
                 tracing::warn!(%error, "job could not start");
                 ack().await;
                 logs.finish(0, None).await;
-                return Ok(
-                    report_finished(client, js, worker_id, &job, None, Some(error), false).await,
-                );
+                return Ok(report_finished(
+                    client,
+                    js,
+                    &self.answers,
+                    worker_id,
+                    &job,
+                    None,
+                    Some(error),
+                    false,
+                )
+                .await);
             }
         };
         let pid = Some(child.id());
@@ -214,6 +225,7 @@ impl Runner {
             match reports::send(
                 client,
                 js,
+                &self.answers,
                 worker_id,
                 &job,
                 reports::Kind::Started,
@@ -283,7 +295,17 @@ impl Runner {
         tracing::info!(?exit_code, ?error, "job ended");
         let batches = logs.seq;
         logs.finish(batches, exit_code).await;
-        let next = report_finished(client, js, worker_id, &job, exit_code, error, together).await;
+        let next = report_finished(
+            client,
+            js,
+            &self.answers,
+            worker_id,
+            &job,
+            exit_code,
+            error,
+            together,
+        )
+        .await;
         if together {
             // Start and end are on record together: only now may the command go.
             ack().await;
@@ -301,9 +323,11 @@ pub struct Next {
 /// Report how the attempt ended (retried until answered or refused; the answer is logged),
 /// and that it started too when `started` (a short job's one report); a warm-pool worker's
 /// next job, when the answer brings one.
+#[allow(clippy::too_many_arguments)]
 async fn report_finished(
     client: &Client,
     js: &JetStream,
+    answers: &reports::Answers,
     worker_id: Uuid,
     job: &RunJob,
     exit_code: Option<i32>,
@@ -322,6 +346,7 @@ async fn report_finished(
     let answer = reports::send(
         client,
         js,
+        answers,
         worker_id,
         job,
         reports::Kind::Finished,

@@ -18,11 +18,23 @@ pub enum Kind {
     Finished,
 }
 
+/// Where the scheduler's answers to this agent's reports come: one subscription for the
+/// agent's life (one per report would cost the server a SUB and an UNSUB each), each report
+/// answered on a subject of its own below it, so that a late answer to an earlier report
+/// is never taken for this one's.
+#[derive(Default)]
+pub struct Answers {
+    /// The subscription to `<inbox>.*`, made with the first report.
+    subscription: tokio::sync::Mutex<Option<(String, async_nats::Subscriber)>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
 /// Send the report of `kind` about `job` (its message id names the worker, the job, the
 /// attempt and the kind, so that a report sent again is stored once).
 pub async fn send<T: Serialize>(
     client: &Client,
     js: &JetStream,
+    answers: &Answers,
     worker_id: uuid::Uuid,
     job: &RunJob,
     kind: Kind,
@@ -34,13 +46,24 @@ pub async fn send<T: Serialize>(
     };
     let msg_id = format!("{worker_id}.{}.{}.{name}", job.job_id, job.attempt);
     let correlation_id = job.correlation_id.as_str();
-    let inbox = client.new_inbox();
-    let mut answers = client.subscribe(inbox.clone()).await.map_err(|e| {
-        ApiError::new(
-            ErrorCode::Unavailable,
-            format!("cannot subscribe to {inbox}: {e}"),
-        )
-    })?;
+    let mut subscription = answers.subscription.lock().await;
+    if subscription.is_none() {
+        let prefix = client.new_inbox();
+        let subscribed = client.subscribe(format!("{prefix}.*")).await.map_err(|e| {
+            ApiError::new(
+                ErrorCode::Unavailable,
+                format!("cannot subscribe to {prefix}.*: {e}"),
+            )
+        })?;
+        *subscription = Some((prefix, subscribed));
+    }
+    let (prefix, incoming) = subscription.as_mut().expect("subscribed above");
+    let inbox = format!(
+        "{prefix}.{}",
+        answers
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
     let mut map = message_headers(&msg_id, Some(correlation_id));
     map.insert(headers::REPLY_TO, inbox.as_str());
     let payload = encode(body);
@@ -50,13 +73,30 @@ pub async fn send<T: Serialize>(
         .notify(|error, delay| tracing::warn!(%error, ?delay, "report not stored yet; retrying"))
         .await
         .map_err(|error| ApiError::new(ErrorCode::Unavailable, error.to_string()))?;
-    match tokio::time::timeout(Duration::from_secs(30), answers.next()).await {
-        Ok(Some(message)) => serde_json::from_slice::<Reply<ReportAccepted>>(&message.payload)
-            .map_err(|e| ApiError::internal(format!("unreadable answer: {e}")))?
-            .into_result(),
-        _ => Err(ApiError::new(
-            ErrorCode::Unavailable,
-            "the report is stored but no answer came in 30 s",
-        )),
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match tokio::time::timeout_at(deadline, incoming.next()).await {
+            Ok(Some(message)) if message.subject.as_str() == inbox => {
+                return serde_json::from_slice::<Reply<ReportAccepted>>(&message.payload)
+                    .map_err(|e| ApiError::internal(format!("unreadable answer: {e}")))?
+                    .into_result();
+            }
+            // A late answer to an earlier report (one delivered again, say).
+            Ok(Some(_)) => continue,
+            Ok(None) => {
+                // The subscription ended with the connection: the next report makes another.
+                *subscription = None;
+                return Err(ApiError::new(
+                    ErrorCode::Unavailable,
+                    "the report is stored but its answer's subscription ended",
+                ));
+            }
+            Err(_) => {
+                return Err(ApiError::new(
+                    ErrorCode::Unavailable,
+                    "the report is stored but no answer came in 30 s",
+                ))
+            }
+        }
     }
 }
