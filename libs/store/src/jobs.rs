@@ -204,6 +204,64 @@ pub async fn update(conn: &mut PgConnection, job: &mut Job) -> Result<()> {
     Ok(())
 }
 
+/// [`update`] for many jobs in one statement (each of them once): each is written only if
+/// nobody changed it since it was loaded, else none is (a version conflict).
+pub async fn update_many(conn: &mut PgConnection, jobs: &mut [&mut Job]) -> Result<()> {
+    if let [job] = jobs {
+        return update(conn, job).await;
+    }
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let mut update = sqlx::QueryBuilder::new(
+        "UPDATE jobs SET state = v.state, attempt = v.attempt, worker_id = v.worker_id, \
+                         exit_code = v.exit_code, error = v.error, updated_at = v.updated_at, \
+                         version = jobs.version + 1, start_by = v.start_by, \
+                         deadline_at = v.deadline_at, not_before = v.not_before, fenced_by = v.fenced_by, \
+                         spec = CASE WHEN v.state IN ('Succeeded', 'Failed', 'Cancelled', 'Timeout') \
+                                      AND jobs.spec->'env' <> '{}'::jsonb \
+                                     THEN jsonb_set(jobs.spec, '{env}', \
+                                          (SELECT coalesce(jsonb_object_agg(key, ''), '{}'::jsonb) \
+                                           FROM jsonb_object_keys(jobs.spec->'env') AS key)) \
+                                     ELSE jobs.spec END \
+         FROM (",
+    );
+    update.push_values(jobs.iter(), |mut row, job| {
+        row.push_bind(job.id)
+            .push_bind(job.state.as_str())
+            .push_bind(job.attempt as i32)
+            .push_bind(job.worker_id)
+            .push_bind(job.exit_code)
+            .push_bind(&job.error)
+            .push_bind(job.updated_at)
+            .push_bind(job.version)
+            .push_bind(job.start_by)
+            .push_bind(job.deadline_at)
+            .push_bind(job.not_before)
+            .push_bind(job.fenced_by);
+    });
+    update.push(
+        ") AS v(id, state, attempt, worker_id, exit_code, error, updated_at, version, start_by, \
+                deadline_at, not_before, fenced_by) \
+         WHERE jobs.id = v.id AND jobs.version = v.version RETURNING jobs.id",
+    );
+    let written: Vec<Uuid> = update.build_query_scalar().fetch_all(&mut *conn).await?;
+    if let Some(stale) = jobs.iter().find(|job| !written.contains(&job.id)) {
+        return Err(StoreError::VersionConflict {
+            aggregate: "job",
+            id: stale.id,
+            expected: stale.version,
+        });
+    }
+    for job in jobs.iter_mut() {
+        job.version += 1;
+        if job.state.is_terminal() {
+            job.spec.env.values_mut().for_each(String::clear);
+        }
+    }
+    Ok(())
+}
+
 /// Load a job and lock its row until the transaction ends.
 pub async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Job>> {
     let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = $1 FOR UPDATE");

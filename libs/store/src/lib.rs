@@ -258,6 +258,19 @@ pub trait Aggregate: Send + Sized + Clone {
         &mut self,
         conn: &mut PgConnection,
     ) -> impl std::future::Future<Output = Result<()>> + Send;
+
+    /// [`Aggregate::write`] for several (each once), in one statement where the table allows.
+    fn write_all(
+        conn: &mut PgConnection,
+        aggregates: &mut [&mut Self],
+    ) -> impl std::future::Future<Output = Result<()>> + Send {
+        async move {
+            for aggregate in aggregates.iter_mut() {
+                aggregate.write(conn).await?;
+            }
+            Ok(())
+        }
+    }
 }
 
 impl Aggregate for hodei_domain::Job {
@@ -272,6 +285,9 @@ impl Aggregate for hodei_domain::Job {
     }
     async fn write(&mut self, conn: &mut PgConnection) -> Result<()> {
         jobs::update(conn, self).await
+    }
+    async fn write_all(conn: &mut PgConnection, jobs: &mut [&mut Self]) -> Result<()> {
+        jobs::update_many(conn, jobs).await
     }
 }
 
@@ -459,8 +475,8 @@ where
 /// Every change of a batch inside the caller's transaction `tx` (which the caller commits,
 /// with whatever else it writes), their outcomes in the order given. The aggregates are
 /// locked at once, in id order (so that two batches of the same kind of aggregate never
-/// wait for each other in a circle), and changed in id order (changes of one aggregate in
-/// the order given, each seeing the one before).
+/// wait for each other in a circle), changed in id order (changes of one aggregate in the
+/// order given, each on what the one before left), and the changed ones written at once.
 pub async fn change_all_in<A, T, E, F>(
     tx: &mut Tx,
     changes: &[Change<T>],
@@ -475,39 +491,48 @@ where
     let mut ids: Vec<Uuid> = changes.iter().map(|c| c.id).collect();
     ids.sort();
     ids.dedup();
-    let mut locked: std::collections::HashMap<Uuid, A> = A::lock_all(tx, &ids)
-        .await?
-        .into_iter()
-        .map(|aggregate| (aggregate.id(), aggregate))
-        .collect();
+    let mut locked: Vec<A> = A::lock_all(tx, &ids).await?;
     let mut order: Vec<usize> = (0..changes.len()).collect();
     order.sort_by_key(|&i| changes[i].id);
     let mut outcomes = Vec::with_capacity(changes.len());
+    // For each changed aggregate (by its place in `locked`), its last change's outcome.
+    let mut changed: Vec<(usize, usize)> = Vec::new();
     for i in order {
         let one = &changes[i];
-        let outcome = match locked.get_mut(&one.id) {
-            None => Ok(None),
-            Some(aggregate) => {
-                // A refused change leaves the aggregate as it was for the next one.
-                let mut changed = aggregate.clone();
-                match one
-                    .span
-                    .in_scope(|| change(&mut changed, one.input.clone()))
-                {
-                    Ok(events) => {
-                        if !events.is_empty() {
-                            tx.save(&mut changed, &events)
-                                .instrument(one.span.clone())
-                                .await?;
-                        }
-                        *aggregate = changed.clone();
-                        Ok(Some(changed))
-                    }
-                    Err(refused) => Err(refused),
-                }
-            }
+        let Some(at) = locked.iter().position(|a| a.id() == one.id) else {
+            outcomes.push((i, Ok(None)));
+            continue;
         };
-        outcomes.push((i, outcome));
+        // A refused change leaves the aggregate as it was for the next one.
+        let mut candidate = locked[at].clone();
+        match one
+            .span
+            .in_scope(|| change(&mut candidate, one.input.clone()))
+        {
+            Ok(events) => {
+                if !events.is_empty() {
+                    outbox::append_events(tx, &events)
+                        .instrument(one.span.clone())
+                        .await?;
+                    changed.retain(|(a, _)| *a != at);
+                    changed.push((at, outcomes.len()));
+                }
+                locked[at] = candidate.clone();
+                outcomes.push((i, Ok(Some(candidate))));
+            }
+            Err(refused) => outcomes.push((i, Err(refused))),
+        }
+    }
+    let mut written: Vec<&mut A> = locked
+        .iter_mut()
+        .enumerate()
+        .filter(|(at, _)| changed.iter().any(|(a, _)| a == at))
+        .map(|(_, aggregate)| aggregate)
+        .collect();
+    A::write_all(tx, &mut written).await?;
+    // Each changed aggregate's last outcome is as its row now holds it.
+    for (at, outcome) in changed {
+        outcomes[outcome].1 = Ok(Some(locked[at].clone()));
     }
     outcomes.sort_by_key(|(i, _)| *i);
     Ok(outcomes.into_iter().map(|(_, outcome)| outcome).collect())
