@@ -163,53 +163,12 @@ pub async fn insert_many(conn: &mut PgConnection, jobs: &[&Job]) -> Result<Vec<U
 
 /// Write a changed job if nobody changed it since it was loaded; bumps `job.version`.
 pub async fn update(conn: &mut PgConnection, job: &mut Job) -> Result<()> {
-    let result = sqlx::query(
-        "UPDATE jobs SET state = $2, attempt = $3, worker_id = $4, exit_code = $5, error = $6, \
-                         updated_at = $7, version = version + 1, start_by = $9, deadline_at = $10, \
-                         not_before = $11, fenced_by = $12, \
-                         spec = CASE WHEN $2 IN ('Succeeded', 'Failed', 'Cancelled', 'Timeout') \
-                                      AND spec->'env' <> '{}'::jsonb \
-                                     THEN jsonb_set(spec, '{env}', \
-                                          (SELECT coalesce(jsonb_object_agg(key, ''), '{}'::jsonb) \
-                                           FROM jsonb_object_keys(spec->'env') AS key)) \
-                                     ELSE spec END \
-         WHERE id = $1 AND version = $8",
-    )
-    .bind(job.id)
-    .bind(job.state.as_str())
-    .bind(job.attempt as i32)
-    .bind(job.worker_id)
-    .bind(job.exit_code)
-    .bind(&job.error)
-    .bind(job.updated_at)
-    .bind(job.version)
-    .bind(job.start_by)
-    .bind(job.deadline_at)
-    .bind(job.not_before)
-    .bind(job.fenced_by)
-    .execute(conn)
-    .await?;
-    if result.rows_affected() != 1 {
-        return Err(StoreError::VersionConflict {
-            aggregate: "job",
-            id: job.id,
-            expected: job.version,
-        });
-    }
-    job.version += 1;
-    if job.state.is_terminal() {
-        // As the row now holds it: an ended job keeps its environment's names only.
-        job.spec.env.values_mut().for_each(String::clear);
-    }
-    Ok(())
+    update_many(conn, &mut [job]).await
 }
 
 /// [`update`] for many jobs in one statement (each of them once): each is written only if
 /// nobody changed it since it was loaded, else none is (a version conflict).
 pub async fn update_many(conn: &mut PgConnection, jobs: &mut [&mut Job]) -> Result<()> {
-    if let [job] = jobs {
-        return update(conn, job).await;
-    }
     if jobs.is_empty() {
         return Ok(());
     }
@@ -256,6 +215,7 @@ pub async fn update_many(conn: &mut PgConnection, jobs: &mut [&mut Job]) -> Resu
     for job in jobs.iter_mut() {
         job.version += 1;
         if job.state.is_terminal() {
+            // As the row now holds it: an ended job keeps its environment's names only.
             job.spec.env.values_mut().for_each(String::clear);
         }
     }

@@ -452,6 +452,16 @@ mod tests {
 
     use super::*;
 
+    async fn read_all(pipe: &mut Option<pipe::Receiver>) -> String {
+        let mut text = String::new();
+        pipe.take()
+            .unwrap()
+            .read_to_string(&mut text)
+            .await
+            .unwrap();
+        text
+    }
+
     fn spawn(program: &str, args: &[&str]) -> Spawn {
         Spawn {
             program: program.into(),
@@ -469,21 +479,8 @@ mod tests {
         let mut process = spawn("sh", &["-c", "echo out; echo err >&2; exit 3"])
             .start()
             .unwrap();
-        let (mut out, mut err) = (String::new(), String::new());
-        process
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .await
-            .unwrap();
-        process
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .await
-            .unwrap();
+        let out = read_all(&mut process.stdout).await;
+        let err = read_all(&mut process.stderr).await;
         assert_eq!((out.as_str(), err.as_str()), ("out\n", "err\n"));
         assert_eq!(process.wait().await.unwrap().code(), Some(3));
     }
@@ -519,14 +516,7 @@ mod tests {
         std::fs::write(&script, "echo \"from the shell: $1\"\n").unwrap();
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
         let mut process = spawn(script.to_str().unwrap(), &["arg"]).start().unwrap();
-        let mut out = String::new();
-        process
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .await
-            .unwrap();
+        let out = read_all(&mut process.stdout).await;
         assert_eq!(out, "from the shell: arg\n");
         assert_eq!(process.wait().await.unwrap().code(), Some(0));
         std::fs::remove_dir_all(&dir).unwrap();
