@@ -104,22 +104,32 @@ async fn a_job_sees_only_its_allowed_environment_and_runs_unprivileged() {
 
     // The job's process leads a process group of its own, has the agent's limits for jobs
     // and no core dumps, none of the agent's supplementary groups, and no signal blocked or
-    // ignored (the agent, a Rust program, ignores SIGPIPE; its job must not).
-    let process = job(
-        "sh",
+    // ignored (the agent, a Rust program, ignores SIGPIPE; its job must not). `grep` reads
+    // its own status as it starts, as the agent started it (a shell blocks every signal
+    // for a moment each time it starts a child).
+    let group = job("sh", &["-c", "echo $(cut -d' ' -f5 /proc/$$/stat) $$"]);
+    let status = job(
+        "grep",
         &[
-            "-c",
-            "echo $(cut -d' ' -f5 /proc/$$/stat) $$; \
-             grep -E '^(Max open files|Max processes|Max core file size)' /proc/$$/limits; \
-             grep -E '^(SigBlk|SigIgn|Groups)' /proc/$$/status",
+            "-h",
+            "-E",
+            "^(Max open files|Max processes|Max core file size|SigBlk|SigIgn|Groups)",
+            "/proc/self/limits",
+            "/proc/self/status",
         ],
     );
-    let process = system.submit(&process).await.unwrap().job_id;
+    let (group, status) = (
+        system.submit(&group).await.unwrap().job_id,
+        system.submit(&status).await.unwrap().job_id,
+    );
     system
-        .wait_until_settled(&[process], Duration::from_secs(30))
+        .wait_until_settled(&[group, status], Duration::from_secs(30))
         .await;
+    let group = system.logs_first_line(group).await.expect("pgid and pid");
+    let (pgid, pid) = group.split_once(' ').expect("pgid and pid");
+    assert_eq!(pgid, pid, "a process group of its own: {group}");
     let lines = hodei_tests::lines_of(
-        &system.logs_of(process).await,
+        &system.logs_of(status).await,
         hodei_protocol::logs::LogStream::Stdout,
     );
     let words = |prefix: &str| -> Vec<String> {
@@ -132,8 +142,6 @@ async fn a_job_sees_only_its_allowed_environment_and_runs_unprivileged() {
             .map(str::to_owned)
             .collect()
     };
-    let (pgid, pid) = lines[0].split_once(' ').expect("pgid and pid");
-    assert_eq!(pgid, pid, "a process group of its own: {lines:?}");
     assert_eq!(words("Max open files")[..2], ["4096", "4096"], "{lines:?}");
     assert_eq!(words("Max processes")[..2], ["4096", "4096"], "{lines:?}");
     assert_eq!(words("Max core file size")[..2], ["0", "0"], "{lines:?}");

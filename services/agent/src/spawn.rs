@@ -42,7 +42,8 @@ pub struct Spawn {
 /// waited for, it is killed.
 pub struct Process {
     pid: libc::pid_t,
-    pidfd: AsyncFd<OwnedFd>,
+    /// Taken only by the drop.
+    pidfd: Option<AsyncFd<OwnedFd>>,
     status: Option<ExitStatus>,
     pub stdout: Option<pipe::Receiver>,
     pub stderr: Option<pipe::Receiver>,
@@ -66,8 +67,9 @@ struct ChildArgs {
     error: AtomicI32,
 }
 
-/// The kernel's signals (`_NSIG - 1` on Linux).
+/// The kernel's signals (`_NSIG - 1` on Linux), and the size of its signal sets.
 const KERNEL_SIGNALS: libc::c_int = 64;
+const KERNEL_SIGSET_BYTES: libc::size_t = 8;
 
 /// The kernel's `struct sigaction` (x86_64 and aarch64), for `rt_sigaction` itself.
 #[repr(C)]
@@ -201,7 +203,7 @@ impl Spawn {
                     .map_err(|error| error.into_parts().1)?;
             Ok(Process {
                 pid,
-                pidfd,
+                pidfd: Some(pidfd),
                 status: None,
                 stdout: Some(pipe::Receiver::from_owned_fd(stdout_read)?),
                 stderr: Some(pipe::Receiver::from_owned_fd(stderr_read)?),
@@ -238,13 +240,19 @@ fn clone_and_exec(args: &ChildArgs) -> io::Result<(libc::pid_t, OwnedFd)> {
         return Err(io::Error::last_os_error());
     }
     let mut pidfd: libc::c_int = -1;
-    // SAFETY: sigfillset/pthread_sigmask on local sets; clone with a stack of our own, the
+    // SAFETY: rt_sigprocmask on local sets; clone with a stack of our own, the
     // child function reading `args` (alive until this returns) and making system calls only.
     let pid = unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut before: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut before);
+        // By the system call itself: glibc's pthread_sigmask leaves two of its own signals
+        // unblocked.
+        let (all, mut before) = (u64::MAX, 0u64);
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &all,
+            &mut before,
+            KERNEL_SIGSET_BYTES,
+        );
         let pid = libc::clone(
             child,
             stack.cast::<u8>().add(STACK_BYTES).cast(),
@@ -253,13 +261,31 @@ fn clone_and_exec(args: &ChildArgs) -> io::Result<(libc::pid_t, OwnedFd)> {
             &mut pidfd as *mut libc::c_int,
         );
         let error = io::Error::last_os_error();
-        libc::pthread_sigmask(libc::SIG_SETMASK, &before, std::ptr::null_mut());
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &before,
+            std::ptr::null_mut::<u64>(),
+            KERNEL_SIGSET_BYTES,
+        );
         libc::munmap(stack, STACK_BYTES);
         if pid == -1 {
             return Err(error);
         }
         pid
     };
+    if pidfd < 0 {
+        // A kernel older than 5.2 ignores CLONE_PIDFD: the child cannot be watched.
+        // SAFETY: kill and waitpid of our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "the kernel gives no pidfd (Linux 5.3 or later is needed)",
+        ));
+    }
     // SAFETY: CLONE_PIDFD gave us a new close-on-exec descriptor of the child.
     Ok((pid, unsafe { OwnedFd::from_raw_fd(pidfd) }))
 }
@@ -290,40 +316,21 @@ unsafe fn prepare_and_exec(args: &ChildArgs) -> libc::c_int {
         for (fd, target) in args.stdio.iter().zip(0..) {
             sys!(libc::dup2(*fd, target));
         }
-        if let Some((uid, gid)) = args.user {
-            // Raw system calls: they change this process's credentials only.
-            sys!(libc::syscall(libc::SYS_setgid, gid) as libc::c_int);
-            // No supplementary group of the agent's is kept.
-            sys!(
-                libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>())
-                    as libc::c_int
-            );
-            sys!(libc::syscall(libc::SYS_setuid, uid) as libc::c_int);
-        }
-        if let Some(dir) = args.dir {
-            sys!(libc::chdir(dir));
-        }
-        sys!(libc::setpgid(0, 0));
-        // The agent's signal dispositions are not the job's (its handlers would run in the
-        // agent's memory; Rust ignores SIGPIPE): every signal to its default, by the system
-        // call itself (glibc's sigaction refuses the signals it keeps for itself); then none
-        // blocked.
-        let default = KernelSigaction {
-            handler: libc::SIG_DFL,
-            flags: 0,
-            restorer: 0,
-            mask: 0,
-        };
-        for signal in 1..=KERNEL_SIGNALS {
-            if signal != libc::SIGKILL && signal != libc::SIGSTOP {
-                libc::syscall(
-                    libc::SYS_rt_sigaction,
-                    signal,
-                    &default,
-                    std::ptr::null_mut::<KernelSigaction>(),
-                    8,
-                );
-            }
+        // While still the agent's user: over a memory limit the kernel kills the job, never
+        // its agent (the score is this process's own, kept across setuid and exec). Best
+        // effort: a kernel without the file still runs the job. (Written after dropping
+        // root it would need the process made dumpable again, and this process shares the
+        // agent's memory until its exec: its memory must never be dumpable by the jobs'
+        // user.)
+        let fd = libc::syscall(
+            libc::SYS_openat,
+            libc::AT_FDCWD,
+            c"/proc/self/oom_score_adj".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        );
+        if fd >= 0 {
+            libc::syscall(libc::SYS_write, fd, b"1000".as_ptr(), 4usize);
+            libc::syscall(libc::SYS_close, fd);
         }
         let limit = |resource, value: u64| {
             let rlimit = libc::rlimit {
@@ -333,17 +340,41 @@ unsafe fn prepare_and_exec(args: &ChildArgs) -> libc::c_int {
             libc::setrlimit(resource, &rlimit)
         };
         sys!(limit(libc::RLIMIT_CORE, 0));
-        // Dropping root made the process undumpable and its /proc files root's: dumpable
-        // again (as exec would make it anyway), it may raise its own OOM score. Best effort:
-        // a kernel without the file still runs the job.
-        libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0);
-        let fd = libc::open(
-            c"/proc/self/oom_score_adj".as_ptr(),
-            libc::O_WRONLY | libc::O_CLOEXEC,
-        );
-        if fd >= 0 {
-            libc::write(fd, b"1000".as_ptr().cast(), 4);
-            libc::close(fd);
+        if let Some((uid, gid)) = args.user {
+            // Raw system calls: they change this process's credentials only.
+            sys!(libc::syscall(libc::SYS_setgid, gid) as libc::c_int);
+            // No supplementary group of the agent's is kept (without CAP_SETGID there is
+            // none to drop, as std's Command has it).
+            if libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>()) != 0
+                && errno() != libc::EPERM
+            {
+                return errno();
+            }
+            sys!(libc::syscall(libc::SYS_setuid, uid) as libc::c_int);
+        }
+        if let Some(dir) = args.dir {
+            sys!(libc::chdir(dir));
+        }
+        sys!(libc::setpgid(0, 0));
+        // The agent's signal dispositions are not the job's (its handlers would run in the
+        // agent's memory; Rust ignores SIGPIPE): every signal to its default, by the system
+        // call itself (glibc's sigaction refuses the signals it keeps for itself).
+        let default = KernelSigaction {
+            handler: libc::SIG_DFL,
+            flags: 0,
+            restorer: 0,
+            mask: 0,
+        };
+        for signal in 1..=KERNEL_SIGNALS {
+            if signal != libc::SIGKILL && signal != libc::SIGSTOP {
+                sys!(libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    signal,
+                    &default,
+                    std::ptr::null_mut::<KernelSigaction>(),
+                    KERNEL_SIGSET_BYTES,
+                ) as libc::c_int);
+            }
         }
         if args.max_open_files > 0 {
             sys!(limit(libc::RLIMIT_NOFILE, args.max_open_files));
@@ -351,9 +382,14 @@ unsafe fn prepare_and_exec(args: &ChildArgs) -> libc::c_int {
         if args.max_processes > 0 {
             sys!(limit(libc::RLIMIT_NPROC, args.max_processes));
         }
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        // Nothing blocked (the parent blocked everything around the clone).
+        sys!(libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &0u64,
+            std::ptr::null_mut::<u64>(),
+            KERNEL_SIGSET_BYTES,
+        ) as libc::c_int);
         // As execvp: each candidate in turn; a path that exists but may not be run is what
         // is reported if no other runs.
         let mut error = libc::ENOENT;
@@ -386,62 +422,80 @@ impl Process {
 
     /// Wait for the process to end (its pidfd is readable then), and reap it.
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
-        loop {
-            if let Some(status) = self.try_wait()? {
-                return Ok(status);
-            }
-            let mut ready = self.pidfd.readable().await?;
-            ready.clear_ready();
-        }
-    }
-
-    fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
         if let Some(status) = self.status {
-            return Ok(Some(status));
+            return Ok(status);
         }
-        let mut raw = 0;
-        // SAFETY: a non-blocking waitpid of our own child, not reaped yet (we hold its
-        // pidfd, so its pid is not anyone else's).
-        match check(unsafe { libc::waitpid(self.pid, &mut raw, libc::WNOHANG) })? {
-            0 => Ok(None),
-            _ => {
-                let status = ExitStatus::from_raw(raw);
-                self.status = Some(status);
-                Ok(Some(status))
-            }
-        }
+        let status = reaped(self.pid, self.pidfd()).await?;
+        self.status = Some(status);
+        Ok(status)
     }
 
     /// SIGKILL the process (through its pidfd: never a process that took its pid since) and
     /// wait for it.
     pub async fn kill(&mut self) -> io::Result<ExitStatus> {
-        self.send_kill()?;
+        if self.status.is_none() {
+            send_kill(self.pidfd())?;
+        }
         self.wait().await
     }
 
-    fn send_kill(&self) -> io::Result<()> {
-        if self.status.is_some() {
-            return Ok(());
+    fn pidfd(&self) -> &AsyncFd<OwnedFd> {
+        self.pidfd
+            .as_ref()
+            .expect("the pidfd is taken only by the drop")
+    }
+}
+
+/// SIGKILL the process of `pidfd`.
+fn send_kill(pidfd: &AsyncFd<OwnedFd>) -> io::Result<()> {
+    // SAFETY: pidfd_send_signal(2) on our child's pidfd.
+    let sent = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0u32,
+        )
+    };
+    check(sent as libc::c_int).map(drop)
+}
+
+/// The exit of our child `pid` (not reaped yet: we hold its pidfd, so its pid is no one
+/// else's), once its pidfd says it ended; reaped.
+async fn reaped(pid: libc::pid_t, pidfd: &AsyncFd<OwnedFd>) -> io::Result<ExitStatus> {
+    loop {
+        let mut raw = 0;
+        // SAFETY: a non-blocking waitpid of our own child.
+        if check(unsafe { libc::waitpid(pid, &mut raw, libc::WNOHANG) })? != 0 {
+            return Ok(ExitStatus::from_raw(raw));
         }
-        // SAFETY: pidfd_send_signal(2) on our child's pidfd.
-        let sent = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.pidfd.as_raw_fd(),
-                libc::SIGKILL,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
-        check(sent as libc::c_int).map(drop)
+        let mut ready = pidfd.readable().await?;
+        ready.clear_ready();
     }
 }
 
 impl Drop for Process {
+    /// A process dropped before it was waited for is killed, and reaped once it has ended
+    /// (by a task of its own: it may take a moment to die), so that no zombie is left.
     fn drop(&mut self) {
-        if self.status.is_none() {
-            let _ = self.send_kill();
-            let _ = self.try_wait();
+        let Some(pidfd) = self.pidfd.take() else {
+            return;
+        };
+        if self.status.is_some() || send_kill(&pidfd).is_err() {
+            return;
+        }
+        let pid = self.pid;
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    let _ = reaped(pid, &pidfd).await;
+                });
+            }
+            // SAFETY: a blocking waitpid of our own child, which was just sent SIGKILL.
+            Err(_) => unsafe {
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            },
         }
     }
 }
@@ -520,6 +574,21 @@ mod tests {
         assert_eq!(out, "from the shell: arg\n");
         assert_eq!(process.wait().await.unwrap().code(), Some(0));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_process_dropped_before_its_end_is_killed_and_reaped() {
+        let process = spawn("sleep", &["30"]).start().unwrap();
+        let proc_dir = std::path::PathBuf::from(format!("/proc/{}", process.id()));
+        drop(process);
+        // Reaped, its /proc entry goes (a zombie's stays).
+        for _ in 0..500 {
+            if !proc_dir.exists() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("{} is still there", proc_dir.display());
     }
 
     #[tokio::test]

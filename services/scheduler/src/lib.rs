@@ -88,10 +88,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         ticks: std::sync::Arc::new(tokio::sync::Notify::new()),
         accepting,
     };
+    // Submissions are accepted until the service has answered every request it took.
+    let served = hodei_runtime::Shutdown::new();
     let acceptor = tokio::spawn(handlers::submit::accept_all(
         state.clone(),
         submissions,
-        shutdown.clone(),
+        served.clone(),
     ));
     let monitor = tokio::spawn(monitor::run(
         state.store.clone(),
@@ -103,11 +105,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         std::time::Duration::from_millis(config.monitor_interval_ms),
         shutdown.clone(),
     ));
-    let served = serve(state, js, &messaging, shutdown).await;
+    let outcome = serve(state, js, &messaging, shutdown).await;
+    served.cancel();
+    let _ = acceptor.await;
     let _ = monitor.await;
     let _ = ticker.await;
-    let _ = acceptor.await;
-    served
+    outcome
 }
 
 async fn serve(

@@ -146,11 +146,12 @@ pub(crate) fn queue() -> (mpsc::Sender<Submission>, mpsc::Receiver<Submission>) 
 
 /// Accept the submissions of `queue` as they come: those that arrive while a transaction
 /// runs are accepted together in the next (group commit: one insert, one outbox insert,
-/// one commit for all). On shutdown the queue takes no more and what it holds is accepted.
+/// one commit for all). Once `served` (the service has stopped taking requests and answered
+/// those it took) the queue takes no more and what it holds is accepted.
 pub(crate) async fn accept_all(
     state: State,
     mut queue: mpsc::Receiver<Submission>,
-    shutdown: hodei_runtime::Shutdown,
+    served: hodei_runtime::Shutdown,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut closed = false;
@@ -162,7 +163,7 @@ pub(crate) async fn accept_all(
                 }
                 accept(&state, std::mem::take(&mut batch)).await;
             }
-            () = shutdown.cancelled(), if !closed => {
+            () = served.cancelled(), if !closed => {
                 queue.close();
                 closed = true;
             }
@@ -209,8 +210,11 @@ async fn accept_in_one(
     jobs: &[(&Job, &[hodei_domain::DomainEvent], &tracing::Span)],
 ) -> Result<Vec<Result<SubmitAccepted, ApiError>>, ApiError> {
     let mut tx = state.store.begin().await?;
-    let inserted =
-        jobs::insert_many(&mut tx, &jobs.iter().map(|j| j.0).collect::<Vec<_>>()).await?;
+    // In the order of their keys: two schedulers inserting the same keys never wait for
+    // each other in a circle.
+    let mut by_key: Vec<&Job> = jobs.iter().map(|j| j.0).collect();
+    by_key.sort_by(|a, b| a.idempotency_key.cmp(&b.idempotency_key));
+    let inserted = jobs::insert_many(&mut tx, &by_key).await?;
     let mut outcomes = Vec::with_capacity(jobs.len());
     // Once no warm worker is free, none becomes free in this transaction.
     let mut worker_may_be_free = true;
