@@ -145,9 +145,8 @@ async fn a_batch_of_submissions_with_one_the_database_refuses_accepts_the_others
         .execute(&mut *hold)
         .await
         .unwrap();
-    let first_requests: Vec<SubmitJob> = (0..3)
-        .map(|i| job("echo", &[&format!("first-{i}")]))
-        .collect();
+    // One job first: its transaction takes it alone and waits for the lock.
+    let first_requests = [job("echo", &["first"])];
     let mut second_requests = vec![job("poison", &[])];
     second_requests.extend((0..5).map(|i| job("echo", &[&format!("second-{i}")])));
     let first = futures::future::join_all(first_requests.iter().map(|r| system.submit(r)));
@@ -170,8 +169,20 @@ async fn a_batch_of_submissions_with_one_the_database_refuses_accepts_the_others
             .await;
         let second = futures::future::join_all(second_requests.iter().map(|r| system.submit(r)));
         let release = async {
-            // Long enough for the second submissions to reach the scheduler's queue.
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            // Every one of the second submissions waits in the scheduler's queue: they go
+            // in the next transaction together.
+            let metrics = system.metrics_base("scheduler");
+            system
+                .wait_for(
+                    "the second submissions to wait in the scheduler's queue",
+                    Duration::from_secs(30),
+                    || async {
+                        let (_, text) = hodei_tests::http_get(&metrics, "/metrics").await;
+                        hodei_tests::prometheus_value(&text, "hodei_submissions_waiting")
+                            == second_requests.len() as f64
+                    },
+                )
+                .await;
             hold.rollback().await.unwrap();
         };
         tokio::join!(second, release).0
@@ -199,7 +210,7 @@ async fn a_batch_of_submissions_with_one_the_database_refuses_accepts_the_others
             hodei_domain::JobState::Succeeded
         );
     }
-    assert_eq!(job_count(&system).await, 8);
+    assert_eq!(job_count(&system).await, 6);
     let poison_events: i64 = sqlx::query_as::<_, (i64,)>(
         "SELECT count(*) FROM outbox_events WHERE payload::text LIKE '%poison%'",
     )

@@ -72,24 +72,43 @@ pub fn run_job_of(job: &Job) -> RunJob {
     }
 }
 
+/// What [`assign_on_accept`] did with a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnAccept {
+    /// Given to a free ready worker in the accepting transaction.
+    Assigned,
+    /// No free ready worker (no warm pool, or all busy): none becomes free in this
+    /// transaction either, so the jobs accepted after it need not look.
+    NoFreeWorker,
+    /// Left to the dispatcher: a job in a container, or another job is placed first.
+    Left,
+}
+
 /// Right after `job` was accepted, in the transaction that accepts it: if it is the next job
 /// to place (no job of higher priority or older waits) and a free ready worker waits, give
-/// it that worker now. Returns whether it did. Without a free ready worker (no warm pool,
-/// or all busy) it costs one index lookup and takes no lock: the dispatcher places the job.
-pub async fn assign_on_accept(tx: &mut Tx, job: &mut Job, actor: &Actor) -> Result<bool, ApiError> {
+/// it that worker now. Without a free ready worker it costs one index lookup and takes no
+/// lock: the dispatcher places the job.
+pub async fn assign_on_accept(
+    tx: &mut Tx,
+    job: &mut Job,
+    actor: &Actor,
+) -> Result<OnAccept, ApiError> {
     // A job in a container gets a container of its own (the dispatcher requests it).
-    if job.spec.image.is_some() || !workers::any_free_ready(tx).await? {
-        return Ok(false);
+    if job.spec.image.is_some() {
+        return Ok(OnAccept::Left);
+    }
+    if !workers::any_free_ready(tx).await? {
+        return Ok(OnAccept::NoFreeWorker);
     }
     hodei_store::placement_lock(tx).await?;
     if !jobs::is_next_pending(tx, jobs::Kinds::Processes, job.id).await? {
-        return Ok(false);
+        return Ok(OnAccept::Left);
     }
     let Some(mut worker) = workers::lock_free_ready(tx).await? else {
-        return Ok(false);
+        return Ok(OnAccept::NoFreeWorker);
     };
     assign(tx, job, &mut worker, actor).await?;
-    Ok(true)
+    Ok(OnAccept::Assigned)
 }
 
 /// A warm-pool worker that reported the end of `ended` (its job, which has just left it) and

@@ -96,7 +96,7 @@ pub enum Threads {
     PerCpu,
     /// The calling thread alone: for a process that waits far more than it computes (the
     /// worker agent), where worker threads would only add wake-ups from one thread to
-    /// another, and memory that each `fork` of a job copies.
+    /// another.
     One,
 }
 

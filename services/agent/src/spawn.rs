@@ -42,8 +42,7 @@ pub struct Spawn {
 /// waited for, it is killed.
 pub struct Process {
     pid: libc::pid_t,
-    /// Taken only by the drop.
-    pidfd: Option<AsyncFd<OwnedFd>>,
+    pidfd: AsyncFd<OwnedFd>,
     status: Option<ExitStatus>,
     pub stdout: Option<pipe::Receiver>,
     pub stderr: Option<pipe::Receiver>,
@@ -203,7 +202,7 @@ impl Spawn {
                     .map_err(|error| error.into_parts().1)?;
             Ok(Process {
                 pid,
-                pidfd: Some(pidfd),
+                pidfd,
                 status: None,
                 stdout: Some(pipe::Receiver::from_owned_fd(stdout_read)?),
                 stderr: Some(pipe::Receiver::from_owned_fd(stderr_read)?),
@@ -425,7 +424,7 @@ impl Process {
         if let Some(status) = self.status {
             return Ok(status);
         }
-        let status = reaped(self.pid, self.pidfd()).await?;
+        let status = reaped(self.pid, &self.pidfd).await?;
         self.status = Some(status);
         Ok(status)
     }
@@ -434,15 +433,9 @@ impl Process {
     /// wait for it.
     pub async fn kill(&mut self) -> io::Result<ExitStatus> {
         if self.status.is_none() {
-            send_kill(self.pidfd())?;
+            send_kill(&self.pidfd)?;
         }
         self.wait().await
-    }
-
-    fn pidfd(&self) -> &AsyncFd<OwnedFd> {
-        self.pidfd
-            .as_ref()
-            .expect("the pidfd is taken only by the drop")
     }
 }
 
@@ -476,26 +469,12 @@ async fn reaped(pid: libc::pid_t, pidfd: &AsyncFd<OwnedFd>) -> io::Result<ExitSt
 }
 
 impl Drop for Process {
-    /// A process dropped before it was waited for is killed, and reaped once it has ended
-    /// (by a task of its own: it may take a moment to die), so that no zombie is left.
+    /// A process dropped before it was waited for (the job's run given up) is killed and
+    /// reaped: SIGKILL cannot be caught, so the wait is for the kernel to end it.
     fn drop(&mut self) {
-        let Some(pidfd) = self.pidfd.take() else {
-            return;
-        };
-        if self.status.is_some() || send_kill(&pidfd).is_err() {
-            return;
-        }
-        let pid = self.pid;
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(async move {
-                    let _ = reaped(pid, &pidfd).await;
-                });
-            }
+        if self.status.is_none() && send_kill(&self.pidfd).is_ok() {
             // SAFETY: a blocking waitpid of our own child, which was just sent SIGKILL.
-            Err(_) => unsafe {
-                libc::waitpid(pid, std::ptr::null_mut(), 0);
-            },
+            unsafe { libc::waitpid(self.pid, std::ptr::null_mut(), 0) };
         }
     }
 }
@@ -580,15 +559,10 @@ mod tests {
     async fn a_process_dropped_before_its_end_is_killed_and_reaped() {
         let process = spawn("sleep", &["30"]).start().unwrap();
         let proc_dir = std::path::PathBuf::from(format!("/proc/{}", process.id()));
+        assert!(proc_dir.exists());
         drop(process);
-        // Reaped, its /proc entry goes (a zombie's stays).
-        for _ in 0..500 {
-            if !proc_dir.exists() {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        panic!("{} is still there", proc_dir.display());
+        // Reaped, its /proc entry is gone (a zombie's stays).
+        assert!(!proc_dir.exists(), "{} is still there", proc_dir.display());
     }
 
     #[tokio::test]

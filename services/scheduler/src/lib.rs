@@ -72,11 +72,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             .map(|s| s.as_str())
             .collect(),
     );
+    let (accepting, submissions) = handlers::submit::queue();
+    handlers::submit::register_queue_gauge(&mut metrics, &accepting);
     connections
         .serve_metrics(&config.common, 9611, metrics, &shutdown)
         .await?;
     let hodei_outbox::Connections { store, client, js } = connections;
-    let (accepting, submissions) = handlers::submit::queue();
     let state = State {
         store,
         client: client.clone(),

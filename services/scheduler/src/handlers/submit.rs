@@ -8,7 +8,7 @@ use hodei_messaging::api::{respond, RequestContext};
 use hodei_messaging::consumer::{Delivery, Outcome};
 use hodei_protocol::api::{SubmitAccepted, SubmitJob};
 use hodei_protocol::{headers, new_correlation_id, trace_id_of, ApiError, ErrorCode};
-use hodei_store::{jobs, outbox, workers};
+use hodei_store::{jobs, outbox};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 use uuid::Uuid;
@@ -144,6 +144,30 @@ pub(crate) fn queue() -> (mpsc::Sender<Submission>, mpsc::Receiver<Submission>) 
     mpsc::channel(2 * MAX_BATCH)
 }
 
+/// `hodei_submissions_waiting`: the submissions in the queue, not yet in a transaction
+/// (read at each scrape; 0 once the queue is gone).
+pub(crate) fn register_queue_gauge(
+    metrics: &mut hodei_runtime::metrics::Metrics,
+    queue: &mpsc::Sender<Submission>,
+) {
+    use hodei_runtime::metrics::Sample;
+    const NAME: &str = "hodei_submissions_waiting";
+    let queue = queue.downgrade();
+    metrics.gauges_on_scrape(
+        "the submissions' queue",
+        &[(
+            NAME,
+            "Submissions waiting for the transaction that accepts them",
+        )],
+        move || {
+            let waiting = queue
+                .upgrade()
+                .map_or(0, |queue| queue.max_capacity() - queue.capacity());
+            Box::pin(async move { Ok(vec![Sample::new(NAME, Vec::new(), waiting as f64)]) })
+        },
+    );
+}
+
 /// Accept the submissions of `queue` as they come: those that arrive while a transaction
 /// runs are accepted together in the next (group commit: one insert, one outbox insert,
 /// one commit for all). Once `served` (the service has stopped taking requests and answered
@@ -229,10 +253,10 @@ async fn accept_in_one(
             if !worker_may_be_free {
                 return Ok::<_, ApiError>(false);
             }
+            use hodei_placement::OnAccept;
             let placed = hodei_placement::assign_on_accept(&mut tx, &mut job, &state.actor).await?;
-            worker_may_be_free =
-                placed || job.spec.image.is_some() || workers::any_free_ready(&mut tx).await?;
-            Ok(placed)
+            worker_may_be_free = placed != OnAccept::NoFreeWorker;
+            Ok(placed == OnAccept::Assigned)
         }
         .instrument(span.clone())
         .await?;
