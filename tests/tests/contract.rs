@@ -640,3 +640,50 @@ async fn every_request_service_is_listed_by_the_nats_micro_api() {
     assert_eq!(submit["num_requests"], 2, "{submit}");
     assert_eq!(submit["data"]["refused"], 1, "{submit}");
 }
+
+/// A durable consumer made by an earlier version, with the subjects it took then, takes the
+/// service's subjects once the service starts again (the registry took every job event; it
+/// now takes only those by which a job may leave its worker), and the service still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_made_with_other_subjects_takes_the_services_own_once_it_starts() {
+    use async_nats::jetstream::consumer::{pull, AckPolicy};
+    let mut system = System::start().await;
+    let stream = system.js.get_stream("HODEI_EVENTS").await.unwrap();
+    let filters = || async {
+        let info = stream.consumer_info("registry-job-events").await.unwrap();
+        (info.config.filter_subject, info.config.filter_subjects)
+    };
+    let (_, now) = filters().await;
+    assert_eq!(now.len(), 5, "the registry's own subjects: {now:?}");
+    assert!(now.contains(&"hodei.events.job.*.JobCompleted".to_owned()));
+    assert!(!now.iter().any(|s| s.ends_with(".JobQueued")));
+    stream
+        .update_consumer(pull::Config {
+            durable_name: Some("registry-job-events".into()),
+            filter_subject: "hodei.events.job.>".into(),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 20,
+            max_ack_pending: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(filters().await.0, "hodei.events.job.>");
+
+    system.restart("registry");
+    system
+        .wait_for(
+            "the registry's consumer to take its own subjects",
+            Duration::from_secs(30),
+            || async { filters().await == (String::new(), now.clone()) },
+        )
+        .await;
+    assert!(system
+        .log_of("registry")
+        .contains("the consumer's subjects changed; updating it"));
+    let accepted = system.submit(&job("true", &[])).await.unwrap();
+    system
+        .wait_until_settled(&[accepted.job_id], Duration::from_secs(60))
+        .await;
+}

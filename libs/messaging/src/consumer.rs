@@ -85,22 +85,23 @@ impl Delivery {
 pub struct ConsumerConfig {
     pub stream: &'static str,
     pub durable: String,
-    /// One subject filter (what NATS 2.9 supports); `None` takes the whole stream.
-    pub filter_subject: Option<String>,
+    /// The subjects it takes (NATS 2.10's filter subjects); none takes the whole stream.
+    pub filter_subjects: Vec<String>,
     pub ack_wait: Duration,
     pub max_deliver: i64,
 }
 
 impl ConsumerConfig {
+    /// `filters`: the subjects taken (`None` or an empty list: the whole stream).
     pub fn new(
         stream: &'static str,
         durable: impl Into<String>,
-        filter_subject: Option<String>,
+        filters: impl IntoIterator<Item = String>,
     ) -> Self {
         ConsumerConfig {
             stream,
             durable: durable.into(),
-            filter_subject,
+            filter_subjects: filters.into_iter().collect(),
             ack_wait: Duration::from_secs(30),
             max_deliver: 20,
         }
@@ -174,20 +175,33 @@ async fn open_until_shutdown(
 
 async fn open(js: &JetStream, config: &ConsumerConfig) -> Result<pull::Stream, async_nats::Error> {
     let stream = js.get_stream(config.stream).await?;
-    let consumer: jetstream::consumer::PullConsumer = stream
-        .get_or_create_consumer(
-            &config.durable,
-            pull::Config {
-                durable_name: Some(config.durable.clone()),
-                filter_subject: config.filter_subject.clone().unwrap_or_default(),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: config.ack_wait,
-                max_deliver: config.max_deliver,
-                max_ack_pending: 1000,
-                ..Default::default()
-            },
-        )
+    // One filter goes in `filter_subject`, as the server reports it back.
+    let (filter_subject, filter_subjects) = match config.filter_subjects.as_slice() {
+        [one] => (one.clone(), Vec::new()),
+        many => (String::new(), many.to_vec()),
+    };
+    let wanted = pull::Config {
+        durable_name: Some(config.durable.clone()),
+        filter_subject,
+        filter_subjects,
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        ack_wait: config.ack_wait,
+        max_deliver: config.max_deliver,
+        max_ack_pending: 1000,
+        ..Default::default()
+    };
+    let mut consumer: jetstream::consumer::PullConsumer = stream
+        .get_or_create_consumer(&config.durable, wanted.clone())
         .await?;
+    // A consumer made by an earlier version that took other subjects takes these from now
+    // on: it keeps its place in the stream.
+    let had = &consumer.cached_info().config;
+    if (&had.filter_subject, &had.filter_subjects)
+        != (&wanted.filter_subject, &wanted.filter_subjects)
+    {
+        tracing::info!(consumer = %config.durable, from = ?(&had.filter_subject, &had.filter_subjects), to = ?config.filter_subjects, "the consumer's subjects changed; updating it");
+        consumer = stream.update_consumer(wanted).await?;
+    }
     Ok(pull_stream(&consumer).await?)
 }
 

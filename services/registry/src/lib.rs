@@ -112,7 +112,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         ConsumerConfig::new(
             streams::EVENTS,
             "registry-job-events",
-            Some("hodei.events.job.>".into()),
+            handlers::job_ended::LEAVING.map(|event| subjects::events_of_type("job", event)),
         ),
         handlers::job_ended::MAX_BATCH,
         &messaging,

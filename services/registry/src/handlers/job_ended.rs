@@ -13,6 +13,16 @@ use crate::State;
 /// Most job events handled in one transaction.
 pub const MAX_BATCH: usize = 256;
 
+/// The job events that may tell of a job leaving its worker: the only ones the registry
+/// takes (JobCreated, JobQueued and JobAssigned never do).
+pub const LEAVING: [&str; 5] = [
+    "JobCompleted",
+    "JobExecutionError",
+    "JobStatusChanged",
+    "JobRetrying",
+    "JobRequeued",
+];
+
 /// The job events waiting together: those by which a job leaves its worker change their
 /// workers in one transaction ([`hodei_store::change_many`]: one at a time if it fails);
 /// the others are acknowledged as they are.
@@ -108,14 +118,7 @@ fn leaving(event: &DomainEvent) -> Option<Leaving> {
         #[serde(default)]
         to: Option<JobState>,
     }
-    let leaves = [
-        "JobCompleted",
-        "JobExecutionError",
-        "JobStatusChanged",
-        "JobRetrying",
-        "JobRequeued",
-    ];
-    if !leaves.contains(&event.event_type.as_str()) {
+    if !LEAVING.contains(&event.event_type.as_str()) {
         return None;
     }
     let ending: Ending = serde_json::from_value(event.payload.clone()).ok()?;
