@@ -378,3 +378,83 @@ async fn changes_of_one_job_in_a_batch_each_see_the_one_before() {
             .unwrap();
     assert_eq!(events, 2, "the assignment's and the start's events");
 }
+
+/// The next jobs a batch of pool workers takes together ([`jobs::lock_next_pending_many`])
+/// are the jobs that one hand-over after the other takes: by priority, the keys taking
+/// turns, none beyond its key's limit (counting the key's jobs placed already and those
+/// taken before it), then by age.
+#[tokio::test]
+async fn the_next_jobs_taken_together_are_those_taken_one_after_the_other() {
+    use hodei_domain::{Concurrency, JobPolicy};
+    let (_db, pool) = migrated().await;
+    let actor = Actor::service("test");
+    let submit = |key: Option<(&str, u32)>, priority: i32| {
+        let spec = JobSpec {
+            command: "true".into(),
+            concurrency: key.map(|(key, max)| Concurrency {
+                key: key.into(),
+                max,
+            }),
+            ..Default::default()
+        };
+        let policy = JobPolicy {
+            priority,
+            ..Default::default()
+        };
+        Job::submit(Uuid::now_v7(), spec, policy, "corr".into(), None, &actor)
+            .unwrap()
+            .0
+    };
+    let wanted = [
+        (None, 0),
+        (Some(("a", 2)), 0),
+        (Some(("b", 3)), 5),
+        (None, 5),
+        (Some(("a", 2)), 5),
+        (Some(("b", 3)), 0),
+        (Some(("a", 2)), 0),
+        (None, 0),
+        (Some(("b", 3)), 5),
+        (Some(("b", 3)), 0),
+        (None, 5),
+        (None, 0),
+    ];
+    let mut conn = pool.acquire().await.unwrap();
+    // One job of key a holds one of its two slots.
+    let mut placed = submit(Some(("a", 2)), 9);
+    jobs::insert(&mut conn, &placed).await.unwrap();
+    placed.assign(Uuid::now_v7(), &actor).unwrap();
+    jobs::update(&mut conn, &mut placed).await.unwrap();
+    for (key, priority) in wanted {
+        jobs::insert(&mut conn, &submit(key, priority))
+            .await
+            .unwrap();
+    }
+    drop(conn);
+
+    let mut tx = pool.begin().await.unwrap();
+    let mut one_by_one = Vec::new();
+    while let Some(mut job) = jobs::lock_next_pending(&mut tx, jobs::Kinds::Processes)
+        .await
+        .unwrap()
+    {
+        one_by_one.push(job.id);
+        job.assign(Uuid::now_v7(), &actor).unwrap();
+        jobs::update(&mut tx, &mut job).await.unwrap();
+    }
+    tx.rollback().await.unwrap();
+    // Five without a key, one of a (its limit), three of b (its limit).
+    assert_eq!(one_by_one.len(), 9, "{one_by_one:?}");
+
+    for n in [1, 4, 9, 12] {
+        let mut tx = pool.begin().await.unwrap();
+        let (together, passed_over) =
+            jobs::lock_next_pending_many(&mut tx, jobs::Kinds::Processes, n)
+                .await
+                .unwrap();
+        let ids: Vec<Uuid> = together.iter().map(|job| job.id).collect();
+        assert_eq!(ids, one_by_one[..n.min(9)], "{n} together");
+        assert!(!passed_over);
+        tx.rollback().await.unwrap();
+    }
+}

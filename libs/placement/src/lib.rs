@@ -7,6 +7,7 @@ use hodei_protocol::agent::{RunJob, WorkerCommand};
 use hodei_protocol::{subjects, ApiError};
 use hodei_store::outbox::{self, OutboxCommand};
 use hodei_store::{jobs, workers, Store, Tx};
+use tracing::Instrument;
 use uuid::Uuid;
 
 /// Give `job` to `worker`: the worker goes Busy, the job goes Assigned unless it was already
@@ -146,35 +147,113 @@ pub async fn next_for_pool_worker(
 /// locked, in this transaction) and commits.
 pub async fn hand_over(
     tx: &mut Tx,
-    mut worker: Worker,
+    worker: Worker,
     ended: Uuid,
     actor: &Actor,
 ) -> Result<Option<RunJob>, ApiError> {
+    let leaving = HandOver {
+        worker,
+        ended,
+        span: tracing::Span::current(),
+    };
+    Ok(hand_over_all(tx, vec![leaving], actor).await?.remove(0))
+}
+
+/// A pool worker whose job `ended` has just left it, locked in the caller's transaction, and
+/// the span its hand-over is recorded in.
+pub struct HandOver {
+    pub worker: Worker,
+    pub ended: Uuid,
+    pub span: tracing::Span,
+}
+
+/// [`hand_over`] for the workers of one transaction at once, their next jobs taken in the
+/// order one hand-over after the other would take them: the jobs read and locked in two
+/// statements ([`jobs::lock_next_pending_many`]), then written in one and the workers in
+/// one. The next job of each, in their order (`None`: it does not go on, or no job waits).
+pub async fn hand_over_all(
+    tx: &mut Tx,
+    leaving: Vec<HandOver>,
+    actor: &Actor,
+) -> Result<Vec<Option<RunJob>>, ApiError> {
     // Still Busy with the ended job, or already released by the registry on the job's event
     // (which raced this): either way free for the next job. (If the dispatcher gave it one
     // first, it is Busy with that one, and keeps it.)
-    let goes_on = |worker: &Worker| {
+    let goes_on = |one: &HandOver| {
         use hodei_domain::WorkerState::{Busy, Ready};
+        let worker = &one.worker;
         let free = match worker.state {
-            Busy => worker.current_job_id == Some(ended),
+            Busy => worker.current_job_id == Some(one.ended),
             Ready => worker.current_job_id.is_none(),
             _ => false,
         };
         worker.pooled && free && worker.jobs_run < worker.max_jobs
     };
-    if !goes_on(&worker) {
-        return Ok(None);
+    let mut runs: Vec<Option<RunJob>> = vec![None; leaving.len()];
+    let mut going: Vec<(usize, HandOver)> = leaving
+        .into_iter()
+        .enumerate()
+        .filter(|(_, one)| goes_on(one))
+        .collect();
+    if going.is_empty() {
+        return Ok(runs);
     }
     // A job in a container gets a container of its own: never a warm-pool process.
-    let Some(mut next) = jobs::lock_next_pending(tx, jobs::Kinds::Processes).await? else {
-        return Ok(None);
-    };
-    // Busy -> Ready -> Busy in one transaction: the events of the release are not written
-    // (the assignment's WorkerStatusChanged records the change).
-    if worker.state == hodei_domain::WorkerState::Busy {
-        let _released = worker.job_left(ended, true, "ended", actor)?;
+    let (next, passed_over) =
+        jobs::lock_next_pending_many(tx, jobs::Kinds::Processes, going.len()).await?;
+    let rest = going.split_off(next.len().min(going.len()));
+    let mut given: Vec<(usize, HandOver, Job, Vec<DomainEvent>)> = Vec::with_capacity(next.len());
+    for ((i, mut one), mut job) in going.into_iter().zip(next) {
+        // Busy -> Ready -> Busy in one transaction: the events of the release are not written
+        // (the assignment's WorkerStatusChanged records the change).
+        if one.worker.state == hodei_domain::WorkerState::Busy {
+            let _released = one.worker.job_left(one.ended, true, "ended", actor)?;
+        }
+        let mut events = vec![job.assign(one.worker.id, actor)?];
+        events.push(one.worker.assign(job.id, actor)?);
+        given.push((i, one, job, events));
     }
-    let run = assign_in_answer(tx, &mut next, &mut worker, actor).await?;
-    tracing::info!(job_id = %next.id, worker_id = %worker.id, attempt = next.attempt, "next job given with the report");
-    Ok(Some(run))
+    {
+        let mut jobs: Vec<&mut Job> = given.iter_mut().map(|(_, _, job, _)| job).collect();
+        jobs::update_many(tx, &mut jobs).await?;
+    }
+    {
+        let mut workers: Vec<&mut Worker> = given
+            .iter_mut()
+            .map(|(_, one, _, _)| &mut one.worker)
+            .collect();
+        workers::update_many(tx, &mut workers).await?;
+    }
+    for (i, one, job, events) in &given {
+        outbox::append_events(tx, events)
+            .instrument(one.span.clone())
+            .await?;
+        one.span.in_scope(|| tracing::info!(job_id = %job.id, worker_id = %one.worker.id, attempt = job.attempt, "next job given with the report"));
+        runs[*i] = Some(run_job_of(job));
+    }
+    // A head passed over: the workers left take their next jobs one at a time, each read
+    // after the placements above.
+    if passed_over {
+        for (i, one) in rest {
+            let span = one.span.clone();
+            let one_after = async {
+                let Some(mut job) = jobs::lock_next_pending(tx, jobs::Kinds::Processes).await?
+                else {
+                    return Ok::<_, ApiError>(None);
+                };
+                let mut worker = one.worker;
+                if worker.state == hodei_domain::WorkerState::Busy {
+                    let _released = worker.job_left(one.ended, true, "ended", actor)?;
+                }
+                let run = assign_in_answer(tx, &mut job, &mut worker, actor).await?;
+                tracing::info!(job_id = %job.id, worker_id = %worker.id, attempt = job.attempt, "next job given with the report");
+                Ok(Some(run))
+            };
+            match one_after.instrument(span).await? {
+                Some(run) => runs[i] = Some(run),
+                None => break,
+            }
+        }
+    }
+    Ok(runs)
 }

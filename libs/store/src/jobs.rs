@@ -91,20 +91,27 @@ pub const NEXT_PENDING_SQL: &str = "WITH RECURSIVE keys(k) AS ( \
                  ORDER BY concurrency_key LIMIT 1) \
          FROM keys WHERE keys.k IS NOT NULL \
      ), heads AS MATERIALIZED ( \
-         SELECT h.id, h.priority, h.created_at, h.concurrency_max, \
+         SELECT h.id, h.priority, h.created_at, h.concurrency_max, h.rank, \
                 (SELECT count(*) FROM jobs p WHERE p.concurrency_key = keys.k \
                    AND p.state IN ('Assigned', 'Scheduled', 'Running')) AS placed \
          FROM keys CROSS JOIN LATERAL ( \
-             SELECT id, priority, created_at, concurrency_max FROM jobs \
+             SELECT id, priority, created_at, concurrency_max, \
+                    row_number() OVER (ORDER BY priority DESC, created_at, id) - 1 AS rank \
+             FROM jobs \
              WHERE concurrency_key = keys.k AND state = 'Pending' AND not_before IS NULL \
                AND ($1 = 'any' OR (spec ? 'image') = ($1 = 'container')) \
-             ORDER BY priority DESC, created_at, id LIMIT 1) h \
+             ORDER BY priority DESC, created_at, id LIMIT $2) h \
          WHERE keys.k IS NOT NULL \
      ) \
      SELECT id FROM heads \
-     WHERE concurrency_max IS NULL OR placed < concurrency_max \
-     ORDER BY priority DESC, placed, created_at, id LIMIT $2";
+     WHERE concurrency_max IS NULL OR placed + rank < concurrency_max \
+     ORDER BY priority DESC, placed + rank, created_at, id LIMIT $2";
 /// Heads [`lock_next_pending`] tries in one round.
+///
+/// [`NEXT_PENDING_SQL`] gives the first `$2` jobs in the order they would be placed one
+/// after the other: each key's jobs in turn (by priority, then age), the `r`-th of a key
+/// (from 0) counted as if the `r` before it were placed, so that a key's later jobs come
+/// after its earlier ones and never beyond its limit. Its first row is the next job.
 const HEADS_PER_ROUND: i64 = 4;
 /// Overdue deadlines and finished backoffs ([`due`]).
 pub const DUE_SQL: &str = "(SELECT id, deadline_at AS due FROM jobs WHERE deadline_at <= now() ORDER BY deadline_at LIMIT $1) \
@@ -313,6 +320,36 @@ pub async fn lock_next_pending(conn: &mut PgConnection, kinds: Kinds) -> Result<
         }
     }
     Ok(None)
+}
+
+/// The next `n` Pending jobs to place, as [`lock_next_pending`] would give them one after
+/// the other, locked, in two statements (the heads, then their rows); and whether more may
+/// be placeable than these: a head that no longer waits once its lock is granted (a
+/// cancellation that held it) is left out, and the caller then asks [`lock_next_pending`]
+/// for the rest, after writing these (whose placements the next heads must count). Call it
+/// under [`crate::placement_lock`].
+pub async fn lock_next_pending_many(
+    conn: &mut PgConnection,
+    kinds: Kinds,
+    n: usize,
+) -> Result<(Vec<Job>, bool)> {
+    let heads = heads(&mut *conn, kinds, i64::try_from(n).unwrap_or(i64::MAX)).await?;
+    let mut locked: std::collections::HashMap<Uuid, Job> = lock_all(conn, &heads)
+        .await?
+        .into_iter()
+        .map(|job| (job.id, job))
+        .collect();
+    let mut jobs = Vec::with_capacity(heads.len());
+    let mut passed_over = false;
+    for id in heads {
+        match locked.remove(&id) {
+            Some(job) if job.state == JobState::Pending && job.not_before.is_none() => {
+                jobs.push(job)
+            }
+            _ => passed_over = true,
+        }
+    }
+    Ok((jobs, passed_over))
 }
 
 /// Whether the pending job `id`, written by this transaction (so its row is this

@@ -319,6 +319,9 @@ impl Aggregate for hodei_domain::Worker {
     async fn write(&mut self, conn: &mut PgConnection) -> Result<()> {
         workers::update(conn, self).await
     }
+    async fn write_all(conn: &mut PgConnection, workers: &mut [&mut Self]) -> Result<()> {
+        workers::update_many(conn, workers).await
+    }
 }
 
 /// A transaction that collects the outbox rows it writes ([`Tx::save`],

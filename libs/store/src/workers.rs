@@ -88,32 +88,51 @@ pub async fn insert(conn: &mut PgConnection, worker: &Worker) -> Result<()> {
 
 /// Write a changed worker if nobody changed it since it was loaded; bumps `worker.version`.
 pub async fn update(conn: &mut PgConnection, worker: &mut Worker) -> Result<()> {
-    let result = sqlx::query(
-        "UPDATE workers SET state = $2, reserved_job_id = $3, current_job_id = $4, token_hash = $5, \
-                            last_heartbeat_at = $6, updated_at = $7, version = version + 1, deadline_at = $9, \
-                            jobs_run = $10 \
-         WHERE id = $1 AND version = $8",
-    )
-    .bind(worker.id)
-    .bind(worker.state.as_str())
-    .bind(worker.reserved_job_id)
-    .bind(worker.current_job_id)
-    .bind(&worker.token_hash)
-    .bind(worker.last_heartbeat_at)
-    .bind(worker.updated_at)
-    .bind(worker.version)
-    .bind(worker.deadline_at)
-    .bind(count(worker.jobs_run))
-    .execute(conn)
-    .await?;
-    if result.rows_affected() != 1 {
+    update_many(conn, &mut [worker]).await
+}
+
+/// Write the changed workers in one statement, each only if its row still has the version it
+/// was loaded with (a worker changed meanwhile fails them all).
+pub async fn update_many(conn: &mut PgConnection, workers: &mut [&mut Worker]) -> Result<()> {
+    if workers.is_empty() {
+        return Ok(());
+    }
+    let mut update = sqlx::QueryBuilder::new(
+        "UPDATE workers SET state = v.state, reserved_job_id = v.reserved_job_id, \
+                            current_job_id = v.current_job_id, token_hash = v.token_hash, \
+                            last_heartbeat_at = v.last_heartbeat_at, updated_at = v.updated_at, \
+                            version = workers.version + 1, deadline_at = v.deadline_at, \
+                            jobs_run = v.jobs_run \
+         FROM (",
+    );
+    update.push_values(workers.iter(), |mut row, worker| {
+        row.push_bind(worker.id)
+            .push_bind(worker.state.as_str())
+            .push_bind(worker.reserved_job_id)
+            .push_bind(worker.current_job_id)
+            .push_bind(&worker.token_hash)
+            .push_bind(worker.last_heartbeat_at)
+            .push_bind(worker.updated_at)
+            .push_bind(worker.version)
+            .push_bind(worker.deadline_at)
+            .push_bind(count(worker.jobs_run));
+    });
+    update.push(
+        ") AS v(id, state, reserved_job_id, current_job_id, token_hash, last_heartbeat_at, \
+                updated_at, version, deadline_at, jobs_run) \
+         WHERE workers.id = v.id AND workers.version = v.version RETURNING workers.id",
+    );
+    let written: Vec<Uuid> = update.build_query_scalar().fetch_all(&mut *conn).await?;
+    if let Some(stale) = workers.iter().find(|worker| !written.contains(&worker.id)) {
         return Err(StoreError::VersionConflict {
             aggregate: "worker",
-            id: worker.id,
-            expected: worker.version,
+            id: stale.id,
+            expected: stale.version,
         });
     }
-    worker.version += 1;
+    for worker in workers.iter_mut() {
+        worker.version += 1;
+    }
     Ok(())
 }
 

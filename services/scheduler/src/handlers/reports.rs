@@ -163,19 +163,22 @@ async fn apply_with_hand_overs(
             apply_to(job, worker_id, report)
         })
         .await?;
-    let mut handed_over = HashMap::new();
-    for (one, ended) in leaving_pool_workers(changes, &outcomes, pooled) {
-        let worker_id = one.input.0;
-        // Each worker as locked above (the jobs' changes do not touch its row), handed over
-        // to once: a second report of it in the batch neither gets nor hides its next job.
-        let Some(worker) = locked.remove(&worker_id) else {
-            continue;
-        };
-        let next = hodei_placement::hand_over(&mut tx, worker, ended, &state.actor)
-            .instrument(one.span.clone())
-            .await?;
-        handed_over.insert(worker_id, next);
-    }
+    // Each worker as locked above (the jobs' changes do not touch its row), handed over to
+    // once: a second report of it in the batch neither gets nor hides its next job.
+    let leaving: Vec<hodei_placement::HandOver> = leaving_pool_workers(changes, &outcomes, pooled)
+        .filter_map(|(one, ended)| {
+            Some(hodei_placement::HandOver {
+                worker: locked.remove(&one.input.0)?,
+                ended,
+                span: one.span.clone(),
+            })
+        })
+        .collect();
+    let workers: Vec<Uuid> = leaving.iter().map(|one| one.worker.id).collect();
+    let next = hodei_placement::hand_over_all(&mut tx, leaving, &state.actor)
+        .instrument(first.span.clone())
+        .await?;
+    let handed_over: HashMap<Uuid, Option<RunJob>> = workers.into_iter().zip(next).collect();
     hodei_store::commit(tx)
         .instrument(first.span.clone())
         .await?;
