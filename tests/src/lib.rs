@@ -180,7 +180,13 @@ impl NatsServer {
         authority
             .write_server_conf(&conf, &format!("{host}:{port}"), &dir.join("store"), "")
             .expect("write the server's configuration");
-        Command::new(bin)
+        let mut command = Command::new(bin);
+        // For profiling (not for tests, which run in parallel): the server's monitoring port,
+        // where `/connz` and `/varz` count the messages of each connection.
+        if let Ok(port) = std::env::var("HODEI_TEST_NATS_MONITOR_PORT") {
+            command.arg("-m").arg(port);
+        }
+        command
             .arg("-c")
             .arg(&conf)
             .arg("-l")
