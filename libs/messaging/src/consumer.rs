@@ -202,6 +202,15 @@ async fn open(js: &JetStream, config: &ConsumerConfig) -> Result<pull::Stream, a
         tracing::info!(consumer = %config.durable, from = ?(&had.filter_subject, &had.filter_subjects), to = ?config.filter_subjects, "the consumer's subjects changed; updating it");
         consumer = stream.update_consumer(wanted).await?;
     }
+    let got = &consumer.cached_info().config;
+    if !config.filter_subjects.is_empty()
+        && got.filter_subject.is_empty()
+        && got.filter_subjects.is_empty()
+    {
+        // NATS before 2.10 ignores several filter subjects: every message comes, and the
+        // handler acknowledges those it has nothing to do with.
+        tracing::warn!(consumer = %config.durable, "the server ignored the consumer's filter subjects (NATS before 2.10?); it takes the whole stream");
+    }
     Ok(pull_stream(&consumer).await?)
 }
 
