@@ -91,27 +91,33 @@ pub const NEXT_PENDING_SQL: &str = "WITH RECURSIVE keys(k) AS ( \
                  ORDER BY concurrency_key LIMIT 1) \
          FROM keys WHERE keys.k IS NOT NULL \
      ), heads AS MATERIALIZED ( \
-         SELECT h.id, h.priority, h.created_at, h.concurrency_max, h.rank, \
-                (SELECT count(*) FROM jobs p WHERE p.concurrency_key = keys.k \
-                   AND p.state IN ('Assigned', 'Scheduled', 'Running')) AS placed \
-         FROM keys CROSS JOIN LATERAL ( \
-             SELECT id, priority, created_at, concurrency_max, \
-                    row_number() OVER (ORDER BY priority DESC, created_at, id) - 1 AS rank \
-             FROM jobs \
-             WHERE concurrency_key = keys.k AND state = 'Pending' AND not_before IS NULL \
-               AND ($1 = 'any' OR (spec ? 'image') = ($1 = 'container')) \
-             ORDER BY priority DESC, created_at, id LIMIT $2) h \
-         WHERE keys.k IS NOT NULL \
+         SELECT h.id, h.priority, h.created_at, h.rank, p.placed \
+         FROM keys \
+         CROSS JOIN LATERAL ( \
+             SELECT count(*) AS placed FROM jobs WHERE concurrency_key = keys.k \
+               AND state IN ('Assigned', 'Scheduled', 'Running')) p \
+         CROSS JOIN LATERAL ( \
+             SELECT r.id, r.priority, r.created_at, r.rank, \
+                    bool_and(r.concurrency_max IS NULL OR p.placed + r.rank < r.concurrency_max) \
+                        OVER (ORDER BY r.rank) AS open \
+             FROM ( \
+                 SELECT id, priority, created_at, concurrency_max, \
+                        row_number() OVER (ORDER BY priority DESC, created_at, id) - 1 AS rank \
+                 FROM jobs \
+                 WHERE concurrency_key = keys.k AND state = 'Pending' AND not_before IS NULL \
+                   AND ($1 = 'any' OR (spec ? 'image') = ($1 = 'container')) \
+                 ORDER BY priority DESC, created_at, id LIMIT $2) r) h \
+         WHERE keys.k IS NOT NULL AND h.open \
      ) \
-     SELECT id FROM heads \
-     WHERE concurrency_max IS NULL OR placed + rank < concurrency_max \
-     ORDER BY priority DESC, placed + rank, created_at, id LIMIT $2";
+     SELECT id FROM heads ORDER BY priority DESC, placed + rank, created_at, id LIMIT $2";
 /// Heads [`lock_next_pending`] tries in one round.
 ///
 /// [`NEXT_PENDING_SQL`] gives the first `$2` jobs in the order they would be placed one
 /// after the other: each key's jobs in turn (by priority, then age), the `r`-th of a key
 /// (from 0) counted as if the `r` before it were placed, so that a key's later jobs come
-/// after its earlier ones and never beyond its limit. Its first row is the next job.
+/// after its earlier ones; a job goes only while fewer than its own limit of its key are
+/// placed, and a job that may not go holds back the rest of its key (as the key's head
+/// does when placed one at a time). Its first row is the next job.
 const HEADS_PER_ROUND: i64 = 4;
 /// Overdue deadlines and finished backoffs ([`due`]).
 pub const DUE_SQL: &str = "(SELECT id, deadline_at AS due FROM jobs WHERE deadline_at <= now() ORDER BY deadline_at LIMIT $1) \
@@ -191,6 +197,15 @@ pub async fn update_many(conn: &mut PgConnection, jobs: &mut [&mut Job]) -> Resu
                                            FROM jsonb_object_keys(jobs.spec->'env') AS key)) \
                                      ELSE jobs.spec END \
          FROM (",
+    );
+    // A row of the VALUES list per job: an id given twice would have one of its writes lost.
+    debug_assert_eq!(
+        jobs.iter()
+            .map(|one| one.id)
+            .collect::<std::collections::HashSet<_>>()
+            .len(),
+        jobs.len(),
+        "each job once"
     );
     update.push_values(jobs.iter(), |mut row, job| {
         row.push_bind(job.id)

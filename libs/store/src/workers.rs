@@ -105,6 +105,16 @@ pub async fn update_many(conn: &mut PgConnection, workers: &mut [&mut Worker]) -
                             jobs_run = v.jobs_run \
          FROM (",
     );
+    // A row of the VALUES list per worker: an id given twice would have one of its writes lost.
+    debug_assert_eq!(
+        workers
+            .iter()
+            .map(|one| one.id)
+            .collect::<std::collections::HashSet<_>>()
+            .len(),
+        workers.len(),
+        "each worker once"
+    );
     update.push_values(workers.iter(), |mut row, worker| {
         row.push_bind(worker.id)
             .push_bind(worker.state.as_str())
