@@ -170,7 +170,7 @@ pub struct HandOver {
 /// [`hand_over`] for the workers of one transaction at once, their next jobs taken in the
 /// order one hand-over after the other would take them: the jobs read and locked in two
 /// statements ([`jobs::lock_next_pending_many`]), then written in one and the workers in
-/// one. The next job of each, in their order (`None`: it does not go on, or no job waits).
+/// one (a round more when a head was passed over). The next job of each, in their order (`None`: it does not go on, or no job waits).
 pub async fn hand_over_all(
     tx: &mut Tx,
     leaving: Vec<HandOver>,
@@ -195,65 +195,50 @@ pub async fn hand_over_all(
         .enumerate()
         .filter(|(_, one)| goes_on(one))
         .collect();
-    if going.is_empty() {
-        return Ok(runs);
-    }
-    // A job in a container gets a container of its own: never a warm-pool process.
-    let (next, passed_over) =
-        jobs::lock_next_pending_many(tx, jobs::Kinds::Processes, going.len()).await?;
-    let rest = going.split_off(next.len().min(going.len()));
-    let mut given: Vec<(usize, HandOver, Job, Vec<DomainEvent>)> = Vec::with_capacity(next.len());
-    for ((i, mut one), mut job) in going.into_iter().zip(next) {
-        // Busy -> Ready -> Busy in one transaction: the events of the release are not written
-        // (the assignment's WorkerStatusChanged records the change).
-        if one.worker.state == hodei_domain::WorkerState::Busy {
-            let _released = one.worker.job_left(one.ended, true, "ended", actor)?;
+    // A head passed over (it no longer waits once its lock is granted: a cancellation held
+    // it) leaves the workers after it to another round, read after this round's writes.
+    for _round in 0..3 {
+        if going.is_empty() {
+            break;
         }
-        let mut events = vec![job.assign(one.worker.id, actor)?];
-        events.push(one.worker.assign(job.id, actor)?);
-        given.push((i, one, job, events));
-    }
-    {
-        let mut jobs: Vec<&mut Job> = given.iter_mut().map(|(_, _, job, _)| job).collect();
-        jobs::update_many(tx, &mut jobs).await?;
-    }
-    {
-        let mut workers: Vec<&mut Worker> = given
-            .iter_mut()
-            .map(|(_, one, _, _)| &mut one.worker)
-            .collect();
-        workers::update_many(tx, &mut workers).await?;
-    }
-    for (i, one, job, events) in &given {
-        outbox::append_events(tx, events)
-            .instrument(one.span.clone())
-            .await?;
-        one.span.in_scope(|| tracing::info!(job_id = %job.id, worker_id = %one.worker.id, attempt = job.attempt, "next job given with the report"));
-        runs[*i] = Some(run_job_of(job));
-    }
-    // A head passed over: the workers left take their next jobs one at a time, each read
-    // after the placements above.
-    if passed_over {
-        for (i, one) in rest {
-            let span = one.span.clone();
-            let one_after = async {
-                let Some(mut job) = jobs::lock_next_pending(tx, jobs::Kinds::Processes).await?
-                else {
-                    return Ok::<_, ApiError>(None);
-                };
-                let mut worker = one.worker;
-                if worker.state == hodei_domain::WorkerState::Busy {
-                    let _released = worker.job_left(one.ended, true, "ended", actor)?;
-                }
-                let run = assign_in_answer(tx, &mut job, &mut worker, actor).await?;
-                tracing::info!(job_id = %job.id, worker_id = %worker.id, attempt = job.attempt, "next job given with the report");
-                Ok(Some(run))
-            };
-            match one_after.instrument(span).await? {
-                Some(run) => runs[i] = Some(run),
-                None => break,
+        // A job in a container gets a container of its own: never a warm-pool process.
+        let (next, passed_over) =
+            jobs::lock_next_pending_many(tx, jobs::Kinds::Processes, going.len()).await?;
+        let rest = going.split_off(next.len());
+        let mut given: Vec<(usize, HandOver, Job, Vec<DomainEvent>)> =
+            Vec::with_capacity(next.len());
+        for ((i, mut one), mut job) in going.into_iter().zip(next) {
+            // Busy -> Ready -> Busy in one transaction: the events of the release are not
+            // written (the assignment's WorkerStatusChanged records the change).
+            if one.worker.state == hodei_domain::WorkerState::Busy {
+                let _released = one.worker.job_left(one.ended, true, "ended", actor)?;
             }
+            let mut events = vec![job.assign(one.worker.id, actor)?];
+            events.push(one.worker.assign(job.id, actor)?);
+            given.push((i, one, job, events));
         }
+        {
+            let mut jobs: Vec<&mut Job> = given.iter_mut().map(|(_, _, job, _)| job).collect();
+            jobs::update_many(tx, &mut jobs).await?;
+        }
+        {
+            let mut workers: Vec<&mut Worker> = given
+                .iter_mut()
+                .map(|(_, one, _, _)| &mut one.worker)
+                .collect();
+            workers::update_many(tx, &mut workers).await?;
+        }
+        for (i, one, job, events) in &given {
+            outbox::append_events(tx, events)
+                .instrument(one.span.clone())
+                .await?;
+            one.span.in_scope(|| tracing::info!(job_id = %job.id, worker_id = %one.worker.id, attempt = job.attempt, "next job given with the report"));
+            runs[*i] = Some(run_job_of(job));
+        }
+        if !passed_over {
+            break;
+        }
+        going = rest;
     }
     Ok(runs)
 }

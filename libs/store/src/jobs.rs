@@ -69,12 +69,15 @@ pub const SCHEDULED_ON_SQL: &str = concat!(
     columns!(),
     " FROM jobs WHERE worker_id = $1 AND state = 'Scheduled' FOR UPDATE"
 );
-/// The jobs placement may take next, best first, as ids ([`lock_next_pending`]): of the keys
-/// with waiting jobs (`concurrency_key`, '' for jobs without one), each key's head by
-/// priority then age; of those whose key has fewer than the head's `max` jobs placed, the
-/// highest priority, then the key with the fewest jobs placed (so keys of equal priority
-/// take turns: a key with 10,000 waiting jobs and one with 10 both progress), then the
-/// oldest. `$1` is the kinds of job ([`Kinds`]), `$2` how many heads.
+/// The jobs placement may take next, best first, as ids ([`lock_next_pending`]): the first
+/// `$2` in the order one placement after the other would take them. Of the keys with waiting
+/// jobs (`concurrency_key`, '' for jobs without one), each key's jobs by priority then age,
+/// the `r`-th (from 0) counted as if the `r` before it were placed; a job goes only while
+/// fewer than its own `max` of its key are placed, and one that may not go holds back the
+/// rest of its key. Then the highest priority, the key with the fewest jobs placed (so keys
+/// of equal priority take turns: a key with 10,000 waiting jobs and one with 10 both
+/// progress), the oldest. The first row is the next job. `$1` is the kinds of job
+/// ([`Kinds`]), `$2` how many.
 ///
 /// Only ids: the rows are read (and locked) by primary key afterwards. Joining the heads
 /// back to `jobs` here let the planner, whose statistics on a table this busy are always
@@ -111,13 +114,6 @@ pub const NEXT_PENDING_SQL: &str = "WITH RECURSIVE keys(k) AS ( \
      ) \
      SELECT id FROM heads ORDER BY priority DESC, placed + rank, created_at, id LIMIT $2";
 /// Heads [`lock_next_pending`] tries in one round.
-///
-/// [`NEXT_PENDING_SQL`] gives the first `$2` jobs in the order they would be placed one
-/// after the other: each key's jobs in turn (by priority, then age), the `r`-th of a key
-/// (from 0) counted as if the `r` before it were placed, so that a key's later jobs come
-/// after its earlier ones; a job goes only while fewer than its own limit of its key are
-/// placed, and a job that may not go holds back the rest of its key (as the key's head
-/// does when placed one at a time). Its first row is the next job.
 const HEADS_PER_ROUND: i64 = 4;
 /// Overdue deadlines and finished backoffs ([`due`]).
 pub const DUE_SQL: &str = "(SELECT id, deadline_at AS due FROM jobs WHERE deadline_at <= now() ORDER BY deadline_at LIMIT $1) \
@@ -340,9 +336,9 @@ pub async fn lock_next_pending(conn: &mut PgConnection, kinds: Kinds) -> Result<
 /// The next `n` Pending jobs to place, as [`lock_next_pending`] would give them one after
 /// the other, locked, in two statements (the heads, then their rows); and whether more may
 /// be placeable than these: a head that no longer waits once its lock is granted (a
-/// cancellation that held it) is left out, and the caller then asks [`lock_next_pending`]
-/// for the rest, after writing these (whose placements the next heads must count). Call it
-/// under [`crate::placement_lock`].
+/// cancellation that held it) is left out, and the caller then asks again for the rest,
+/// after writing these (whose placements the next heads must count). Call it under
+/// [`crate::placement_lock`].
 pub async fn lock_next_pending_many(
     conn: &mut PgConnection,
     kinds: Kinds,
