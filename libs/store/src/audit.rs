@@ -14,22 +14,23 @@ pub async fn record(pool: &PgPool, events: &[DomainEvent]) -> Result<u64> {
     if events.is_empty() {
         return Ok(0);
     }
-    let mut insert = QueryBuilder::new(
+    let result = sqlx::query(
         "INSERT INTO audit_log (event_id, occurred_at, event_type, aggregate_type, aggregate_id, \
-                                correlation_id, actor, payload) ",
-    );
-    insert.push_values(events, |mut row, event| {
-        row.push_bind(event.event_id)
-            .push_bind(event.occurred_at)
-            .push_bind(&event.event_type)
-            .push_bind(event.aggregate_type.as_str())
-            .push_bind(event.aggregate_id)
-            .push_bind(&event.correlation_id)
-            .push_bind(event.actor.as_str())
-            .push_bind(sqlx::types::Json(&event.payload));
-    });
-    insert.push(" ON CONFLICT (event_id) DO NOTHING");
-    let result = insert.build().execute(pool).await?;
+                                correlation_id, actor, payload) \
+         SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::uuid[], \
+                              $6::text[], $7::text[], $8::jsonb[]) \
+         ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(crate::column(events, |e| e.event_id))
+    .bind(crate::column(events, |e| e.occurred_at))
+    .bind(crate::column(events, |e| e.event_type.as_str()))
+    .bind(crate::column(events, |e| e.aggregate_type.as_str()))
+    .bind(crate::column(events, |e| e.aggregate_id))
+    .bind(crate::column(events, |e| e.correlation_id.as_str()))
+    .bind(crate::column(events, |e| e.actor.as_str()))
+    .bind(crate::column(events, |e| sqlx::types::Json(&e.payload)))
+    .execute(pool)
+    .await?;
     Ok(result.rows_affected())
 }
 

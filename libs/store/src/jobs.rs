@@ -141,33 +141,37 @@ pub async fn insert_many(conn: &mut PgConnection, jobs: &[&Job]) -> Result<Vec<U
     if jobs.is_empty() {
         return Ok(Vec::new());
     }
-    let mut insert = sqlx::QueryBuilder::new(
+    let ids = sqlx::query_scalar(
         "INSERT INTO jobs (id, state, spec, attempt, worker_id, exit_code, error, correlation_id, \
                            idempotency_key, version, created_at, updated_at, policy, priority, start_by, \
-                           deadline_at, not_before, fenced_by) ",
-    );
-    insert.push_values(jobs, |mut row, job| {
-        row.push_bind(job.id)
-            .push_bind(job.state.as_str())
-            .push_bind(sqlx::types::Json(&job.spec))
-            .push_bind(job.attempt as i32)
-            .push_bind(job.worker_id)
-            .push_bind(job.exit_code)
-            .push_bind(&job.error)
-            .push_bind(&job.correlation_id)
-            .push_bind(&job.idempotency_key)
-            .push_bind(job.version)
-            .push_bind(job.created_at)
-            .push_bind(job.updated_at)
-            .push_bind(sqlx::types::Json(&job.policy))
-            .push_bind(job.policy.priority)
-            .push_bind(job.start_by)
-            .push_bind(job.deadline_at)
-            .push_bind(job.not_before)
-            .push_bind(job.fenced_by);
-    });
-    insert.push(" ON CONFLICT (idempotency_key) DO NOTHING RETURNING id");
-    Ok(insert.build_query_scalar().fetch_all(conn).await?)
+                           deadline_at, not_before, fenced_by) \
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::int4[], $5::uuid[], $6::int4[], \
+                              $7::text[], $8::text[], $9::text[], $10::int8[], $11::timestamptz[], \
+                              $12::timestamptz[], $13::jsonb[], $14::int4[], $15::timestamptz[], \
+                              $16::timestamptz[], $17::timestamptz[], $18::uuid[]) \
+         ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+    )
+    .bind(crate::column(jobs, |job| job.id))
+    .bind(crate::column(jobs, |job| job.state.as_str()))
+    .bind(crate::column(jobs, |job| sqlx::types::Json(&job.spec)))
+    .bind(crate::column(jobs, |job| job.attempt as i32))
+    .bind(crate::column(jobs, |job| job.worker_id))
+    .bind(crate::column(jobs, |job| job.exit_code))
+    .bind(crate::column(jobs, |job| job.error.as_deref()))
+    .bind(crate::column(jobs, |job| job.correlation_id.as_str()))
+    .bind(crate::column(jobs, |job| job.idempotency_key.as_deref()))
+    .bind(crate::column(jobs, |job| job.version))
+    .bind(crate::column(jobs, |job| job.created_at))
+    .bind(crate::column(jobs, |job| job.updated_at))
+    .bind(crate::column(jobs, |job| sqlx::types::Json(&job.policy)))
+    .bind(crate::column(jobs, |job| job.policy.priority))
+    .bind(crate::column(jobs, |job| job.start_by))
+    .bind(crate::column(jobs, |job| job.deadline_at))
+    .bind(crate::column(jobs, |job| job.not_before))
+    .bind(crate::column(jobs, |job| job.fenced_by))
+    .fetch_all(conn)
+    .await?;
+    Ok(ids)
 }
 
 /// Write a changed job if nobody changed it since it was loaded; bumps `job.version`.
@@ -249,8 +253,15 @@ pub async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Job>> {
 
 /// Load the jobs of `ids` that exist and lock their rows, in id order, in one statement.
 pub async fn lock_all(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Job>> {
-    let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE");
-    let rows: Vec<JobRow> = sqlx::query_as(&sql).bind(ids).fetch_all(conn).await?;
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sql = crate::lock_by_ids_sql(COLUMNS, "jobs", ids.len());
+    let rows: Vec<JobRow> = ids
+        .iter()
+        .fold(sqlx::query_as(&sql), |query, id| query.bind(id))
+        .fetch_all(conn)
+        .await?;
     rows.into_iter().map(Job::try_from).collect()
 }
 

@@ -3,7 +3,7 @@
 
 use hodei_domain::DomainEvent;
 use serde::Serialize;
-use sqlx::{PgConnection, QueryBuilder};
+use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::Result;
@@ -78,24 +78,28 @@ pub(crate) async fn flush(tx: &mut crate::Tx) -> Result<()> {
     }
     let unwritten = std::mem::take(&mut tx.unwritten);
     let rows = &tx.outgoing[tx.outgoing.len() - unwritten.len()..];
-    let mut insert = QueryBuilder::new(
-        "INSERT INTO outbox_events (event_id, kind, subject, aggregate_type, aggregate_id, \
-                                    event_type, payload, metadata) ",
-    );
-    insert.push_values(rows.iter().zip(&unwritten), |mut row, (out, of)| {
-        row.push_bind(out.event_id)
-            .push_bind(of.kind)
-            .push_bind(&out.subject)
-            .push_bind(of.aggregate_type)
-            .push_bind(of.aggregate_id)
-            .push_bind(&out.event_type)
-            .push_bind(&out.payload)
-            .push_unseparated("::jsonb")
-            .push_bind(sqlx::types::Json(out.metadata()));
-    });
-    insert.build().execute(&mut *tx.inner).await?;
+    sqlx::query(INSERT_SQL)
+        .bind(crate::column(rows, |out| out.event_id))
+        .bind(crate::column(&unwritten, |of| of.kind))
+        .bind(crate::column(rows, |out| out.subject.as_str()))
+        .bind(crate::column(&unwritten, |of| of.aggregate_type))
+        .bind(crate::column(&unwritten, |of| of.aggregate_id))
+        .bind(crate::column(rows, |out| out.event_type.as_str()))
+        .bind(crate::column(rows, |out| out.payload.as_str()))
+        .bind(crate::column(rows, |out| sqlx::types::Json(out.metadata())))
+        .execute(&mut *tx.inner)
+        .await?;
     Ok(())
 }
+
+/// [`flush`]'s INSERT, one array per column (see [`crate::column`]); rows get their ids in
+/// the order appended.
+const INSERT_SQL: &str = "INSERT INTO outbox_events (event_id, kind, subject, aggregate_type, aggregate_id, \
+                                                     event_type, payload, metadata) \
+     SELECT event_id, kind, subject, aggregate_type, aggregate_id, event_type, payload::jsonb, metadata \
+     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::text[], $7::text[], $8::jsonb[]) \
+          WITH ORDINALITY AS r(event_id, kind, subject, aggregate_type, aggregate_id, event_type, payload, metadata, n) \
+     ORDER BY n";
 
 /// One outbox row as it goes to JetStream: `Nats-Msg-Id` = `event_id`, the correlation id and
 /// the trace context of the transaction that wrote it in headers.
