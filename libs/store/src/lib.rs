@@ -114,20 +114,6 @@ pub async fn placement_lock(conn: &mut PgConnection) -> Result<()> {
     Ok(())
 }
 
-/// `SELECT {columns} FROM {table} WHERE id IN ($1, ..., $n) ORDER BY id FOR UPDATE` for `n`
-/// ids: the rows of a batch, locked in id order. A list of `n` parameters rather than one
-/// array: PostgreSQL estimates an array parameter at ten elements, so the cached generic
-/// plan of `id = ANY($1)` always looks dearer than one planned for the array at hand, and the
-/// statement was planned again at every call; a statement per `n` gets its generic plan
-/// after a few calls.
-fn lock_by_ids_sql(columns: &str, table: &str, n: usize) -> String {
-    let list = (1..=n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!("SELECT {columns} FROM {table} WHERE id IN ({list}) ORDER BY id FOR UPDATE")
-}
-
 /// One field of every row of a batch: the array parameter of an `unnest(...)` insert, which
 /// is one statement whatever the number of rows (a VALUES list of each length is a statement
 /// of its own, parsed and planned apart).

@@ -161,15 +161,8 @@ pub async fn pooled_with_jobs_left(pool: &sqlx::PgPool, ids: &[Uuid]) -> Result<
 /// order, as every transaction that locks several workers locks them: two such never wait
 /// for each other in a circle.
 pub async fn lock_all(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Worker>> {
-    if ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    let sql = crate::lock_by_ids_sql(COLUMNS, "workers", ids.len());
-    let rows: Vec<WorkerRow> = ids
-        .iter()
-        .fold(sqlx::query_as(&sql), |query, id| query.bind(id))
-        .fetch_all(conn)
-        .await?;
+    let sql = format!("SELECT {COLUMNS} FROM workers WHERE id = ANY($1) ORDER BY id FOR UPDATE");
+    let rows: Vec<WorkerRow> = sqlx::query_as(&sql).bind(ids).fetch_all(conn).await?;
     rows.into_iter().map(Worker::try_from).collect()
 }
 
