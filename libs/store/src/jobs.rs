@@ -135,42 +135,56 @@ pub async fn insert(conn: &mut PgConnection, job: &Job) -> Result<bool> {
     Ok(!insert_many(conn, &[job]).await?.is_empty())
 }
 
+macro_rules! inserted_columns {
+    () => {
+        "id, state, spec, attempt, worker_id, exit_code, error, correlation_id, idempotency_key, \
+         version, created_at, updated_at, policy, priority, start_by, deadline_at, not_before, \
+         fenced_by"
+    };
+}
+/// [`insert_many`]'s INSERT, one array per column (see [`crate::column`]), its rows in the
+/// order given: the order in which their idempotency keys are taken.
+const INSERT_MANY_SQL: &str = concat!(
+    "INSERT INTO jobs (",
+    inserted_columns!(),
+    ") SELECT ",
+    inserted_columns!(),
+    " FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::int4[], $5::uuid[], $6::int4[], \
+                  $7::text[], $8::text[], $9::text[], $10::int8[], $11::timestamptz[], \
+                  $12::timestamptz[], $13::jsonb[], $14::int4[], $15::timestamptz[], \
+                  $16::timestamptz[], $17::timestamptz[], $18::uuid[]) \
+       WITH ORDINALITY AS r(",
+    inserted_columns!(),
+    ", n) ORDER BY n ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"
+);
+
 /// Insert new jobs in one statement; returns the ids of those inserted (a job whose
 /// idempotency key is taken, by an older job or by one before it in `jobs`, is not).
 pub async fn insert_many(conn: &mut PgConnection, jobs: &[&Job]) -> Result<Vec<Uuid>> {
     if jobs.is_empty() {
         return Ok(Vec::new());
     }
-    let ids = sqlx::query_scalar(
-        "INSERT INTO jobs (id, state, spec, attempt, worker_id, exit_code, error, correlation_id, \
-                           idempotency_key, version, created_at, updated_at, policy, priority, start_by, \
-                           deadline_at, not_before, fenced_by) \
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::int4[], $5::uuid[], $6::int4[], \
-                              $7::text[], $8::text[], $9::text[], $10::int8[], $11::timestamptz[], \
-                              $12::timestamptz[], $13::jsonb[], $14::int4[], $15::timestamptz[], \
-                              $16::timestamptz[], $17::timestamptz[], $18::uuid[]) \
-         ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
-    )
-    .bind(crate::column(jobs, |job| job.id))
-    .bind(crate::column(jobs, |job| job.state.as_str()))
-    .bind(crate::column(jobs, |job| sqlx::types::Json(&job.spec)))
-    .bind(crate::column(jobs, |job| job.attempt as i32))
-    .bind(crate::column(jobs, |job| job.worker_id))
-    .bind(crate::column(jobs, |job| job.exit_code))
-    .bind(crate::column(jobs, |job| job.error.as_deref()))
-    .bind(crate::column(jobs, |job| job.correlation_id.as_str()))
-    .bind(crate::column(jobs, |job| job.idempotency_key.as_deref()))
-    .bind(crate::column(jobs, |job| job.version))
-    .bind(crate::column(jobs, |job| job.created_at))
-    .bind(crate::column(jobs, |job| job.updated_at))
-    .bind(crate::column(jobs, |job| sqlx::types::Json(&job.policy)))
-    .bind(crate::column(jobs, |job| job.policy.priority))
-    .bind(crate::column(jobs, |job| job.start_by))
-    .bind(crate::column(jobs, |job| job.deadline_at))
-    .bind(crate::column(jobs, |job| job.not_before))
-    .bind(crate::column(jobs, |job| job.fenced_by))
-    .fetch_all(conn)
-    .await?;
+    let ids = sqlx::query_scalar(INSERT_MANY_SQL)
+        .bind(crate::column(jobs, |job| job.id))
+        .bind(crate::column(jobs, |job| job.state.as_str()))
+        .bind(crate::column(jobs, |job| sqlx::types::Json(&job.spec)))
+        .bind(crate::column(jobs, |job| job.attempt as i32))
+        .bind(crate::column(jobs, |job| job.worker_id))
+        .bind(crate::column(jobs, |job| job.exit_code))
+        .bind(crate::column(jobs, |job| job.error.as_deref()))
+        .bind(crate::column(jobs, |job| job.correlation_id.as_str()))
+        .bind(crate::column(jobs, |job| job.idempotency_key.as_deref()))
+        .bind(crate::column(jobs, |job| job.version))
+        .bind(crate::column(jobs, |job| job.created_at))
+        .bind(crate::column(jobs, |job| job.updated_at))
+        .bind(crate::column(jobs, |job| sqlx::types::Json(&job.policy)))
+        .bind(crate::column(jobs, |job| job.policy.priority))
+        .bind(crate::column(jobs, |job| job.start_by))
+        .bind(crate::column(jobs, |job| job.deadline_at))
+        .bind(crate::column(jobs, |job| job.not_before))
+        .bind(crate::column(jobs, |job| job.fenced_by))
+        .fetch_all(conn)
+        .await?;
     Ok(ids)
 }
 
