@@ -21,6 +21,11 @@ pub const HOT_QUERIES: &[HotQuery] = &[
         args: "('any', 4)",
     },
     HotQuery {
+        name: "any job waiting (placement)",
+        sql: jobs::ANY_PENDING_SQL,
+        args: "",
+    },
+    HotQuery {
         name: "any container job waiting (placement)",
         sql: jobs::ANY_PENDING_IN_CONTAINERS_SQL,
         args: "",
@@ -48,6 +53,11 @@ pub const HOT_QUERIES: &[HotQuery] = &[
     HotQuery {
         name: "free ready worker (placement)",
         sql: workers::FREE_READY_SQL,
+        args: "",
+    },
+    HotQuery {
+        name: "any live pool worker (warm pool)",
+        sql: workers::ANY_LIVE_POOLED_SQL,
         args: "",
     },
     HotQuery {

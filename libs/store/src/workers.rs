@@ -197,6 +197,15 @@ pub async fn lock_free_ready(conn: &mut PgConnection) -> Result<Option<Worker>> 
     row.map(Worker::try_from).transpose()
 }
 
+/// Whether any pool worker is alive and not on its way out, as [`count_live`] counts them
+/// (no lock).
+pub async fn any_live_pooled(conn: &mut PgConnection) -> Result<bool> {
+    let (any,): (bool,) = sqlx::query_as(ANY_LIVE_POOLED_SQL).fetch_one(conn).await?;
+    Ok(any)
+}
+pub const ANY_LIVE_POOLED_SQL: &str = "SELECT EXISTS (SELECT 1 FROM workers \
+                                       WHERE pooled AND state <> 'Terminated' AND state <> 'Terminating')";
+
 /// Whether any Ready worker waits for a job (no lock; an index lookup).
 pub async fn any_free_ready(conn: &mut PgConnection) -> Result<bool> {
     let (any,): (bool,) = sqlx::query_as(

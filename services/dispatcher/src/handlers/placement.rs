@@ -48,22 +48,26 @@ pub(crate) async fn place_pending(state: &State, limit: usize) -> Result<usize, 
     Ok(placed)
 }
 
-/// Whether a placement may be possible, looked at without the placement lock: with a warm
-/// pool, a process job goes only to a free ready worker, so with none free and no container
-/// job waiting there is nothing to place (and no lock to wait for behind the other
-/// placements). A worker freed, or a container job queued, after this look raises its own
-/// event (WorkerReadyForJob, JobQueued), which places again.
+/// Whether a placement may be possible, looked at without the placement lock, so that a
+/// look that finds nothing takes no lock and opens no transaction (behind the other
+/// placements). With a warm pool, a process job goes only to a free ready worker: with none
+/// free and no container job waiting there is nothing to place. Without one, a placement
+/// needs a waiting job. Whatever changes after this look raises its own event, which places
+/// again: a worker freed WorkerReadyForJob or WorkerTerminated, a job that may go JobQueued
+/// (on submission, retry and release alike).
 async fn anything_placeable(state: &State) -> Result<bool, ApiError> {
-    if state.warm_pool.is_none() {
-        return Ok(true);
-    }
     let mut conn = state
         .store
         .acquire()
         .await
         .map_err(hodei_store::StoreError::from)?;
-    Ok(workers::any_free_ready(&mut conn).await?
-        || jobs::any_pending_in_containers(&mut conn).await?)
+    Ok(match state.warm_pool {
+        Some(_) => {
+            workers::any_free_ready(&mut conn).await?
+                || jobs::any_pending_in_containers(&mut conn).await?
+        }
+        None => jobs::any_pending(&mut conn).await?,
+    })
 }
 
 /// Up to `limit` placements in one transaction under the placement lock; how many were
@@ -132,6 +136,12 @@ async fn place_together(state: &State, limit: usize) -> Result<(usize, bool), Ap
 /// pool is smaller than the pool workers alive (it was shrunk or turned off), tear idle
 /// surplus workers down (busy ones go when their job ends).
 pub(crate) async fn replenish_pool(state: &State) -> Result<u32, ApiError> {
+    // Without a pool there is only a surplus to tear down, and only while pool workers of an
+    // earlier configuration live: a look without the lock finds most times that none do.
+    // (Without a pool no pool worker is made, so none appears after the look.)
+    if state.warm_pool.is_none() && !no_pool_but_pool_workers(state).await? {
+        return Ok(0);
+    }
     let mut tx = state.store.begin().await?;
     hodei_store::placement_lock(&mut tx).await?;
     let surplus = pool_surplus(&mut tx, state).await?;
@@ -181,6 +191,16 @@ pub(crate) async fn replenish_pool(state: &State) -> Result<u32, ApiError> {
         );
     }
     Ok(missing)
+}
+
+/// Whether pool workers live although no pool is configured (no lock).
+async fn no_pool_but_pool_workers(state: &State) -> Result<bool, ApiError> {
+    let mut conn = state
+        .store
+        .acquire()
+        .await
+        .map_err(hodei_store::StoreError::from)?;
+    Ok(workers::any_live_pooled(&mut conn).await?)
 }
 
 /// How many pool workers are alive beyond the configured pool size (all of them without a pool).
