@@ -443,8 +443,8 @@ impl Kinds {
 
 /// Whether any job waits to be placed, its backoff over (the first entry of the queue's
 /// index; no lock).
-pub async fn any_pending(conn: &mut PgConnection) -> Result<bool> {
-    let (any,): (bool,) = sqlx::query_as(ANY_PENDING_SQL).fetch_one(conn).await?;
+pub async fn any_pending(pool: &PgPool) -> Result<bool> {
+    let (any,): (bool,) = sqlx::query_as(ANY_PENDING_SQL).fetch_one(pool).await?;
     Ok(any)
 }
 /// The first entry of the queue's index (`jobs_pending_by_key`), in its order: as `EXISTS`,

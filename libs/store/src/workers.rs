@@ -199,8 +199,8 @@ pub async fn lock_free_ready(conn: &mut PgConnection) -> Result<Option<Worker>> 
 
 /// Whether any pool worker is alive and not on its way out, as [`count_live`] counts them
 /// (no lock).
-pub async fn any_live_pooled(conn: &mut PgConnection) -> Result<bool> {
-    let (any,): (bool,) = sqlx::query_as(ANY_LIVE_POOLED_SQL).fetch_one(conn).await?;
+pub async fn any_live_pooled(pool: &PgPool) -> Result<bool> {
+    let (any,): (bool,) = sqlx::query_as(ANY_LIVE_POOLED_SQL).fetch_one(pool).await?;
     Ok(any)
 }
 pub const ANY_LIVE_POOLED_SQL: &str = "SELECT EXISTS (SELECT 1 FROM workers \

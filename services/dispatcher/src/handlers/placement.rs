@@ -56,18 +56,16 @@ pub(crate) async fn place_pending(state: &State, limit: usize) -> Result<usize, 
 /// again: a worker freed WorkerReadyForJob or WorkerTerminated, a job that may go JobQueued
 /// (on submission, retry and release alike).
 async fn anything_placeable(state: &State) -> Result<bool, ApiError> {
+    if state.warm_pool.is_none() {
+        return Ok(jobs::any_pending(&state.store).await?);
+    }
     let mut conn = state
         .store
         .acquire()
         .await
         .map_err(hodei_store::StoreError::from)?;
-    Ok(match state.warm_pool {
-        Some(_) => {
-            workers::any_free_ready(&mut conn).await?
-                || jobs::any_pending_in_containers(&mut conn).await?
-        }
-        None => jobs::any_pending(&mut conn).await?,
-    })
+    Ok(workers::any_free_ready(&mut conn).await?
+        || jobs::any_pending_in_containers(&mut conn).await?)
 }
 
 /// Up to `limit` placements in one transaction under the placement lock; how many were
@@ -139,7 +137,7 @@ pub(crate) async fn replenish_pool(state: &State) -> Result<u32, ApiError> {
     // Without a pool there is only a surplus to tear down, and only while pool workers of an
     // earlier configuration live: a look without the lock finds most times that none do.
     // (Without a pool no pool worker is made, so none appears after the look.)
-    if state.warm_pool.is_none() && !no_pool_but_pool_workers(state).await? {
+    if state.warm_pool.is_none() && !workers::any_live_pooled(&state.store).await? {
         return Ok(0);
     }
     let mut tx = state.store.begin().await?;
@@ -191,16 +189,6 @@ pub(crate) async fn replenish_pool(state: &State) -> Result<u32, ApiError> {
         );
     }
     Ok(missing)
-}
-
-/// Whether pool workers live although no pool is configured (no lock).
-async fn no_pool_but_pool_workers(state: &State) -> Result<bool, ApiError> {
-    let mut conn = state
-        .store
-        .acquire()
-        .await
-        .map_err(hodei_store::StoreError::from)?;
-    Ok(workers::any_live_pooled(&mut conn).await?)
 }
 
 /// How many pool workers are alive beyond the configured pool size (all of them without a pool).
