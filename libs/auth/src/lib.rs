@@ -324,6 +324,10 @@ mod tests {
             .unwrap();
         let claims = jwt::claims(jwt::jwt_of_creds(&creds).unwrap()).unwrap();
         assert_eq!(claims["name"], worker_id.to_string());
+        // The seed is the user's key: the JWT's subject.
+        let user = jwt::key_pair_of_creds(&creds).unwrap();
+        assert_eq!(claims["sub"], user.public_key());
+        assert!(jwt::key_pair_of_creds(&creds.replace("SEED-----\nSU", "SEED-----\nXX")).is_err());
         assert_eq!(claims["nats"]["type"], "user");
         assert_eq!(
             claims["nats"]["sub"]["allow"],

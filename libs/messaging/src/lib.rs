@@ -206,11 +206,18 @@ pub async fn options(name: &str, creds: Option<&Path>) -> Result<async_nats::Con
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| MessagingError::Credentials(format!("{}: {e}", path.display())))?;
-            let user = hodei_auth::jwt::jwt_of_creds(&text)
-                .and_then(hodei_auth::jwt::claims)
-                .map_err(|e| MessagingError::Credentials(format!("{}: {e}", path.display())))?;
-            let mut options = async_nats::ConnectOptions::with_credentials(&text)
-                .map_err(|e| MessagingError::Credentials(format!("{}: {e}", path.display())))?;
+            let invalid = |e| MessagingError::Credentials(format!("{}: {e}", path.display()));
+            let jwt = hodei_auth::jwt::jwt_of_creds(&text).map_err(invalid)?;
+            let user = hodei_auth::jwt::claims(jwt).map_err(invalid)?;
+            let key_pair =
+                std::sync::Arc::new(hodei_auth::jwt::key_pair_of_creds(&text).map_err(invalid)?);
+            // The nonce the server sends is signed with the user's key, as async-nats's own
+            // `with_credentials` does (its parser of the file is left out: see
+            // `key_pair_of_creds`).
+            let mut options = async_nats::ConnectOptions::with_jwt(jwt.to_owned(), move |nonce| {
+                let key_pair = key_pair.clone();
+                async move { key_pair.sign(&nonce).map_err(async_nats::AuthError::new) }
+            });
             if let Some(user) = user["name"].as_str() {
                 options = options.custom_inbox_prefix(hodei_auth::inbox_prefix(user));
             }
