@@ -28,6 +28,55 @@ fn new_job(key: Option<&str>) -> (Job, Vec<hodei_domain::DomainEvent>) {
     .unwrap()
 }
 
+/// The placement's looks without a lock: a job waits only while Pending with its backoff
+/// over, and pool workers live only while neither Terminating nor Terminated (as the
+/// capacity count counts them).
+#[tokio::test]
+async fn the_lock_free_looks_see_waiting_jobs_and_live_pool_workers_only() {
+    let (_db, pool) = migrated().await;
+    let insert_job = |state: &'static str, not_before: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query(&format!(
+                "INSERT INTO jobs (id, state, spec, attempt, correlation_id, version, created_at, updated_at, priority, not_before) \
+                 VALUES (gen_random_uuid(), '{state}', '{{\"command\":\"true\"}}', 1, 'c', 1, now(), now(), 0, {not_before})"
+            ))
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    let insert_worker = |state: &'static str, pooled: bool| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query(
+                "INSERT INTO workers (id, state, provider, correlation_id, version, created_at, updated_at, pooled) \
+                 VALUES (gen_random_uuid(), $1, 'process', 'c', 1, now(), now(), $2)",
+            )
+            .bind(state)
+            .bind(pooled)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    assert!(!jobs::any_pending(&pool).await.unwrap());
+    insert_job("Succeeded", "NULL").await;
+    insert_job("Pending", "now() + interval '1 hour'").await;
+    assert!(!jobs::any_pending(&pool).await.unwrap());
+    insert_job("Pending", "NULL").await;
+    assert!(jobs::any_pending(&pool).await.unwrap());
+
+    use hodei_store::workers;
+    assert!(!workers::any_live_pooled(&pool).await.unwrap());
+    insert_worker("Terminated", true).await;
+    insert_worker("Terminating", true).await;
+    insert_worker("Ready", false).await;
+    assert!(!workers::any_live_pooled(&pool).await.unwrap());
+    insert_worker("Ready", true).await;
+    assert!(workers::any_live_pooled(&pool).await.unwrap());
+}
+
 #[tokio::test]
 async fn a_stale_update_is_refused_by_the_version_check() {
     let (_db, pool) = migrated().await;

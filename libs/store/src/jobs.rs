@@ -277,16 +277,13 @@ pub async fn lock_all(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Job>>
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let list = (1..=ids.len())
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id IN ({list}) ORDER BY id FOR UPDATE");
-    let rows: Vec<JobRow> = ids
-        .iter()
-        .fold(sqlx::query_as(&sql), |query, id| query.bind(id))
-        .fetch_all(conn)
-        .await?;
+    let mut select = sqlx::QueryBuilder::new(format!("SELECT {COLUMNS} FROM jobs WHERE id IN ("));
+    let mut list = select.separated(", ");
+    for id in ids {
+        list.push_bind(id);
+    }
+    select.push(") ORDER BY id FOR UPDATE");
+    let rows: Vec<JobRow> = select.build_query_as().fetch_all(conn).await?;
     rows.into_iter().map(Job::try_from).collect()
 }
 
