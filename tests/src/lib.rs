@@ -331,8 +331,14 @@ impl NatsServer {
                     &conf,
                     "0.0.0.0:4222",
                     Path::new("/data"),
+                    // Routes ping every 2 s and a route with three pings unanswered is
+                    // closed: a node cut off from the others is dropped in seconds, with the
+                    // interest of the clients that were on it. Left at NATS's default (2 min,
+                    // two pings), the other nodes kept sending to a partitioned node's stale
+                    // queue subscriptions (an API service that had left it) for minutes:
+                    // requests went unanswered (nats-server#4014 describes the same).
                     &format!(
-                        "server_name: n{}\ncluster {{ name: hodei, listen: \"0.0.0.0:6222\", routes: [{routes}] }}",
+                        "server_name: n{}\ncluster {{ name: hodei, listen: \"0.0.0.0:6222\", routes: [{routes}], ping_interval: \"2s\", ping_max: 3 }}",
                         n + 1
                     ),
                 )
