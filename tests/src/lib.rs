@@ -1103,23 +1103,16 @@ impl System {
             .collect()
     }
 
-    /// A job, through the API; a transient refusal (a service reconnecting to another NATS
-    /// node, say) is asked again, as a client would, for up to 30 s.
-    pub async fn get(&self, job_id: Uuid) -> Result<JobView, ApiError> {
+    /// A request to the API; a transient refusal or no answer (a service reconnecting to
+    /// another NATS node, say) is asked again, as a client would, for up to 30 s.
+    async fn ask<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
+        &self,
+        subject: &str,
+        body: &Req,
+    ) -> Result<Resp, ApiError> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let answer = request(
-                &self.client,
-                subjects::API_JOBS_GET,
-                None,
-                &GetJob {
-                    schema_version: 1,
-                    job_id,
-                },
-                Duration::from_secs(10),
-            )
-            .await;
-            match answer {
+            match request(&self.client, subject, None, body, Duration::from_secs(10)).await {
                 Err(error) if error.code.is_transient() && Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
@@ -1128,19 +1121,23 @@ impl System {
         }
     }
 
-    /// Every audit entry matching `query`, across all pages.
+    /// A job, through the API ([`System::ask`]).
+    pub async fn get(&self, job_id: Uuid) -> Result<JobView, ApiError> {
+        let get = GetJob {
+            schema_version: 1,
+            job_id,
+        };
+        self.ask(subjects::API_JOBS_GET, &get).await
+    }
+
+    /// Every audit entry matching `query`, across all pages ([`System::ask`]).
     pub async fn audit(&self, mut query: AuditQuery) -> Vec<AuditEntry> {
         let mut all = Vec::new();
         loop {
-            let page: Page<AuditEntry> = request(
-                &self.client,
-                subjects::API_AUDIT_QUERY,
-                None,
-                &query,
-                Duration::from_secs(10),
-            )
-            .await
-            .expect("audit query");
+            let page: Page<AuditEntry> = self
+                .ask(subjects::API_AUDIT_QUERY, &query)
+                .await
+                .expect("audit query");
             all.extend(page.items);
             match page.next_cursor {
                 Some(cursor) => query.cursor = Some(cursor),
