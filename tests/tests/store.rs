@@ -514,3 +514,97 @@ async fn the_next_jobs_taken_together_are_those_taken_one_after_the_other() {
         tx.rollback().await.unwrap();
     }
 }
+
+/// The statements that take a list of ids as parameters, padded to a power of two with the
+/// last id repeated (`push_id_list`), act on each listed row once, whatever the list's length
+/// (1, 3 padded to 4, 5 padded to 8), and on no other.
+#[tokio::test]
+async fn lists_of_ids_act_on_each_listed_row_once_whatever_their_length() {
+    let (_db, pool) = migrated().await;
+    let mut workers = Vec::new();
+    for (state, pooled, jobs_run) in [
+        ("Ready", true, 0),
+        ("Busy", true, 0),
+        ("Ready", true, 5),
+        ("Terminated", true, 0),
+        ("Busy", false, 0),
+    ] {
+        let (id,): (Uuid,) = sqlx::query_as(
+            "INSERT INTO workers (id, state, provider, correlation_id, version, created_at, updated_at, pooled, max_jobs, jobs_run) \
+             VALUES (gen_random_uuid(), $1, 'process', 'c', 1, now(), now(), $2, 5, $3) RETURNING id",
+        )
+        .bind(state)
+        .bind(pooled)
+        .bind(jobs_run)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        workers.push(id);
+    }
+    let sorted = |mut ids: Vec<Uuid>| {
+        ids.sort();
+        ids
+    };
+    let store = hodei_store::workers::pooled_with_jobs_left;
+    assert_eq!(store(&pool, &workers[..1]).await.unwrap(), vec![workers[0]]);
+    assert_eq!(
+        sorted(store(&pool, &workers[..3]).await.unwrap()),
+        sorted(workers[..2].to_vec()),
+        "the third has run its jobs"
+    );
+    assert_eq!(
+        sorted(store(&pool, &workers).await.unwrap()),
+        sorted(vec![workers[0], workers[1], workers[3]]),
+        "a list of five: every pooled worker with jobs left (the ended one too), once each"
+    );
+    assert!(store(&pool, &[]).await.unwrap().is_empty());
+
+    let now = chrono::Utc::now();
+    let beat = |ids: Vec<Uuid>| {
+        let pool = pool.clone();
+        async move {
+            hodei_store::workers::record_heartbeats(&pool, &ids, now, now)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(beat(workers[..3].to_vec()).await, 3);
+    assert_eq!(beat(workers.clone()).await, 4, "not the Terminated one");
+    assert_eq!(beat(Vec::new()).await, 0);
+
+    let mut events = Vec::new();
+    let mut job_ids = Vec::new();
+    let mut tx = Store::new(pool.clone()).begin().await.unwrap();
+    for _ in 0..3 {
+        let (job, job_events) = new_job(None);
+        jobs::insert(&mut tx, &job).await.unwrap();
+        outbox::append_events(&mut tx, &job_events).await.unwrap();
+        events.extend(job_events.iter().map(|e| e.event_id));
+        job_ids.push(job.id);
+    }
+    hodei_store::commit(tx).await.unwrap();
+    assert_eq!(events.len(), 6);
+    let mut conn = pool.acquire().await.unwrap();
+    assert_eq!(
+        outbox::mark_published_events(&mut conn, &events[..5])
+            .await
+            .unwrap(),
+        5
+    );
+    assert_eq!(
+        outbox::mark_published_events(&mut conn, &events)
+            .await
+            .unwrap(),
+        1,
+        "only the row still pending"
+    );
+    assert_eq!(outbox::pending_count(&mut conn).await.unwrap(), 0);
+
+    let mut tx = pool.begin().await.unwrap();
+    let locked = jobs::lock_all(&mut tx, &job_ids).await.unwrap();
+    assert_eq!(
+        locked.iter().map(|j| j.id).collect::<Vec<_>>(),
+        sorted(job_ids.clone()),
+        "each job once, in id order"
+    );
+}

@@ -267,22 +267,15 @@ pub async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Job>> {
 
 /// Load the jobs of `ids` that exist and lock their rows, in id order, in one statement.
 ///
-/// The ids are a list of parameters, `id IN ($1, ..., $n)`, rather than one array:
-/// PostgreSQL estimates an array parameter at ten elements, and on a table of thousands of
-/// jobs the generic plan of `id = ANY($1)` then always looked dearer than one planned for
-/// the array at hand, so the statement was planned again at every call. A statement per `n`
-/// gets its generic plan after a few calls. (The workers' `lock_all` keeps its array: on a
-/// table of a few workers its generic plan is taken.)
+/// The ids are a list of parameters ([`crate::push_id_list`]), not an array. (The workers'
+/// `lock_all` keeps its array: its generic plan is taken.)
 pub async fn lock_all(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Job>> {
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let mut select = sqlx::QueryBuilder::new(format!("SELECT {COLUMNS} FROM jobs WHERE id IN ("));
-    let mut list = select.separated(", ");
-    for id in ids {
-        list.push_bind(id);
-    }
-    select.push(") ORDER BY id FOR UPDATE");
+    let mut select = sqlx::QueryBuilder::new(format!("SELECT {COLUMNS} FROM jobs WHERE id IN "));
+    crate::push_id_list(&mut select, ids);
+    select.push(" ORDER BY id FOR UPDATE");
     let rows: Vec<JobRow> = select.build_query_as().fetch_all(conn).await?;
     rows.into_iter().map(Job::try_from).collect()
 }

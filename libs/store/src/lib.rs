@@ -121,6 +121,26 @@ fn column<'a, T, U>(rows: &'a [T], field: impl Fn(&'a T) -> U) -> Vec<U> {
     rows.iter().map(field).collect()
 }
 
+/// Push `ids` as a list of parameters, `($1, ..., $n)`, for `id IN` (the caller pushes
+/// `IN ` before it), with `n` the next power of two: the last id fills the rest, which
+/// changes nothing in `IN`.
+///
+/// An array parameter (`id = ANY($1)`) is estimated at ten elements, so on a table of
+/// thousands of rows the generic plan always looked dearer than one made for the array at
+/// hand, and PostgreSQL planned the statement again at every call (the outbox's marking, the
+/// workers' heartbeats: 0.5 ms of planning per ephemeral job). A list of `n` parameters is a
+/// statement of its own whose generic plan is taken after a few calls; rounding `n` up keeps
+/// the statements few (at most twelve for 2,048 ids).
+fn push_id_list<'a>(query: &mut sqlx::QueryBuilder<'a, sqlx::Postgres>, ids: &[Uuid]) {
+    let last = *ids.last().expect("a list of at least one id");
+    let mut list = query.separated(", ");
+    list.push_unseparated("(");
+    for n in 0..ids.len().next_power_of_two() {
+        list.push_bind(ids.get(n).copied().unwrap_or(last));
+    }
+    list.push_unseparated(")");
+}
+
 fn corrupt(what: &'static str) -> impl Fn(String) -> StoreError {
     move |why| StoreError::Corrupt { what, why }
 }

@@ -178,14 +178,15 @@ pub async fn mark_published_events(conn: &mut PgConnection, event_ids: &[Uuid]) 
     if event_ids.is_empty() {
         return Ok(0);
     }
-    let result = sqlx::query(concat!(
+    // The ids a list of parameters ([`crate::push_id_list`]).
+    let mut update = sqlx::QueryBuilder::new(concat!(
         "UPDATE outbox_events SET ",
         published!(),
-        " WHERE event_id = ANY($1) AND status = 'pending'"
-    ))
-    .bind(event_ids)
-    .execute(conn)
-    .await?;
+        " WHERE event_id IN "
+    ));
+    crate::push_id_list(&mut update, event_ids);
+    update.push(" AND status = 'pending'");
+    let result = update.build().execute(conn).await?;
     Ok(result.rows_affected())
 }
 

@@ -146,14 +146,16 @@ pub async fn update_many(conn: &mut PgConnection, workers: &mut [&mut Worker]) -
     Ok(())
 }
 
-/// Which of `ids` are warm-pool workers with jobs left (no lock; one look for a batch).
+/// Which of `ids` are warm-pool workers with jobs left (no lock; one look for a batch; the
+/// ids a list of parameters, [`crate::push_id_list`]).
 pub async fn pooled_with_jobs_left(pool: &sqlx::PgPool, ids: &[Uuid]) -> Result<Vec<Uuid>> {
-    let rows: Vec<(Uuid,)> = sqlx::query_as(
-        "SELECT id FROM workers WHERE id = ANY($1) AND pooled AND jobs_run < max_jobs",
-    )
-    .bind(ids)
-    .fetch_all(pool)
-    .await?;
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut select = sqlx::QueryBuilder::new("SELECT id FROM workers WHERE id IN ");
+    crate::push_id_list(&mut select, ids);
+    select.push(" AND pooled AND jobs_run < max_jobs");
+    let rows: Vec<(Uuid,)> = select.build_query_as().fetch_all(pool).await?;
     Ok(rows.into_iter().map(|(id,)| id).collect())
 }
 
@@ -256,19 +258,23 @@ pub async fn record_heartbeats(
     at: DateTime<Utc>,
     lost_at: DateTime<Utc>,
 ) -> Result<u64> {
-    let result = sqlx::query(
-        "WITH beating AS ( \
-             SELECT id FROM workers WHERE id = ANY($1) AND state <> 'Terminated' \
-             ORDER BY id FOR UPDATE) \
-         UPDATE workers w SET last_heartbeat_at = $2, \
-                deadline_at = CASE WHEN w.state IN ('Ready', 'Busy', 'Draining') THEN $3 ELSE w.deadline_at END \
-         FROM beating WHERE w.id = beating.id",
-    )
-    .bind(ids)
-    .bind(at)
-    .bind(lost_at)
-    .execute(pool)
-    .await?;
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    // The ids a list of parameters ([`crate::push_id_list`]).
+    let mut update =
+        sqlx::QueryBuilder::new("WITH beating AS (SELECT id FROM workers WHERE id IN ");
+    crate::push_id_list(&mut update, ids);
+    update
+        .push(
+            " AND state <> 'Terminated' ORDER BY id FOR UPDATE) \
+             UPDATE workers w SET last_heartbeat_at = ",
+        )
+        .push_bind(at)
+        .push(", deadline_at = CASE WHEN w.state IN ('Ready', 'Busy', 'Draining') THEN ")
+        .push_bind(lost_at)
+        .push(" ELSE w.deadline_at END FROM beating WHERE w.id = beating.id");
+    let result = update.build().execute(pool).await?;
     Ok(result.rows_affected())
 }
 
