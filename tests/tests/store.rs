@@ -608,3 +608,64 @@ async fn lists_of_ids_act_on_each_listed_row_once_whatever_their_length() {
         "each job once, in id order"
     );
 }
+
+/// On tables of thousands of rows, the statements that take a batch's ids get a generic plan
+/// after a few calls, as a list of parameters does (`push_id_list`), instead of being planned
+/// again at every call, as `id = ANY($1)` was (`pg_prepared_statements` of the one
+/// connection they ran on: no generic plan in eight calls with an array).
+#[tokio::test]
+async fn the_statements_of_id_lists_are_planned_once_on_big_tables() {
+    let (db, _pool) = migrated().await;
+    let owner = sqlx::PgPool::connect(&db.url).await.unwrap();
+    sqlx::raw_sql(
+        "INSERT INTO workers (id, state, provider, correlation_id, version, created_at, updated_at, pooled) \
+             SELECT gen_random_uuid(), CASE WHEN g % 100 = 0 THEN 'Ready' ELSE 'Terminated' END, \
+                    'process', 'c', 1, now(), now(), g % 200 = 0 \
+             FROM generate_series(1, 20000) g; \
+         INSERT INTO outbox_events (event_id, kind, subject, aggregate_type, aggregate_id, event_type, payload, status) \
+             SELECT gen_random_uuid(), 'event', 'hodei.events.job.x.JobCreated', 'job', gen_random_uuid(), \
+                    'JobCreated', '{}', 'published' \
+             FROM generate_series(1, 20000); \
+         ANALYZE workers; ANALYZE outbox_events;",
+    )
+    .execute(&owner)
+    .await
+    .unwrap();
+    let (live,): (Uuid,) = sqlx::query_as("SELECT id FROM workers WHERE state = 'Ready' LIMIT 1")
+        .fetch_one(&owner)
+        .await
+        .unwrap();
+    // One connection: its prepared statements are the ones counted.
+    let one = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&db.url)
+        .await
+        .unwrap();
+    let now = chrono::Utc::now();
+    for _ in 0..8 {
+        hodei_store::workers::record_heartbeats(&one, &[live], now, now)
+            .await
+            .unwrap();
+        hodei_store::workers::pooled_with_jobs_left(&one, &[live])
+            .await
+            .unwrap();
+        outbox::mark_published_events(&mut *one.acquire().await.unwrap(), &[Uuid::new_v4()])
+            .await
+            .unwrap();
+    }
+    let plans: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements \
+         WHERE statement LIKE 'WITH beating%' OR statement LIKE 'SELECT id FROM workers WHERE id%' \
+            OR statement LIKE 'UPDATE outbox_events SET status%'",
+    )
+    .fetch_all(&one)
+    .await
+    .unwrap();
+    assert_eq!(plans.len(), 3, "{plans:?}");
+    for (statement, generic, custom) in &plans {
+        assert!(
+            *generic > 0 && *custom <= 5,
+            "planned at every call ({custom} custom plans, {generic} generic): {statement}"
+        );
+    }
+}
