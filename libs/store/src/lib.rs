@@ -123,7 +123,8 @@ fn column<'a, T, U>(rows: &'a [T], field: impl Fn(&'a T) -> U) -> Vec<U> {
 
 /// Push `ids` as a list of parameters, `($1, ..., $n)`, for `id IN` (the caller pushes
 /// `IN ` before it), with `n` the next power of two: the last id fills the rest, which
-/// changes nothing in `IN`.
+/// changes nothing in `IN`. No ids is `(NULL)`, which matches no row (callers return early
+/// rather than ask).
 ///
 /// An array parameter (`id = ANY($1)`) is estimated at ten elements, so on a table of
 /// thousands of rows the generic plan always looked dearer than one made for the array at
@@ -132,7 +133,10 @@ fn column<'a, T, U>(rows: &'a [T], field: impl Fn(&'a T) -> U) -> Vec<U> {
 /// statement of its own whose generic plan is taken after a few calls; rounding `n` up keeps
 /// the statements few (at most twelve for 2,048 ids).
 fn push_id_list<'a>(query: &mut sqlx::QueryBuilder<'a, sqlx::Postgres>, ids: &[Uuid]) {
-    let last = *ids.last().expect("a list of at least one id");
+    let Some(&last) = ids.last() else {
+        query.push("(NULL)");
+        return;
+    };
     let mut list = query.separated(", ");
     list.push_unseparated("(");
     for n in 0..ids.len().next_power_of_two() {
