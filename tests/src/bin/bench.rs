@@ -2219,13 +2219,89 @@ fn agents_cpu_seconds(provider_manager: u32) -> f64 {
 }
 
 /// CPU seconds consumed so far by the services, the agents (and their jobs, see
-/// [`agents_cpu_seconds`]), the nats-server and this database's PostgreSQL backends.
+/// [`agents_cpu_seconds`]), the nats-server and this database's PostgreSQL backends, and the
+/// work done so far ([`Work`]).
 #[derive(Default)]
 struct CpuSnapshot {
     services: BTreeMap<String, f64>,
     agents: f64,
     nats: f64,
     postgres: HashMap<u32, f64>,
+    work: Work,
+}
+
+/// Counts of the work done, which do not vary with the machine's speed as CPU time does:
+/// what a change removes shows here exactly, where CPU per job moves within the noise.
+/// PostgreSQL's write transactions (transaction ids assigned) and WAL bytes are the cluster's
+/// (the benchmark's database is the only one in use); messages stored are per stream (the
+/// last sequence), deliveries per durable consumer (its consumer sequence, redeliveries
+/// included; the agents' consumers on HODEI_WORKER_CMDS come and go and are not counted).
+#[derive(Default, Clone)]
+struct Work {
+    write_transactions: f64,
+    wal_bytes: f64,
+    stored: BTreeMap<String, f64>,
+    delivered: BTreeMap<String, f64>,
+}
+
+impl Work {
+    const STREAMS: [&'static str; 5] = [
+        hodei_messaging::streams::SUBMISSIONS,
+        hodei_messaging::streams::EVENTS,
+        hodei_messaging::streams::WORKER_CMDS,
+        hodei_messaging::streams::AGENT,
+        hodei_messaging::streams::LOGS,
+    ];
+
+    async fn take(system: &System) -> Work {
+        let (xid, wal): (Option<i64>, Option<f64>) = sqlx::query_as(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint, \
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::float8",
+        )
+        .fetch_one(&system.pool)
+        .await
+        .unwrap_or((None, None));
+        let mut work = Work {
+            write_transactions: xid.unwrap_or(0) as f64,
+            wal_bytes: wal.unwrap_or(0.0),
+            ..Work::default()
+        };
+        for name in Work::STREAMS {
+            let Ok(mut stream) = system.js.get_stream(name).await else {
+                continue;
+            };
+            if let Ok(info) = stream.info().await {
+                work.stored
+                    .insert(name.to_owned(), info.state.last_sequence as f64);
+            }
+            if name == hodei_messaging::streams::WORKER_CMDS {
+                continue;
+            }
+            let mut consumers = stream.consumers();
+            while let Some(Ok(info)) = consumers.next().await {
+                if info.config.durable_name.is_some() {
+                    work.delivered
+                        .insert(info.name.clone(), info.delivered.consumer_sequence as f64);
+                }
+            }
+        }
+        work
+    }
+
+    /// What was done since `before` (a consumer or stream first seen after it counts from 0).
+    fn since(&self, before: &Work) -> Work {
+        let minus = |now: &BTreeMap<String, f64>, then: &BTreeMap<String, f64>| {
+            now.iter()
+                .map(|(k, v)| (k.clone(), v - then.get(k).unwrap_or(&0.0)))
+                .collect()
+        };
+        Work {
+            write_transactions: self.write_transactions - before.write_transactions,
+            wal_bytes: self.wal_bytes - before.wal_bytes,
+            stored: minus(&self.stored, &before.stored),
+            delivered: minus(&self.delivered, &before.delivered),
+        }
+    }
 }
 
 impl CpuSnapshot {
@@ -2250,6 +2326,7 @@ impl CpuSnapshot {
                 .iter()
                 .filter_map(|(pid,)| Some((*pid as u32, cpu_seconds(*pid as u32)?)))
                 .collect(),
+            work: Work::take(system).await,
         }
     }
 
@@ -2269,6 +2346,7 @@ impl CpuSnapshot {
                 .iter()
                 .map(|(pid, s)| (*pid, s - before.postgres.get(pid).unwrap_or(&0.0)))
                 .collect(),
+            work: self.work.since(&before.work),
         }
     }
 
@@ -3069,6 +3147,7 @@ fn memory_and_cpu(s: &mut String, options: &Options, r: &Results) -> std::fmt::R
             ceilings.join("; ")
         )?;
     }
+    write_work(s, &phases, &header, &rule)?;
     for (phase, agents) in [
         ("throughput", r.throughput.as_ref().map(|p| &p.agents)),
         (
@@ -3089,6 +3168,63 @@ fn memory_and_cpu(s: &mut String, options: &Options, r: &Results) -> std::fmt::R
 
 fn machine_cpus(r: &Results) -> f64 {
     r.machine.nproc as f64
+}
+
+/// The work per job of each phase ([`Work`]): PostgreSQL's write transactions and WAL,
+/// the messages each stream stored and what each durable consumer was delivered.
+fn write_work(
+    s: &mut String,
+    phases: &[(&str, &CpuSnapshot, usize)],
+    header: &str,
+    rule: &str,
+) -> std::fmt::Result {
+    let per_job = |value: f64, jobs: usize| match jobs {
+        0 => "–".to_owned(),
+        _ => format!("{:.2}", value / jobs as f64),
+    };
+    let row = |s: &mut String, label: &str, f: &dyn Fn(&Work) -> f64| {
+        let cells: String = phases
+            .iter()
+            .map(|(_, cpu, jobs)| format!(" {} |", per_job(f(&cpu.work), *jobs)))
+            .collect();
+        writeln!(s, "| {label} |{cells}")
+    };
+    writeln!(
+        s,
+        "\nWork per job over the same phases: counts that do not vary with the machine's speed \
+         (PostgreSQL's write transactions and WAL are the cluster's; deliveries count redeliveries; \
+         the agents' own consumers of HODEI_WORKER_CMDS are not listed).\n"
+    )?;
+    writeln!(s, "| per job |{header}")?;
+    writeln!(s, "|---|{rule}")?;
+    row(s, "PostgreSQL write transactions", &|w| w.write_transactions)?;
+    row(s, "PostgreSQL WAL (KiB)", &|w| w.wal_bytes / 1024.0)?;
+    fn stored(w: &Work) -> &BTreeMap<String, f64> {
+        &w.stored
+    }
+    fn delivered(w: &Work) -> &BTreeMap<String, f64> {
+        &w.delivered
+    }
+    let names = |of: fn(&Work) -> &BTreeMap<String, f64>| {
+        let mut names: Vec<String> = phases
+            .iter()
+            .flat_map(|(_, cpu, _)| of(&cpu.work).keys().cloned())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    };
+    for stream in names(stored) {
+        row(s, &format!("messages stored in {stream}"), &|w| {
+            w.stored.get(&stream).copied().unwrap_or(0.0)
+        })?;
+    }
+    for consumer in names(delivered) {
+        row(s, &format!("delivered to `{consumer}`"), &|w| {
+            w.delivered.get(&consumer).copied().unwrap_or(0.0)
+        })?;
+    }
+    Ok(())
 }
 
 fn backlog_section(s: &mut String, options: &Options, b: &Backlog) -> std::fmt::Result {
