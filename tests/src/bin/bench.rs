@@ -3197,7 +3197,9 @@ fn write_work(
     )?;
     writeln!(s, "| per job |{header}")?;
     writeln!(s, "|---|{rule}")?;
-    row(s, "PostgreSQL write transactions", &|w| w.write_transactions)?;
+    row(s, "PostgreSQL write transactions", &|w| {
+        w.write_transactions
+    })?;
     row(s, "PostgreSQL WAL (KiB)", &|w| w.wal_bytes / 1024.0)?;
     fn stored(w: &Work) -> &BTreeMap<String, f64> {
         &w.stored
