@@ -101,11 +101,16 @@ def main():
         assert "<b>not bold</b>" in logs, logs
         assert not driver.find_elements(By.CSS_SELECTOR, "#logs b"), "a log line became markup"
         wait("the job's state", lambda: driver.find_element(By.ID, "job-state").text == "Succeeded")
-        why = driver.find_element(By.ID, "job-why").text
+        # The page is rendered again as the job's events arrive: an element found just before
+        # may be gone when read, so each read is made in `wait`, which looks again.
+        why = wait("the job's reason", lambda: driver.find_element(By.ID, "job-why").text)
         assert why.startswith("succeeded at"), why
-        timeline = driver.find_element(By.ID, "timeline").text
-        for event in ("JobCreated", "JobQueued", "JobCompleted"):
-            assert event in timeline, timeline
+
+        def whole_timeline():
+            text = driver.find_element(By.ID, "timeline").text
+            return all(e in text for e in ("JobCreated", "JobQueued", "JobCompleted")) and text
+
+        wait("the job's timeline with its events", whole_timeline)
         driver.save_screenshot(os.path.join(artifacts, "console-job.png"))
 
         driver.get(base + "/schedules")
