@@ -257,6 +257,74 @@ async fn committed_outbox_rows_are_handed_to_the_publisher_and_rolled_back_ones_
     );
 }
 
+/// Marking outbox rows published leaves each on its page (half of every page is kept free
+/// for it): PostgreSQL then logs only the columns that changed, not the whole row again on
+/// another page. Rows written as the services write them: a few jobs' events per commit,
+/// marked in batches as the publisher marks them.
+#[tokio::test]
+async fn marking_outbox_rows_published_updates_them_on_their_page() {
+    let (_db, pool) = migrated().await;
+    let store = Store::new(pool.clone());
+    let mut events = Vec::new();
+    for _ in 0..40 {
+        let mut tx = store.begin().await.unwrap();
+        for _ in 0..3 {
+            let (job, job_events) = new_job(None);
+            jobs::insert(&mut tx, &job).await.unwrap();
+            outbox::append_events(&mut tx, &job_events).await.unwrap();
+            events.extend(job_events.iter().map(|e| e.event_id));
+        }
+        hodei_store::commit(tx).await.unwrap();
+    }
+    let pages = || async {
+        let rows: Vec<(Uuid, String)> =
+            sqlx::query_as("SELECT event_id, ctid::text FROM outbox_events ORDER BY id")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        rows.into_iter()
+            .map(|(id, ctid)| {
+                (
+                    id,
+                    ctid.trim_matches(['(', ')'])
+                        .split(',')
+                        .next()
+                        .unwrap()
+                        .to_owned(),
+                )
+            })
+            .collect::<std::collections::BTreeMap<Uuid, String>>()
+    };
+    let before = pages().await;
+    assert_eq!(before.len(), events.len());
+    let distinct: std::collections::BTreeSet<&String> = before.values().collect();
+    assert!(
+        distinct.len() > 4,
+        "the rows fill several pages: {distinct:?}"
+    );
+    let mut conn = pool.acquire().await.unwrap();
+    for batch in events.chunks(50) {
+        assert_eq!(
+            outbox::mark_published_events(&mut conn, batch)
+                .await
+                .unwrap(),
+            batch.len() as u64
+        );
+    }
+    let after = pages().await;
+    let moved: Vec<&Uuid> = before
+        .iter()
+        .filter(|(id, page)| after.get(*id) != Some(*page))
+        .map(|(id, _)| id)
+        .collect();
+    assert!(
+        moved.is_empty(),
+        "{} of {} rows moved to another page when marked",
+        moved.len(),
+        before.len()
+    );
+}
+
 /// A backlog of 50,000 pending jobs over 100,000 ended ones, 20,000 ended workers and
 /// 300,000 published outbox rows: no hot query reads the jobs or the outbox whole.
 #[tokio::test]
