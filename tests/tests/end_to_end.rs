@@ -176,6 +176,17 @@ async fn fifty_jobs_submitted_at_once_end_right_with_complete_logs_and_a_full_au
             .await
             .unwrap();
     assert_eq!(pending, 0);
+
+    // The services and their agents log to files here, not to a terminal: plain text, no
+    // colour codes between a field's name and its value.
+    for service in hodei_tests::SERVICES {
+        let log = system.log_of(service);
+        assert!(!log.is_empty(), "{service} logged nothing");
+        assert!(
+            !log.contains('\u{1b}'),
+            "{service}'s log has terminal escape codes"
+        );
+    }
 }
 
 /// A short job's start goes with its end: its agent sends one report (finished, `started`

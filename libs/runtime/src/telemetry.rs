@@ -5,6 +5,7 @@
 //! one trace. Export failures are logged (once per outage), never silent.
 
 use std::collections::HashMap;
+use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -60,8 +61,10 @@ pub fn init(service: &'static str, format: LogFormat) -> Telemetry {
             .with_writer(std::io::stderr)
             .with_filter(filter())
             .boxed(),
+        // Colours only for a person at a terminal: a log file or a collector gets plain text.
         LogFormat::Human => fmt::layer()
             .with_target(false)
+            .with_ansi(std::io::stderr().is_terminal())
             .with_writer(std::io::stderr)
             .with_filter(filter())
             .boxed(),
