@@ -276,28 +276,20 @@ async fn marking_outbox_rows_published_updates_them_on_their_page() {
         }
         hodei_store::commit(tx).await.unwrap();
     }
+    // Each row's page: the block number of its ctid.
     let pages = || async {
-        let rows: Vec<(Uuid, String)> =
-            sqlx::query_as("SELECT event_id, ctid::text FROM outbox_events ORDER BY id")
-                .fetch_all(&pool)
-                .await
-                .unwrap();
-        rows.into_iter()
-            .map(|(id, ctid)| {
-                (
-                    id,
-                    ctid.trim_matches(['(', ')'])
-                        .split(',')
-                        .next()
-                        .unwrap()
-                        .to_owned(),
-                )
-            })
-            .collect::<std::collections::BTreeMap<Uuid, String>>()
+        sqlx::query_as::<_, (Uuid, i64)>(
+            "SELECT event_id, (ctid::text::point)[0]::bigint FROM outbox_events",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect::<std::collections::BTreeMap<Uuid, i64>>()
     };
     let before = pages().await;
     assert_eq!(before.len(), events.len());
-    let distinct: std::collections::BTreeSet<&String> = before.values().collect();
+    let distinct: std::collections::BTreeSet<&i64> = before.values().collect();
     assert!(
         distinct.len() > 4,
         "the rows fill several pages: {distinct:?}"

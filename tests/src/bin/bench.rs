@@ -2236,10 +2236,12 @@ struct CpuSnapshot {
 /// (the benchmark's database is the only one in use); messages stored are per stream (the
 /// last sequence), deliveries per durable consumer (its consumer sequence, redeliveries
 /// included; the agents' consumers on HODEI_WORKER_CMDS come and go and are not counted).
-#[derive(Default, Clone)]
+/// The two PostgreSQL figures are `None` when they could not be read (no figure rather than
+/// a wrong one).
+#[derive(Default)]
 struct Work {
-    write_transactions: f64,
-    wal_bytes: f64,
+    write_transactions: Option<f64>,
+    wal_bytes: Option<f64>,
     stored: BTreeMap<String, f64>,
     delivered: BTreeMap<String, f64>,
 }
@@ -2260,10 +2262,15 @@ impl Work {
         )
         .fetch_one(&system.pool)
         .await
-        .unwrap_or((None, None));
+        .unwrap_or_else(|error| {
+            eprintln!(
+                "hodei-bench: cannot read PostgreSQL's transaction id and WAL position: {error}"
+            );
+            (None, None)
+        });
         let mut work = Work {
-            write_transactions: xid.unwrap_or(0) as f64,
-            wal_bytes: wal.unwrap_or(0.0),
+            write_transactions: xid.map(|xid| xid as f64),
+            wal_bytes: wal,
             ..Work::default()
         };
         for name in Work::STREAMS {
@@ -2295,9 +2302,10 @@ impl Work {
                 .map(|(k, v)| (k.clone(), v - then.get(k).unwrap_or(&0.0)))
                 .collect()
         };
+        let minus_figure = |now: Option<f64>, then: Option<f64>| Some(now? - then?);
         Work {
-            write_transactions: self.write_transactions - before.write_transactions,
-            wal_bytes: self.wal_bytes - before.wal_bytes,
+            write_transactions: minus_figure(self.write_transactions, before.write_transactions),
+            wal_bytes: minus_figure(self.wal_bytes, before.wal_bytes),
             stored: minus(&self.stored, &before.stored),
             delivered: minus(&self.delivered, &before.delivered),
         }
@@ -3178,11 +3186,11 @@ fn write_work(
     header: &str,
     rule: &str,
 ) -> std::fmt::Result {
-    let per_job = |value: f64, jobs: usize| match jobs {
-        0 => "–".to_owned(),
-        _ => format!("{:.2}", value / jobs as f64),
+    let per_job = |value: Option<f64>, jobs: usize| match (value, jobs) {
+        (None, _) | (_, 0) => "–".to_owned(),
+        (Some(value), _) => format!("{:.2}", value / jobs as f64),
     };
-    let row = |s: &mut String, label: &str, f: &dyn Fn(&Work) -> f64| {
+    let row = |s: &mut String, label: &str, f: &dyn Fn(&Work) -> Option<f64>| {
         let cells: String = phases
             .iter()
             .map(|(_, cpu, jobs)| format!(" {} |", per_job(f(&cpu.work), *jobs)))
@@ -3200,7 +3208,9 @@ fn write_work(
     row(s, "PostgreSQL write transactions", &|w| {
         w.write_transactions
     })?;
-    row(s, "PostgreSQL WAL (KiB)", &|w| w.wal_bytes / 1024.0)?;
+    row(s, "PostgreSQL WAL (KiB)", &|w| {
+        w.wal_bytes.map(|b| b / 1024.0)
+    })?;
     fn stored(w: &Work) -> &BTreeMap<String, f64> {
         &w.stored
     }
@@ -3218,12 +3228,12 @@ fn write_work(
     };
     for stream in names(stored) {
         row(s, &format!("messages stored in {stream}"), &|w| {
-            w.stored.get(&stream).copied().unwrap_or(0.0)
+            Some(w.stored.get(&stream).copied().unwrap_or(0.0))
         })?;
     }
     for consumer in names(delivered) {
         row(s, &format!("delivered to `{consumer}`"), &|w| {
-            w.delivered.get(&consumer).copied().unwrap_or(0.0)
+            Some(w.delivered.get(&consumer).copied().unwrap_or(0.0))
         })?;
     }
     Ok(())
