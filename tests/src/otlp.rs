@@ -20,6 +20,14 @@ pub struct ReceivedSpan {
     pub trace_id: String,
     pub span_id: String,
     pub parent_span_id: String,
+    /// The span's events: each one's name and its string attributes.
+    pub events: Vec<ReceivedEvent>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReceivedEvent {
+    pub name: String,
+    pub attributes: Vec<(String, String)>,
 }
 
 type OnSpan = Arc<dyn Fn(&ReceivedSpan) + Send + Sync>;
@@ -65,6 +73,19 @@ impl Receiver {
     }
 }
 
+/// The attributes whose values are strings, as (key, value).
+fn strings<'a>(
+    attributes: impl IntoIterator<Item = &'a opentelemetry_proto::tonic::common::v1::KeyValue>,
+) -> Vec<(String, String)> {
+    attributes
+        .into_iter()
+        .filter_map(|kv| match kv.value.as_ref()?.value.as_ref()? {
+            Value::StringValue(s) => Some((kv.key.clone(), s.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -78,15 +99,10 @@ async fn receive(
     };
     let mut kept = spans.lock().unwrap();
     for resource_spans in request.resource_spans {
-        let service = resource_spans
-            .resource
-            .iter()
-            .flat_map(|r| &r.attributes)
-            .find(|kv| kv.key == "service.name")
-            .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
-                Value::StringValue(s) => Some(s.clone()),
-                _ => None,
-            })
+        let service = strings(resource_spans.resource.iter().flat_map(|r| &r.attributes))
+            .into_iter()
+            .find(|(key, _)| key == "service.name")
+            .map(|(_, value)| value)
             .unwrap_or_default();
         for scope in resource_spans.scope_spans {
             for span in scope.spans {
@@ -96,6 +112,14 @@ async fn receive(
                     trace_id: hex(&span.trace_id),
                     span_id: hex(&span.span_id),
                     parent_span_id: hex(&span.parent_span_id),
+                    events: span
+                        .events
+                        .iter()
+                        .map(|event| ReceivedEvent {
+                            name: event.name.clone(),
+                            attributes: strings(&event.attributes),
+                        })
+                        .collect(),
                 };
                 if let Some(on_span) = &on_span {
                     on_span(&span);

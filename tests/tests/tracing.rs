@@ -138,6 +138,30 @@ async fn a_job_submitted_with_a_traceparent_is_one_trace_across_every_service_an
             "a span named {step:?} among {names:?}"
         );
     }
+    // Every state change of the job and its worker shows in the trace, as an event on the
+    // span of the step that recorded it (the worker's teardown may come in a later export).
+    let recorded = || -> BTreeSet<String> {
+        receiver
+            .spans_of_trace(trace_id)
+            .iter()
+            .flat_map(|s| &s.events)
+            .filter(|e| e.name == "event recorded")
+            .flat_map(|e| &e.attributes)
+            .filter(|(key, _)| key == "event_type")
+            .map(|(_, value)| value.clone())
+            .collect()
+    };
+    let every_event: BTreeSet<String> = hodei_tests::EVENTS_OF_A_JOB
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    system
+        .wait_for(
+            "every event of the job recorded in its trace",
+            Duration::from_secs(30),
+            || async { recorded() == every_event },
+        )
+        .await;
     // The job reaches its ephemeral worker in the answer to the registration: no RunJob
     // copy is published for it.
     assert!(

@@ -38,8 +38,16 @@ pub async fn append_events(tx: &mut crate::Tx, events: &[DomainEvent]) -> Result
             aggregate_type: event.aggregate_type.as_str(),
             aggregate_id: event.aggregate_id,
         });
-        // A span event on the current span: each state change shows in the job's trace.
-        tracing::info!(event_type = %event.event_type, aggregate_id = %event.aggregate_id, "event recorded");
+        // Each state change shows in the job's trace. Not a log line at `info`: six of a
+        // job's nine scheduler lines were this one, repeating what the audit log keeps.
+        hodei_runtime::telemetry::context::trace_event(
+            "event recorded",
+            &[
+                ("event_type", event.event_type.clone()),
+                ("aggregate_id", event.aggregate_id.to_string()),
+            ],
+        );
+        tracing::debug!(event_type = %event.event_type, aggregate_id = %event.aggregate_id, "event recorded");
     }
     Ok(())
 }
