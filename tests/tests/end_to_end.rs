@@ -261,3 +261,74 @@ async fn a_short_job_reports_its_start_with_its_end_and_a_longer_job_reports_its
         assert!(running < completed, "{trail:?}");
     }
 }
+
+/// The audit service records events that come a few at a time in a few statements: a batch
+/// gathers for a moment after its first event. Forty events published a millisecond apart are
+/// written by about one INSERT per 20 ms window (each INSERT's rows share its transaction's
+/// `recorded_at`), not one each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_arriving_a_few_at_a_time_are_recorded_in_a_few_statements() {
+    use hodei_domain::{Actor, Job, JobSpec};
+    use hodei_messaging::message_headers;
+    let system = System::start().await;
+    let mut events = Vec::new();
+    for i in 0..20 {
+        let (_, submitted) = Job::submit(
+            uuid::Uuid::now_v7(),
+            JobSpec {
+                command: "true".into(),
+                ..Default::default()
+            },
+            Default::default(),
+            format!("corr-gather-{i}"),
+            None,
+            &Actor::service("test"),
+        )
+        .unwrap();
+        events.extend(submitted);
+    }
+    let started = std::time::Instant::now();
+    for event in &events {
+        system
+            .js
+            .publish_with_headers(
+                format!(
+                    "hodei.events.job.{}.{}",
+                    event.aggregate_id, event.event_type
+                ),
+                message_headers(&event.event_id.to_string(), None),
+                serde_json::to_vec(event).unwrap().into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let span = started.elapsed();
+    let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.event_id).collect();
+    let counts = || async {
+        let (rows, statements): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(DISTINCT recorded_at) FROM audit_log WHERE event_id = ANY($1)",
+        )
+        .bind(&ids)
+        .fetch_one(&system.pool)
+        .await
+        .unwrap();
+        (rows, statements)
+    };
+    system
+        .wait_for("every event recorded", Duration::from_secs(30), || async {
+            counts().await.0 == events.len() as i64
+        })
+        .await;
+    let (_, statements) = counts().await;
+    // A batch takes every event that arrives within 20 ms of its first: over the span of the
+    // publishing, at most one batch per window, and the last.
+    let bound = span.as_millis() as i64 / 20 + 2;
+    assert!(
+        statements <= bound,
+        "{} events published over {span:?} were recorded by {statements} statements (at most {bound})",
+        events.len()
+    );
+}

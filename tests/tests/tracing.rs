@@ -20,6 +20,19 @@ const SERVICES: [&str; 6] = [
     "hodei-audit",
 ];
 
+/// The steps of a job's life that each have a span in its trace.
+const STEPS: [&str; 9] = [
+    "submit",
+    "persist",
+    "dispatch decision",
+    "provision",
+    "register",
+    "assign",
+    "run job",
+    "report",
+    "audit write",
+];
+
 async fn traced_system(receiver: &Receiver) -> System {
     System::start_with(&[
         ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint.as_str()),
@@ -28,8 +41,10 @@ async fn traced_system(receiver: &Receiver) -> System {
     .await
 }
 
-/// Wait until spans of every service have arrived for `trace_id`, and the parent of every
-/// span has too (spans are exported when they end, parents after their children).
+/// Wait until spans of every service and every one of `steps` have arrived for `trace_id`,
+/// and the parent of every span has too (spans are exported when they end, parents after
+/// their children, and each service in its own batches: an agent's "report" may come an
+/// export after its "run job").
 /// Returns the snapshot it found complete: spans keep arriving (a later span's parent may be
 /// in the next export), so the assertions look at that one snapshot.
 async fn wait_for_trace(
@@ -37,6 +52,7 @@ async fn wait_for_trace(
     receiver: &Receiver,
     trace_id: &str,
     root_parent: &str,
+    steps: &[&str],
 ) -> Vec<hodei_tests::otlp::ReceivedSpan> {
     let complete = std::sync::Mutex::new(Vec::new());
     system
@@ -47,7 +63,9 @@ async fn wait_for_trace(
                 let spans = receiver.spans_of_trace(trace_id);
                 let services: HashSet<&str> = spans.iter().map(|s| s.service.as_str()).collect();
                 let ids: HashSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
+                let names: HashSet<&str> = spans.iter().map(|s| s.name.as_str()).collect();
                 let done = SERVICES.iter().all(|s| services.contains(*s))
+                    && steps.iter().all(|step| names.contains(step))
                     && spans.iter().all(|s| {
                         s.parent_span_id == root_parent || ids.contains(s.parent_span_id.as_str())
                     });
@@ -88,7 +106,7 @@ async fn a_job_submitted_with_a_traceparent_is_one_trace_across_every_service_an
     system
         .wait_until_settled(&[accepted.job_id], Duration::from_secs(60))
         .await;
-    let spans = wait_for_trace(&system, &receiver, trace_id, client_span).await;
+    let spans = wait_for_trace(&system, &receiver, trace_id, client_span, &STEPS).await;
 
     // The job's own process saw the trace.
     let lines: Vec<String> = system
@@ -122,17 +140,7 @@ async fn a_job_submitted_with_a_traceparent_is_one_trace_across_every_service_an
     assert_eq!(roots.len(), 1, "one span hangs off the client's: {roots:?}");
     assert_eq!(roots[0].service, "hodei-scheduler");
     let names: BTreeSet<&str> = spans.iter().map(|s| s.name.as_str()).collect();
-    for step in [
-        "submit",
-        "persist",
-        "dispatch decision",
-        "provision",
-        "register",
-        "assign",
-        "run job",
-        "report",
-        "audit write",
-    ] {
+    for step in STEPS {
         assert!(
             names.contains(step),
             "a span named {step:?} among {names:?}"
@@ -193,7 +201,7 @@ async fn a_job_without_trace_context_gets_a_generated_correlation_id_everywhere(
         .await;
 
     // In its trace...
-    wait_for_trace(&system, &receiver, &correlation, "").await;
+    wait_for_trace(&system, &receiver, &correlation, "", &[]).await;
     // ...on the job...
     assert_eq!(
         system.get(accepted.job_id).await.unwrap().correlation_id,

@@ -89,6 +89,9 @@ pub struct ConsumerConfig {
     pub filter_subjects: Vec<String>,
     pub ack_wait: Duration,
     pub max_deliver: i64,
+    /// For [`run_batched`]: how long a batch may wait for more messages after its first.
+    /// Zero (the default) handles what is already waiting at once.
+    pub gather: Duration,
 }
 
 impl ConsumerConfig {
@@ -104,7 +107,15 @@ impl ConsumerConfig {
             filter_subjects: filters.into_iter().collect(),
             ack_wait: Duration::from_secs(30),
             max_deliver: 20,
+            gather: Duration::ZERO,
         }
+    }
+
+    /// Let [`run_batched`] gather a batch for up to `window` after its first message: fewer,
+    /// larger batches for a consumer whose work is not on a job's path.
+    pub fn gathering(mut self, window: Duration) -> Self {
+        self.gather = window;
+        self
     }
 }
 
@@ -298,8 +309,9 @@ pub async fn run_concurrently<H, F>(
 
 /// Run `handler` on batches of messages until shutdown: a batch is every message already
 /// waiting (up to `max_batch`) once one arrives, so that a backlog is written in few round
-/// trips while a lone message is handled at once. The handler answers an outcome per message,
-/// in order; each message is then settled as [`run`] settles it.
+/// trips while a lone message is handled at once (or, with [`ConsumerConfig::gathering`],
+/// every message that arrives within that window). The handler answers an outcome per
+/// message, in order; each message is then settled as [`run`] settles it.
 pub async fn run_batched<H, F>(
     js: JetStream,
     config: ConsumerConfig,
@@ -320,6 +332,7 @@ pub async fn run_batched<H, F>(
             };
             let mut batch = Vec::with_capacity(max_batch);
             let mut next = first;
+            let gathered = tokio::time::Instant::now() + config.gather;
             loop {
                 match next {
                     Some(Ok(message)) => batch.push(message),
@@ -337,7 +350,13 @@ pub async fn run_batched<H, F>(
                 if batch.len() >= max_batch {
                     break;
                 }
-                match messages.next().now_or_never() {
+                let more = match config.gather.is_zero() {
+                    true => messages.next().now_or_never(),
+                    false => tokio::time::timeout_at(gathered, messages.next())
+                        .await
+                        .ok(),
+                };
+                match more {
                     Some(more) => next = more,
                     None => break,
                 }

@@ -26,9 +26,12 @@ use uuid::Uuid;
 const QUEUE: usize = 4096;
 /// Most rows published in one round.
 const BATCH: usize = 512;
-/// Published rows are marked in one UPDATE for everything acked within this window (the
-/// relay leaves rows alone for far longer): few statements however many commits there are.
-const MARK_WINDOW: std::time::Duration = std::time::Duration::from_millis(20);
+/// Published rows are marked in one UPDATE for everything acked within this window: few
+/// statements however many commits there are. Each is a write transaction, so the window
+/// bounds them at ten a second per service, however busy it is. It stays well inside the
+/// relay's grace (250 ms by default): a row marked later is published again by the relay,
+/// and stored once.
+const MARK_WINDOW: std::time::Duration = std::time::Duration::from_millis(100);
 /// Most rows marked in one UPDATE.
 const MARK_BATCH: usize = 2048;
 

@@ -478,8 +478,12 @@ async fn watchdog(
     }
 }
 
+/// Beat every `every`, the first one `every` after the registration: the registration is
+/// recorded as the worker's first beat, so a beat at once would only cost the registry a
+/// write (one per ephemeral job, whose worker often ends before its second).
 async fn heartbeat(client: async_nats::Client, worker_id: Uuid, every: Duration) {
-    let mut ticker = tokio::time::interval(every.max(Duration::from_millis(100)));
+    let every = every.max(Duration::from_millis(100));
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     loop {
         ticker.tick().await;
         let beat = Heartbeat {
