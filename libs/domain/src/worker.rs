@@ -337,6 +337,18 @@ impl Worker {
         ]
     }
 
+    /// Whether `job_id` leaving would change this worker ([`Worker::job_left`]): it holds
+    /// that job and is not already going away. A pool worker that was handed its next job
+    /// with the report of the last one no longer holds the last one.
+    pub fn is_left_by(&self, job_id: Uuid) -> bool {
+        let holds_job = self.current_job_id == Some(job_id) || self.reserved_job_id == Some(job_id);
+        holds_job
+            && !matches!(
+                self.state,
+                WorkerState::Terminating | WorkerState::Terminated
+            )
+    }
+
     /// Its job `job_id` left the worker. A pool worker whose agent reported the end itself
     /// (`reported_by_worker`: the process is gone) and that has jobs left goes back to Ready
     /// for the next one; any other worker is torn down, which ends whatever the job left
@@ -349,13 +361,7 @@ impl Worker {
         why: &str,
         actor: &Actor,
     ) -> Result<Vec<DomainEvent>> {
-        let holds_job = self.current_job_id == Some(job_id) || self.reserved_job_id == Some(job_id);
-        if !holds_job
-            || matches!(
-                self.state,
-                WorkerState::Terminating | WorkerState::Terminated
-            )
-        {
+        if !self.is_left_by(job_id) {
             return Ok(Vec::new());
         }
         let reusable = self.pooled

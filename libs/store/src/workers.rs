@@ -335,6 +335,14 @@ pub async fn live_among(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<Uuid>> {
     Ok(rows.into_iter().map(|(id,)| id).collect())
 }
 
+/// The workers of `ids` that exist, unlocked: a look that decides whether a change needs
+/// them locked at all.
+pub async fn get_all(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<Worker>> {
+    let sql = format!("SELECT {COLUMNS} FROM workers WHERE id = ANY($1)");
+    let rows: Vec<WorkerRow> = sqlx::query_as(&sql).bind(ids).fetch_all(pool).await?;
+    rows.into_iter().map(Worker::try_from).collect()
+}
+
 /// One worker, unlocked (for views).
 pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<Worker>> {
     let sql = format!("SELECT {COLUMNS} FROM workers WHERE id = $1");

@@ -366,7 +366,8 @@ fn log_answer(
     answer: Result<hodei_protocol::agent::ReportAccepted, hodei_protocol::ApiError>,
 ) {
     match answer {
-        Ok(accepted) => tracing::info!(report = kind, state = %accepted.state, "report accepted"),
+        // The scheduler logs each report it applies ("report applied", with the job's state).
+        Ok(accepted) => tracing::debug!(report = kind, state = %accepted.state, "report accepted"),
         Err(error) if error.code == ErrorCode::Unavailable => {
             tracing::warn!(report = kind, message = %error.message, "report stored, answer pending")
         }

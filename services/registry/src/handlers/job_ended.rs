@@ -2,10 +2,12 @@
 //! requeued), an ephemeral worker is torn down; a warm-pool worker whose agent reported the
 //! end goes back to Ready until it has run its share of jobs.
 
+use std::collections::HashMap;
+
 use hodei_domain::{Actor, DomainEvent, JobState, Worker, WorkerState};
 use hodei_messaging::consumer::{Delivery, Outcome};
 use hodei_protocol::ApiError;
-use hodei_store::Change;
+use hodei_store::{workers, Change};
 use uuid::Uuid;
 
 use crate::State;
@@ -35,6 +37,7 @@ pub async fn handle(state: State, batch: Vec<(Delivery, tracing::Span)>) -> Vec<
         .iter()
         .map(|(delivery, _)| Ok(leaving(&delivery.decode()?)))
         .collect();
+    let read = without_unheld(&state, read).await;
     let changes: Vec<Change<Leaving>> = read
         .iter()
         .zip(&spans)
@@ -82,6 +85,42 @@ pub async fn handle(state: State, batch: Vec<(Delivery, tracing::Span)>) -> Vec<
                 Ok(())
             });
             Outcome::from_result(result)
+        })
+        .collect()
+}
+
+/// The leavings whose worker holds the job still: one unlocked look for the whole batch
+/// keeps the others (nothing to change) out of the transaction, which would lock their
+/// workers only to find that. Most ends on a warm pool are such: the scheduler handed the
+/// worker its next job with the report of this one. The locked change looks again at what
+/// is left; if this look fails, every leaving goes to it.
+async fn without_unheld(
+    state: &State,
+    read: Vec<Result<Option<Leaving>, ApiError>>,
+) -> Vec<Result<Option<Leaving>, ApiError>> {
+    let ids: Vec<Uuid> = read
+        .iter()
+        .filter_map(|r| Some(r.as_ref().ok()?.as_ref()?.worker_id))
+        .collect();
+    if ids.is_empty() {
+        return read;
+    }
+    let workers: HashMap<Uuid, Worker> = match workers::get_all(&state.store, &ids).await {
+        Ok(workers) => workers.into_iter().map(|w| (w.id, w)).collect(),
+        Err(error) => {
+            tracing::warn!(%error, "cannot look at the workers first; locking each");
+            return read;
+        }
+    };
+    read.into_iter()
+        .map(|r| {
+            r.map(|leaving| {
+                leaving.filter(|l| {
+                    workers
+                        .get(&l.worker_id)
+                        .is_none_or(|worker| worker.is_left_by(l.job_id))
+                })
+            })
         })
         .collect()
 }
