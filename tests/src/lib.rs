@@ -1043,6 +1043,24 @@ impl System {
         self.services.push(service);
     }
 
+    /// Publish a domain event straight to HODEI_EVENTS, as the outbox would (its event id
+    /// as the message id), and wait for the stream to store it.
+    pub async fn publish_event(&self, event: &hodei_domain::DomainEvent) {
+        self.js
+            .publish_with_headers(
+                format!(
+                    "hodei.events.job.{}.{}",
+                    event.aggregate_id, event.event_type
+                ),
+                hodei_messaging::message_headers(&event.event_id.to_string(), None),
+                serde_json::to_vec(event).unwrap().into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
     /// Whether a durable consumer has handled everything its stream holds for it.
     pub async fn consumer_caught_up(&self, stream: &str, durable: &str) -> bool {
         let Ok(stream) = self.js.get_stream(stream).await else {

@@ -232,20 +232,7 @@ async fn a_batch_with_one_poison_event_records_the_others_and_dead_letters_only_
     let poison = submitted("corr-\u{0}-poison").remove(0);
     events.insert(3, poison.clone());
     for event in &events {
-        system
-            .js
-            .publish_with_headers(
-                format!(
-                    "hodei.events.job.{}.{}",
-                    event.aggregate_id, event.event_type
-                ),
-                message_headers(&event.event_id.to_string(), None),
-                serde_json::to_vec(event).unwrap().into(),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        system.publish_event(event).await;
     }
     system.restart("audit");
 

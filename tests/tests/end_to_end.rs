@@ -269,7 +269,6 @@ async fn a_short_job_reports_its_start_with_its_end_and_a_longer_job_reports_its
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_arriving_a_few_at_a_time_are_recorded_in_a_few_statements() {
     use hodei_domain::{Actor, Job, JobSpec};
-    use hodei_messaging::message_headers;
     let system = System::start().await;
     let mut events = Vec::new();
     for i in 0..20 {
@@ -289,20 +288,7 @@ async fn events_arriving_a_few_at_a_time_are_recorded_in_a_few_statements() {
     }
     let started = std::time::Instant::now();
     for event in &events {
-        system
-            .js
-            .publish_with_headers(
-                format!(
-                    "hodei.events.job.{}.{}",
-                    event.aggregate_id, event.event_type
-                ),
-                message_headers(&event.event_id.to_string(), None),
-                serde_json::to_vec(event).unwrap().into(),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        system.publish_event(event).await;
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let span = started.elapsed();
