@@ -11,9 +11,10 @@ use hodei_runtime::{CommonArgs, Shutdown};
 
 pub const SERVICE: &str = "audit";
 
-/// How long a batch of events waits for more before it is recorded: at most fifty INSERTs a
-/// second, against one per few events (an ephemeral job's eleven events come in bursts of one
-/// to three), for a recording at most this much later.
+/// How long a batch of events waits for more before it is recorded. Events come a few at a
+/// time (a job's are raised by several services, one step after the other): a trickle is
+/// then written in at most fifty INSERTs a second rather than one per few events, each
+/// recorded at most this much later. A full batch is written at once.
 const GATHER: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// hodei-audit: the audit log of every domain event and its query API.
