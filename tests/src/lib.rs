@@ -1043,6 +1043,22 @@ impl System {
         self.services.push(service);
     }
 
+    /// Wait until the audit log holds every event committed so far (each event row of the
+    /// outbox): the audit service records asynchronously, in batches.
+    pub async fn wait_audit_complete(&self, limit: Duration) {
+        self.wait_for("the audit log to hold every event", limit, || async {
+            let (missing,): (i64,) = sqlx::query_as(
+                "SELECT count(*) FROM outbox_events o WHERE o.kind = 'event' \
+                 AND NOT EXISTS (SELECT 1 FROM audit_log a WHERE a.event_id = o.event_id)",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or((-1,));
+            missing == 0
+        })
+        .await;
+    }
+
     /// Publish a domain event straight to HODEI_EVENTS, as the outbox would (its event id
     /// as the message id), and wait for the stream to store it.
     pub async fn publish_event(&self, event: &hodei_domain::DomainEvent) {

@@ -64,6 +64,7 @@ async fn fifty_jobs_in_containers_end_right_with_their_logs_and_leave_no_contain
     system
         .wait_until_settled(&ids, Duration::from_secs(300))
         .await;
+    system.wait_audit_complete(Duration::from_secs(60)).await;
 
     let mut workers = HashSet::new();
     for (i, job_id) in ids.iter().enumerate() {

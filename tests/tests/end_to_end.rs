@@ -80,27 +80,7 @@ async fn fifty_jobs_submitted_at_once_end_right_with_complete_logs_and_a_full_au
     system
         .wait_until_settled(&job_ids, Duration::from_secs(180))
         .await;
-    // The audit service records asynchronously: wait until it has caught up with the outbox.
-    let pool = system.pool.clone();
-    system
-        .wait_for(
-            "the audit log to hold every event",
-            Duration::from_secs(60),
-            || {
-                let pool = pool.clone();
-                async move {
-                    let (missing,): (i64,) = sqlx::query_as(
-                        "SELECT count(*) FROM outbox_events o WHERE o.kind = 'event' \
-                     AND NOT EXISTS (SELECT 1 FROM audit_log a WHERE a.event_id = o.event_id)",
-                    )
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap();
-                    missing == 0
-                }
-            },
-        )
-        .await;
+    system.wait_audit_complete(Duration::from_secs(60)).await;
 
     for (job_id, want) in job_ids.iter().zip(&expected) {
         let job = system.get(*job_id).await.expect("job exists");

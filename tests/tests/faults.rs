@@ -122,22 +122,7 @@ async fn check_invariants(system: &System, job_ids: &[Uuid], what: &str) {
     system
         .wait_until_settled(job_ids, Duration::from_secs(240))
         .await;
-    system
-        .wait_for(
-            "the audit log to catch up",
-            Duration::from_secs(60),
-            || async {
-                let (missing,): (i64,) = sqlx::query_as(
-                    "SELECT count(*) FROM outbox_events o WHERE o.kind = 'event' \
-                 AND NOT EXISTS (SELECT 1 FROM audit_log a WHERE a.event_id = o.event_id)",
-                )
-                .fetch_one(&system.pool)
-                .await
-                .unwrap_or((-1,));
-                missing == 0
-            },
-        )
-        .await;
+    system.wait_audit_complete(Duration::from_secs(60)).await;
     let mut succeeded = 0;
     for job_id in job_ids {
         let job = system.get(*job_id).await.unwrap();
