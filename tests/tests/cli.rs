@@ -70,6 +70,8 @@ async fn hodei_run_streams_the_output_and_exits_with_the_jobs_code() {
     system
         .wait_until_settled(&[job_id.parse().unwrap()], Duration::from_secs(60))
         .await;
+    // `trace` and `audit` below read the audit log, which records in batches.
+    system.wait_audit_complete(Duration::from_secs(30)).await;
 
     let logs = hodei(&system, &["logs", &job_id]);
     assert_eq!(text(&logs.stdout), "hello there\n");
