@@ -19,6 +19,7 @@ async fn published_outbox_rows_are_deleted_after_their_retention_and_queue_table
     system
         .wait_until_settled(&ids, Duration::from_secs(60))
         .await;
+    system.wait_audit_complete(Duration::from_secs(30)).await;
     // A dead row is the record of an event that could not be published: it stays.
     sqlx::query(
         "INSERT INTO outbox_events (event_id, kind, subject, aggregate_type, aggregate_id, \
