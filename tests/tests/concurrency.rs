@@ -26,24 +26,6 @@ fn keyed(key: &str, max: u32, command: &str, args: &[&str]) -> SubmitJob {
     request
 }
 
-/// The outbox is published and the audit service has recorded everything.
-async fn audit_complete(system: &System) {
-    system
-        .wait_for(
-            "the audit log to be complete",
-            Duration::from_secs(60),
-            || async {
-                let (pending,): (i64,) =
-                    sqlx::query_as("SELECT count(*) FROM outbox_events WHERE status = 'pending'")
-                        .fetch_one(&system.pool)
-                        .await
-                        .unwrap_or((1,));
-                pending == 0 && system.consumer_caught_up("HODEI_EVENTS", "audit").await
-            },
-        )
-        .await;
-}
-
 /// One job entering (`true`) or leaving the placed states, at its event's occurrence.
 struct Step {
     at: DateTime<Utc>,
@@ -165,7 +147,7 @@ async fn two_keys_at_their_limits_take_turns_through_a_killed_dispatcher_and_los
         assert_eq!(view.state, JobState::Succeeded, "{view:?}");
     }
 
-    audit_complete(&system).await;
+    system.wait_audit_complete(Duration::from_secs(60)).await;
     let steps = placements(&system, &ids).await;
     for key in ["A", "B"] {
         assert_eq!(
