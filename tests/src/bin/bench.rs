@@ -649,48 +649,6 @@ fn keep_dispatcher_log(system: &System) {
     }
 }
 
-/// The audit service has recorded every event that occurred up to `until` (checked until
-/// `limit`).
-async fn wait_audit_caught_up(
-    system: &System,
-    until: DateTime<Utc>,
-    limit: Duration,
-) -> anyhow::Result<bool> {
-    let deadline = Instant::now() + limit;
-    // Where HODEI_EVENTS stood once every outbox row of `until` and before was published
-    // (marked so): the audit has them all once it has acknowledged the stream that far. The
-    // events that came after (a warm pool replacing its spent workers) do not hold it up.
-    let mut published_up_to: Option<u64> = None;
-    loop {
-        if published_up_to.is_none() {
-            let (pending,): (i64,) = sqlx::query_as(
-                "SELECT count(*) FROM outbox_events WHERE status = 'pending' AND created_at <= $1",
-            )
-            .bind(until)
-            .fetch_one(&system.pool)
-            .await?;
-            if pending == 0 {
-                let mut stream = system.js.get_stream("HODEI_EVENTS").await?;
-                published_up_to = Some(stream.info().await?.state.last_sequence);
-            }
-        }
-        if let Some(last) = published_up_to {
-            let stream = system.js.get_stream("HODEI_EVENTS").await?;
-            let mut audit = stream
-                .get_consumer::<async_nats::jetstream::consumer::pull::Config>("audit")
-                .await
-                .map_err(|e| anyhow::anyhow!("the audit consumer: {e}"))?;
-            if audit.info().await?.ack_floor.stream_sequence >= last {
-                return Ok(true);
-            }
-        }
-        if Instant::now() > deadline {
-            return Ok(false);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 // ----- statistics -----
 
 /// Percentiles of a sample, in milliseconds (nearest rank).
@@ -1291,7 +1249,10 @@ type AuditRow = (
 async fn profile_jobs(system: &System, run: &Latency) -> anyhow::Result<Profile> {
     let correlations: Vec<String> = run.jobs.iter().map(|j| j.correlation_id.clone()).collect();
     // The audit service records events as it consumes them: wait until it has everything.
-    if !wait_audit_caught_up(system, Utc::now(), Duration::from_secs(60)).await? {
+    if !system
+        .audit_caught_up(Utc::now(), Duration::from_secs(60))
+        .await
+    {
         eprintln!("profile: the audit log was not complete after 60 s; profiling what it has");
     }
     // The job's own events, and (an ephemeral worker's events share the job's correlation
@@ -1540,9 +1501,10 @@ async fn audit_lag(
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> anyhow::Result<Option<AuditLag>> {
-    // Polled every 100 ms: this bounds, to that step, how long recording trailed the work.
-    let caught_up_after_ms = wait_audit_caught_up(system, to, Duration::from_secs(120))
-        .await?
+    // Polled every 50 ms: this bounds, to that step, how long recording trailed the work.
+    let caught_up_after_ms = system
+        .audit_caught_up(to, Duration::from_secs(120))
+        .await
         .then(|| ((Utc::now() - to).num_milliseconds().max(0)) as f64);
     type Row = (
         i64,
@@ -2089,7 +2051,10 @@ async fn backlog_run(
         None
     };
     eprintln!("backlog: checking the placement order in the audit log");
-    if !wait_audit_caught_up(system, Utc::now(), Duration::from_secs(120)).await? {
+    if !system
+        .audit_caught_up(Utc::now(), Duration::from_secs(120))
+        .await
+    {
         eprintln!("backlog: the audit log was not complete after 120 s; checking what it has");
     }
     let placed: Vec<(Uuid, i32, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
