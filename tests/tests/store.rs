@@ -729,3 +729,182 @@ async fn the_statements_of_id_lists_are_planned_once_on_big_tables() {
         );
     }
 }
+
+/// A new job "would go first" exactly when, once written Pending, the placement's own look
+/// ([`jobs::lock_next_pending`]) would take it: no other process job waits (one in a backoff
+/// or for a container does not count) and its concurrency key has a slot free.
+#[tokio::test]
+async fn a_new_job_would_go_first_exactly_when_placement_would_take_it_next() {
+    use hodei_domain::{Concurrency, JobPolicy};
+    let (_db, pool) = migrated().await;
+    let actor = Actor::service("test");
+    let submit = |key: Option<(&str, u32)>, image: bool| {
+        let spec = JobSpec {
+            command: "true".into(),
+            image: image.then(|| "debian".into()),
+            concurrency: key.map(|(key, max)| Concurrency {
+                key: key.into(),
+                max,
+            }),
+            ..Default::default()
+        };
+        Job::submit(
+            Uuid::now_v7(),
+            spec,
+            JobPolicy::default(),
+            "corr".into(),
+            None,
+            &actor,
+        )
+        .unwrap()
+        .0
+    };
+    // Whether `new` would go first, and whether placement, once it is written, takes it.
+    let check = |new: Job| {
+        let pool = pool.clone();
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            let (key, max) = new
+                .spec
+                .concurrency
+                .as_ref()
+                .map_or(("", None), |c| (c.key.as_str(), Some(c.max as i32)));
+            let first = jobs::would_go_first(&mut tx, key, max).await.unwrap();
+            jobs::insert(&mut tx, &new).await.unwrap();
+            let next = jobs::lock_next_pending(&mut tx, jobs::Kinds::Processes)
+                .await
+                .unwrap();
+            tx.rollback().await.unwrap();
+            (first, next.is_some_and(|next| next.id == new.id))
+        }
+    };
+    let write = |mut job: Job, assign: bool| {
+        let pool = pool.clone();
+        let actor = actor.clone();
+        async move {
+            let mut conn = pool.acquire().await.unwrap();
+            jobs::insert(&mut conn, &job).await.unwrap();
+            if assign {
+                job.assign(Uuid::now_v7(), &actor).unwrap();
+                jobs::update(&mut conn, &mut job).await.unwrap();
+            }
+        }
+    };
+
+    // An empty queue.
+    assert_eq!(check(submit(None, false)).await, (true, true));
+    assert_eq!(check(submit(Some(("a", 1)), false)).await, (true, true));
+    // One job of key a placed: a's limit of 1 is reached, a limit of 2 is not.
+    write(submit(Some(("a", 2)), false), true).await;
+    assert_eq!(check(submit(Some(("a", 1)), false)).await, (false, false));
+    assert_eq!(check(submit(Some(("a", 2)), false)).await, (true, true));
+    assert_eq!(check(submit(None, false)).await, (true, true));
+    // A job waiting for a container, or in a backoff, does not hold a process job back.
+    write(submit(None, true), false).await;
+    let mut backing_off = submit(None, false);
+    backing_off.not_before = Some(chrono::Utc::now() + chrono::Duration::hours(1));
+    write(backing_off, false).await;
+    assert_eq!(check(submit(None, false)).await, (true, true));
+    // A process job that waits goes before any new one, whatever its key.
+    write(submit(Some(("b", 5)), false), false).await;
+    assert_eq!(check(submit(None, false)).await, (false, false));
+    assert_eq!(check(submit(Some(("c", 9)), false)).await, (false, false));
+}
+
+/// A job accepted while a free ready worker waits, and that would go first, is written once,
+/// already Assigned (version 0: never updated), with the worker Busy and the events and the
+/// RunJob command in the order an insert then an assignment would write them. A job whose
+/// idempotency key was taken takes no worker: dropping what was taken changes nothing.
+#[tokio::test]
+async fn a_job_accepted_while_a_worker_waits_is_written_once_already_assigned() {
+    let (_db, pool) = migrated().await;
+    let actor = Actor::service("test");
+    let store = Store::new(pool.clone());
+    let worker_id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO workers (id, state, provider, correlation_id, version, created_at, updated_at, pooled) \
+         VALUES ($1, 'Ready', 'process', 'c', 1, now(), now(), true)",
+    )
+    .bind(worker_id)
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let (mut job, submitted) = new_job(Some("k"));
+    let mut tx = store.begin().await.unwrap();
+    let taken = hodei_placement::assign_before_insert(&mut tx, &mut job, &actor)
+        .await
+        .unwrap()
+        .expect("a free worker and an empty queue: the job takes the worker");
+    assert!(jobs::insert(&mut tx, &job).await.unwrap());
+    let run = hodei_placement::assign_inserted(&mut tx, &job, &submitted, taken)
+        .await
+        .unwrap();
+    hodei_store::commit(tx).await.unwrap();
+    assert_eq!(run.job_id, job.id);
+
+    let (state, version, worker): (String, i64, Option<Uuid>) =
+        sqlx::query_as("SELECT state, version, worker_id FROM jobs WHERE id = $1")
+            .bind(job.id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (state.as_str(), version, worker),
+        ("Assigned", 0, Some(worker_id))
+    );
+    let (state, current): (String, Option<Uuid>) =
+        sqlx::query_as("SELECT state, current_job_id FROM workers WHERE id = $1")
+            .bind(worker_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((state.as_str(), current), ("Busy", Some(job.id)));
+    let rows: Vec<(String,)> = sqlx::query_as("SELECT event_type FROM outbox_events ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let rows: Vec<&str> = rows.iter().map(|(t,)| t.as_str()).collect();
+    assert_eq!(
+        rows,
+        [
+            "JobCreated",
+            "JobQueued",
+            "JobAssigned",
+            "WorkerStatusChanged",
+            "RunJob"
+        ]
+    );
+
+    // The same key again, with a second free worker: the job takes it, is not inserted, and
+    // the worker stays free.
+    let free = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO workers (id, state, provider, correlation_id, version, created_at, updated_at, pooled) \
+         VALUES ($1, 'Ready', 'process', 'c', 1, now(), now(), true)",
+    )
+    .bind(free)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (mut again, _) = new_job(Some("k"));
+    let mut tx = store.begin().await.unwrap();
+    let taken = hodei_placement::assign_before_insert(&mut tx, &mut again, &actor)
+        .await
+        .unwrap();
+    assert!(taken.is_some());
+    assert!(!jobs::insert(&mut tx, &again).await.unwrap());
+    drop(taken);
+    hodei_store::commit(tx).await.unwrap();
+    let (state,): (String,) = sqlx::query_as("SELECT state FROM workers WHERE id = $1")
+        .bind(free)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "Ready");
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM outbox_events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 5);
+}

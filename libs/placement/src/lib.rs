@@ -18,21 +18,27 @@ pub async fn assign(
     worker: &mut Worker,
     actor: &Actor,
 ) -> Result<RunJob, ApiError> {
-    let run = WorkerCommand::RunJob(assign_in_answer(conn, job, worker, actor).await?);
+    let run = assign_in_answer(conn, job, worker, actor).await?;
+    send(conn, job, worker.id, run).await
+}
+
+/// Append the RunJob command `run` of `job` for `worker_id` to the outbox.
+async fn send(conn: &mut Tx, job: &Job, worker_id: Uuid, run: RunJob) -> Result<RunJob, ApiError> {
+    let run = WorkerCommand::RunJob(run);
     let WorkerCommand::RunJob(body) = &run;
     outbox::append_command(
         conn,
         OutboxCommand {
             command_id: body.command_id,
-            subject: subjects::worker_cmd(worker.id),
-            worker_id: worker.id,
+            subject: subjects::worker_cmd(worker_id),
+            worker_id,
             command_type: "RunJob",
             correlation_id: &job.correlation_id,
             payload: &run,
         },
     )
     .await?;
-    tracing::info!(job_id = %job.id, worker_id = %worker.id, attempt = job.attempt, "job sent to worker");
+    tracing::info!(job_id = %job.id, %worker_id, attempt = job.attempt, "job sent to worker");
     let WorkerCommand::RunJob(body) = run;
     Ok(body)
 }
@@ -110,6 +116,74 @@ pub async fn assign_on_accept(
     };
     assign(tx, job, &mut worker, actor).await?;
     Ok(OnAccept::Assigned)
+}
+
+/// A job given a free ready worker before its row was written ([`assign_before_insert`]):
+/// the worker, locked and Busy in memory, and the events of both.
+pub struct TakenBeforeInsert {
+    worker: Worker,
+    job_assigned: DomainEvent,
+    worker_busy: DomainEvent,
+}
+
+/// In the transaction that accepts `job` (Pending, not written yet): if it would be the next
+/// job to place ([`jobs::would_go_first`]: no process job waits, its key has a slot free) and
+/// a free ready worker waits, lock that worker and give it the job in memory, so that the
+/// job's row is written once, already Assigned, instead of inserted Pending and updated.
+/// After the insert, [`assign_inserted`] writes the worker and the events; if the job was not
+/// inserted (its idempotency key was taken), dropping what this returns changes nothing.
+/// `None` (nothing changed) when the job must wait or go the ordinary way.
+#[tracing::instrument(name = "assign", skip_all, fields(job_id = %job.id))]
+pub async fn assign_before_insert(
+    tx: &mut Tx,
+    job: &mut Job,
+    actor: &Actor,
+) -> Result<Option<TakenBeforeInsert>, ApiError> {
+    // A job in a container gets a container of its own (the dispatcher requests it).
+    let placeable = job.state == hodei_domain::JobState::Pending && job.not_before.is_none();
+    if !placeable || job.spec.image.is_some() || !workers::any_free_ready(tx).await? {
+        return Ok(None);
+    }
+    hodei_store::placement_lock(tx).await?;
+    let (key, max) = match &job.spec.concurrency {
+        Some(c) => (
+            c.key.as_str(),
+            Some(i32::try_from(c.max).unwrap_or(i32::MAX)),
+        ),
+        None => ("", None),
+    };
+    if !jobs::would_go_first(tx, key, max).await? {
+        return Ok(None);
+    }
+    let Some(mut worker) = workers::lock_free_ready(tx).await? else {
+        return Ok(None);
+    };
+    let worker_busy = worker.assign(job.id, actor)?;
+    let job_assigned = job.assign(worker.id, actor)?;
+    Ok(Some(TakenBeforeInsert {
+        worker,
+        job_assigned,
+        worker_busy,
+    }))
+}
+
+/// [`assign_before_insert`]'s second half, once `job` is inserted: its events
+/// (`submitted`, then its assignment), the worker's change and the RunJob command.
+pub async fn assign_inserted(
+    tx: &mut Tx,
+    job: &Job,
+    submitted: &[DomainEvent],
+    taken: TakenBeforeInsert,
+) -> Result<RunJob, ApiError> {
+    let TakenBeforeInsert {
+        mut worker,
+        job_assigned,
+        worker_busy,
+    } = taken;
+    outbox::append_events(tx, submitted).await?;
+    outbox::append_events(tx, std::slice::from_ref(&job_assigned)).await?;
+    tx.save(&mut worker, &[worker_busy]).await?;
+    send(tx, job, worker.id, run_job_of(job)).await
 }
 
 /// A warm-pool worker that reported the end of `ended` (its job, which has just left it) and

@@ -26,6 +26,11 @@ pub const HOT_QUERIES: &[HotQuery] = &[
         args: "",
     },
     HotQuery {
+        name: "a new job would go first (accepting)",
+        sql: jobs::WOULD_GO_FIRST_SQL,
+        args: "('k', 2)",
+    },
+    HotQuery {
         name: "any container job waiting (placement)",
         sql: jobs::ANY_PENDING_IN_CONTAINERS_SQL,
         args: "",

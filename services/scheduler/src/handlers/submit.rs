@@ -234,15 +234,30 @@ async fn accept_in_one(
     jobs: &[(&Job, &[hodei_domain::DomainEvent], &tracing::Span)],
 ) -> Result<Vec<Result<SubmitAccepted, ApiError>>, ApiError> {
     let mut tx = state.store.begin().await?;
+    // The first job, if it would be the next to place and a warm worker is free, takes the
+    // worker before it is written: its row is written once, already Assigned.
+    let (first, first_events, first_span) = jobs[0];
+    let mut first = first.clone();
+    let mut taken = hodei_placement::assign_before_insert(&mut tx, &mut first, &state.actor)
+        .instrument(first_span.clone())
+        .await?;
     // In the order of their keys: two schedulers inserting the same keys never wait for
     // each other in a circle.
-    let mut by_key: Vec<&Job> = jobs.iter().map(|j| j.0).collect();
+    let mut by_key: Vec<&Job> = std::iter::once(&first)
+        .chain(jobs[1..].iter().map(|j| j.0))
+        .collect();
     by_key.sort_by(|a, b| a.idempotency_key.cmp(&b.idempotency_key));
     let inserted = jobs::insert_many(&mut tx, &by_key).await?;
     let mut outcomes = Vec::with_capacity(jobs.len());
     // Once no warm worker is free, none becomes free in this transaction.
     let mut worker_may_be_free = true;
-    for &(job, events, span) in jobs {
+    if let Some(taken) = taken.take().filter(|_| inserted.contains(&first.id)) {
+        hodei_placement::assign_inserted(&mut tx, &first, first_events, taken)
+            .instrument(first_span.clone())
+            .await?;
+        outcomes.push(Some((first, true)));
+    }
+    for &(job, events, span) in &jobs[outcomes.len()..] {
         if !inserted.contains(&job.id) {
             outcomes.push(None);
             continue;
