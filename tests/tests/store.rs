@@ -730,11 +730,12 @@ async fn the_statements_of_id_lists_are_planned_once_on_big_tables() {
     }
 }
 
-/// A new job "would go first" exactly when, once written Pending, the placement's own look
-/// ([`jobs::lock_next_pending`]) would take it: no other process job waits (one in a backoff
-/// or for a container does not count) and its concurrency key has a slot free.
+/// A new job, not written yet, gets the free worker (`lock_free_ready_for_first`) exactly when,
+/// once written Pending, the placement's own look ([`jobs::lock_next_pending`]) would take it
+/// next: no other process job waits (one in a backoff or for a container does not count) and
+/// its concurrency key has a slot free. With no free worker it gets none.
 #[tokio::test]
-async fn a_new_job_would_go_first_exactly_when_placement_would_take_it_next() {
+async fn a_new_job_takes_the_free_worker_first_exactly_when_placement_would_take_it_next() {
     use hodei_domain::{Concurrency, JobPolicy};
     let (_db, pool) = migrated().await;
     let actor = Actor::service("test");
@@ -759,7 +760,20 @@ async fn a_new_job_would_go_first_exactly_when_placement_would_take_it_next() {
         .unwrap()
         .0
     };
-    // Whether `new` would go first, and whether placement, once it is written, takes it.
+    let worker = |state: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query(
+                "INSERT INTO workers (id, state, provider, correlation_id, version, created_at, updated_at, pooled) \
+                 VALUES (gen_random_uuid(), $1, 'process', 'c', 1, now(), now(), true)",
+            )
+            .bind(state)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    // Whether `new` gets the free worker, and whether placement, once it is written, takes it.
     let check = |new: Job| {
         let pool = pool.clone();
         async move {
@@ -769,7 +783,10 @@ async fn a_new_job_would_go_first_exactly_when_placement_would_take_it_next() {
                 .concurrency
                 .as_ref()
                 .map_or(("", None), |c| (c.key.as_str(), Some(c.max as i32)));
-            let first = jobs::would_go_first(&mut tx, key, max).await.unwrap();
+            let first = hodei_store::workers::lock_free_ready_for_first(&mut tx, key, max)
+                .await
+                .unwrap()
+                .is_some();
             jobs::insert(&mut tx, &new).await.unwrap();
             let next = jobs::lock_next_pending(&mut tx, jobs::Kinds::Processes)
                 .await
@@ -791,6 +808,10 @@ async fn a_new_job_would_go_first_exactly_when_placement_would_take_it_next() {
         }
     };
 
+    // No free worker: nothing to take, whatever the queue.
+    worker("Busy").await;
+    assert_eq!(check(submit(None, false)).await, (false, true));
+    worker("Ready").await;
     // An empty queue.
     assert_eq!(check(submit(None, false)).await, (true, true));
     assert_eq!(check(submit(Some(("a", 1)), false)).await, (true, true));

@@ -127,8 +127,8 @@ pub struct TakenBeforeInsert {
 }
 
 /// In the transaction that accepts `job` (Pending, not written yet): if it would be the next
-/// job to place ([`jobs::would_go_first`]: no process job waits, its key has a slot free) and
-/// a free ready worker waits, lock that worker and give it the job in memory, so that the
+/// job to place (no process job waits, its key has a slot free) and a free ready worker
+/// waits ([`workers::lock_free_ready_for_first`]), lock that worker and give it the job in memory, so that the
 /// job's row is written once, already Assigned, instead of inserted Pending and updated.
 /// After the insert, [`assign_inserted`] writes the worker and the events; if the job was not
 /// inserted (its idempotency key was taken), dropping what this returns changes nothing.
@@ -141,10 +141,13 @@ pub async fn assign_before_insert(
 ) -> Result<Option<TakenBeforeInsert>, ApiError> {
     // A job in a container gets a container of its own (the dispatcher requests it).
     let placeable = job.state == hodei_domain::JobState::Pending && job.not_before.is_none();
-    if !placeable || job.spec.image.is_some() || !workers::any_free_ready(tx).await? {
+    if !placeable || job.spec.image.is_some() {
         return Ok(None);
     }
-    hodei_store::placement_lock(tx).await?;
+    // No lock at all while every worker is busy.
+    if !hodei_store::placement_lock_if_worker_free(tx).await? {
+        return Ok(None);
+    }
     let (key, max) = match &job.spec.concurrency {
         Some(c) => (
             c.key.as_str(),
@@ -152,10 +155,7 @@ pub async fn assign_before_insert(
         ),
         None => ("", None),
     };
-    if !jobs::would_go_first(tx, key, max).await? {
-        return Ok(None);
-    }
-    let Some(mut worker) = workers::lock_free_ready(tx).await? else {
+    let Some(mut worker) = workers::lock_free_ready_for_first(tx, key, max).await? else {
         return Ok(None);
     };
     let worker_busy = worker.assign(job.id, actor)?;

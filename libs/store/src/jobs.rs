@@ -401,26 +401,6 @@ pub async fn is_next_pending(conn: &mut PgConnection, kinds: Kinds, id: Uuid) ->
         .is_some_and(|next| next.id == id))
 }
 
-/// Whether a new process job of concurrency key `key` (limit `max`), not written yet, would
-/// be the next to place, as [`lock_next_pending`] would find it once written: no process job
-/// waits to be placed, and its key has a slot free. Call it under [`crate::placement_lock`].
-pub async fn would_go_first(conn: &mut PgConnection, key: &str, max: Option<i32>) -> Result<bool> {
-    let (first,): (bool,) = sqlx::query_as(WOULD_GO_FIRST_SQL)
-        .bind(key)
-        .bind(max)
-        .fetch_one(conn)
-        .await?;
-    Ok(first)
-}
-/// [`would_go_first`]: the first pending entry of the queue's index that is a process job,
-/// then the key's placed jobs (`jobs_placed_by_key`) only if the key has a limit.
-pub const WOULD_GO_FIRST_SQL: &str =
-    "SELECT (SELECT 1 FROM jobs WHERE state = 'Pending' AND not_before IS NULL \
-                                    AND NOT (spec ? 'image') \
-             ORDER BY concurrency_key LIMIT 1) IS NULL \
-        AND ($2::int4 IS NULL OR (SELECT count(*) FROM jobs WHERE concurrency_key = $1 \
-                                     AND state IN ('Assigned', 'Scheduled', 'Running')) < $2)";
-
 async fn heads(conn: impl sqlx::PgExecutor<'_>, kinds: Kinds, limit: i64) -> Result<Vec<Uuid>> {
     Ok(sqlx::query_scalar(NEXT_PENDING_SQL)
         .bind(kinds.as_str())

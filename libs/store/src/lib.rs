@@ -114,6 +114,19 @@ pub async fn placement_lock(conn: &mut PgConnection) -> Result<()> {
     Ok(())
 }
 
+/// [`placement_lock`], taken only if a ready worker is free; false (nothing locked) when none
+/// is: the accept path's look and its lock in one round trip.
+pub async fn placement_lock_if_worker_free(conn: &mut PgConnection) -> Result<bool> {
+    let (locked,): (bool,) = sqlx::query_as(
+        "SELECT CASE WHEN EXISTS (SELECT 1 FROM workers WHERE state = 'Ready' AND reserved_job_id IS NULL) \
+                     THEN pg_advisory_xact_lock($1) IS NOT NULL ELSE false END",
+    )
+    .bind(PLACEMENT_LOCK)
+    .fetch_one(conn)
+    .await?;
+    Ok(locked)
+}
+
 /// One field of every row of a batch: the array parameter of an `unnest(...)` insert, which
 /// is one statement whatever the number of rows (a VALUES list of each length is a statement
 /// of its own, parsed and planned apart).

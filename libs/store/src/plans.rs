@@ -26,8 +26,8 @@ pub const HOT_QUERIES: &[HotQuery] = &[
         args: "",
     },
     HotQuery {
-        name: "a new job would go first (accepting)",
-        sql: jobs::WOULD_GO_FIRST_SQL,
+        name: "free ready worker for a new job that would go first (accepting)",
+        sql: workers::FREE_READY_FOR_FIRST_SQL,
         args: "('k', 2)",
     },
     HotQuery {

@@ -199,6 +199,38 @@ pub async fn lock_free_ready(conn: &mut PgConnection) -> Result<Option<Worker>> 
     row.map(Worker::try_from).transpose()
 }
 
+/// The free ready worker [`lock_free_ready`] would lock, locked, but only if a new process
+/// job of concurrency key `key` (limit `max`), not written yet, would be the next to place,
+/// as [`crate::jobs::lock_next_pending`] would find it once written: no process job waits to
+/// be placed, and its key has a slot free. Else `None`, and nothing is locked. Call it under
+/// [`crate::placement_lock`].
+pub async fn lock_free_ready_for_first(
+    conn: &mut PgConnection,
+    key: &str,
+    max: Option<i32>,
+) -> Result<Option<Worker>> {
+    let row: Option<WorkerRow> = sqlx::query_as(FREE_READY_FOR_FIRST_SQL)
+        .bind(key)
+        .bind(max)
+        .fetch_optional(conn)
+        .await?;
+    row.map(Worker::try_from).transpose()
+}
+/// [`lock_free_ready_for_first`]: the job's condition has no row of its own, so PostgreSQL
+/// evaluates it once, before the scan of the free workers (the first pending entry of the
+/// queue's index that is a process job; the key's placed jobs only if it has a limit).
+pub const FREE_READY_FOR_FIRST_SQL: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM workers WHERE state = 'Ready' AND reserved_job_id IS NULL \
+        AND (SELECT 1 FROM jobs WHERE state = 'Pending' AND not_before IS NULL \
+                                  AND NOT (spec ? 'image') \
+             ORDER BY concurrency_key LIMIT 1) IS NULL \
+        AND ($2::int4 IS NULL OR (SELECT count(*) FROM jobs WHERE concurrency_key = $1 \
+                                     AND state IN ('Assigned', 'Scheduled', 'Running')) < $2) \
+      ORDER BY created_at, id LIMIT 1 FOR UPDATE"
+);
+
 /// Whether any pool worker is alive and not on its way out, as [`count_live`] counts them
 /// (no lock).
 pub async fn any_live_pooled(pool: &PgPool) -> Result<bool> {
