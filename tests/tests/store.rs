@@ -853,10 +853,13 @@ async fn a_job_accepted_while_a_worker_waits_is_written_once_already_assigned() 
 
     let (mut job, submitted) = new_job(Some("k"));
     let mut tx = store.begin().await.unwrap();
-    let taken = hodei_placement::assign_before_insert(&mut tx, &mut job, &actor)
-        .await
-        .unwrap()
-        .expect("a free worker and an empty queue: the job takes the worker");
+    let hodei_placement::BeforeInsert::Taken(taken) =
+        hodei_placement::assign_before_insert(&mut tx, &mut job, &actor)
+            .await
+            .unwrap()
+    else {
+        panic!("a free worker and an empty queue: the job takes the worker");
+    };
     assert!(jobs::insert(&mut tx, &job).await.unwrap());
     let run = hodei_placement::assign_inserted(&mut tx, &job, &submitted, taken)
         .await
@@ -913,7 +916,7 @@ async fn a_job_accepted_while_a_worker_waits_is_written_once_already_assigned() 
     let taken = hodei_placement::assign_before_insert(&mut tx, &mut again, &actor)
         .await
         .unwrap();
-    assert!(taken.is_some());
+    assert!(matches!(taken, hodei_placement::BeforeInsert::Taken(_)));
     assert!(!jobs::insert(&mut tx, &again).await.unwrap());
     drop(taken);
     hodei_store::commit(tx).await.unwrap();
@@ -928,4 +931,29 @@ async fn a_job_accepted_while_a_worker_waits_is_written_once_already_assigned() 
         .await
         .unwrap();
     assert_eq!(n, 5);
+
+    // With every worker busy, the job takes none, and no placement waits for it: it holds
+    // no placement lock.
+    sqlx::query("UPDATE workers SET state = 'Busy'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (mut busy, _) = new_job(None);
+    let mut tx = store.begin().await.unwrap();
+    let (backend,): (i32,) = sqlx::query_as("SELECT pg_backend_pid()")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    let taken = hodei_placement::assign_before_insert(&mut tx, &mut busy, &actor)
+        .await
+        .unwrap();
+    assert!(matches!(taken, hodei_placement::BeforeInsert::NoFreeWorker));
+    let (locks,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1")
+            .bind(backend)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(locks, 0);
+    assert_eq!(busy.state, hodei_domain::JobState::Pending);
 }

@@ -132,21 +132,21 @@ pub struct TakenBeforeInsert {
 /// job's row is written once, already Assigned, instead of inserted Pending and updated.
 /// After the insert, [`assign_inserted`] writes the worker and the events; if the job was not
 /// inserted (its idempotency key was taken), dropping what this returns changes nothing.
-/// `None` (nothing changed) when the job must wait or go the ordinary way.
+/// Otherwise nothing changed, and the job waits or goes the ordinary way.
 #[tracing::instrument(name = "assign", skip_all, fields(job_id = %job.id))]
 pub async fn assign_before_insert(
     tx: &mut Tx,
     job: &mut Job,
     actor: &Actor,
-) -> Result<Option<TakenBeforeInsert>, ApiError> {
+) -> Result<BeforeInsert, ApiError> {
     // A job in a container gets a container of its own (the dispatcher requests it).
     let placeable = job.state == hodei_domain::JobState::Pending && job.not_before.is_none();
     if !placeable || job.spec.image.is_some() {
-        return Ok(None);
+        return Ok(BeforeInsert::Left);
     }
     // No lock at all while every worker is busy.
     if !hodei_store::placement_lock_if_worker_free(tx).await? {
-        return Ok(None);
+        return Ok(BeforeInsert::NoFreeWorker);
     }
     let (key, max) = match &job.spec.concurrency {
         Some(c) => (
@@ -156,15 +156,25 @@ pub async fn assign_before_insert(
         None => ("", None),
     };
     let Some(mut worker) = workers::lock_free_ready_for_first(tx, key, max).await? else {
-        return Ok(None);
+        return Ok(BeforeInsert::Left);
     };
     let worker_busy = worker.assign(job.id, actor)?;
     let job_assigned = job.assign(worker.id, actor)?;
-    Ok(Some(TakenBeforeInsert {
+    Ok(BeforeInsert::Taken(TakenBeforeInsert {
         worker,
         job_assigned,
         worker_busy,
     }))
+}
+
+/// What [`assign_before_insert`] did with a job.
+pub enum BeforeInsert {
+    /// It took a free ready worker: [`assign_inserted`] finishes once the job is inserted.
+    Taken(TakenBeforeInsert),
+    /// No free ready worker, and none becomes free in this transaction.
+    NoFreeWorker,
+    /// Left to the ordinary way: a job in a container, one that is not the next to place.
+    Left,
 }
 
 /// [`assign_before_insert`]'s second half, once `job` is inserted: its events

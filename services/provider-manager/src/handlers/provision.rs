@@ -73,7 +73,6 @@ async fn provision(
     };
     let provisioned = worker.provisioned(hash_token(&token), &state.actor)?;
     tx.save(&mut worker, &[provisioned]).await?;
-    hodei_store::commit(tx).await?;
 
     let spec = WorkerSpec {
         worker_id: worker.id,
@@ -88,11 +87,29 @@ async fn provision(
             .map(|job| job.spec.resources)
             .unwrap_or_default(),
     };
-    match state.providers.create(kind, spec).await {
-        Ok(resource_id) => {
-            super::count_on_circuit(state, kind, None).await;
+    let created = if kind == Kind::Process {
+        // An agent starts in a millisecond: it is started inside the transaction, which then
+        // records its resource with the worker's change (one commit, and never an agent
+        // without its row). Its registration waits for that commit on the worker's row lock.
+        let created = state.providers.create(kind, spec).await;
+        if let Ok(resource_id) = &created {
+            resources::record(&mut tx, worker.id, kind.name(), resource_id).await?;
+        }
+        hodei_store::commit(tx).await?;
+        created
+    } else {
+        // A container takes longer to create: nothing waits on the worker's row meanwhile.
+        hodei_store::commit(tx).await?;
+        let created = state.providers.create(kind, spec).await;
+        if let Ok(resource_id) = &created {
             let mut conn = state.store.acquire().await.map_err(StoreError::from)?;
-            resources::record(&mut conn, worker.id, kind.name(), &resource_id).await?;
+            resources::record(&mut conn, worker.id, kind.name(), resource_id).await?;
+        }
+        created
+    };
+    match created {
+        Ok(_) => {
+            super::count_on_circuit(state, kind, None).await;
             Ok(None)
         }
         Err(error) if error.0.starts_with(IMAGE_NOT_FOUND) => {

@@ -238,9 +238,16 @@ async fn accept_in_one(
     // worker before it is written: its row is written once, already Assigned.
     let (first, first_events, first_span) = jobs[0];
     let mut first = first.clone();
-    let mut taken = hodei_placement::assign_before_insert(&mut tx, &mut first, &state.actor)
+    use hodei_placement::BeforeInsert;
+    let before = hodei_placement::assign_before_insert(&mut tx, &mut first, &state.actor)
         .instrument(first_span.clone())
         .await?;
+    // Once no warm worker is free, none becomes free in this transaction.
+    let mut worker_may_be_free = !matches!(before, BeforeInsert::NoFreeWorker);
+    let mut taken = match before {
+        BeforeInsert::Taken(taken) => Some(taken),
+        _ => None,
+    };
     // In the order of their keys: two schedulers inserting the same keys never wait for
     // each other in a circle.
     let mut by_key: Vec<&Job> = std::iter::once(&first)
@@ -249,8 +256,6 @@ async fn accept_in_one(
     by_key.sort_by(|a, b| a.idempotency_key.cmp(&b.idempotency_key));
     let inserted = jobs::insert_many(&mut tx, &by_key).await?;
     let mut outcomes = Vec::with_capacity(jobs.len());
-    // Once no warm worker is free, none becomes free in this transaction.
-    let mut worker_may_be_free = true;
     if let Some(taken) = taken.take().filter(|_| inserted.contains(&first.id)) {
         hodei_placement::assign_inserted(&mut tx, &first, first_events, taken)
             .instrument(first_span.clone())
