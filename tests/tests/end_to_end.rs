@@ -122,6 +122,16 @@ async fn fifty_jobs_submitted_at_once_end_right_with_complete_logs_and_a_full_au
             .find(|e| e.event_type == "WorkerStatusChanged" && e.payload["to"] == "Busy")
             .expect("the worker went Busy");
         assert_eq!(busy.actor, "registry", "who gave {job_id} its worker");
+        // The report of the job's end started its worker's teardown in its own transaction:
+        // the registry, hearing of the end, had nothing left to do.
+        let terminating = trail
+            .iter()
+            .find(|e| e.event_type == "WorkerTerminating")
+            .expect("the worker was torn down");
+        assert_eq!(
+            terminating.actor, "scheduler",
+            "who tore {job_id}'s worker down"
+        );
         assert_eq!(
             trail
                 .iter()

@@ -238,23 +238,34 @@ pub async fn hand_over(
     let leaving = HandOver {
         worker,
         ended,
+        why: "ended".to_owned(),
+        may_go_on: true,
         span: tracing::Span::current(),
     };
     Ok(hand_over_all(tx, vec![leaving], actor).await?.remove(0))
 }
 
-/// A pool worker whose job `ended` has just left it, locked in the caller's transaction, and
-/// the span its hand-over is recorded in.
+/// A worker whose job `ended` has just left it as its agent reported (`why`: "ended
+/// Succeeded", say), locked in the caller's transaction, and the span its hand-over is
+/// recorded in.
 pub struct HandOver {
     pub worker: Worker,
     pub ended: Uuid,
+    pub why: String,
+    /// Whether it may take a next job: only under the placement lock, taken before its row's.
+    pub may_go_on: bool,
     pub span: tracing::Span,
 }
 
 /// [`hand_over`] for the workers of one transaction at once, their next jobs taken in the
 /// order one hand-over after the other would take them: the jobs read and locked in two
 /// statements ([`jobs::lock_next_pending_many`]), then written in one and the workers in
-/// one (a round more when a head was passed over). The next job of each, in their order (`None`: it does not go on, or no job waits).
+/// one (a round more when a head was passed over). The next job of each, in their order
+/// (`None`: it does not go on, or no job waits).
+///
+/// Every worker that gets no next job leaves its ended job here too, as the registry would
+/// on the job's event ([`Worker::job_left`]): a pool worker with jobs left is Ready again,
+/// any other is torn down. The registry then finds nothing left to do.
 pub async fn hand_over_all(
     tx: &mut Tx,
     leaving: Vec<HandOver>,
@@ -271,14 +282,13 @@ pub async fn hand_over_all(
             Ready => worker.current_job_id.is_none(),
             _ => false,
         };
-        worker.pooled && free && worker.jobs_run < worker.max_jobs
+        one.may_go_on && worker.pooled && free && worker.jobs_run < worker.max_jobs
     };
     let mut runs: Vec<Option<RunJob>> = vec![None; leaving.len()];
-    let mut going: Vec<(usize, HandOver)> = leaving
+    let (mut going, mut staying): (Vec<(usize, HandOver)>, Vec<(usize, HandOver)>) = leaving
         .into_iter()
         .enumerate()
-        .filter(|(_, one)| goes_on(one))
-        .collect();
+        .partition(|(_, one)| goes_on(one));
     // A head passed over (it no longer waits once its lock is granted: a cancellation held
     // it) leaves the workers after it to another round, read after this round's writes.
     for _round in 0..3 {
@@ -319,10 +329,49 @@ pub async fn hand_over_all(
             one.span.in_scope(|| tracing::info!(job_id = %job.id, worker_id = %one.worker.id, attempt = job.attempt, "next job given with the report"));
             runs[*i] = Some(run_job_of(job));
         }
+        going = rest;
         if !passed_over {
             break;
         }
-        going = rest;
     }
+    staying.append(&mut going);
+    release_all(tx, staying, actor).await?;
     Ok(runs)
+}
+
+/// The workers of [`hand_over_all`] that got no next job leave their ended jobs, written in
+/// one statement.
+async fn release_all(
+    tx: &mut Tx,
+    staying: Vec<(usize, HandOver)>,
+    actor: &Actor,
+) -> Result<(), ApiError> {
+    let mut left: Vec<(HandOver, Vec<DomainEvent>)> = Vec::with_capacity(staying.len());
+    for (_, mut one) in staying {
+        let events = one.worker.job_left(one.ended, true, &one.why, actor)?;
+        if !events.is_empty() {
+            left.push((one, events));
+        }
+    }
+    if left.is_empty() {
+        return Ok(());
+    }
+    {
+        let mut workers: Vec<&mut Worker> =
+            left.iter_mut().map(|(one, _)| &mut one.worker).collect();
+        workers::update_many(tx, &mut workers).await?;
+    }
+    for (one, events) in &left {
+        outbox::append_events(tx, events)
+            .instrument(one.span.clone())
+            .await?;
+        let (worker_id, job_id) = (one.worker.id, one.ended);
+        one.span.in_scope(|| match one.worker.state {
+            hodei_domain::WorkerState::Terminating => {
+                tracing::info!(%worker_id, %job_id, "job ended; worker torn down")
+            }
+            _ => tracing::info!(%worker_id, %job_id, jobs_run = one.worker.jobs_run, max_jobs = one.worker.max_jobs, "job ended; pool worker ready for the next one"),
+        });
+    }
+    Ok(())
 }

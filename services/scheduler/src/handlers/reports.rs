@@ -106,19 +106,38 @@ pub async fn handle(state: State, batch: Vec<(Delivery, tracing::Span)>) -> Vec<
     outcomes
 }
 
-/// Of a batch's changes and their outcomes, the reports of the workers in `pooled` whose
-/// job left them, with that job: those that take their next job now.
+/// Of a batch's changes and their outcomes, the reports of the workers whose job left them,
+/// with that job.
+fn leaving_workers<'a>(
+    changes: &'a [Change<(Uuid, Report)>],
+    outcomes: &'a [Result<Option<Job>, ApiError>],
+) -> impl Iterator<Item = (&'a Change<(Uuid, Report)>, &'a Job)> + 'a {
+    changes.iter().zip(outcomes).filter_map(|(one, outcome)| {
+        let (worker_id, report) = &one.input;
+        let Ok(Some(job)) = outcome else { return None };
+        left_its_worker(report, job, *worker_id).then_some((one, job))
+    })
+}
+
+/// Of the reports of [`leaving_workers`], those of the workers in `pooled`: those that take
+/// their next job now.
 fn leaving_pool_workers<'a>(
     changes: &'a [Change<(Uuid, Report)>],
     outcomes: &'a [Result<Option<Job>, ApiError>],
     pooled: &'a [Uuid],
 ) -> impl Iterator<Item = (&'a Change<(Uuid, Report)>, Uuid)> + 'a {
-    changes.iter().zip(outcomes).filter_map(|(one, outcome)| {
-        let (worker_id, report) = &one.input;
-        let Ok(Some(job)) = outcome else { return None };
-        (pooled.contains(worker_id) && left_its_worker(report, job, *worker_id))
-            .then_some((one, job.id))
-    })
+    leaving_workers(changes, outcomes)
+        .filter(|(one, _)| pooled.contains(&one.input.0))
+        .map(|(one, job)| (one, job.id))
+}
+
+/// Why a job left its worker, as the worker's teardown reason says it.
+fn why_left(job: &Job) -> String {
+    if job.state.is_terminal() {
+        format!("ended {}", job.state)
+    } else {
+        "is being retried".to_owned()
+    }
 }
 
 /// Whether the job left the reporting worker with this report: it ended, or was retried
@@ -129,11 +148,12 @@ fn left_its_worker(report: &Report, job: &Job, worker_id: Uuid) -> bool {
 }
 
 /// Every report's change in one transaction, then the next job of each pool worker in
-/// `pooled` whose job left it; one commit. When there is such a worker, the placement lock
-/// is taken first (as every placement takes it), then those workers' rows, then the jobs'
-/// (worker before job, as the registry's monitor takes them for a lost worker). The
-/// changes' outcomes, and the job each of those workers was given (`None`: no job waits, or
-/// the worker does not go on).
+/// `pooled` whose job left it, and every other worker whose job left it leaves it (as the
+/// registry would on the job's event: torn down, or a pool worker Ready again); one commit.
+/// When there is a pool worker, the placement lock is taken first (as every placement takes
+/// it), then the reporting workers' rows, then the jobs' (worker before job, as the
+/// registry's monitor takes them for a lost worker). The changes' outcomes, and the job each
+/// pool worker was given (`None`: no job waits, or the worker does not go on).
 async fn apply_with_hand_overs(
     state: &State,
     changes: &[Change<(Uuid, Report)>],
@@ -149,15 +169,21 @@ async fn apply_with_hand_overs(
         return Ok((Vec::new(), HashMap::new()));
     };
     let mut tx = state.store.begin().await?;
-    let mut locked: HashMap<Uuid, hodei_domain::Worker> = HashMap::new();
     if !pooled.is_empty() {
         hodei_store::placement_lock(&mut tx).await?;
-        locked = workers::lock_all(&mut tx, pooled)
-            .await?
-            .into_iter()
-            .map(|worker| (worker.id, worker))
-            .collect();
     }
+    let mut ending: Vec<Uuid> = changes
+        .iter()
+        .filter(|c| matches!(c.input.1, Report::Finished(_)))
+        .map(|c| c.input.0)
+        .collect();
+    ending.sort_unstable();
+    ending.dedup();
+    let mut locked: HashMap<Uuid, hodei_domain::Worker> = workers::lock_all(&mut tx, &ending)
+        .await?
+        .into_iter()
+        .map(|worker| (worker.id, worker))
+        .collect();
     let outcomes =
         hodei_store::change_all_in(&mut tx, changes, &|job: &mut Job, (worker_id, report)| {
             apply_to(job, worker_id, report)
@@ -165,11 +191,13 @@ async fn apply_with_hand_overs(
         .await?;
     // Each worker as locked above (the jobs' changes do not touch its row), handed over to
     // once: a second report of it in the batch neither gets nor hides its next job.
-    let leaving: Vec<hodei_placement::HandOver> = leaving_pool_workers(changes, &outcomes, pooled)
-        .filter_map(|(one, ended)| {
+    let leaving: Vec<hodei_placement::HandOver> = leaving_workers(changes, &outcomes)
+        .filter_map(|(one, job)| {
             Some(hodei_placement::HandOver {
                 worker: locked.remove(&one.input.0)?,
-                ended,
+                ended: job.id,
+                why: why_left(job),
+                may_go_on: pooled.contains(&one.input.0),
                 span: one.span.clone(),
             })
         })
