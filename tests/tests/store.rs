@@ -730,6 +730,21 @@ async fn the_statements_of_id_lists_are_planned_once_on_big_tables() {
     }
 }
 
+/// A warm-pool worker in `state`, written as it is (no outbox row).
+async fn pool_worker(pool: &sqlx::PgPool, state: &str) -> Uuid {
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO workers (id, state, provider, correlation_id, version, created_at, updated_at, pooled) \
+         VALUES ($1, $2, 'process', 'c', 1, now(), now(), true)",
+    )
+    .bind(id)
+    .bind(state)
+    .execute(pool)
+    .await
+    .unwrap();
+    id
+}
+
 /// A new job, not written yet, gets the free worker (`lock_free_ready_for_first`) exactly when,
 /// once written Pending, the placement's own look ([`jobs::lock_next_pending`]) would take it
 /// next: no other process job waits (one in a backoff or for a container does not count) and
@@ -759,19 +774,6 @@ async fn a_new_job_takes_the_free_worker_first_exactly_when_placement_would_take
         )
         .unwrap()
         .0
-    };
-    let worker = |state: &'static str| {
-        let pool = pool.clone();
-        async move {
-            sqlx::query(
-                "INSERT INTO workers (id, state, provider, correlation_id, version, created_at, updated_at, pooled) \
-                 VALUES (gen_random_uuid(), $1, 'process', 'c', 1, now(), now(), true)",
-            )
-            .bind(state)
-            .execute(&pool)
-            .await
-            .unwrap();
-        }
     };
     // Whether `new` gets the free worker, and whether placement, once it is written, takes it.
     let check = |new: Job| {
@@ -809,9 +811,9 @@ async fn a_new_job_takes_the_free_worker_first_exactly_when_placement_would_take
     };
 
     // No free worker: nothing to take, whatever the queue.
-    worker("Busy").await;
+    pool_worker(&pool, "Busy").await;
     assert_eq!(check(submit(None, false)).await, (false, true));
-    worker("Ready").await;
+    pool_worker(&pool, "Ready").await;
     // An empty queue.
     assert_eq!(check(submit(None, false)).await, (true, true));
     assert_eq!(check(submit(Some(("a", 1)), false)).await, (true, true));
@@ -841,15 +843,7 @@ async fn a_job_accepted_while_a_worker_waits_is_written_once_already_assigned() 
     let (_db, pool) = migrated().await;
     let actor = Actor::service("test");
     let store = Store::new(pool.clone());
-    let worker_id = Uuid::now_v7();
-    sqlx::query(
-        "INSERT INTO workers (id, state, provider, correlation_id, version, created_at, updated_at, pooled) \
-         VALUES ($1, 'Ready', 'process', 'c', 1, now(), now(), true)",
-    )
-    .bind(worker_id)
-    .execute(&pool)
-    .await
-    .unwrap();
+    let worker_id = pool_worker(&pool, "Ready").await;
 
     let (mut job, submitted) = new_job(Some("k"));
     let mut tx = store.begin().await.unwrap();
@@ -902,15 +896,7 @@ async fn a_job_accepted_while_a_worker_waits_is_written_once_already_assigned() 
 
     // The same key again, with a second free worker: the job takes it, is not inserted, and
     // the worker stays free.
-    let free = Uuid::now_v7();
-    sqlx::query(
-        "INSERT INTO workers (id, state, provider, correlation_id, version, created_at, updated_at, pooled) \
-         VALUES ($1, 'Ready', 'process', 'c', 1, now(), now(), true)",
-    )
-    .bind(free)
-    .execute(&pool)
-    .await
-    .unwrap();
+    let free = pool_worker(&pool, "Ready").await;
     let (mut again, _) = new_job(Some("k"));
     let mut tx = store.begin().await.unwrap();
     let taken = hodei_placement::assign_before_insert(&mut tx, &mut again, &actor)
