@@ -83,7 +83,14 @@ pub async fn handle(
         }
     };
     hodei_store::commit(tx).await?;
-    tracing::info!(worker_id = %worker.id, pid = ?request.pid, with_job = run.is_some(), "worker registered and ready");
+    match &run {
+        Some(run) => {
+            tracing::info!(worker_id = %worker.id, pid = ?request.pid, job_id = %run.job_id, "worker registered; its job given in the answer")
+        }
+        None => {
+            tracing::info!(worker_id = %worker.id, pid = ?request.pid, "worker registered and ready")
+        }
+    }
     Ok(Registered {
         worker_id: worker.id,
         heartbeat_interval_ms: state.heartbeat_interval_ms,
