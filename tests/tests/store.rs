@@ -28,6 +28,28 @@ fn new_job(key: Option<&str>) -> (Job, Vec<hodei_domain::DomainEvent>) {
     .unwrap()
 }
 
+/// A new job of concurrency key `key` (with its limit) and `priority`, in a container if
+/// `image`.
+fn keyed_job(key: Option<(&str, u32)>, priority: i32, image: bool) -> Job {
+    let spec = JobSpec {
+        command: "true".into(),
+        image: image.then(|| "debian".into()),
+        concurrency: key.map(|(key, max)| hodei_domain::Concurrency {
+            key: key.into(),
+            max,
+        }),
+        ..Default::default()
+    };
+    let policy = hodei_domain::JobPolicy {
+        priority,
+        ..Default::default()
+    };
+    let actor = Actor::service("test");
+    Job::submit(Uuid::now_v7(), spec, policy, "corr".into(), None, &actor)
+        .unwrap()
+        .0
+}
+
 /// The placement's looks without a lock: a job waits only while Pending with its backoff
 /// over, and pool workers live only while neither Terminating nor Terminated (as the
 /// capacity count counts them).
@@ -495,26 +517,9 @@ async fn changes_of_one_job_in_a_batch_each_see_the_one_before() {
 /// the rest of its key, then by age. The expected order is worked out by hand below.
 #[tokio::test]
 async fn the_next_jobs_taken_together_are_those_taken_one_after_the_other() {
-    use hodei_domain::{Concurrency, JobPolicy};
     let (_db, pool) = migrated().await;
     let actor = Actor::service("test");
-    let submit = |key: Option<(&str, u32)>, priority: i32| {
-        let spec = JobSpec {
-            command: "true".into(),
-            concurrency: key.map(|(key, max)| Concurrency {
-                key: key.into(),
-                max,
-            }),
-            ..Default::default()
-        };
-        let policy = JobPolicy {
-            priority,
-            ..Default::default()
-        };
-        Job::submit(Uuid::now_v7(), spec, policy, "corr".into(), None, &actor)
-            .unwrap()
-            .0
-    };
+    let submit = |key: Option<(&str, u32)>, priority: i32| keyed_job(key, priority, false);
     let mut conn = pool.acquire().await.unwrap();
     // One job of key a is placed.
     let mut placed = submit(Some(("a", 2)), 9);
@@ -751,30 +756,9 @@ async fn pool_worker(pool: &sqlx::PgPool, state: &str) -> Uuid {
 /// its concurrency key has a slot free. With no free worker it gets none.
 #[tokio::test]
 async fn a_new_job_takes_the_free_worker_first_exactly_when_placement_would_take_it_next() {
-    use hodei_domain::{Concurrency, JobPolicy};
     let (_db, pool) = migrated().await;
     let actor = Actor::service("test");
-    let submit = |key: Option<(&str, u32)>, image: bool| {
-        let spec = JobSpec {
-            command: "true".into(),
-            image: image.then(|| "debian".into()),
-            concurrency: key.map(|(key, max)| Concurrency {
-                key: key.into(),
-                max,
-            }),
-            ..Default::default()
-        };
-        Job::submit(
-            Uuid::now_v7(),
-            spec,
-            JobPolicy::default(),
-            "corr".into(),
-            None,
-            &actor,
-        )
-        .unwrap()
-        .0
-    };
+    let submit = |key: Option<(&str, u32)>, image: bool| keyed_job(key, 0, image);
     // Whether `new` gets the free worker, and whether placement, once it is written, takes it.
     let check = |new: Job| {
         let pool = pool.clone();
