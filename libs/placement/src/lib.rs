@@ -93,7 +93,7 @@ pub enum OnAccept {
 
 /// Right after `job` was accepted, in the transaction that accepts it: if it is the next job
 /// to place (no job of higher priority or older waits) and a free ready worker waits, give
-/// it that worker now. Without a free ready worker it costs one index lookup and takes no
+/// it that worker now. Without a free ready worker it costs one statement and takes no
 /// lock: the dispatcher places the job.
 pub async fn assign_on_accept(
     tx: &mut Tx,
@@ -104,10 +104,9 @@ pub async fn assign_on_accept(
     if job.spec.image.is_some() {
         return Ok(OnAccept::Left);
     }
-    if !workers::any_free_ready(tx).await? {
+    if !hodei_store::placement_lock_if_worker_free(tx).await? {
         return Ok(OnAccept::NoFreeWorker);
     }
-    hodei_store::placement_lock(tx).await?;
     if !jobs::is_next_pending(tx, jobs::Kinds::Processes, job.id).await? {
         return Ok(OnAccept::Left);
     }
@@ -365,13 +364,22 @@ async fn release_all(
         outbox::append_events(tx, events)
             .instrument(one.span.clone())
             .await?;
-        let (worker_id, job_id) = (one.worker.id, one.ended);
-        one.span.in_scope(|| match one.worker.state {
-            hodei_domain::WorkerState::Terminating => {
-                tracing::info!(%worker_id, %job_id, "job ended; worker torn down")
-            }
-            _ => tracing::info!(%worker_id, %job_id, jobs_run = one.worker.jobs_run, max_jobs = one.worker.max_jobs, "job ended; pool worker ready for the next one"),
-        });
+        one.span.in_scope(|| log_left(&one.worker, one.ended));
     }
     Ok(())
+}
+
+/// The log line of a worker that job `job_id` has just left ([`Worker::job_left`]): torn
+/// down, or a pool worker Ready for its next job; nothing otherwise.
+pub fn log_left(worker: &Worker, job_id: Uuid) {
+    let worker_id = worker.id;
+    match worker.state {
+        hodei_domain::WorkerState::Ready if worker.current_job_id.is_none() => {
+            tracing::info!(%worker_id, %job_id, jobs_run = worker.jobs_run, max_jobs = worker.max_jobs, "job ended; pool worker ready for the next one")
+        }
+        hodei_domain::WorkerState::Terminating => {
+            tracing::info!(%worker_id, %job_id, "job ended; worker torn down")
+        }
+        _ => {}
+    }
 }

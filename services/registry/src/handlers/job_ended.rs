@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use hodei_domain::{Actor, DomainEvent, JobState, Worker, WorkerState};
+use hodei_domain::{Actor, DomainEvent, JobState, Worker};
 use hodei_messaging::consumer::{Delivery, Outcome};
 use hodei_protocol::ApiError;
 use hodei_store::{workers, Change};
@@ -81,7 +81,7 @@ pub async fn handle(state: State, batch: Vec<(Delivery, tracing::Span)>) -> Vec<
                             leaving.job_id, leaving.worker_id
                         ))
                     })?;
-                log(&worker, &leaving);
+                hodei_placement::log_left(&worker, leaving.job_id);
                 Ok(())
             });
             Outcome::from_result(result)
@@ -123,19 +123,6 @@ async fn without_unheld(
             })
         })
         .collect()
-}
-
-fn log(worker: &Worker, leaving: &Leaving) {
-    let (worker_id, job_id) = (worker.id, leaving.job_id);
-    match worker.state {
-        WorkerState::Ready if worker.current_job_id.is_none() => {
-            tracing::info!(%worker_id, %job_id, jobs_run = worker.jobs_run, max_jobs = worker.max_jobs, "job ended; pool worker ready for the next one")
-        }
-        WorkerState::Terminating => {
-            tracing::info!(%worker_id, %job_id, "job ended; worker torn down")
-        }
-        _ => {}
-    }
 }
 
 /// A job leaving its worker: which, why, and whether the agent reported the end itself (the

@@ -172,18 +172,12 @@ async fn apply_with_hand_overs(
     if !pooled.is_empty() {
         hodei_store::placement_lock(&mut tx).await?;
     }
-    let mut ending: Vec<Uuid> = changes
-        .iter()
-        .filter(|c| matches!(c.input.1, Report::Finished(_)))
-        .map(|c| c.input.0)
-        .collect();
-    ending.sort_unstable();
-    ending.dedup();
-    let mut locked: HashMap<Uuid, hodei_domain::Worker> = workers::lock_all(&mut tx, &ending)
-        .await?
-        .into_iter()
-        .map(|worker| (worker.id, worker))
-        .collect();
+    let mut locked: HashMap<Uuid, hodei_domain::Worker> =
+        workers::lock_all(&mut tx, &ending(changes))
+            .await?
+            .into_iter()
+            .map(|worker| (worker.id, worker))
+            .collect();
     let outcomes =
         hodei_store::change_all_in(&mut tx, changes, &|job: &mut Job, (worker_id, report)| {
             apply_to(job, worker_id, report)
@@ -213,6 +207,18 @@ async fn apply_with_hand_overs(
     Ok((outcomes, handed_over))
 }
 
+/// The workers that report their job's end in this batch, each once, in id order.
+fn ending(changes: &[Change<(Uuid, Report)>]) -> Vec<Uuid> {
+    let mut ending: Vec<Uuid> = changes
+        .iter()
+        .filter(|c| matches!(c.input.1, Report::Finished(_)))
+        .map(|c| c.input.0)
+        .collect();
+    ending.sort_unstable();
+    ending.dedup();
+    ending
+}
+
 /// Of the workers that report their job's end in this batch, the warm-pool workers with jobs
 /// left: one look for the whole batch (most workers are ephemeral). A failed look gives none:
 /// the registry then releases them on the jobs' events, as for any worker.
@@ -220,11 +226,7 @@ async fn pool_workers_reporting_ends(
     state: &State,
     changes: &[Change<(Uuid, Report)>],
 ) -> Vec<Uuid> {
-    let ending: Vec<Uuid> = changes
-        .iter()
-        .filter(|c| matches!(c.input.1, Report::Finished(_)))
-        .map(|c| c.input.0)
-        .collect();
+    let ending = ending(changes);
     if ending.is_empty() {
         return ending;
     }

@@ -244,7 +244,7 @@ async fn accept_in_one(
         .await?;
     // Once no warm worker is free, none becomes free in this transaction.
     let mut worker_may_be_free = !matches!(before, BeforeInsert::NoFreeWorker);
-    let mut taken = match before {
+    let taken = match before {
         BeforeInsert::Taken(taken) => Some(taken),
         _ => None,
     };
@@ -256,7 +256,7 @@ async fn accept_in_one(
     by_key.sort_by(|a, b| a.idempotency_key.cmp(&b.idempotency_key));
     let inserted = jobs::insert_many(&mut tx, &by_key).await?;
     let mut outcomes = Vec::with_capacity(jobs.len());
-    if let Some(taken) = taken.take().filter(|_| inserted.contains(&first.id)) {
+    if let Some(taken) = taken.filter(|_| inserted.contains(&first.id)) {
         hodei_placement::assign_inserted(&mut tx, &first, first_events, taken)
             .instrument(first_span.clone())
             .await?;
