@@ -582,7 +582,9 @@ async fn the_next_jobs_taken_together_are_those_taken_one_after_the_other() {
 
 /// The statements that take a list of ids as parameters, padded to a power of two with the
 /// last id repeated (`push_id_list`), act on each listed row once, whatever the list's length
-/// (1, 3 padded to 4, 5 padded to 8), and on no other.
+/// (1, 3 padded to 4, 5 padded to 8), and on no other; the reports' conditional placement
+/// lock (`placement_lock_if_pooled`) is taken for exactly the lists with a pool worker that
+/// may take a next job.
 #[tokio::test]
 async fn lists_of_ids_act_on_each_listed_row_once_whatever_their_length() {
     let (_db, pool) = migrated().await;
@@ -623,6 +625,28 @@ async fn lists_of_ids_act_on_each_listed_row_once_whatever_their_length() {
         "a list of five: every pooled worker with jobs left (the ended one too), once each"
     );
     assert!(store(&pool, &[]).await.unwrap().is_empty());
+
+    // The reports' look and lock in one statement: the placement lock is taken exactly when
+    // the list holds a pooled worker with jobs left, and held by the transaction.
+    for (ids, expected) in [
+        (&workers[..1], true),
+        (&workers[2..3], false),
+        (&workers[4..5], false),
+        (&workers[2..5], true),
+        (&[][..], false),
+    ] {
+        let mut tx = Store::new(pool.clone()).begin().await.unwrap();
+        let locked = hodei_store::placement_lock_if_pooled(&mut tx, ids)
+            .await
+            .unwrap();
+        let (held,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        assert_eq!((locked, held), (expected, i64::from(expected)), "{ids:?}");
+    }
 
     let now = chrono::Utc::now();
     let beat = |ids: Vec<Uuid>| {

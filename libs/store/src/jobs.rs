@@ -69,21 +69,11 @@ pub const SCHEDULED_ON_SQL: &str = concat!(
     columns!(),
     " FROM jobs WHERE worker_id = $1 AND state = 'Scheduled' FOR UPDATE"
 );
-/// The jobs placement may take next, best first, as ids ([`lock_next_pending`]): the first
-/// `$2` in the order one placement after the other would take them. Of the keys with waiting
-/// jobs (`concurrency_key`, '' for jobs without one), each key's jobs by priority then age,
-/// the `r`-th (from 0) counted as if the `r` before it were placed; a job goes only while
-/// fewer than its own `max` of its key are placed, and one that may not go holds back the
-/// rest of its key. Then the highest priority, the key with the fewest jobs placed (so keys
-/// of equal priority take turns: a key with 10,000 waiting jobs and one with 10 both
-/// progress), the oldest. The first row is the next job. `$1` is the kinds of job
-/// ([`Kinds`]), `$2` how many.
-///
-/// Only ids: the rows are read (and locked) by primary key afterwards. Joining the heads
-/// back to `jobs` here let the planner, whose statistics on a table this busy are always
-/// stale (it took the pending jobs for one row), hash every pending job for each placement:
-/// 1.7 ms with a thousand waiting instead of 0.1.
-pub const NEXT_PENDING_SQL: &str = "WITH RECURSIVE keys(k) AS ( \
+/// The `WITH` part of [`NEXT_PENDING_SQL`] and [`LOCK_NEXT_PENDING_SQL`]: `heads`, every
+/// key's jobs that may go, with their key's `placed` and their `rank` in it.
+macro_rules! heads_cte {
+    () => {
+        "WITH RECURSIVE keys(k) AS ( \
          (SELECT concurrency_key FROM jobs WHERE state = 'Pending' AND not_before IS NULL \
             AND ($1 = 'any' OR (spec ? 'image') = ($1 = 'container')) \
           ORDER BY concurrency_key LIMIT 1) \
@@ -111,8 +101,43 @@ pub const NEXT_PENDING_SQL: &str = "WITH RECURSIVE keys(k) AS ( \
                    AND ($1 = 'any' OR (spec ? 'image') = ($1 = 'container')) \
                  ORDER BY priority DESC, created_at, id LIMIT $2) r) h \
          WHERE keys.k IS NOT NULL AND h.open \
-     ) \
-     SELECT id FROM heads ORDER BY priority DESC, placed + rank, created_at, id LIMIT $2";
+     ) "
+    };
+}
+
+/// The jobs placement may take next, best first, as ids ([`lock_next_pending`]): the first
+/// `$2` in the order one placement after the other would take them. Of the keys with waiting
+/// jobs (`concurrency_key`, '' for jobs without one), each key's jobs by priority then age,
+/// the `r`-th (from 0) counted as if the `r` before it were placed; a job goes only while
+/// fewer than its own `max` of its key are placed, and one that may not go holds back the
+/// rest of its key. Then the highest priority, the key with the fewest jobs placed (so keys
+/// of equal priority take turns: a key with 10,000 waiting jobs and one with 10 both
+/// progress), the oldest. The first row is the next job. `$1` is the kinds of job
+/// ([`Kinds`]), `$2` how many.
+///
+/// Only ids: the rows are read (and locked) by primary key afterwards. Joining the heads
+/// back to `jobs` here let the planner, whose statistics on a table this busy are always
+/// stale (it took the pending jobs for one row), hash every pending job for each placement:
+/// 1.7 ms with a thousand waiting instead of 0.1.
+pub const NEXT_PENDING_SQL: &str = concat!(
+    heads_cte!(),
+    "SELECT id FROM heads ORDER BY priority DESC, placed + rank, created_at, id LIMIT $2"
+);
+/// [`NEXT_PENDING_SQL`]'s jobs, each read and locked by primary key, in one statement
+/// ([`lock_next_pending_many`]): `place` is a job's place in the order (from 1); the rows
+/// come, and are locked, in id order. Each row is looked up on its own (a lateral subquery
+/// with its own `FOR UPDATE`, which the planner cannot fold into a join): joined, the
+/// planner hashed every pending job (see above).
+pub const LOCK_NEXT_PENDING_SQL: &str = concat!(
+    heads_cte!(),
+    ", picked AS MATERIALIZED ( \
+         SELECT id, row_number() OVER (ORDER BY priority DESC, placed + rank, created_at, id) AS place \
+         FROM heads ORDER BY priority DESC, placed + rank, created_at, id LIMIT $2) \
+     SELECT job.*, picked.place FROM (SELECT id, place FROM picked ORDER BY id) picked \
+     CROSS JOIN LATERAL (SELECT ",
+    columns!(),
+    " FROM jobs WHERE jobs.id = picked.id FOR UPDATE) job"
+);
 /// Heads [`lock_next_pending`] tries in one round.
 const HEADS_PER_ROUND: i64 = 4;
 /// Overdue deadlines and finished backoffs ([`due`]).
@@ -360,8 +385,8 @@ pub async fn lock_next_pending(conn: &mut PgConnection, kinds: Kinds) -> Result<
 }
 
 /// The next `n` Pending jobs to place, as [`lock_next_pending`] would give them one after
-/// the other, locked, in two statements (the heads, then their rows); and whether more may
-/// be placeable than these: a head that no longer waits once its lock is granted (a
+/// the other, locked, in one statement ([`LOCK_NEXT_PENDING_SQL`]); and whether more may be
+/// placeable than these: a head that no longer waits once its lock is granted (a
 /// cancellation that held it) is left out, and the caller then asks again for the rest,
 /// after writing these (whose placements the next heads must count). Call it under
 /// [`crate::placement_lock`].
@@ -370,20 +395,23 @@ pub async fn lock_next_pending_many(
     kinds: Kinds,
     n: usize,
 ) -> Result<(Vec<Job>, bool)> {
-    let heads = heads(&mut *conn, kinds, i64::try_from(n).unwrap_or(i64::MAX)).await?;
-    let mut locked: std::collections::HashMap<Uuid, Job> = lock_all(conn, &heads)
-        .await?
-        .into_iter()
-        .map(|job| (job.id, job))
-        .collect();
-    let mut jobs = Vec::with_capacity(heads.len());
+    use sqlx::{FromRow, Row};
+    let rows = sqlx::query(LOCK_NEXT_PENDING_SQL)
+        .bind(kinds.as_str())
+        .bind(i64::try_from(n).unwrap_or(i64::MAX))
+        .fetch_all(conn)
+        .await?;
+    let mut placed: Vec<(i64, Job)> = Vec::with_capacity(rows.len());
+    for row in &rows {
+        placed.push((row.try_get("place")?, Job::try_from(JobRow::from_row(row)?)?));
+    }
+    placed.sort_unstable_by_key(|(place, _)| *place);
+    let mut jobs = Vec::with_capacity(placed.len());
     let mut passed_over = false;
-    for id in heads {
-        match locked.remove(&id) {
-            Some(job) if job.state == JobState::Pending && job.not_before.is_none() => {
-                jobs.push(job)
-            }
-            _ => passed_over = true,
+    for (_, job) in placed {
+        match job.state == JobState::Pending && job.not_before.is_none() {
+            true => jobs.push(job),
+            false => passed_over = true,
         }
     }
     Ok((jobs, passed_over))

@@ -127,6 +127,27 @@ pub async fn placement_lock_if_worker_free(conn: &mut PgConnection) -> Result<bo
     Ok(locked)
 }
 
+/// [`placement_lock`], taken only if one of `workers` is a warm-pool worker with jobs left
+/// (one that may take a next job); false (nothing locked) when none is: the look and the
+/// lock of the agents' reports in one round trip. The workers' `pooled` and `max_jobs` never
+/// change, and `jobs_run` only when the worker takes a job, which a worker reporting its
+/// job's end is not doing.
+pub async fn placement_lock_if_pooled(conn: &mut PgConnection, workers: &[Uuid]) -> Result<bool> {
+    if workers.is_empty() {
+        return Ok(false);
+    }
+    let mut query = sqlx::QueryBuilder::new(
+        "SELECT CASE WHEN EXISTS (SELECT 1 FROM workers WHERE pooled AND jobs_run < max_jobs AND id IN ",
+    );
+    push_id_list(&mut query, workers);
+    query
+        .push(") THEN pg_advisory_xact_lock(")
+        .push_bind(PLACEMENT_LOCK)
+        .push(") IS NOT NULL ELSE false END");
+    let locked: bool = query.build_query_scalar().fetch_one(conn).await?;
+    Ok(locked)
+}
+
 /// One field of every row of a batch: the array parameter of an `unnest(...)` insert, which
 /// is one statement whatever the number of rows (a VALUES list of each length is a statement
 /// of its own, parsed and planned apart).

@@ -21,6 +21,11 @@ pub const HOT_QUERIES: &[HotQuery] = &[
         args: "('any', 4)",
     },
     HotQuery {
+        name: "next pending jobs, locked (placement of a batch)",
+        sql: jobs::LOCK_NEXT_PENDING_SQL,
+        args: "('process', 8)",
+    },
+    HotQuery {
         name: "any job waiting (placement)",
         sql: jobs::ANY_PENDING_SQL,
         args: "",

@@ -57,11 +57,11 @@ pub async fn handle(state: State, batch: Vec<(Delivery, tracing::Span)>) -> Vec<
             })
         })
         .collect();
-    let pooled = pool_workers_reporting_ends(&state, &changes).await;
-    let (applied, mut handed_over) = match apply_with_hand_overs(&state, &changes, &pooled).await {
+    let (applied, mut handed_over) = match apply_with_hand_overs(&state, &changes).await {
         Ok(done) => done,
         Err(error) => {
             tracing::warn!(%error, reports = changes.len(), "a batch's transaction failed; applying its reports one at a time");
+            let pooled = pool_workers_reporting_ends(&state, &changes).await;
             let applied =
                 hodei_store::change_each(
                     &state.store,
@@ -147,17 +147,17 @@ fn left_its_worker(report: &Report, job: &Job, worker_id: Uuid) -> bool {
         || job.state.is_terminal()
 }
 
-/// Every report's change in one transaction, then the next job of each pool worker in
-/// `pooled` whose job left it, and every other worker whose job left it leaves it (as the
-/// registry would on the job's event: torn down, or a pool worker Ready again); one commit.
-/// When there is a pool worker, the placement lock is taken first (as every placement takes
-/// it), then the reporting workers' rows, then the jobs' (worker before job, as the
-/// registry's monitor takes them for a lost worker). The changes' outcomes, and the job each
-/// pool worker was given (`None`: no job waits, or the worker does not go on).
+/// Every report's change in one transaction, then the next job of each pool worker whose job
+/// left it, and every other worker whose job left it leaves it (as the registry would on the
+/// job's event: torn down, or a pool worker Ready again); one commit. When a pool worker with
+/// jobs left reports its job's end, the placement lock is taken first (as every placement
+/// takes it; in the statement that looks: [`hodei_store::placement_lock_if_pooled`]), then
+/// the reporting workers' rows, then the jobs' (worker before job, as the registry's monitor
+/// takes them for a lost worker). The changes' outcomes, and the job each pool worker was
+/// given (`None`: no job waits, or the worker does not go on).
 async fn apply_with_hand_overs(
     state: &State,
     changes: &[Change<(Uuid, Report)>],
-    pooled: &[Uuid],
 ) -> Result<
     (
         Vec<Result<Option<Job>, ApiError>>,
@@ -168,13 +168,11 @@ async fn apply_with_hand_overs(
     let Some(first) = changes.first() else {
         return Ok((Vec::new(), HashMap::new()));
     };
+    let ending = ending(changes);
     let mut tx = state.store.begin().await?;
-    if !pooled.is_empty() {
-        hodei_store::placement_lock(&mut tx).await?;
-    }
-    let mut locked: HashMap<Uuid, hodei_domain::Worker> =
-        workers::lock_all(&mut tx, &ending(changes))
-            .await?
+    let placing = hodei_store::placement_lock_if_pooled(&mut tx, &ending).await?;
+    let mut locked: HashMap<Uuid, hodei_domain::Worker> = workers::lock_all(&mut tx, &ending)
+        .await?
             .into_iter()
             .map(|worker| (worker.id, worker))
             .collect();
@@ -191,7 +189,7 @@ async fn apply_with_hand_overs(
                 worker: locked.remove(&one.input.0)?,
                 ended: job.id,
                 why: why_left(job),
-                may_go_on: pooled.contains(&one.input.0),
+                may_go_on: placing,
                 span: one.span.clone(),
             })
         })
@@ -220,8 +218,9 @@ fn ending(changes: &[Change<(Uuid, Report)>]) -> Vec<Uuid> {
 }
 
 /// Of the workers that report their job's end in this batch, the warm-pool workers with jobs
-/// left: one look for the whole batch (most workers are ephemeral). A failed look gives none:
-/// the registry then releases them on the jobs' events, as for any worker.
+/// left, for a batch applied one report at a time: one look for the whole batch (most workers
+/// are ephemeral). A failed look gives none: the registry then releases them on the jobs'
+/// events, as for any worker.
 async fn pool_workers_reporting_ends(
     state: &State,
     changes: &[Change<(Uuid, Report)>],
