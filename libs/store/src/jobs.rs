@@ -403,7 +403,10 @@ pub async fn lock_next_pending_many(
         .await?;
     let mut placed: Vec<(i64, Job)> = Vec::with_capacity(rows.len());
     for row in &rows {
-        placed.push((row.try_get("place")?, Job::try_from(JobRow::from_row(row)?)?));
+        placed.push((
+            row.try_get("place")?,
+            Job::try_from(JobRow::from_row(row)?)?,
+        ));
     }
     placed.sort_unstable_by_key(|(place, _)| *place);
     let mut jobs = Vec::with_capacity(placed.len());

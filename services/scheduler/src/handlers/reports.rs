@@ -173,9 +173,9 @@ async fn apply_with_hand_overs(
     let placing = hodei_store::placement_lock_if_pooled(&mut tx, &ending).await?;
     let mut locked: HashMap<Uuid, hodei_domain::Worker> = workers::lock_all(&mut tx, &ending)
         .await?
-            .into_iter()
-            .map(|worker| (worker.id, worker))
-            .collect();
+        .into_iter()
+        .map(|worker| (worker.id, worker))
+        .collect();
     let outcomes =
         hodei_store::change_all_in(&mut tx, changes, &|job: &mut Job, (worker_id, report)| {
             apply_to(job, worker_id, report)
