@@ -951,3 +951,52 @@ async fn a_job_accepted_while_a_worker_waits_is_written_once_already_assigned() 
     assert_eq!(locks, 0);
     assert_eq!(busy.state, hodei_domain::JobState::Pending);
 }
+
+/// A placing transaction (`Store::begin_placing`: its `BEGIN` and the placement lock in one
+/// round trip) holds the placement lock from its start, and a second one waits for it until
+/// the first ends.
+#[tokio::test]
+async fn a_placing_transaction_holds_the_placement_lock_until_it_ends() {
+    let (_db, pool) = migrated().await;
+    let store = Store::new(pool.clone());
+    let mut first = store.begin_placing().await.unwrap();
+    let (held,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid()",
+    )
+    .fetch_one(&mut *first)
+    .await
+    .unwrap();
+    assert_eq!(held, 1);
+
+    let second = tokio::spawn({
+        let store = store.clone();
+        async move {
+            let tx = store.begin_placing().await.unwrap();
+            hodei_store::commit(tx).await.unwrap();
+        }
+    });
+    // The second transaction's lock is asked for and not granted while the first lives.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (waiting,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if waiting == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second transaction never asked for the lock"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(!second.is_finished());
+    hodei_store::commit(first).await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), second)
+        .await
+        .expect("the second transaction got the lock once the first ended")
+        .unwrap();
+}

@@ -213,8 +213,7 @@ pub async fn next_for_pool_worker(
     actor: &Actor,
 ) -> Result<Option<RunJob>, ApiError> {
     // The caller looked first ([`workers::pooled_with_jobs_left`], for its whole batch).
-    let mut tx = store.begin().await?;
-    hodei_store::placement_lock(&mut tx).await?;
+    let mut tx = store.begin_placing().await?;
     let Some(worker) = workers::lock(&mut tx, worker_id).await? else {
         return Ok(None);
     };

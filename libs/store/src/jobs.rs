@@ -362,10 +362,11 @@ pub async fn lock_fenced_by(conn: &mut PgConnection, worker_id: Uuid) -> Result<
 
 /// The next Pending job to place ([`NEXT_PENDING_SQL`]: highest priority, keys taking
 /// turns, none beyond its key's concurrency limit, then oldest) that is not waiting out a
-/// retry's backoff, locked. Call it under [`crate::placement_lock`]: it waits for a row another
-/// transaction holds (a cancellation) instead of skipping it; a head that no longer waits once
-/// that transaction ends is passed over for the next (and, past a round's heads, the heads
-/// are read again, which then sees that transaction's change).
+/// retry's backoff, locked. Call it under the placement lock
+/// ([`crate::Store::begin_placing`]): it waits for a row another transaction holds (a
+/// cancellation) instead of skipping it; a head that no longer waits once that transaction
+/// ends is passed over for the next (and, past a round's heads, the heads are read again,
+/// which then sees that transaction's change).
 pub async fn lock_next_pending(conn: &mut PgConnection, kinds: Kinds) -> Result<Option<Job>> {
     for _round in 0..3 {
         let heads = heads(&mut *conn, kinds, HEADS_PER_ROUND).await?;
@@ -389,7 +390,7 @@ pub async fn lock_next_pending(conn: &mut PgConnection, kinds: Kinds) -> Result<
 /// placeable than these: a head that no longer waits once its lock is granted (a
 /// cancellation that held it) is left out, and the caller then asks again for the rest,
 /// after writing these (whose placements the next heads must count). Call it under
-/// [`crate::placement_lock`].
+/// the placement lock ([`crate::Store::begin_placing`]).
 pub async fn lock_next_pending_many(
     conn: &mut PgConnection,
     kinds: Kinds,

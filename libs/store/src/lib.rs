@@ -98,23 +98,20 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
     Ok(())
 }
 
-/// Key of the transaction-scoped advisory lock every placement decision takes first.
-const PLACEMENT_LOCK: i64 = 0x686f_6465_695f_706c; // "hodei_pl"
-
-/// Serialize placement decisions (which job goes to which worker, whether a worker may be
-/// created) across every dispatcher instance, until the transaction ends. Take it before any
-/// row lock: then no other placement holds a job or worker row, the placement queries wait
-/// for rows instead of skipping them, and two decisions never both see the same free
-/// worker, the same spare capacity or the same pending job.
-pub async fn placement_lock(conn: &mut PgConnection) -> Result<()> {
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(PLACEMENT_LOCK)
-        .execute(conn)
-        .await?;
-    Ok(())
+/// Key of the transaction-scoped advisory lock every placement decision takes first
+/// ("hodei_pl"), as a literal for SQL sent whole ([`Store::begin_placing`]).
+macro_rules! placement_lock_key {
+    () => {
+        "7525343889081725036"
+    };
 }
+const PLACEMENT_LOCK: i64 = 0x686f_6465_695f_706c;
+const _: () = assert!(
+    PLACEMENT_LOCK == 7525343889081725036,
+    "placement_lock_key! is PLACEMENT_LOCK"
+);
 
-/// [`placement_lock`], taken only if a ready worker is free; false (nothing locked) when none
+/// The placement lock ([`Store::begin_placing`]), taken only if a ready worker is free; false (nothing locked) when none
 /// is: the accept path's look and its lock in one round trip.
 pub async fn placement_lock_if_worker_free(conn: &mut PgConnection) -> Result<bool> {
     let (locked,): (bool,) = sqlx::query_as(
@@ -127,7 +124,7 @@ pub async fn placement_lock_if_worker_free(conn: &mut PgConnection) -> Result<bo
     Ok(locked)
 }
 
-/// [`placement_lock`], taken only if one of `workers` is a warm-pool worker with jobs left
+/// The placement lock ([`Store::begin_placing`]), taken only if one of `workers` is a warm-pool worker with jobs left
 /// (one that may take a next job); false (nothing locked) when none is: the look and the
 /// lock of the agents' reports in one round trip. The workers' `pooled` and `max_jobs` never
 /// change, and `jobs_run` only when the worker takes a job, which a worker reporting its
@@ -285,12 +282,32 @@ impl Store {
     }
 
     pub async fn begin(&self) -> Result<Tx> {
-        Ok(Tx {
-            inner: self.pool.begin().await?,
+        Ok(self.tx(self.pool.begin().await?))
+    }
+
+    /// [`Store::begin`] with the placement lock taken, in one round trip (`BEGIN` and the lock
+    /// sent as one message). The lock serializes placement decisions (which job goes to which
+    /// worker, whether a worker may be created) across every dispatcher instance, until the
+    /// transaction ends. It is taken before any row lock: then no other placement holds a
+    /// job or worker row, the placement queries wait for rows instead of skipping them, and
+    /// two decisions never both see the same free worker, the same spare capacity or the
+    /// same pending job.
+    pub async fn begin_placing(&self) -> Result<Tx> {
+        const BEGIN_PLACING: &str = concat!(
+            "BEGIN; SELECT pg_advisory_xact_lock(",
+            placement_lock_key!(),
+            ")"
+        );
+        Ok(self.tx(self.pool.begin_with(BEGIN_PLACING).await?))
+    }
+
+    fn tx(&self, inner: Transaction<'static, Postgres>) -> Tx {
+        Tx {
+            inner,
             outgoing: Vec::new(),
             unwritten: Vec::new(),
             after_commit: self.after_commit.clone(),
-        })
+        }
     }
 }
 

@@ -191,7 +191,7 @@ fn count(n: u32) -> i32 {
 }
 
 /// The oldest Ready worker that was not provisioned for a particular job, locked. Call it
-/// under the placement lock ([`crate::placement_lock`]): it waits for a row another
+/// under the placement lock ([`crate::Store::begin_placing`]): it waits for a row another
 /// transaction holds (a heartbeat) instead of skipping it, so a free worker is never missed;
 /// a row that no longer matches once that transaction ends is passed over for the next.
 pub async fn lock_free_ready(conn: &mut PgConnection) -> Result<Option<Worker>> {
@@ -203,7 +203,7 @@ pub async fn lock_free_ready(conn: &mut PgConnection) -> Result<Option<Worker>> 
 /// job of concurrency key `key` (limit `max`), not written yet, would be the next to place,
 /// as [`crate::jobs::lock_next_pending`] would find it once written: no process job waits to
 /// be placed, and its key has a slot free. Else `None`, and nothing is locked. Call it under
-/// [`crate::placement_lock`].
+/// the placement lock ([`crate::Store::begin_placing`]).
 pub async fn lock_free_ready_for_first(
     conn: &mut PgConnection,
     key: &str,

@@ -77,8 +77,7 @@ async fn anything_placeable(state: &State) -> Result<bool, ApiError> {
 /// Up to `limit` placements in one transaction under the placement lock; how many were
 /// made, and whether there may be more to make (every one asked for was made).
 async fn place_together(state: &State, limit: usize) -> Result<(usize, bool), ApiError> {
-    let mut tx = state.store.begin().await?;
-    hodei_store::placement_lock(&mut tx).await?;
+    let mut tx = state.store.begin_placing().await?;
     let mut waited = Vec::with_capacity(limit);
     // Once the next job of one kind cannot be placed, the other kind's jobs behind it still
     // may be: placement goes on with those alone.
@@ -146,8 +145,7 @@ pub(crate) async fn replenish_pool(state: &State) -> Result<u32, ApiError> {
     if state.warm_pool.is_none() && !workers::any_live_pooled(&state.store).await? {
         return Ok(0);
     }
-    let mut tx = state.store.begin().await?;
-    hodei_store::placement_lock(&mut tx).await?;
+    let mut tx = state.store.begin_placing().await?;
     let surplus = pool_surplus(&mut tx, state).await?;
     if surplus > 0 {
         let mut torn_down = 0;

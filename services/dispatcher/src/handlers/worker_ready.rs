@@ -17,8 +17,7 @@ pub async fn handle(state: State, delivery: Delivery) -> Outcome {
 #[tracing::instrument(name = "dispatch decision", skip_all)]
 async fn dispatch(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
     let ready: WorkerReadyForJob = payload_of(delivery)?;
-    let mut tx = state.store.begin().await?;
-    hodei_store::placement_lock(&mut tx).await?;
+    let mut tx = state.store.begin_placing().await?;
     let Some(mut worker) = workers::lock(&mut tx, ready.worker_id).await? else {
         return Err(ApiError::not_found(format!(
             "WorkerReadyForJob names unknown worker {}",
