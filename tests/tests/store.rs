@@ -50,9 +50,11 @@ fn keyed_job(key: Option<(&str, u32)>, priority: i32, image: bool) -> Job {
         .0
 }
 
-/// The placement's looks without a lock: a job waits only while Pending with its backoff
-/// over, and pool workers live only while neither Terminating nor Terminated (as the
-/// capacity count counts them).
+/// The placement's looks without a lock (`anything_placeable`, `any_live_pooled`): a job
+/// waits only while Pending with its backoff over; without a warm pool a waiting job needs
+/// room or a free ready worker, with one a free ready worker or a container job waiting;
+/// workers count as alive (and pool workers live) only while neither Terminating nor
+/// Terminated, as the capacity count counts them.
 #[tokio::test]
 async fn the_lock_free_looks_see_waiting_jobs_and_live_pool_workers_only() {
     let (_db, pool) = migrated().await;
@@ -82,21 +84,60 @@ async fn the_lock_free_looks_see_waiting_jobs_and_live_pool_workers_only() {
             .unwrap();
         }
     };
-    assert!(!jobs::any_pending(&pool).await.unwrap());
+    // Without a warm pool, with room for ten workers: a job must wait (Pending, its backoff
+    // over), and there must be room or a free ready worker.
+    let placeable = |pool_kept: bool, max_workers: u32| {
+        let pool = pool.clone();
+        async move {
+            hodei_store::anything_placeable(&pool, pool_kept, max_workers)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(!placeable(false, 10).await);
     insert_job("Succeeded", "NULL").await;
     insert_job("Pending", "now() + interval '1 hour'").await;
-    assert!(!jobs::any_pending(&pool).await.unwrap());
+    assert!(!placeable(false, 10).await, "no job waits");
     insert_job("Pending", "NULL").await;
-    assert!(jobs::any_pending(&pool).await.unwrap());
+    assert!(placeable(false, 10).await);
+    insert_worker("Busy", false).await;
+    insert_worker("Terminated", false).await;
+    assert!(
+        !placeable(false, 1).await,
+        "at capacity (Terminated ones do not count)"
+    );
+    assert!(placeable(false, 2).await);
 
     use hodei_store::workers;
     assert!(!workers::any_live_pooled(&pool).await.unwrap());
     insert_worker("Terminated", true).await;
     insert_worker("Terminating", true).await;
+    assert!(
+        !placeable(true, 10).await,
+        "a pool, none free, no container job"
+    );
     insert_worker("Ready", false).await;
     assert!(!workers::any_live_pooled(&pool).await.unwrap());
+    assert!(placeable(true, 10).await, "a free ready worker");
+    assert!(
+        placeable(false, 4).await,
+        "at capacity, but a worker is free"
+    );
     insert_worker("Ready", true).await;
     assert!(workers::any_live_pooled(&pool).await.unwrap());
+    sqlx::query("UPDATE workers SET state = 'Busy' WHERE state = 'Ready'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(!placeable(true, 10).await);
+    sqlx::query(
+        "INSERT INTO jobs (id, state, spec, attempt, correlation_id, version, created_at, updated_at, priority) \
+         VALUES (gen_random_uuid(), 'Pending', '{\"command\":\"true\",\"image\":\"x\"}', 1, 'c', 1, now(), now(), 0)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert!(placeable(true, 10).await, "a container job waits");
 }
 
 #[tokio::test]

@@ -463,29 +463,6 @@ impl Kinds {
     }
 }
 
-/// Whether any job waits to be placed, its backoff over (the first entry of the queue's
-/// index; no lock).
-pub async fn any_pending(pool: &PgPool) -> Result<bool> {
-    let (any,): (bool,) = sqlx::query_as(ANY_PENDING_SQL).fetch_one(pool).await?;
-    Ok(any)
-}
-/// The first entry of the queue's index (`jobs_pending_by_key`), in its order: as `EXISTS`,
-/// whose ORDER BY the planner drops, many pending jobs made a scan of the table look as
-/// cheap, which reads every ended job before the first pending one.
-pub const ANY_PENDING_SQL: &str =
-    "SELECT (SELECT 1 FROM jobs WHERE state = 'Pending' AND not_before IS NULL \
-             ORDER BY concurrency_key LIMIT 1) IS NOT NULL";
-
-/// Whether any job for a container waits (an index lookup; no lock).
-pub async fn any_pending_in_containers(conn: &mut PgConnection) -> Result<bool> {
-    let (any,): (bool,) = sqlx::query_as(ANY_PENDING_IN_CONTAINERS_SQL)
-        .fetch_one(conn)
-        .await?;
-    Ok(any)
-}
-pub const ANY_PENDING_IN_CONTAINERS_SQL: &str =
-    "SELECT EXISTS (SELECT 1 FROM jobs WHERE state = 'Pending' AND spec ? 'image')";
-
 /// The job placement takes next ([`lock_next_pending`]), without locking it (for views).
 pub async fn next_pending(pool: &PgPool, kinds: Kinds) -> Result<Option<Job>> {
     match heads(pool, kinds, 1).await?.first() {

@@ -26,19 +26,9 @@ pub const HOT_QUERIES: &[HotQuery] = &[
         args: "('process', 8)",
     },
     HotQuery {
-        name: "any job waiting (placement)",
-        sql: jobs::ANY_PENDING_SQL,
-        args: "",
-    },
-    HotQuery {
         name: "free ready worker for a new job that would go first (accepting)",
         sql: workers::FREE_READY_FOR_FIRST_SQL,
         args: "('k', 2)",
-    },
-    HotQuery {
-        name: "any container job waiting (placement)",
-        sql: jobs::ANY_PENDING_IN_CONTAINERS_SQL,
-        args: "",
     },
     HotQuery {
         name: "job scheduled on a worker (placement)",
@@ -69,6 +59,16 @@ pub const HOT_QUERIES: &[HotQuery] = &[
         name: "any live pool worker (warm pool)",
         sql: workers::ANY_LIVE_POOLED_SQL,
         args: "",
+    },
+    HotQuery {
+        name: "anything placeable, without a warm pool (placement's look)",
+        sql: crate::ANYTHING_PLACEABLE_SQL,
+        args: "(false, 10)",
+    },
+    HotQuery {
+        name: "anything placeable, with a warm pool (placement's look)",
+        sql: crate::ANYTHING_PLACEABLE_SQL,
+        args: "(true, 10)",
     },
     HotQuery {
         name: "live workers (capacity)",

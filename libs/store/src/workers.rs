@@ -240,16 +240,6 @@ pub async fn any_live_pooled(pool: &PgPool) -> Result<bool> {
 pub const ANY_LIVE_POOLED_SQL: &str = "SELECT EXISTS (SELECT 1 FROM workers \
                                        WHERE pooled AND state <> 'Terminated' AND state <> 'Terminating')";
 
-/// Whether any Ready worker waits for a job (no lock; an index lookup).
-pub async fn any_free_ready(conn: &mut PgConnection) -> Result<bool> {
-    let (any,): (bool,) = sqlx::query_as(
-        "SELECT EXISTS (SELECT 1 FROM workers WHERE state = 'Ready' AND reserved_job_id IS NULL)",
-    )
-    .fetch_one(conn)
-    .await?;
-    Ok(any)
-}
-
 /// Up to `limit` Ready pool workers (newest first: the oldest keep serving), locked.
 pub async fn lock_idle_pooled(conn: &mut PgConnection, limit: u32) -> Result<Vec<Worker>> {
     let sql = format!(

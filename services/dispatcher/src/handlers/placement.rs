@@ -48,30 +48,16 @@ pub(crate) async fn place_pending(state: &State, limit: usize) -> Result<usize, 
     Ok(placed)
 }
 
-/// Whether a placement may be possible, looked at without the placement lock, so that a
-/// look that finds nothing takes no lock and opens no transaction (behind the other
-/// placements). With a warm pool, a process job goes only to a free ready worker: with none
-/// free and no container job waiting there is nothing to place. Without one, a placement
-/// needs a waiting job, and room for a new worker or a free ready one: at capacity, each
-/// submission's look would otherwise lock the queue's head only to give it up. Whatever
-/// changes after this look raises its own event, which places again: a worker freed
-/// WorkerReadyForJob or WorkerTerminated, a job that may go JobQueued (on submission, retry
-/// and release alike).
+/// Whether a placement may be possible ([`hodei_store::anything_placeable`]: one look
+/// without the placement lock). At capacity, each submission's look would otherwise lock the
+/// queue's head only to give it up. Whatever changes after this look raises its own event,
+/// which places again: a worker freed WorkerReadyForJob or WorkerTerminated, a job that may
+/// go JobQueued (on submission, retry and release alike).
 async fn anything_placeable(state: &State) -> Result<bool, ApiError> {
-    if state.warm_pool.is_none() && !jobs::any_pending(&state.store).await? {
-        return Ok(false);
-    }
-    let mut conn = state
-        .store
-        .acquire()
-        .await
-        .map_err(hodei_store::StoreError::from)?;
-    if state.warm_pool.is_none() {
-        let live = workers::count_live(&mut conn).await?;
-        return Ok(live.workers < state.max_workers || workers::any_free_ready(&mut conn).await?);
-    }
-    Ok(workers::any_free_ready(&mut conn).await?
-        || jobs::any_pending_in_containers(&mut conn).await?)
+    Ok(
+        hodei_store::anything_placeable(&state.store, state.warm_pool.is_some(), state.max_workers)
+            .await?,
+    )
 }
 
 /// Up to `limit` placements in one transaction under the placement lock; how many were
