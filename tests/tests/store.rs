@@ -993,9 +993,10 @@ async fn a_job_accepted_while_a_worker_waits_is_written_once_already_assigned() 
     assert_eq!(busy.state, hodei_domain::JobState::Pending);
 }
 
-/// A placing transaction (`Store::begin_placing`: its `BEGIN` and the placement lock in one
-/// round trip) holds the placement lock from its start, and a second one waits for it until
-/// the first ends.
+/// A placing transaction (`Store::begin_placing`) holds the placement lock from its start: a
+/// second one, on a connection that waits at most 100 ms for a lock, cannot begin while the
+/// first lives, and begins on that same connection once the first has ended (the failed
+/// lock left no aborted transaction behind).
 #[tokio::test]
 async fn a_placing_transaction_holds_the_placement_lock_until_it_ends() {
     let (_db, pool) = migrated().await;
@@ -1009,35 +1010,27 @@ async fn a_placing_transaction_holds_the_placement_lock_until_it_ends() {
     .unwrap();
     assert_eq!(held, 1);
 
-    let second = tokio::spawn({
-        let store = store.clone();
-        async move {
-            let tx = store.begin_placing().await.unwrap();
-            hodei_store::commit(tx).await.unwrap();
+    // One connection: the one whose lock failed is the one that begins afterwards.
+    let impatient = Store::new(
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(
+                pool.connect_options()
+                    .as_ref()
+                    .clone()
+                    .options([("lock_timeout", "100")]),
+            )
+            .await
+            .unwrap(),
+    );
+    match impatient.begin_placing().await {
+        Err(StoreError::Database(sqlx::Error::Database(error))) => {
+            assert_eq!(error.code().as_deref(), Some("55P03"), "{error}")
         }
-    });
-    // The second transaction's lock is asked for and not granted while the first lives.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let (waiting,): (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        if waiting == 1 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the second transaction never asked for the lock"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        Err(other) => panic!("not a lock timeout: {other}"),
+        Ok(_) => panic!("a second placing transaction began while the first held the lock"),
     }
-    assert!(!second.is_finished());
     hodei_store::commit(first).await.unwrap();
-    tokio::time::timeout(std::time::Duration::from_secs(10), second)
-        .await
-        .expect("the second transaction got the lock once the first ended")
-        .unwrap();
+    let second = impatient.begin_placing().await.unwrap();
+    hodei_store::commit(second).await.unwrap();
 }

@@ -98,18 +98,8 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
     Ok(())
 }
 
-/// Key of the transaction-scoped advisory lock every placement decision takes first
-/// ("hodei_pl"), as a literal for SQL sent whole ([`Store::begin_placing`]).
-macro_rules! placement_lock_key {
-    () => {
-        "7525343889081725036"
-    };
-}
-const PLACEMENT_LOCK: i64 = 0x686f_6465_695f_706c;
-const _: () = assert!(
-    PLACEMENT_LOCK == 7525343889081725036,
-    "placement_lock_key! is PLACEMENT_LOCK"
-);
+/// Key of the transaction-scoped advisory lock every placement decision takes first.
+const PLACEMENT_LOCK: i64 = 0x686f_6465_695f_706c; // "hodei_pl"
 
 /// The placement lock ([`Store::begin_placing`]), taken only if a ready worker is free; false (nothing locked) when none
 /// is: the accept path's look and its lock in one round trip.
@@ -312,32 +302,31 @@ impl Store {
     }
 
     pub async fn begin(&self) -> Result<Tx> {
-        Ok(self.tx(self.pool.begin().await?))
-    }
-
-    /// [`Store::begin`] with the placement lock taken, in one round trip (`BEGIN` and the lock
-    /// sent as one message). The lock serializes placement decisions (which job goes to which
-    /// worker, whether a worker may be created) across every dispatcher instance, until the
-    /// transaction ends. It is taken before any row lock: then no other placement holds a
-    /// job or worker row, the placement queries wait for rows instead of skipping them, and
-    /// two decisions never both see the same free worker, the same spare capacity or the
-    /// same pending job.
-    pub async fn begin_placing(&self) -> Result<Tx> {
-        const BEGIN_PLACING: &str = concat!(
-            "BEGIN; SELECT pg_advisory_xact_lock(",
-            placement_lock_key!(),
-            ")"
-        );
-        Ok(self.tx(self.pool.begin_with(BEGIN_PLACING).await?))
-    }
-
-    fn tx(&self, inner: Transaction<'static, Postgres>) -> Tx {
-        Tx {
-            inner,
+        Ok(Tx {
+            inner: self.pool.begin().await?,
             outgoing: Vec::new(),
             unwritten: Vec::new(),
             after_commit: self.after_commit.clone(),
-        }
+        })
+    }
+
+    /// [`Store::begin`] with the placement lock taken first. The lock serializes placement
+    /// decisions (which job goes to which worker, whether a worker may be created) across
+    /// every dispatcher instance, until the transaction ends. It is taken before any row
+    /// lock: then no other placement holds a job or worker row, the placement queries wait
+    /// for rows instead of skipping them, and two decisions never both see the same free
+    /// worker, the same spare capacity or the same pending job.
+    ///
+    /// Two round trips, not one: sent with `BEGIN` in one message (`begin_with`), a lock that
+    /// fails (a deadlock, a timeout) would leave the pooled connection in an aborted
+    /// transaction that sqlx does not roll back, and every later use of it would fail.
+    pub async fn begin_placing(&self) -> Result<Tx> {
+        let mut tx = self.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(PLACEMENT_LOCK)
+            .execute(&mut *tx.inner)
+            .await?;
+        Ok(tx)
     }
 }
 
