@@ -680,12 +680,7 @@ async fn lists_of_ids_act_on_each_listed_row_once_whatever_their_length() {
         let locked = hodei_store::placement_lock_if_pooled(&mut tx, ids)
             .await
             .unwrap();
-        let (held,): (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
-        )
-        .fetch_one(&mut *tx)
-        .await
-        .unwrap();
+        let held = advisory_locks_held(&mut tx).await;
         assert_eq!((locked, held), (expected, i64::from(expected)), "{ids:?}");
     }
 
@@ -975,21 +970,11 @@ async fn a_job_accepted_while_a_worker_waits_is_written_once_already_assigned() 
         .unwrap();
     let (mut busy, _) = new_job(None);
     let mut tx = store.begin().await.unwrap();
-    let (backend,): (i32,) = sqlx::query_as("SELECT pg_backend_pid()")
-        .fetch_one(&mut *tx)
-        .await
-        .unwrap();
     let taken = hodei_placement::assign_before_insert(&mut tx, &mut busy, &actor)
         .await
         .unwrap();
     assert!(matches!(taken, hodei_placement::BeforeInsert::NoFreeWorker));
-    let (locks,): (i64,) =
-        sqlx::query_as("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1")
-            .bind(backend)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!(locks, 0);
+    assert_eq!(advisory_locks_held(&mut tx).await, 0);
     assert_eq!(busy.state, hodei_domain::JobState::Pending);
 }
 
@@ -1002,13 +987,7 @@ async fn a_placing_transaction_holds_the_placement_lock_until_it_ends() {
     let (_db, pool) = migrated().await;
     let store = Store::new(pool.clone());
     let mut first = store.begin_placing().await.unwrap();
-    let (held,): (i64,) = sqlx::query_as(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid()",
-    )
-    .fetch_one(&mut *first)
-    .await
-    .unwrap();
-    assert_eq!(held, 1);
+    assert_eq!(advisory_locks_held(&mut first).await, 1);
 
     // One connection: the one whose lock failed is the one that begins afterwards.
     let impatient = Store::new(
@@ -1033,4 +1012,15 @@ async fn a_placing_transaction_holds_the_placement_lock_until_it_ends() {
     hodei_store::commit(first).await.unwrap();
     let second = impatient.begin_placing().await.unwrap();
     hodei_store::commit(second).await.unwrap();
+}
+
+/// The advisory locks (the placement lock) the transaction's own connection holds.
+async fn advisory_locks_held(tx: &mut hodei_store::Tx) -> i64 {
+    let (held,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid()",
+    )
+    .fetch_one(&mut **tx)
+    .await
+    .unwrap();
+    held
 }

@@ -101,8 +101,8 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
 /// Key of the transaction-scoped advisory lock every placement decision takes first.
 const PLACEMENT_LOCK: i64 = 0x686f_6465_695f_706c; // "hodei_pl"
 
-/// The placement lock ([`Store::begin_placing`]), taken only if a ready worker is free; false (nothing locked) when none
-/// is: the accept path's look and its lock in one round trip.
+/// The placement lock ([`Store::begin_placing`]), taken only if a ready worker is free; false
+/// (nothing locked) when none is: the accept path's look and its lock in one round trip.
 pub async fn placement_lock_if_worker_free(conn: &mut PgConnection) -> Result<bool> {
     let (locked,): (bool,) = sqlx::query_as(
         "SELECT CASE WHEN EXISTS (SELECT 1 FROM workers WHERE state = 'Ready' AND reserved_job_id IS NULL) \
@@ -114,9 +114,9 @@ pub async fn placement_lock_if_worker_free(conn: &mut PgConnection) -> Result<bo
     Ok(locked)
 }
 
-/// The placement lock ([`Store::begin_placing`]), taken only if one of `workers` is a warm-pool worker with jobs left
-/// (one that may take a next job); false (nothing locked) when none is: the look and the
-/// lock of the agents' reports in one round trip. The workers' `pooled` and `max_jobs` never
+/// The placement lock ([`Store::begin_placing`]), taken only if one of `workers` is a
+/// warm-pool worker with jobs left (one that may take a next job); false (nothing locked)
+/// when none is: the look and the lock of the agents' reports in one round trip. The workers' `pooled` and `max_jobs` never
 /// change, and `jobs_run` only when the worker takes a job, which a worker reporting its
 /// job's end is not doing.
 pub async fn placement_lock_if_pooled(conn: &mut PgConnection, workers: &[Uuid]) -> Result<bool> {
