@@ -50,7 +50,7 @@ fn keyed_job(key: Option<(&str, u32)>, priority: i32, image: bool) -> Job {
         .0
 }
 
-/// The placement's looks without a lock (`anything_placeable`, `any_live_pooled`): a job
+/// The placement's looks without a lock (`placement_looks`, `any_live_pooled`): a job
 /// waits only while Pending with its backoff over; without a warm pool a waiting job needs
 /// room or a free ready worker, with one a free ready worker or a container job waiting;
 /// workers count as alive (and pool workers live) only while neither Terminating nor
@@ -86,12 +86,26 @@ async fn the_lock_free_looks_see_waiting_jobs_and_live_pool_workers_only() {
     };
     // Without a warm pool, with room for ten workers: a job must wait (Pending, its backoff
     // over), and there must be room or a free ready worker.
-    let placeable = |pool_kept: bool, max_workers: u32| {
+    let looks = |pool_kept: bool, max_workers: u32| {
         let pool = pool.clone();
         async move {
-            hodei_store::anything_placeable(&pool, pool_kept, max_workers)
+            hodei_store::placement_looks(&pool, pool_kept, max_workers)
                 .await
                 .unwrap()
+        }
+    };
+    let placeable = |pool_kept: bool, max_workers: u32| {
+        let looks = looks.clone();
+        async move { looks(pool_kept, max_workers).await.placeable }
+    };
+    // The pool workers alive: as `any_live_pooled` sees them without a pool, never with one.
+    let live_pooled = || {
+        let (pool, looks) = (pool.clone(), looks.clone());
+        async move {
+            let alone = hodei_store::workers::any_live_pooled(&pool).await.unwrap();
+            assert_eq!(looks(false, 10).await.live_pooled, alone);
+            assert!(!looks(true, 10).await.live_pooled);
+            alone
         }
     };
     assert!(!placeable(false, 10).await);
@@ -108,8 +122,7 @@ async fn the_lock_free_looks_see_waiting_jobs_and_live_pool_workers_only() {
     );
     assert!(placeable(false, 2).await);
 
-    use hodei_store::workers;
-    assert!(!workers::any_live_pooled(&pool).await.unwrap());
+    assert!(!live_pooled().await);
     insert_worker("Terminated", true).await;
     insert_worker("Terminating", true).await;
     assert!(
@@ -117,14 +130,14 @@ async fn the_lock_free_looks_see_waiting_jobs_and_live_pool_workers_only() {
         "a pool, none free, no container job"
     );
     insert_worker("Ready", false).await;
-    assert!(!workers::any_live_pooled(&pool).await.unwrap());
+    assert!(!live_pooled().await);
     assert!(placeable(true, 10).await, "a free ready worker");
     assert!(
         placeable(false, 4).await,
         "at capacity, but a worker is free"
     );
     insert_worker("Ready", true).await;
-    assert!(workers::any_live_pooled(&pool).await.unwrap());
+    assert!(live_pooled().await);
     sqlx::query("UPDATE workers SET state = 'Busy' WHERE state = 'Ready'")
         .execute(&pool)
         .await

@@ -138,8 +138,9 @@ pub const LOCK_NEXT_PENDING_SQL: &str = concat!(
     columns!(),
     " FROM jobs WHERE jobs.id = picked.id FOR UPDATE) job"
 );
-/// Heads [`lock_next_pending`] tries in one round.
-const HEADS_PER_ROUND: i64 = 4;
+/// Heads that no longer wait (each a cancellation that held its row) [`lock_next_pending`]
+/// passes over before it gives up.
+const PASSED_OVER_ROUNDS: usize = 12;
 /// Overdue deadlines and finished backoffs ([`due`]).
 pub const DUE_SQL: &str = "(SELECT id, deadline_at AS due FROM jobs WHERE deadline_at <= now() ORDER BY deadline_at LIMIT $1) \
                            UNION ALL \
@@ -362,24 +363,19 @@ pub async fn lock_fenced_by(conn: &mut PgConnection, worker_id: Uuid) -> Result<
 
 /// The next Pending job to place ([`NEXT_PENDING_SQL`]: highest priority, keys taking
 /// turns, none beyond its key's concurrency limit, then oldest) that is not waiting out a
-/// retry's backoff, locked. Call it under the placement lock
-/// ([`crate::Store::begin_placing`]): it waits for a row another transaction holds (a
-/// cancellation) instead of skipping it; a head that no longer waits once that transaction
-/// ends is passed over for the next (and, past a round's heads, the heads are read again,
-/// which then sees that transaction's change).
+/// retry's backoff, read and locked in one statement ([`lock_next_pending_many`] of one).
+/// Call it under the placement lock ([`crate::Store::begin_placing`]): it waits for a row
+/// another transaction holds (a cancellation) instead of skipping it; a head that no longer
+/// waits once that transaction ends is passed over, and the heads are read again, which
+/// then sees that transaction's change.
 pub async fn lock_next_pending(conn: &mut PgConnection, kinds: Kinds) -> Result<Option<Job>> {
-    for _round in 0..3 {
-        let heads = heads(&mut *conn, kinds, HEADS_PER_ROUND).await?;
-        if heads.is_empty() {
-            return Ok(None);
+    for _round in 0..PASSED_OVER_ROUNDS {
+        let (mut next, passed_over) = lock_next_pending_many(&mut *conn, kinds, 1).await?;
+        if let Some(job) = next.pop() {
+            return Ok(Some(job));
         }
-        for id in heads {
-            match lock(conn, id).await? {
-                Some(job) if job.state == JobState::Pending && job.not_before.is_none() => {
-                    return Ok(Some(job))
-                }
-                _ => {}
-            }
+        if !passed_over {
+            return Ok(None);
         }
     }
     Ok(None)

@@ -135,34 +135,49 @@ pub async fn placement_lock_if_pooled(conn: &mut PgConnection, workers: &[Uuid])
     Ok(locked)
 }
 
-/// Whether a placement may be possible ([`anything_placeable`]). `$1`: a warm pool is kept;
-/// `$2`: the most workers alive at once. Each subquery is evaluated only when the answer
-/// still depends on it. "A job waits" is the first entry of the queue's index
-/// (`jobs_pending_by_key`), in its order: as `EXISTS`, whose ORDER BY the planner drops, many
-/// pending jobs made a scan of the table look as cheap, which reads every ended job before
-/// the first pending one. The live workers are counted as [`workers::COUNT_LIVE_SQL`] counts
-/// them.
-pub const ANYTHING_PLACEABLE_SQL: &str = "SELECT CASE WHEN $1 \
+/// What placement looks at first ([`placement_looks`]). `$1`: a warm pool is kept; `$2`: the
+/// most workers alive at once. Each subquery is evaluated only when the answer still depends
+/// on it. "A job waits" is the first entry of the queue's index (`jobs_pending_by_key`), in
+/// its order: as `EXISTS`, whose ORDER BY the planner drops, many pending jobs made a scan of
+/// the table look as cheap, which reads every ended job before the first pending one. The
+/// live workers are counted as [`workers::COUNT_LIVE_SQL`] counts them, and pool workers
+/// alive as [`workers::ANY_LIVE_POOLED_SQL`] finds them.
+pub const PLACEMENT_LOOKS_SQL: &str = "SELECT CASE WHEN $1 \
      THEN EXISTS (SELECT 1 FROM workers WHERE state = 'Ready' AND reserved_job_id IS NULL) \
           OR EXISTS (SELECT 1 FROM jobs WHERE state = 'Pending' AND spec ? 'image') \
      ELSE (SELECT 1 FROM jobs WHERE state = 'Pending' AND not_before IS NULL \
            ORDER BY concurrency_key LIMIT 1) IS NOT NULL \
           AND ((SELECT count(*) FROM workers WHERE state <> 'Terminated') < $2 \
                OR EXISTS (SELECT 1 FROM workers WHERE state = 'Ready' AND reserved_job_id IS NULL)) \
-     END";
+     END, \
+     NOT $1 AND EXISTS (SELECT 1 FROM workers \
+                        WHERE pooled AND state <> 'Terminated' AND state <> 'Terminating')";
 
-/// Whether a placement may be possible, in one look without a lock, so that a look that finds
-/// nothing takes no lock and opens no transaction. With a warm pool (`pool_kept`), a process
-/// job goes only to a free ready worker: there is something to place while one is free or a
-/// container job waits. Without one, a job must wait, and there must be room for a new
-/// worker (fewer than `max_workers` alive) or a free ready one.
-pub async fn anything_placeable(pool: &PgPool, pool_kept: bool, max_workers: u32) -> Result<bool> {
-    let (any,): (bool,) = sqlx::query_as(ANYTHING_PLACEABLE_SQL)
+/// What [`placement_looks`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Looks {
+    /// A placement may be possible. With a warm pool, a process job goes only to a free
+    /// ready worker: there is something to place while one is free or a container job
+    /// waits. Without one, a job must wait, and there must be room for a new worker (fewer
+    /// than `max_workers` alive) or a free ready one.
+    pub placeable: bool,
+    /// Without a warm pool: a pool worker of an earlier configuration is alive (and not on
+    /// its way out), so there is a surplus to tear down. Always false with a pool.
+    pub live_pooled: bool,
+}
+
+/// Placement's first look, without a lock and in one statement, so that a look that finds
+/// nothing takes no lock and opens no transaction ([`Looks`]).
+pub async fn placement_looks(pool: &PgPool, pool_kept: bool, max_workers: u32) -> Result<Looks> {
+    let (placeable, live_pooled): (bool, bool) = sqlx::query_as(PLACEMENT_LOOKS_SQL)
         .bind(pool_kept)
         .bind(i64::from(max_workers))
         .fetch_one(pool)
         .await?;
-    Ok(any)
+    Ok(Looks {
+        placeable,
+        live_pooled,
+    })
 }
 
 /// One field of every row of a batch: the array parameter of an `unnest(...)` insert, which

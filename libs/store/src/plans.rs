@@ -61,13 +61,13 @@ pub const HOT_QUERIES: &[HotQuery] = &[
         args: "",
     },
     HotQuery {
-        name: "anything placeable, without a warm pool (placement's look)",
-        sql: crate::ANYTHING_PLACEABLE_SQL,
+        name: "placement's looks, without a warm pool",
+        sql: crate::PLACEMENT_LOOKS_SQL,
         args: "(false, 10)",
     },
     HotQuery {
-        name: "anything placeable, with a warm pool (placement's look)",
-        sql: crate::ANYTHING_PLACEABLE_SQL,
+        name: "placement's looks, with a warm pool",
+        sql: crate::PLACEMENT_LOOKS_SQL,
         args: "(true, 10)",
     },
     HotQuery {

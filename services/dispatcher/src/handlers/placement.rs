@@ -19,9 +19,26 @@ const MAX_PLACEMENTS_PER_TRANSACTION: usize = 64;
 /// commit for all); a transaction that fails is made again one placement at a time, so that
 /// one job that cannot be placed never holds up the others. Returns how many were placed.
 pub(crate) async fn place_pending(state: &State, limit: usize) -> Result<usize, ApiError> {
-    if !anything_placeable(state).await? {
+    if !looks(state).await?.placeable {
         return Ok(0);
     }
+    place_looked(state, limit).await
+}
+
+/// Placement's first look ([`hodei_store::placement_looks`]: one statement without the
+/// placement lock). At capacity, each submission's look would otherwise lock the queue's
+/// head only to give it up. Whatever changes after this look raises its own event, which
+/// places again: a worker freed WorkerReadyForJob or WorkerTerminated, a job that may go
+/// JobQueued (on submission, retry and release alike).
+pub(crate) async fn looks(state: &State) -> Result<hodei_store::Looks, ApiError> {
+    Ok(
+        hodei_store::placement_looks(&state.store, state.warm_pool.is_some(), state.max_workers)
+            .await?,
+    )
+}
+
+/// [`place_pending`] once [`looks`] found something placeable.
+pub(crate) async fn place_looked(state: &State, limit: usize) -> Result<usize, ApiError> {
     let mut placed = 0;
     while placed < limit {
         let wanted = (limit - placed).min(MAX_PLACEMENTS_PER_TRANSACTION);
@@ -48,18 +65,6 @@ pub(crate) async fn place_pending(state: &State, limit: usize) -> Result<usize, 
     Ok(placed)
 }
 
-/// Whether a placement may be possible ([`hodei_store::anything_placeable`]: one look
-/// without the placement lock). At capacity, each submission's look would otherwise lock the
-/// queue's head only to give it up. Whatever changes after this look raises its own event,
-/// which places again: a worker freed WorkerReadyForJob or WorkerTerminated, a job that may
-/// go JobQueued (on submission, retry and release alike).
-async fn anything_placeable(state: &State) -> Result<bool, ApiError> {
-    Ok(
-        hodei_store::anything_placeable(&state.store, state.warm_pool.is_some(), state.max_workers)
-            .await?,
-    )
-}
-
 /// Up to `limit` placements in one transaction under the placement lock; how many were
 /// made, and whether there may be more to make (every one asked for was made).
 async fn place_together(state: &State, limit: usize) -> Result<(usize, bool), ApiError> {
@@ -68,6 +73,12 @@ async fn place_together(state: &State, limit: usize) -> Result<(usize, bool), Ap
     // Once the next job of one kind cannot be placed, the other kind's jobs behind it still
     // may be: placement goes on with those alone.
     let mut kinds = jobs::Kinds::Any;
+    // Under the placement lock nobody else takes a free worker or makes one, so each is
+    // looked up once per transaction: the room for new workers is counted once and then
+    // kept here, and once no worker is free none is looked for again. (A worker freed or
+    // ended meanwhile raises its own event, which places again.)
+    let mut room: Option<u32> = None;
+    let mut any_free = true;
     while waited.len() < limit {
         let Some(mut job) = jobs::lock_next_pending(&mut tx, kinds).await? else {
             break;
@@ -75,10 +86,11 @@ async fn place_together(state: &State, limit: usize) -> Result<(usize, bool), Ap
         let waited_for = chrono::Utc::now() - job.updated_at;
         // A job in a container gets a container of its own: never a warm-pool process.
         let in_container = job.spec.image.is_some();
-        let free = match in_container {
+        let free = match in_container || !any_free {
             true => None,
             false => workers::lock_free_ready(&mut tx).await?,
         };
+        any_free &= in_container || free.is_some();
         if let Some(mut worker) = free {
             send_job(&mut tx, &mut job, &mut worker, &state.actor).await?;
         } else if in_container && !container_fits(&mut tx, &job).await? {
@@ -88,8 +100,11 @@ async fn place_together(state: &State, limit: usize) -> Result<(usize, bool), Ap
                 _ => break,
             }
             continue;
-        } else if (in_container || state.warm_pool.is_none()) && room(&mut tx, state).await? > 0 {
+        } else if (in_container || state.warm_pool.is_none())
+            && room_left(&mut tx, state, &mut room).await? > 0
+        {
             schedule_on_new_worker(&mut tx, state, &mut job).await?;
+            room = room.map(|left| left - 1);
         } else {
             tracing::debug!(job_id = %job.id, "no free worker and no room for one; the job waits");
             // Without room, no job of either kind gets a new worker; with room but no free
@@ -131,6 +146,12 @@ pub(crate) async fn replenish_pool(state: &State) -> Result<u32, ApiError> {
     if state.warm_pool.is_none() && !workers::any_live_pooled(&state.store).await? {
         return Ok(0);
     }
+    keep_pool(state).await
+}
+
+/// [`replenish_pool`] without its look (the caller's [`looks`] found pool workers alive, or
+/// a pool is kept).
+pub(crate) async fn keep_pool(state: &State) -> Result<u32, ApiError> {
     let mut tx = state.store.begin_placing().await?;
     let surplus = pool_surplus(&mut tx, state).await?;
     if surplus > 0 {
@@ -188,10 +209,20 @@ async fn pool_surplus(conn: &mut Tx, state: &State) -> Result<u32, ApiError> {
     Ok(live.pool_members.saturating_sub(size))
 }
 
-/// How many more workers may be created now.
-async fn room(conn: &mut Tx, state: &State) -> Result<u32, ApiError> {
+/// How many more workers may be created now: counted at the first ask of a transaction,
+/// then `counted` (which the caller lowers for each worker it makes).
+async fn room_left(
+    conn: &mut Tx,
+    state: &State,
+    counted: &mut Option<u32>,
+) -> Result<u32, ApiError> {
+    if let Some(left) = *counted {
+        return Ok(left);
+    }
     let live = workers::count_live(conn).await?;
-    Ok(state.max_workers.saturating_sub(live.workers))
+    let left = state.max_workers.saturating_sub(live.workers);
+    *counted = Some(left);
+    Ok(left)
 }
 
 /// Whether the container job `job` fits in what the docker provider has left (its offer's

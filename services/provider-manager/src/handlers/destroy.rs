@@ -97,13 +97,16 @@ async fn destroy(
     resources::forget(&mut tx, worker_id).await?;
     hodei_store::commit(tx).await?;
     tracing::info!(%worker_id, "worker destroyed");
-    forget_commands(state, worker_id).await;
+    // Only a pool worker is sent commands: one provisioned for a job gets it in the answer
+    // to its registration, and nothing on its command subject.
+    if worker.pooled {
+        forget_commands(state, worker_id).await;
+    }
     Ok(None)
 }
 
 /// A worker's commands carry its jobs' environments: once it is gone nobody reads them, and
-/// they leave its stream (an ephemeral agent gets its job in its registration and never
-/// reads the durable copy).
+/// they leave its stream.
 async fn forget_commands(state: &State, worker_id: uuid::Uuid) {
     let stream = state
         .js
