@@ -63,6 +63,12 @@ async fn a_warm_pool_runs_jobs_on_reused_workers_and_replaces_spent_ones() {
     ])
     .await;
     wait_for_ready_pool(&system, 2).await;
+    let mut finished_reports = system
+        .client
+        .subscribe("hodei.agent.*.finished")
+        .await
+        .unwrap();
+    system.client.flush().await.unwrap();
     let first_pool: Vec<(Uuid,)> = sqlx::query_as("SELECT id FROM workers WHERE pooled")
         .fetch_all(&system.pool)
         .await
@@ -125,6 +131,23 @@ async fn a_warm_pool_runs_jobs_on_reused_workers_and_replaces_spent_ones() {
             .any(|(id,)| jobs_per_worker.contains_key(id)),
         "the pre-provisioned workers took jobs"
     );
+    // Each agent says which job is its last (its third): only that report, so that the
+    // scheduler gives the others their next jobs.
+    let mut lasts: HashMap<Uuid, Vec<bool>> = HashMap::new();
+    for _ in 0..ids.len() {
+        use futures::StreamExt;
+        let message = tokio::time::timeout(Duration::from_secs(10), finished_reports.next())
+            .await
+            .expect("every job's finished report was published")
+            .unwrap();
+        let report: hodei_protocol::agent::JobFinished =
+            serde_json::from_slice(&message.payload).unwrap();
+        lasts.entry(report.worker_id).or_default().push(report.last);
+    }
+    for (worker_id, lasts) in &lasts {
+        let expected: Vec<bool> = (1..=lasts.len()).map(|n| n == 3).collect();
+        assert_eq!(lasts, &expected, "worker {worker_id}");
+    }
     for (worker_id, ran) in &jobs_per_worker {
         let (state, jobs_run): (String, i32) =
             sqlx::query_as("SELECT state, jobs_run FROM workers WHERE id = $1")

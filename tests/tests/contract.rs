@@ -255,6 +255,7 @@ async fn refused_reports_are_answered_with_typed_errors_change_nothing_and_are_l
         exit_code: Some(9),
         error: None,
         started: false,
+        last: false,
     };
     let refused = |result: Result<ReportAccepted, ApiError>| {
         result.expect_err("the report must be refused").code

@@ -225,6 +225,11 @@ async fn a_short_job_reports_its_start_with_its_end_and_a_longer_job_reports_its
     );
     assert!(finished_of(short).started, "{:?}", finished_of(short));
     assert!(!finished_of(long).started, "{:?}", finished_of(long));
+    // An ephemeral agent's one job is its last: the scheduler looks for no next job for it.
+    assert!(
+        finished_of(short).last && finished_of(long).last,
+        "{finished:?}"
+    );
 
     // Both went through Running to Succeeded, with every event a job raises.
     for job_id in [short, long] {

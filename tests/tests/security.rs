@@ -180,6 +180,7 @@ async fn hostile_clients_are_refused_and_change_nothing() {
         exit_code: Some(0),
         error: None,
         started: false,
+        last: false,
     };
     submitter
         .publish(

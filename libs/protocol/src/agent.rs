@@ -92,6 +92,11 @@ pub struct JobFinished {
     /// short job) that this one report records both, in one transaction.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub started: bool,
+    /// The agent runs no job after this one (an ephemeral worker's one job, or a warm-pool
+    /// worker's last): the scheduler does not look for a next job to give it with the
+    /// answer. Only an optimisation: without it the scheduler looks, as for any report.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub last: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -36,6 +36,11 @@ pub const HOT_QUERIES: &[HotQuery] = &[
         args: "('00000000-0000-0000-0000-000000000000')",
     },
     HotQuery {
+        name: "a worker and the job it is provisioned for (provisioning)",
+        sql: workers::LOCK_WITH_JOB_SQL,
+        args: "('00000000-0000-0000-0000-000000000000')",
+    },
+    HotQuery {
         name: "jobs fenced by a lost worker (teardown)",
         sql: jobs::FENCED_BY_SQL,
         args: "('00000000-0000-0000-0000-000000000000')",

@@ -174,6 +174,53 @@ pub async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Worker>> {
     row.map(Worker::try_from).transpose()
 }
 
+/// The job a worker is provisioned for, as its provisioning needs it ([`lock_with_job`]).
+#[derive(Debug, Clone)]
+pub struct ProvisionedFor {
+    pub job_id: Uuid,
+    pub spec: hodei_domain::JobSpec,
+    pub policy: hodei_domain::JobPolicy,
+}
+
+/// [`lock`], with the job the worker was provisioned for (none for a pool worker, or once
+/// that job is gone), read in the same statement.
+pub async fn lock_with_job(
+    conn: &mut PgConnection,
+    id: Uuid,
+) -> Result<Option<(Worker, Option<ProvisionedFor>)>> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        #[sqlx(flatten)]
+        worker: WorkerRow,
+        job_id: Option<Uuid>,
+        job_spec: Option<sqlx::types::Json<hodei_domain::JobSpec>>,
+        job_policy: Option<sqlx::types::Json<hodei_domain::JobPolicy>>,
+    }
+    let row: Option<Row> = sqlx::query_as(LOCK_WITH_JOB_SQL)
+        .bind(id)
+        .fetch_optional(conn)
+        .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let job = match (row.job_id, row.job_spec, row.job_policy) {
+        (Some(job_id), Some(spec), Some(policy)) => Some(ProvisionedFor {
+            job_id,
+            spec: spec.0,
+            policy: policy.0,
+        }),
+        _ => None,
+    };
+    Ok(Some((Worker::try_from(row.worker)?, job)))
+}
+/// [`lock_with_job`]: the worker's row locked in a subquery, its job joined to it unlocked.
+pub const LOCK_WITH_JOB_SQL: &str = concat!(
+    "SELECT w.*, j.id AS job_id, j.spec AS job_spec, j.policy AS job_policy FROM (SELECT ",
+    columns!(),
+    " FROM workers WHERE id = $1 FOR UPDATE) w \
+     LEFT JOIN jobs j ON j.id = w.reserved_job_id AND NOT w.pooled"
+);
+
 /// The oldest free ready worker, locked ([`lock_free_ready`]).
 pub const FREE_READY_SQL: &str = concat!(
     "SELECT ",

@@ -88,6 +88,7 @@ impl Runner {
         command_message: Option<&jetstream::Message>,
         parent: opentelemetry::Context,
         shutdown: Shutdown,
+        last: bool,
     ) -> anyhow::Result<Option<Next>> {
         let span = tracing::info_span!(
             "run",
@@ -98,7 +99,7 @@ impl Runner {
         );
         context::adopt(&span, parent);
         let next = self
-            .execute(client, js, worker_id, job, command_message, shutdown)
+            .execute(client, js, worker_id, job, command_message, shutdown, last)
             .instrument(span.clone())
             .await?;
         // The next job was handed over in this job's trace: its run continues it.
@@ -148,6 +149,7 @@ impl Runner {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn execute(
         &self,
         client: &Client,
@@ -156,6 +158,7 @@ impl Runner {
         job: RunJob,
         command_message: Option<&jetstream::Message>,
         shutdown: Shutdown,
+        last: bool,
     ) -> anyhow::Result<Option<RunJob>> {
         let ack = || async {
             if let Some(message) = command_message {
@@ -187,6 +190,7 @@ impl Runner {
                     None,
                     Some(error),
                     false,
+                    last,
                 )
                 .await);
             }
@@ -304,6 +308,7 @@ impl Runner {
             exit_code,
             error,
             together,
+            last,
         )
         .await;
         if together {
@@ -321,8 +326,8 @@ pub struct Next {
 }
 
 /// Report how the attempt ended (retried until answered or refused; the answer is logged),
-/// and that it started too when `started` (a short job's one report); a warm-pool worker's
-/// next job, when the answer brings one.
+/// that it started too when `started` (a short job's one report), and that the agent runs no
+/// job after it when `last`; a warm-pool worker's next job, when the answer brings one.
 #[allow(clippy::too_many_arguments)]
 async fn report_finished(
     client: &Client,
@@ -333,6 +338,7 @@ async fn report_finished(
     exit_code: Option<i32>,
     error: Option<String>,
     started: bool,
+    last: bool,
 ) -> Option<RunJob> {
     let finished = JobFinished {
         schema_version: hodei_protocol::SCHEMA_VERSION,
@@ -342,6 +348,7 @@ async fn report_finished(
         exit_code,
         error,
         started,
+        last,
     };
     let answer = reports::send(
         client,

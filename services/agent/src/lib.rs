@@ -338,6 +338,7 @@ async fn agent(
                 message.as_ref(),
                 parent,
                 shutdown.clone(),
+                jobs_left <= 1,
             )
             .await
             .map(|next| given = next);

@@ -44,20 +44,10 @@ async fn provision(
             )))
         }
     };
-    // The job decides the provider (its image), the resources and how long the worker's
-    // credential lives.
-    let job = match request.for_job.filter(|_| !request.pooled) {
-        Some(job_id) => jobs::get(&state.store, job_id).await?,
-        None => None,
-    };
-    let image = job.as_ref().and_then(|job| job.spec.image.clone());
-    let kind = Kind::of(image.as_deref());
-    if let Some(Err(wait)) = state.providers.breaker(kind).map(|b| b.allow()) {
-        return Ok(Some((wait, kind.name())));
-    }
-    let token = format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
     let mut tx = state.store.begin().await?;
-    let Some(mut worker) = workers::lock(&mut tx, request.worker_id).await? else {
+    // The job decides the provider (its image), the resources and how long the worker's
+    // credential lives: it is read with the worker's row.
+    let Some((mut worker, job)) = workers::lock_with_job(&mut tx, request.worker_id).await? else {
         return Err(ApiError::not_found(format!(
             "there is no worker {}",
             request.worker_id
@@ -67,6 +57,12 @@ async fn provision(
         tracing::debug!(worker_id = %worker.id, state = %worker.state, "already provisioned; nothing to do");
         return Ok(None);
     }
+    let image = job.as_ref().and_then(|job| job.spec.image.clone());
+    let kind = Kind::of(image.as_deref());
+    if let Some(Err(wait)) = state.providers.breaker(kind).map(|b| b.allow()) {
+        return Ok(Some((wait, kind.name())));
+    }
+    let token = format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
     let creds = match &state.signer {
         Some(signer) => Some(mint_credential(state, signer, &worker, job.as_ref())?),
         None => None,
@@ -80,7 +76,7 @@ async fn provision(
         correlation_id: worker.correlation_id.clone(),
         trace_context: hodei_runtime::telemetry::context::current(),
         creds,
-        job_id: job.as_ref().map(|job| job.id),
+        job_id: job.as_ref().map(|job| job.job_id),
         image,
         resources: job
             .as_ref()
@@ -134,7 +130,7 @@ fn mint_credential(
     state: &State,
     signer: &hodei_auth::Signer,
     worker: &hodei_domain::Worker,
-    job: Option<&hodei_domain::Job>,
+    job: Option<&workers::ProvisionedFor>,
 ) -> Result<String, ApiError> {
     let ttl = match job {
         Some(job) => {
@@ -146,7 +142,7 @@ fn mint_credential(
     };
     let role = hodei_auth::Role::Worker {
         worker_id: worker.id,
-        job_id: job.map(|job| job.id),
+        job_id: job.map(|job| job.job_id),
     };
     signer
         .mint(&worker.id.to_string(), &role, Some(ttl))

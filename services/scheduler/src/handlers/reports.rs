@@ -169,8 +169,11 @@ async fn apply_with_hand_overs(
         return Ok((Vec::new(), HashMap::new()));
     };
     let ending = ending(changes);
+    // Workers whose report says their job was their last take no next job: without one that
+    // may, no statement looks for pool workers (and none takes the placement lock).
+    let may_go_on = may_go_on(changes);
     let mut tx = state.store.begin().await?;
-    let placing = hodei_store::placement_lock_if_pooled(&mut tx, &ending).await?;
+    let placing = hodei_store::placement_lock_if_pooled(&mut tx, &may_go_on).await?;
     let mut locked: HashMap<Uuid, hodei_domain::Worker> = workers::lock_all(&mut tx, &ending)
         .await?
         .into_iter()
@@ -189,7 +192,7 @@ async fn apply_with_hand_overs(
                 worker: locked.remove(&one.input.0)?,
                 ended: job.id,
                 why: why_left(job),
-                may_go_on: placing,
+                may_go_on: placing && may_go_on.binary_search(&one.input.0).is_ok(),
                 span: one.span.clone(),
             })
         })
@@ -207,25 +210,40 @@ async fn apply_with_hand_overs(
 
 /// The workers that report their job's end in this batch, each once, in id order.
 fn ending(changes: &[Change<(Uuid, Report)>]) -> Vec<Uuid> {
-    let mut ending: Vec<Uuid> = changes
-        .iter()
-        .filter(|c| matches!(c.input.1, Report::Finished(_)))
-        .map(|c| c.input.0)
-        .collect();
-    ending.sort_unstable();
-    ending.dedup();
-    ending
+    workers_reporting(changes, |_| true)
 }
 
-/// Of the workers that report their job's end in this batch, the warm-pool workers with jobs
-/// left, for a batch applied one report at a time: one look for the whole batch (most workers
-/// are ephemeral). A failed look gives none: the registry then releases them on the jobs'
-/// events, as for any worker.
+/// Of [`ending`], those whose report does not say that it ended their last job (`last`):
+/// those that may take a next job with it.
+fn may_go_on(changes: &[Change<(Uuid, Report)>]) -> Vec<Uuid> {
+    workers_reporting(changes, |finished| !finished.last)
+}
+
+/// The workers with a finished report in this batch that `wanted` keeps, each once, in id
+/// order.
+fn workers_reporting(
+    changes: &[Change<(Uuid, Report)>],
+    wanted: impl Fn(&JobFinished) -> bool,
+) -> Vec<Uuid> {
+    let mut workers: Vec<Uuid> = changes
+        .iter()
+        .filter(|c| matches!(&c.input.1, Report::Finished(finished) if wanted(finished)))
+        .map(|c| c.input.0)
+        .collect();
+    workers.sort_unstable();
+    workers.dedup();
+    workers
+}
+
+/// Of the workers that report their job's end in this batch (and do not say it was their
+/// last), the warm-pool workers with jobs left, for a batch applied one report at a time: one
+/// look for the whole batch (most workers are ephemeral). A failed look gives none: the
+/// registry then releases them on the jobs' events, as for any worker.
 async fn pool_workers_reporting_ends(
     state: &State,
     changes: &[Change<(Uuid, Report)>],
 ) -> Vec<Uuid> {
-    let ending = ending(changes);
+    let ending = may_go_on(changes);
     if ending.is_empty() {
         return ending;
     }
