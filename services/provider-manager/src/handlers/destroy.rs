@@ -40,9 +40,14 @@ async fn destroy(
         }
     };
     let worker_id = terminating.worker_id;
-    let resource = {
-        let mut conn = state.store.acquire().await.map_err(StoreError::from)?;
-        resources::find(&mut conn, worker_id).await?
+    // A worker this instance started as a process needs no look: its resource is the
+    // agent's process group, as its row records it. Any other is looked up.
+    let resource = match state.providers.process.started(worker_id) {
+        Some(pgid) => Some((Kind::Process.name().to_owned(), pgid.to_string())),
+        None => {
+            let mut conn = state.store.acquire().await.map_err(StoreError::from)?;
+            resources::find(&mut conn, worker_id).await?
+        }
     };
     let (provider, resource_id) = match &resource {
         Some((provider, id)) => (Some(provider.as_str()), Some(id.as_str())),

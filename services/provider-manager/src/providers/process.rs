@@ -102,6 +102,16 @@ impl ProcessProvider {
             .map(|root| root.join(worker_id.to_string()))
     }
 
+    /// The agent's process group, when this instance started the worker and has not
+    /// destroyed it yet: its resource, as recorded in `provider_resources`.
+    pub fn started(&self, worker_id: Uuid) -> Option<i32> {
+        self.children
+            .lock()
+            .expect("children lock")
+            .get(&worker_id)
+            .map(|(pgid, _)| *pgid)
+    }
+
     fn creds_path(&self, worker_id: Uuid) -> PathBuf {
         self.creds_dir.join(format!("{worker_id}.creds"))
     }
