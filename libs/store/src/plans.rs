@@ -41,6 +41,11 @@ pub const HOT_QUERIES: &[HotQuery] = &[
         args: "('00000000-0000-0000-0000-000000000000')",
     },
     HotQuery {
+        name: "a worker and whether jobs wait for its teardown (teardown)",
+        sql: workers::LOCK_FENCING_SQL,
+        args: "('00000000-0000-0000-0000-000000000000')",
+    },
+    HotQuery {
         name: "jobs fenced by a lost worker (teardown)",
         sql: jobs::FENCED_BY_SQL,
         args: "('00000000-0000-0000-0000-000000000000')",

@@ -221,6 +221,32 @@ pub const LOCK_WITH_JOB_SQL: &str = concat!(
      LEFT JOIN jobs j ON j.id = w.reserved_job_id AND NOT w.pooled"
 );
 
+/// [`lock`], and whether any job waits for this worker's teardown (is fenced by it:
+/// [`crate::jobs::lock_fenced_by`] would find one), in one statement. A job is fenced by a
+/// worker only in the transaction that tears the worker down as lost (the registry's
+/// monitor, which locks the worker's row first), so a teardown, which comes after that
+/// transaction's commit, sees every such job here.
+pub async fn lock_fencing(conn: &mut PgConnection, id: Uuid) -> Result<Option<(Worker, bool)>> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        #[sqlx(flatten)]
+        worker: WorkerRow,
+        fences: bool,
+    }
+    let row: Option<Row> = sqlx::query_as(LOCK_FENCING_SQL)
+        .bind(id)
+        .fetch_optional(conn)
+        .await?;
+    row.map(|row| Ok((Worker::try_from(row.worker)?, row.fences)))
+        .transpose()
+}
+/// [`lock_fencing`].
+pub const LOCK_FENCING_SQL: &str = concat!(
+    "SELECT w.*, EXISTS (SELECT 1 FROM jobs WHERE fenced_by = w.id) AS fences FROM (SELECT ",
+    columns!(),
+    " FROM workers WHERE id = $1 FOR UPDATE) w"
+);
+
 /// The oldest free ready worker, locked ([`lock_free_ready`]).
 pub const FREE_READY_SQL: &str = concat!(
     "SELECT ",

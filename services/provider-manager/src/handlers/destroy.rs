@@ -79,7 +79,7 @@ async fn destroy(
         tracing::warn!(%worker_id, why, "teardown not confirmed");
     }
     let mut tx = state.store.begin().await?;
-    let Some(mut worker) = workers::lock(&mut tx, worker_id).await? else {
+    let Some((mut worker, fences)) = workers::lock_fencing(&mut tx, worker_id).await? else {
         return Err(ApiError::not_found(format!(
             "there is no worker {worker_id}"
         )));
@@ -95,9 +95,11 @@ async fn destroy(
         Teardown::Confirmed => Ok(()),
         Teardown::Unconfirmed(why) => Err(why.clone()),
     };
-    for mut job in jobs::lock_fenced_by(&mut tx, worker_id).await? {
-        let events = job.worker_gone(worker_id, confirmed.clone(), &state.actor)?;
-        tx.save(&mut job, &events).await?;
+    if fences {
+        for mut job in jobs::lock_fenced_by(&mut tx, worker_id).await? {
+            let events = job.worker_gone(worker_id, confirmed.clone(), &state.actor)?;
+            tx.save(&mut job, &events).await?;
+        }
     }
     resources::forget(&mut tx, worker_id).await?;
     hodei_store::commit(tx).await?;
