@@ -419,7 +419,7 @@ async fn no_hot_query_scans_jobs_or_the_outbox_with_a_big_backlog() {
     let plans = hodei_store::plans::explain_hot_queries(&mut conn)
         .await
         .unwrap();
-    assert_eq!(plans.len(), hodei_store::plans::HOT_QUERIES.len());
+    assert_eq!(plans.len(), hodei_store::plans::hot_queries().len());
     for (name, plan) in &plans {
         eprintln!("{name}:\n{plan}\n");
         let whole: Vec<String> = hodei_store::plans::sequential_scans(plan)
@@ -710,6 +710,37 @@ async fn lists_of_ids_act_on_each_listed_row_once_whatever_their_length() {
     assert_eq!(beat(workers.clone()).await, 4, "not the Terminated one");
     assert_eq!(beat(Vec::new()).await, 0);
 
+    // The workers' own lists: every listed worker once, and none other; locked in id order.
+    let unknown = Uuid::now_v7();
+    for ids in [&workers[1..2], &workers[..3], &workers[..], &[][..]] {
+        let mut with_unknown = ids.to_vec();
+        with_unknown.push(unknown);
+        let got = hodei_store::workers::get_all(&pool, &with_unknown)
+            .await
+            .unwrap();
+        assert_eq!(
+            sorted(got.iter().map(|w| w.id).collect()),
+            sorted(ids.to_vec())
+        );
+        let live = hodei_store::workers::live_among(&pool, &with_unknown)
+            .await
+            .unwrap();
+        assert_eq!(
+            sorted(live),
+            sorted(ids.iter().copied().filter(|id| *id != workers[3]).collect()),
+            "not the Terminated one"
+        );
+        let mut tx = pool.begin().await.unwrap();
+        let locked = hodei_store::workers::lock_all(&mut tx, &with_unknown)
+            .await
+            .unwrap();
+        assert_eq!(
+            locked.iter().map(|w| w.id).collect::<Vec<_>>(),
+            sorted(ids.to_vec()),
+            "each worker once, in id order"
+        );
+    }
+
     let mut events = Vec::new();
     let mut job_ids = Vec::new();
     let mut tx = Store::new(pool.clone()).begin().await.unwrap();
@@ -790,16 +821,98 @@ async fn the_statements_of_id_lists_are_planned_once_on_big_tables() {
         outbox::mark_published_events(&mut *one.acquire().await.unwrap(), &[Uuid::new_v4()])
             .await
             .unwrap();
+        hodei_store::workers::get_all(&one, &[live]).await.unwrap();
+        hodei_store::workers::live_among(&one, &[live])
+            .await
+            .unwrap();
+        let mut tx = one.begin().await.unwrap();
+        hodei_store::workers::lock_all(&mut tx, &[live])
+            .await
+            .unwrap();
+        tx.rollback().await.unwrap();
     }
     let plans: Vec<(String, i64, i64)> = sqlx::query_as(
         "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements \
          WHERE statement LIKE 'WITH beating%' OR statement LIKE 'SELECT id FROM workers WHERE id%' \
-            OR statement LIKE 'UPDATE outbox_events SET status%'",
+            OR statement LIKE 'UPDATE outbox_events SET status%' \
+            OR statement LIKE 'SELECT id, state, provider, % FROM workers WHERE id IN%'",
     )
     .fetch_all(&one)
     .await
     .unwrap();
-    assert_eq!(plans.len(), 3, "{plans:?}");
+    // The heartbeats, the pool look, the marking; the workers of a list, those of them
+    // alive, and the workers of a list locked.
+    assert_eq!(plans.len(), 6, "{plans:?}");
+    for (statement, generic, custom) in &plans {
+        assert!(
+            *generic > 0 && *custom <= 5,
+            "planned at every call ({custom} custom plans, {generic} generic): {statement}"
+        );
+    }
+}
+
+/// The queue's statements (the next job; the next jobs, locked) are planned a few times per
+/// connection and then never again: with the kinds of job or the count as parameters,
+/// PostgreSQL planned them at every call, on a table of any size.
+#[tokio::test]
+async fn the_queue_statements_are_planned_once() {
+    let (db, _pool) = migrated().await;
+    let owner = sqlx::PgPool::connect(&db.url).await.unwrap();
+    sqlx::raw_sql(
+        "INSERT INTO jobs (id, state, spec, attempt, correlation_id, version, created_at, updated_at) \
+             SELECT gen_random_uuid(), CASE WHEN g % 1000 < 3 THEN 'Pending' \
+                                            WHEN g % 1000 < 8 THEN 'Running' ELSE 'Succeeded' END, \
+                    CASE WHEN g % 2 = 0 THEN '{\"command\":\"true\"}' \
+                         ELSE '{\"command\":\"true\",\"image\":\"i\"}' END::jsonb, \
+                    1, 'c', 1, now() - make_interval(secs => g), now() \
+             FROM generate_series(1, 20000) g; \
+         ANALYZE jobs;",
+    )
+    .execute(&owner)
+    .await
+    .unwrap();
+    // One connection: its prepared statements are the ones counted.
+    let one = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&db.url)
+        .await
+        .unwrap();
+    for _ in 0..8 {
+        let mut tx = one.begin().await.unwrap();
+        let next = jobs::lock_next_pending(&mut tx, jobs::Kinds::Processes)
+            .await
+            .unwrap()
+            .expect("a process job waits");
+        let (three, _) = jobs::lock_next_pending_many(&mut tx, jobs::Kinds::Processes, 3)
+            .await
+            .unwrap();
+        assert_eq!(three.len(), 3);
+        assert_eq!(three[0].id, next.id);
+        assert!(
+            jobs::is_next_pending(&mut tx, jobs::Kinds::Processes, next.id)
+                .await
+                .unwrap()
+        );
+        assert!(jobs::lock_next_pending(&mut tx, jobs::Kinds::Containers)
+            .await
+            .unwrap()
+            .is_some_and(|job| job.spec.image.is_some()));
+        tx.rollback().await.unwrap();
+        assert!(jobs::next_pending(&one, jobs::Kinds::Any)
+            .await
+            .unwrap()
+            .is_some());
+    }
+    let plans: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements \
+         WHERE statement LIKE 'WITH RECURSIVE keys%'",
+    )
+    .fetch_all(&one)
+    .await
+    .unwrap();
+    // The next job of processes and of any kind; the next one, and the next three (a
+    // statement of four), of processes locked; the next container job locked.
+    assert_eq!(plans.len(), 5, "{plans:?}");
     for (statement, generic, custom) in &plans {
         assert!(
             *generic > 0 && *custom <= 5,

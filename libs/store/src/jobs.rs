@@ -69,18 +69,28 @@ pub const SCHEDULED_ON_SQL: &str = concat!(
     columns!(),
     " FROM jobs WHERE worker_id = $1 AND state = 'Scheduled' FOR UPDATE"
 );
-/// The `WITH` part of [`NEXT_PENDING_SQL`] and [`LOCK_NEXT_PENDING_SQL`]: `heads`, every
-/// key's jobs that may go, with their key's `placed` and their `rank` in it.
-macro_rules! heads_cte {
-    () => {
+/// The `WITH` part of the queue's statements ([`QueueSql`]): `heads`, every key's jobs of
+/// `kinds` that may go, at most `limit` of each, with their key's `placed` and their `rank`
+/// in it.
+///
+/// The kinds and the limit are written into the text, not passed as parameters: with either
+/// one a parameter, PostgreSQL estimated its generic plan (the same plan) dearer than a plan
+/// made for the values, and planned the statement again at every call, 0.4 ms of a busy
+/// server's CPU each time, three times its execution. A statement per kinds and per size
+/// ([`QueueSql`]) is planned a few times per connection, then never again.
+fn heads_cte(kinds: Kinds, limit: usize) -> String {
+    let of_kinds = match kinds {
+        Kinds::Any => "",
+        Kinds::Processes => " AND NOT (spec ? 'image')",
+        Kinds::Containers => " AND spec ? 'image'",
+    };
+    format!(
         "WITH RECURSIVE keys(k) AS ( \
-         (SELECT concurrency_key FROM jobs WHERE state = 'Pending' AND not_before IS NULL \
-            AND ($1 = 'any' OR (spec ? 'image') = ($1 = 'container')) \
+         (SELECT concurrency_key FROM jobs WHERE state = 'Pending' AND not_before IS NULL{of_kinds} \
           ORDER BY concurrency_key LIMIT 1) \
          UNION ALL \
          SELECT (SELECT concurrency_key FROM jobs \
-                 WHERE state = 'Pending' AND not_before IS NULL AND concurrency_key > keys.k \
-                   AND ($1 = 'any' OR (spec ? 'image') = ($1 = 'container')) \
+                 WHERE state = 'Pending' AND not_before IS NULL AND concurrency_key > keys.k{of_kinds} \
                  ORDER BY concurrency_key LIMIT 1) \
          FROM keys WHERE keys.k IS NOT NULL \
      ), heads AS MATERIALIZED ( \
@@ -97,47 +107,87 @@ macro_rules! heads_cte {
                  SELECT id, priority, created_at, concurrency_max, \
                         row_number() OVER (ORDER BY priority DESC, created_at, id) - 1 AS rank \
                  FROM jobs \
-                 WHERE concurrency_key = keys.k AND state = 'Pending' AND not_before IS NULL \
-                   AND ($1 = 'any' OR (spec ? 'image') = ($1 = 'container')) \
-                 ORDER BY priority DESC, created_at, id LIMIT $2) r) h \
+                 WHERE concurrency_key = keys.k AND state = 'Pending' AND not_before IS NULL{of_kinds} \
+                 ORDER BY priority DESC, created_at, id LIMIT {limit}) r) h \
          WHERE keys.k IS NOT NULL AND h.open \
      ) "
-    };
+    )
 }
 
-/// The jobs placement may take next, best first, as ids ([`lock_next_pending`]): the first
-/// `$2` in the order one placement after the other would take them. Of the keys with waiting
-/// jobs (`concurrency_key`, '' for jobs without one), each key's jobs by priority then age,
-/// the `r`-th (from 0) counted as if the `r` before it were placed; a job goes only while
-/// fewer than its own `max` of its key are placed, and one that may not go holds back the
-/// rest of its key. Then the highest priority, the key with the fewest jobs placed (so keys
-/// of equal priority take turns: a key with 10,000 waiting jobs and one with 10 both
-/// progress), the oldest. The first row is the next job. `$1` is the kinds of job
-/// ([`Kinds`]), `$2` how many.
+/// The next job placement may take, as an id ([`lock_next_pending`]), for views and for the
+/// look on accepting a job: of the keys with waiting jobs (`concurrency_key`, '' for jobs
+/// without one), each key's jobs by priority then age, the `r`-th (from 0) counted as if the
+/// `r` before it were placed; a job goes only while fewer than its own `max` of its key are
+/// placed, and one that may not go holds back the rest of its key. Then the highest
+/// priority, the key with the fewest jobs placed (so keys of equal priority take turns: a
+/// key with 10,000 waiting jobs and one with 10 both progress), the oldest.
 ///
-/// Only ids: the rows are read (and locked) by primary key afterwards. Joining the heads
+/// Only the id: the row is read (and locked) by primary key afterwards. Joining the heads
 /// back to `jobs` here let the planner, whose statistics on a table this busy are always
 /// stale (it took the pending jobs for one row), hash every pending job for each placement:
 /// 1.7 ms with a thousand waiting instead of 0.1.
-pub const NEXT_PENDING_SQL: &str = concat!(
-    heads_cte!(),
-    "SELECT id FROM heads ORDER BY priority DESC, placed + rank, created_at, id LIMIT $2"
-);
-/// [`NEXT_PENDING_SQL`]'s jobs, each read and locked by primary key, in one statement
-/// ([`lock_next_pending_many`]): `place` is a job's place in the order (from 1); the rows
-/// come, and are locked, in id order. Each row is looked up on its own (a lateral subquery
-/// with its own `FOR UPDATE`, which the planner cannot fold into a join): joined, the
-/// planner hashed every pending job (see above).
-pub const LOCK_NEXT_PENDING_SQL: &str = concat!(
-    heads_cte!(),
-    ", picked AS MATERIALIZED ( \
-         SELECT id, row_number() OVER (ORDER BY priority DESC, placed + rank, created_at, id) AS place \
-         FROM heads ORDER BY priority DESC, placed + rank, created_at, id LIMIT $2) \
-     SELECT job.*, picked.place FROM (SELECT id, place FROM picked ORDER BY id) picked \
-     CROSS JOIN LATERAL (SELECT ",
-    columns!(),
-    " FROM jobs WHERE jobs.id = picked.id FOR UPDATE) job"
-);
+fn next_pending_sql(kinds: Kinds) -> String {
+    format!(
+        "{}SELECT id FROM heads ORDER BY priority DESC, placed + rank, created_at, id LIMIT 1",
+        heads_cte(kinds, 1)
+    )
+}
+
+/// The first `$1` (at most `size`) of [`next_pending_sql`]'s order, each read and locked by
+/// primary key, in one statement ([`lock_next_pending_many`]): `place` is a job's place in
+/// the order (from 1); the rows come, and are locked, in id order. Each row is looked up on
+/// its own (a lateral subquery with its own `FOR UPDATE`, which the planner cannot fold into
+/// a join): joined, the planner hashed every pending job (see above).
+fn lock_next_pending_sql(kinds: Kinds, size: usize) -> String {
+    format!(
+        "{}, picked AS MATERIALIZED ( \
+             SELECT id, row_number() OVER (ORDER BY priority DESC, placed + rank, created_at, id) AS place \
+             FROM heads ORDER BY priority DESC, placed + rank, created_at, id LIMIT {size}) \
+         SELECT job.*, picked.place FROM (SELECT id, place FROM picked WHERE place <= $1 ORDER BY id) picked \
+         CROSS JOIN LATERAL (SELECT {COLUMNS} FROM jobs WHERE jobs.id = picked.id FOR UPDATE) job",
+        heads_cte(kinds, size)
+    )
+}
+
+/// Most jobs [`lock_next_pending_many`] takes in one statement.
+const MOST_AT_ONCE: usize = 128;
+/// Its sizes: 1, 2, 4, ... [`MOST_AT_ONCE`].
+const SIZES: usize = MOST_AT_ONCE.trailing_zeros() as usize + 1;
+
+/// The queue's statements, made once: [`next_pending_sql`] for each [`Kinds`], and
+/// [`lock_next_pending_sql`] for each kinds and each size (a statement of size 8 takes 5 to
+/// 8 jobs).
+pub struct QueueSql {
+    next: [String; 3],
+    lock_next: [[String; SIZES]; 3],
+}
+
+impl QueueSql {
+    fn get() -> &'static QueueSql {
+        static SQL: std::sync::LazyLock<QueueSql> = std::sync::LazyLock::new(|| QueueSql {
+            next: Kinds::ALL.map(next_pending_sql),
+            lock_next: Kinds::ALL
+                .map(|kinds| std::array::from_fn(|size| lock_next_pending_sql(kinds, 1 << size))),
+        });
+        &SQL
+    }
+
+    /// The next job's id ([`next_pending_sql`]).
+    pub fn next(kinds: Kinds) -> &'static str {
+        &Self::get().next[kinds as usize]
+    }
+
+    /// The statement that locks the next `n` jobs ([`lock_next_pending_sql`]), `n` at most
+    /// [`MOST_AT_ONCE`].
+    pub fn lock_next(kinds: Kinds, n: usize) -> &'static str {
+        let size = n
+            .clamp(1, MOST_AT_ONCE)
+            .next_power_of_two()
+            .trailing_zeros() as usize;
+        &Self::get().lock_next[kinds as usize][size]
+    }
+}
+
 /// Heads that no longer wait (each a cancellation that held its row) [`lock_next_pending`]
 /// passes over before it gives up.
 const PASSED_OVER_ROUNDS: usize = 12;
@@ -361,7 +411,7 @@ pub async fn lock_fenced_by(conn: &mut PgConnection, worker_id: Uuid) -> Result<
     rows.into_iter().map(Job::try_from).collect()
 }
 
-/// The next Pending job to place ([`NEXT_PENDING_SQL`]: highest priority, keys taking
+/// The next Pending job to place ([`next_pending_sql`]: highest priority, keys taking
 /// turns, none beyond its key's concurrency limit, then oldest) that is not waiting out a
 /// retry's backoff, read and locked in one statement ([`lock_next_pending_many`] of one).
 /// Call it under the placement lock ([`crate::Store::begin_placing`]): it waits for a row
@@ -382,20 +432,21 @@ pub async fn lock_next_pending(conn: &mut PgConnection, kinds: Kinds) -> Result<
 }
 
 /// The next `n` Pending jobs to place, as [`lock_next_pending`] would give them one after
-/// the other, locked, in one statement ([`LOCK_NEXT_PENDING_SQL`]); and whether more may be
+/// the other, locked, in one statement ([`lock_next_pending_sql`]); and whether more may be
 /// placeable than these: a head that no longer waits once its lock is granted (a
 /// cancellation that held it) is left out, and the caller then asks again for the rest,
-/// after writing these (whose placements the next heads must count). Call it under
-/// the placement lock ([`crate::Store::begin_placing`]).
+/// after writing these (whose placements the next heads must count); so too when `n` is more
+/// than one statement takes ([`MOST_AT_ONCE`]). Call it under the placement lock
+/// ([`crate::Store::begin_placing`]).
 pub async fn lock_next_pending_many(
     conn: &mut PgConnection,
     kinds: Kinds,
     n: usize,
 ) -> Result<(Vec<Job>, bool)> {
     use sqlx::{FromRow, Row};
-    let rows = sqlx::query(LOCK_NEXT_PENDING_SQL)
-        .bind(kinds.as_str())
-        .bind(i64::try_from(n).unwrap_or(i64::MAX))
+    let taken = n.min(MOST_AT_ONCE);
+    let rows = sqlx::query(QueueSql::lock_next(kinds, taken))
+        .bind(taken as i64)
         .fetch_all(conn)
         .await?;
     let mut placed: Vec<(i64, Job)> = Vec::with_capacity(rows.len());
@@ -414,6 +465,8 @@ pub async fn lock_next_pending_many(
             false => passed_over = true,
         }
     }
+    // Asked for more than one statement takes: more may wait.
+    let passed_over = passed_over || (n > taken && jobs.len() == taken);
     Ok((jobs, passed_over))
 }
 
@@ -421,7 +474,7 @@ pub async fn lock_next_pending_many(
 /// transaction's), is the one [`lock_next_pending`] would return: one query when it heads
 /// the queue, as a job accepted into an idle queue does.
 pub async fn is_next_pending(conn: &mut PgConnection, kinds: Kinds, id: Uuid) -> Result<bool> {
-    if heads(&mut *conn, kinds, 1).await?.first() == Some(&id) {
+    if next_pending_id(&mut *conn, kinds).await? == Some(id) {
         return Ok(true);
     }
     Ok(lock_next_pending(conn, kinds)
@@ -429,11 +482,9 @@ pub async fn is_next_pending(conn: &mut PgConnection, kinds: Kinds, id: Uuid) ->
         .is_some_and(|next| next.id == id))
 }
 
-async fn heads(conn: impl sqlx::PgExecutor<'_>, kinds: Kinds, limit: i64) -> Result<Vec<Uuid>> {
-    Ok(sqlx::query_scalar(NEXT_PENDING_SQL)
-        .bind(kinds.as_str())
-        .bind(limit)
-        .fetch_all(conn)
+async fn next_pending_id(conn: impl sqlx::PgExecutor<'_>, kinds: Kinds) -> Result<Option<Uuid>> {
+    Ok(sqlx::query_scalar(QueueSql::next(kinds))
+        .fetch_optional(conn)
         .await?)
 }
 
@@ -442,27 +493,21 @@ async fn heads(conn: impl sqlx::PgExecutor<'_>, kinds: Kinds, limit: i64) -> Res
 /// process jobs behind it still can (and the other way round).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kinds {
-    Any,
+    Any = 0,
     /// Jobs without an image.
-    Processes,
+    Processes = 1,
     /// Jobs with an image.
-    Containers,
+    Containers = 2,
 }
 
 impl Kinds {
-    fn as_str(self) -> &'static str {
-        match self {
-            Kinds::Any => "any",
-            Kinds::Processes => "process",
-            Kinds::Containers => "container",
-        }
-    }
+    const ALL: [Kinds; 3] = [Kinds::Any, Kinds::Processes, Kinds::Containers];
 }
 
 /// The job placement takes next ([`lock_next_pending`]), without locking it (for views).
 pub async fn next_pending(pool: &PgPool, kinds: Kinds) -> Result<Option<Job>> {
-    match heads(pool, kinds, 1).await?.first() {
-        Some(id) => get(pool, *id).await,
+    match next_pending_id(pool, kinds).await? {
+        Some(id) => get(pool, id).await,
         None => Ok(None),
     }
 }

@@ -14,89 +14,102 @@ pub struct HotQuery {
 }
 
 /// Placement, the monitors and the relay: what runs for every job or every wake-up.
-pub const HOT_QUERIES: &[HotQuery] = &[
-    HotQuery {
-        name: "next pending job (placement)",
-        sql: jobs::NEXT_PENDING_SQL,
-        args: "('any', 4)",
-    },
-    HotQuery {
-        name: "next pending jobs, locked (placement of a batch)",
-        sql: jobs::LOCK_NEXT_PENDING_SQL,
-        args: "('process', 8)",
-    },
-    HotQuery {
-        name: "free ready worker for a new job that would go first (accepting)",
-        sql: workers::FREE_READY_FOR_FIRST_SQL,
-        args: "('k', 2)",
-    },
-    HotQuery {
-        name: "job scheduled on a worker (placement)",
-        sql: jobs::SCHEDULED_ON_SQL,
-        args: "('00000000-0000-0000-0000-000000000000')",
-    },
-    HotQuery {
-        name: "a worker and the job it is provisioned for (provisioning)",
-        sql: workers::LOCK_WITH_JOB_SQL,
-        args: "('00000000-0000-0000-0000-000000000000')",
-    },
-    HotQuery {
-        name: "a worker and whether jobs wait for its teardown (teardown)",
-        sql: workers::LOCK_FENCING_SQL,
-        args: "('00000000-0000-0000-0000-000000000000')",
-    },
-    HotQuery {
-        name: "jobs fenced by a lost worker (teardown)",
-        sql: jobs::FENCED_BY_SQL,
-        args: "('00000000-0000-0000-0000-000000000000')",
-    },
-    HotQuery {
-        name: "jobs due (job monitor)",
-        sql: jobs::DUE_SQL,
-        args: "(100)",
-    },
-    HotQuery {
-        name: "next job deadline (job monitor)",
-        sql: jobs::NEXT_DUE_SQL,
-        args: "",
-    },
-    HotQuery {
-        name: "free ready worker (placement)",
-        sql: workers::FREE_READY_SQL,
-        args: "",
-    },
-    HotQuery {
-        name: "any live pool worker (warm pool)",
-        sql: workers::ANY_LIVE_POOLED_SQL,
-        args: "",
-    },
-    HotQuery {
-        name: "placement's looks, without a warm pool",
-        sql: crate::PLACEMENT_LOOKS_SQL,
-        args: "(false, 10)",
-    },
-    HotQuery {
-        name: "placement's looks, with a warm pool",
-        sql: crate::PLACEMENT_LOOKS_SQL,
-        args: "(true, 10)",
-    },
-    HotQuery {
-        name: "live workers (capacity)",
-        sql: workers::COUNT_LIVE_SQL,
-        args: "",
-    },
-    HotQuery {
-        name: "outbox batch (relay)",
-        sql: outbox::LOCK_PENDING_SQL,
-        args: "(500, 250)",
-    },
-];
+pub fn hot_queries() -> Vec<HotQuery> {
+    vec![
+        HotQuery {
+            name: "next pending job (accepting, views)",
+            sql: jobs::QueueSql::next(jobs::Kinds::Any),
+            args: "",
+        },
+        HotQuery {
+            name: "next pending process job, locked (placement)",
+            sql: jobs::QueueSql::lock_next(jobs::Kinds::Processes, 1),
+            args: "(1)",
+        },
+        HotQuery {
+            name: "next pending jobs, locked (placement of a batch)",
+            sql: jobs::QueueSql::lock_next(jobs::Kinds::Processes, 8),
+            args: "(8)",
+        },
+        HotQuery {
+            name: "next pending container job, locked (placement)",
+            sql: jobs::QueueSql::lock_next(jobs::Kinds::Containers, 1),
+            args: "(1)",
+        },
+        HotQuery {
+            name: "free ready worker for a new job that would go first (accepting)",
+            sql: workers::FREE_READY_FOR_FIRST_SQL,
+            args: "('k', 2)",
+        },
+        HotQuery {
+            name: "job scheduled on a worker (placement)",
+            sql: jobs::SCHEDULED_ON_SQL,
+            args: "('00000000-0000-0000-0000-000000000000')",
+        },
+        HotQuery {
+            name: "a worker and the job it is provisioned for (provisioning)",
+            sql: workers::LOCK_WITH_JOB_SQL,
+            args: "('00000000-0000-0000-0000-000000000000')",
+        },
+        HotQuery {
+            name: "a worker and whether jobs wait for its teardown (teardown)",
+            sql: workers::LOCK_FENCING_SQL,
+            args: "('00000000-0000-0000-0000-000000000000')",
+        },
+        HotQuery {
+            name: "jobs fenced by a lost worker (teardown)",
+            sql: jobs::FENCED_BY_SQL,
+            args: "('00000000-0000-0000-0000-000000000000')",
+        },
+        HotQuery {
+            name: "jobs due (job monitor)",
+            sql: jobs::DUE_SQL,
+            args: "(100)",
+        },
+        HotQuery {
+            name: "next job deadline (job monitor)",
+            sql: jobs::NEXT_DUE_SQL,
+            args: "",
+        },
+        HotQuery {
+            name: "free ready worker (placement)",
+            sql: workers::FREE_READY_SQL,
+            args: "",
+        },
+        HotQuery {
+            name: "any live pool worker (warm pool)",
+            sql: workers::ANY_LIVE_POOLED_SQL,
+            args: "",
+        },
+        HotQuery {
+            name: "placement's looks, without a warm pool",
+            sql: crate::PLACEMENT_LOOKS_SQL,
+            args: "(10)",
+        },
+        HotQuery {
+            name: "placement's looks, with a warm pool",
+            sql: crate::PLACEMENT_LOOKS_WITH_POOL_SQL,
+            args: "",
+        },
+        HotQuery {
+            name: "live workers (capacity)",
+            sql: workers::COUNT_LIVE_SQL,
+            args: "",
+        },
+        HotQuery {
+            name: "outbox batch (relay)",
+            sql: outbox::LOCK_PENDING_SQL,
+            args: "(500, 250)",
+        },
+    ]
+}
 
 /// The plan PostgreSQL picks for each hot query now (EXPLAIN of the prepared statement, as
-/// the store's prepared statements are planned), in the order of [`HOT_QUERIES`].
+/// the store's prepared statements are planned), in the order of [`hot_queries`].
 pub async fn explain_hot_queries(conn: &mut PgConnection) -> Result<Vec<(&'static str, String)>> {
-    let mut plans = Vec::with_capacity(HOT_QUERIES.len());
-    for (i, query) in HOT_QUERIES.iter().enumerate() {
+    let queries = hot_queries();
+    let mut plans = Vec::with_capacity(queries.len());
+    for (i, query) in queries.into_iter().enumerate() {
         let name = format!("hodei_hot_{i}");
         sqlx::raw_sql(&format!("PREPARE {name} AS {}", query.sql))
             .execute(&mut *conn)

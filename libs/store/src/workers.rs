@@ -163,8 +163,13 @@ pub async fn pooled_with_jobs_left(pool: &sqlx::PgPool, ids: &[Uuid]) -> Result<
 /// order, as every transaction that locks several workers locks them: two such never wait
 /// for each other in a circle.
 pub async fn lock_all(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Worker>> {
-    let sql = format!("SELECT {COLUMNS} FROM workers WHERE id = ANY($1) ORDER BY id FOR UPDATE");
-    let rows: Vec<WorkerRow> = sqlx::query_as(&sql).bind(ids).fetch_all(conn).await?;
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut select = sqlx::QueryBuilder::new(format!("SELECT {COLUMNS} FROM workers WHERE id IN "));
+    crate::push_id_list(&mut select, ids);
+    select.push(" ORDER BY id FOR UPDATE");
+    let rows: Vec<WorkerRow> = select.build_query_as().fetch_all(conn).await?;
     rows.into_iter().map(Worker::try_from).collect()
 }
 
@@ -422,19 +427,25 @@ pub async fn next_due(pool: &PgPool) -> Result<Option<DateTime<Utc>>> {
 
 /// Those of `ids` that are workers not yet Terminated (by primary key).
 pub async fn live_among(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<Uuid>> {
-    let rows: Vec<(Uuid,)> =
-        sqlx::query_as("SELECT id FROM workers WHERE id = ANY($1) AND state <> 'Terminated'")
-            .bind(ids)
-            .fetch_all(pool)
-            .await?;
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut select = sqlx::QueryBuilder::new("SELECT id FROM workers WHERE id IN ");
+    crate::push_id_list(&mut select, ids);
+    select.push(" AND state <> 'Terminated'");
+    let rows: Vec<(Uuid,)> = select.build_query_as().fetch_all(pool).await?;
     Ok(rows.into_iter().map(|(id,)| id).collect())
 }
 
 /// The workers of `ids` that exist, unlocked: a look that decides whether a change needs
 /// them locked at all.
 pub async fn get_all(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<Worker>> {
-    let sql = format!("SELECT {COLUMNS} FROM workers WHERE id = ANY($1)");
-    let rows: Vec<WorkerRow> = sqlx::query_as(&sql).bind(ids).fetch_all(pool).await?;
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut select = sqlx::QueryBuilder::new(format!("SELECT {COLUMNS} FROM workers WHERE id IN "));
+    crate::push_id_list(&mut select, ids);
+    let rows: Vec<WorkerRow> = select.build_query_as().fetch_all(pool).await?;
     rows.into_iter().map(Worker::try_from).collect()
 }
 
