@@ -851,9 +851,9 @@ async fn the_statements_of_id_lists_are_planned_once_on_big_tables() {
     }
 }
 
-/// The queue's statements (the next job; the next jobs, locked) are planned a few times per
-/// connection and then never again: with the kinds of job or the count as parameters,
-/// PostgreSQL planned them at every call, on a table of any size.
+/// The queue's statements (the next job; the next jobs, locked) are planned once per
+/// connection: with the kinds of job or the count as parameters, PostgreSQL planned them
+/// again at every call.
 #[tokio::test]
 async fn the_queue_statements_are_planned_once() {
     let (db, _pool) = migrated().await;
@@ -888,6 +888,14 @@ async fn the_queue_statements_are_planned_once() {
             .unwrap();
         assert_eq!(three.len(), 3);
         assert_eq!(three[0].id, next.id);
+        // Thirteen is more than one statement takes (eight, then sixteen): eight, and the
+        // caller is told that more may wait.
+        let (eight, more) = jobs::lock_next_pending_many(&mut tx, jobs::Kinds::Processes, 13)
+            .await
+            .unwrap();
+        assert_eq!((eight.len(), more), (8, true));
+        let ids = |jobs: &[Job]| jobs.iter().map(|job| job.id).collect::<Vec<_>>();
+        assert_eq!(ids(&eight[..3]), ids(&three));
         assert!(
             jobs::is_next_pending(&mut tx, jobs::Kinds::Processes, next.id)
                 .await
@@ -910,9 +918,9 @@ async fn the_queue_statements_are_planned_once() {
     .fetch_all(&one)
     .await
     .unwrap();
-    // The next job of processes and of any kind; the next one, and the next three (a
-    // statement of four), of processes locked; the next container job locked.
-    assert_eq!(plans.len(), 5, "{plans:?}");
+    // The next job of processes and of any kind; the next one, three and eight of processes
+    // locked; the next container job locked.
+    assert_eq!(plans.len(), 6, "{plans:?}");
     for (statement, generic, custom) in &plans {
         assert!(
             *generic > 0 && *custom <= 5,

@@ -73,11 +73,11 @@ pub const SCHEDULED_ON_SQL: &str = concat!(
 /// `kinds` that may go, at most `limit` of each, with their key's `placed` and their `rank`
 /// in it.
 ///
-/// The kinds and the limit are written into the text, not passed as parameters: with either
-/// one a parameter, PostgreSQL estimated its generic plan (the same plan) dearer than a plan
-/// made for the values, and planned the statement again at every call, 0.4 ms of a busy
-/// server's CPU each time, three times its execution. A statement per kinds and per size
-/// ([`QueueSql`]) is planned a few times per connection, then never again.
+/// The kinds and the limit are written into the text: the queue's statements take no
+/// parameters, so PostgreSQL plans each once per connection and keeps that plan. With the
+/// kinds or the count as parameters it estimated its generic plan (the same plan) dearer
+/// than one made for the values, and planned the statement again at every call: 0.4 to 1 ms
+/// of a busy server's CPU each time, three times the execution.
 fn heads_cte(kinds: Kinds, limit: usize) -> String {
     let of_kinds = match kinds {
         Kinds::Any => "",
@@ -133,41 +133,39 @@ fn next_pending_sql(kinds: Kinds) -> String {
     )
 }
 
-/// The first `$1` (at most `size`) of [`next_pending_sql`]'s order, each read and locked by
-/// primary key, in one statement ([`lock_next_pending_many`]): `place` is a job's place in
-/// the order (from 1); the rows come, and are locked, in id order. Each row is looked up on
-/// its own (a lateral subquery with its own `FOR UPDATE`, which the planner cannot fold into
-/// a join): joined, the planner hashed every pending job (see above).
+/// The first `size` jobs of [`next_pending_sql`]'s order, each read and locked by primary
+/// key, in one statement ([`lock_next_pending_many`]): `place` is a job's place in the order
+/// (from 1); the rows come, and are locked, in id order. Each row is looked up on its own (a
+/// lateral subquery with its own `FOR UPDATE`, which the planner cannot fold into a join):
+/// joined, the planner hashed every pending job (see above).
 fn lock_next_pending_sql(kinds: Kinds, size: usize) -> String {
     format!(
         "{}, picked AS MATERIALIZED ( \
              SELECT id, row_number() OVER (ORDER BY priority DESC, placed + rank, created_at, id) AS place \
              FROM heads ORDER BY priority DESC, placed + rank, created_at, id LIMIT {size}) \
-         SELECT job.*, picked.place FROM (SELECT id, place FROM picked WHERE place <= $1 ORDER BY id) picked \
+         SELECT job.*, picked.place FROM (SELECT id, place FROM picked ORDER BY id) picked \
          CROSS JOIN LATERAL (SELECT {COLUMNS} FROM jobs WHERE jobs.id = picked.id FOR UPDATE) job",
         heads_cte(kinds, size)
     )
 }
 
-/// Most jobs [`lock_next_pending_many`] takes in one statement.
-const MOST_AT_ONCE: usize = 128;
-/// Its sizes: 1, 2, 4, ... [`MOST_AT_ONCE`].
-const SIZES: usize = MOST_AT_ONCE.trailing_zeros() as usize + 1;
+/// The counts of jobs one statement of [`lock_next_pending_many`] takes: each up to 8 (a
+/// warm pool's usual batch), then a few larger ones. A count between two takes the smaller
+/// and says that more may wait.
+const SIZES: [usize; 12] = [1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64, 128];
 
 /// The queue's statements, made once: [`next_pending_sql`] for each [`Kinds`], and
-/// [`lock_next_pending_sql`] for each kinds and each size (a statement of size 8 takes 5 to
-/// 8 jobs).
+/// [`lock_next_pending_sql`] for each kinds and each of [`SIZES`].
 pub struct QueueSql {
     next: [String; 3],
-    lock_next: [[String; SIZES]; 3],
+    lock_next: [[String; SIZES.len()]; 3],
 }
 
 impl QueueSql {
     fn get() -> &'static QueueSql {
         static SQL: std::sync::LazyLock<QueueSql> = std::sync::LazyLock::new(|| QueueSql {
             next: Kinds::ALL.map(next_pending_sql),
-            lock_next: Kinds::ALL
-                .map(|kinds| std::array::from_fn(|size| lock_next_pending_sql(kinds, 1 << size))),
+            lock_next: Kinds::ALL.map(|kinds| SIZES.map(|size| lock_next_pending_sql(kinds, size))),
         });
         &SQL
     }
@@ -177,14 +175,11 @@ impl QueueSql {
         &Self::get().next[kinds as usize]
     }
 
-    /// The statement that locks the next `n` jobs ([`lock_next_pending_sql`]), `n` at most
-    /// [`MOST_AT_ONCE`].
-    pub fn lock_next(kinds: Kinds, n: usize) -> &'static str {
-        let size = n
-            .clamp(1, MOST_AT_ONCE)
-            .next_power_of_two()
-            .trailing_zeros() as usize;
-        &Self::get().lock_next[kinds as usize][size]
+    /// The statement that locks the next jobs, as many as the largest of [`SIZES`] that is at
+    /// most `n` (at least one), and that count ([`lock_next_pending_sql`]).
+    pub fn lock_next(kinds: Kinds, n: usize) -> (&'static str, usize) {
+        let at = SIZES.iter().rposition(|size| *size <= n).unwrap_or(0);
+        (&Self::get().lock_next[kinds as usize][at], SIZES[at])
     }
 }
 
@@ -435,8 +430,8 @@ pub async fn lock_next_pending(conn: &mut PgConnection, kinds: Kinds) -> Result<
 /// the other, locked, in one statement ([`lock_next_pending_sql`]); and whether more may be
 /// placeable than these: a head that no longer waits once its lock is granted (a
 /// cancellation that held it) is left out, and the caller then asks again for the rest,
-/// after writing these (whose placements the next heads must count); so too when `n` is more
-/// than one statement takes ([`MOST_AT_ONCE`]). Call it under the placement lock
+/// after writing these (whose placements the next heads must count); so too when one
+/// statement takes fewer than `n` ([`SIZES`]: 13 takes 8). Call it under the placement lock
 /// ([`crate::Store::begin_placing`]).
 pub async fn lock_next_pending_many(
     conn: &mut PgConnection,
@@ -444,11 +439,8 @@ pub async fn lock_next_pending_many(
     n: usize,
 ) -> Result<(Vec<Job>, bool)> {
     use sqlx::{FromRow, Row};
-    let taken = n.min(MOST_AT_ONCE);
-    let rows = sqlx::query(QueueSql::lock_next(kinds, taken))
-        .bind(taken as i64)
-        .fetch_all(conn)
-        .await?;
+    let (sql, taken) = QueueSql::lock_next(kinds, n);
+    let rows = sqlx::query(sql).fetch_all(conn).await?;
     let mut placed: Vec<(i64, Job)> = Vec::with_capacity(rows.len());
     for row in &rows {
         placed.push((

@@ -23,18 +23,18 @@ pub fn hot_queries() -> Vec<HotQuery> {
         },
         HotQuery {
             name: "next pending process job, locked (placement)",
-            sql: jobs::QueueSql::lock_next(jobs::Kinds::Processes, 1),
-            args: "(1)",
+            sql: jobs::QueueSql::lock_next(jobs::Kinds::Processes, 1).0,
+            args: "",
         },
         HotQuery {
             name: "next pending jobs, locked (placement of a batch)",
-            sql: jobs::QueueSql::lock_next(jobs::Kinds::Processes, 8),
-            args: "(8)",
+            sql: jobs::QueueSql::lock_next(jobs::Kinds::Processes, 8).0,
+            args: "",
         },
         HotQuery {
             name: "next pending container job, locked (placement)",
-            sql: jobs::QueueSql::lock_next(jobs::Kinds::Containers, 1),
-            args: "(1)",
+            sql: jobs::QueueSql::lock_next(jobs::Kinds::Containers, 1).0,
+            args: "",
         },
         HotQuery {
             name: "free ready worker for a new job that would go first (accepting)",
