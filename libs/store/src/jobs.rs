@@ -176,7 +176,7 @@ impl QueueSql {
     }
 
     /// The statement that locks the next jobs, as many as the largest of [`SIZES`] that is at
-    /// most `n` (at least one), and that count ([`lock_next_pending_sql`]).
+    /// most `n` (one if `n` is 0), and that count ([`lock_next_pending_sql`]).
     pub fn lock_next(kinds: Kinds, n: usize) -> (&'static str, usize) {
         let at = SIZES.iter().rposition(|size| *size <= n).unwrap_or(0);
         (&Self::get().lock_next[kinds as usize][at], SIZES[at])
@@ -439,6 +439,9 @@ pub async fn lock_next_pending_many(
     n: usize,
 ) -> Result<(Vec<Job>, bool)> {
     use sqlx::{FromRow, Row};
+    if n == 0 {
+        return Ok((Vec::new(), false));
+    }
     let (sql, taken) = QueueSql::lock_next(kinds, n);
     let rows = sqlx::query(sql).fetch_all(conn).await?;
     let mut placed: Vec<(i64, Job)> = Vec::with_capacity(rows.len());
