@@ -804,12 +804,7 @@ async fn the_statements_of_id_lists_are_planned_once_on_big_tables() {
         .fetch_one(&owner)
         .await
         .unwrap();
-    // One connection: its prepared statements are the ones counted.
-    let one = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&db.url)
-        .await
-        .unwrap();
+    let one = one_connection(&db.url).await;
     let now = chrono::Utc::now();
     for _ in 0..8 {
         hodei_store::workers::record_heartbeats(&one, &[live], now, now)
@@ -831,18 +826,43 @@ async fn the_statements_of_id_lists_are_planned_once_on_big_tables() {
             .unwrap();
         tx.rollback().await.unwrap();
     }
-    let plans: Vec<(String, i64, i64)> = sqlx::query_as(
-        "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements \
-         WHERE statement LIKE 'WITH beating%' OR statement LIKE 'SELECT id FROM workers WHERE id%' \
-            OR statement LIKE 'UPDATE outbox_events SET status%' \
-            OR statement LIKE 'SELECT id, state, provider, % FROM workers WHERE id IN%'",
-    )
-    .fetch_all(&one)
-    .await
-    .unwrap();
     // The heartbeats, the pool look, the marking; the workers of a list, those of them
     // alive, and the workers of a list locked.
-    assert_eq!(plans.len(), 6, "{plans:?}");
+    assert_planned_once(
+        &one,
+        &[
+            "WITH beating%",
+            "SELECT id FROM workers WHERE id%",
+            "UPDATE outbox_events SET status%",
+            "SELECT id, state, provider, % FROM workers WHERE id IN%",
+        ],
+        6,
+    )
+    .await;
+}
+
+/// A pool of one connection to `url`: its prepared statements are the ones counted.
+async fn one_connection(url: &str) -> sqlx::PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(url)
+        .await
+        .unwrap()
+}
+
+/// The prepared statements of `one` (one connection) whose text is like one of `patterns`:
+/// there are `expected` of them, and each took a generic plan after at most five made for
+/// its values.
+async fn assert_planned_once(one: &sqlx::PgPool, patterns: &[&str], expected: usize) {
+    let plans: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements \
+         WHERE statement LIKE ANY($1)",
+    )
+    .bind(patterns)
+    .fetch_all(one)
+    .await
+    .unwrap();
+    assert_eq!(plans.len(), expected, "{plans:?}");
     for (statement, generic, custom) in &plans {
         assert!(
             *generic > 0 && *custom <= 5,
@@ -871,12 +891,7 @@ async fn the_queue_statements_are_planned_once() {
     .execute(&owner)
     .await
     .unwrap();
-    // One connection: its prepared statements are the ones counted.
-    let one = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&db.url)
-        .await
-        .unwrap();
+    let one = one_connection(&db.url).await;
     for _ in 0..8 {
         let mut tx = one.begin().await.unwrap();
         let next = jobs::lock_next_pending(&mut tx, jobs::Kinds::Processes)
@@ -911,22 +926,9 @@ async fn the_queue_statements_are_planned_once() {
             .unwrap()
             .is_some());
     }
-    let plans: Vec<(String, i64, i64)> = sqlx::query_as(
-        "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements \
-         WHERE statement LIKE 'WITH RECURSIVE keys%'",
-    )
-    .fetch_all(&one)
-    .await
-    .unwrap();
     // The next job of processes and of any kind; the next one, three and eight of processes
     // locked; the next container job locked.
-    assert_eq!(plans.len(), 6, "{plans:?}");
-    for (statement, generic, custom) in &plans {
-        assert!(
-            *generic > 0 && *custom <= 5,
-            "planned at every call ({custom} custom plans, {generic} generic): {statement}"
-        );
-    }
+    assert_planned_once(&one, &["WITH RECURSIVE keys%"], 6).await;
 }
 
 /// A warm-pool worker in `state`, written as it is (no outbox row).
