@@ -637,7 +637,7 @@ async fn the_next_jobs_taken_together_are_those_taken_one_after_the_other() {
 /// The statements that take a list of ids as parameters, padded to a power of two with the
 /// last id repeated (`push_id_list`), act on each listed row once, whatever the list's length
 /// (1, 3 padded to 4, 5 padded to 8), and on no other; the reports' conditional placement
-/// lock (`placement_lock_if_pooled`) is taken for exactly the lists with a pool worker that
+/// lock (`workers::lock_reporting`) is taken for exactly the lists with a pool worker that
 /// may take a next job.
 #[tokio::test]
 async fn lists_of_ids_act_on_each_listed_row_once_whatever_their_length() {
@@ -682,19 +682,31 @@ async fn lists_of_ids_act_on_each_listed_row_once_whatever_their_length() {
 
     // The reports' look and lock in one statement: the placement lock is taken exactly when
     // the list holds a pooled worker with jobs left, and held by the transaction.
-    for (ids, expected) in [
-        (&workers[..1], true),
-        (&workers[2..3], false),
-        (&workers[4..5], false),
-        (&workers[2..5], true),
-        (&[][..], false),
+    // The reporting workers' rows come with it, each once, in id order, whichever of them
+    // may go on.
+    for (ending, may_go_on, expected) in [
+        (&workers[..1], &workers[..1], true),
+        (&workers[2..3], &workers[2..3], false),
+        (&workers[4..5], &workers[4..5], false),
+        (&workers[2..5], &workers[2..5], true),
+        (&workers[..], &workers[2..3], false),
+        (&workers[..], &[][..], false),
+        (&[][..], &[][..], false),
     ] {
         let mut tx = Store::new(pool.clone()).begin().await.unwrap();
-        let locked = hodei_store::placement_lock_if_pooled(&mut tx, ids)
+        let (locked, reporting) = hodei_store::workers::lock_reporting(&mut tx, ending, may_go_on)
             .await
             .unwrap();
         let held = advisory_locks_held(&mut tx).await;
-        assert_eq!((locked, held), (expected, i64::from(expected)), "{ids:?}");
+        assert_eq!(
+            (locked, held),
+            (expected, i64::from(expected)),
+            "{ending:?}, {may_go_on:?}"
+        );
+        assert_eq!(
+            reporting.iter().map(|w| w.id).collect::<Vec<_>>(),
+            sorted(ending.to_vec())
+        );
     }
 
     let now = chrono::Utc::now();
@@ -824,10 +836,13 @@ async fn the_statements_of_id_lists_are_planned_once_on_big_tables() {
         hodei_store::workers::lock_all(&mut tx, &[live])
             .await
             .unwrap();
+        hodei_store::workers::lock_reporting(&mut tx, &[live], &[live])
+            .await
+            .unwrap();
         tx.rollback().await.unwrap();
     }
     // The heartbeats, the pool look, the marking; the workers of a list, those of them
-    // alive, and the workers of a list locked.
+    // alive, the workers of a list locked, and the reporting workers locked with the look.
     assert_planned_once(
         &one,
         &[
@@ -835,8 +850,9 @@ async fn the_statements_of_id_lists_are_planned_once_on_big_tables() {
             "SELECT id FROM workers WHERE id%",
             "UPDATE outbox_events SET status%",
             "SELECT id, state, provider, % FROM workers WHERE id IN%",
+            "WITH look AS%",
         ],
-        6,
+        7,
     )
     .await;
 }

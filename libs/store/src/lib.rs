@@ -99,7 +99,7 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
 }
 
 /// Key of the transaction-scoped advisory lock every placement decision takes first.
-const PLACEMENT_LOCK: i64 = 0x686f_6465_695f_706c; // "hodei_pl"
+pub(crate) const PLACEMENT_LOCK: i64 = 0x686f_6465_695f_706c; // "hodei_pl"
 
 /// The placement lock ([`Store::begin_placing`]), taken only if a ready worker is free; false
 /// (nothing locked) when none is: the accept path's look and its lock in one round trip.
@@ -111,27 +111,6 @@ pub async fn placement_lock_if_worker_free(conn: &mut PgConnection) -> Result<bo
     .bind(PLACEMENT_LOCK)
     .fetch_one(conn)
     .await?;
-    Ok(locked)
-}
-
-/// The placement lock ([`Store::begin_placing`]), taken only if one of `workers` is a
-/// warm-pool worker with jobs left (one that may take a next job); false (nothing locked)
-/// when none is: the look and the lock of the agents' reports in one round trip. The workers' `pooled` and `max_jobs` never
-/// change, and `jobs_run` only when the worker takes a job, which a worker reporting its
-/// job's end is not doing.
-pub async fn placement_lock_if_pooled(conn: &mut PgConnection, workers: &[Uuid]) -> Result<bool> {
-    if workers.is_empty() {
-        return Ok(false);
-    }
-    let mut query = sqlx::QueryBuilder::new(
-        "SELECT CASE WHEN EXISTS (SELECT 1 FROM workers WHERE pooled AND jobs_run < max_jobs AND id IN ",
-    );
-    push_id_list(&mut query, workers);
-    query
-        .push(") THEN pg_advisory_xact_lock(")
-        .push_bind(PLACEMENT_LOCK)
-        .push(") IS NOT NULL ELSE false END");
-    let locked: bool = query.build_query_scalar().fetch_one(conn).await?;
     Ok(locked)
 }
 

@@ -173,6 +173,57 @@ pub async fn lock_all(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Worke
     rows.into_iter().map(Worker::try_from).collect()
 }
 
+/// The workers of `ending` (those that exist), locked as [`lock_all`] locks them, after the
+/// placement lock ([`crate::Store::begin_placing`]), which is taken first, and only if one
+/// of `may_go_on` is a warm-pool worker with jobs left (one that may take a next job); and
+/// whether it was taken (false too when no worker of `ending` exists). The agents' reports'
+/// look, lock and workers in one statement: the look and the lock come first (the workers'
+/// rows are locked in a lateral subquery that waits for them), so the lock order is every
+/// placement's. The workers' `pooled` and `max_jobs` never change, and `jobs_run` only when
+/// the worker takes a job, which a worker reporting its job's end is not doing.
+pub async fn lock_reporting(
+    conn: &mut PgConnection,
+    ending: &[Uuid],
+    may_go_on: &[Uuid],
+) -> Result<(bool, Vec<Worker>)> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        #[sqlx(flatten)]
+        worker: WorkerRow,
+        placing: bool,
+    }
+    if ending.is_empty() {
+        return Ok((false, Vec::new()));
+    }
+    let mut select = sqlx::QueryBuilder::new("WITH look AS MATERIALIZED (SELECT ");
+    match may_go_on.is_empty() {
+        true => select.push("false"),
+        false => {
+            select.push(
+                "CASE WHEN EXISTS (SELECT 1 FROM workers WHERE pooled AND jobs_run < max_jobs AND id IN ",
+            );
+            crate::push_id_list(&mut select, may_go_on);
+            select
+                .push(") THEN pg_advisory_xact_lock(")
+                .push_bind(crate::PLACEMENT_LOCK)
+                .push(") IS NOT NULL ELSE false END")
+        }
+    };
+    select.push(format!(
+        " AS placing) SELECT w.*, look.placing FROM look CROSS JOIN LATERAL (SELECT {COLUMNS} \
+          FROM workers WHERE look.placing IS NOT NULL AND id IN "
+    ));
+    crate::push_id_list(&mut select, ending);
+    select.push(" ORDER BY id FOR UPDATE) w");
+    let rows: Vec<Row> = select.build_query_as().fetch_all(conn).await?;
+    let placing = rows.first().is_some_and(|row| row.placing);
+    let workers = rows
+        .into_iter()
+        .map(|row| Worker::try_from(row.worker))
+        .collect::<Result<_>>()?;
+    Ok((placing, workers))
+}
+
 pub async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Worker>> {
     let sql = format!("SELECT {COLUMNS} FROM workers WHERE id = $1 FOR UPDATE");
     let row: Option<WorkerRow> = sqlx::query_as(&sql).bind(id).fetch_optional(conn).await?;

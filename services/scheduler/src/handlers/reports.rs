@@ -151,9 +151,9 @@ fn left_its_worker(report: &Report, job: &Job, worker_id: Uuid) -> bool {
 /// left it, and every other worker whose job left it leaves it (as the registry would on the
 /// job's event: torn down, or a pool worker Ready again); one commit. When a pool worker with
 /// jobs left reports its job's end, the placement lock is taken first (as every placement
-/// takes it; in the statement that looks: [`hodei_store::placement_lock_if_pooled`]), then
-/// the reporting workers' rows, then the jobs' (worker before job, as the registry's monitor
-/// takes them for a lost worker). The changes' outcomes, and the job each pool worker was
+/// takes it; in the statement that looks, which then locks the reporting workers' rows:
+/// [`workers::lock_reporting`]), then the jobs' (worker before job, as the registry's
+/// monitor takes them for a lost worker). The changes' outcomes, and the job each pool worker was
 /// given (`None`: no job waits, or the worker does not go on).
 async fn apply_with_hand_overs(
     state: &State,
@@ -173,9 +173,8 @@ async fn apply_with_hand_overs(
     // may, no statement looks for pool workers (and none takes the placement lock).
     let may_go_on = may_go_on(changes);
     let mut tx = state.store.begin().await?;
-    let placing = hodei_store::placement_lock_if_pooled(&mut tx, &may_go_on).await?;
-    let mut locked: HashMap<Uuid, hodei_domain::Worker> = workers::lock_all(&mut tx, &ending)
-        .await?
+    let (placing, reporting) = workers::lock_reporting(&mut tx, &ending, &may_go_on).await?;
+    let mut locked: HashMap<Uuid, hodei_domain::Worker> = reporting
         .into_iter()
         .map(|worker| (worker.id, worker))
         .collect();
