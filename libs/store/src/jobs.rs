@@ -338,16 +338,11 @@ pub async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Job>> {
 
 /// Load the jobs of `ids` that exist and lock their rows, in id order, in one statement.
 ///
-/// The ids are a list of parameters ([`crate::push_id_list`]), not an array. (The workers'
-/// `lock_all` keeps its array: its generic plan is taken.)
+/// The ids are a list of parameters ([`crate::push_id_list`]), not an array.
 pub async fn lock_all(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Job>> {
-    if ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut select = sqlx::QueryBuilder::new(format!("SELECT {COLUMNS} FROM jobs WHERE id IN "));
-    crate::push_id_list(&mut select, ids);
-    select.push(" ORDER BY id FOR UPDATE");
-    let rows: Vec<JobRow> = select.build_query_as().fetch_all(conn).await?;
+    let before = format!("SELECT {COLUMNS} FROM jobs WHERE id IN ");
+    let rows: Vec<JobRow> =
+        crate::fetch_listed(conn, &before, ids, " ORDER BY id FOR UPDATE").await?;
     rows.into_iter().map(Job::try_from).collect()
 }
 

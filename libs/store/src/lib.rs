@@ -196,6 +196,26 @@ fn push_id_list<'a>(query: &mut sqlx::QueryBuilder<'a, sqlx::Postgres>, ids: &[U
     list.push_unseparated(")");
 }
 
+/// The rows a statement on a list of ids gives: `before`, the ids as a list of parameters
+/// ([`push_id_list`]), then `after`. No ids give no rows, without a statement.
+async fn fetch_listed<'e, R>(
+    executor: impl sqlx::PgExecutor<'e>,
+    before: &str,
+    ids: &[Uuid],
+    after: &str,
+) -> Result<Vec<R>>
+where
+    R: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+{
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut query = sqlx::QueryBuilder::new(before);
+    push_id_list(&mut query, ids);
+    query.push(after);
+    Ok(query.build_query_as().fetch_all(executor).await?)
+}
+
 fn corrupt(what: &'static str) -> impl Fn(String) -> StoreError {
     move |why| StoreError::Corrupt { what, why }
 }

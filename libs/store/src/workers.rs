@@ -149,13 +149,13 @@ pub async fn update_many(conn: &mut PgConnection, workers: &mut [&mut Worker]) -
 /// Which of `ids` are warm-pool workers with jobs left (no lock; one look for a batch; the
 /// ids a list of parameters, [`crate::push_id_list`]).
 pub async fn pooled_with_jobs_left(pool: &sqlx::PgPool, ids: &[Uuid]) -> Result<Vec<Uuid>> {
-    if ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut select = sqlx::QueryBuilder::new("SELECT id FROM workers WHERE id IN ");
-    crate::push_id_list(&mut select, ids);
-    select.push(" AND pooled AND jobs_run < max_jobs");
-    let rows: Vec<(Uuid,)> = select.build_query_as().fetch_all(pool).await?;
+    let rows: Vec<(Uuid,)> = crate::fetch_listed(
+        pool,
+        "SELECT id FROM workers WHERE id IN ",
+        ids,
+        " AND pooled AND jobs_run < max_jobs",
+    )
+    .await?;
     Ok(rows.into_iter().map(|(id,)| id).collect())
 }
 
@@ -163,13 +163,9 @@ pub async fn pooled_with_jobs_left(pool: &sqlx::PgPool, ids: &[Uuid]) -> Result<
 /// order, as every transaction that locks several workers locks them: two such never wait
 /// for each other in a circle.
 pub async fn lock_all(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Worker>> {
-    if ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut select = sqlx::QueryBuilder::new(format!("SELECT {COLUMNS} FROM workers WHERE id IN "));
-    crate::push_id_list(&mut select, ids);
-    select.push(" ORDER BY id FOR UPDATE");
-    let rows: Vec<WorkerRow> = select.build_query_as().fetch_all(conn).await?;
+    let before = format!("SELECT {COLUMNS} FROM workers WHERE id IN ");
+    let rows: Vec<WorkerRow> =
+        crate::fetch_listed(conn, &before, ids, " ORDER BY id FOR UPDATE").await?;
     rows.into_iter().map(Worker::try_from).collect()
 }
 
@@ -478,25 +474,21 @@ pub async fn next_due(pool: &PgPool) -> Result<Option<DateTime<Utc>>> {
 
 /// Those of `ids` that are workers not yet Terminated (by primary key).
 pub async fn live_among(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<Uuid>> {
-    if ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut select = sqlx::QueryBuilder::new("SELECT id FROM workers WHERE id IN ");
-    crate::push_id_list(&mut select, ids);
-    select.push(" AND state <> 'Terminated'");
-    let rows: Vec<(Uuid,)> = select.build_query_as().fetch_all(pool).await?;
+    let rows: Vec<(Uuid,)> = crate::fetch_listed(
+        pool,
+        "SELECT id FROM workers WHERE id IN ",
+        ids,
+        " AND state <> 'Terminated'",
+    )
+    .await?;
     Ok(rows.into_iter().map(|(id,)| id).collect())
 }
 
 /// The workers of `ids` that exist, unlocked: a look that decides whether a change needs
 /// them locked at all.
 pub async fn get_all(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<Worker>> {
-    if ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut select = sqlx::QueryBuilder::new(format!("SELECT {COLUMNS} FROM workers WHERE id IN "));
-    crate::push_id_list(&mut select, ids);
-    let rows: Vec<WorkerRow> = select.build_query_as().fetch_all(pool).await?;
+    let before = format!("SELECT {COLUMNS} FROM workers WHERE id IN ");
+    let rows: Vec<WorkerRow> = crate::fetch_listed(pool, &before, ids, "").await?;
     rows.into_iter().map(Worker::try_from).collect()
 }
 

@@ -40,18 +40,19 @@ async fn destroy(
         }
     };
     let worker_id = terminating.worker_id;
-    // A worker this instance started as a process needs no look: its resource is the
-    // agent's process group, as its row records it. Any other is looked up.
-    let resource = match state.providers.process.started(worker_id) {
-        Some(pgid) => Some((Kind::Process.name().to_owned(), pgid.to_string())),
-        None => {
+    // A worker this instance started as a process needs no look: the process provider
+    // holds its agent's process group and needs no resource id. Any other is looked up.
+    let found;
+    let (provider, resource_id) = match state.providers.process.holds(worker_id) {
+        true => (Some(Kind::Process.name()), None),
+        false => {
             let mut conn = state.store.acquire().await.map_err(StoreError::from)?;
-            resources::find(&mut conn, worker_id).await?
+            found = resources::find(&mut conn, worker_id).await?;
+            match &found {
+                Some((provider, id)) => (Some(provider.as_str()), Some(id.as_str())),
+                None => (None, None),
+            }
         }
-    };
-    let (provider, resource_id) = match &resource {
-        Some((provider, id)) => (Some(provider.as_str()), Some(id.as_str())),
-        None => (None, None),
     };
     // Only the docker provider's destroys count on its circuit.
     let breaker = match provider {

@@ -102,14 +102,13 @@ impl ProcessProvider {
             .map(|root| root.join(worker_id.to_string()))
     }
 
-    /// The agent's process group, when this instance started the worker and has not
-    /// destroyed it yet: its resource, as recorded in `provider_resources`.
-    pub fn started(&self, worker_id: Uuid) -> Option<i32> {
+    /// Whether this instance started the worker and has not destroyed it yet: it holds the
+    /// agent's process group, and [`Self::destroy`] needs no resource id for it.
+    pub fn holds(&self, worker_id: Uuid) -> bool {
         self.children
             .lock()
             .expect("children lock")
-            .get(&worker_id)
-            .map(|(pgid, _)| *pgid)
+            .contains_key(&worker_id)
     }
 
     fn creds_path(&self, worker_id: Uuid) -> PathBuf {
