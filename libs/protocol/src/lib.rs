@@ -8,6 +8,7 @@ pub mod agent;
 pub mod api;
 pub mod logs;
 pub mod schedules;
+pub mod spawner;
 
 pub use api::{ApiError, ErrorCode, Reply};
 

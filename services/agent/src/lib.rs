@@ -7,6 +7,7 @@
 mod job;
 mod reports;
 mod spawn;
+pub mod spawner;
 
 use std::time::Duration;
 

@@ -43,7 +43,7 @@
 //! target/release/hodei-bench --out bench-results.md --json bench-results.json
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -2191,19 +2191,49 @@ fn pids() -> impl Iterator<Item = u32> {
 
 /// What the provider-manager's agents have used so far, with their jobs: its reaped children
 /// (cutime + cstime) and its live `hodei-agent` children (their own time and their reaped
-/// jobs'). Between two snapshots an agent that ended moves from the second term to the
-/// first, so the difference counts each agent's time once, pool agents that stay included.
+/// jobs'). The agent spawner (`hodei-agent --spawner`, such a child) reaps the agents it
+/// forks, so its live children count too. Between two snapshots an agent that ended moves
+/// from the live term to its parent's reaped one, so the difference counts each agent's
+/// time once, pool agents that stay included.
 fn agents_cpu_seconds(provider_manager: u32) -> f64 {
-    let parent = provider_manager.to_string();
-    let live: f64 = pids()
-        .filter(|pid| {
-            stat_fields(*pid).is_some_and(|f| f.get(1) == Some(&parent))
-                && std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .is_ok_and(|comm| comm.trim() == "hodei-agent")
-        })
-        .map(|pid| cpu_seconds(pid).unwrap_or(0.0) + children_cpu_seconds(pid).unwrap_or(0.0))
+    let agents = agent_processes(provider_manager);
+    let live: f64 = agents
+        .iter()
+        .map(|pid| cpu_seconds(*pid).unwrap_or(0.0) + children_cpu_seconds(*pid).unwrap_or(0.0))
         .sum();
     children_cpu_seconds(provider_manager).unwrap_or(0.0) + live
+}
+
+/// The live `hodei-agent` processes of the provider-manager: its children, and theirs (the
+/// agents the spawner forked).
+fn agent_processes(provider_manager: u32) -> Vec<u32> {
+    let with_parents: Vec<(u32, u32)> = pids()
+        .filter_map(|pid| Some((pid, agent_parent(pid)?)))
+        .collect();
+    let children: HashSet<u32> = with_parents
+        .iter()
+        .filter(|(_, parent)| *parent == provider_manager)
+        .map(|(pid, _)| *pid)
+        .collect();
+    with_parents
+        .into_iter()
+        .filter(|(_, parent)| *parent == provider_manager || children.contains(parent))
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// Whether `pid` is a `hodei-agent` of the provider-manager (see [`agent_processes`]).
+fn is_agent_of(pid: u32, provider_manager: u32) -> bool {
+    agent_parent(pid)
+        .is_some_and(|p| p == provider_manager || agent_parent(p) == Some(provider_manager))
+}
+
+/// The parent of `pid` if it is a live `hodei-agent`.
+fn agent_parent(pid: u32) -> Option<u32> {
+    let parent = stat_fields(pid)?.get(1)?.parse().ok()?;
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .is_ok_and(|comm| comm.trim() == "hodei-agent")
+        .then_some(parent)
 }
 
 /// CPU seconds consumed so far by the services, the agents (and their jobs, see
@@ -2397,7 +2427,7 @@ struct AgentMemory {
 
 /// A thread that reads the agents' memory from /proc while a phase runs, and a task that tells
 /// it of each new agent. An agent reports its pid when it registers (`WorkerRegistered`); the
-/// pid is taken if it is a `hodei-agent` child of the provider-manager. Scanning all of /proc
+/// pid is taken if it is a `hodei-agent` of the provider-manager ([`is_agent_of`]). Scanning all of /proc
 /// often enough to catch agents that live 40 ms would itself load the 2 CPUs; VmHWM is a
 /// high-water mark, so finding an agent late loses nothing as long as it is read again up to
 /// a tick before it exits. The thread also raises `low_memory` when the machine has under
@@ -2439,13 +2469,7 @@ impl AgentSampler {
             let mut live: HashMap<u32, u64> = HashMap::new();
             while !stop_flag.load(Ordering::Relaxed) {
                 while let Ok(pid) = pid_rx.try_recv() {
-                    let Some(f) = stat_fields(pid) else { continue };
-                    let comm =
-                        std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-                    let ours = f
-                        .get(1)
-                        .is_some_and(|ppid| *ppid == provider_manager.to_string());
-                    if ours && comm.trim() == "hodei-agent" && live.insert(pid, 0).is_none() {
+                    if is_agent_of(pid, provider_manager) && live.insert(pid, 0).is_none() {
                         seen.agents += 1;
                     }
                 }

@@ -5,7 +5,7 @@
 //! cgroups the process group is killed, and a worker this instance does not know cannot be
 //! confirmed gone.
 
-mod into_cgroup;
+mod spawner;
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -41,6 +41,8 @@ pub struct ProcessProvider {
     creds_dir: PathBuf,
     /// The cgroup (v2) under which each worker gets `<worker id>/`; None without cgroups.
     cgroups: Option<PathBuf>,
+    /// Forks the agents born in cgroups (started at the first).
+    spawner: spawner::Spawner,
     /// Live children of this instance: process group id, and whether the agent has exited.
     children: Arc<Mutex<HashMap<Uuid, (i32, watch::Receiver<bool>)>>>,
 }
@@ -87,6 +89,7 @@ impl ProcessProvider {
             None => None,
         };
         Ok(ProcessProvider {
+            spawner: spawner::Spawner::new(agent_bin.clone(), inherited_env()),
             agent_bin,
             nats_url,
             grace,
@@ -116,10 +119,10 @@ impl ProcessProvider {
     }
 
     /// Start the agent of `worker_id` with exactly `env`, in a process group of its own and,
-    /// with cgroups, born in its own cgroup (`clone3`), so that nothing it starts escapes it.
-    /// A kernel without `CLONE_INTO_CGROUP` gets the agent moved into its cgroup between
-    /// fork and exec instead (slower: a migration takes a global lock).
-    fn start_agent(
+    /// with cgroups, forked by the spawner into its own cgroup, so that nothing it starts
+    /// escapes it. A kernel without `CLONE_INTO_CGROUP` gets the agent moved into its cgroup
+    /// between fork and exec instead (slower: a migration takes a global lock).
+    async fn start_agent(
         &self,
         worker_id: Uuid,
         env: &[(OsString, OsString)],
@@ -136,9 +139,9 @@ impl ProcessProvider {
         std::fs::create_dir_all(&cgroup).map_err(|e| {
             std::io::Error::new(e.kind(), format!("creating {}: {e}", cgroup.display()))
         })?;
-        match into_cgroup::spawn(&self.agent_bin, env, &cgroup) {
-            Ok(child) => return Ok(Started::InCgroup(child)),
-            Err(error) if into_cgroup::unsupported(&error) => {
+        match self.spawner.spawn(&cgroup, env).await {
+            Ok(agent) => return Ok(Started::Spawned(agent)),
+            Err(error) if spawner::unsupported(&error) => {
                 tracing::debug!(%error, "no clone3 into a cgroup: the agent is moved into its cgroup");
             }
             Err(error) => return Err(error),
@@ -175,9 +178,21 @@ impl ProcessProvider {
     }
 }
 
+/// The variables of this service's environment that an agent inherits ([`AGENT_ENV`]).
+fn inherited_env() -> Vec<(OsString, OsString)> {
+    std::env::vars_os()
+        .filter(|(name, _)| {
+            let name = name.to_string_lossy();
+            AGENT_ENV.iter().any(|allowed| {
+                name == *allowed || (allowed.ends_with('_') && name.starts_with(allowed))
+            })
+        })
+        .collect()
+}
+
 /// An agent that was started, either way.
 enum Started {
-    InCgroup(into_cgroup::Child),
+    Spawned(spawner::Agent),
     Command(tokio::process::Child),
 }
 
@@ -185,7 +200,7 @@ impl Started {
     /// None if the agent has already been reaped (it exited at once).
     fn pid(&self) -> Option<u32> {
         match self {
-            Started::InCgroup(child) => Some(child.pid),
+            Started::Spawned(agent) => Some(agent.pid),
             Started::Command(child) => child.id(),
         }
     }
@@ -193,7 +208,7 @@ impl Started {
     /// How the agent ended, once it has.
     async fn wait(self) -> std::io::Result<String> {
         match self {
-            Started::InCgroup(child) => child.wait().await,
+            Started::Spawned(agent) => agent.wait().await,
             Started::Command(mut child) => child.wait().await.map(|status| status.to_string()),
         }
     }
@@ -278,14 +293,7 @@ impl Provider for ProcessProvider {
 
     async fn create(&self, spec: WorkerSpec) -> Result<String, ProviderError> {
         let worker_id = spec.worker_id;
-        let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
-            .filter(|(name, _)| {
-                let name = name.to_string_lossy();
-                AGENT_ENV.iter().any(|allowed| {
-                    name == *allowed || (allowed.ends_with('_') && name.starts_with(allowed))
-                })
-            })
-            .collect();
+        let mut env = inherited_env();
         let mut set = |name: &str, value: &str| env.push((name.into(), value.into()));
         set("HODEI_WORKER_ID", &worker_id.to_string());
         set("HODEI_BOOTSTRAP_TOKEN", &spec.token);
@@ -300,7 +308,7 @@ impl Provider for ProcessProvider {
                 .map_err(|e| ProviderError(e.to_string()))?;
             env.push(("HODEI_NATS_CREDS".into(), path.into()));
         }
-        let started = self.start_agent(worker_id, &env).map_err(|e| {
+        let started = self.start_agent(worker_id, &env).await.map_err(|e| {
             let _ = std::fs::remove_file(self.creds_path(worker_id));
             ProviderError(format!("cannot start {}: {e}", self.agent_bin.display()))
         })?;
