@@ -1539,8 +1539,18 @@ impl Drop for System {
     }
 }
 
-/// The worker an agent process is (from its environment).
+/// The worker an agent process is: from its cgroup (named by the worker) or, without
+/// cgroups, from its environment. (An agent forked by the spawner shows the spawner's
+/// environment in /proc/<pid>/environ, not its own; forked agents all have cgroups.)
 pub fn worker_of_agent(pid: u32) -> Option<Uuid> {
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let own = cgroup
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .and_then(|path| path.rsplit('/').next()?.parse().ok());
+    if own.is_some() {
+        return own;
+    }
     let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
     environ
         .split(|b| *b == 0)

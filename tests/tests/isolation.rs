@@ -281,3 +281,81 @@ async fn an_agent_and_its_job_run_in_the_workers_own_cgroup() {
         "the job ran in {line}, not in its worker's cgroup"
     );
 }
+
+/// The job's agent and that agent's parent (`$PPID` of the job, then the agent's own
+/// parent from /proc/<agent>/stat).
+async fn agent_and_parent(system: &System) -> (u32, u32) {
+    let job_id = system
+        .submit(&job(
+            "sh",
+            &["-c", "read -r _ _ _ parent _ < /proc/$PPID/stat; echo $PPID $parent"],
+        ))
+        .await
+        .unwrap()
+        .job_id;
+    system
+        .wait_until_settled(&[job_id], Duration::from_secs(60))
+        .await;
+    let line = system
+        .logs_first_line(job_id)
+        .await
+        .expect("the job printed its agent's pid");
+    let pids: Vec<u32> = line.split(' ').filter_map(|p| p.parse().ok()).collect();
+    assert_eq!(pids.len(), 2, "the job printed {line:?}");
+    (pids[0], pids[1])
+}
+
+/// With cgroups, agents are forked by one spawner (`hodei-agent --spawner`, a child of the
+/// provider-manager), not exec'd one by one. The spawner was given no secret of the service
+/// or of a worker, and it ends with the provider-manager; the next instance starts another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_are_forked_by_a_spawner_that_holds_no_secret_and_ends_with_its_service() {
+    let mut system = System::start().await;
+    assert!(system.cgroup.is_some(), "this test needs cgroups (v2)");
+    let (first_agent, spawner) = agent_and_parent(&system).await;
+    let (second_agent, second_parent) = agent_and_parent(&system).await;
+    assert_ne!(first_agent, second_agent);
+    assert_eq!(spawner, second_parent, "both agents come from one spawner");
+
+    let cmdline = std::fs::read(format!("/proc/{spawner}/cmdline")).unwrap();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(text)
+        .collect();
+    assert!(
+        args.len() == 2 && args[0].ends_with("hodei-agent") && args[1] == "--spawner",
+        "the agents' parent is {args:?}"
+    );
+    let stat = std::fs::read_to_string(format!("/proc/{spawner}/stat")).unwrap();
+    let parent: u32 = stat
+        .rsplit(')')
+        .next()
+        .and_then(|rest| rest.split_whitespace().nth(1))
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    let provider_manager = system.service("provider-manager").pid();
+    assert_eq!(parent, provider_manager, "the spawner is the provider-manager's child");
+    let environ = text(&std::fs::read(format!("/proc/{spawner}/environ")).unwrap());
+    for secret in [
+        "HODEI_BOOTSTRAP_TOKEN",
+        "HODEI_WORKER_ID",
+        "HODEI_NATS_CREDS",
+        "HODEI_DATABASE_URL",
+    ] {
+        assert!(
+            !environ.contains(secret),
+            "the spawner's environment holds {secret}"
+        );
+    }
+
+    system.service("provider-manager").kill();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(spawner) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!alive(spawner), "the spawner outlived its provider-manager");
+    system.restart("provider-manager");
+    let (_, new_spawner) = agent_and_parent(&system).await;
+    assert_ne!(new_spawner, spawner, "the new instance forks from a spawner of its own");
+}
