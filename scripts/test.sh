@@ -25,7 +25,10 @@ fi
 # Nothing of the suite may outlive it: no agent, no job process (they run in the tests'
 # cgroups, hodei-test-*, or as the jobs' user).
 left=""
+# A process that has ended but not been reaped yet (a zombie) runs nothing: a provider-manager
+# killed -9 leaves its agent spawner to init, which reaps it a few seconds later.
 for pid in $(pgrep -f 'hodei-agent' || true); do
+  case "$(ps -o stat= -p "$pid" 2>/dev/null)" in Z*) continue ;; esac
   age=$(ps -o etimes= -p "$pid" 2>/dev/null | tr -d ' ')
   [ -n "$age" ] && [ "$age" -le $(( $(date +%s) - started + 1 )) ] && left="$left $pid"
 done

@@ -190,7 +190,12 @@ async fn an_open_provider_circuit_is_explained() {
 async fn a_worker_that_has_not_registered_yet_is_explained() {
     let dir = temp_dir("late-agent");
     let wrapper = agent_wrapper(&dir, true).display().to_string();
-    let system = System::start_with(&[("HODEI_AGENT_BIN", wrapper.as_str())]).await;
+    // Each agent exec'd through the wrapper (a spawner would wait in it once, not per agent).
+    let system = System::start_with(&[
+        ("HODEI_AGENT_BIN", wrapper.as_str()),
+        ("HODEI_PROCESS_SPAWNER", "false"),
+    ])
+    .await;
     let late = system.submit(&job("true", &[])).await.unwrap().job_id;
     system.wait_for_state(late, JobState::Scheduled).await;
     let worker = system.get(late).await.unwrap().worker_id.unwrap();

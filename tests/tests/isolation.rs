@@ -288,7 +288,10 @@ async fn agent_and_parent(system: &System) -> (u32, u32) {
     let job_id = system
         .submit(&job(
             "sh",
-            &["-c", "read -r _ _ _ parent _ < /proc/$PPID/stat; echo $PPID $parent"],
+            &[
+                "-c",
+                "read -r _ _ _ parent _ < /proc/$PPID/stat; echo $PPID $parent",
+            ],
         ))
         .await
         .unwrap()
@@ -335,7 +338,10 @@ async fn agents_are_forked_by_a_spawner_that_holds_no_secret_and_ends_with_its_s
         .and_then(|p| p.parse().ok())
         .unwrap();
     let provider_manager = system.service("provider-manager").pid();
-    assert_eq!(parent, provider_manager, "the spawner is the provider-manager's child");
+    assert_eq!(
+        parent, provider_manager,
+        "the spawner is the provider-manager's child"
+    );
     let environ = text(&std::fs::read(format!("/proc/{spawner}/environ")).unwrap());
     for secret in [
         "HODEI_BOOTSTRAP_TOKEN",
@@ -357,5 +363,8 @@ async fn agents_are_forked_by_a_spawner_that_holds_no_secret_and_ends_with_its_s
     assert!(!alive(spawner), "the spawner outlived its provider-manager");
     system.restart("provider-manager");
     let (_, new_spawner) = agent_and_parent(&system).await;
-    assert_ne!(new_spawner, spawner, "the new instance forks from a spawner of its own");
+    assert_ne!(
+        new_spawner, spawner,
+        "the new instance forks from a spawner of its own"
+    );
 }

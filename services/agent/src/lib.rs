@@ -26,7 +26,15 @@ pub const SERVICE: &str = "agent";
 
 /// hodei-agent: runs one job for Hodei. Started by a provider, which sets its environment.
 #[derive(Clone, clap::Parser)]
-#[command(name = "hodei-agent", version, about, long_about = None)]
+#[command(
+    name = "hodei-agent",
+    version,
+    about,
+    long_about = None,
+    after_help = "The process provider also runs `hodei-agent --spawner`: one process per \
+provider-manager that forks each new agent into its cgroup, with the agent's environment \
+(it serves the provider's socket only, and ends with it)."
+)]
 pub struct Config {
     /// This worker's id, given by the provider.
     #[arg(long, env = "HODEI_WORKER_ID")]

@@ -67,6 +67,12 @@ pub struct Config {
     #[arg(long, env = "HODEI_CGROUP_ROOT")]
     pub cgroup_root: Option<String>,
 
+    /// With cgroups, fork each agent from one `hodei-agent --spawner` (`true`), or exec each
+    /// agent anew and move it into its cgroup (`false`: slower; for a wrapper around the agent
+    /// such as a debugger, or a new agent binary taking effect at the next worker).
+    #[arg(long, env = "HODEI_PROCESS_SPAWNER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub process_spawner: bool,
+
     /// The Docker Engine's socket (`unix:///var/run/docker.sock`): jobs that name an image
     /// run in containers there. Without it, such jobs fail (no provider can run them).
     #[arg(long, env = "HODEI_DOCKER_SOCKET")]
@@ -253,6 +259,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(|| std::env::temp_dir().join("hodei-worker-creds")),
         providers::process::cgroup_root(config.cgroup_root.as_deref()),
+        config.process_spawner,
     )?;
     let breaker = |name: &str| {
         hodei_runtime::breaker::Breaker::new(

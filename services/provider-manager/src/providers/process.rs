@@ -41,8 +41,8 @@ pub struct ProcessProvider {
     creds_dir: PathBuf,
     /// The cgroup (v2) under which each worker gets `<worker id>/`; None without cgroups.
     cgroups: Option<PathBuf>,
-    /// Forks the agents born in cgroups (started at the first).
-    spawner: spawner::Spawner,
+    /// Forks the agents born in cgroups (started at the first); None: each agent is exec'd.
+    spawner: Option<spawner::Spawner>,
     /// Live children of this instance: process group id, and whether the agent has exited.
     children: Arc<Mutex<HashMap<Uuid, (i32, watch::Receiver<bool>)>>>,
 }
@@ -68,6 +68,7 @@ impl ProcessProvider {
         grace: Duration,
         creds_dir: PathBuf,
         cgroups: Option<PathBuf>,
+        spawner: bool,
     ) -> Result<Self, ProviderError> {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
@@ -89,7 +90,7 @@ impl ProcessProvider {
             None => None,
         };
         Ok(ProcessProvider {
-            spawner: spawner::Spawner::new(agent_bin.clone(), inherited_env()),
+            spawner: spawner.then(|| spawner::Spawner::new(agent_bin.clone(), inherited_env())),
             agent_bin,
             nats_url,
             grace,
@@ -120,8 +121,9 @@ impl ProcessProvider {
 
     /// Start the agent of `worker_id` with exactly `env`, in a process group of its own and,
     /// with cgroups, forked by the spawner into its own cgroup, so that nothing it starts
-    /// escapes it. A kernel without `CLONE_INTO_CGROUP` gets the agent moved into its cgroup
-    /// between fork and exec instead (slower: a migration takes a global lock).
+    /// escapes it. Without the spawner, or on a kernel without `CLONE_INTO_CGROUP`, the agent
+    /// is exec'd and moved into its cgroup between fork and exec (slower: a migration takes a
+    /// global lock).
     async fn start_agent(
         &self,
         worker_id: Uuid,
@@ -139,12 +141,14 @@ impl ProcessProvider {
         std::fs::create_dir_all(&cgroup).map_err(|e| {
             std::io::Error::new(e.kind(), format!("creating {}: {e}", cgroup.display()))
         })?;
-        match self.spawner.spawn(&cgroup, env).await {
-            Ok(agent) => return Ok(Started::Spawned(agent)),
-            Err(error) if spawner::unsupported(&error) => {
-                tracing::debug!(%error, "no clone3 into a cgroup: the agent is moved into its cgroup");
+        if let Some(spawner) = &self.spawner {
+            match spawner.spawn(&cgroup, env).await {
+                Ok(agent) => return Ok(Started::Spawned(agent)),
+                Err(error) if spawner::unsupported(&error) => {
+                    tracing::debug!(%error, "no clone3 into a cgroup: the agent is moved into its cgroup");
+                }
+                Err(error) => return Err(error),
             }
-            Err(error) => return Err(error),
         }
         let procs = std::ffi::CString::new(
             cgroup

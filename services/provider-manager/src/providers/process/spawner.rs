@@ -169,14 +169,18 @@ fn encode(cgroup: &Path, env: &[(OsString, OsString)]) -> io::Result<Vec<u8>> {
     text(cgroup.as_os_str().as_bytes(), 0)?;
     for (name, value) in env {
         if name.is_empty() || name.as_bytes().contains(&b'=') {
-            return Err(invalid("an environment variable's name is empty or has '='"));
+            return Err(invalid(
+                "an environment variable's name is empty or has '='",
+            ));
         }
         text(name.as_bytes(), b'=')?;
         text(value.as_bytes(), 0)?;
     }
     let len = request.len() - 4;
     if len > MAX_REQUEST {
-        return Err(invalid("an agent's environment larger than the spawner takes"));
+        return Err(invalid(
+            "an agent's environment larger than the spawner takes",
+        ));
     }
     request[..4].copy_from_slice(&(len as u32).to_le_bytes());
     Ok(request)
