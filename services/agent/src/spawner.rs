@@ -58,6 +58,10 @@ pub fn serve() -> anyhow::Result<()> {
     let mut socket = unsafe { UnixStream::from_raw_fd(SOCKET_FD) };
     set_cloexec(SOCKET_FD)?;
     let children = sigchld_fd()?;
+    // The CPU's features, asked of `cpuid` once here rather than in every agent (std caches
+    // them; a fork inherits the cache).
+    #[cfg(target_arch = "x86_64")]
+    let _ = std::arch::is_x86_feature_detected!("avx2");
     let mut request = vec![0u8; MAX_REQUEST];
     loop {
         let mut polled = [
