@@ -3120,7 +3120,7 @@ fn memory_and_cpu(s: &mut String, options: &Options, r: &Results) -> std::fmt::R
         s,
         "{}",
         row(
-            "agents and their jobs (the provider-manager's reaped children and live agents; context)",
+            "agents and their jobs (the provider-manager's agents, its spawner's included: reaped and live; context)",
             &|c| c.agents
         )
     )?;
