@@ -1595,6 +1595,16 @@ pub fn job(command: &str, args: &[&str]) -> SubmitJob {
 }
 
 impl System {
+    /// Submit a job, wait until it settles (a minute at most), and return its view and the
+    /// first line it printed.
+    pub async fn run_to_end(&self, request: &SubmitJob) -> (JobView, Option<String>) {
+        let job_id = self.submit(request).await.expect("submit the job").job_id;
+        self.wait_until_settled(&[job_id], Duration::from_secs(60))
+            .await;
+        let view = self.get(job_id).await.expect("the job's view");
+        (view, self.logs_first_line(job_id).await)
+    }
+
     /// The first output line of a job, if it has printed one yet.
     pub async fn logs_first_line(&self, job_id: Uuid) -> Option<String> {
         let stream = self.js.get_stream("HODEI_LOGS").await.ok()?;

@@ -261,21 +261,12 @@ async fn an_agent_without_its_control_plane_kills_its_job_and_exits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_and_its_job_run_in_the_workers_own_cgroup() {
     let system = System::start().await;
-    let job_id = system
-        .submit(&job("sh", &["-c", "grep '^0::' /proc/self/cgroup"]))
-        .await
-        .unwrap()
-        .job_id;
-    system
-        .wait_until_settled(&[job_id], Duration::from_secs(60))
+    let (view, line) = system
+        .run_to_end(&job("sh", &["-c", "grep '^0::' /proc/self/cgroup"]))
         .await;
-    let view = system.get(job_id).await.unwrap();
     assert_eq!(view.state, JobState::Succeeded, "{view:?}");
     let worker_id = view.worker_id.expect("a worker ran it");
-    let line = system
-        .logs_first_line(job_id)
-        .await
-        .expect("the job printed its cgroup");
+    let line = line.expect("the job printed its cgroup");
     assert!(
         line.starts_with("0::/hodei-test-") && line.ends_with(&format!("/{worker_id}")),
         "the job ran in {line}, not in its worker's cgroup"
@@ -285,24 +276,17 @@ async fn an_agent_and_its_job_run_in_the_workers_own_cgroup() {
 /// The job's agent and that agent's parent (`$PPID` of the job, then the agent's own
 /// parent from /proc/<agent>/stat).
 async fn agent_and_parent(system: &System) -> (u32, u32) {
-    let job_id = system
-        .submit(&job(
+    let (view, line) = system
+        .run_to_end(&job(
             "sh",
             &[
                 "-c",
                 "read -r _ _ _ parent _ < /proc/$PPID/stat; echo $PPID $parent",
             ],
         ))
-        .await
-        .unwrap()
-        .job_id;
-    system
-        .wait_until_settled(&[job_id], Duration::from_secs(60))
         .await;
-    let line = system
-        .logs_first_line(job_id)
-        .await
-        .expect("the job printed its agent's pid");
+    assert_eq!(view.state, JobState::Succeeded, "{view:?}");
+    let line = line.expect("the job printed its agent's pid");
     let pids: Vec<u32> = line.split(' ').filter_map(|p| p.parse().ok()).collect();
     assert_eq!(pids.len(), 2, "the job printed {line:?}");
     (pids[0], pids[1])
