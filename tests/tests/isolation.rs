@@ -273,23 +273,24 @@ async fn an_agent_and_its_job_run_in_the_workers_own_cgroup() {
     );
 }
 
-/// The job's agent and that agent's parent (`$PPID` of the job, then the agent's own
-/// parent from /proc/<agent>/stat).
-async fn agent_and_parent(system: &System) -> (u32, u32) {
-    let (view, line) = system
-        .run_to_end(&job(
-            "sh",
-            &[
-                "-c",
-                "read -r _ _ _ parent _ < /proc/$PPID/stat; echo $PPID $parent",
-            ],
-        ))
-        .await;
-    assert_eq!(view.state, JobState::Succeeded, "{view:?}");
-    let line = line.expect("the job printed its agent's pid");
+/// A job's shell line that prints its agent's pid (`$PPID`) and that agent's parent's (from
+/// /proc/<agent>/stat).
+const PRINT_AGENT_AND_PARENT: &str =
+    "read -r _ _ _ parent _ < /proc/$PPID/stat; echo $PPID $parent";
+
+fn agent_and_parent_of(line: &str) -> (u32, u32) {
     let pids: Vec<u32> = line.split(' ').filter_map(|p| p.parse().ok()).collect();
     assert_eq!(pids.len(), 2, "the job printed {line:?}");
     (pids[0], pids[1])
+}
+
+/// Run a job to its end: its agent, and that agent's parent.
+async fn agent_and_parent(system: &System) -> (u32, u32) {
+    let (view, line) = system
+        .run_to_end(&job("sh", &["-c", PRINT_AGENT_AND_PARENT]))
+        .await;
+    assert_eq!(view.state, JobState::Succeeded, "{view:?}");
+    agent_and_parent_of(&line.expect("the job printed its agent's pid"))
 }
 
 /// With cgroups, agents are forked by one spawner (`hodei-agent --spawner`, a child of the
@@ -351,4 +352,33 @@ async fn agents_are_forked_by_a_spawner_that_holds_no_secret_and_ends_with_its_s
         new_spawner, spawner,
         "the new instance forks from a spawner of its own"
     );
+}
+
+/// A spawner killed -9 takes no agent with it: the agent it forked runs its job to the end
+/// (and is torn down as ever), and the next agent's request starts another spawner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_spawner_loses_no_job_and_the_next_agent_starts_another() {
+    let system = System::start().await;
+    let script = format!("{PRINT_AGENT_AND_PARENT}; sleep 1");
+    let running = system
+        .submit(&job("sh", &["-c", &script]))
+        .await
+        .unwrap()
+        .job_id;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let line = loop {
+        if let Some(line) = system.logs_first_line(running).await {
+            break line;
+        }
+        assert!(Instant::now() < deadline, "the job printed nothing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (agent, spawner) = agent_and_parent_of(&line);
+    // SAFETY: kill(2) of the spawner this test's provider-manager started.
+    unsafe { libc::kill(spawner as i32, libc::SIGKILL) };
+    system.wait_for_state(running, JobState::Succeeded).await;
+    let (_, new_spawner) = agent_and_parent(&system).await;
+    assert_ne!(new_spawner, spawner, "a new spawner forks the next agent");
+    system.wait_all_settled(Duration::from_secs(30)).await;
+    assert!(!alive(agent), "the first agent is gone with its worker");
 }

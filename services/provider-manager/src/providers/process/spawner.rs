@@ -225,3 +225,36 @@ async fn read_notices(mut reader: OwnedReadHalf, waiting: Arc<Mutex<Waiting>>) {
     let agents = std::mem::take(&mut waiting.exits).len();
     tracing::info!(%error, agents, "agent spawner gone (the next agent starts another)");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::encode;
+    use std::ffi::OsString;
+    use std::path::Path;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(OsString, OsString)> {
+        pairs.iter().map(|(k, v)| (k.into(), v.into())).collect()
+    }
+
+    #[test]
+    fn a_request_is_its_length_the_cgroup_and_the_environment() {
+        let request = encode(Path::new("/cg/w"), &env(&[("A", "1"), ("B", "x=y")])).unwrap();
+        let body = b"/cg/w\0A=1\0B=x=y\0";
+        assert_eq!(request[..4], (body.len() as u32).to_le_bytes());
+        assert_eq!(&request[4..], body);
+    }
+
+    #[test]
+    fn what_the_spawner_could_misread_is_refused() {
+        for bad in [
+            env(&[("A", "1\0B=2")]),
+            env(&[("A=B", "1")]),
+            env(&[("", "1")]),
+            env(&[("A", &"x".repeat(hodei_protocol::spawner::MAX_REQUEST))]),
+        ] {
+            let error = encode(Path::new("/cg/w"), &bad).unwrap_err();
+            assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput);
+        }
+        assert!(encode(Path::new("/cg\0/w"), &[]).is_err());
+    }
+}
