@@ -31,13 +31,13 @@ impl Notice {
     pub const SIZE: usize = 12;
 
     pub fn encode(self) -> [u8; Self::SIZE] {
-        let (kind, a, b) = match self {
+        let (kind, a, b): (i32, i32, i32) = match self {
             Notice::Started(pid) => (1, pid, 0),
             Notice::Failed(errno) => (2, errno, 0),
             Notice::Exited(pid, status) => (3, pid, status),
         };
         let mut bytes = [0u8; Self::SIZE];
-        bytes[..4].copy_from_slice(&(kind as i32).to_le_bytes());
+        bytes[..4].copy_from_slice(&kind.to_le_bytes());
         bytes[4..8].copy_from_slice(&a.to_le_bytes());
         bytes[8..].copy_from_slice(&b.to_le_bytes());
         bytes
