@@ -84,34 +84,51 @@ impl Spawner {
     }
 
     /// Start an agent with exactly `env`, in a process group of its own, born in `cgroup`.
+    /// A spawner found gone when the request is written (it died since the last one, and
+    /// read nothing of this one) is started again and asked once more.
     pub async fn spawn(&self, cgroup: &Path, env: &[(OsString, OsString)]) -> io::Result<Agent> {
         let mut request = encode(cgroup, env)?;
-        let (started_tx, started) = oneshot::channel();
-        {
-            let mut running = self.running.lock().await;
-            let gone = running
-                .as_ref()
-                .is_none_or(|r| r.waiting.lock().expect("spawner lock").gone);
-            if gone {
-                *running = Some(self.start()?);
+        let asked = self.ask(&request).await;
+        let asked = match asked {
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                tracing::warn!(%error, "the agent spawner was gone; starting another");
+                self.ask(&request).await
             }
-            let spawner = running.as_mut().expect("started above");
-            spawner
-                .waiting
-                .lock()
-                .expect("spawner lock")
-                .started
-                .push_back(started_tx);
-            let written = spawner.writer.write_all(&request).await;
-            request.fill(0);
-            if let Err(error) = written {
-                *running = None;
-                return Err(error);
-            }
-        }
-        started
+            asked => asked,
+        };
+        request.fill(0);
+        asked?
             .await
             .map_err(|_| io::Error::other("the agent spawner ended before it answered"))?
+    }
+
+    /// Write the request to the spawner (started first if there is none): its answer to come.
+    async fn ask(&self, request: &[u8]) -> io::Result<oneshot::Receiver<io::Result<Agent>>> {
+        let (started_tx, started) = oneshot::channel();
+        let mut running = self.running.lock().await;
+        let gone = running
+            .as_ref()
+            .is_none_or(|r| r.waiting.lock().expect("spawner lock").gone);
+        if gone {
+            *running = Some(self.start()?);
+        }
+        let spawner = running.as_mut().expect("started above");
+        spawner
+            .waiting
+            .lock()
+            .expect("spawner lock")
+            .started
+            .push_back(started_tx);
+        if let Err(error) = spawner.writer.write_all(request).await {
+            *running = None;
+            return Err(error);
+        }
+        Ok(started)
     }
 
     fn start(&self) -> io::Result<Running> {
