@@ -381,4 +381,19 @@ async fn a_killed_spawner_loses_no_job_and_the_next_agent_starts_another() {
     assert_ne!(new_spawner, spawner, "a new spawner forks the next agent");
     system.wait_all_settled(Duration::from_secs(30)).await;
     assert!(!alive(agent), "the first agent is gone with its worker");
+    // The provider-manager saw that agent end through its pidfd, its spawner gone.
+    let seen = format!("pid={agent} status=ended (after its spawner");
+    system
+        .wait_for(
+            "the agent's end to be logged",
+            Duration::from_secs(10),
+            || {
+                let found = system
+                    .log_of("provider-manager")
+                    .lines()
+                    .any(|l| l.contains("agent exited") && l.contains(&seen));
+                async move { found }
+            },
+        )
+        .await;
 }

@@ -9,6 +9,11 @@
 //!
 //! The protocol is `hodei_protocol::spawner`'s; the socket is file descriptor 3.
 //!
+//! The fork is a raw `clone3`, not glibc's `fork`: glibc's fork handlers do not run in the
+//! agent, and its main thread's record of its own thread id is still the spawner's. The
+//! agent must call no pthread function aimed at its main thread (`pthread_kill`, affinity,
+//! scheduling); threads it creates are whole.
+//!
 //! Each agent is born in its cgroup (`clone3` with `CLONE_INTO_CGROUP`) and process group,
 //! with no signal blocked. The spawner holds no secret between requests: a request's bytes
 //! (the agent's bootstrap token among them) are zeroed once its agent is forked. It exits
@@ -160,6 +165,11 @@ fn fork_agent(request: &mut [u8]) -> io::Result<i32> {
         drop(dir);
         become_agent(&request[end + 1..]);
         request.fill(0);
+    } else {
+        // Here as well as in the child (whichever runs first): the group exists once the
+        // provider hears of the agent, so a signal to it reaches the agent.
+        // SAFETY: setpgid(2) of our own child.
+        unsafe { libc::setpgid(pid as i32, pid as i32) };
     }
     Ok(pid as i32)
 }

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,6 +44,8 @@ pub struct ProcessProvider {
     cgroups: Option<PathBuf>,
     /// Forks the agents born in cgroups (started at the first); None: each agent is exec'd.
     spawner: Option<spawner::Spawner>,
+    /// The kernel refused the spawner's `clone3` into a cgroup: it is not asked again.
+    spawner_refused: AtomicBool,
     /// Live children of this instance: process group id, and whether the agent has exited.
     children: Arc<Mutex<HashMap<Uuid, (i32, watch::Receiver<bool>)>>>,
 }
@@ -91,6 +94,7 @@ impl ProcessProvider {
         };
         Ok(ProcessProvider {
             spawner: spawner.then(|| spawner::Spawner::new(agent_bin.clone(), inherited_env())),
+            spawner_refused: AtomicBool::new(false),
             agent_bin,
             nats_url,
             grace,
@@ -141,11 +145,13 @@ impl ProcessProvider {
         std::fs::create_dir_all(&cgroup).map_err(|e| {
             std::io::Error::new(e.kind(), format!("creating {}: {e}", cgroup.display()))
         })?;
-        if let Some(spawner) = &self.spawner {
+        let refused = &self.spawner_refused;
+        if let Some(spawner) = self.spawner.as_ref().filter(|_| !refused.load(Relaxed)) {
             match spawner.spawn(&cgroup, env).await {
                 Ok(agent) => return Ok(Started::Spawned(agent)),
                 Err(error) if spawner::unsupported(&error) => {
-                    tracing::debug!(%error, "no clone3 into a cgroup: the agent is moved into its cgroup");
+                    tracing::warn!(%error, "no clone3 into a cgroup: agents are exec'd and moved into their cgroups");
+                    refused.store(true, Relaxed);
                 }
                 Err(error) => return Err(error),
             }
@@ -271,8 +277,18 @@ fn kill_orphans(pgid: i32) {
     }
 }
 
-/// Whether process `pid` is the agent of `worker_id` (its environment names the worker).
+/// Whether process `pid` is the agent of `worker_id`: its cgroup is named by the worker (an
+/// agent forked by the spawner), or its environment names the worker (an exec'd agent; a
+/// forked one shows the spawner's environment there).
 fn is_agent_of(pid: i32, worker_id: Uuid) -> bool {
+    let in_its_cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| {
+        c.lines()
+            .filter_map(|line| line.strip_prefix("0::"))
+            .any(|path| path.rsplit('/').next() == Some(worker_id.to_string().as_str()))
+    });
+    if in_its_cgroup {
+        return true;
+    }
     let needle = format!("HODEI_WORKER_ID={worker_id}");
     std::fs::read(format!("/proc/{pid}/environ"))
         .map(|environ| {

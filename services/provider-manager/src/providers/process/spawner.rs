@@ -10,13 +10,14 @@
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 
 use hodei_protocol::spawner::{Notice, FLAG, MAX_REQUEST, SOCKET_FD};
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::oneshot;
@@ -49,20 +50,47 @@ struct Waiting {
 pub struct Agent {
     pub pid: u32,
     exit: oneshot::Receiver<i32>,
+    /// The agent's pidfd, taken when the spawner said it started (the spawner has not reaped
+    /// it then, so the pid is still the agent's): how its end is seen if the spawner ends
+    /// first, since only the spawner can reap it.
+    pidfd: Option<OwnedFd>,
 }
 
 impl Agent {
-    /// How the agent ended, once it has: `exit status: N` or `signal: N`.
+    /// How the agent ended, once it has: `exit status: N` or `signal: N` (or, its spawner
+    /// gone before it, only that it ended).
     pub async fn wait(self) -> io::Result<String> {
-        let status = self.exit.await.map_err(|_| {
-            io::Error::other("the agent spawner ended before the agent: how it ended is not known")
-        })?;
+        let status = match self.exit.await {
+            Ok(status) => status,
+            Err(_) => {
+                let pidfd = self.pidfd.ok_or_else(|| {
+                    io::Error::other("the agent spawner ended first, and the agent has no pidfd")
+                })?;
+                // A pidfd becomes readable when its process ends, whoever its parent is.
+                // SAFETY: the OwnedFd stays open and the same descriptor for the AsyncFd's
+                // life.
+                let pidfd = unsafe {
+                    AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
+                }
+                .map_err(io::Error::from)?;
+                let _ended = pidfd.readable().await?;
+                return Ok("ended (after its spawner: how is not known)".into());
+            }
+        };
         Ok(if libc::WIFEXITED(status) {
             format!("exit status: {}", libc::WEXITSTATUS(status))
         } else {
             format!("signal: {}", libc::WTERMSIG(status))
         })
     }
+}
+
+/// A pidfd of `pid` (Linux 5.3), None where the kernel has none.
+fn pidfd_open(pid: i32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open(2) returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    // SAFETY: a new descriptor nobody else owns.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Whether `error` from [`Spawner::spawn`] means `clone3` into a cgroup was refused: this
@@ -117,17 +145,19 @@ impl Spawner {
         if gone {
             *running = Some(self.start()?);
         }
-        let spawner = running.as_mut().expect("started above");
+        // Until the whole request is written, the spawner's answers and the waiters queued
+        // here may not match: if this future is dropped before (or the write fails), the
+        // spawner is let go, and everyone waiting on it learns that it is gone.
+        let mut unfinished = Unfinished(Some(&mut running));
+        let spawner = unfinished.running().as_mut().expect("started above");
         spawner
             .waiting
             .lock()
             .expect("spawner lock")
             .started
             .push_back(started_tx);
-        if let Err(error) = spawner.writer.write_all(request).await {
-            *running = None;
-            return Err(error);
-        }
+        spawner.writer.write_all(request).await?;
+        unfinished.0 = None;
         Ok(started)
     }
 
@@ -168,6 +198,24 @@ impl Spawner {
             waiting,
             _process: process,
         })
+    }
+}
+
+/// The spawner, while a request to it is being written: dropped before the write is done,
+/// it lets the spawner go (see [`Spawner::ask`]).
+struct Unfinished<'a, 'b>(Option<&'a mut tokio::sync::MutexGuard<'b, Option<Running>>>);
+
+impl<'b> Unfinished<'_, 'b> {
+    fn running(&mut self) -> &mut Option<Running> {
+        self.0.as_mut().expect("not finished")
+    }
+}
+
+impl Drop for Unfinished<'_, '_> {
+    fn drop(&mut self) {
+        if let Some(running) = self.0.take() {
+            **running = None;
+        }
     }
 }
 
@@ -220,6 +268,7 @@ async fn read_notices(mut reader: OwnedReadHalf, waiting: Arc<Mutex<Waiting>>) {
                     let _ = started.send(Ok(Agent {
                         pid: pid as u32,
                         exit,
+                        pidfd: pidfd_open(pid),
                     }));
                 }
             }
