@@ -341,11 +341,16 @@ async fn agents_are_forked_by_a_spawner_that_holds_no_secret_and_ends_with_its_s
     }
 
     system.service("provider-manager").kill();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while alive(spawner) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(!alive(spawner), "the spawner outlived its provider-manager");
+    system
+        .wait_for(
+            "the spawner to end with its provider-manager",
+            Duration::from_secs(10),
+            || {
+                let ended = !alive(spawner);
+                async move { ended }
+            },
+        )
+        .await;
     system.restart("provider-manager");
     let (_, new_spawner) = agent_and_parent(&system).await;
     assert_ne!(
@@ -365,14 +370,12 @@ async fn a_killed_spawner_loses_no_job_and_the_next_agent_starts_another() {
         .await
         .unwrap()
         .job_id;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let line = loop {
-        if let Some(line) = system.logs_first_line(running).await {
-            break line;
-        }
-        assert!(Instant::now() < deadline, "the job printed nothing");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    system
+        .wait_for("the job to print", Duration::from_secs(30), || async {
+            system.logs_first_line(running).await.is_some()
+        })
+        .await;
+    let line = system.logs_first_line(running).await.unwrap();
     let (agent, spawner) = agent_and_parent_of(&line);
     // SAFETY: kill(2) of the spawner this test's provider-manager started.
     unsafe { libc::kill(spawner as i32, libc::SIGKILL) };
