@@ -1,6 +1,6 @@
-//! The process provider: each worker is a `hodei-agent` child process in a process group of
-//! its own and, where the machine allows it, in a cgroup (v2) of its own named by the
-//! worker's id. Destroying the worker kills the whole cgroup (`cgroup.kill`), so everything
+//! The process provider: each worker is a `hodei-agent` process in a process group of its
+//! own and, where the machine allows it, in a cgroup (v2) of its own named by the worker's
+//! id, forked there by this service's agent spawner ([`spawner`]). Destroying the worker kills the whole cgroup (`cgroup.kill`), so everything
 //! its job started ends, even after the agent died and this service restarted; without
 //! cgroups the process group is killed, and a worker this instance does not know cannot be
 //! confirmed gone.
