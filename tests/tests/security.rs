@@ -142,6 +142,9 @@ async fn hostile_clients_are_refused_and_change_nothing() {
         );
     }
 
+    // The snapshot is of a system at rest: the audit has recorded the running job's events
+    // (JobStatusChanged → Running may still be on its way when the job is seen Running).
+    system.wait_audit_complete(Duration::from_secs(30)).await;
     let before = snapshot(&system).await;
 
     // No credentials: the server refuses the connection.
