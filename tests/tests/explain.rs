@@ -186,6 +186,39 @@ async fn an_open_provider_circuit_is_explained() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// An agent spawner that never answers (here a "spawner" that reads the requests and says
+/// nothing; it ends when its socket closes) fails the provisioning within its time, and the
+/// provider's circuit says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spawner_that_does_not_answer_is_explained() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = temp_dir("mute-spawner");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mute = dir.join("agent");
+    std::fs::write(&mute, "#!/bin/sh\nexec cat <&3 >/dev/null\n").unwrap();
+    std::fs::set_permissions(&mute, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mute = mute.display().to_string();
+    let system = System::start_with(&[
+        ("HODEI_AGENT_BIN", mute.as_str()),
+        ("HODEI_PROVIDER_CIRCUIT_THRESHOLD", "1"),
+        ("HODEI_PROVIDER_CIRCUIT_OPEN_MS", "60000"),
+    ])
+    .await;
+    let waiting = system.submit(&job("true", &[])).await.unwrap().job_id;
+    let reason = wait_reason(
+        &system,
+        waiting,
+        "waiting for the process provider: its circuit is open after 1 consecutive failures",
+    )
+    .await;
+    assert!(
+        reason.contains("the agent spawner did not answer within"),
+        "the failure is named: {reason}"
+    );
+    system.cancel(waiting).await.unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_has_not_registered_yet_is_explained() {
     let dir = temp_dir("late-agent");

@@ -22,6 +22,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::oneshot;
 
+/// How long the spawner may take to answer a request (it forks at once; the first request
+/// also waits for its exec).
+const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub struct Spawner {
     program: PathBuf,
     /// The spawner's own environment (the agents' settings, no secret of this service).
@@ -130,9 +134,19 @@ impl Spawner {
             asked => asked,
         };
         request.fill(0);
-        asked?
-            .await
-            .map_err(|_| io::Error::other("the agent spawner ended before it answered"))?
+        match tokio::time::timeout(ANSWER_WITHIN, asked?).await {
+            Ok(answer) => answer
+                .map_err(|_| io::Error::other("the agent spawner ended before it answered"))?,
+            Err(_) => {
+                // A spawner that does not answer (a wrapper in front of the agent that never
+                // runs it, say) is let go: the next request starts another.
+                *self.running.lock().await = None;
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the agent spawner did not answer within {ANSWER_WITHIN:?}"),
+                ))
+            }
+        }
     }
 
     /// Write the request to the spawner (started first if there is none): its answer to come.
