@@ -43,21 +43,44 @@ async fn wait_reason(system: &System, job_id: Uuid, needle: &str) -> String {
 /// A script that runs the agent once `go` exists (the agent starts late) or, without write
 /// permission, not at all (the provider fails to start it).
 fn agent_wrapper(dir: &std::path::Path, runnable: bool) -> std::path::PathBuf {
+    let body = format!(
+        "while [ ! -e {go} ]; do sleep 0.05; done\nexec {agent} \"$@\"",
+        go = dir.join("go").display(),
+        agent = binary("hodei-agent").display()
+    );
+    agent_script(dir, &body, runnable)
+}
+
+/// `dir/agent`, a shell script of `body`, executable if `runnable`.
+fn agent_script(dir: &std::path::Path, body: &str, runnable: bool) -> std::path::PathBuf {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir).unwrap();
-    let wrapper = dir.join("agent");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nwhile [ ! -e {go} ]; do sleep 0.05; done\nexec {agent} \"$@\"\n",
-            go = dir.join("go").display(),
-            agent = binary("hodei-agent").display()
-        ),
-    )
-    .unwrap();
+    let script = dir.join("agent");
+    std::fs::write(&script, format!("#!/bin/sh\n{body}\n")).unwrap();
     let mode = if runnable { 0o755 } else { 0o644 };
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(mode)).unwrap();
-    wrapper
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(mode)).unwrap();
+    script
+}
+
+/// With `agent_bin` as the agent, a job's provisioning fails once: the provider's circuit
+/// opens and the job's reason says so (the job is then cancelled). That reason.
+async fn open_circuit_reason(agent_bin: &std::path::Path) -> String {
+    let agent_bin = agent_bin.display().to_string();
+    let system = System::start_with(&[
+        ("HODEI_AGENT_BIN", agent_bin.as_str()),
+        ("HODEI_PROVIDER_CIRCUIT_THRESHOLD", "1"),
+        ("HODEI_PROVIDER_CIRCUIT_OPEN_MS", "60000"),
+    ])
+    .await;
+    let waiting = system.submit(&job("true", &[])).await.unwrap().job_id;
+    let reason = wait_reason(
+        &system,
+        waiting,
+        "waiting for the process provider: its circuit is open after 1 consecutive failures",
+    )
+    .await;
+    system.cancel(waiting).await.unwrap();
+    reason
 }
 
 fn temp_dir(what: &str) -> std::path::PathBuf {
@@ -166,23 +189,9 @@ async fn a_busy_warm_pool_is_explained() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_provider_circuit_is_explained() {
     let dir = temp_dir("circuit");
-    let wrapper = agent_wrapper(&dir, false).display().to_string();
-    let system = System::start_with(&[
-        ("HODEI_AGENT_BIN", wrapper.as_str()),
-        ("HODEI_PROVIDER_CIRCUIT_THRESHOLD", "1"),
-        ("HODEI_PROVIDER_CIRCUIT_OPEN_MS", "60000"),
-    ])
-    .await;
-    let waiting = system.submit(&job("true", &[])).await.unwrap().job_id;
-    let reason = wait_reason(
-        &system,
-        waiting,
-        "waiting for the process provider: its circuit is open after 1 consecutive failures",
-    )
-    .await;
+    let reason = open_circuit_reason(&agent_wrapper(&dir, false)).await;
     assert!(reason.contains("(last: "), "the failure is named: {reason}");
     assert!(reason.contains("next try in"), "{reason}");
-    system.cancel(waiting).await.unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -191,31 +200,13 @@ async fn an_open_provider_circuit_is_explained() {
 /// provider's circuit says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spawner_that_does_not_answer_is_explained() {
-    use std::os::unix::fs::PermissionsExt;
     let dir = temp_dir("mute-spawner");
-    std::fs::create_dir_all(&dir).unwrap();
-    let mute = dir.join("agent");
-    std::fs::write(&mute, "#!/bin/sh\nexec cat <&3 >/dev/null\n").unwrap();
-    std::fs::set_permissions(&mute, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let mute = mute.display().to_string();
-    let system = System::start_with(&[
-        ("HODEI_AGENT_BIN", mute.as_str()),
-        ("HODEI_PROVIDER_CIRCUIT_THRESHOLD", "1"),
-        ("HODEI_PROVIDER_CIRCUIT_OPEN_MS", "60000"),
-    ])
-    .await;
-    let waiting = system.submit(&job("true", &[])).await.unwrap().job_id;
-    let reason = wait_reason(
-        &system,
-        waiting,
-        "waiting for the process provider: its circuit is open after 1 consecutive failures",
-    )
-    .await;
+    let mute = agent_script(&dir, "exec cat <&3 >/dev/null", true);
+    let reason = open_circuit_reason(&mute).await;
     assert!(
         reason.contains("the agent spawner did not answer within"),
         "the failure is named: {reason}"
     );
-    system.cancel(waiting).await.unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }
 
