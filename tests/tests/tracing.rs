@@ -242,3 +242,62 @@ async fn a_job_without_trace_context_gets_a_generated_correlation_id_everywhere(
         );
     }
 }
+
+/// Without an exporter no OpenTelemetry span is built, but the trace context still goes from
+/// the client through every service to the job's process, and the log lines say it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_exporter_the_trace_context_still_reaches_the_process_and_the_logs() {
+    let system = System::start().await;
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let client_span = "b7ad6b7169203331";
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        "traceparent",
+        format!("00-{trace_id}-{client_span}-01").as_str(),
+    );
+    let accepted: SubmitAccepted = request(
+        &system.client,
+        subjects::API_JOBS_SUBMIT,
+        Some(headers),
+        &job("sh", &["-c", "echo \"TRACEPARENT=$TRACEPARENT\""]),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert_eq!(accepted.correlation_id, trace_id);
+    // A job without trace context starts a trace of its own, named by its correlation id.
+    let (view, line) = system
+        .run_to_end(&job("sh", &["-c", "echo \"TRACEPARENT=$TRACEPARENT\""]))
+        .await;
+    let own = view.correlation_id;
+    assert!(
+        own.len() == 32 && own.bytes().all(|b| b.is_ascii_hexdigit()) && own != trace_id,
+        "{own}"
+    );
+    assert!(
+        line.as_deref()
+            .is_some_and(|l| l.starts_with(&format!("TRACEPARENT=00-{own}-"))),
+        "{line:?}"
+    );
+
+    system
+        .wait_until_settled(&[accepted.job_id], Duration::from_secs(60))
+        .await;
+    let line = system.logs_first_line(accepted.job_id).await.unwrap();
+    let fields: Vec<&str> = line.trim_start_matches("TRACEPARENT=").split('-').collect();
+    assert_eq!(fields.len(), 4, "{line}");
+    assert_eq!((fields[0], fields[1], fields[3]), ("00", trace_id, "01"));
+    assert!(
+        fields[2].len() == 16 && fields[2] != "0000000000000000",
+        "a parent span: {line}"
+    );
+    // Each service's lines in that trace carry its id, as a field of their span.
+    for service in ["scheduler", "dispatcher", "provider-manager", "registry"] {
+        let log = system.log_of(service);
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&format!("trace_id=\"{trace_id}\""))),
+            "{service} logged in the trace:\n{log}"
+        );
+    }
+}

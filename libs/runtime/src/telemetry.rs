@@ -20,10 +20,17 @@ use tracing_subscriber::{fmt, EnvFilter, Layer};
 
 use crate::LogFormat;
 
-/// Keeps the tracer provider; [`Telemetry::shutdown`] flushes what is left.
+/// Keeps the tracer provider, when spans are exported; [`Telemetry::shutdown`] flushes what is
+/// left.
 pub struct Telemetry {
-    provider: SdkTracerProvider,
+    provider: Option<SdkTracerProvider>,
 }
+
+/// Whether this process builds OpenTelemetry spans: only when it exports them. Without an
+/// exporter, [`context`] still carries the trace context from each message to the ones it
+/// causes (and into every log line), without building a span per step that nothing reads:
+/// that was about a tenth of the control plane's CPU per job.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
 
 fn otlp_configured() -> bool {
     let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
@@ -37,20 +44,26 @@ pub fn init(service: &'static str, format: LogFormat) -> Telemetry {
     opentelemetry::global::set_text_map_propagator(
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
-    let mut builder = SdkTracerProvider::builder()
-        .with_resource(Resource::builder().with_service_name(service).build());
     let mut export_error = None;
-    if otlp_configured() {
+    let provider = if otlp_configured() {
         match opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .build()
         {
-            Ok(exporter) => builder = builder.with_batch_exporter(Reporting::new(exporter)),
-            Err(error) => export_error = Some(error.to_string()),
+            Ok(exporter) => Some(
+                SdkTracerProvider::builder()
+                    .with_resource(Resource::builder().with_service_name(service).build())
+                    .with_batch_exporter(Reporting::new(exporter))
+                    .build(),
+            ),
+            Err(error) => {
+                export_error = Some(error.to_string());
+                None
+            }
         }
-    }
-    let provider = builder.build();
-    let tracer = provider.tracer(service);
+    } else {
+        None
+    };
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = match format {
         LogFormat::Json => fmt::layer()
@@ -69,19 +82,23 @@ pub fn init(service: &'static str, format: LogFormat) -> Telemetry {
             .with_filter(filter())
             .boxed(),
     };
-    let traces = tracing_opentelemetry::layer()
-        .with_tracer(tracer)
-        .with_filter(filter());
+    let traces = provider.as_ref().map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer(service))
+            .with_filter(filter())
+    });
+    let exporting = traces.is_some();
     if tracing_subscriber::registry()
         .with(logs)
         .with(traces)
         .try_init()
         .is_ok()
     {
+        EXPORTING.store(exporting, Ordering::Relaxed);
         tracing::info!(
             service,
             version = env!("CARGO_PKG_VERSION"),
-            otlp = otlp_configured(),
+            otlp = exporting,
             "starting"
         );
         if let Some(error) = export_error {
@@ -94,7 +111,10 @@ pub fn init(service: &'static str, format: LogFormat) -> Telemetry {
 impl Telemetry {
     /// Export the spans still buffered, giving up after `limit`.
     pub fn shutdown(self, limit: Duration) {
-        if let Err(error) = self.provider.shutdown_with_timeout(limit) {
+        let Some(provider) = self.provider else {
+            return;
+        };
+        if let Err(error) = provider.shutdown_with_timeout(limit) {
             eprintln!("telemetry: flushing spans at shutdown failed: {error}");
         }
     }
@@ -153,10 +173,16 @@ impl<E: SpanExporter> SpanExporter for Reporting<E> {
 }
 
 /// W3C trace context (`traceparent`, `tracestate`) in and out of carriers: NATS headers,
-/// outbox metadata, a process' environment.
+/// outbox metadata, a process' environment. With an exporter, each span's context is its
+/// OpenTelemetry span's. Without one, a span's context is the one it adopted (or the nearest
+/// ancestor's): the trace and the caller's span go on unchanged to what the span causes, and a
+/// span with no caller's context starts a trace of its own, as an exported root span would.
 pub mod context {
     use super::*;
+    use opentelemetry::trace::{SpanContext, TraceFlags, TraceState};
+    use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
     use tracing_opentelemetry::OpenTelemetrySpanExt;
+    use tracing_subscriber::registry::LookupSpan;
 
     pub use opentelemetry::Context;
 
@@ -179,10 +205,46 @@ pub mod context {
         }
     }
 
+    fn exporting() -> bool {
+        EXPORTING.load(Ordering::Relaxed)
+    }
+
+    /// The context a span adopted, kept with the span where no OpenTelemetry span is built.
+    struct Adopted(Context);
+
+    /// The context of `span`: its OpenTelemetry span's, or the one it or its nearest ancestor
+    /// adopted (empty if none did).
+    fn context_of(span: &tracing::Span) -> Context {
+        if exporting() {
+            return span.context();
+        }
+        span.with_subscriber(|(id, dispatch)| {
+            let registry = dispatch.downcast_ref::<tracing_subscriber::Registry>()?;
+            registry
+                .span(id)?
+                .scope()
+                .find_map(|s| s.extensions().get::<Adopted>().map(|a| a.0.clone()))
+        })
+        .flatten()
+        .unwrap_or_default()
+    }
+
+    /// A new trace, for a span that adopts none.
+    fn new_root() -> Context {
+        let ids = RandomIdGenerator::default();
+        Context::new().with_remote_span_context(SpanContext::new(
+            ids.new_trace_id(),
+            ids.new_span_id(),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::default(),
+        ))
+    }
+
     /// The trace context of `span` as W3C fields (empty if there is none).
     pub fn of_span(span: &tracing::Span) -> HashMap<String, String> {
         let mut fields = HashMap::new();
-        let cx = span.context();
+        let cx = context_of(span);
         opentelemetry::global::get_text_map_propagator(|p| {
             p.inject_context(&cx, &mut MapCarrier(&mut fields))
         });
@@ -199,11 +261,22 @@ pub mod context {
         opentelemetry::global::get_text_map_propagator(|p| p.extract(&PairsCarrier(fields)))
     }
 
-    /// Make `span` a child of `parent` (when `parent` carries a valid remote span) and
-    /// record its trace id in the span's `trace_id` field, so that every log line says it.
+    /// Make `span` a child of `parent` (when `parent` carries a valid remote span; else the
+    /// root of a new trace) and record its trace id in the span's `trace_id` field, so that
+    /// every log line says it.
     pub fn adopt(span: &tracing::Span, parent: Context) {
-        if parent.span().span_context().is_valid() {
-            let _ = span.set_parent(parent);
+        let valid = parent.span().span_context().is_valid();
+        if exporting() {
+            if valid {
+                let _ = span.set_parent(parent);
+            }
+        } else {
+            let cx = if valid { parent } else { new_root() };
+            span.with_subscriber(|(id, dispatch)| {
+                let registry = dispatch.downcast_ref::<tracing_subscriber::Registry>()?;
+                registry.span(id)?.extensions_mut().replace(Adopted(cx));
+                Some(())
+            });
         }
         if let Some(trace_id) = trace_id(span) {
             span.record("trace_id", trace_id.as_str());
@@ -213,6 +286,9 @@ pub mod context {
     /// Record `name` with `attributes` on the current span's trace only, not as a log line:
     /// for steps every trace should show that the audit log already keeps, row by row.
     pub fn trace_event(name: &'static str, attributes: &[(&'static str, String)]) {
+        if !exporting() {
+            return;
+        }
         let attributes = attributes
             .iter()
             .map(|(key, value)| opentelemetry::KeyValue::new(*key, value.clone()))
@@ -222,7 +298,7 @@ pub mod context {
 
     /// The trace id of `span`, as 32 hex digits.
     pub fn trace_id(span: &tracing::Span) -> Option<String> {
-        let cx = span.context();
+        let cx = context_of(span);
         let span_context = cx.span().span_context().clone();
         span_context
             .is_valid()
