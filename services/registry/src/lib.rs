@@ -113,7 +113,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             streams::EVENTS,
             "registry-job-events",
             handlers::job_ended::LEAVING.map(|event| subjects::events_of_type("job", event)),
-        ),
+        )
+        .gathering(handlers::job_ended::GATHER),
         handlers::job_ended::MAX_BATCH,
         &messaging,
         shutdown.clone(),

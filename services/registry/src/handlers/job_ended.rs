@@ -15,6 +15,14 @@ use crate::State;
 /// Most job events handled in one transaction.
 pub const MAX_BATCH: usize = 256;
 
+/// How long a batch of job events waits for more before it is handled. Nearly every job's
+/// end has already released its worker in the transaction of the agent's report (or of the
+/// hand-over of its next job), so most of these events change nothing; what is left (a
+/// cancelled or timed-out job's worker, a report applied on its own) is torn down this much
+/// later. Gathered, a stream of job ends is looked at a few times a second instead of once
+/// per event or two, each with its wake-ups and its look at the workers.
+pub const GATHER: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// The job events that may tell of a job leaving its worker: the only ones the registry
 /// takes (JobCreated, JobQueued and JobAssigned never do).
 pub const LEAVING: [&str; 5] = [
