@@ -79,26 +79,40 @@ async fn wait_for_trace(
     complete.into_inner().unwrap()
 }
 
+/// A job that prints its `TRACEPARENT`, submitted by a client in span `client_span` of trace
+/// `trace_id`.
+async fn submit_printing_traceparent(
+    system: &System,
+    trace_id: &str,
+    client_span: &str,
+) -> SubmitAccepted {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        "traceparent",
+        format!("00-{trace_id}-{client_span}-01").as_str(),
+    );
+    request(
+        &system.client,
+        subjects::API_JOBS_SUBMIT,
+        Some(headers),
+        &printing_traceparent(),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap()
+}
+
+fn printing_traceparent() -> hodei_protocol::api::SubmitJob {
+    job("sh", &["-c", "echo \"TRACEPARENT=$TRACEPARENT\""])
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_submitted_with_a_traceparent_is_one_trace_across_every_service_and_its_process() {
     let receiver = Receiver::start().await;
     let system = traced_system(&receiver).await;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let client_span = "00f067aa0ba902b7";
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(
-        "traceparent",
-        format!("00-{trace_id}-{client_span}-01").as_str(),
-    );
-    let accepted: SubmitAccepted = request(
-        &system.client,
-        subjects::API_JOBS_SUBMIT,
-        Some(headers),
-        &job("sh", &["-c", "echo \"TRACEPARENT=$TRACEPARENT\""]),
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    let accepted = submit_printing_traceparent(&system, trace_id, client_span).await;
     assert_eq!(
         accepted.correlation_id, trace_id,
         "the correlation id is the client's trace id"
@@ -250,25 +264,10 @@ async fn without_an_exporter_the_trace_context_still_reaches_the_process_and_the
     let system = System::start().await;
     let trace_id = "0af7651916cd43dd8448eb211c80319c";
     let client_span = "b7ad6b7169203331";
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(
-        "traceparent",
-        format!("00-{trace_id}-{client_span}-01").as_str(),
-    );
-    let accepted: SubmitAccepted = request(
-        &system.client,
-        subjects::API_JOBS_SUBMIT,
-        Some(headers),
-        &job("sh", &["-c", "echo \"TRACEPARENT=$TRACEPARENT\""]),
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    let accepted = submit_printing_traceparent(&system, trace_id, client_span).await;
     assert_eq!(accepted.correlation_id, trace_id);
     // A job without trace context starts a trace of its own, named by its correlation id.
-    let (view, line) = system
-        .run_to_end(&job("sh", &["-c", "echo \"TRACEPARENT=$TRACEPARENT\""]))
-        .await;
+    let (view, line) = system.run_to_end(&printing_traceparent()).await;
     let own = view.correlation_id;
     assert!(
         own.len() == 32 && own.bytes().all(|b| b.is_ascii_hexdigit()) && own != trace_id,
