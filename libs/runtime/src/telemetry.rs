@@ -205,7 +205,9 @@ pub mod context {
         }
     }
 
-    fn exporting() -> bool {
+    /// Whether this process builds and exports spans; without, a step that only a trace
+    /// would show (a publish, say) need not open one.
+    pub fn exporting() -> bool {
         EXPORTING.load(Ordering::Relaxed)
     }
 
