@@ -40,28 +40,27 @@ pub async fn dead_letter(js: &JetStream, row: &Outgoing, error: &str) -> bool {
 
 /// Publish one row in a span of its own (`what`: "relay publish" or "publish"), child of the
 /// transaction that wrote the row, and hand that span's context on in the message's headers.
-/// Without an exporter, no span: the row's own trace context goes on as it was stored.
+/// Without an exporter there is no span: the row's trace context goes on as it was stored.
 pub async fn publish(
     js: &JetStream,
     row: &Outgoing,
     what: &'static str,
 ) -> Result<async_nats::jetstream::context::PublishAckFuture, String> {
     use hodei_runtime::telemetry::context;
+    let stored: Vec<(String, String)> = [
+        ("traceparent", &row.traceparent),
+        ("tracestate", &row.tracestate),
+    ]
+    .into_iter()
+    .filter_map(|(name, value)| Some((name.to_owned(), value.clone()?)))
+    .collect();
     let mut map = message_headers(&row.event_id.to_string(), row.correlation_id.as_deref());
     map.insert(headers::EVENT_TYPE, row.event_type.as_str());
     if !context::exporting() {
-        for (name, value) in [
-            (hodei_messaging::trace::TRACEPARENT, &row.traceparent),
-            (hodei_messaging::trace::TRACESTATE, &row.tracestate),
-        ] {
-            if let Some(value) = value {
-                map.insert(name, value.as_str());
-            }
+        for (name, value) in &stored {
+            map.insert(name.as_str(), value.as_str());
         }
-        return js
-            .publish_with_headers(row.subject.clone(), map, Bytes::from(row.payload.clone()))
-            .await
-            .map_err(|e| e.to_string());
+        return send(js, row, map).await;
     }
     let span = tracing::info_span!(
         "publish",
@@ -72,19 +71,23 @@ pub async fn publish(
         correlation_id = row.correlation_id.as_deref().unwrap_or(""),
         trace_id = tracing::field::Empty,
     );
-    let stored: Vec<(String, String)> = [
-        ("traceparent", &row.traceparent),
-        ("tracestate", &row.tracestate),
-    ]
-    .into_iter()
-    .filter_map(|(name, value)| Some((name.to_owned(), value.clone()?)))
-    .collect();
     context::adopt(&span, context::from_fields(&stored));
     hodei_messaging::trace::inject(&mut map, context::of_span(&span));
-    js.publish_with_headers(row.subject.clone(), map, Bytes::from(row.payload.clone()))
-        .instrument(span)
-        .await
-        .map_err(|e| e.to_string())
+    send(js, row, map).instrument(span).await
+}
+
+async fn send(
+    js: &JetStream,
+    row: &Outgoing,
+    headers: async_nats::HeaderMap,
+) -> Result<async_nats::jetstream::context::PublishAckFuture, String> {
+    js.publish_with_headers(
+        row.subject.clone(),
+        headers,
+        Bytes::from(row.payload.clone()),
+    )
+    .await
+    .map_err(|e| e.to_string())
 }
 
 /// The stream's answers to rows published one after the other, awaited together: each
