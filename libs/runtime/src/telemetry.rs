@@ -214,20 +214,31 @@ pub mod context {
     /// The context a span adopted, kept with the span where no OpenTelemetry span is built.
     struct Adopted(Context);
 
+    /// `f` on `span`'s data in the registry (`None` for a span that is disabled or outside
+    /// this process' subscriber).
+    fn with_data<T>(
+        span: &tracing::Span,
+        f: impl FnOnce(
+            tracing_subscriber::registry::SpanRef<'_, tracing_subscriber::Registry>,
+        ) -> Option<T>,
+    ) -> Option<T> {
+        span.with_subscriber(|(id, dispatch)| {
+            let registry = dispatch.downcast_ref::<tracing_subscriber::Registry>()?;
+            f(registry.span(id)?)
+        })
+        .flatten()
+    }
+
     /// The context of `span`: its OpenTelemetry span's, or the one it or its nearest ancestor
     /// adopted (empty if none did).
     fn context_of(span: &tracing::Span) -> Context {
         if exporting() {
             return span.context();
         }
-        span.with_subscriber(|(id, dispatch)| {
-            let registry = dispatch.downcast_ref::<tracing_subscriber::Registry>()?;
-            registry
-                .span(id)?
-                .scope()
+        with_data(span, |data| {
+            data.scope()
                 .find_map(|s| s.extensions().get::<Adopted>().map(|a| a.0.clone()))
         })
-        .flatten()
         .unwrap_or_default()
     }
 
@@ -268,19 +279,19 @@ pub mod context {
     /// every log line says it.
     pub fn adopt(span: &tracing::Span, parent: Context) {
         let valid = parent.span().span_context().is_valid();
-        if exporting() {
+        let cx = if exporting() {
             if valid {
                 let _ = span.set_parent(parent);
             }
+            span.context()
         } else {
             let cx = if valid { parent } else { new_root() };
-            span.with_subscriber(|(id, dispatch)| {
-                let registry = dispatch.downcast_ref::<tracing_subscriber::Registry>()?;
-                registry.span(id)?.extensions_mut().replace(Adopted(cx));
-                Some(())
+            with_data(span, |data| {
+                data.extensions_mut().replace(Adopted(cx.clone()))
             });
-        }
-        if let Some(trace_id) = trace_id(span) {
+            cx
+        };
+        if let Some(trace_id) = trace_id_of(&cx) {
             span.record("trace_id", trace_id.as_str());
         }
     }
@@ -300,7 +311,10 @@ pub mod context {
 
     /// The trace id of `span`, as 32 hex digits.
     pub fn trace_id(span: &tracing::Span) -> Option<String> {
-        let cx = context_of(span);
+        trace_id_of(&context_of(span))
+    }
+
+    fn trace_id_of(cx: &Context) -> Option<String> {
         let span_context = cx.span().span_context().clone();
         span_context
             .is_valid()
