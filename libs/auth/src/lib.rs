@@ -80,6 +80,19 @@ pub fn write_owner_only(path: &Path, contents: &str, sync: bool) -> Result<(), A
     std::fs::rename(&tmp, path).map_err(io(path))
 }
 
+/// Ask the CPU, once, which instructions the signing and hashing code may use (ed25519's
+/// curve arithmetic and SHA-2 each keep the answer in a static of their own). A process that
+/// forks many others calls it before its first fork (the agent spawner): each child then
+/// inherits the answer instead of asking again with `cpuid`, which traps to the hypervisor on
+/// a virtual machine. Signs with a throwaway key made from fixed bytes, which holds no secret.
+pub fn detect_cpu_features() {
+    use sha2::Digest;
+    if let Ok(key) = KeyPair::new_from_raw(nkeys::KeyPairType::User, [1; 32]) {
+        let _ = key.sign(b"");
+    }
+    let _ = sha2::Sha256::digest(b"");
+}
+
 fn key_from_seed(seed: &str) -> Result<KeyPair, AuthError> {
     KeyPair::from_seed(seed.trim()).map_err(|e| AuthError::Key(e.to_string()))
 }

@@ -63,10 +63,15 @@ pub fn serve() -> anyhow::Result<()> {
     let mut socket = unsafe { UnixStream::from_raw_fd(SOCKET_FD) };
     set_cloexec(SOCKET_FD)?;
     let children = sigchld_fd()?;
-    // The CPU's features, asked of `cpuid` once here rather than in every agent (std caches
-    // them; a fork inherits the cache).
+    // The CPU's features, asked of `cpuid` once here rather than in every agent: std, the
+    // NATS client's random numbers (ChaCha) and its signing and hashing each cache them, and a
+    // fork inherits the caches. (A seeded generator, not the thread's: that one's state would
+    // be inherited too, and every agent would draw the same numbers.)
     #[cfg(target_arch = "x86_64")]
     let _ = std::arch::is_x86_feature_detected!("avx2");
+    let mut chacha = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
+    let _ = rand::Rng::next_u64(&mut chacha);
+    hodei_auth::detect_cpu_features();
     let mut request = vec![0u8; MAX_REQUEST];
     loop {
         let mut polled = [
