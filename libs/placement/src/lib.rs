@@ -18,8 +18,7 @@ pub async fn assign(
     worker: &mut Worker,
     actor: &Actor,
 ) -> Result<RunJob, ApiError> {
-    let run = assign_in_answer(conn, job, worker, actor).await?;
-    send(conn, job, worker.id, run).await
+    give(conn, job, worker, actor, true).await
 }
 
 /// Append the RunJob command `run` of `job` for `worker_id` to the outbox.
@@ -46,22 +45,39 @@ async fn send(conn: &mut Tx, job: &Job, worker_id: Uuid, run: RunJob) -> Result<
 /// [`assign`] for a worker that gets its job in the answer to its registration: the same
 /// changes and events, without the RunJob copy on the worker's command subject, which that
 /// agent would never read (a registration asked again is answered with the job again).
-#[tracing::instrument(name = "assign", skip_all, fields(job_id = %job.id, worker_id = %worker.id))]
 pub async fn assign_in_answer(
     conn: &mut Tx,
     job: &mut Job,
     worker: &mut Worker,
     actor: &Actor,
 ) -> Result<RunJob, ApiError> {
-    // The job's change is written first, then the worker's (one commit).
+    give(conn, job, worker, actor, false).await
+}
+
+/// [`assign`] (`send_too`: the RunJob goes to the worker's command subject too) or
+/// [`assign_in_answer`]. The job's change is written first, then the worker's, whose
+/// statement writes the rows appended since: the worker's event, then the command.
+#[tracing::instrument(name = "assign", skip_all, fields(job_id = %job.id, worker_id = %worker.id))]
+async fn give(
+    conn: &mut Tx,
+    job: &mut Job,
+    worker: &mut Worker,
+    actor: &Actor,
+    send_too: bool,
+) -> Result<RunJob, ApiError> {
     let assigned: Vec<DomainEvent> = match job.state {
         hodei_domain::JobState::Pending => vec![job.assign(worker.id, actor)?],
         _ => Vec::new(),
     };
     let busy = worker.assign(job.id, actor)?;
     conn.save(job, &assigned).await?;
-    conn.save(worker, &[busy]).await?;
-    Ok(run_job_of(job))
+    outbox::append_events(conn, &[busy]).await?;
+    let run = match send_too {
+        true => send(conn, job, worker.id, run_job_of(job)).await?,
+        false => run_job_of(job),
+    };
+    conn.save(worker, &[]).await?;
+    Ok(run)
 }
 
 /// The command that runs `job`'s current attempt.
@@ -190,9 +206,11 @@ pub async fn assign_inserted(
         worker_busy,
     } = taken;
     outbox::append_events(tx, submitted).await?;
-    outbox::append_events(tx, std::slice::from_ref(&job_assigned)).await?;
-    tx.save(&mut worker, &[worker_busy]).await?;
-    send(tx, job, worker.id, run_job_of(job)).await
+    outbox::append_events(tx, &[job_assigned, worker_busy]).await?;
+    let run = send(tx, job, worker.id, run_job_of(job)).await?;
+    // Its statement writes every row of the accept so far, the command among them.
+    tx.save(&mut worker, &[]).await?;
+    Ok(run)
 }
 
 /// A warm-pool worker that reported the end of `ended` (its job, which has just left it) and
@@ -309,21 +327,24 @@ pub async fn hand_over_all(
             events.push(one.worker.assign(job.id, actor)?);
             given.push((i, one, job, events));
         }
+        for (_, one, _, events) in &given {
+            outbox::append_events(tx, events)
+                .instrument(one.span.clone())
+                .await?;
+        }
+        // The jobs' statement writes the outbox rows appended so far, these events among them.
         {
             let mut jobs: Vec<&mut Job> = given.iter_mut().map(|(_, _, job, _)| job).collect();
-            jobs::update_many(tx, &mut jobs).await?;
+            tx.save_all(&mut jobs, &[]).await?;
         }
         {
             let mut workers: Vec<&mut Worker> = given
                 .iter_mut()
                 .map(|(_, one, _, _)| &mut one.worker)
                 .collect();
-            workers::update_many(tx, &mut workers).await?;
+            tx.save_all(&mut workers, &[]).await?;
         }
-        for (i, one, job, events) in &given {
-            outbox::append_events(tx, events)
-                .instrument(one.span.clone())
-                .await?;
+        for (i, one, job, _) in &given {
             one.span.in_scope(|| tracing::info!(job_id = %job.id, worker_id = %one.worker.id, attempt = job.attempt, "next job given with the report"));
             runs[*i] = Some(run_job_of(job));
         }
@@ -354,15 +375,17 @@ async fn release_all(
     if left.is_empty() {
         return Ok(());
     }
-    {
-        let mut workers: Vec<&mut Worker> =
-            left.iter_mut().map(|(one, _)| &mut one.worker).collect();
-        workers::update_many(tx, &mut workers).await?;
-    }
     for (one, events) in &left {
         outbox::append_events(tx, events)
             .instrument(one.span.clone())
             .await?;
+    }
+    {
+        let mut workers: Vec<&mut Worker> =
+            left.iter_mut().map(|(one, _)| &mut one.worker).collect();
+        tx.save_all(&mut workers, &[]).await?;
+    }
+    for (one, _) in &left {
         one.span.in_scope(|| log_left(&one.worker, one.ended));
     }
     Ok(())

@@ -267,10 +267,21 @@ pub async fn update(conn: &mut PgConnection, job: &mut Job) -> Result<()> {
 /// [`update`] for many jobs in one statement (each of them once): each is written only if
 /// nobody changed it since it was loaded, else none is (a version conflict).
 pub async fn update_many(conn: &mut PgConnection, jobs: &mut [&mut Job]) -> Result<()> {
+    update_many_after(conn, jobs, None).await
+}
+
+/// [`update_many`] in a statement that begins with `before` (a `WITH` clause that writes
+/// outbox rows, [`crate::Tx::save_all`]), if any.
+pub(crate) async fn update_many_after<'q>(
+    conn: &mut PgConnection,
+    jobs: &mut [&mut Job],
+    before: Option<sqlx::QueryBuilder<'q, sqlx::Postgres>>,
+) -> Result<()> {
     if jobs.is_empty() {
         return Ok(());
     }
-    let mut update = sqlx::QueryBuilder::new(
+    let mut update = before.unwrap_or_else(|| sqlx::QueryBuilder::new(""));
+    update.push(
         "UPDATE jobs SET state = v.state, attempt = v.attempt, worker_id = v.worker_id, \
                          exit_code = v.exit_code, error = v.error, updated_at = v.updated_at, \
                          version = jobs.version + 1, start_by = v.start_by, \
@@ -298,7 +309,7 @@ pub async fn update_many(conn: &mut PgConnection, jobs: &mut [&mut Job]) -> Resu
             .push_bind(job.attempt as i32)
             .push_bind(job.worker_id)
             .push_bind(job.exit_code)
-            .push_bind(&job.error)
+            .push_bind(job.error.clone())
             .push_bind(job.updated_at)
             .push_bind(job.version)
             .push_bind(job.start_by)

@@ -374,24 +374,15 @@ pub trait Aggregate: Send + Sized + Clone {
         ids: &[Uuid],
     ) -> impl std::future::Future<Output = Result<Vec<Self>>> + Send;
 
-    /// Write the new state, if the row still has the version it was loaded with.
-    fn write(
-        &mut self,
-        conn: &mut PgConnection,
-    ) -> impl std::future::Future<Output = Result<()>> + Send;
-
-    /// [`Aggregate::write`] for several (each once), in one statement where the table allows.
-    fn write_all(
+    /// Write the new state of each of `aggregates` (each once), each only if its row still
+    /// has the version it was loaded with, in one statement where the table allows; that
+    /// statement begins with `before` (a `WITH` clause of the transaction's outbox rows not
+    /// written yet, [`outbox::insert_before`]) when there is one, so that it writes them too.
+    fn write_all<'q>(
         conn: &mut PgConnection,
         aggregates: &mut [&mut Self],
-    ) -> impl std::future::Future<Output = Result<()>> + Send {
-        async move {
-            for aggregate in aggregates.iter_mut() {
-                aggregate.write(conn).await?;
-            }
-            Ok(())
-        }
-    }
+        before: Option<sqlx::QueryBuilder<'q, Postgres>>,
+    ) -> impl std::future::Future<Output = Result<()>> + Send;
 }
 
 impl Aggregate for hodei_domain::Job {
@@ -404,11 +395,12 @@ impl Aggregate for hodei_domain::Job {
     async fn lock_all(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Self>> {
         jobs::lock_all(conn, ids).await
     }
-    async fn write(&mut self, conn: &mut PgConnection) -> Result<()> {
-        jobs::update(conn, self).await
-    }
-    async fn write_all(conn: &mut PgConnection, jobs: &mut [&mut Self]) -> Result<()> {
-        jobs::update_many(conn, jobs).await
+    async fn write_all<'q>(
+        conn: &mut PgConnection,
+        jobs: &mut [&mut Self],
+        before: Option<sqlx::QueryBuilder<'q, Postgres>>,
+    ) -> Result<()> {
+        jobs::update_many_after(conn, jobs, before).await
     }
 }
 
@@ -422,8 +414,19 @@ impl Aggregate for hodei_domain::Schedule {
     async fn lock_all(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Self>> {
         schedules::lock_all(conn, ids).await
     }
-    async fn write(&mut self, conn: &mut PgConnection) -> Result<()> {
-        schedules::update(conn, self).await
+    async fn write_all<'q>(
+        conn: &mut PgConnection,
+        schedules: &mut [&mut Self],
+        before: Option<sqlx::QueryBuilder<'q, Postgres>>,
+    ) -> Result<()> {
+        // A schedule changes alone and seldom: the rows go in a statement of their own.
+        if let Some(mut before) = before {
+            before.push("SELECT 1").build().execute(&mut *conn).await?;
+        }
+        for schedule in schedules.iter_mut() {
+            schedules::update(conn, schedule).await?;
+        }
+        Ok(())
     }
 }
 
@@ -437,11 +440,12 @@ impl Aggregate for hodei_domain::Worker {
     async fn lock_all(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Self>> {
         workers::lock_all(conn, ids).await
     }
-    async fn write(&mut self, conn: &mut PgConnection) -> Result<()> {
-        workers::update(conn, self).await
-    }
-    async fn write_all(conn: &mut PgConnection, workers: &mut [&mut Self]) -> Result<()> {
-        workers::update_many(conn, workers).await
+    async fn write_all<'q>(
+        conn: &mut PgConnection,
+        workers: &mut [&mut Self],
+        before: Option<sqlx::QueryBuilder<'q, Postgres>>,
+    ) -> Result<()> {
+        workers::update_many_after(conn, workers, before).await
     }
 }
 
@@ -470,8 +474,31 @@ impl Tx {
         aggregate: &mut impl Aggregate,
         events: &[hodei_domain::DomainEvent],
     ) -> Result<()> {
-        aggregate.write(&mut self.inner).await?;
-        outbox::append_events(self, events).await
+        self.save_all(&mut [aggregate], events).await
+    }
+
+    /// [`Tx::save`] for several aggregates of one kind, written in one statement (each once),
+    /// and their events. That statement writes the transaction's outbox rows appended so far
+    /// (these events among them): a handler whose last write is a save commits in one round
+    /// trip less.
+    pub async fn save_all<A: Aggregate>(
+        &mut self,
+        aggregates: &mut [&mut A],
+        events: &[hodei_domain::DomainEvent],
+    ) -> Result<()> {
+        outbox::append_events(self, events).await?;
+        if aggregates.is_empty() {
+            return Ok(());
+        }
+        let Tx {
+            inner,
+            outgoing,
+            unwritten,
+            ..
+        } = self;
+        A::write_all(inner, aggregates, outbox::insert_before(outgoing, unwritten)).await?;
+        unwritten.clear();
+        Ok(())
     }
 }
 
@@ -653,7 +680,7 @@ where
         .filter(|(at, _)| changed.iter().any(|(a, _)| a == at))
         .map(|(_, aggregate)| aggregate)
         .collect();
-    A::write_all(tx, &mut written).await?;
+    tx.save_all(&mut written, &[]).await?;
     // Each changed aggregate's last outcome is as its row now holds it.
     for (at, outcome) in changed {
         outcomes[outcome].1 = Ok(Some(locked[at].clone()));

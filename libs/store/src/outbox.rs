@@ -81,33 +81,75 @@ pub(crate) struct RowOf {
 
 /// Write the rows appended to `tx` and not written yet, in the order appended, in one INSERT.
 pub(crate) async fn flush(tx: &mut crate::Tx) -> Result<()> {
-    if tx.unwritten.is_empty() {
+    let crate::Tx {
+        inner,
+        outgoing,
+        unwritten,
+        ..
+    } = tx;
+    if unwritten.is_empty() {
         return Ok(());
     }
-    let unwritten = std::mem::take(&mut tx.unwritten);
-    let rows = &tx.outgoing[tx.outgoing.len() - unwritten.len()..];
-    sqlx::query(INSERT_SQL)
-        .bind(crate::column(rows, |out| out.event_id))
-        .bind(crate::column(&unwritten, |of| of.kind))
-        .bind(crate::column(rows, |out| out.subject.as_str()))
-        .bind(crate::column(&unwritten, |of| of.aggregate_type))
-        .bind(crate::column(&unwritten, |of| of.aggregate_id))
-        .bind(crate::column(rows, |out| out.event_type.as_str()))
-        .bind(crate::column(rows, |out| out.payload.as_str()))
-        .bind(crate::column(rows, |out| sqlx::types::Json(out.metadata())))
-        .execute(&mut *tx.inner)
-        .await?;
+    let mut insert = sqlx::QueryBuilder::new("");
+    push_insert(&mut insert, outgoing, unwritten);
+    insert.build().execute(&mut **inner).await?;
+    unwritten.clear();
     Ok(())
 }
 
-/// [`flush`]'s INSERT, one array per column (see [`crate::column`]); rows get their ids in
-/// the order appended.
-const INSERT_SQL: &str = "INSERT INTO outbox_events (event_id, kind, subject, aggregate_type, aggregate_id, \
-                                                     event_type, payload, metadata) \
-     SELECT event_id, kind, subject, aggregate_type, aggregate_id, event_type, payload::jsonb, metadata \
-     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::text[], $7::text[], $8::jsonb[]) \
-          WITH ORDINALITY AS r(event_id, kind, subject, aggregate_type, aggregate_id, event_type, payload, metadata, n) \
-     ORDER BY n";
+/// The rows of `outgoing` not written yet (the last `unwritten.len()`), as a `WITH` clause
+/// that inserts them, for the statement that follows it to write them too: the write of an
+/// aggregate ([`crate::Tx::save`]) carries the rows appended before it, one round trip for
+/// both. `None` when every row is written.
+pub(crate) fn insert_before<'a>(
+    outgoing: &'a [Outgoing],
+    unwritten: &'a [RowOf],
+) -> Option<sqlx::QueryBuilder<'a, sqlx::Postgres>> {
+    if unwritten.is_empty() {
+        return None;
+    }
+    let mut with = sqlx::QueryBuilder::new("WITH outbox_rows AS (");
+    push_insert(&mut with, outgoing, unwritten);
+    with.push(") ");
+    Some(with)
+}
+
+/// The INSERT of the rows of `outgoing` not written yet, one array per column (see
+/// [`crate::column`]); rows get their ids in the order appended.
+fn push_insert<'a>(
+    query: &mut sqlx::QueryBuilder<'a, sqlx::Postgres>,
+    outgoing: &'a [Outgoing],
+    unwritten: &'a [RowOf],
+) {
+    let rows = &outgoing[outgoing.len() - unwritten.len()..];
+    query
+        .push(
+            "INSERT INTO outbox_events (event_id, kind, subject, aggregate_type, aggregate_id, \
+                                        event_type, payload, metadata) \
+             SELECT event_id, kind, subject, aggregate_type, aggregate_id, event_type, payload::jsonb, metadata \
+             FROM unnest(",
+        )
+        .push_bind(crate::column(rows, |out| out.event_id))
+        .push("::uuid[], ")
+        .push_bind(crate::column(unwritten, |of| of.kind))
+        .push("::text[], ")
+        .push_bind(crate::column(rows, |out| out.subject.as_str()))
+        .push("::text[], ")
+        .push_bind(crate::column(unwritten, |of| of.aggregate_type))
+        .push("::text[], ")
+        .push_bind(crate::column(unwritten, |of| of.aggregate_id))
+        .push("::uuid[], ")
+        .push_bind(crate::column(rows, |out| out.event_type.as_str()))
+        .push("::text[], ")
+        .push_bind(crate::column(rows, |out| out.payload.as_str()))
+        .push("::text[], ")
+        .push_bind(crate::column(rows, |out| sqlx::types::Json(out.metadata())))
+        .push(
+            "::jsonb[]) WITH ORDINALITY AS r(event_id, kind, subject, aggregate_type, aggregate_id, \
+                                             event_type, payload, metadata, n) \
+             ORDER BY n",
+        );
+}
 
 /// One outbox row as it goes to JetStream: `Nats-Msg-Id` = `event_id`, the correlation id and
 /// the trace context of the transaction that wrote it in headers.

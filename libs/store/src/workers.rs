@@ -94,10 +94,21 @@ pub async fn update(conn: &mut PgConnection, worker: &mut Worker) -> Result<()> 
 /// Write the changed workers in one statement, each only if its row still has the version it
 /// was loaded with (a worker changed meanwhile fails them all).
 pub async fn update_many(conn: &mut PgConnection, workers: &mut [&mut Worker]) -> Result<()> {
+    update_many_after(conn, workers, None).await
+}
+
+/// [`update_many`] in a statement that begins with `before` (a `WITH` clause that writes
+/// outbox rows, [`crate::Tx::save_all`]), if any.
+pub(crate) async fn update_many_after<'q>(
+    conn: &mut PgConnection,
+    workers: &mut [&mut Worker],
+    before: Option<sqlx::QueryBuilder<'q, sqlx::Postgres>>,
+) -> Result<()> {
     if workers.is_empty() {
         return Ok(());
     }
-    let mut update = sqlx::QueryBuilder::new(
+    let mut update = before.unwrap_or_else(|| sqlx::QueryBuilder::new(""));
+    update.push(
         "UPDATE workers SET state = v.state, reserved_job_id = v.reserved_job_id, \
                             current_job_id = v.current_job_id, token_hash = v.token_hash, \
                             last_heartbeat_at = v.last_heartbeat_at, updated_at = v.updated_at, \
@@ -120,7 +131,7 @@ pub async fn update_many(conn: &mut PgConnection, workers: &mut [&mut Worker]) -
             .push_bind(worker.state.as_str())
             .push_bind(worker.reserved_job_id)
             .push_bind(worker.current_job_id)
-            .push_bind(&worker.token_hash)
+            .push_bind(worker.token_hash.clone())
             .push_bind(worker.last_heartbeat_at)
             .push_bind(worker.updated_at)
             .push_bind(worker.version)
