@@ -333,6 +333,62 @@ async fn committed_outbox_rows_are_handed_to_the_publisher_and_rolled_back_ones_
     );
 }
 
+/// A save writes, in its own statement, the outbox rows appended before it and the events it
+/// is given, in the order appended: a transaction whose last write is a save needs no
+/// separate INSERT of its rows when it commits. A save refused for its version writes
+/// nothing that outlives the transaction.
+#[tokio::test]
+async fn a_save_writes_the_outbox_rows_appended_before_it() {
+    let (_db, pool) = migrated().await;
+    let store = Store::new(pool.clone());
+    let (mut job, created) = new_job(None);
+    let mut tx = store.begin().await.unwrap();
+    jobs::insert(&mut tx, &job).await.unwrap();
+    hodei_store::commit(tx).await.unwrap();
+
+    async fn written(conn: &mut sqlx::PgConnection) -> Vec<Uuid> {
+        sqlx::query_scalar("SELECT event_id FROM outbox_events ORDER BY id")
+            .fetch_all(conn)
+            .await
+            .unwrap()
+    }
+    let actor = Actor::service("test");
+    let mut tx = store.begin().await.unwrap();
+    outbox::append_events(&mut tx, &created).await.unwrap();
+    assert!(
+        written(&mut tx).await.is_empty(),
+        "appended rows wait for a write"
+    );
+    let cancelled = [job.cancel("not wanted".into(), &actor).unwrap()];
+    tx.save(&mut job, &cancelled).await.unwrap();
+    let in_order: Vec<Uuid> = created
+        .iter()
+        .chain(&cancelled)
+        .map(|event| event.event_id)
+        .collect();
+    assert_eq!(
+        written(&mut tx).await,
+        in_order,
+        "the save's statement wrote the rows before it and its own events, in order"
+    );
+    hodei_store::commit(tx).await.unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    assert_eq!(written(&mut conn).await, in_order, "once each");
+
+    // The same job saved again from its old version: refused, and its events are gone with
+    // the transaction.
+    let mut stale = job.clone();
+    stale.version -= 1;
+    let mut tx = store.begin().await.unwrap();
+    let again = new_job(None).1;
+    assert!(matches!(
+        tx.save(&mut stale, &again).await,
+        Err(StoreError::VersionConflict { .. })
+    ));
+    drop(tx);
+    assert_eq!(written(&mut conn).await, in_order);
+}
+
 /// Marking outbox rows published leaves each on its page (half of every page is kept free
 /// for it): PostgreSQL then logs only the columns that changed, not the whole row again on
 /// another page. Rows written as the services write them: a few jobs' events per commit,

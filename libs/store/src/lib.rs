@@ -496,7 +496,12 @@ impl Tx {
             unwritten,
             ..
         } = self;
-        A::write_all(inner, aggregates, outbox::insert_before(outgoing, unwritten)).await?;
+        A::write_all(
+            inner,
+            aggregates,
+            outbox::insert_before(outgoing, unwritten),
+        )
+        .await?;
         unwritten.clear();
         Ok(())
     }

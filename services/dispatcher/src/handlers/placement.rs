@@ -19,10 +19,11 @@ const MAX_PLACEMENTS_PER_TRANSACTION: usize = 64;
 /// commit for all); a transaction that fails is made again one placement at a time, so that
 /// one job that cannot be placed never holds up the others. Returns how many were placed.
 pub(crate) async fn place_pending(state: &State, limit: usize) -> Result<usize, ApiError> {
-    if !looks(state).await?.placeable {
+    let looks = looks(state).await?;
+    if !looks.placeable {
         return Ok(0);
     }
-    place_looked(state, limit).await
+    place_looked(state, &looks, limit).await
 }
 
 /// Placement's first look ([`hodei_store::placement_looks`]: one statement without the
@@ -38,17 +39,25 @@ pub(crate) async fn looks(state: &State) -> Result<hodei_store::Looks, ApiError>
 }
 
 /// [`place_pending`] once [`looks`] found something placeable.
-pub(crate) async fn place_looked(state: &State, limit: usize) -> Result<usize, ApiError> {
+pub(crate) async fn place_looked(
+    state: &State,
+    looks: &hodei_store::Looks,
+    limit: usize,
+) -> Result<usize, ApiError> {
+    // Only pool workers are ever free and Ready: without a pool, and none of an earlier one
+    // alive at the look, placements make new workers without looking for a free one.
+    let free_may_wait = state.warm_pool.is_some() || looks.live_pooled;
+    let place_together = |wanted| place_together(state, wanted, free_may_wait);
     let mut placed = 0;
     while placed < limit {
         let wanted = (limit - placed).min(MAX_PLACEMENTS_PER_TRANSACTION);
-        let (n, more) = match place_together(state, wanted).await {
+        let (n, more) = match place_together(wanted).await {
             Ok(done) => done,
             Err(error) if wanted > 1 => {
                 tracing::warn!(%error, wanted, "a batch of placements failed; placing one at a time");
                 let mut n = 0;
                 while n < wanted {
-                    match place_together(state, 1).await? {
+                    match place_together(1).await? {
                         (1, true) => n += 1,
                         (m, _) => return Ok(placed + n + m),
                     }
@@ -66,8 +75,13 @@ pub(crate) async fn place_looked(state: &State, limit: usize) -> Result<usize, A
 }
 
 /// Up to `limit` placements in one transaction under the placement lock; how many were
-/// made, and whether there may be more to make (every one asked for was made).
-async fn place_together(state: &State, limit: usize) -> Result<(usize, bool), ApiError> {
+/// made, and whether there may be more to make (every one asked for was made). Free ready
+/// workers are looked for only if `free_may_wait`.
+async fn place_together(
+    state: &State,
+    limit: usize,
+    free_may_wait: bool,
+) -> Result<(usize, bool), ApiError> {
     let mut tx = state.store.begin_placing().await?;
     let mut waited = Vec::with_capacity(limit);
     // Once the next job of one kind cannot be placed, the other kind's jobs behind it still
@@ -78,7 +92,7 @@ async fn place_together(state: &State, limit: usize) -> Result<(usize, bool), Ap
     // kept here, and once no worker is free none is looked for again. (A worker freed or
     // ended meanwhile raises its own event, which places again.)
     let mut room: Option<u32> = None;
-    let mut any_free = true;
+    let mut any_free = free_may_wait;
     while waited.len() < limit {
         let Some(mut job) = jobs::lock_next_pending(&mut tx, kinds).await? else {
             break;

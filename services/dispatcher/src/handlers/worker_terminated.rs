@@ -25,7 +25,7 @@ async fn rebalance(state: &State, delivery: &Delivery) -> Result<(), ApiError> {
         keep_pool(state).await?;
     }
     if looks.placeable {
-        place_looked(state, CATCH_UP).await?;
+        place_looked(state, &looks, CATCH_UP).await?;
     }
     Ok(())
 }
