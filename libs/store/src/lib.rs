@@ -456,8 +456,8 @@ pub struct Tx {
     inner: Transaction<'static, Postgres>,
     /// Every outbox row of the transaction, for the publisher once it commits.
     outgoing: Vec<outbox::Outgoing>,
-    /// Of those, the last ones not yet written: all are written in one INSERT as the
-    /// transaction commits (a handler's several saves cost one statement).
+    /// Of those, the last ones not yet written: they are written together by the statement
+    /// of the transaction's next save ([`Tx::save_all`]), or in one INSERT as it commits.
     unwritten: Vec<outbox::RowOf>,
     after_commit: Option<AfterCommit>,
 }

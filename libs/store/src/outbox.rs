@@ -22,8 +22,9 @@ pub struct OutboxCommand<'a, P: Serialize> {
 }
 
 /// Append domain events (in the order given) to the outbox of `tx`; they are written with
-/// every other row of the transaction in one INSERT as it commits ([`crate::commit`]), and
-/// then published at once (see [`crate::Tx`]), the relay being the fallback.
+/// the other rows not written yet, by the statement of the transaction's next save
+/// ([`crate::Tx::save_all`]) or in one INSERT as it commits ([`crate::commit`]), and then
+/// published at once (see [`crate::Tx`]), the relay being the fallback.
 pub async fn append_events(tx: &mut crate::Tx, events: &[DomainEvent]) -> Result<()> {
     for event in events {
         tx.outgoing.push(Outgoing::new(
