@@ -335,8 +335,8 @@ async fn committed_outbox_rows_are_handed_to_the_publisher_and_rolled_back_ones_
 
 /// A save writes, in its own statement, the outbox rows appended before it and the events it
 /// is given, in the order appended: a transaction whose last write is a save needs no
-/// separate INSERT of its rows when it commits. A save refused for its version writes
-/// nothing that outlives the transaction.
+/// separate INSERT of its rows when it commits. A transaction with a save refused for its
+/// version does not commit, so nothing that save wrote outlives it.
 #[tokio::test]
 async fn a_save_writes_the_outbox_rows_appended_before_it() {
     let (_db, pool) = migrated().await;
@@ -375,8 +375,8 @@ async fn a_save_writes_the_outbox_rows_appended_before_it() {
     let mut conn = pool.acquire().await.unwrap();
     assert_eq!(written(&mut conn).await, in_order, "once each");
 
-    // The same job saved again from its old version: refused, and its events are gone with
-    // the transaction.
+    // The same job saved again from its old version: refused. Its statement wrote its
+    // events all the same, so the transaction refuses to commit, and they are gone with it.
     let mut stale = job.clone();
     stale.version -= 1;
     let mut tx = store.begin().await.unwrap();
@@ -385,7 +385,10 @@ async fn a_save_writes_the_outbox_rows_appended_before_it() {
         tx.save(&mut stale, &again).await,
         Err(StoreError::VersionConflict { .. })
     ));
-    drop(tx);
+    assert!(matches!(
+        hodei_store::commit(tx).await,
+        Err(StoreError::SaveFailed(_))
+    ));
     assert_eq!(written(&mut conn).await, in_order);
 }
 

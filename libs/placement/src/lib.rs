@@ -37,9 +37,13 @@ async fn send(conn: &mut Tx, job: &Job, worker_id: Uuid, run: RunJob) -> Result<
         },
     )
     .await?;
-    tracing::info!(job_id = %job.id, %worker_id, attempt = job.attempt, "job sent to worker");
     let WorkerCommand::RunJob(body) = run;
     Ok(body)
+}
+
+/// The log line of a RunJob sent, once its rows are written.
+fn log_sent(job: &Job, worker_id: Uuid) {
+    tracing::info!(job_id = %job.id, %worker_id, attempt = job.attempt, "job sent to worker");
 }
 
 /// [`assign`] for a worker that gets its job in the answer to its registration: the same
@@ -77,6 +81,9 @@ async fn give(
         false => run_job_of(job),
     };
     conn.save(worker, &[]).await?;
+    if send_too {
+        log_sent(job, worker.id);
+    }
     Ok(run)
 }
 
@@ -210,6 +217,7 @@ pub async fn assign_inserted(
     let run = send(tx, job, worker.id, run_job_of(job)).await?;
     // Its statement writes every row of the accept so far, the command among them.
     tx.save(&mut worker, &[]).await?;
+    log_sent(job, worker.id);
     Ok(run)
 }
 

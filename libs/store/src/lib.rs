@@ -44,13 +44,18 @@ pub enum StoreError {
     },
     #[error("stored {what} is unreadable: {why}")]
     Corrupt { what: &'static str, why: String },
+    /// A commit of a transaction in which a save failed: that save's statement may have
+    /// written outbox rows of a change that did not happen, so the transaction is dropped
+    /// (rolled back) instead; the whole change must be made again.
+    #[error("a transaction whose save failed cannot commit ({0})")]
+    SaveFailed(String),
 }
 
 impl StoreError {
     /// Whether trying again later may succeed (connection trouble, conflicts, deadlocks).
     pub fn is_transient(&self) -> bool {
         match self {
-            StoreError::VersionConflict { .. } => true,
+            StoreError::VersionConflict { .. } | StoreError::SaveFailed(_) => true,
             StoreError::Database(sqlx::Error::Database(db)) => {
                 // serialization_failure, deadlock_detected, and connection exceptions
                 matches!(
@@ -147,7 +152,8 @@ pub struct Looks {
     /// than `max_workers` alive) or a free ready one.
     pub placeable: bool,
     /// Without a warm pool: a pool worker of an earlier configuration is alive (and not on
-    /// its way out), so there is a surplus to tear down. Always false with a pool.
+    /// its way out), so there is a surplus to tear down, and placement looks for a free one
+    /// (only pool workers are ever free). Always false with a pool.
     pub live_pooled: bool,
 }
 
@@ -327,6 +333,7 @@ impl Store {
             outgoing: Vec::new(),
             unwritten: Vec::new(),
             after_commit: self.after_commit.clone(),
+            failed: None,
         })
     }
 
@@ -460,6 +467,8 @@ pub struct Tx {
     /// of the transaction's next save ([`Tx::save_all`]), or in one INSERT as it commits.
     unwritten: Vec<outbox::RowOf>,
     after_commit: Option<AfterCommit>,
+    /// Why a save of this transaction failed, if one did: [`commit`] then refuses.
+    failed: Option<String>,
 }
 
 impl Tx {
@@ -467,8 +476,9 @@ impl Tx {
         &mut self.inner
     }
 
-    /// Write a changed aggregate (version-checked: a concurrent change fails the whole
-    /// transaction) and append the events its domain method raised to the outbox.
+    /// Append the events a domain method raised to the outbox and write the changed aggregate
+    /// (version-checked: a concurrent change fails the whole transaction, which can then only
+    /// be dropped, see [`StoreError::SaveFailed`]).
     pub async fn save(
         &mut self,
         aggregate: &mut impl Aggregate,
@@ -494,16 +504,20 @@ impl Tx {
             inner,
             outgoing,
             unwritten,
+            failed,
             ..
         } = self;
-        A::write_all(
+        let written = A::write_all(
             inner,
             aggregates,
             outbox::insert_before(outgoing, unwritten),
         )
-        .await?;
-        unwritten.clear();
-        Ok(())
+        .await;
+        match written {
+            Ok(()) => unwritten.clear(),
+            Err(ref error) => *failed = Some(error.to_string()),
+        }
+        written
     }
 }
 
@@ -524,6 +538,9 @@ impl std::ops::DerefMut for Tx {
 /// rows written are durable and handed to the publisher.
 #[tracing::instrument(name = "persist", skip_all)]
 pub async fn commit(mut tx: Tx) -> Result<()> {
+    if let Some(why) = tx.failed.take() {
+        return Err(StoreError::SaveFailed(why));
+    }
     outbox::flush(&mut tx).await?;
     let Tx {
         inner,
