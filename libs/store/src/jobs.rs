@@ -261,18 +261,14 @@ pub async fn insert_many(conn: &mut PgConnection, jobs: &[&Job]) -> Result<Vec<U
 
 /// Write a changed job if nobody changed it since it was loaded; bumps `job.version`.
 pub async fn update(conn: &mut PgConnection, job: &mut Job) -> Result<()> {
-    update_many(conn, &mut [job]).await
+    update_many(conn, &mut [job], None).await
 }
 
 /// [`update`] for many jobs in one statement (each of them once): each is written only if
 /// nobody changed it since it was loaded, else none is (a version conflict).
-pub async fn update_many(conn: &mut PgConnection, jobs: &mut [&mut Job]) -> Result<()> {
-    update_many_after(conn, jobs, None).await
-}
-
-/// [`update_many`] in a statement that begins with `before` (a `WITH` clause that writes
-/// outbox rows, [`crate::Tx::save_all`]), if any.
-pub(crate) async fn update_many_after<'q>(
+/// The statement begins with `before` (a `WITH` clause that writes outbox rows,
+/// [`crate::Tx::save_all`]), if any.
+pub(crate) async fn update_many<'q>(
     conn: &mut PgConnection,
     jobs: &mut [&mut Job],
     before: Option<sqlx::QueryBuilder<'q, sqlx::Postgres>>,

@@ -407,7 +407,7 @@ impl Aggregate for hodei_domain::Job {
         jobs: &mut [&mut Self],
         before: Option<sqlx::QueryBuilder<'q, Postgres>>,
     ) -> Result<()> {
-        jobs::update_many_after(conn, jobs, before).await
+        jobs::update_many(conn, jobs, before).await
     }
 }
 
@@ -452,7 +452,7 @@ impl Aggregate for hodei_domain::Worker {
         workers: &mut [&mut Self],
         before: Option<sqlx::QueryBuilder<'q, Postgres>>,
     ) -> Result<()> {
-        workers::update_many_after(conn, workers, before).await
+        workers::update_many(conn, workers, before).await
     }
 }
 

@@ -88,18 +88,14 @@ pub async fn insert(conn: &mut PgConnection, worker: &Worker) -> Result<()> {
 
 /// Write a changed worker if nobody changed it since it was loaded; bumps `worker.version`.
 pub async fn update(conn: &mut PgConnection, worker: &mut Worker) -> Result<()> {
-    update_many(conn, &mut [worker]).await
+    update_many(conn, &mut [worker], None).await
 }
 
 /// Write the changed workers in one statement, each only if its row still has the version it
 /// was loaded with (a worker changed meanwhile fails them all).
-pub async fn update_many(conn: &mut PgConnection, workers: &mut [&mut Worker]) -> Result<()> {
-    update_many_after(conn, workers, None).await
-}
-
-/// [`update_many`] in a statement that begins with `before` (a `WITH` clause that writes
-/// outbox rows, [`crate::Tx::save_all`]), if any.
-pub(crate) async fn update_many_after<'q>(
+/// The statement begins with `before` (a `WITH` clause that writes outbox rows,
+/// [`crate::Tx::save_all`]), if any.
+pub(crate) async fn update_many<'q>(
     conn: &mut PgConnection,
     workers: &mut [&mut Worker],
     before: Option<sqlx::QueryBuilder<'q, sqlx::Postgres>>,
